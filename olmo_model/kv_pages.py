@@ -1,0 +1,192 @@
+"""TVM's paged KV cache, created from Python so that its page memory is reachable.
+
+TVM's cache keeps its page tensors private. It is built by
+``vm.builtin.paged_attention_kv_cache_create`` from a list of compiled kernels, one of
+which (``debug_get_kv``) is handed each layer's page tensor when asked to read a
+sequence. We build the cache ourselves from the same argument list the compiled
+``create_paged_kv_cache`` uses (recorded at compile time as a recipe), with that one
+kernel wrapped: a single read at start-up hands us every layer's page tensor, as a
+zero-copy numpy view. Exporting a sequence reads its K/V through the cache's own
+kernel; importing reserves slots with ``kv_cache_disagg_prepare_recv`` and writes the
+received K/V straight into those slots of the page tensors.
+
+Page layout (TVM 0.27): ``[num_pages, 2, kv_heads, page_size, head_dim]``, K at 0 and V
+at 1, K stored after RoPE; a token's slot is ``page * page_size + offset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm.runtime import ShapeTuple
+
+_add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
+_remove_sequence = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
+_begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+_end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+_available_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
+_debug_get_kv = tvm.get_global_func("vm.builtin.attention_kv_cache_debug_get_kv")
+_prepare_recv = tvm.get_global_func("vm.builtin.kv_cache_disagg_prepare_recv")
+_create = tvm.get_global_func("vm.builtin.paged_attention_kv_cache_create")
+
+_DEBUG_KERNEL = "tir_kv_cache_debug_get_kv"
+_CAPTURE_SEQ_ID = 2**31 - 2  # never handed out to requests
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLimits:
+    """Sizes the cache is created with; together they fix how many pages exist."""
+
+    max_num_sequences: int = 8
+    max_total_tokens: int = 4096
+    prefill_chunk_size: int = 2048
+    page_size: int = 16
+
+
+@dataclasses.dataclass
+class KVSnapshot:
+    """One sequence's K/V for a layer range, in token order: ``[layers, tokens, kv_heads, head_dim]``."""
+
+    layer_begin: int
+    layer_end: int
+    keys: np.ndarray
+    values: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keys.shape[1])
+
+
+class PagedKVCache:
+    """A stage-local TVM paged KV cache with export and import of a sequence's K/V."""
+
+    def __init__(self, library: tvm.runtime.Module, recipe: Sequence[Any], limits: CacheLimits,
+                 layer_begin: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: str, device: tvm.runtime.Device):
+        self.limits = limits
+        self.layer_begin = layer_begin
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        self._page_tensors: dict[int, Any] = {}
+        self._real_debug_kernel = library.get_function(_DEBUG_KERNEL)
+        sizes = {
+            "max_batch_size": limits.max_num_sequences,
+            "max_total_seq_len": limits.max_total_tokens,
+            "prefill_chunk_size": limits.prefill_chunk_size,
+            "page_size": limits.page_size,
+            "support_sliding_window": 0,
+        }
+        args = [self._materialize(item, library, sizes) for item in recipe]
+        self.handle = _create(*args)
+        self.total_pages = int(_available_pages(self.handle))
+        self.pages = self._capture_pages()
+
+    # --- sequence bookkeeping ---------------------------------------------------------
+
+    def add_sequence(self, seq_id: int) -> None:
+        _add_sequence(self.handle, seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        _remove_sequence(self.handle, seq_id)
+
+    def begin_forward(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        _begin_forward(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
+
+    def end_forward(self) -> None:
+        _end_forward(self.handle)
+
+    def available_pages(self) -> int:
+        return int(_available_pages(self.handle))
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.limits.page_size)
+
+    # --- page transfer ----------------------------------------------------------------
+
+    def export_sequence(self, seq_id: int, num_tokens: int) -> KVSnapshot:
+        """Read a sequence's K/V for all of this cache's layers."""
+        keys, values = self._read(seq_id, num_tokens)
+        return KVSnapshot(self.layer_begin, self.layer_begin + self.num_layers,
+                          keys.numpy(), values.numpy())
+
+    def import_sequence(self, seq_id: int, snapshot: KVSnapshot) -> None:
+        """Install received K/V as the whole content of a freshly added sequence.
+
+        Call between forward passes, never inside one.
+        """
+        expected = (self.layer_begin, self.layer_begin + self.num_layers)
+        if (snapshot.layer_begin, snapshot.layer_end) != expected:
+            raise ValueError(
+                f"snapshot holds layers [{snapshot.layer_begin}, {snapshot.layer_end}) but this "
+                f"cache owns [{expected[0]}, {expected[1]})"
+            )
+        if not self.pages:
+            raise NotImplementedError(f"installing received KV pages on {self.device} is not "
+                                      "supported yet; run the decode worker on the CPU")
+        slots = _expand_runs(_prepare_recv(self.handle, seq_id, snapshot.num_tokens))
+        page, offset = np.divmod(slots, self.limits.page_size)
+        for layer, view in enumerate(self.pages):
+            view[page, 0, :, offset, :] = snapshot.keys[layer]
+            view[page, 1, :, offset, :] = snapshot.values[layer]
+
+    # --- internals --------------------------------------------------------------------
+
+    def _capture_pages(self) -> list[np.ndarray]:
+        # One read of a one-token sequence makes the wrapped kernel see every layer's pages.
+        _add_sequence(self.handle, _CAPTURE_SEQ_ID)
+        try:
+            _prepare_recv(self.handle, _CAPTURE_SEQ_ID, 1)
+            self._read(_CAPTURE_SEQ_ID, 1)
+        finally:
+            _remove_sequence(self.handle, _CAPTURE_SEQ_ID)
+        if self.device.dlpack_device_type() != 1:  # kDLCPU
+            # Device pages are written by the GPU transport (a later piece), not through numpy.
+            return []
+        return [np.from_dlpack(self._page_tensors[layer]) for layer in range(self.num_layers)]
+
+    def _read(self, seq_id: int, num_tokens: int) -> tuple[Any, Any]:
+        shape = (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim)
+        keys = tvm.runtime.empty(shape, self.dtype, self.device)
+        values = tvm.runtime.empty(shape, self.dtype, self.device)
+        _debug_get_kv(self.handle, seq_id, 0, num_tokens, keys, values)
+        return keys, values
+
+    def _debug_kernel(self, pages: Any, slot_map: Any, k_out: Any, v_out: Any, layer: Any) -> None:
+        self._page_tensors[int(layer)] = pages
+        self._real_debug_kernel(pages, slot_map, k_out, v_out, layer)
+
+    def _materialize(self, item: Any, library: tvm.runtime.Module, sizes: dict[str, int]) -> Any:
+        if isinstance(item, int):
+            return item
+        if "kernel" in item:
+            if item["kernel"] == _DEBUG_KERNEL:
+                return self._debug_kernel
+            return library.get_function(item["kernel"])
+        if "shape" in item:
+            return ShapeTuple([sizes[d["var"]] if isinstance(d, dict) else d for d in item["shape"]])
+        if "tuple" in item:
+            return [self._materialize(x, library, sizes) for x in item["tuple"]]
+        if "str" in item:
+            return item["str"]
+        if "prim" in item:
+            dtype = item["dtype"]
+            value = item["prim"]
+            return bool(value) if dtype == "bool" else (float(value) if "float" in dtype else int(value))
+        if "zeros" in item:
+            return tvm.runtime.empty((), item["zeros"], self.device)
+        raise ValueError(f"unknown KV cache recipe item {item!r}")
+
+
+def _expand_runs(encoded: Any) -> np.ndarray:
+    """Decode ``[runs, begin1, len1, ...]`` into one slot index per token."""
+    values = [int(x) for x in encoded]
+    runs = values[0]
+    pieces = [np.arange(values[1 + 2 * i], values[1 + 2 * i] + values[2 + 2 * i]) for i in range(runs)]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,300 @@
+"""AI2's OLMo-1 architecture in TVM Relax's ``nn`` frontend, shaped like MLC LLM's model files.
+
+One ``OLMoForCausalLM`` is one compiled module. With a full-model ``StageSpec`` it has
+the whole function suite; a pipeline stage owns a layer range, its own KV cache over
+those layers, the embedding only when it is the first stage, and the final norm and LM
+head only when it is the last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from .config import OLMoConfig
+from .stages import StageSpec
+
+LAYER_NORM_EPS = 1e-5
+
+
+def _activation(name: str, x: Tensor) -> Tensor:
+    if name == "silu":
+        return op.silu(x)
+    if name == "gelu":
+        return op.gelu(x)
+    if name == "gelu_tanh":
+        return op.gelu(x, approximate="tanh")
+    if name == "relu":
+        return op.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _layer_norm(x: Tensor) -> Tensor:
+    """OLMo's LayerNorm: no weight, no bias, computed in float32 as the reference does."""
+    dtype = x.dtype
+    if dtype != "float32":
+        x = x.astype("float32")
+    y = op.layer_norm(x, normalized_shape=x.shape[-1], weight=None, bias=None, eps=LAYER_NORM_EPS)
+    return y.astype(dtype) if dtype != "float32" else y
+
+
+class OLMoEmbedding(nn.Embedding):
+    """Token embedding that can also act as the tied LM head."""
+
+    def lm_head_forward(self, x: Tensor) -> Tensor:
+        return op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
+
+
+class OLMoAttention(nn.Module):
+    """Fused-QKV GQA attention through the paged KV cache, with OLMo's optional clamp."""
+
+    def __init__(self, config: OLMoConfig):
+        self.head_dim = config.head_dim
+        self.num_q_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.clip_qkv = config.clip_qkv
+        self.qkv_proj = nn.Linear(
+            config.hidden_size,
+            (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim,
+            bias=config.attention_bias,
+        )
+        self.o_proj = nn.Linear(
+            self.num_q_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
+        )
+
+    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int):
+        d, h_q, h_kv = self.head_dim, self.num_q_heads, self.num_kv_heads
+        b, s, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states)
+        if self.clip_qkv is not None:
+            qkv = qkv.maximum(-self.clip_qkv).minimum(self.clip_qkv)
+        qkv = op.reshape(qkv, (b, s, h_q + 2 * h_kv, d))
+        out = paged_kv_cache.attention_with_fused_qkv(cache_layer, qkv, h_q, sm_scale=d**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, h_q * d)))
+
+
+class OLMoFFN(nn.Module):
+    """Gated feed-forward with fused gate/up projection and a configurable activation."""
+
+    def __init__(self, config: OLMoConfig):
+        self.intermediate_size = config.intermediate_size
+        self.activation = config.activation
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate_up = self.gate_up_proj(x)
+        gate, up = op.split(gate_up, 2, axis=-1)
+        return self.down_proj(_activation(self.activation, gate) * up)
+
+
+class OLMoDecoderLayer(nn.Module):
+    """Pre-norm transformer block with non-affine LayerNorms."""
+
+    def __init__(self, config: OLMoConfig):
+        self.self_attn = OLMoAttention(config)
+        self.mlp = OLMoFFN(config)
+
+    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int):
+        hidden_states = hidden_states + self.self_attn(
+            _layer_norm(hidden_states), paged_kv_cache, cache_layer
+        )
+        return hidden_states + self.mlp(_layer_norm(hidden_states))
+
+
+class OLMoModel(nn.Module):
+    """Embedding (first stage), this stage's decoder layers, final norm (last stage)."""
+
+    def __init__(self, config: OLMoConfig, stage: StageSpec):
+        self.stage = stage
+        if stage.is_first or (stage.is_last and config.tie_word_embeddings):
+            self.embed_tokens = OLMoEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([OLMoDecoderLayer(config) for _ in stage.layers])
+
+    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+        # The stage-local cache numbers its layers from 0.
+        for cache_layer, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, paged_kv_cache, cache_layer)
+        if self.stage.is_last:
+            hidden_states = _layer_norm(hidden_states)
+        return hidden_states
+
+
+class OLMoForCausalLM(nn.Module):
+    """The compiled surface: embed, forward passes over the paged KV cache, logits."""
+
+    def __init__(self, config: OLMoConfig, stage: StageSpec | None = None):
+        self.config = config
+        self.stage = stage or StageSpec.full(config.num_hidden_layers)
+        self.model = OLMoModel(config, self.stage)
+        if self.stage.is_last and not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.dtype = "float32"
+        self.target: Target | None = None
+
+    def to(self, dtype: str | None = None) -> None:
+        super().to(dtype=dtype)
+        if dtype is not None:
+            self.dtype = dtype
+
+    # --- token embedding and LM head -------------------------------------------------
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def get_logits(self, hidden_states: Tensor) -> Tensor:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.lm_head_forward(hidden_states)
+        logits = self.lm_head(hidden_states)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def batch_select_last_hidden_states(self, hidden_states: Tensor, logit_positions: Tensor):
+        return op.take(hidden_states, logit_positions, axis=0)
+
+    # --- forward passes that stop at hidden states (every stage has these) ------------
+
+    def _forward(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self.model(input_embeds, paged_kv_cache), paged_kv_cache
+
+    def prefill_to_last_hidden_states(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._forward(input_embed, paged_kv_cache)
+
+    def decode_to_last_hidden_states(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._forward(input_embed, paged_kv_cache)
+
+    def batch_prefill_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        return self._forward(input_embeds, paged_kv_cache)
+
+    def batch_decode_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        return self._forward(input_embeds, paged_kv_cache)
+
+    def batch_verify_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        return self._forward(input_embeds, paged_kv_cache)
+
+    def batch_forward_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        return self._forward(input_embeds, paged_kv_cache)
+
+    # --- forward passes that end in logits (full model only) --------------------------
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        def last_token(x: te.Tensor):
+            b, s, d = x.shape
+            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="last_token")
+
+        hidden_states = self.model(input_embed, paged_kv_cache)
+        hidden_states = op.tensor_expr_op(last_token, name_hint="last_token", args=[hidden_states])
+        return self.get_logits(hidden_states), paged_kv_cache
+
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self.get_logits(self.model(input_embed, paged_kv_cache)), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache):
+        hidden_states = self.model(input_embeds, paged_kv_cache)
+        b, s, h = hidden_states.shape
+        last = op.take(op.reshape(hidden_states, (b * s, h)), logit_positions, axis=0)
+        logits = self.get_logits(op.reshape(last, (1, logit_positions.shape[0], h)))
+        return logits, paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self.get_logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self.get_logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    # --- the stage-local paged KV cache ----------------------------------------------
+
+    def create_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        c = self.config
+        n = self.stage.num_local_layers
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, n]),
+            num_hidden_layers=n,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=c.rope_scale,
+            rope_theta=c.rope_theta,
+            rope_scaling=c.tvm_rope_scaling,
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    # --- the compiled surface, declared in one place ----------------------------------
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        h, dtype = self.config.hidden_size, self.dtype
+        packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+        cache = nn.spec.Object(object_type=PagedKVCache)
+
+        def embeds(*shape: Any) -> nn.spec.Tensor:
+            return nn.spec.Tensor([*shape, h], dtype)
+
+        spec: dict[str, dict[str, Any]] = {}
+        if self.stage.is_first:
+            spec["embed"] = {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **packed}
+        for name, shape in (
+            ("prefill_to_last_hidden_states", (1, "seq_len")),
+            ("decode_to_last_hidden_states", (1, 1)),
+            ("batch_prefill_to_last_hidden_states", (1, "seq_len")),
+            ("batch_decode_to_last_hidden_states", ("batch_size", 1)),
+            ("batch_verify_to_last_hidden_states", (1, "seq_len")),
+            ("batch_forward_to_last_hidden_states", (1, "seq_len")),
+        ):
+            arg = "input_embed" if name.startswith(("prefill", "decode")) else "input_embeds"
+            spec[name] = {arg: embeds(*shape), "paged_kv_cache": cache, **packed}
+        if self.stage.is_last:
+            spec["get_logits"] = {"hidden_states": embeds("seq_len"), **packed}
+            spec["batch_select_last_hidden_states"] = {
+                "hidden_states": embeds("seq_len"),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                **packed,
+            }
+        if self.stage.is_full_model:
+            spec["prefill"] = {"input_embed": embeds(1, "seq_len"), "paged_kv_cache": cache,
+                               **packed}
+            spec["decode"] = {"input_embed": embeds(1, 1), "paged_kv_cache": cache, **packed}
+            spec["batch_prefill"] = {
+                "input_embeds": embeds(1, "seq_len"),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": cache,
+                **packed,
+            }
+            spec["batch_decode"] = {"input_embeds": embeds("batch_size", 1),
+                                    "paged_kv_cache": cache, **packed}
+            spec["batch_verify"] = {"input_embeds": embeds(1, "seq_len"),
+                                    "paged_kv_cache": cache, **packed}
+        spec["create_paged_kv_cache"] = {
+            "max_batch_size": int,
+            "max_total_seq_len": int,
+            "prefill_chunk_size": int,
+            "page_size": int,
+            "support_sliding_window": int,
+            "$": {"param_mode": "none", "effect_mode": "none"},
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)

@@ -1,0 +1,190 @@
+"""Drive a compiled OLMo stage: parameters, the paged KV cache, batched forward passes.
+
+``ModelRunner`` is what the workers hold. A full-model runner turns token ids into
+logits; a pipeline stage runner turns the previous stage's hidden states into its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from .compiler import CompiledModel, compile_model
+from .config import OLMoConfig
+from .kv_pages import CacheLimits, KVSnapshot, PagedKVCache
+from .loader import load_stage_params
+from .stages import StageSpec
+
+_reshape = tvm.get_global_func("vm.builtin.reshape")
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Part of one sequence's new tokens that goes into one forward pass."""
+
+    index: int  # position of the sequence in the batch
+    begin: int  # first token of the piece within the sequence's new tokens
+    length: int
+
+
+def plan_chunks(lengths: Sequence[int], chunk_size: int) -> Iterator[list[Piece]]:
+    """Split a ragged batch into forward passes of at most ``chunk_size`` tokens.
+
+    Sequences keep their order, and a long one spans several passes, so a prompt longer
+    than the prefill chunk still prefills.
+    """
+    chunk: list[Piece] = []
+    room = chunk_size
+    for index, length in enumerate(lengths):
+        begin = 0
+        while begin < length:
+            take = min(room, length - begin)
+            chunk.append(Piece(index, begin, take))
+            begin += take
+            room -= take
+            if room == 0:
+                yield chunk
+                chunk, room = [], chunk_size
+    if chunk:
+        yield chunk
+
+
+class ModelRunner:
+    """One compiled stage on one device, with its own paged KV cache."""
+
+    def __init__(self, artifact: CompiledModel, params: Sequence[np.ndarray],
+                 limits: CacheLimits | None = None, device: str = "cpu"):
+        self.artifact = artifact
+        self.config: OLMoConfig = artifact.config
+        self.stage: StageSpec = artifact.stage
+        self.dtype = artifact.dtype
+        self.device = tvm.device(device)
+        self.limits = limits or CacheLimits(
+            prefill_chunk_size=min(self.config.prefill_chunk_size, 2048),
+            max_total_tokens=max(4096, self.config.context_window_size),
+        )
+        library = tvm.runtime.load_module(str(artifact.library_path))
+        self.vm = relax.VirtualMachine(library, self.device)
+        self.params = [tvm.runtime.tensor(p, self.device) for p in params]
+        self.kv = PagedKVCache(
+            library.imports[0], artifact.kv_cache_recipe, self.limits,
+            layer_begin=self.stage.layer_begin, num_layers=self.stage.num_local_layers,
+            num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path, stage: StageSpec | None = None,
+                        dtype: str = "float32", target: str = "llvm",
+                        limits: CacheLimits | None = None, config: OLMoConfig | None = None,
+                        **compile_kwargs) -> ModelRunner:
+        config = config or OLMoConfig.from_file(model_dir)
+        artifact = compile_model(config, stage, dtype=dtype, target=target, **compile_kwargs)
+        params = load_stage_params(model_dir, artifact.param_names, artifact.param_shapes,
+                                   artifact.stage, config.tie_word_embeddings, dtype)
+        device = "cuda" if artifact.target_kind == "cuda" else "cpu"
+        return cls(artifact, params, limits, device)
+
+    # --- sequences and pages ----------------------------------------------------------
+
+    def add_sequence(self, seq_id: int) -> None:
+        self.kv.add_sequence(seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self.kv.remove_sequence(seq_id)
+
+    def available_pages(self) -> int:
+        return self.kv.available_pages()
+
+    def export_kv(self, seq_id: int, num_tokens: int) -> KVSnapshot:
+        return self.kv.export_sequence(seq_id, num_tokens)
+
+    def import_kv(self, seq_id: int, snapshot: KVSnapshot) -> None:
+        """Add ``seq_id`` and install a snapshot (from another runner) as its whole history."""
+        self.kv.add_sequence(seq_id)
+        try:
+            self.kv.import_sequence(seq_id, snapshot)
+        except Exception:
+            self.kv.remove_sequence(seq_id)
+            raise
+
+    # --- forward passes ---------------------------------------------------------------
+
+    def embed(self, token_ids: np.ndarray) -> tvm.runtime.Tensor:
+        """Token ids ``[n]`` to embeddings ``[n, hidden]`` (first stage only)."""
+        ids = tvm.runtime.tensor(np.asarray(token_ids, dtype="int32"), self.device)
+        return self.vm["embed"](ids, self.params)
+
+    def forward(self, seq_ids: Sequence[int], lengths: Sequence[int],
+                hidden: tvm.runtime.Tensor | np.ndarray, decode: bool = False) -> tvm.runtime.Tensor:
+        """Run this stage's layers over a ragged batch; returns hidden states ``[total, hidden]``.
+
+        ``hidden`` is ``[total, hidden]``: embeddings on the first stage, the previous
+        stage's output elsewhere. The last stage's output is final-normed.
+        """
+        h = self.config.hidden_size
+        if isinstance(hidden, np.ndarray):
+            hidden = tvm.runtime.tensor(hidden.astype(self.dtype, copy=False), self.device)
+        total = int(sum(lengths))
+        self.kv.begin_forward(seq_ids, lengths)
+        try:
+            if decode:
+                out, _ = self.vm["batch_decode_to_last_hidden_states"](
+                    _reshape(hidden, ShapeTuple([total, 1, h])), self.kv.handle, self.params)
+            else:
+                out, _ = self.vm["batch_prefill_to_last_hidden_states"](
+                    _reshape(hidden, ShapeTuple([1, total, h])), self.kv.handle, self.params)
+        finally:
+            self.kv.end_forward()
+        return _reshape(out, ShapeTuple([total, h]))
+
+    def select_last(self, hidden: tvm.runtime.Tensor, lengths: Sequence[int]) -> tvm.runtime.Tensor:
+        """The hidden state of each sequence's last token, ``[batch, hidden]``."""
+        positions = np.cumsum(np.asarray(lengths, dtype="int64")) - 1
+        pos = tvm.runtime.tensor(positions.astype("int32"), self.device)
+        return self.vm["batch_select_last_hidden_states"](hidden, pos, self.params)
+
+    def logits(self, hidden: tvm.runtime.Tensor | np.ndarray) -> np.ndarray:
+        """Final-normed hidden states ``[n, hidden]`` to float32 logits ``[n, vocab]``."""
+        if isinstance(hidden, np.ndarray):
+            hidden = tvm.runtime.tensor(hidden.astype(self.dtype, copy=False), self.device)
+        return self.vm["get_logits"](hidden, self.params).numpy()
+
+    # --- whole-model conveniences (single-stage runner) --------------------------------
+
+    def prefill(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prefill a ragged batch of new tokens; returns each sequence's last hidden state.
+
+        Sequences must already be added. Long batches are split into prefill chunks.
+        """
+        self._require_full_model("prefill")
+        last = [None] * len(prompts)
+        for chunk in plan_chunks([len(p) for p in prompts], self.limits.prefill_chunk_size):
+            ids = np.concatenate(
+                [np.asarray(prompts[p.index][p.begin:p.begin + p.length]) for p in chunk])
+            lengths = [p.length for p in chunk]
+            hidden = self.forward([seq_ids[p.index] for p in chunk], lengths, self.embed(ids))
+            selected = self.select_last(hidden, lengths).numpy()
+            for row, piece in enumerate(chunk):
+                if piece.begin + piece.length == len(prompts[piece.index]):
+                    last[piece.index] = selected[row]
+        return np.stack(last)
+
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One decode step for a batch; returns float32 logits ``[batch, vocab]``."""
+        self._require_full_model("decode")
+        hidden = self.forward(seq_ids, [1] * len(seq_ids), self.embed(np.asarray(tokens)),
+                              decode=True)
+        return self.logits(hidden)
+
+    def _require_full_model(self, what: str) -> None:
+        if not self.stage.is_full_model:
+            raise RuntimeError(f"{what} needs the full model; this runner is pipeline stage "
+                               f"{self.stage.stage} (layers {self.stage.layer_begin}-"
+                               f"{self.stage.layer_end - 1})")

@@ -1,0 +1,1 @@
+"""The public face of the cluster: generation API, scheduling, the command line."""

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random OLMo checkpoints written by transformers, and their runners."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the reference needs torch (pip install -e .[test])")
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    # Larger than the default 0.02 so that logits are peaked and greedy choices are not
+    # decided by float32 rounding.
+    initializer_range=0.15,
+    eos_token_id=None,
+    pad_token_id=None,
+    bos_token_id=None,
+)
+
+
+def write_checkpoint(folder: Path, seed: int = 0, **overrides: Any):
+    """Create and save a random transformers OlmoForCausalLM; returns the torch model."""
+    fields = {**TINY, **overrides}
+    torch.manual_seed(seed)
+    config = transformers.OlmoConfig(**fields)
+    model = transformers.OlmoForCausalLM(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    made: dict[str, tuple[Path, Any]] = {}
+
+    def make(seed: int = 0, **overrides: Any) -> tuple[Path, Any]:
+        key = json.dumps({"seed": seed, **overrides}, sort_keys=True, default=str)
+        if key not in made:
+            folder = tmp_path_factory.mktemp("ckpt")
+            made[key] = (folder, write_checkpoint(folder, seed, **overrides))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_factory):
+    return checkpoint_factory()
+
+
+def reference_logits(model, tokens: list[int]):
+    """All-position logits from transformers, ``[len(tokens), vocab]``."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()

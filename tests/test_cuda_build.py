@@ -1,0 +1,22 @@
+"""The CUDA library builds on a machine without a GPU (running it needs one)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from olmo_model.compiler import compile_model
+from olmo_model.config import OLMoConfig
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None,
+                    reason="nvcc (the CUDA toolkit) is not installed, so CUDA code cannot be built")
+def test_cuda_sm90_library_builds(tmp_path, tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    artifact = compile_model(OLMoConfig.from_file(folder), target="cuda", cache_dir=tmp_path)
+    assert artifact.library_path.stat().st_size > 0
+    assert artifact.target_kind == "cuda"
+    kernels = {item["kernel"] for item in artifact.kv_cache_recipe
+               if isinstance(item, dict) and "kernel" in item}
+    assert "tir_kv_cache_debug_get_kv" in kernels
