@@ -104,7 +104,7 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
     for n in prefill_lengths:
         prompt = rng.integers(0, config.vocab_size, n).tolist()
 
-        def prefill():
+        def prefill(prompt=prompt):
             runner.add_sequence(0)
             runner.prefill([0], [prompt])
             runner.remove_sequence(0)

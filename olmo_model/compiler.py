@@ -45,7 +45,8 @@ def resolve_target(target: str | dict[str, Any] = "llvm") -> tvm.target.Target:
     if target == "cuda" or target.startswith("cuda:sm_"):
         arch = target.split(":", 1)[1] if ":" in target else "sm_90"
         # Conservative limits every CUDA GPU since Volta meets, so that no GPU is needed to build.
-        return tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+        return tvm.target.Target({"kind": "cuda", "arch": arch,
+                                  "max_shared_memory_per_block": 49152,
                                   "max_threads_per_block": 1024, "thread_warp_size": 32})
     raise ValueError(f"unknown target {target!r}: use 'llvm', 'cuda', 'cuda:sm_XX' or a dict")
 
@@ -62,7 +63,8 @@ def host_llvm_cpu() -> str:
     if not flags:
         return cpu
     for feature in ("avx512f", "avx2", "fma", "f16c"):
-        implied = codegen.llvm_cpu_has_features(feature, tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+        model = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+        implied = codegen.llvm_cpu_has_features(feature, model)
         if implied and feature not in flags:
             return "x86-64-v3" if {"avx2", "fma", "f16c"} <= flags else "x86-64-v2"
     return cpu
@@ -133,8 +135,8 @@ def compile_model(
         meta = json.loads(meta_path.read_text())
         return _artifact(lib_path, config, stage, dtype, meta, from_cache=True)
 
-    log(f"compiling OLMo layers [{stage.layer_begin}, {stage.layer_end}) for {tvm_target.kind.name} "
-        f"({dtype}) ...")
+    log(f"compiling OLMo layers [{stage.layer_begin}, {stage.layer_end}) for "
+        f"{tvm_target.kind.name} ({dtype}) ...")
     start = time.perf_counter()
     model = OLMoForCausalLM(config, stage)
     model.to(dtype)
@@ -199,7 +201,8 @@ def kv_cache_recipe(create_fn: relax.Function) -> list[Any]:
                 and isinstance(value.args[0], relax.ExternFunc)
                 and value.args[0].global_symbol == "vm.builtin.paged_attention_kv_cache_create"):
             return [_describe(arg, bindings) for arg in value.args[1:]]
-    raise RuntimeError("create_paged_kv_cache does not call vm.builtin.paged_attention_kv_cache_create")
+    raise RuntimeError("create_paged_kv_cache does not call "
+                       "vm.builtin.paged_attention_kv_cache_create")
 
 
 def _describe(expr: Any, bindings: dict[Any, Any]) -> Any:

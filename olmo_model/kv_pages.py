@@ -49,7 +49,7 @@ class CacheLimits:
 
 @dataclasses.dataclass
 class KVSnapshot:
-    """One sequence's K/V for a layer range, in token order: ``[layers, tokens, kv_heads, head_dim]``."""
+    """One sequence's K/V for a layer range, as ``[layers, tokens, kv_heads, head_dim]``."""
 
     layer_begin: int
     layer_end: int
@@ -170,7 +170,8 @@ class PagedKVCache:
                 return self._debug_kernel
             return library.get_function(item["kernel"])
         if "shape" in item:
-            return ShapeTuple([sizes[d["var"]] if isinstance(d, dict) else d for d in item["shape"]])
+            dims = item["shape"]
+            return ShapeTuple([sizes[d["var"]] if isinstance(d, dict) else d for d in dims])
         if "tuple" in item:
             return [self._materialize(x, library, sizes) for x in item["tuple"]]
         if "str" in item:
@@ -178,7 +179,9 @@ class PagedKVCache:
         if "prim" in item:
             dtype = item["dtype"]
             value = item["prim"]
-            return bool(value) if dtype == "bool" else (float(value) if "float" in dtype else int(value))
+            if dtype == "bool":
+                return bool(value)
+            return float(value) if "float" in dtype else int(value)
         if "zeros" in item:
             return tvm.runtime.empty((), item["zeros"], self.device)
         raise ValueError(f"unknown KV cache recipe item {item!r}")
@@ -188,5 +191,6 @@ def _expand_runs(encoded: Any) -> np.ndarray:
     """Decode ``[runs, begin1, len1, ...]`` into one slot index per token."""
     values = [int(x) for x in encoded]
     runs = values[0]
-    pieces = [np.arange(values[1 + 2 * i], values[1 + 2 * i] + values[2 + 2 * i]) for i in range(runs)]
+    pairs = [(values[1 + 2 * i], values[2 + 2 * i]) for i in range(runs)]
+    pieces = [np.arange(begin, begin + length) for begin, length in pairs]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)

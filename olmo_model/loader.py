@@ -65,7 +65,8 @@ class SafetensorsCheckpoint:
             files = {name: self.folder / shard for name, shard in weight_map.items()}
             absent = sorted({str(p.name) for p in files.values() if not p.is_file()})
             if absent:
-                raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(absent)}")
+                raise CheckpointError(
+                    f"{index} names shard(s) that are missing: {', '.join(absent)}")
             return files
         single = self.folder / SINGLE_FILE
         if not single.is_file():

@@ -122,7 +122,8 @@ class ModelRunner:
         return self.vm["embed"](ids, self.params)
 
     def forward(self, seq_ids: Sequence[int], lengths: Sequence[int],
-                hidden: tvm.runtime.Tensor | np.ndarray, decode: bool = False) -> tvm.runtime.Tensor:
+                hidden: tvm.runtime.Tensor | np.ndarray, decode: bool = False
+                ) -> tvm.runtime.Tensor:
         """Run this stage's layers over a ragged batch; returns hidden states ``[total, hidden]``.
 
         ``hidden`` is ``[total, hidden]``: embeddings on the first stage, the previous

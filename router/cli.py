@@ -1,56 +1,188 @@
-"""``olmo-serve``: the command line for the OLMo serving cluster."""
+"""``olmo-serve``: run the cluster's roles, the whole cluster locally, or a client."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="folder with config.json, *.safetensors, tokenizer.json "
                              "(default: the built-in tiny demo model)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    parser.add_argument("--target", default="llvm", help="llvm (this CPU) or cuda")
+    parser.add_argument("--target", default="llvm", help="llvm (this CPU), cuda or cuda:sm_XX")
+    parser.add_argument("--max-sequences", type=int, default=16,
+                        help="sequences one worker's KV cache holds at once")
+    parser.add_argument("--max-total-tokens", type=int, default=8192,
+                        help="tokens one worker's KV cache holds in all")
+
+
+def _bind_flags(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default loopback; 0.0.0.0 to serve a network)")
+    parser.add_argument("--port", type=int, default=port, help="0 picks a free port")
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    from olmo_model.demo import resolve_model_dir
+
+    return resolve_model_dir(args.model)
+
+
+def _limits(args: argparse.Namespace):
+    from olmo_model.kv_pages import CacheLimits
+
+    return CacheLimits(max_num_sequences=args.max_sequences,
+                       max_total_tokens=args.max_total_tokens,
+                       prefill_chunk_size=min(2048, args.max_total_tokens))
+
+
+def _runner(args: argparse.Namespace):
+    from olmo_model.runtime import ModelRunner
+
+    return ModelRunner.from_checkpoint(_model_dir(args), dtype=args.dtype, target=args.target,
+                                       limits=_limits(args))
+
+
+def _wait_for_signal(servers) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    for server in servers:
+        server.stop(grace=2.0)
+    return 0
+
+
+def _prefill_worker(args: argparse.Namespace) -> int:
+    from prefill_worker.servicer import serve_prefill
+
+    server, _ = serve_prefill(_runner(args), args.host, args.port)
+    print(f"prefill worker serving on {args.host}:{server.port}", flush=True)
+    return _wait_for_signal([server])
+
+
+def _decode_worker(args: argparse.Namespace) -> int:
+    from decode_worker.servicer import serve_decode
+
+    server, _ = serve_decode(_runner(args), args.host, args.port)
+    print(f"decode worker serving on {args.host}:{server.port}", flush=True)
+    return _wait_for_signal([server])
+
+
+def _router(args: argparse.Namespace) -> int:
+    from router.server import serve_router
+
+    server, _ = serve_router(_model_dir(args), args.prefill, args.decode, args.aggregated,
+                             args.host, args.port, args.lease_ms)
+    print(f"router serving olmo.generation.v1.Generation on {args.host}:{server.port}",
+          flush=True)
+    return _wait_for_signal([server])
+
+
+def _stream_to_terminal(address: str, args: argparse.Namespace, prompt: str) -> int:
+    from router.client import GenerationClient, generate_request
+
+    client = GenerationClient(address)
+    request = generate_request(prompt, args.max_tokens, args.temperature, args.top_p, args.top_k,
+                               args.seed, args.stop)
+    start = time.perf_counter()
+    first = None
+    last = None
+    sys.stdout.write(prompt)
+    for last in client.stream(request):
+        first = first or time.perf_counter()
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    total = time.perf_counter() - start
+    usage = last.usage
+    tpot = (total - (first - start)) / max(1, usage.completion_tokens - 1) if first else 0.0
+    reason = {1: "stop", 2: "length", 3: "abort", 4: "error"}.get(last.finish_reason, "?")
+    print(f"\n\n[{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated, "
+          f"finish: {reason}; TTFT {usage.time_to_first_token_ms:.1f} ms, "
+          f"TPOT {1000 * tpot:.1f} ms, total {1000 * total:.0f} ms]", file=sys.stderr)
+    client.close()
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from tokenizers import Tokenizer
+    return _stream_to_terminal(args.address, args, args.prompt)
 
-    from olmo_model.demo import resolve_model_dir
-    from olmo_model.generate import greedy_generate
-    from olmo_model.runtime import ModelRunner
 
-    model_dir = resolve_model_dir(args.model)
+def _up(args: argparse.Namespace) -> int:
+    from router.local_cluster import start_local_cluster
+
     start = time.perf_counter()
-    runner = ModelRunner.from_checkpoint(model_dir, dtype=args.dtype, target=args.target)
-    load_seconds = time.perf_counter() - start
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    prompt_ids = tokenizer.encode(args.prompt).ids
-    if not prompt_ids:
-        print("error: the prompt is empty after tokenization", file=sys.stderr)
-        return 2
-    result = greedy_generate(runner, prompt_ids, args.max_tokens,
-                             stop_ids=runner.config.eos_token_id)
-    print(args.prompt + tokenizer.decode(result.tokens))
-    print(f"\nmodel {model_dir} | load+compile {load_seconds:.1f}s "
-          f"({'cached' if runner.artifact.from_cache else 'compiled'}) | "
-          f"prompt {len(prompt_ids)} tokens, prefill {1000 * result.prefill_seconds:.1f} ms | "
-          f"{len(result.tokens)} tokens, decode {result.ms_per_token:.1f} ms/token",
-          file=sys.stderr)
-    return 0
+    cluster = start_local_cluster(_model_dir(args), args.prefill_workers, args.decode_workers,
+                                  args.aggregated, args.dtype, args.target, _limits(args),
+                                  args.host, args.port)
+    mode = "aggregated" if args.aggregated else "disaggregated"
+    print(f"local {mode} cluster up in {time.perf_counter() - start:.1f}s: "
+          f"{len(cluster.prefill)} prefill + {len(cluster.decode)} decode workers; "
+          f"Generate API on {cluster.router_address}", file=sys.stderr, flush=True)
+    try:
+        _stream_to_terminal(cluster.router_address, args, args.prompt)
+        if args.serve:
+            print(f"serving on {cluster.router_address}; try: olmo-serve generate --address "
+                  f"{cluster.router_address} \"Your prompt\"  (Ctrl-C stops)", file=sys.stderr)
+            return _wait_for_signal([])
+        return 0
+    finally:
+        cluster.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olmo-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="compile the model and print a greedy continuation")
-    gen.add_argument("prompt", nargs="?", default="The Python interpreter")
-    gen.add_argument("--max-tokens", type=int, default=48)
-    _add_model_flags(gen)
+
+    up = sub.add_parser("up", help="run a local cluster, answer a sample request, optionally serve")
+    _model_flags(up)
+    _bind_flags(up, 0)
+    _sampling_flags(up)
+    up.add_argument("prompt", nargs="?", default="The Python interpreter")
+    up.add_argument("--prefill-workers", type=int, default=1)
+    up.add_argument("--decode-workers", type=int, default=1)
+    up.add_argument("--aggregated", action="store_true",
+                    help="decode workers prefill locally; no KV transfer")
+    up.add_argument("--serve", action="store_true", help="keep serving after the sample request")
+    up.set_defaults(func=_up)
+
+    gen = sub.add_parser("generate", help="stream a completion from a running router")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    _sampling_flags(gen)
     gen.set_defaults(func=_generate)
+
+    for name, func, port in (("prefill-worker", _prefill_worker, 50061),
+                             ("decode-worker", _decode_worker, 50071)):
+        role = sub.add_parser(name, help=f"serve one {name.replace('-', ' ')}")
+        _model_flags(role)
+        _bind_flags(role, port)
+        role.set_defaults(func=func)
+
+    router = sub.add_parser("router", help="serve the Generate API over running workers")
+    router.add_argument("--model", default=None, help="model folder (for tokenizer and config)")
+    router.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT")
+    router.add_argument("--decode", action="append", default=[], metavar="HOST:PORT")
+    router.add_argument("--aggregated", action="store_true")
+    router.add_argument("--lease-ms", type=int, default=30_000)
+    _bind_flags(router, 50051)
+    router.set_defaults(func=_router)
     return parser
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import reference_logits
+
 from olmo_model.generate import greedy_generate
 from olmo_model.runtime import ModelRunner
 

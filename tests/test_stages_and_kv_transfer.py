@@ -103,9 +103,9 @@ def test_removing_sequences_returns_every_page(tiny_checkpoint):
 
 def test_prompt_longer_than_prefill_chunk_is_split(tiny_checkpoint):
     folder, reference = tiny_checkpoint
-    from olmo_model.kv_pages import CacheLimits
-
     from conftest import reference_logits
+
+    from olmo_model.kv_pages import CacheLimits
 
     runner = ModelRunner.from_checkpoint(folder, limits=CacheLimits(prefill_chunk_size=16))
     prompts = [list(range(10, 50)), list(range(60, 73))]

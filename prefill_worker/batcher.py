@@ -1,0 +1,62 @@
+"""Which waiting prompts go into the next prefill: FIFO under a token budget."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from concurrent.futures import Future
+
+
+@dataclasses.dataclass
+class PrefillJob:
+    request_id: str
+    token_ids: list[int]
+    decode_address: str
+    result: Future = dataclasses.field(default_factory=Future)
+    cancelled: bool = False
+
+
+class PromptBatcher:
+    """A FIFO of jobs; ``next_batch`` takes as many as fit the token and sequence budgets.
+
+    A prompt longer than the budget still goes, alone: the runner splits it into chunks.
+    """
+
+    def __init__(self, token_budget: int, max_batch: int):
+        self.token_budget = token_budget
+        self.max_batch = max_batch
+        self._jobs: collections.deque[PrefillJob] = collections.deque()
+        self._ready = threading.Condition()
+
+    def put(self, job: PrefillJob) -> None:
+        with self._ready:
+            self._jobs.append(job)
+            self._ready.notify()
+
+    def cancel(self, request_id: str) -> bool:
+        with self._ready:
+            for job in self._jobs:
+                if job.request_id == request_id:
+                    self._jobs.remove(job)
+                    return True
+        return False
+
+    def next_batch(self, timeout: float) -> list[PrefillJob]:
+        with self._ready:
+            if not self._jobs:
+                self._ready.wait(timeout)
+            batch: list[PrefillJob] = []
+            tokens = 0
+            while self._jobs and len(batch) < self.max_batch:
+                size = len(self._jobs[0].token_ids)
+                if batch and tokens + size > self.token_budget:
+                    break
+                batch.append(self._jobs.popleft())
+                tokens += size
+            return batch
+
+    def queued(self) -> tuple[int, int]:
+        """(requests, tokens) waiting."""
+        with self._ready:
+            return len(self._jobs), sum(len(j.token_ids) for j in self._jobs)

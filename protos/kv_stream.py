@@ -1,0 +1,183 @@
+"""The KV push, both ends: a sequence's K/V and last hidden state as a verified chunk stream.
+
+Sender side: ``encode_push`` turns a ``KVSnapshot`` and hidden state into a header, K/V
+blocks each under the size budget, the hidden state and a CRC32 trailer. Receiver side:
+``KVAssembler`` checks each chunk as it arrives and yields a snapshot only when the
+stream was complete, in order and intact; anything else raises ``PushRefused``.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from olmo_model.kv_pages import KVSnapshot
+from protos import worker_pb2
+
+BLOCK_BYTES = 2 * 2**20  # per block, keys and values together
+
+
+def model_layout(runner) -> worker_pb2.ModelLayout:
+    """What a worker's runner holds, as peers compare it (``runner``: a ModelRunner)."""
+    config, stage = runner.config, runner.stage
+    return worker_pb2.ModelLayout(
+        model_fingerprint=runner.artifact.fingerprint, dtype=runner.dtype,
+        page_size=runner.limits.page_size, num_layers=config.num_hidden_layers,
+        layer_begin=stage.layer_begin, layer_end=stage.layer_end,
+        num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        hidden_size=config.hidden_size, context_window=config.context_window_size)
+
+
+class PushRefused(Exception):
+    """A KV push the receiver will not install; the message says which check failed."""
+
+
+def layout_mismatch(ours: worker_pb2.ModelLayout, theirs: worker_pb2.ModelLayout) -> str | None:
+    """Why two workers cannot exchange KV pages, or None when they can."""
+    for field in ("model_fingerprint", "dtype", "num_layers", "num_kv_heads", "head_dim",
+                  "hidden_size"):
+        a, b = getattr(ours, field), getattr(theirs, field)
+        if a != b:
+            return f"{field} differs: this worker has {a!r}, the peer has {b!r}"
+    return None
+
+
+def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
+                hidden: np.ndarray | None) -> Iterator[worker_pb2.KVChunk]:
+    """The chunks of one push. ``hidden`` is None for stages that do not own the LM head."""
+    tokens_per_block = max(1, BLOCK_BYTES // (2 * snapshot.keys[0, 0].nbytes))
+    blocks = [(layer, begin) for layer in range(snapshot.keys.shape[0])
+              for begin in range(0, snapshot.num_tokens, tokens_per_block)]
+    yield worker_pb2.KVChunk(header=worker_pb2.KVHeader(
+        request_id=request_id, layout=layout, num_tokens=snapshot.num_tokens,
+        num_blocks=len(blocks)))
+    crc = 0
+    for layer, begin in blocks:
+        end = min(begin + tokens_per_block, snapshot.num_tokens)
+        keys = snapshot.keys[layer, begin:end].tobytes()
+        values = snapshot.values[layer, begin:end].tobytes()
+        crc = zlib.crc32(values, zlib.crc32(keys, crc))
+        yield worker_pb2.KVChunk(block=worker_pb2.KVBlock(
+            layer=snapshot.layer_begin + layer, token_begin=begin, num_tokens=end - begin,
+            keys=keys, values=values))
+    if hidden is not None:
+        data = np.ascontiguousarray(hidden, dtype=np.float32).tobytes()
+        crc = zlib.crc32(data, crc)
+        yield worker_pb2.KVChunk(hidden=worker_pb2.HiddenState(data=data))
+    yield worker_pb2.KVChunk(trailer=worker_pb2.KVTrailer(crc32=crc))
+
+
+class PushState(enum.Enum):
+    WAITING_FOR_HEADER = "waiting for header"
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class KVAssembler:
+    """Receives one push into preallocated arrays, verifying as it goes."""
+
+    def __init__(self, layout: worker_pb2.ModelLayout, expects_hidden: bool):
+        self.layout = layout
+        self.expects_hidden = expects_hidden
+        self.state = PushState.WAITING_FOR_HEADER
+        self.request_id = ""
+        self.hidden: np.ndarray | None = None
+        self.bytes_received = 0
+        self._crc = 0
+        self._blocks_seen = 0
+        self._filled: np.ndarray | None = None
+
+    def add(self, chunk: worker_pb2.KVChunk) -> None:
+        try:
+            part = chunk.WhichOneof("part")
+            if part == "header":
+                self._on_header(chunk.header)
+            elif self.state is not PushState.RECEIVING:
+                raise PushRefused(f"{part} arrived while {self.state.value}")
+            elif part == "block":
+                self._on_block(chunk.block)
+            elif part == "hidden":
+                self._on_hidden(chunk.hidden)
+            elif part == "trailer":
+                self._on_trailer(chunk.trailer)
+            else:
+                raise PushRefused("empty chunk")
+        except PushRefused:
+            self.state = PushState.FAILED
+            raise
+
+    def snapshot(self) -> KVSnapshot:
+        if self.state is not PushState.COMPLETE:
+            raise PushRefused(f"push for {self.request_id!r} ended while {self.state.value}")
+        return KVSnapshot(self.layout.layer_begin, self.layout.layer_end, self._keys, self._values)
+
+    def _on_header(self, header: worker_pb2.KVHeader) -> None:
+        if self.state is not PushState.WAITING_FOR_HEADER:
+            raise PushRefused("a second header arrived in one push")
+        reason = layout_mismatch(self.layout, header.layout)
+        if reason:
+            raise PushRefused(f"incompatible peer: {reason}")
+        if (header.layout.layer_begin, header.layout.layer_end) != (
+                self.layout.layer_begin, self.layout.layer_end):
+            raise PushRefused(
+                f"push carries layers [{header.layout.layer_begin}, {header.layout.layer_end}) "
+                f"but this worker owns [{self.layout.layer_begin}, {self.layout.layer_end})")
+        if header.num_tokens == 0:
+            raise PushRefused("push announces zero tokens")
+        self.request_id = header.request_id
+        self.num_tokens = header.num_tokens
+        self.num_blocks = header.num_blocks
+        layers = self.layout.layer_end - self.layout.layer_begin
+        shape = (layers, header.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
+        self._keys = np.empty(shape, dtype=self.layout.dtype)
+        self._values = np.empty(shape, dtype=self.layout.dtype)
+        self._filled = np.zeros((layers, header.num_tokens), dtype=bool)
+        self.state = PushState.RECEIVING
+
+    def _on_block(self, block: worker_pb2.KVBlock) -> None:
+        layer = block.layer - self.layout.layer_begin
+        end = block.token_begin + block.num_tokens
+        if not (0 <= layer < self._keys.shape[0] and block.num_tokens and end <= self.num_tokens):
+            raise PushRefused(f"block for layer {block.layer}, tokens [{block.token_begin}, {end}) "
+                              "is outside the announced range")
+        expected = block.num_tokens * self._keys[0, 0].nbytes
+        if len(block.keys) != expected or len(block.values) != expected:
+            raise PushRefused(f"block for layer {block.layer} has {len(block.keys)}/"
+                              f"{len(block.values)} bytes of keys/values, expected {expected}")
+        if self._filled[layer, block.token_begin:end].any():
+            raise PushRefused(f"block for layer {block.layer} overlaps one already received")
+        shape = self._keys[layer, block.token_begin:end].shape
+        self._keys[layer, block.token_begin:end] = np.frombuffer(
+            block.keys, self.layout.dtype).reshape(shape)
+        self._values[layer, block.token_begin:end] = np.frombuffer(
+            block.values, self.layout.dtype).reshape(shape)
+        self._filled[layer, block.token_begin:end] = True
+        self._crc = zlib.crc32(block.values, zlib.crc32(block.keys, self._crc))
+        self._blocks_seen += 1
+        self.bytes_received += 2 * expected
+
+    def _on_hidden(self, hidden: worker_pb2.HiddenState) -> None:
+        if not self.expects_hidden:
+            raise PushRefused("this worker does not own the LM head but received a hidden state")
+        if self.hidden is not None:
+            raise PushRefused("a second hidden state arrived")
+        if len(hidden.data) != 4 * self.layout.hidden_size:
+            raise PushRefused(f"hidden state has {len(hidden.data)} bytes, expected "
+                              f"{4 * self.layout.hidden_size}")
+        self.hidden = np.frombuffer(hidden.data, np.float32).copy()
+        self._crc = zlib.crc32(hidden.data, self._crc)
+
+    def _on_trailer(self, trailer: worker_pb2.KVTrailer) -> None:
+        if self._blocks_seen != self.num_blocks or not self._filled.all():
+            raise PushRefused(f"push is incomplete: {self._blocks_seen} of {self.num_blocks} "
+                              "blocks arrived")
+        if self.expects_hidden and self.hidden is None:
+            raise PushRefused("push carries no last hidden state")
+        if trailer.crc32 != self._crc:
+            raise PushRefused(f"checksum mismatch: trailer says {trailer.crc32:#010x}, "
+                              f"data gives {self._crc:#010x}")
+        self.state = PushState.COMPLETE

@@ -1,0 +1,92 @@
+"""Which workers serve a request: decode by free KV pages, prefill by queued tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import grpc
+
+from protos import worker_pb2, worker_pb2_grpc
+from protos.grpc_server import channel
+from protos.kv_stream import layout_mismatch
+
+
+@dataclasses.dataclass
+class Worker:
+    address: str
+    role: str
+    stub: object
+    layout: worker_pb2.ModelLayout | None = None
+
+
+class NoWorker(Exception):
+    pass
+
+
+class Scheduler:
+    """Holds the router's view of its workers and picks one of each role per request."""
+
+    def __init__(self, stats_timeout: float = 2.0):
+        self.stats_timeout = stats_timeout
+        self._workers: dict[str, Worker] = {}
+        self._lock = threading.Lock()
+        self.layout: worker_pb2.ModelLayout | None = None
+
+    def add(self, address: str, role: str) -> Worker:
+        """Handshake with a worker and keep it; refuses a worker of another model layout."""
+        stub_type = (worker_pb2_grpc.DecodeWorkerStub if role == "decode"
+                     else worker_pb2_grpc.PrefillWorkerStub)
+        worker = Worker(address, role, stub_type(channel(address)))
+        stats = worker.stub.Stats(worker_pb2.StatsRequest(), timeout=30)
+        if stats.role != role:
+            raise ValueError(f"{address} is a {stats.role} worker, not a {role} worker")
+        with self._lock:
+            if self.layout is None:
+                self.layout = stats.layout
+            reason = layout_mismatch(self.layout, stats.layout)
+            if reason:
+                raise ValueError(f"worker {address} serves an incompatible model: {reason}")
+            worker.layout = stats.layout
+            self._workers[address] = worker
+        return worker
+
+    def remove(self, address: str) -> None:
+        with self._lock:
+            self._workers.pop(address, None)
+
+    def workers(self, role: str) -> list[Worker]:
+        with self._lock:
+            return [w for w in self._workers.values() if w.role == role]
+
+    def pick_decode(self, exclude: set[str] = frozenset()) -> list[Worker]:
+        """Decode workers best first: most free pages, then fewest running sequences."""
+        ranked = []
+        for worker in self.workers("decode"):
+            if worker.address in exclude:
+                continue
+            stats = self._stats(worker)
+            if stats is not None:
+                ranked.append((-stats.free_pages, stats.running_sequences, worker.address, worker))
+        if not ranked:
+            raise NoWorker("no decode worker is reachable")
+        return [w for *_, w in sorted(ranked, key=lambda r: r[:3])]
+
+    def pick_prefill(self, exclude: set[str] = frozenset()) -> Worker:
+        """The reachable prefill worker with the fewest queued prompt tokens."""
+        best = None
+        for worker in self.workers("prefill"):
+            if worker.address in exclude:
+                continue
+            stats = self._stats(worker)
+            if stats is not None and (best is None or stats.queued_tokens < best[0]):
+                best = (stats.queued_tokens, worker)
+        if best is None:
+            raise NoWorker("no prefill worker is reachable")
+        return best[1]
+
+    def _stats(self, worker: Worker) -> worker_pb2.WorkerStats | None:
+        try:
+            return worker.stub.Stats(worker_pb2.StatsRequest(), timeout=self.stats_timeout)
+        except grpc.RpcError:
+            return None

@@ -1,0 +1,41 @@
+"""Start the router's public gRPC server over a set of workers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from olmo_model.config import OLMoConfig
+from protos import generation_pb2, generation_pb2_grpc
+from protos.grpc_server import Server, start_server
+
+from .scheduler import Scheduler
+from .service import GenerationServicer, ModelFacts
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer | None:
+    path = Path(model_dir) / "tokenizer.json"
+    return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+def serve_router(model_dir: Path, prefill: Sequence[str], decode: Sequence[str],
+                 aggregated: bool = False, host: str = "127.0.0.1", port: int = 0,
+                 lease_ms: int = 30_000) -> tuple[Server, GenerationServicer]:
+    """Handshake with every worker, then serve Generate."""
+    config = OLMoConfig.from_file(model_dir)
+    scheduler = Scheduler()
+    for address in decode:
+        scheduler.add(address, "decode")
+    for address in ([] if aggregated else prefill):
+        scheduler.add(address, "prefill")
+    facts = ModelFacts(config.vocab_size, config.context_window_size, config.eos_token_id)
+    servicer = GenerationServicer(scheduler, load_tokenizer(model_dir), facts, aggregated,
+                                  lease_ms)
+    server = start_server(
+        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s)],
+        [SERVICE_NAME], host, port)
+    return server, servicer

@@ -1,0 +1,268 @@
+"""The public Generate API: validate, tokenize, reserve, prefill, stream, detokenize.
+
+Disaggregated: reserve KV on a decode worker, open its token stream, ask a prefill
+worker to prefill and push the pages there (retried once on another prefill worker).
+Aggregated: the decode worker prefills the prompt itself; nothing is transferred.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+import uuid
+
+import grpc
+from tokenizers import Tokenizer
+
+from protos import generation_pb2, generation_pb2_grpc, worker_pb2
+from protos.grpc_server import time_remaining
+
+from .detokenizer import IncrementalDetokenizer, StopStringFilter
+from .scheduler import NoWorker, Scheduler, Worker
+
+DEFAULT_MAX_TOKENS = 16
+FINISH = {
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "abort": generation_pb2.FINISH_REASON_ABORT,
+    "error": generation_pb2.FINISH_REASON_ERROR,
+}
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    vocab_size: int
+    context_window: int
+    eos_token_ids: tuple[int, ...]
+
+
+def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
+             facts: ModelFacts) -> worker_pb2.Sampling:
+    """Check a request against the model; returns the sampling to send to the decode worker."""
+    s = request.sampling
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty")
+    bad = [t for t in prompt_ids if t >= facts.vocab_size]
+    if bad:
+        raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary of {facts.vocab_size}")
+    max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
+    if len(prompt_ids) + max_tokens > facts.context_window:
+        raise InvalidRequest(
+            f"prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}; this model's "
+            f"context window is {facts.context_window}")
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise InvalidRequest(f"temperature must be >= 0, got {s.temperature}")
+    if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
+        raise InvalidRequest(f"top_p must be in [0, 1], got {s.top_p}")
+    if any(not stop for stop in s.stop):
+        raise InvalidRequest("stop strings must not be empty")
+    bad = [t for t in s.stop_token_ids if t >= facts.vocab_size]
+    if bad:
+        raise InvalidRequest(f"stop token id {bad[0]} is outside the vocabulary")
+    return worker_pb2.Sampling(
+        max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        has_seed=s.HasField("seed"), seed=s.seed, stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos)
+
+
+class PrefillLeg:
+    """Runs the prefill leg in the background, retrying once on another prefill worker."""
+
+    def __init__(self, scheduler: Scheduler, request_id: str, prompt_ids: list[int],
+                 decode: Worker, deadline: float | None, attempts: int = 2):
+        self.scheduler = scheduler
+        self.request = worker_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids,
+                                                 decode_address=decode.address)
+        self.decode = decode
+        self.deadline = deadline
+        self.attempts = attempts
+        self.error: str | None = None
+        self.worker: Worker | None = None
+        self.response: worker_pb2.PrefillResponse | None = None
+        self._call = None
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        tried: set[str] = set()
+        reasons = []
+        for _ in range(self.attempts):
+            if self._cancelled.is_set():
+                return
+            try:
+                self.worker = self.scheduler.pick_prefill(exclude=tried)
+            except NoWorker as exc:
+                reasons.append(str(exc))
+                break
+            tried.add(self.worker.address)
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            try:
+                self._call = self.worker.stub.Prefill.future(self.request, timeout=timeout)
+                self.response = self._call.result()
+                return
+            except grpc.RpcError as exc:
+                reasons.append(f"prefill worker {self.worker.address}: {exc.code().name}: "
+                               f"{exc.details()}")
+                if self._cancelled.is_set() or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    break
+        self.error = "prefill failed: " + "; ".join(reasons)
+        # The decode worker would otherwise wait for a push until its lease ends.
+        try:
+            self.decode.stub.Abort(worker_pb2.AbortRequest(
+                request_id=self.request.request_id, reason=self.error), timeout=5)
+        except grpc.RpcError:
+            pass
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._call is not None:
+            self._call.cancel()
+        if self.worker is not None:
+            try:
+                self.worker.stub.Abort(worker_pb2.AbortRequest(
+                    request_id=self.request.request_id, reason="cancelled"), timeout=2)
+            except grpc.RpcError:
+                pass
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer | None, facts: ModelFacts,
+                 aggregated: bool = False, lease_ms: int = 30_000):
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.facts = facts
+        self.aggregated = aggregated
+        self.lease_ms = lease_ms
+
+    def Generate(self, request, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            prompt_ids = self._prompt_ids(request)
+            sampling = validate(request, prompt_ids, self.facts)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        started = time.perf_counter()
+        remaining = time_remaining(context)
+        deadline = None if remaining is None else time.monotonic() + remaining
+
+        decode = self._reserve(request_id, prompt_ids, sampling, context)
+        stream = decode.stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=request_id),
+                                          timeout=remaining)
+        leg = None if self.aggregated else PrefillLeg(self.scheduler, request_id, prompt_ids,
+                                                      decode, deadline)
+        finished = threading.Event()
+
+        def on_rpc_done():
+            if not finished.is_set():  # client went away or deadline passed
+                stream.cancel()
+                if leg is not None:
+                    leg.cancel()
+                _abort(decode, request_id, "client cancelled")
+
+        context.add_callback(on_rpc_done)
+        try:
+            yield from self._relay(request, request_id, prompt_ids, decode, stream, leg,
+                                   started, context)
+        finally:
+            finished.set()
+            stream.cancel()
+
+    def _relay(self, request, request_id, prompt_ids, decode, stream, leg, started, context):
+        detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                        skip_ids=() if request.sampling.ignore_eos
+                                        else self.facts.eos_token_ids)
+                 if self.tokenizer else None)
+        stops = StopStringFilter(request.sampling.stop)
+        stop_ids = set(request.sampling.stop_token_ids)
+        completion = 0
+        ttft_ms = 0.0
+        try:
+            for event in stream:
+                if event.finish_reason in ("error", "abort"):
+                    # The router aborts only after it stops reading, so an abort seen here
+                    # came from the worker side: a failed prefill leg, an expired lease.
+                    message = leg.error if leg is not None and leg.error else event.error
+                    context.abort(grpc.StatusCode.UNAVAILABLE, message)
+                text = ""
+                ids = []
+                if event.has_token:
+                    completion += 1
+                    ids = [event.token_id]
+                    if not ttft_ms:
+                        ttft_ms = 1000 * (time.perf_counter() - started)
+                    if detok is not None and event.token_id not in stop_ids:
+                        text = stops.feed(detok.add(event.token_id))
+                reason = event.finish_reason
+                if stops.stopped and not reason:
+                    reason = "stop"
+                    _abort(decode, request_id, "stop string")
+                if reason and not stops.stopped:
+                    text += stops.flush()
+                response = generation_pb2.GenerateResponse(
+                    request_id=request_id, token_ids=ids, text=text,
+                    finish_reason=FINISH.get(reason, 0))
+                if reason:
+                    response.usage.CopyFrom(generation_pb2.Usage(
+                        prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                        time_to_first_token_ms=ttft_ms))
+                yield response
+                if reason:
+                    return
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and not context.is_active():
+                return
+            _abort(decode, request_id, "router lost the token stream")
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    else grpc.StatusCode.UNAVAILABLE)
+            context.abort(code, f"decode worker {decode.address}: {exc.details()}")
+        context.abort(grpc.StatusCode.UNAVAILABLE,
+                      f"decode worker {decode.address} closed the stream without finishing")
+
+    def _prompt_ids(self, request) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        if kind == "text":
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer.json; send token_ids")
+            return self.tokenizer.encode(request.text).ids
+        raise InvalidRequest("the request has no prompt (set text or token_ids)")
+
+    def _reserve(self, request_id, prompt_ids, sampling, context) -> Worker:
+        reserve = worker_pb2.ReserveRequest(
+            request_id=request_id, prompt_tokens=len(prompt_ids), sampling=sampling,
+            lease_ms=self.lease_ms,
+            local_prefill_token_ids=prompt_ids if self.aggregated else [])
+        try:
+            candidates = self.scheduler.pick_decode()
+        except NoWorker as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        refusals, codes = [], set()
+        for worker in candidates:
+            try:
+                worker.stub.Reserve(reserve, timeout=10)
+                return worker
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    context.abort(exc.code(), exc.details())
+                refusals.append(f"{worker.address}: {exc.details()}")
+                codes.add(exc.code())
+        code = (grpc.StatusCode.RESOURCE_EXHAUSTED
+                if grpc.StatusCode.RESOURCE_EXHAUSTED in codes else grpc.StatusCode.UNAVAILABLE)
+        context.abort(code, "no decode worker can take this request now: " + "; ".join(refusals))
+
+
+def _abort(worker: Worker, request_id: str, reason: str) -> None:
+    try:
+        worker.stub.Abort(worker_pb2.AbortRequest(request_id=request_id, reason=reason),
+                          timeout=2)
+    except grpc.RpcError:
+        pass
