@@ -20,42 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-OLMO_1B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-               tie_word_embeddings=True)
-SMALL = dict(vocab_size=50304, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
-             tie_word_embeddings=True)
-
-
-def make_checkpoint(folder: Path, shape: dict) -> Path:
-    """A random fp32 checkpoint in Hugging Face layout (std 0.02, as OLMo initializes)."""
-    if (folder / "model.safetensors").is_file():
-        return folder
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-
-    def w(*dims):
-        return (rng.standard_normal(dims, dtype=np.float32) * 0.02)
-
-    tensors = {"model.embed_tokens.weight": w(v, h)}
-    for layer in range(shape["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            tensors[p + f"self_attn.{name}.weight"] = w(h, h)
-        tensors[p + "mlp.gate_proj.weight"] = w(i, h)
-        tensors[p + "mlp.up_proj.weight"] = w(i, h)
-        tensors[p + "mlp.down_proj.weight"] = w(h, i)
-    save_file(tensors, str(folder / "model.safetensors"))
-    config = {"model_type": "olmo", "architectures": ["OlmoForCausalLM"], "rope_theta": 10000.0,
-              "hidden_act": "silu", "clip_qkv": None, "eos_token_id": 50279,
-              "pad_token_id": 1, **shape}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
+from checkpoints import OLMO_1B, SMALL, make_checkpoint
 
 
 def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:

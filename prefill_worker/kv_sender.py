@@ -23,6 +23,8 @@ class KVSender:
         self._stubs: dict[str, worker_pb2_grpc.DecodeWorkerStub] = {}
         self._lock = threading.Lock()
         self.bytes_sent = 0
+        self.pushes = 0
+        self.transfer_seconds = 0.0
 
     def push(self, address: str, request_id: str, snapshot: KVSnapshot,
              hidden: np.ndarray | None) -> tuple[int, float]:
@@ -33,9 +35,12 @@ class KVSender:
         start = time.perf_counter()
         chunks = encode_push(request_id, self.layout, snapshot, hidden)
         reply = self._stub(address).PushKV(chunks, timeout=self.timeout)
+        seconds = time.perf_counter() - start
         with self._lock:
             self.bytes_sent += reply.bytes
-        return reply.bytes, time.perf_counter() - start
+            self.pushes += 1
+            self.transfer_seconds += seconds
+        return reply.bytes, seconds
 
     def _stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
         with self._lock:

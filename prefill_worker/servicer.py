@@ -65,7 +65,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             queued_tokens=tokens, total_pages=runner.kv.total_pages,
             free_pages=runner.available_pages(),
             used_pages=runner.kv.total_pages - runner.available_pages(),
-            kv_bytes_sent=self.engine.sender.bytes_sent, transport="grpc")
+            kv_bytes_sent=self.engine.sender.bytes_sent, pushes=self.engine.sender.pushes,
+            kv_transfer_ms=1000 * self.engine.sender.transfer_seconds, transport="grpc")
 
 
 def serve_prefill(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0
