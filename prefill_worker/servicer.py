@@ -62,6 +62,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         runner = self.engine.runner
         return worker_pb2.WorkerStats(
             role="prefill", layout=self.engine.layout, queued_requests=queued,
+            running_sequences=len(self._jobs),
             queued_tokens=tokens, total_pages=runner.kv.total_pages,
             free_pages=runner.available_pages(),
             used_pages=runner.kv.total_pages - runner.available_pages(),

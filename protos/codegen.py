@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PROTOS = ("protos/generation.proto", "protos/worker.proto")
+PROTOS = ("protos/admin.proto", "protos/generation.proto", "protos/worker.proto")
 ROOT = Path(__file__).resolve().parent.parent
 
 

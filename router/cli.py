@@ -47,9 +47,9 @@ def _model_dir(args: argparse.Namespace) -> Path:
 def _limits(args: argparse.Namespace):
     from olmo_model.kv_pages import CacheLimits
 
-    return CacheLimits(max_num_sequences=args.max_sequences,
-                       max_total_tokens=args.max_total_tokens,
-                       prefill_chunk_size=min(2048, args.max_total_tokens))
+    sequences, tokens = args.max_sequences or 16, args.max_total_tokens or 8192
+    return CacheLimits(max_num_sequences=sequences, max_total_tokens=tokens,
+                       prefill_chunk_size=min(2048, tokens))
 
 
 def _runner(args: argparse.Namespace):
@@ -86,10 +86,11 @@ def _decode_worker(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
-    from router.server import serve_router
+    from router.server import serve_router, static_scheduler
 
-    server, _ = serve_router(_model_dir(args), args.prefill, args.decode, args.aggregated,
-                             args.host, args.port, args.lease_ms)
+    scheduler = static_scheduler([] if args.aggregated else args.prefill, args.decode)
+    server, _ = serve_router(_model_dir(args), scheduler, args.aggregated, args.host, args.port,
+                             args.lease_ms)
     print(f"router serving olmo.generation.v1.Generation on {args.host}:{server.port}",
           flush=True)
     return _wait_for_signal([server])
@@ -124,43 +125,139 @@ def _generate(args: argparse.Namespace) -> int:
     return _stream_to_terminal(args.address, args, args.prompt)
 
 
-def _up(args: argparse.Namespace) -> int:
-    from router.local_cluster import start_local_cluster
+def _cluster_config(args: argparse.Namespace):
+    from router.cluster_config import ClusterConfig
 
+    overrides = {"model": args.model, "dtype": args.dtype, "target": args.target,
+                 "host": args.host, "port": args.port, "max_sequences": args.max_sequences,
+                 "max_total_tokens": args.max_total_tokens}
+    if args.aggregated:
+        overrides["mode"] = "aggregated"
+    config = (ClusterConfig.from_yaml(args.config, **overrides) if args.config
+              else ClusterConfig(**{k: v for k, v in overrides.items() if v is not None}))
+    if args.prefill_instances is not None:
+        config.prefill.instances = args.prefill_instances
+    if args.decode_instances is not None:
+        config.decode.instances = args.decode_instances
+    return config
+
+
+def _start_cluster(args: argparse.Namespace):
+    """A Ray-managed cluster (default) or, with --no-ray, one process of gRPC servers."""
+    config = _cluster_config(args)
+    if args.no_ray:
+        from router.local_cluster import start_local_cluster
+
+        cluster = start_local_cluster(
+            _model_dir(args), config.prefill.instances, config.decode.instances,
+            config.aggregated, config.dtype, config.target, _limits(args), config.host,
+            config.port)
+        return cluster, cluster.router_address, "in-process"
+    from router.ray_cluster import start_ray_cluster
+
+    cluster = start_ray_cluster(config, args.ray_address)
+    return cluster, cluster.address, f"Ray ({args.ray_address or 'local'})"
+
+
+def _up(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cluster = start_local_cluster(_model_dir(args), args.prefill_workers, args.decode_workers,
-                                  args.aggregated, args.dtype, args.target, _limits(args),
-                                  args.host, args.port)
+    cluster, address, how = _start_cluster(args)
     mode = "aggregated" if args.aggregated else "disaggregated"
-    print(f"local {mode} cluster up in {time.perf_counter() - start:.1f}s: "
-          f"{len(cluster.prefill)} prefill + {len(cluster.decode)} decode workers; "
-          f"Generate API on {cluster.router_address}", file=sys.stderr, flush=True)
+    print(f"{mode} cluster up on {how} in {time.perf_counter() - start:.1f}s; Generate API "
+          f"(olmo.generation.v1.Generation) on {address}", file=sys.stderr, flush=True)
     try:
-        _stream_to_terminal(cluster.router_address, args, args.prompt)
+        _stream_to_terminal(address, args, args.prompt)
         if args.serve:
-            print(f"serving on {cluster.router_address}; try: olmo-serve generate --address "
-                  f"{cluster.router_address} \"Your prompt\"  (Ctrl-C stops)", file=sys.stderr)
+            print(f"serving; try: olmo-serve generate --address {address} \"Your prompt\""
+                  "  (Ctrl-C stops)", file=sys.stderr, flush=True)
             return _wait_for_signal([])
         return 0
     finally:
         cluster.stop()
 
 
+def _serve(args: argparse.Namespace) -> int:
+    cluster, address, how = _start_cluster(args)
+    print(f"serving olmo.generation.v1.Generation on {address} ({how})", flush=True)
+    try:
+        return _wait_for_signal([])
+    finally:
+        cluster.stop()
+
+
+def _admin_stub(address: str):
+    from protos import admin_pb2_grpc
+    from protos.grpc_server import channel
+
+    return admin_pb2_grpc.ClusterAdminStub(channel(address))
+
+
+def _print_status(status) -> None:
+    print(f"mode: {status.mode}")
+    for i in status.instances:
+        print(f"  {i.name:<12} {i.role:<8} {i.state:<10} {i.address or '-':<22} "
+              f"restarts={i.restarts}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from protos import admin_pb2
+
+    _print_status(_admin_stub(args.router).Status(admin_pb2.StatusRequest(), timeout=10))
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from protos import admin_pb2
+
+    request = admin_pb2.ScaleRequest(role=args.role, instances=args.instances,
+                                     drain_timeout_ms=int(1000 * args.drain_timeout))
+    _print_status(_admin_stub(args.router).Scale(request, timeout=args.drain_timeout + 900))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olmo-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run a local cluster, answer a sample request, optionally serve")
-    _model_flags(up)
-    _bind_flags(up, 0)
-    _sampling_flags(up)
-    up.add_argument("prompt", nargs="?", default="The Python interpreter")
-    up.add_argument("--prefill-workers", type=int, default=1)
-    up.add_argument("--decode-workers", type=int, default=1)
-    up.add_argument("--aggregated", action="store_true",
-                    help="decode workers prefill locally; no KV transfer")
-    up.add_argument("--serve", action="store_true", help="keep serving after the sample request")
-    up.set_defaults(func=_up)
+    for name, helptext, func in (
+            ("up", "start a cluster, answer a sample request, optionally keep serving", _up),
+            ("serve", "start a cluster and serve until stopped", _serve)):
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("--config", default=None, help="cluster config YAML")
+        cmd.add_argument("--model", default=None,
+                         help="model folder (default: the built-in tiny demo model)")
+        cmd.add_argument("--dtype", default=None, choices=["float32", "float16"])
+        cmd.add_argument("--target", default=None, help="llvm (this CPU), cuda or cuda:sm_XX")
+        cmd.add_argument("--host", default=None, help="router bind address (default 127.0.0.1)")
+        cmd.add_argument("--port", type=int, default=None, help="router port (default 50051)")
+        cmd.add_argument("--prefill-instances", type=int, default=None)
+        cmd.add_argument("--decode-instances", type=int, default=None)
+        cmd.add_argument("--aggregated", action="store_true",
+                         help="decode workers prefill locally; no KV transfer")
+        cmd.add_argument("--ray-address", default=None,
+                         help="join this Ray cluster (e.g. auto); default: start one")
+        cmd.add_argument("--no-ray", action="store_true",
+                         help="run every role in this process instead of as Ray actors")
+        cmd.add_argument("--max-sequences", type=int, default=None,
+                         help="sequences one worker's KV cache holds at once (default 16)")
+        cmd.add_argument("--max-total-tokens", type=int, default=None,
+                         help="tokens one worker's KV cache holds in all (default 8192)")
+        cmd.set_defaults(func=func)
+        if name == "up":
+            _sampling_flags(cmd)
+            cmd.add_argument("prompt", nargs="?", default="The Python interpreter")
+            cmd.add_argument("--serve", action="store_true",
+                             help="keep serving after the sample request")
+
+    status = sub.add_parser("status", help="list a Ray-managed cluster's instances")
+    status.add_argument("--router", default="127.0.0.1:50051", metavar="HOST:PORT")
+    status.set_defaults(func=_status)
+    scale = sub.add_parser("scale", help="add or drain instances of a role")
+    scale.add_argument("role", choices=["prefill", "decode"])
+    scale.add_argument("instances", type=int)
+    scale.add_argument("--router", default="127.0.0.1:50051", metavar="HOST:PORT")
+    scale.add_argument("--drain-timeout", type=float, default=60.0, help="seconds")
+    scale.set_defaults(func=_scale)
 
     gen = sub.add_parser("generate", help="stream a completion from a running router")
     gen.add_argument("prompt")

@@ -15,7 +15,7 @@ from olmo_model.runtime import ModelRunner
 from prefill_worker.servicer import PrefillServicer, serve_prefill
 from protos.grpc_server import Server
 
-from .server import serve_router
+from .server import serve_router, static_scheduler
 from .service import GenerationServicer
 
 
@@ -54,8 +54,8 @@ def start_local_cluster(model_dir: Path, num_prefill: int = 1, num_decode: int =
         servers.append(server)
         decode.append(servicer)
     addresses = [f"{host}:{s.port}" for s in servers]
-    router_server, router = serve_router(
-        model_dir, prefill=addresses[:len(prefill)], decode=addresses[len(prefill):],
-        aggregated=aggregated, host=host, port=router_port, lease_ms=lease_ms)
+    scheduler = static_scheduler(addresses[:len(prefill)], addresses[len(prefill):])
+    router_server, router = serve_router(model_dir, scheduler, aggregated, host, router_port,
+                                         lease_ms)
     servers.append(router_server)
     return LocalCluster(f"{host}:{router_server.port}", servers, prefill, decode, router)

@@ -33,11 +33,15 @@ class Scheduler:
         self._lock = threading.Lock()
         self.layout: worker_pb2.ModelLayout | None = None
 
-    def add(self, address: str, role: str) -> Worker:
-        """Handshake with a worker and keep it; refuses a worker of another model layout."""
+    @staticmethod
+    def stub_for(address: str, role: str):
         stub_type = (worker_pb2_grpc.DecodeWorkerStub if role == "decode"
                      else worker_pb2_grpc.PrefillWorkerStub)
-        worker = Worker(address, role, stub_type(channel(address)))
+        return stub_type(channel(address))
+
+    def add(self, address: str, role: str) -> Worker:
+        """Handshake with a worker and keep it; refuses a worker of another model layout."""
+        worker = Worker(address, role, self.stub_for(address, role))
         stats = worker.stub.Stats(worker_pb2.StatsRequest(), timeout=30)
         if stats.role != role:
             raise ValueError(f"{address} is a {stats.role} worker, not a {role} worker")

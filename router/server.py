@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import grpc
 from tokenizers import Tokenizer
 
 from olmo_model.config import OLMoConfig
@@ -22,20 +23,28 @@ def load_tokenizer(model_dir: Path) -> Tokenizer | None:
     return Tokenizer.from_file(str(path)) if path.is_file() else None
 
 
-def serve_router(model_dir: Path, prefill: Sequence[str], decode: Sequence[str],
-                 aggregated: bool = False, host: str = "127.0.0.1", port: int = 0,
-                 lease_ms: int = 30_000) -> tuple[Server, GenerationServicer]:
-    """Handshake with every worker, then serve Generate."""
+def serve_router(model_dir: Path, scheduler: Scheduler, aggregated: bool = False,
+                 host: str = "127.0.0.1", port: int = 0, lease_ms: int = 30_000,
+                 resume_on_decode_failure: bool = True,
+                 extra: Sequence[tuple[Callable[[grpc.Server], None], str]] = ()
+                 ) -> tuple[Server, GenerationServicer]:
+    """Serve Generate (and any ``extra`` services) over the scheduler's workers."""
     config = OLMoConfig.from_file(model_dir)
+    facts = ModelFacts(config.vocab_size, config.context_window_size, config.eos_token_id)
+    servicer = GenerationServicer(scheduler, load_tokenizer(model_dir), facts, aggregated,
+                                  lease_ms, resume_on_decode_failure)
+    server = start_server(
+        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s),
+         *[register for register, _ in extra]],
+        [SERVICE_NAME, *[name for _, name in extra]], host, port)
+    return server, servicer
+
+
+def static_scheduler(prefill: Sequence[str], decode: Sequence[str]) -> Scheduler:
+    """A scheduler over fixed worker addresses (handshakes with each)."""
     scheduler = Scheduler()
     for address in decode:
         scheduler.add(address, "decode")
-    for address in ([] if aggregated else prefill):
+    for address in prefill:
         scheduler.add(address, "prefill")
-    facts = ModelFacts(config.vocab_size, config.context_window_size, config.eos_token_id)
-    servicer = GenerationServicer(scheduler, load_tokenizer(model_dir), facts, aggregated,
-                                  lease_ms)
-    server = start_server(
-        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s)],
-        [SERVICE_NAME], host, port)
-    return server, servicer
+    return scheduler

@@ -132,14 +132,55 @@ class PrefillLeg:
                 pass
 
 
+class DecodeLost(Exception):
+    """The decode worker's token stream broke (the worker died or became unreachable)."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a request has produced so far; survives a move to another decode worker."""
+
+    prompt_ids: list[int]
+    started: float
+    detok: IncrementalDetokenizer | None
+    stops: StopStringFilter
+    stop_ids: frozenset[int]
+    generated: list[int] = dataclasses.field(default_factory=list)
+    ttft_ms: float = 0.0
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One decode worker serving (part of) a request, with its prefill leg."""
+
+    request_id: str
+    decode: Worker
+    stream: object
+    leg: PrefillLeg | None
+
+    def cancel(self, reason: str) -> None:
+        self.stream.cancel()
+        if self.leg is not None:
+            self.leg.cancel()
+        _abort(self.decode, self.request_id, reason)
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    """Generate: reserve, prefill, relay tokens; resumes once if a decode worker dies.
+
+    Resuming sends prompt plus the tokens already streamed to another decode worker as a
+    new prompt, so the client sees one unbroken stream. Greedy output is unchanged by
+    the move; a seeded sampled request restarts its random stream at the move.
+    """
+
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer | None, facts: ModelFacts,
-                 aggregated: bool = False, lease_ms: int = 30_000):
+                 aggregated: bool = False, lease_ms: int = 30_000, resume_on_decode_failure=True):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.facts = facts
         self.aggregated = aggregated
         self.lease_ms = lease_ms
+        self.max_attempts = 2 if resume_on_decode_failure else 1
 
     def Generate(self, request, context):
         request_id = request.request_id or uuid.uuid4().hex
@@ -148,83 +189,93 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             sampling = validate(request, prompt_ids, self.facts)
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        started = time.perf_counter()
+        progress = Progress(
+            prompt_ids, time.perf_counter(),
+            IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                   skip_ids=() if sampling.ignore_eos else self.facts.eos_token_ids)
+            if self.tokenizer else None,
+            StopStringFilter(request.sampling.stop), frozenset(sampling.stop_token_ids))
         remaining = time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
+        failed: set[str] = set()
+        for attempt_no in range(self.max_attempts):
+            attempt_id = request_id if attempt_no == 0 else f"{request_id}~resume{attempt_no}"
+            attempt = self._start(attempt_id, progress, sampling, deadline, failed, context)
+            finished = threading.Event()
+            context.add_callback(
+                lambda a=attempt, f=finished: None if f.is_set() else a.cancel("client cancelled"))
+            try:
+                yield from self._relay(request_id, attempt, progress, context)
+                return
+            except DecodeLost as lost:
+                failed.add(attempt.decode.address)
+                last_error = str(lost)
+            finally:
+                finished.set()
+                attempt.stream.cancel()
+        context.abort(grpc.StatusCode.UNAVAILABLE, last_error)
 
-        decode = self._reserve(request_id, prompt_ids, sampling, context)
-        stream = decode.stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=request_id),
+    def _start(self, attempt_id: str, progress: Progress, sampling: worker_pb2.Sampling,
+               deadline: float | None, failed: set[str], context) -> Attempt:
+        tokens = progress.prompt_ids + progress.generated
+        todo = worker_pb2.Sampling()
+        todo.CopyFrom(sampling)
+        todo.max_tokens = sampling.max_tokens - len(progress.generated)
+        decode = self._reserve(attempt_id, tokens, todo, failed, context)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        stream = decode.stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=attempt_id),
                                           timeout=remaining)
-        leg = None if self.aggregated else PrefillLeg(self.scheduler, request_id, prompt_ids,
+        leg = None if self.aggregated else PrefillLeg(self.scheduler, attempt_id, tokens,
                                                       decode, deadline)
-        finished = threading.Event()
+        return Attempt(attempt_id, decode, stream, leg)
 
-        def on_rpc_done():
-            if not finished.is_set():  # client went away or deadline passed
-                stream.cancel()
-                if leg is not None:
-                    leg.cancel()
-                _abort(decode, request_id, "client cancelled")
-
-        context.add_callback(on_rpc_done)
+    def _relay(self, request_id: str, attempt: Attempt, progress: Progress, context):
         try:
-            yield from self._relay(request, request_id, prompt_ids, decode, stream, leg,
-                                   started, context)
-        finally:
-            finished.set()
-            stream.cancel()
-
-    def _relay(self, request, request_id, prompt_ids, decode, stream, leg, started, context):
-        detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids,
-                                        skip_ids=() if request.sampling.ignore_eos
-                                        else self.facts.eos_token_ids)
-                 if self.tokenizer else None)
-        stops = StopStringFilter(request.sampling.stop)
-        stop_ids = set(request.sampling.stop_token_ids)
-        completion = 0
-        ttft_ms = 0.0
-        try:
-            for event in stream:
+            for event in attempt.stream:
                 if event.finish_reason in ("error", "abort"):
                     # The router aborts only after it stops reading, so an abort seen here
                     # came from the worker side: a failed prefill leg, an expired lease.
-                    message = leg.error if leg is not None and leg.error else event.error
-                    context.abort(grpc.StatusCode.UNAVAILABLE, message)
-                text = ""
-                ids = []
-                if event.has_token:
-                    completion += 1
-                    ids = [event.token_id]
-                    if not ttft_ms:
-                        ttft_ms = 1000 * (time.perf_counter() - started)
-                    if detok is not None and event.token_id not in stop_ids:
-                        text = stops.feed(detok.add(event.token_id))
-                reason = event.finish_reason
-                if stops.stopped and not reason:
-                    reason = "stop"
-                    _abort(decode, request_id, "stop string")
-                if reason and not stops.stopped:
-                    text += stops.flush()
-                response = generation_pb2.GenerateResponse(
-                    request_id=request_id, token_ids=ids, text=text,
-                    finish_reason=FINISH.get(reason, 0))
-                if reason:
-                    response.usage.CopyFrom(generation_pb2.Usage(
-                        prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                        time_to_first_token_ms=ttft_ms))
+                    leg = attempt.leg
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  leg.error if leg is not None and leg.error else event.error)
+                response = self._response(request_id, event, attempt, progress)
                 yield response
-                if reason:
+                if response.finish_reason:
                     return
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and not context.is_active():
                 return
-            _abort(decode, request_id, "router lost the token stream")
-            code = (grpc.StatusCode.DEADLINE_EXCEEDED
-                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                    else grpc.StatusCode.UNAVAILABLE)
-            context.abort(code, f"decode worker {decode.address}: {exc.details()}")
-        context.abort(grpc.StatusCode.UNAVAILABLE,
-                      f"decode worker {decode.address} closed the stream without finishing")
+            _abort(attempt.decode, attempt.request_id, "router lost the token stream")
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                context.abort(exc.code(), f"deadline exceeded after {len(progress.generated)} "
+                                          "tokens")
+            raise DecodeLost(f"decode worker {attempt.decode.address}: {exc.code().name}: "
+                             f"{exc.details()}") from exc
+        raise DecodeLost(f"decode worker {attempt.decode.address} closed the stream early")
+
+    def _response(self, request_id: str, event: worker_pb2.TokenEvent, attempt: Attempt,
+                  progress: Progress) -> generation_pb2.GenerateResponse:
+        text, ids = "", []
+        if event.has_token:
+            ids = [event.token_id]
+            progress.generated.append(event.token_id)
+            if not progress.ttft_ms:
+                progress.ttft_ms = 1000 * (time.perf_counter() - progress.started)
+            if progress.detok is not None and event.token_id not in progress.stop_ids:
+                text = progress.stops.feed(progress.detok.add(event.token_id))
+        reason = event.finish_reason
+        if progress.stops.stopped and not reason:
+            reason = "stop"
+            _abort(attempt.decode, attempt.request_id, "stop string")
+        if reason and not progress.stops.stopped:
+            text += progress.stops.flush()
+        response = generation_pb2.GenerateResponse(
+            request_id=request_id, token_ids=ids, text=text, finish_reason=FINISH.get(reason, 0))
+        if reason:
+            response.usage.CopyFrom(generation_pb2.Usage(
+                prompt_tokens=len(progress.prompt_ids), completion_tokens=len(progress.generated),
+                time_to_first_token_ms=progress.ttft_ms))
+        return response
 
     def _prompt_ids(self, request) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -236,13 +287,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             return self.tokenizer.encode(request.text).ids
         raise InvalidRequest("the request has no prompt (set text or token_ids)")
 
-    def _reserve(self, request_id, prompt_ids, sampling, context) -> Worker:
+    def _reserve(self, request_id, prompt_ids, sampling, exclude, context) -> Worker:
         reserve = worker_pb2.ReserveRequest(
             request_id=request_id, prompt_tokens=len(prompt_ids), sampling=sampling,
             lease_ms=self.lease_ms,
             local_prefill_token_ids=prompt_ids if self.aggregated else [])
         try:
-            candidates = self.scheduler.pick_decode()
+            candidates = self.scheduler.pick_decode(exclude)
         except NoWorker as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         refusals, codes = [], set()

@@ -1,0 +1,37 @@
+"""A prefill or decode worker as a Ray actor: it loads the model and serves gRPC.
+
+Ray places and restarts the actor; the actor reports the address its gRPC server bound
+to, which changes when Ray restarts it (the router re-discovers it by polling).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class WorkerActor:
+    def __init__(self, role: str, model_dir: str, dtype: str, target: str,
+                 max_sequences: int, max_total_tokens: int, host: str):
+        from olmo_model.kv_pages import CacheLimits
+        from olmo_model.runtime import ModelRunner
+
+        limits = CacheLimits(max_num_sequences=max_sequences, max_total_tokens=max_total_tokens,
+                             prefill_chunk_size=min(2048, max_total_tokens))
+        runner = ModelRunner.from_checkpoint(model_dir, dtype=dtype, target=target, limits=limits)
+        if role == "prefill":
+            from prefill_worker.servicer import serve_prefill as serve
+        elif role == "decode":
+            from decode_worker.servicer import serve_decode as serve
+        else:
+            raise ValueError(f"unknown role {role!r}")
+        self.role = role
+        self.host = host
+        self.server, self.servicer = serve(runner, host)
+
+    def address(self) -> str:
+        return f"{self.host}:{self.server.port}"
+
+    def info(self) -> dict:
+        return {"address": self.address(), "role": self.role, "pid": os.getpid(),
+                "node": socket.gethostname()}
