@@ -1,67 +1,71 @@
-"""The decode worker's gRPC face: Reserve, PushKV, StreamTokens, Abort, Stats."""
+"""The decode worker's gRPC face: Reserve, PushKV, StreamTokens, Abort, Stats, StageCall."""
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 
 from olmo_model.runtime import ModelRunner
 from protos import worker_pb2, worker_pb2_grpc
-from protos.grpc_server import Server, start_server
+from protos.grpc_server import Server, channel, start_server
 from protos.kv_stream import KVAssembler, PushRefused, model_layout
+from protos.stage_rpc import check_stage_chain, stage_info
 
 from .engine import DecodeEngine, EngineError
-from .sampler import SamplingConfig
 
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
+SERVICE_NAMES = [worker_pb2.DESCRIPTOR.services_by_name[name].full_name
+                 for name in ("DecodeWorker", "StageWorker")]
 DEFAULT_LEASE_MS = 30_000
-
-
-def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingConfig:
-    return SamplingConfig(
-        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0,
-        top_k=s.top_k, seed=s.seed if s.has_seed else None,
-        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, runner: ModelRunner):
         self.engine = DecodeEngine(runner)
         self.layout = model_layout(runner)
+        self.address = ""
+        self.stages: list[worker_pb2.StageInfo] = []
+
+    def set_pipeline(self, address: str, downstream: Sequence[str]) -> None:
+        """Lead an instance whose other stages serve at ``downstream`` (in layer order)."""
+        self.address = address
+        infos = [stage_info(address, self.layout)]
+        for member in downstream:
+            stats = worker_pb2_grpc.DecodeWorkerStub(channel(member)).Stats(
+                worker_pb2.StatsRequest(), timeout=30)
+            infos.append(stage_info(member, stats.layout))
+        check_stage_chain(infos, self.layout.num_layers)
+        self.stages = infos
+        self.engine.downstream = list(downstream)
 
     def Reserve(self, request, context):
         lease = (request.lease_ms or DEFAULT_LEASE_MS) / 1000.0
         local = list(request.local_prefill_token_ids) or None
         try:
             pages = self.engine.reserve(request.request_id, request.prompt_tokens,
-                                        sampling_from_proto(request.sampling), lease, local)
+                                        request.sampling, lease, local)
         except EngineError as exc:
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         return worker_pb2.ReserveResponse(reserved_pages=pages, layout=self.layout)
 
     def PushKV(self, request_iterator: Iterator[worker_pb2.KVChunk], context):
-        assembler = KVAssembler(self.layout, expects_hidden=True)
+        assembler = KVAssembler(self.layout, accepts_hidden=self.engine.stage.stage.is_last)
         try:
             for chunk in request_iterator:
                 assembler.add(chunk)
                 if chunk.WhichOneof("part") == "header":
                     self.engine.check_push(assembler.request_id, assembler.num_tokens)
-            snapshot = assembler.snapshot()
-            self.engine.submit_kv(assembler.request_id, snapshot, assembler.hidden)
+            self.engine.submit_kv(assembler.request_id, assembler.snapshot(), assembler.hidden)
         except PushRefused as exc:
-            self._refuse(assembler.request_id, str(exc), context)
+            # Nothing of a refused push is installed. The reservation stays open until its
+            # lease ends, so that the router can retry the prefill leg elsewhere.
+            self.engine.refuse_push()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV push refused: {exc}")
         except EngineError as exc:
             self.engine.refuse_push()
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         return worker_pb2.PushResponse(bytes=assembler.bytes_received)
-
-    def _refuse(self, request_id: str, reason: str, context) -> None:
-        # Nothing of a refused push is installed. The reservation stays open until its
-        # lease ends, so that the router can retry the prefill leg elsewhere.
-        self.engine.refuse_push()
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV push refused: {reason}")
 
     def StreamTokens(self, request, context):
         try:
@@ -88,13 +92,25 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Stats(self, request, context):
         return worker_pb2.WorkerStats(role="decode", layout=self.layout, transport="grpc",
-                                      **self.engine.stats())
+                                      stages=self.stages, **self.engine.stats())
+
+    def Call(self, request, context):
+        """StageWorker.Call: this worker as a member stage of another worker's instance."""
+        try:
+            return self.engine.chain.run(request, request.downstream)
+        except grpc.RpcError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"next stage failed: {exc.details()}")
+        except (KeyError, ValueError) as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
 
 def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0
                  ) -> tuple[Server, DecodeServicer]:
     servicer = DecodeServicer(runner)
     server = start_server(
-        [lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s)],
-        [SERVICE_NAME], host, port)
+        [lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
+         lambda s: worker_pb2_grpc.add_StageWorkerServicer_to_server(servicer, s)],
+        SERVICE_NAMES, host, port)
+    if runner.stage.is_full_model:  # a one-stage instance leads itself
+        servicer.set_pipeline(f"{host}:{server.port}", [])
     return server, servicer

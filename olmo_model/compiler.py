@@ -20,11 +20,12 @@ import tvm
 from tvm import relax
 
 from .config import OLMoConfig
+from .cpu_schedules import SCHEDULE_SET, cpu_pipeline
 from .model import OLMoForCausalLM
 from .stages import StageSpec
 
 SUPPORTED_DTYPES = ("float32", "float16")
-_MODEL_SOURCES = ("model.py", "compiler.py")
+_MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py")
 
 
 def default_cache_dir() -> Path:
@@ -98,6 +99,7 @@ class CompiledModel:
     kv_cache_recipe: tuple[Any, ...]
     compile_seconds: float
     from_cache: bool
+    schedule_set: str = "default"  # which CPU schedules (cpu_schedules.SCHEDULE_SET) it carries
 
     @property
     def fingerprint(self) -> str:
@@ -118,6 +120,7 @@ def compile_model(
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {SUPPORTED_DTYPES}")
     stage = stage or StageSpec.full(config.num_hidden_layers)
     tvm_target = resolve_target(target)
+    schedule_set = _schedule_set(tvm_target)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     key = _digest(
         {
@@ -127,6 +130,7 @@ def compile_model(
             "target": str(tvm_target),
             "tvm": tvm.__version__,
             "source": _source_digest(),
+            "schedule_set": schedule_set,
         }
     )
     folder = (cache_dir or default_cache_dir()) / key
@@ -158,6 +162,7 @@ def compile_model(
         "param_shapes": [[int(d) for d in p.shape] for _, p in named_params],
         "kv_cache_recipe": recipe,
         "compile_seconds": seconds,
+        "schedule_set": schedule_set,
     }
     meta_path.write_text(json.dumps(meta))
     log(f"  compiled in {seconds:.1f}s -> {lib_path}")
@@ -178,10 +183,19 @@ def _artifact(lib: Path, config: OLMoConfig, stage: StageSpec, dtype: str, meta:
         kv_cache_recipe=tuple(meta["kv_cache_recipe"]),
         compile_seconds=meta["compile_seconds"],
         from_cache=from_cache,
+        schedule_set=meta.get("schedule_set", "default"),
     )
 
 
+def _schedule_set(target: tvm.target.Target) -> str:
+    """Which hand-written schedules the library carries ("default" means TVM's own)."""
+    return SCHEDULE_SET if target.kind.name == "llvm" else "default"
+
+
 def _relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    if target.kind.name == "llvm":
+        # TVM's default CPU code is scalar and single-threaded; see cpu_schedules.py.
+        return cpu_pipeline(target)
     # nn.Linear transposes its weight on every call unless this pass folds the transpose
     # into the matmul (8x on decode, measured on the CPU).
     return tvm.transform.Sequential(

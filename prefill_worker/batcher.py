@@ -12,7 +12,7 @@ from concurrent.futures import Future
 class PrefillJob:
     request_id: str
     token_ids: list[int]
-    decode_address: str
+    decode_stages: list  # StageInfo of the decode instance holding the reservation
     result: Future = dataclasses.field(default_factory=Future)
     cancelled: bool = False
 

@@ -1,24 +1,24 @@
-"""The prefill loop: batch waiting prompts, run one ragged prefill, hand off each sequence.
+"""The prefill loop: batch waiting prompts, run one ragged prefill through every stage.
 
-The engine thread owns the runner and its KV cache. A sequence lives in the cache only
-from its prefill until its K/V has been exported; pushes to decode workers run on a
-small thread pool so the next prefill does not wait for the network.
+The engine is its instance's leader. Each batch is split into prefill chunks; each chunk
+goes through the instance's stages (this one first, the others over gRPC), and every
+stage ships the K/V of the sequences that finish in that chunk to the decode instance.
+A sequence lives in a prefill cache only from its first chunk until its K/V is shipped.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
-from olmo_model.runtime import ModelRunner
-from protos.kv_stream import model_layout
+from olmo_model.runtime import ModelRunner, plan_chunks
+from protos import worker_pb2
 
 from .batcher import PrefillJob, PromptBatcher
-from .kv_sender import KVSender, describe_rpc_error
+from .stage import PrefillStage
 
 
 class PushFailed(Exception):
@@ -30,18 +30,21 @@ class PushFailed(Exception):
 
 
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, token_budget: int | None = None,
-                 push_threads: int = 4):
+    def __init__(self, runner: ModelRunner, token_budget: int | None = None):
         self.runner = runner
-        self.layout = model_layout(runner)
+        self.stage = PrefillStage(runner)
+        self.layout = self.stage.layout
+        self.downstream: list[str] = []  # the instance's other stages, in order
         self.batcher = PromptBatcher(token_budget or runner.limits.prefill_chunk_size,
                                      runner.limits.max_num_sequences)
-        self.sender = KVSender(self.layout)
-        self._pushers = ThreadPoolExecutor(push_threads, thread_name_prefix="kv-push")
         self._next_seq_id = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def sender(self):
+        return self.stage.sender
 
     def submit(self, job: PrefillJob) -> None:
         self.batcher.put(job)
@@ -52,7 +55,6 @@ class PrefillEngine:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=10)
-        self._pushers.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
@@ -61,38 +63,36 @@ class PrefillEngine:
                 self._run(batch)
 
     def _run(self, batch: list[PrefillJob]) -> None:
+        start = time.perf_counter()
         seq_ids = []
+        for _ in batch:
+            self._next_seq_id += 1
+            seq_ids.append(self._next_seq_id)
+        prompts = [job.token_ids for job in batch]
+        errors: dict[str, str] = {}
         try:
-            for _ in batch:
-                self._next_seq_id += 1
-                seq_ids.append(self._next_seq_id)
-                self.runner.add_sequence(self._next_seq_id)
-            start = time.perf_counter()
-            hidden = self.runner.prefill(seq_ids, [job.token_ids for job in batch])
-            snapshots = [self.runner.export_kv(s, len(job.token_ids))
-                         for s, job in zip(seq_ids, batch)]
-            prefill_seconds = time.perf_counter() - start
+            for chunk in plan_chunks([len(p) for p in prompts],
+                                     self.runner.limits.prefill_chunk_size):
+                pieces = [worker_pb2.StagePiece(
+                    request_id=batch[c.index].request_id, seq_id=seq_ids[c.index],
+                    length=c.length, last_piece=c.begin + c.length == len(prompts[c.index]),
+                    total_tokens=c.begin + c.length,
+                    decode_stages=batch[c.index].decode_stages) for c in chunk]
+                ids = np.concatenate([prompts[c.index][c.begin:c.begin + c.length]
+                                      for c in chunk])
+                request = worker_pb2.StageRequest(op=worker_pb2.STAGE_OP_FORWARD,
+                                                  pieces=pieces, token_ids=ids)
+                errors.update(self.stage.run(request, self.downstream).push_errors)
         except Exception as exc:
             for job in batch:
                 job.result.set_exception(exc)
             return
-        finally:
-            for seq_id in seq_ids:
-                self.runner.remove_sequence(seq_id)
-        for job, snapshot, row in zip(batch, snapshots, hidden):
-            self._pushers.submit(self._push, job, snapshot, row, prefill_seconds)
-
-    def _push(self, job: PrefillJob, snapshot, hidden: np.ndarray, prefill_seconds: float) -> None:
-        if job.cancelled:
-            return
-        try:
-            sent, seconds = self.sender.push(job.decode_address, job.request_id, snapshot, hidden)
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                code = grpc.StatusCode.FAILED_PRECONDITION
-            job.result.set_exception(PushFailed(
-                code, f"KV push to decode worker {job.decode_address} failed: "
-                      f"{describe_rpc_error(exc)}"))
-            return
-        job.result.set_result((sent, prefill_seconds, seconds))
+        seconds = time.perf_counter() - start
+        for job in batch:
+            if job.request_id in errors:
+                code, _, details = errors[job.request_id].partition(": ")
+                job.result.set_exception(PushFailed(
+                    getattr(grpc.StatusCode, code, grpc.StatusCode.FAILED_PRECONDITION),
+                    f"KV push for {job.request_id} failed: {details}"))
+            else:
+                job.result.set_result((seconds,))

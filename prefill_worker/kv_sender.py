@@ -49,7 +49,10 @@ class KVSender:
             return self._stubs[address]
 
 
-def describe_rpc_error(exc: grpc.RpcError) -> str:
-    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+def push_failure(exc: grpc.RpcError) -> str:
+    """``CODE: details``; a refusal (anything but unreachable/timeout) is FAILED_PRECONDITION."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        code = grpc.StatusCode.FAILED_PRECONDITION
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"{code}: {details}"
+    return f"{code.name}: {details}"

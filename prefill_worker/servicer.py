@@ -1,25 +1,41 @@
-"""The prefill worker's gRPC face: Prefill, Abort, Stats."""
+"""The prefill worker's gRPC face: Prefill, Abort, Stats, StageCall."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import time
+from collections.abc import Sequence
 
 import grpc
 
 from olmo_model.runtime import ModelRunner
 from protos import worker_pb2, worker_pb2_grpc
-from protos.grpc_server import Server, start_server, time_remaining
+from protos.grpc_server import Server, channel, start_server, time_remaining
+from protos.stage_rpc import check_stage_chain, stage_info
 
 from .batcher import PrefillJob
 from .engine import PrefillEngine, PushFailed
 
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
+SERVICE_NAMES = [worker_pb2.DESCRIPTOR.services_by_name[name].full_name
+                 for name in ("PrefillWorker", "StageWorker")]
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, runner: ModelRunner):
         self.engine = PrefillEngine(runner)
         self._jobs: dict[str, PrefillJob] = {}
+        self.stages: list[worker_pb2.StageInfo] = []
+
+    def set_pipeline(self, address: str, downstream: Sequence[str]) -> None:
+        """Lead an instance whose other stages serve at ``downstream`` (in layer order)."""
+        infos = [stage_info(address, self.engine.layout)]
+        for member in downstream:
+            stats = worker_pb2_grpc.PrefillWorkerStub(channel(member)).Stats(
+                worker_pb2.StatsRequest(), timeout=30)
+            infos.append(stage_info(member, stats.layout))
+        check_stage_chain(infos, self.engine.layout.num_layers)
+        self.stages = infos
+        self.engine.downstream = list(downstream)
 
     def Prefill(self, request, context):
         tokens = list(request.token_ids)
@@ -29,23 +45,31 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if max(tokens) >= vocab:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"token id {max(tokens)} is outside the vocabulary of {vocab}")
-        job = PrefillJob(request.request_id, tokens, request.decode_address)
+        if not request.decode_stages:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no decode stages to push KV to")
+        job = PrefillJob(request.request_id, tokens, list(request.decode_stages))
         self._jobs[job.request_id] = job
         context.add_callback(lambda: self._cancel(job))
+        sent_before = self.engine.sender.bytes_sent
+        start = time.perf_counter()
         self.engine.submit(job)
         try:
-            sent, prefill_s, transfer_s = job.result.result(timeout=time_remaining(context))
+            job.result.result(timeout=time_remaining(context))
         except concurrent.futures.TimeoutError:
             self._cancel(job)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "prefill did not finish in time")
         except PushFailed as exc:
             context.abort(exc.code, str(exc))
+        except grpc.RpcError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"a pipeline stage of this prefill instance failed: {exc.details()}")
         except Exception as exc:
             context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
         finally:
             self._jobs.pop(job.request_id, None)
-        return worker_pb2.PrefillResponse(kv_bytes=sent, prefill_ms=1000 * prefill_s,
-                                          transfer_ms=1000 * transfer_s)
+        return worker_pb2.PrefillResponse(
+            kv_bytes=max(0, self.engine.sender.bytes_sent - sent_before),
+            prefill_ms=1000 * (time.perf_counter() - start))
 
     def _cancel(self, job: PrefillJob) -> None:
         job.cancelled = True
@@ -60,20 +84,33 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     def Stats(self, request, context):
         queued, tokens = self.engine.batcher.queued()
         runner = self.engine.runner
+        sender = self.engine.sender
         return worker_pb2.WorkerStats(
             role="prefill", layout=self.engine.layout, queued_requests=queued,
-            running_sequences=len(self._jobs),
-            queued_tokens=tokens, total_pages=runner.kv.total_pages,
-            free_pages=runner.available_pages(),
+            running_sequences=len(self._jobs), queued_tokens=tokens,
+            total_pages=runner.kv.total_pages, free_pages=runner.available_pages(),
             used_pages=runner.kv.total_pages - runner.available_pages(),
-            kv_bytes_sent=self.engine.sender.bytes_sent, pushes=self.engine.sender.pushes,
-            kv_transfer_ms=1000 * self.engine.sender.transfer_seconds, transport="grpc")
+            kv_bytes_sent=sender.bytes_sent, pushes=sender.pushes,
+            kv_transfer_ms=1000 * sender.transfer_seconds, transport="grpc",
+            stages=self.stages)
+
+    def Call(self, request, context):
+        """StageWorker.Call: this worker as a member stage of another worker's instance."""
+        try:
+            return self.engine.stage.run(request, request.downstream)
+        except grpc.RpcError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"next stage failed: {exc.details()}")
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
 
 def serve_prefill(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0
                   ) -> tuple[Server, PrefillServicer]:
     servicer = PrefillServicer(runner)
     server = start_server(
-        [lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, s)],
-        [SERVICE_NAME], host, port)
+        [lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, s),
+         lambda s: worker_pb2_grpc.add_StageWorkerServicer_to_server(servicer, s)],
+        SERVICE_NAMES, host, port)
+    if runner.stage.is_full_model:  # a one-stage instance leads itself
+        servicer.set_pipeline(f"{host}:{server.port}", [])
     return server, servicer

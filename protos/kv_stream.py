@@ -51,8 +51,11 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
     tokens_per_block = max(1, BLOCK_BYTES // (2 * snapshot.keys[0, 0].nbytes))
     blocks = [(layer, begin) for layer in range(snapshot.keys.shape[0])
               for begin in range(0, snapshot.num_tokens, tokens_per_block)]
+    header_layout = worker_pb2.ModelLayout()
+    header_layout.CopyFrom(layout)
+    header_layout.layer_begin, header_layout.layer_end = snapshot.layer_begin, snapshot.layer_end
     yield worker_pb2.KVChunk(header=worker_pb2.KVHeader(
-        request_id=request_id, layout=layout, num_tokens=snapshot.num_tokens,
+        request_id=request_id, layout=header_layout, num_tokens=snapshot.num_tokens,
         num_blocks=len(blocks)))
     crc = 0
     for layer, begin in blocks:
@@ -78,11 +81,16 @@ class PushState(enum.Enum):
 
 
 class KVAssembler:
-    """Receives one push into preallocated arrays, verifying as it goes."""
+    """Receives one push into preallocated arrays, verifying as it goes.
 
-    def __init__(self, layout: worker_pb2.ModelLayout, expects_hidden: bool):
+    A push may carry any part of the receiver's layer range (pipeline stages of the two
+    instances need not line up); only a receiver that owns the LM head accepts a hidden
+    state.
+    """
+
+    def __init__(self, layout: worker_pb2.ModelLayout, accepts_hidden: bool):
         self.layout = layout
-        self.expects_hidden = expects_hidden
+        self.accepts_hidden = accepts_hidden
         self.state = PushState.WAITING_FOR_HEADER
         self.request_id = ""
         self.hidden: np.ndarray | None = None
@@ -113,7 +121,7 @@ class KVAssembler:
     def snapshot(self) -> KVSnapshot:
         if self.state is not PushState.COMPLETE:
             raise PushRefused(f"push for {self.request_id!r} ended while {self.state.value}")
-        return KVSnapshot(self.layout.layer_begin, self.layout.layer_end, self._keys, self._values)
+        return KVSnapshot(self.layer_begin, self.layer_end, self._keys, self._values)
 
     def _on_header(self, header: worker_pb2.KVHeader) -> None:
         if self.state is not PushState.WAITING_FOR_HEADER:
@@ -121,17 +129,18 @@ class KVAssembler:
         reason = layout_mismatch(self.layout, header.layout)
         if reason:
             raise PushRefused(f"incompatible peer: {reason}")
-        if (header.layout.layer_begin, header.layout.layer_end) != (
-                self.layout.layer_begin, self.layout.layer_end):
+        begin, end = header.layout.layer_begin, header.layout.layer_end
+        if not self.layout.layer_begin <= begin < end <= self.layout.layer_end:
             raise PushRefused(
-                f"push carries layers [{header.layout.layer_begin}, {header.layout.layer_end}) "
-                f"but this worker owns [{self.layout.layer_begin}, {self.layout.layer_end})")
+                f"push carries layers [{begin}, {end}) but this worker owns "
+                f"[{self.layout.layer_begin}, {self.layout.layer_end})")
+        self.layer_begin, self.layer_end = begin, end
         if header.num_tokens == 0:
             raise PushRefused("push announces zero tokens")
         self.request_id = header.request_id
         self.num_tokens = header.num_tokens
         self.num_blocks = header.num_blocks
-        layers = self.layout.layer_end - self.layout.layer_begin
+        layers = end - begin
         shape = (layers, header.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
         self._keys = np.empty(shape, dtype=self.layout.dtype)
         self._values = np.empty(shape, dtype=self.layout.dtype)
@@ -139,7 +148,7 @@ class KVAssembler:
         self.state = PushState.RECEIVING
 
     def _on_block(self, block: worker_pb2.KVBlock) -> None:
-        layer = block.layer - self.layout.layer_begin
+        layer = block.layer - self.layer_begin
         end = block.token_begin + block.num_tokens
         if not (0 <= layer < self._keys.shape[0] and block.num_tokens and end <= self.num_tokens):
             raise PushRefused(f"block for layer {block.layer}, tokens [{block.token_begin}, {end}) "
@@ -161,7 +170,7 @@ class KVAssembler:
         self.bytes_received += 2 * expected
 
     def _on_hidden(self, hidden: worker_pb2.HiddenState) -> None:
-        if not self.expects_hidden:
+        if not self.accepts_hidden:
             raise PushRefused("this worker does not own the LM head but received a hidden state")
         if self.hidden is not None:
             raise PushRefused("a second hidden state arrived")
@@ -175,8 +184,6 @@ class KVAssembler:
         if self._blocks_seen != self.num_blocks or not self._filled.all():
             raise PushRefused(f"push is incomplete: {self._blocks_seen} of {self.num_blocks} "
                               "blocks arrived")
-        if self.expects_hidden and self.hidden is None:
-            raise PushRefused("push carries no last hidden state")
         if trailer.crc32 != self._crc:
             raise PushRefused(f"checksum mismatch: trailer says {trailer.crc32:#010x}, "
                               f"data gives {self._crc:#010x}")

@@ -1,10 +1,26 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class StageOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_OP_UNSPECIFIED: _ClassVar[StageOp]
+    STAGE_OP_EXPECT: _ClassVar[StageOp]
+    STAGE_OP_READY: _ClassVar[StageOp]
+    STAGE_OP_INSTALL: _ClassVar[StageOp]
+    STAGE_OP_FORWARD: _ClassVar[StageOp]
+    STAGE_OP_RELEASE: _ClassVar[StageOp]
+STAGE_OP_UNSPECIFIED: StageOp
+STAGE_OP_EXPECT: StageOp
+STAGE_OP_READY: StageOp
+STAGE_OP_INSTALL: StageOp
+STAGE_OP_FORWARD: StageOp
+STAGE_OP_RELEASE: StageOp
 
 class ModelLayout(_message.Message):
     __slots__ = ("model_fingerprint", "dtype", "page_size", "num_layers", "layer_begin", "layer_end", "num_kv_heads", "head_dim", "hidden_size", "context_window")
@@ -35,7 +51,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms")
+    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +67,7 @@ class WorkerStats(_message.Message):
     USED_PAGES_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     role: str
     layout: ModelLayout
     queued_requests: int
@@ -66,7 +83,18 @@ class WorkerStats(_message.Message):
     used_pages: int
     pushes: int
     kv_transfer_ms: float
-    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
+
+class StageInfo(_message.Message):
+    __slots__ = ("address", "layer_begin", "layer_end")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BEGIN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    layer_begin: int
+    layer_end: int
+    def __init__(self, address: _Optional[str] = ..., layer_begin: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "has_seed", "seed", "stop_token_ids", "ignore_eos")
@@ -111,14 +139,14 @@ class ReserveResponse(_message.Message):
     def __init__(self, reserved_pages: _Optional[int] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "decode_address")
+    __slots__ = ("request_id", "token_ids", "decode_stages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    decode_address: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_address: _Optional[str] = ...) -> None: ...
+    decode_stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("kv_bytes", "prefill_ms", "transfer_ms")
@@ -217,3 +245,70 @@ class AbortResponse(_message.Message):
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class StagePiece(_message.Message):
+    __slots__ = ("request_id", "seq_id", "length", "last_piece", "total_tokens", "decode_stages")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LAST_PIECE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STAGES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    seq_id: int
+    length: int
+    last_piece: bool
+    total_tokens: int
+    decode_stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., last_piece: _Optional[bool] = ..., total_tokens: _Optional[int] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
+
+class StageExpect(_message.Message):
+    __slots__ = ("request_id", "prompt_tokens", "sampling", "lease_ms", "local", "seq_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_tokens: int
+    sampling: Sampling
+    lease_ms: int
+    local: bool
+    seq_id: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., lease_ms: _Optional[int] = ..., local: _Optional[bool] = ..., seq_id: _Optional[int] = ...) -> None: ...
+
+class StageRequest(_message.Message):
+    __slots__ = ("op", "pieces", "hidden", "decode", "downstream", "expects", "token_ids")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
+    EXPECTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    op: StageOp
+    pieces: _containers.RepeatedCompositeFieldContainer[StagePiece]
+    hidden: bytes
+    decode: bool
+    downstream: _containers.RepeatedScalarFieldContainer[str]
+    expects: _containers.RepeatedCompositeFieldContainer[StageExpect]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, op: _Optional[_Union[StageOp, str]] = ..., pieces: _Optional[_Iterable[_Union[StagePiece, _Mapping]]] = ..., hidden: _Optional[bytes] = ..., decode: _Optional[bool] = ..., downstream: _Optional[_Iterable[str]] = ..., expects: _Optional[_Iterable[_Union[StageExpect, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StageResponse(_message.Message):
+    __slots__ = ("tokens", "ready", "push_errors")
+    class PushErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    ready: _containers.RepeatedScalarFieldContainer[str]
+    push_errors: _containers.ScalarMap[str, str]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., ready: _Optional[_Iterable[str]] = ..., push_errors: _Optional[_Mapping[str, str]] = ...) -> None: ...

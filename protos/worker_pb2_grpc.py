@@ -25,6 +25,78 @@ if _version_not_supported:
     )
 
 
+class StageWorkerStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Call = channel.unary_unary(
+                '/olmo.worker.v1.StageWorker/Call',
+                request_serializer=protos_dot_worker__pb2.StageRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.StageResponse.FromString,
+                _registered_method=True)
+
+
+class StageWorkerServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Call(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StageWorkerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Call': grpc.unary_unary_rpc_method_handler(
+                    servicer.Call,
+                    request_deserializer=protos_dot_worker__pb2.StageRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.StageResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'olmo.worker.v1.StageWorker', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('olmo.worker.v1.StageWorker', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class StageWorker:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Call(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/olmo.worker.v1.StageWorker/Call',
+            protos_dot_worker__pb2.StageRequest.SerializeToString,
+            protos_dot_worker__pb2.StageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class DecodeWorkerStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -18,6 +18,9 @@ class RoleConfig:
     """How many instances of one role to run and what each asks Ray for."""
 
     instances: int = 1
+    # The port each instance's gRPC server binds; 0 picks a free one. A fixed port suits
+    # one instance per node (Kubernetes pods, with probes on that port).
+    port: int = 0
     cpus: float = 1.0
     gpus: float = 0.0
     # Custom Ray resources, e.g. {"decode": 1} so that only nodes started with
@@ -33,7 +36,8 @@ class ClusterConfig:
     mode: str = "disaggregated"       # or "aggregated": decode workers prefill locally
     host: str = "127.0.0.1"           # where the router's public API binds
     port: int = 50051
-    worker_host: str = "127.0.0.1"    # where workers bind; a node's own IP on a real cluster
+    # Where workers bind. "0.0.0.0" binds every interface and advertises the node's IP.
+    worker_host: str = "127.0.0.1"
     prefill: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     decode: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     max_sequences: int = 16

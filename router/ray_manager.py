@@ -136,7 +136,7 @@ class RayClusterManager:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group),
             ).remote(role, str(self.model_dir), self.config.dtype, self.config.target,
                      self.config.max_sequences, self.config.max_total_tokens,
-                     self.config.worker_host)
+                     self.config.worker_host, spec.port)
             instance = Instance(name, role, actor, group)
             with self._lock:
                 self.instances[name] = instance

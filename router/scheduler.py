@@ -18,6 +18,7 @@ class Worker:
     role: str
     stub: object
     layout: worker_pb2.ModelLayout | None = None
+    stages: list = dataclasses.field(default_factory=list)  # the instance's StageInfos
 
 
 class NoWorker(Exception):
@@ -45,6 +46,9 @@ class Scheduler:
         stats = worker.stub.Stats(worker_pb2.StatsRequest(), timeout=30)
         if stats.role != role:
             raise ValueError(f"{address} is a {stats.role} worker, not a {role} worker")
+        if not stats.stages or stats.stages[0].layer_begin != 0:
+            raise ValueError(f"{address} does not lead an instance (it serves layers "
+                             f"{stats.layout.layer_begin}-{stats.layout.layer_end - 1} only)")
         with self._lock:
             if self.layout is None:
                 self.layout = stats.layout
@@ -52,6 +56,7 @@ class Scheduler:
             if reason:
                 raise ValueError(f"worker {address} serves an incompatible model: {reason}")
             worker.layout = stats.layout
+            worker.stages = list(stats.stages)
             self._workers[address] = worker
         return worker
 

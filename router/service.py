@@ -78,7 +78,7 @@ class PrefillLeg:
                  decode: Worker, deadline: float | None, attempts: int = 2):
         self.scheduler = scheduler
         self.request = worker_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids,
-                                                 decode_address=decode.address)
+                                                 decode_stages=decode.stages)
         self.decode = decode
         self.deadline = deadline
         self.attempts = attempts

@@ -1,7 +1,8 @@
 """A prefill or decode worker as a Ray actor: it loads the model and serves gRPC.
 
 Ray places and restarts the actor; the actor reports the address its gRPC server bound
-to, which changes when Ray restarts it (the router re-discovers it by polling).
+to, which changes when Ray restarts it (the router re-discovers it by polling). A worker
+bound to every interface advertises its node's IP, the address peers can reach.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import socket
 
 class WorkerActor:
     def __init__(self, role: str, model_dir: str, dtype: str, target: str,
-                 max_sequences: int, max_total_tokens: int, host: str):
+                 max_sequences: int, max_total_tokens: int, host: str, port: int = 0):
         from olmo_model.kv_pages import CacheLimits
         from olmo_model.runtime import ModelRunner
 
@@ -26,11 +27,15 @@ class WorkerActor:
         else:
             raise ValueError(f"unknown role {role!r}")
         self.role = role
-        self.host = host
-        self.server, self.servicer = serve(runner, host)
+        self.server, self.servicer = serve(runner, host, port)
+        self.advertised_host = host
+        if host in ("0.0.0.0", "::", ""):
+            import ray
+
+            self.advertised_host = ray.util.get_node_ip_address()
 
     def address(self) -> str:
-        return f"{self.host}:{self.server.port}"
+        return f"{self.advertised_host}:{self.server.port}"
 
     def info(self) -> dict:
         return {"address": self.address(), "role": self.role, "pid": os.getpid(),

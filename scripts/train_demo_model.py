@@ -29,7 +29,8 @@ when it is bounded by ``--steps`` rather than by ``--minutes``:
    loaded back with ``OlmoForCausalLM.from_pretrained`` and sampled greedily
    before the files replace the old ones.
 
-Usage (the shipped model was made with the second, step-bound command)::
+Usage (the shipped model was made with the second command; its README.md
+records the run)::
 
     python scripts/train_demo_model.py --minutes 6
     python scripts/train_demo_model.py --out olmo_model/demo_model --steps 2400 --minutes 20
@@ -237,8 +238,11 @@ def train(
     max_steps: int,
     budget_s: float,
     seed: int,
-) -> float:
-    """Train in place; return the mean training loss of the last LOG_EVERY steps.
+) -> tuple[float, int, float]:
+    """Train in place.
+
+    Returns the mean training loss of the last LOG_EVERY steps, the number
+    of steps taken and the seconds spent.
 
     The run ends at ``max_steps`` or when ``budget_s`` seconds have passed,
     whichever comes first, and the cosine schedule follows whichever of the
@@ -285,7 +289,7 @@ def train(
                 flush=True,
             )
     window = losses[-LOG_EVERY:]
-    return sum(window) / len(window)
+    return sum(window) / len(window), len(losses), time.monotonic() - start
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +400,9 @@ def main() -> None:
         model.model.embed_tokens.weight[eos_id].normal_(0.0, config.initializer_range)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
 
-    final_loss = train(model, train_tokens, args.steps, args.minutes * 60.0, args.seed)
+    final_loss, steps, seconds = train(
+        model, train_tokens, args.steps, args.minutes * 60.0, args.seed
+    )
     held_out_loss = evaluate(model, held_out_tokens)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -409,7 +415,10 @@ def main() -> None:
             f"{prompt!r} -> {greedy_continuation(model, tokenizer, prompt)!r}"
             for prompt in SAMPLE_PROMPTS
         ]
-        results.append(f"final train loss {final_loss:.4f}, held-out loss {held_out_loss:.4f}")
+        results.append(
+            f"{steps} steps in {seconds / 60:.1f} min; "
+            f"final train loss {final_loss:.4f}, held-out loss {held_out_loss:.4f}"
+        )
         print("\n".join(results))
         write_readme(staging_dir, args, config, results)
         publish(staging_dir, args.out)

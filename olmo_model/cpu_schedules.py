@@ -1,0 +1,322 @@
+"""Schedules that make the compiled model fast on x86 CPUs (the ``llvm`` target).
+
+TVM's default CPU lowering leaves every kernel as the naive loop nest it was legalized
+into: scalar, single-threaded, re-reading the input vector for every output element.
+These rules rewrite the kernels of the OLMo model with TVM's own scheduling primitives
+(``tvm.s_tir.Schedule``), applied per PrimFunc by dlight's ``ApplyDefaultSchedule``:
+
+* ``matmul_rule``: every ``x @ W.T`` (``NT_matmul``, after ``FuseTransposeMatmul``) with an
+  elementwise epilogue (residual add, cast). One register-tiled "dot product" kernel
+  serves decode (1..8 rows), the LM head and prefill (hundreds of rows), because the
+  row count is usually symbolic (``batch_size``, ``seq_len``) and the decode LM head runs
+  through the same ``seq_len`` function as prefill logits.
+* ``elementwise_rule``: fused injective kernels (gate split + activation + multiply,
+  reshapes, casts, RoPE): parallel over the outer loop, vectorized inside.
+* dlight's shipped ``cpu.Reduction`` for LayerNorm (parallel rows, vectorized normalize).
+
+Attention kernels come pre-scheduled from TVM's paged KV cache and are left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
+
+# Recorded in the compile cache key and the artifact meta: bump on any schedule change.
+SCHEDULE_SET = "olmo-cpu-v1"
+
+# AVX2 registers hold 8 float32 lanes; AVX-512 is deliberately not assumed.
+VECTOR_LANES = 8
+# Register tile of the matmul kernel: TILE_ROWS rows of x times TILE_COLS rows of W,
+# each accumulating VECTOR_LANES partial sums: 3 x 4 = 12 of the 16 ymm registers,
+# fed by 3 + 4 loads per 12 FMAs, so the loop is FMA-bound rather than load-bound.
+TILE_ROWS = 3
+TILE_COLS = 4
+# Weight rows one thread works through for all x rows before moving on: sized so the
+# block of W (rows x K) stays in the per-core L2 while every tile of x streams past.
+WEIGHT_BLOCK_BYTES = 96 * 1024
+
+
+def cpu_pipeline(target: Target) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with our schedules applied between fusion and lowering."""
+    return tvm.transform.Sequential(
+        [
+            HalfMatmulAccumulateInFloat32(),
+            # nn.Linear transposes its weight on every call unless this pass folds the
+            # transpose into the matmul (8x on decode, measured on the CPU).
+            relax.transform.FuseTransposeMatmul(),
+            *cpu_generic.library_dispatch_passes(target),
+            *cpu_generic.legalize_passes(target),
+            dl.ApplyDefaultSchedule(*schedule_rules()),
+            *cpu_generic.dataflow_lower_passes(target),
+            *cpu_generic.finalize_passes(target),
+        ]
+    )
+
+
+def schedule_rules() -> list[dl.ScheduleRule]:
+    """First match wins, per PrimFunc; a PrimFunc no rule matches keeps TVM's default."""
+    return [matmul_rule, dl.cpu.Reduction(), elementwise_rule]
+
+
+# --- float16: accumulate in float32 ------------------------------------------------------
+
+
+@relax.expr_functor.mutator
+class _HalfMatmulMutator(relax.PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
+            return call
+        declared = call.attrs.out_dtype
+        inputs = {str(arg.ty.dtype) for arg in call.args}
+        if inputs != {"float16"} or (declared is not None and str(declared) != "float16"):
+            return call
+        wide = relax.op.matmul(call.args[0], call.args[1], out_dtype="float32")
+        return relax.op.astype(wide, "float16")
+
+
+@tvm.transform.module_pass(opt_level=0, name="HalfMatmulAccumulateInFloat32")
+class HalfMatmulAccumulateInFloat32:
+    """Make float16 matmuls accumulate in float32 and round once at the end.
+
+    x86 has no float16 arithmetic: a float16 sum is converted to float32 and back on
+    every add, which is both slower and less accurate than one float32 sum. Weights
+    and activations stay float16 in memory, so decode still streams half the bytes.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext
+                         ) -> tvm.IRModule:
+        mutator = _HalfMatmulMutator(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+
+# --- x @ W.T with an elementwise epilogue ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _MatmulShape:
+    """What the matmul rule needs to know about one ``C[m.., n] += A[m.., k] * W[n, k]``."""
+
+    lead_extents: tuple[tirx.PrimExpr, ...]  # the row dimensions of A and C
+    n: int  # rows of W (output features)
+    k: int  # the reduction length
+    weight_bytes: int  # bytes per weight element
+
+
+def _static(extent: tirx.PrimExpr) -> int | None:
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _is_var_index(region: tvm.ir.Range, var: tirx.Var) -> bool:
+    return region.min.same_as(var) and _static(region.extent) == 1
+
+
+def _match_nt_matmul(block: s_tir.SBlock) -> _MatmulShape | None:
+    """Recognize ``C[lead.., n] += A[lead.., k] * W[n, k]`` with static n and k.
+
+    Only the access pattern is checked (W indexed by exactly [n, k], A by the leading
+    iterators then k): whatever casts sit around the product are kept as they are.
+    """
+    iters = block.iter_vars
+    if len(iters) < 3 or len(block.reads) != 2 or len(block.writes) != 1:
+        return None
+    *lead, n_iter, k_iter = iters
+    if any(it.iter_type != tirx.IterVar.DataPar for it in [*lead, n_iter]):
+        return None
+    if k_iter.iter_type != tirx.IterVar.CommReduce:
+        return None
+    n, k = _static(n_iter.dom.extent), _static(k_iter.dom.extent)
+    if n is None or k is None:
+        return None
+    lead_vars = [it.var for it in lead]
+    weight = activation = None
+    for read in block.reads:
+        region = read.region
+        if len(region) == 2 and _is_var_index(region[0], n_iter.var) and _is_var_index(
+                region[1], k_iter.var):
+            weight = read
+        elif len(region) == len(lead) + 1 and all(
+                _is_var_index(r, v) for r, v in zip(region, [*lead_vars, k_iter.var])):
+            activation = read
+    out = block.writes[0].region
+    if weight is None or activation is None or len(out) != len(lead) + 1:
+        return None
+    if not all(_is_var_index(r, v) for r, v in zip(out, [*lead_vars, n_iter.var])):
+        return None
+    return _MatmulShape(
+        lead_extents=tuple(it.dom.extent for it in lead),
+        n=n,
+        k=k,
+        weight_bytes=tvm.DataType(weight.source.dtype).bits // 8,
+    )
+
+
+def _largest_divisor(n: int, step: int, limit: int) -> int:
+    """The largest multiple of ``step`` that divides ``n`` and is at most ``limit``."""
+    best = step
+    for candidate in range(step, max(step, limit) + 1, step):
+        if n % candidate == 0:
+            best = candidate
+    return best
+
+
+@dl.ScheduleRule.from_callable("olmo.cpu.Matmul")
+def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+    """Register-tiled ``x @ W.T`` for any number of rows of x, W streamed once.
+
+    The reduction is split into VECTOR_LANES-wide partial sums (``rfactor`` onto the last
+    axis, so W and x are both read contiguously along k), and TILE_ROWS rows of x by
+    TILE_COLS rows of W are computed together, so every W vector loaded serves several
+    rows of x and every x vector several rows of W. Threads split W's rows; each thread
+    runs all rows of x past its block of W while the block sits in its L2. The row count
+    of x is padded up to a multiple of TILE_ROWS (a copy of x, small next to W) so the
+    tile needs no bounds checks; the epilogue (residual add, cast) is computed in the
+    same parallel iteration while the results are still in registers.
+    """
+    if target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    matmuls = [b for b in blocks if _match_nt_matmul(sch.get(b)) is not None]
+    if len(matmuls) != 1:
+        return None
+    matmul = matmuls[0]
+    shape = _match_nt_matmul(sch.get(matmul))
+    epilogues = _epilogue_chain(sch, blocks, matmul)
+    if epilogues is None or shape.k % VECTOR_LANES != 0:
+        return None
+
+    tile_rows = _pad_rows(sch, matmul, shape)
+    if tile_rows and epilogues:
+        # The pad's write-back copy feeds the epilogue: fold it in so the epilogue
+        # reads the padded result directly.
+        sch.compute_inline(sch.get_consumers(matmul)[0])
+    elif tile_rows:
+        epilogues = [sch.get_consumers(matmul)[0]]  # the write-back copy
+    tile_rows = tile_rows or 1
+    # A chain such as add -> cast becomes one block, computed once per output tile.
+    for block in epilogues[:-1]:
+        sch.compute_inline(block)
+    epilogue = epilogues[-1] if epilogues else None
+
+    tile_cols = _largest_divisor(shape.n, 1, TILE_COLS)
+    block_cols = _largest_divisor(
+        shape.n, tile_cols, max(tile_cols, WEIGHT_BLOCK_BYTES // (shape.k * shape.weight_bytes)))
+    _schedule_padded_copies(sch, matmul)
+
+    *lead, _, k = sch.get_loops(matmul)
+    _, lanes = sch.split(k, [None, VECTOR_LANES])
+    partial = sch.rfactor(lanes, factor_axis=len(lead) + 1)
+    *lead, n, k_outer, lanes = sch.get_loops(partial)
+    m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    m_outer, m_inner = sch.split(m, [None, tile_rows])
+    n_block, n_tile, n_inner = sch.split(n, [None, block_cols // tile_cols, tile_cols])
+    sch.reorder(n_block, m_outer, n_tile, k_outer, m_inner, n_inner, lanes)
+    sch.parallel(n_block)
+    sch.unroll(m_inner)
+    sch.unroll(n_inner)
+    sch.vectorize(lanes)
+    # Sum the lanes, then run the epilogue, inside the same tile.
+    sch.reverse_compute_at(sch.get_consumers(partial)[0], n_tile)
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, n_tile)
+    sch.decompose_reduction(partial, k_outer)
+    return sch
+
+
+def _epilogue_chain(sch: s_tir.Schedule, blocks: list, matmul: s_tir.schedule.SBlockRV
+                    ) -> list | None:
+    """The spatial blocks after the matmul, each consuming the previous; None otherwise."""
+    chain, current = [], matmul
+    for block in blocks:
+        if _same(sch, block, matmul):
+            continue
+        stmt = sch.get(block)
+        if any(it.iter_type != tirx.IterVar.DataPar for it in stmt.iter_vars):
+            return None
+        producers = sch.get_producers(block)
+        if not any(_same(sch, p, current) for p in producers):
+            return None
+        chain.append(block)
+        current = block
+    return chain
+
+
+def _same(sch: s_tir.Schedule, a: s_tir.schedule.SBlockRV, b: s_tir.schedule.SBlockRV) -> bool:
+    return sch.get(a).same_as(sch.get(b))
+
+
+def _pad_rows(sch: s_tir.Schedule, matmul: s_tir.schedule.SBlockRV, shape: _MatmulShape
+              ) -> int | None:
+    """Pad the one non-unit row dimension to a multiple of TILE_ROWS; returns the tile.
+
+    Returns None (no tiling over rows) for a single row or an unusual row layout.
+    """
+    rows = [i for i, e in enumerate(shape.lead_extents) if _static(e) != 1]
+    if len(rows) != 1:
+        return None
+    extent = _static(shape.lead_extents[rows[0]])
+    if extent is not None and extent % TILE_ROWS == 0:
+        return TILE_ROWS if extent > 1 else None
+    padding = [1] * (len(shape.lead_extents) + 2)
+    padding[rows[0]] = TILE_ROWS
+    sch.pad_einsum(matmul, padding)
+    return TILE_ROWS
+
+
+def _schedule_padded_copies(sch: s_tir.Schedule, matmul: s_tir.schedule.SBlockRV) -> None:
+    """The padded copy of x (if any) runs in parallel and vectorized: it is M x K."""
+    for producer in sch.get_producers(matmul):
+        loops = sch.get_loops(producer)
+        if len(loops) < 2:
+            continue
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        sch.parallel(outer)
+        _, inner = sch.split(loops[-1], [None, VECTOR_LANES])
+        sch.vectorize(inner)
+
+
+# --- elementwise kernels -----------------------------------------------------------------
+
+
+@dl.ScheduleRule.from_callable("olmo.cpu.Elementwise")
+def elementwise_rule(func: tirx.PrimFunc, target: Target, _tunable: bool
+                     ) -> s_tir.Schedule | None:
+    """Injective kernels: everything inlined into the output, parallel outside, vector inside.
+
+    Only the model's own fused kernels (private PrimFuncs): the paged KV cache's named
+    kernels (page append, debug read, RoPE) are called through the cache and kept as TVM
+    wrote them.
+    """
+    if target.kind.name != "llvm" or "global_symbol" in func.attrs:
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos or any(not info.is_injective() for info in infos):
+        return None
+    # Inline every intermediate (split, sigmoid, ...) into what consumes it.
+    for info in infos[:-1]:
+        try:
+            sch.compute_inline(info.block_rv)
+        except s_tir.schedule.ScheduleError:
+            return None
+    block = infos[-1].block_rv
+    loops = sch.get_loops(block)
+    inner_extent = _static(sch.get(loops[-1]).extent)
+    if len(loops) > 1:
+        outer = sch.fuse(*loops[:-1])
+        sch.parallel(outer)
+    if inner_extent is not None and inner_extent % VECTOR_LANES == 0:
+        _, vec = sch.split(loops[-1], [None, VECTOR_LANES])
+        sch.vectorize(vec)
+    return sch
