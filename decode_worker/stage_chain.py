@@ -83,9 +83,11 @@ class DecodeChain:
     def _release(self, request, downstream):
         self.stage.release([p.seq_id for p in request.pieces if p.seq_id],
                            [p.request_id for p in request.pieces if p.request_id])
-        if downstream:
+        # Each stage directly, not along the chain: a dead stage must not keep the ones
+        # after it from freeing their pages.
+        for address in downstream:
             try:
-                return call_next(request, downstream)
+                call_next(request, [address])
             except Exception:  # a dead stage has nothing left to free
                 pass
         return worker_pb2.StageResponse()

@@ -221,7 +221,7 @@ def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sc
     m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     m_outer, m_inner = sch.split(m, [None, tile_rows])
     n_block, n_tile, n_inner = sch.split(n, [None, block_cols // tile_cols, tile_cols])
-    sch.reorder(n_block, m_outer, n_tile, k_outer, m_inner, n_inner, lanes)
+    sch.reorder(n_block, m_outer, n_tile, k_outer, n_inner, m_inner, lanes)
     sch.parallel(n_block)
     sch.unroll(m_inner)
     sch.unroll(n_inner)

@@ -18,6 +18,9 @@ class RoleConfig:
     """How many instances of one role to run and what each asks Ray for."""
 
     instances: int = 1
+    # Pipeline-parallel stages per instance: each a worker over a contiguous layer range,
+    # placed together (one placement-group bundle each). Prefill and decode may differ.
+    stages: int = 1
     # The port each instance's gRPC server binds; 0 picks a free one. A fixed port suits
     # one instance per node (Kubernetes pods, with probes on that port).
     port: int = 0
@@ -60,6 +63,8 @@ class ClusterConfig:
                 setattr(self, role, value)
             if value.instances < 0:
                 raise ClusterConfigError(f"{role}.instances must be >= 0")
+            if value.stages < 1:
+                raise ClusterConfigError(f"{role}.stages must be >= 1")
         if self.decode.instances < 1:
             raise ClusterConfigError("at least one decode instance is needed")
         if self.mode == "disaggregated" and self.prefill.instances < 1:

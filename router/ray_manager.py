@@ -1,11 +1,12 @@
 """The router as the cluster's owner: workers as Ray actors, placed, watched and scaled.
 
-Each worker instance is a Ray actor in its own placement group (one bundle; stages will
-add bundles), restarted by Ray when its process dies. A monitor thread asks every actor
-for its gRPC address each ``health_interval_s``: an actor that does not answer leaves
-the scheduler, and one that answers from a new address (Ray restarted it) is
-handshaken and put back. Scaling down drains: the instance stops getting requests,
-finishes what it holds, then is stopped.
+An instance (prefill or decode) is one Ray actor per pipeline stage, all in one placement
+group with a bundle per stage, each restarted by Ray when its process dies. A monitor
+thread asks every actor for its gRPC address each ``health_interval_s``: an instance
+with a stage that does not answer leaves the scheduler (a dead stage is a dead
+instance), and once all its stages answer again (Ray restarted them, on new ports) its
+leader is told the new chain, handshaken and put back. Scaling down drains: the instance
+stops getting requests, finishes what it holds, then is stopped.
 """
 
 from __future__ import annotations
@@ -44,11 +45,16 @@ def connect_ray(address: str | None = None, num_cpus: float | None = None) -> No
 class Instance:
     name: str
     role: str
-    actor: object
+    actors: list  # one per stage, the leader first
     placement_group: object
-    address: str = ""
+    address: str = ""  # the leader's
+    stage_addresses: list[str] = dataclasses.field(default_factory=list)
     state: str = "starting"  # starting, healthy, unhealthy, draining
     restarts: int = 0
+
+    @property
+    def actor(self):
+        return self.actors[0]
 
 
 class RayClusterManager:
@@ -83,7 +89,8 @@ class RayClusterManager:
             self.instances.clear()
         for instance in instances:
             self.scheduler.remove(instance.address)
-            ray.kill(instance.actor, no_restart=True)
+            for actor in instance.actors:
+                ray.kill(actor, no_restart=True)
             remove_placement_group(instance.placement_group)
 
     # --- queries and scaling ----------------------------------------------------------
@@ -129,15 +136,20 @@ class RayClusterManager:
         for _ in range(count):
             name = f"{role}-{self._next_index[role]}"
             self._next_index[role] += 1
-            group = placement_group([bundle], strategy="STRICT_PACK", name=name)
-            actor = ray.remote(WorkerActor).options(
-                name=None, max_restarts=-1, max_task_retries=0, num_cpus=spec.cpus,
-                num_gpus=spec.gpus, resources=spec.resources or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group),
-            ).remote(role, str(self.model_dir), self.config.dtype, self.config.target,
-                     self.config.max_sequences, self.config.max_total_tokens,
-                     self.config.worker_host, spec.port)
-            instance = Instance(name, role, actor, group)
+            # PACK keeps an instance's stages on as few nodes as fit: hidden states hop
+            # between them every step.
+            group = placement_group([bundle] * spec.stages, strategy="PACK", name=name)
+            actors = [
+                ray.remote(WorkerActor).options(
+                    max_restarts=-1, max_task_retries=0, num_cpus=spec.cpus,
+                    num_gpus=spec.gpus, resources=spec.resources or None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        group, placement_group_bundle_index=stage),
+                ).remote(role, str(self.model_dir), self.config.dtype, self.config.target,
+                         self.config.max_sequences, self.config.max_total_tokens,
+                         self.config.worker_host, spec.port, stage, spec.stages)
+                for stage in range(spec.stages)]
+            instance = Instance(name, role, actors, group)
             with self._lock:
                 self.instances[name] = instance
             launched.append(instance)
@@ -146,17 +158,22 @@ class RayClusterManager:
     def _await_ready(self, instances: list[Instance], timeout: float = 900.0) -> None:
         import ray
 
-        refs = {instance.name: instance.actor.address.remote() for instance in instances}
+        refs = {i.name: [a.address.remote() for a in i.actors] for i in instances}
         for instance in instances:
-            address = ray.get(refs[instance.name], timeout=timeout)
-            self._register(instance, address)
+            self._register(instance, ray.get(refs[instance.name], timeout=timeout))
 
-    def _register(self, instance: Instance, address: str) -> None:
-        self.scheduler.add(address, instance.role)
+    def _register(self, instance: Instance, addresses: list[str]) -> None:
+        """Tell the leader its stages (when there are several), then schedule it."""
+        import ray
+
+        if len(addresses) > 1:
+            ray.get(instance.actor.set_pipeline.remote(addresses[1:]), timeout=60)
+        self.scheduler.add(addresses[0], instance.role)
         with self._lock:
-            if instance.address and instance.address != address:
+            if instance.stage_addresses and instance.stage_addresses != addresses:
                 instance.restarts += 1
-            instance.address, instance.state = address, "healthy"
+            instance.address, instance.stage_addresses = addresses[0], addresses
+            instance.state = "healthy"
 
     def _drain(self, instance: Instance, timeout: float) -> None:
         import ray
@@ -177,7 +194,8 @@ class RayClusterManager:
             if not (stats.running_sequences or stats.reservations or stats.queued_requests):
                 break
             time.sleep(0.1)
-        ray.kill(instance.actor, no_restart=True)
+        for actor in instance.actors:
+            ray.kill(actor, no_restart=True)
         remove_placement_group(instance.placement_group)
         with self._lock:
             self.instances.pop(instance.name, None)
@@ -190,17 +208,17 @@ class RayClusterManager:
                 if instance.state in ("draining", "starting"):
                     continue
                 try:
-                    address = ray.get(instance.actor.address.remote(),
-                                      timeout=max(1.0, self.config.health_interval_s))
+                    addresses = ray.get([a.address.remote() for a in instance.actors],
+                                        timeout=max(1.0, self.config.health_interval_s))
                 except Exception:
                     if instance.state == "healthy":
                         self.scheduler.remove(instance.address)
                         with self._lock:
                             instance.state = "unhealthy"
                     continue
-                if instance.state != "healthy" or address != instance.address:
+                if instance.state != "healthy" or addresses != instance.stage_addresses:
                     self.scheduler.remove(instance.address)
                     try:
-                        self._register(instance, address)
+                        self._register(instance, addresses)
                     except Exception:
-                        continue  # its server is not answering yet; next round
+                        continue  # its servers are not answering yet; next round

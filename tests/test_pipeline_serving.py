@@ -1,0 +1,111 @@
+"""Pipeline-parallel instances in the disaggregated path, with different stage counts on the
+prefill and decode sides, against transformers and the unstaged path."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from olmo_model.kv_pages import CacheLimits
+from protos import worker_pb2
+from router.client import GenerationClient, generate_request
+from router.local_cluster import start_local_cluster
+
+LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
+PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], list(range(20, 120)), [42], list(range(200, 231))]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def five_layers(checkpoint_factory):
+    return checkpoint_factory(seed=5, num_hidden_layers=5, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def expected(five_layers):
+    _, reference = five_layers
+    out = []
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            ids = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
+                                     do_sample=False, min_new_tokens=NEW_TOKENS)
+        out.append(ids[0, len(prompt):].tolist())
+    return out
+
+
+def run_concurrently(address: str, prompts) -> list[list[int]]:
+    client = GenerationClient(address)
+    requests = [generate_request(p, max_tokens=NEW_TOKENS, ignore_eos=True) for p in prompts]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(lambda r: client.complete(r, timeout=120)[0], requests))
+    client.close()
+    return results
+
+
+@pytest.mark.parametrize("prefill_stages, decode_stages", [(2, 3), (1, 2), (3, 1), (1, 1)],
+                         ids=["prefill2-decode3", "prefill1-decode2", "prefill3-decode1",
+                              "unstaged"])
+def test_staged_greedy_output_equals_transformers(five_layers, expected, prefill_stages,
+                                                  decode_stages):
+    folder, _ = five_layers
+    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=prefill_stages,
+                                  decode_stages=decode_stages)
+    try:
+        assert run_concurrently(cluster.router_address, PROMPTS) == expected
+        for servicer in cluster.decode:  # every stage freed its pages
+            assert _idle(servicer)
+    finally:
+        cluster.stop()
+
+
+def _idle(servicer, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = servicer.engine.stats()
+        if stats["used_pages"] == 0 and not servicer.engine.stage.pending:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_killed_decode_stage_fails_requests_cleanly_and_frees_other_stages(five_layers):
+    folder, _ = five_layers
+    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=1, decode_stages=3)
+    try:
+        client = GenerationClient(cluster.router_address)
+        call = client.stream(generate_request([5, 6, 7], max_tokens=200, ignore_eos=True),
+                             timeout=60)
+        next(call)
+        leader, middle, last = cluster.decode
+        assert leader.engine.stats()["used_pages"] > 0
+        victim = next(s for s in cluster.servers
+                      if f"127.0.0.1:{s.port}" == leader.stages[1].address)
+        victim.stop(grace=0)  # the middle stage goes away mid-stream
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "decode step failed" in err.value.details()
+        assert _idle(leader) and _idle(last)
+        stats = leader.Stats(worker_pb2.StatsRequest(), None)
+        assert stats.running_sequences == 0 and stats.free_pages == stats.total_pages
+        client.close()
+    finally:
+        cluster.stop()
+
+
+def test_stage_chain_must_cover_every_layer(five_layers):
+    folder, _ = five_layers
+    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=1, decode_stages=3)
+    try:
+        leader = cluster.decode[0]
+        with pytest.raises(ValueError, match="do not cover layers"):
+            leader.set_pipeline(leader.stages[0].address, [leader.stages[2].address])
+        assert np.array_equal([s.layer_end for s in leader.stages], [2, 4, 5])
+    finally:
+        cluster.stop()
