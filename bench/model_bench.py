@@ -6,7 +6,11 @@ for transformers' OlmoForCausalLM on the CPU, and the machine's memory bandwidth
 the decode floor it implies (weight bytes / read bandwidth). Prints a table and writes
 JSON. Medians of several runs; the machine is shared, so compare ratios within a run.
 
-    python3 bench/model_bench.py [--small] [--repeats 3] [--out bench/results/model_bench.json]
+    python3 bench/model_bench.py [--small] [--dtype float16] [--repeats 3]
+                                 [--out bench/results/model_bench.json]
+
+``--dtype`` sets the weight dtype of our compiled model (transformers stays float32, the
+reference); the decode floor is computed for the bytes our weights occupy in that dtype.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_steps: int) -> dict:
+def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_steps: int,
+               dtype: str = "float32") -> dict:
     from olmo_model.compiler import compile_model
     from olmo_model.config import OLMoConfig
     from olmo_model.kv_pages import CacheLimits
@@ -57,14 +62,15 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
     config = OLMoConfig.from_file(folder)
     with tempfile.TemporaryDirectory() as cache:
         t = time.perf_counter()
-        artifact = compile_model(config, cache_dir=Path(cache))
+        artifact = compile_model(config, dtype=dtype, cache_dir=Path(cache))
         compile_s = time.perf_counter() - t
         params = load_stage_params(folder, artifact.param_names, artifact.param_shapes,
-                                   artifact.stage, config.tie_word_embeddings, "float32")
+                                   artifact.stage, config.tie_word_embeddings, dtype)
         runner = ModelRunner(artifact, params, CacheLimits(max_num_sequences=8,
                                                            max_total_tokens=8192,
                                                            prefill_chunk_size=1024))
-    out = {"compile_s": compile_s, "target": artifact.target}
+    out = {"compile_s": compile_s, "target": artifact.target, "dtype": dtype,
+           "schedule_set": artifact.schedule_set}
     rng = np.random.default_rng(1)
     for n in prefill_lengths:
         prompt = rng.integers(0, config.vocab_size, n).tolist()
@@ -124,6 +130,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="weight dtype of our model (transformers stays float32)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--checkpoint-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "olmo-bench-checkpoints")
@@ -133,13 +141,16 @@ def main() -> None:
     shape = SMALL if args.small else OLMO_1B
     name = "small" if args.small else "olmo-1b"
     folder = make_checkpoint(args.checkpoint_dir / name, shape)
+    # The checkpoint is float32; our weights take half the bytes in float16.
     weight_bytes = (folder / "model.safetensors").stat().st_size
+    our_weight_bytes = weight_bytes // 2 if args.dtype == "float16" else weight_bytes
     bandwidth = memory_bandwidth()
     results = {
-        "shape": name, "weight_bytes": weight_bytes, "bandwidth": bandwidth,
-        "decode_floor_ms": 1000 * weight_bytes / (bandwidth["read_gbps"] * 1e9),
+        "shape": name, "weight_bytes": weight_bytes, "dtype": args.dtype,
+        "our_weight_bytes": our_weight_bytes, "bandwidth": bandwidth,
+        "decode_floor_ms": 1000 * our_weight_bytes / (bandwidth["read_gbps"] * 1e9),
         "tvm_num_threads": os.environ.get("TVM_NUM_THREADS", f"default ({os.cpu_count()})"),
-        "ours": bench_ours(folder, args.repeats, args.prefill, args.decode_steps),
+        "ours": bench_ours(folder, args.repeats, args.prefill, args.decode_steps, args.dtype),
     }
     if not args.skip_transformers:
         results["transformers"] = bench_transformers(folder, args.repeats, args.prefill,
@@ -153,19 +164,22 @@ def main() -> None:
 def print_table(results: dict, prefill_lengths: list[int]) -> None:
     ours, ref = results["ours"], results.get("transformers", {})
     bw = results["bandwidth"]
-    print(f"\n{results['shape']}: {results['weight_bytes'] / 1e9:.2f} GB fp32 weights; "
-          f"read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s; "
-          f"decode floor {results['decode_floor_ms']:.0f} ms/token")
-    print(f"compile: {ours['compile_s']:.1f} s\n")
+    dtype = results.get("dtype", "float32")
+    print(f"\n{results['shape']}: {results['weight_bytes'] / 1e9:.2f} GB fp32 weights "
+          f"(ours in {dtype}: {results.get('our_weight_bytes', results['weight_bytes']) / 1e9:.2f}"
+          f" GB); read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s; "
+          f"decode floor ({dtype}) {results['decode_floor_ms']:.0f} ms/token")
+    print(f"compile: {ours['compile_s']:.1f} s; schedules: {ours.get('schedule_set', '?')}\n")
     rows = [(f"prefill {n} tokens (s)", f"prefill_{n}_s") for n in prefill_lengths]
     rows += [("decode batch 1 (ms/step)", "decode_b1_ms"), ("decode batch 8 (ms/step)",
                                                              "decode_b8_ms")]
-    print(f"{'metric':<28}{'ours':>12}{'transformers':>14}{'ours/ref':>10}")
+    print(f"{'metric':<28}{'ours ' + dtype:>14}{'transformers':>14}{'ours/ref':>10}")
     for label, key in rows:
         a, b = ours.get(key), ref.get(key)
         ratio = f"{a / b:.2f}" if a and b else "-"
-        print(f"{label:<28}{a:>12.3f}{(b if b else float('nan')):>14.3f}{ratio:>10}")
-    print(f"{'decode b1 / floor':<28}{ours['decode_b1_ms'] / results['decode_floor_ms']:>12.2f}")
+        print(f"{label:<28}{a:>14.3f}{(b if b else float('nan')):>14.3f}{ratio:>10}")
+    print(f"{'decode b1 / floor':<28}{ours['decode_b1_ms'] / results['decode_floor_ms']:>14.2f}")
+    print(f"{'decode b8 / b1':<28}{ours['decode_b8_ms'] / ours['decode_b1_ms']:>14.2f}")
 
 
 if __name__ == "__main__":

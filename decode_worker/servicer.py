@@ -11,6 +11,7 @@ from olmo_model.runtime import ModelRunner
 from protos import worker_pb2, worker_pb2_grpc
 from protos.grpc_server import Server, channel, start_server
 from protos.kv_stream import KVAssembler, PushRefused, model_layout
+from protos.kv_transport import GRPC, worker_transports
 from protos.stage_rpc import check_stage_chain, stage_info
 
 from .engine import DecodeEngine, EngineError
@@ -24,12 +25,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, runner: ModelRunner):
         self.engine = DecodeEngine(runner)
         self.layout = model_layout(runner)
-        self.address = ""
         self.stages: list[worker_pb2.StageInfo] = []
+        self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
 
     def set_pipeline(self, address: str, downstream: Sequence[str]) -> None:
         """Lead an instance whose other stages serve at ``downstream`` (in layer order)."""
-        self.address = address
         infos = [stage_info(address, self.layout)]
         for member in downstream:
             stats = worker_pb2_grpc.DecodeWorkerStub(channel(member)).Stats(
@@ -91,8 +91,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             found=self.engine.abort(request.request_id, request.reason or "aborted"))
 
     def Stats(self, request, context):
-        return worker_pb2.WorkerStats(role="decode", layout=self.layout, transport="grpc",
-                                      stages=self.stages, **self.engine.stats())
+        return worker_pb2.WorkerStats(role="decode", layout=self.layout, transport=GRPC,
+                                      transports=self.transports,
+                                      transport_note=self.transport_note, stages=self.stages,
+                                      **self.engine.stats())
 
     def Call(self, request, context):
         """StageWorker.Call: this worker as a member stage of another worker's instance."""

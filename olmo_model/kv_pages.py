@@ -62,7 +62,10 @@ class KVSnapshot:
 
 
 class PagedKVCache:
-    """A stage-local TVM paged KV cache with export and import of a sequence's K/V."""
+    """A stage-local TVM paged KV cache with export and import of a sequence's K/V.
+
+    ``pages`` are zero-copy views of the page tensors: numpy on the CPU, torch on a GPU.
+    """
 
     def __init__(self, library: tvm.runtime.Module, recipe: Sequence[Any], limits: CacheLimits,
                  layer_begin: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -128,13 +131,23 @@ class PagedKVCache:
                 f"cache owns [{expected[0]}, {expected[1]})"
             )
         if not self.pages:
-            raise NotImplementedError(f"installing received KV pages on {self.device} is not "
-                                      "supported yet; run the decode worker on the CPU")
+            raise NotImplementedError(f"installing received KV pages on {self.device} needs "
+                                      "torch (for device-side writes); run the decode worker "
+                                      "on the CPU or install torch")
         slots = _expand_runs(_prepare_recv(self.handle, seq_id, snapshot.num_tokens))
         page, offset = np.divmod(slots, self.limits.page_size)
+        keys, values = snapshot.keys, snapshot.values
+        if not isinstance(self.pages[0], np.ndarray):  # torch views of device pages
+            import torch
+
+            device = self.pages[0].device
+            page, offset = (torch.from_numpy(page).to(device),
+                            torch.from_numpy(offset).to(device))
+            keys, values = (torch.from_numpy(keys).to(device),
+                            torch.from_numpy(values).to(device))
         for layer, view in enumerate(self.pages):
-            view[page, 0, :, offset, :] = snapshot.keys[layer]
-            view[page, 1, :, offset, :] = snapshot.values[layer]
+            view[page, 0, :, offset, :] = keys[layer]
+            view[page, 1, :, offset, :] = values[layer]
 
     # --- internals --------------------------------------------------------------------
 
@@ -146,10 +159,14 @@ class PagedKVCache:
             self._read(_CAPTURE_SEQ_ID, 1)
         finally:
             _remove_sequence(self.handle, _CAPTURE_SEQ_ID)
-        if self.device.dlpack_device_type() != 1:  # kDLCPU
-            # Device pages are written by the GPU transport (a later piece), not through numpy.
+        tensors = [self._page_tensors[layer] for layer in range(self.num_layers)]
+        if self.device.dlpack_device_type() == 1:  # kDLCPU
+            return [np.from_dlpack(t) for t in tensors]
+        try:  # GPU pages: zero-copy torch views, written with device-side indexing
+            import torch
+        except ImportError:
             return []
-        return [np.from_dlpack(self._page_tensors[layer]) for layer in range(self.num_layers)]
+        return [torch.from_dlpack(t) for t in tensors]
 
     def _read(self, seq_id: int, num_tokens: int) -> tuple[Any, Any]:
         shape = (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim)

@@ -11,6 +11,7 @@ import grpc
 from olmo_model.runtime import ModelRunner
 from protos import worker_pb2, worker_pb2_grpc
 from protos.grpc_server import Server, channel, start_server, time_remaining
+from protos.kv_transport import GRPC, worker_transports
 from protos.stage_rpc import check_stage_chain, stage_info
 
 from .batcher import PrefillJob
@@ -25,6 +26,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.engine = PrefillEngine(runner)
         self._jobs: dict[str, PrefillJob] = {}
         self.stages: list[worker_pb2.StageInfo] = []
+        self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
 
     def set_pipeline(self, address: str, downstream: Sequence[str]) -> None:
         """Lead an instance whose other stages serve at ``downstream`` (in layer order)."""
@@ -47,6 +49,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                           f"token id {max(tokens)} is outside the vocabulary of {vocab}")
         if not request.decode_stages:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no decode stages to push KV to")
+        if (request.transport or GRPC) not in self.transports:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"transport {request.transport!r} is not available here "
+                          f"({self.transport_note})")
         job = PrefillJob(request.request_id, tokens, list(request.decode_stages))
         self._jobs[job.request_id] = job
         context.add_callback(lambda: self._cancel(job))
@@ -91,8 +97,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             total_pages=runner.kv.total_pages, free_pages=runner.available_pages(),
             used_pages=runner.kv.total_pages - runner.available_pages(),
             kv_bytes_sent=sender.bytes_sent, pushes=sender.pushes,
-            kv_transfer_ms=1000 * sender.transfer_seconds, transport="grpc",
-            stages=self.stages)
+            kv_transfer_ms=1000 * sender.transfer_seconds, transport=GRPC,
+            transports=self.transports, transport_note=self.transport_note, stages=self.stages)
 
     def Call(self, request, context):
         """StageWorker.Call: this worker as a member stage of another worker's instance."""

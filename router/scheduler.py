@@ -19,6 +19,7 @@ class Worker:
     stub: object
     layout: worker_pb2.ModelLayout | None = None
     stages: list = dataclasses.field(default_factory=list)  # the instance's StageInfos
+    transports: list = dataclasses.field(default_factory=list)  # KV transports it can use
 
 
 class NoWorker(Exception):
@@ -57,6 +58,7 @@ class Scheduler:
                 raise ValueError(f"worker {address} serves an incompatible model: {reason}")
             worker.layout = stats.layout
             worker.stages = list(stats.stages)
+            worker.transports = list(stats.transports)
             self._workers[address] = worker
         return worker
 

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2
 from protos.grpc_server import time_remaining
+from protos.kv_transport import choose_transport
 
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
 from .scheduler import NoWorker, Scheduler, Worker
@@ -102,6 +103,8 @@ class PrefillLeg:
                 reasons.append(str(exc))
                 break
             tried.add(self.worker.address)
+            self.request.transport = choose_transport(self.worker.transports,
+                                                      self.decode.transports)
             timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             try:
                 self._call = self.worker.stub.Prefill.future(self.request, timeout=timeout)

@@ -1,0 +1,31 @@
+"""Which transport moves KV pages between a prefill and a decode worker.
+
+gRPC always works. NCCL moves pages device to device, and needs both workers on CUDA
+GPUs, NCCL loadable, and page access on the device; a worker lists what it can do in its
+stats, and the router picks NCCL only when both ends list it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+GRPC, NCCL = "grpc", "nccl"
+
+
+def worker_transports(target_kind: str) -> tuple[list[str], str]:
+    """(transports, note) for a worker whose model runs on ``target_kind``."""
+    if target_kind != "cuda":
+        return [GRPC], "nccl: the model runs on the CPU"
+    from olmo_model.nccl import nccl_status
+
+    usable, reason = nccl_status()
+    if not usable:
+        return [GRPC], f"nccl: {reason}"
+    # Pages can be read and installed on the GPU, but the NCCL send/receive of page
+    # blocks (olmo_model/nccl.py has the binding) is not wired into the push yet.
+    return [GRPC], "nccl: the device-to-device KV push is not implemented yet"
+
+
+def choose_transport(prefill: Sequence[str], decode: Sequence[str]) -> str:
+    """NCCL when both ends can use it, else gRPC."""
+    return NCCL if NCCL in prefill and NCCL in decode else GRPC

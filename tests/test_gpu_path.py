@@ -1,0 +1,74 @@
+"""The GPU path as far as a machine without a GPU can check it: the NCCL binding loads
+and explains why it cannot run, and KV transport selection falls back to gRPC."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from olmo_model.nccl import Nccl, NcclUnavailable, cuda_device_count, library_path, nccl_status
+from protos import worker_pb2
+from protos.kv_transport import GRPC, NCCL, choose_transport, worker_transports
+
+needs_nccl = pytest.mark.skipif(library_path() is None,
+                                reason="nvidia-nccl-cu12 is not installed (pip install .[gpu])")
+no_gpu = pytest.mark.skipif(cuda_device_count() > 0, reason="this machine has a GPU")
+
+
+@needs_nccl
+def test_nccl_loads_from_the_wheel_and_reports_its_version():
+    nccl = Nccl()
+    assert "nvidia" in str(nccl.path)
+    major = int(nccl.version().split(".")[0])
+    assert major >= 2
+    assert len(nccl.unique_id()) == 128
+
+
+@needs_nccl
+@no_gpu
+def test_without_a_gpu_nccl_says_why():
+    usable, reason = nccl_status()
+    assert not usable and "no CUDA GPU" in reason
+    # A failed ncclCommInitRank leaves NCCL threads that crash at interpreter exit, so
+    # the attempt runs in its own process, which leaves without tearing down.
+    probe = (
+        "import os\n"
+        "from olmo_model.nccl import Nccl, NcclUnavailable\n"
+        "nccl = Nccl()\n"
+        "try:\n"
+        "    nccl.communicator(nccl.unique_id(), 1, 0)\n"
+        "except NcclUnavailable as exc:\n"
+        "    print('refused:', exc, flush=True)\n"
+        "os._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert "refused:" in done.stdout and "needs a CUDA GPU" in done.stdout, done.stderr
+
+
+def test_missing_library_is_a_clear_error(tmp_path):
+    with pytest.raises(NcclUnavailable, match="cannot load"):
+        Nccl(tmp_path / "libnccl.so.2")
+
+
+def test_transport_selection_falls_back_to_grpc():
+    assert choose_transport([GRPC, NCCL], [GRPC, NCCL]) == NCCL
+    assert choose_transport([GRPC, NCCL], [GRPC]) == GRPC
+    assert choose_transport([GRPC], [GRPC, NCCL]) == GRPC
+    transports, note = worker_transports("llvm")
+    assert transports == [GRPC] and "CPU" in note
+
+
+def test_workers_report_their_transport_in_stats(tiny_checkpoint):
+    from router.local_cluster import start_local_cluster
+
+    folder, _ = tiny_checkpoint
+    cluster = start_local_cluster(folder)
+    try:
+        for servicer in [*cluster.prefill, *cluster.decode]:
+            stats = servicer.Stats(worker_pb2.StatsRequest(), None)
+            assert stats.transport == GRPC and list(stats.transports) == [GRPC]
+            assert stats.transport_note
+    finally:
+        cluster.stop()
