@@ -27,7 +27,7 @@ from protos import worker_pb2
 
 from .sampler import SamplingConfig
 from .stage import DecodeStage
-from .stage_chain import DecodeChain
+from .stage_chain import DecodeChain, sampling_from_proto
 
 UNCLAIMED_SECONDS = 60.0
 Op = worker_pb2.StageOp
@@ -108,8 +108,6 @@ class DecodeEngine:
 
     def reserve(self, request_id: str, prompt_tokens: int, sampling: worker_pb2.Sampling,
                 lease_seconds: float, local_prompt: list[int] | None = None) -> int:
-        from .stage_chain import sampling_from_proto
-
         config = sampling_from_proto(sampling)
         if prompt_tokens <= 0:
             raise EngineError("INVALID_ARGUMENT", "a reservation needs at least one prompt token")

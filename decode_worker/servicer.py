@@ -9,15 +9,14 @@ import grpc
 
 from olmo_model.runtime import ModelRunner
 from protos import worker_pb2, worker_pb2_grpc
-from protos.grpc_server import Server, channel, start_server
+from protos.grpc_server import Server
 from protos.kv_stream import KVAssembler, PushRefused, model_layout
 from protos.kv_transport import GRPC, worker_transports
-from protos.stage_rpc import check_stage_chain, stage_info
+from protos.stage_rpc import pipeline_stages, serve_stage_call, start_stage_worker
 
 from .engine import DecodeEngine, EngineError
 
-SERVICE_NAMES = [worker_pb2.DESCRIPTOR.services_by_name[name].full_name
-                 for name in ("DecodeWorker", "StageWorker")]
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 DEFAULT_LEASE_MS = 30_000
 
 
@@ -30,13 +29,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     def set_pipeline(self, address: str, downstream: Sequence[str]) -> None:
         """Lead an instance whose other stages serve at ``downstream`` (in layer order)."""
-        infos = [stage_info(address, self.layout)]
-        for member in downstream:
-            stats = worker_pb2_grpc.DecodeWorkerStub(channel(member)).Stats(
-                worker_pb2.StatsRequest(), timeout=30)
-            infos.append(stage_info(member, stats.layout))
-        check_stage_chain(infos, self.layout.num_layers)
-        self.stages = infos
+        self.stages = pipeline_stages(address, self.layout, downstream,
+                                      worker_pb2_grpc.DecodeWorkerStub)
         self.engine.downstream = list(downstream)
 
     def Reserve(self, request, context):
@@ -98,21 +92,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Call(self, request, context):
         """StageWorker.Call: this worker as a member stage of another worker's instance."""
-        try:
-            return self.engine.chain.run(request, request.downstream)
-        except grpc.RpcError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"next stage failed: {exc.details()}")
-        except (KeyError, ValueError) as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return serve_stage_call(self.engine.chain.run, request, context)
 
 
 def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0
                  ) -> tuple[Server, DecodeServicer]:
     servicer = DecodeServicer(runner)
-    server = start_server(
-        [lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
-         lambda s: worker_pb2_grpc.add_StageWorkerServicer_to_server(servicer, s)],
-        SERVICE_NAMES, host, port)
-    if runner.stage.is_full_model:  # a one-stage instance leads itself
-        servicer.set_pipeline(f"{host}:{server.port}", [])
+    server = start_stage_worker(servicer, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
+                                SERVICE_NAME, runner, host, port)
     return server, servicer

@@ -51,3 +51,46 @@ def check_stage_chain(stages: Sequence[worker_pb2.StageInfo], num_layers: int) -
         edge = end
     if edge != num_layers:
         raise ValueError(f"pipeline stages {bounds} stop at layer {edge} of {num_layers}")
+
+
+def pipeline_stages(address: str, layout: worker_pb2.ModelLayout, downstream: Sequence[str],
+                    stats_stub: type) -> list[worker_pb2.StageInfo]:
+    """The StageInfo chain of an instance led from ``address``, checked for full coverage.
+
+    ``stats_stub`` is the member stages' role stub (they answer Stats with their layout).
+    """
+    from protos.grpc_server import channel as open_channel
+
+    infos = [stage_info(address, layout)]
+    for member in downstream:
+        stats = stats_stub(open_channel(member)).Stats(worker_pb2.StatsRequest(), timeout=30)
+        infos.append(stage_info(member, stats.layout))
+    check_stage_chain(infos, layout.num_layers)
+    return infos
+
+
+def serve_stage_call(run, request: worker_pb2.StageRequest, context) -> worker_pb2.StageResponse:
+    """StageWorker.Call on a member stage: ``run(request, downstream)`` with gRPC statuses."""
+    import grpc
+
+    try:
+        return run(request, request.downstream)
+    except grpc.RpcError as exc:
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"next stage failed: {exc.details()}")
+    except (KeyError, ValueError) as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+
+def start_stage_worker(servicer, add_role_servicer, role_service: str, runner, host: str,
+                       port: int):
+    """Serve a worker's role service and StageWorker; a one-stage instance leads itself."""
+    from protos.grpc_server import start_server
+
+    server = start_server(
+        [lambda s: add_role_servicer(servicer, s),
+         lambda s: worker_pb2_grpc.add_StageWorkerServicer_to_server(servicer, s)],
+        [role_service, worker_pb2.DESCRIPTOR.services_by_name["StageWorker"].full_name],
+        host, port)
+    if runner.stage.is_full_model:
+        servicer.set_pipeline(f"{host}:{server.port}", [])
+    return server

@@ -139,6 +139,10 @@ def _cluster_config(args: argparse.Namespace):
         config.prefill.instances = args.prefill_instances
     if args.decode_instances is not None:
         config.decode.instances = args.decode_instances
+    if args.prefill_stages is not None:
+        config.prefill.stages = args.prefill_stages
+    if args.decode_stages is not None:
+        config.decode.stages = args.decode_stages
     return config
 
 
@@ -151,7 +155,8 @@ def _start_cluster(args: argparse.Namespace):
         cluster = start_local_cluster(
             _model_dir(args), config.prefill.instances, config.decode.instances,
             config.aggregated, config.dtype, config.target, _limits(args), config.host,
-            config.port)
+            config.port, prefill_stages=config.prefill.stages,
+            decode_stages=config.decode.stages)
         return cluster, cluster.router_address, "in-process"
     from router.ray_cluster import start_ray_cluster
 
@@ -232,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--port", type=int, default=None, help="router port (default 50051)")
         cmd.add_argument("--prefill-instances", type=int, default=None)
         cmd.add_argument("--decode-instances", type=int, default=None)
+        cmd.add_argument("--prefill-stages", type=int, default=None,
+                         help="pipeline stages per prefill instance")
+        cmd.add_argument("--decode-stages", type=int, default=None,
+                         help="pipeline stages per decode instance")
         cmd.add_argument("--aggregated", action="store_true",
                          help="decode workers prefill locally; no KV transfer")
         cmd.add_argument("--ray-address", default=None,

@@ -28,7 +28,8 @@ from router.cli import _cluster_config, build_parser
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 TARGETS = ["base", "overlays/cpu-demo", "overlays/gpu"]
-# The Kubernetes schemas to check against: the newest kubernetes-validate ships <= 1.32.
+# The Kubernetes version to validate against (kubectl's here); kubernetes-validate >= 1.32
+# ships its schemas.
 K8S_VERSION = "1.32.0"
 CRD_SCHEMA = Path(os.environ.get(
     "KUBERAY_CRD_SCHEMA", REPO.parent / "shared" / "k8s-schemas" / "ray.io_rayclusters.yaml"))
@@ -38,6 +39,7 @@ METRICS_PORT = 8080
 KUBERAY_GCS_PORT = 6379
 KUBERAY_AGENT_PORT = 52365
 RAY_TMP = "/tmp/ray"
+
 
 def pyproject() -> dict:
     if sys.version_info >= (3, 11):
@@ -387,7 +389,8 @@ def test_router_command_is_accepted_by_the_cli(target, tmp_path):
         assert gpus >= want.gpus
         assert quantity(worker["resources"]["limits"].get("nvidia.com/gpu", 0)) >= gpus
         assert spec["minReplicas"] <= spec["replicas"] <= spec["maxReplicas"]
-        assert want.instances <= spec["replicas"], f"{role} instances need a pod each"
+        workers = want.instances * getattr(want, "stages", 1)  # one worker per stage
+        assert workers <= spec["replicas"], f"each {role} worker (stage) needs a pod"
 
     # A model folder must be on a volume for the router (tokenizer) and every worker.
     if config.model is not None:
@@ -436,7 +439,8 @@ def kuberay_ray_start_argv(cluster: dict, group: str, spec: dict, container: dic
 @pytest.mark.parametrize("target", TARGETS)
 @needs_kubectl
 def test_ray_start_params_are_flags_ray_start_accepts(target):
-    scripts = pytest.importorskip("ray.scripts.scripts", reason="ray is not installed")
+    scripts = pytest.importorskip(
+        "ray.scripts.scripts", reason="ray's CLI (`ray start`) cannot be imported")
     cluster = the(render(target), "RayCluster")
     for group, spec, template in pod_templates(cluster):
         ray_container = template["spec"]["containers"][0]  # KubeRay's Ray container
@@ -473,7 +477,7 @@ def quantity(value) -> float:
 
 @pytest.mark.parametrize("target", TARGETS)
 @needs_kubectl
-def test_every_container_has_requests_and_limits(target):
+def test_every_container_has_requests_limits_and_a_safe_context(target):
     cluster = the(render(target), "RayCluster")
     for group, _, template in pod_templates(cluster):
         spec = template["spec"]
@@ -488,6 +492,8 @@ def test_every_container_has_requests_and_limits(target):
                     assert quantity(requests[resource]) == quantity(limits[resource]), where
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False, where
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("RAY_AUTH_MODE") == "disabled", f"{where}: Ray 2.60 needs it set"
         assert spec["securityContext"]["runAsNonRoot"] is True, group
         assert spec["securityContext"]["runAsUser"] != 0, group
 
