@@ -135,8 +135,7 @@ class DecodeEngine:
             self._requests[request_id] = request
         expect = worker_pb2.StageExpect(
             request_id=request_id, prompt_tokens=prompt_tokens, sampling=sampling,
-            lease_ms=int(1000 * lease_seconds) + 5_000, local=local_prompt is not None,
-            seq_id=request.seq_id)
+            local=local_prompt is not None, seq_id=request.seq_id)
         try:
             with self.stage.lock:
                 self.chain.run(worker_pb2.StageRequest(op=Op.STAGE_OP_EXPECT, expects=[expect]),

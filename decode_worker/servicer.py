@@ -31,6 +31,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         """Lead an instance whose other stages serve at ``downstream`` (in layer order)."""
         self.stages = pipeline_stages(address, self.layout, downstream,
                                       worker_pb2_grpc.DecodeWorkerStub)
+        # A (re)formed instance starts clean: members drop what an earlier leader left.
+        self.engine.chain.run(worker_pb2.StageRequest(op=worker_pb2.STAGE_OP_RELEASE,
+                                                      reset=True), downstream)
         self.engine.downstream = list(downstream)
 
     def Reserve(self, request, context):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +27,6 @@ class PendingKV:
 
     prompt_tokens: int
     sampling: SamplingConfig
-    deadline: float
     parts: dict[int, KVSnapshot] = dataclasses.field(default_factory=dict)  # by layer_begin
     hidden: np.ndarray | None = None
 
@@ -45,11 +43,10 @@ class DecodeStage:
 
     # --- requests and their KV --------------------------------------------------------
 
-    def expect(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig,
-               lease_seconds: float) -> None:
+    def expect(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig) -> None:
+        """Accept pushes for this request (its lease is kept by the leader)."""
         with self.lock:
-            self.pending[request_id] = PendingKV(prompt_tokens, sampling,
-                                                 time.monotonic() + lease_seconds)
+            self.pending[request_id] = PendingKV(prompt_tokens, sampling)
 
     def expects(self, request_id: str, num_tokens: int) -> str | None:
         """Why a push for this request cannot be taken, or None when it can."""
@@ -114,10 +111,10 @@ class DecodeStage:
             for request_id in request_ids:
                 self.pending.pop(request_id, None)
 
-    def expired(self) -> list[str]:
-        now = time.monotonic()
+    def reset(self) -> None:
+        """Forget everything: the instance this stage belongs to was (re)formed."""
         with self.lock:
-            return [r for r, p in self.pending.items() if now > p.deadline]
+            self.release(sorted(self.sequences), list(self.pending))
 
     # --- forward passes ---------------------------------------------------------------
 

@@ -49,7 +49,7 @@ class DecodeChain:
             if e.local:
                 self.stage.expect_local(e.request_id, e.seq_id, sampling)
             else:
-                self.stage.expect(e.request_id, e.prompt_tokens, sampling, e.lease_ms / 1000)
+                self.stage.expect(e.request_id, e.prompt_tokens, sampling)
         return call_next(request, downstream) if downstream else worker_pb2.StageResponse()
 
     def _ready(self, request, downstream):
@@ -81,6 +81,8 @@ class DecodeChain:
         return call_next(onward, downstream)
 
     def _release(self, request, downstream):
+        if request.reset:
+            self.stage.reset()
         self.stage.release([p.seq_id for p in request.pieces if p.seq_id],
                            [p.request_id for p in request.pieces if p.request_id])
         # Each stage directly, not along the chain: a dead stage must not keep the ones

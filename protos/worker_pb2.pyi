@@ -269,23 +269,21 @@ class StagePiece(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., last_piece: _Optional[bool] = ..., total_tokens: _Optional[int] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
 
 class StageExpect(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "sampling", "lease_ms", "local", "seq_id")
+    __slots__ = ("request_id", "prompt_tokens", "sampling", "local", "seq_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     sampling: Sampling
-    lease_ms: int
     local: bool
     seq_id: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., lease_ms: _Optional[int] = ..., local: _Optional[bool] = ..., seq_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., local: _Optional[bool] = ..., seq_id: _Optional[int] = ...) -> None: ...
 
 class StageRequest(_message.Message):
-    __slots__ = ("op", "pieces", "hidden", "decode", "downstream", "expects", "token_ids")
+    __slots__ = ("op", "pieces", "hidden", "decode", "downstream", "expects", "token_ids", "reset")
     OP_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +291,7 @@ class StageRequest(_message.Message):
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     EXPECTS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
     op: StageOp
     pieces: _containers.RepeatedCompositeFieldContainer[StagePiece]
     hidden: bytes
@@ -300,7 +299,8 @@ class StageRequest(_message.Message):
     downstream: _containers.RepeatedScalarFieldContainer[str]
     expects: _containers.RepeatedCompositeFieldContainer[StageExpect]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, op: _Optional[_Union[StageOp, str]] = ..., pieces: _Optional[_Iterable[_Union[StagePiece, _Mapping]]] = ..., hidden: _Optional[bytes] = ..., decode: _Optional[bool] = ..., downstream: _Optional[_Iterable[str]] = ..., expects: _Optional[_Iterable[_Union[StageExpect, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    reset: bool
+    def __init__(self, op: _Optional[_Union[StageOp, str]] = ..., pieces: _Optional[_Iterable[_Union[StagePiece, _Mapping]]] = ..., hidden: _Optional[bytes] = ..., decode: _Optional[bool] = ..., downstream: _Optional[_Iterable[str]] = ..., expects: _Optional[_Iterable[_Union[StageExpect, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., reset: _Optional[bool] = ...) -> None: ...
 
 class StageResponse(_message.Message):
     __slots__ = ("tokens", "ready", "push_errors")
