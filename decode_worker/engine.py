@@ -70,6 +70,7 @@ class Request:
     generated: list[int] = dataclasses.field(default_factory=list)
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     stream_attached: bool = False
+    announced: bool = False  # every stage knows it (EXPECT done): admission may begin
 
 
 def piece(request_id: str = "", seq_id: int = 0, length: int = 0, last: bool = False
@@ -137,15 +138,15 @@ class DecodeEngine:
             request_id=request_id, prompt_tokens=prompt_tokens, sampling=sampling,
             local=local_prompt is not None, seq_id=request.seq_id)
         try:
-            with self.stage.lock:
-                self.chain.run(worker_pb2.StageRequest(op=Op.STAGE_OP_EXPECT, expects=[expect]),
-                               self.downstream)
+            self.chain.run(worker_pb2.StageRequest(op=Op.STAGE_OP_EXPECT, expects=[expect]),
+                           self.downstream)
         except Exception as exc:
             with self._lock:
                 self._requests.pop(request_id, None)
             raise EngineError("UNAVAILABLE", f"a pipeline stage refused the request: {exc}") \
                 from exc
         with self._lock:
+            request.announced = True
             self._lock.notify()
         return pages
 
@@ -226,7 +227,8 @@ class DecodeEngine:
                 self._expire_leases_locked()
                 self._kv_arrived = False
                 aborts, self._aborts = self._aborts, {}
-                reserved = [r for r in self._requests.values() if r.phase is Phase.RESERVED]
+                reserved = [r for r in self._requests.values()
+                            if r.phase is Phase.RESERVED and r.announced]
             for request_id, reason in aborts.items():
                 self._finish(request_id, TokenOut(None, "abort", reason))
             try:
@@ -237,7 +239,8 @@ class DecodeEngine:
 
     def _has_work_locked(self) -> bool:
         return bool(self._aborts) or self._kv_arrived or any(
-            r.phase is Phase.RUNNING or (r.phase is Phase.RESERVED and r.local_prompt is not None)
+            r.phase is Phase.RUNNING
+            or (r.phase is Phase.RESERVED and r.announced and r.local_prompt is not None)
             for r in self._requests.values())
 
     def _reserved_locked(self) -> bool:
