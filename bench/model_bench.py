@@ -69,8 +69,10 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
         runner = ModelRunner(artifact, params, CacheLimits(max_num_sequences=8,
                                                            max_total_tokens=8192,
                                                            prefill_chunk_size=1024))
+    import tvm
+
     out = {"compile_s": compile_s, "target": artifact.target, "dtype": dtype,
-           "schedule_set": artifact.schedule_set}
+           "schedule_set": artifact.schedule_set, "tvm_threads": tvm.runtime.num_threads()}
     rng = np.random.default_rng(1)
     for n in prefill_lengths:
         prompt = rng.integers(0, config.vocab_size, n).tolist()
@@ -149,9 +151,9 @@ def main() -> None:
         "shape": name, "weight_bytes": weight_bytes, "dtype": args.dtype,
         "our_weight_bytes": our_weight_bytes, "bandwidth": bandwidth,
         "decode_floor_ms": 1000 * our_weight_bytes / (bandwidth["read_gbps"] * 1e9),
-        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS", f"default ({os.cpu_count()})"),
         "ours": bench_ours(folder, args.repeats, args.prefill, args.decode_steps, args.dtype),
     }
+    results["tvm_num_threads"] = results["ours"]["tvm_threads"]
     if not args.skip_transformers:
         results["transformers"] = bench_transformers(folder, args.repeats, args.prefill,
                                                      args.decode_steps)
@@ -169,7 +171,9 @@ def print_table(results: dict, prefill_lengths: list[int]) -> None:
           f"(ours in {dtype}: {results.get('our_weight_bytes', results['weight_bytes']) / 1e9:.2f}"
           f" GB); read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s; "
           f"decode floor ({dtype}) {results['decode_floor_ms']:.0f} ms/token")
-    print(f"compile: {ours['compile_s']:.1f} s; schedules: {ours.get('schedule_set', '?')}\n")
+    print(f"compile: {ours['compile_s']:.1f} s; schedules: {ours.get('schedule_set', '?')}; "
+          f"TVM threads: {ours.get('tvm_threads', '?')}, torch threads: "
+          f"{ref.get('torch_threads', '-')}\n")
     rows = [(f"prefill {n} tokens (s)", f"prefill_{n}_s") for n in prefill_lengths]
     rows += [("decode batch 1 (ms/step)", "decode_b1_ms"), ("decode batch 8 (ms/step)",
                                                              "decode_b8_ms")]

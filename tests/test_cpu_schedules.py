@@ -1,0 +1,159 @@
+"""The CPU schedules compute what the unscheduled kernels compute, for every row count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+
+from olmo_model import compiler
+from olmo_model.compiler import resolve_target
+from olmo_model.cpu_schedules import (
+    SCHEDULE_SET,
+    HalfMatmulAccumulateInFloat32,
+    cpu_pipeline,
+    matmul_rule,
+    prefill_ragged_attention,
+)
+from olmo_model.runtime import ModelRunner
+
+TARGET = resolve_target("llvm")
+
+
+def _linear_module(k: int, n: int, dtype: str, residual: bool,
+                   rows: int | None = None) -> tvm.IRModule:
+    """``x @ W.T (+ r)`` as nn.Linear and the residual emit it; symbolic rows by default."""
+    m = tirx.Var("m", "int64") if rows is None else rows
+    x = relax.Var("x", relax.TensorType((1, m, k), dtype))
+    w = relax.Var("w", relax.TensorType((n, k), dtype))
+    r = relax.Var("r", relax.TensorType((1, m, n), dtype))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w, r]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))
+            out = bb.emit_output(relax.op.add(y, r) if residual else y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(mod: tvm.IRModule, *arrays: np.ndarray) -> np.ndarray:
+    with TARGET:
+        executable = tvm.compile(mod, TARGET, relax_pipeline=cpu_pipeline(TARGET))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+
+
+@pytest.mark.parametrize(("k", "n", "residual"), [(64, 96, True), (96, 320, False),
+                                                   (4096, 8, True)])
+def test_matmul_matches_numpy_for_any_row_count(k, n, residual):
+    # Rows 1..8 cover decode, 3 and 6 the tile exactly, 5 and 7 the padding, 130 prefill;
+    # k = 4096 is a long reduction with N smaller than one block.
+    rng = np.random.default_rng(0)
+    mod = _linear_module(k, n, "float32", residual)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    for m in (1, 2, 3, 5, 6, 7, 8, 130):
+        x = rng.standard_normal((1, m, k), dtype=np.float32)
+        r = rng.standard_normal((1, m, n), dtype=np.float32)
+        expected = x @ w.T + (r if residual else 0)
+        ours = _run(mod, x, w, r)
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("rows", [1, 6, 7])
+def test_matmul_with_a_static_row_count(rows):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, rows, 64), dtype=np.float32)
+    w = rng.standard_normal((96, 64), dtype=np.float32)
+    r = rng.standard_normal((1, rows, 96), dtype=np.float32)
+    ours = _run(_linear_module(64, 96, "float32", True, rows), x, w, r)
+    np.testing.assert_allclose(ours, x @ w.T + r, rtol=1e-4, atol=1e-3)
+
+
+def test_matmul_rule_schedules_the_legalized_linear():
+    mod = relax.transform.LegalizeOps()(
+        relax.transform.FuseTransposeMatmul()(_linear_module(64, 96, "float32", False)))
+    kernels = [f for g, f in mod.functions_items() if g.name_hint.startswith("NT_matmul")]
+    assert len(kernels) == 1
+    assert matmul_rule.apply(kernels[0], TARGET, False) is not None
+
+
+def test_float16_matmul_accumulates_in_float32():
+    # A float16 running sum of 4096 products would be off by far more than 1e-3.
+    rng = np.random.default_rng(1)
+    k, n, m = 4096, 16, 3
+    x = rng.uniform(0.5, 1.0, (1, m, k)).astype(np.float16)
+    w = rng.uniform(0.5, 1.0, (n, k)).astype(np.float16)
+    mod = _linear_module(k, n, "float16", False)
+    widened = HalfMatmulAccumulateInFloat32()(mod)
+    assert "float32" in widened.script()
+    expected = x.astype(np.float32) @ w.astype(np.float32).T
+    ours = _run(mod, x, w, np.zeros((1, m, n), np.float16)).astype(np.float32)
+    assert np.abs(ours - expected).max() / np.abs(expected).max() < 1e-3
+
+
+def _reference_attention(q, k, v, q_indptr, kv_indptr, causal):
+    h_q, h_kv, d = q.shape[1], k.shape[1], q.shape[2]
+    out = np.zeros(q.shape, np.float32)
+    lse = np.zeros(q.shape[:2], np.float32)
+    for b in range(len(q_indptr) - 1):
+        qs, qe, ks, ke = q_indptr[b], q_indptr[b + 1], kv_indptr[b], kv_indptr[b + 1]
+        rows, cols = qe - qs, ke - ks
+        for h in range(h_q):
+            scores = q[qs:qe, h] @ k[ks:ke, h // (h_q // h_kv)].T * d**-0.5 * np.log2(np.e)
+            if causal:
+                visible = np.arange(cols)[None, :] < cols - rows + np.arange(rows)[:, None] + 1
+                scores = np.where(visible, scores, -np.inf)
+            top = scores.max(axis=1, keepdims=True)
+            p = np.exp2(scores - top)
+            total = p.sum(axis=1, keepdims=True)
+            out[qs:qe, h] = p / total @ v[ks:ke, h // (h_q // h_kv)]
+            lse[qs:qe, h] = (top + np.log2(total))[:, 0]
+    return out, lse
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+@pytest.mark.parametrize(("h_q", "h_kv"), [(4, 4), (8, 2)])
+def test_prefill_attention_matches_reference(causal, h_q, h_kv):
+    # Three sequences, two with cached tokens before their new ones (kv longer than q).
+    d, new, cached = 32, [5, 37, 1], [0, 4, 9]
+    rng = np.random.default_rng(2)
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(np.add(new, cached))]).astype(np.int32)
+    q = rng.standard_normal((q_indptr[-1], h_q, d), dtype=np.float32)
+    k = rng.standard_normal((kv_indptr[-1], h_kv, d), dtype=np.float32)
+    v = rng.standard_normal((kv_indptr[-1], h_kv, d), dtype=np.float32)
+    kernel = tvm.compile(tvm.IRModule({"main": prefill_ragged_attention(h_kv, h_q, d,
+                                                                          "float32")}), TARGET)
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    positions = tvm.runtime.tensor(np.zeros(q.shape[0], np.int32))
+    offsets = tvm.runtime.tensor(np.zeros(len(new), np.int32))
+    args = [tvm.runtime.tensor(a) for a in (q, q_indptr, k, v, kv_indptr)]
+    kernel["main"](*args, positions, offsets, out, lse, causal, 0, 1.0, 1e4, d**-0.5)
+    expected_out, expected_lse = _reference_attention(q, k, v, q_indptr, kv_indptr, causal)
+    np.testing.assert_allclose(out.numpy(), expected_out, atol=1e-5)
+    np.testing.assert_allclose(lse.numpy(), expected_lse, atol=1e-5)
+    with pytest.raises(Exception, match="RoPE"):
+        kernel["main"](*args, positions, offsets, out, lse, causal, 1, 1.0, 1e4, d**-0.5)
+
+
+def test_compiled_artifact_records_its_schedules(tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    runner = ModelRunner.from_checkpoint(folder)
+    assert runner.artifact.schedule_set == SCHEDULE_SET
+    # Editing the schedules must invalidate the disk cache, like editing the model.
+    assert "cpu_schedules.py" in compiler._MODEL_SOURCES
+
+
+def test_thread_pool_follows_the_machine():
+    # TVM alone would use half the CPUs on x86 (one on a 2-vCPU machine).
+    code = ("import os, olmo_model.compiler, tvm; "
+            "assert tvm.runtime.num_threads() == len(os.sched_getaffinity(0)), "
+            "(tvm.runtime.num_threads(), os.sched_getaffinity(0))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
