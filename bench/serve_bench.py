@@ -88,27 +88,45 @@ def handoff_probe(client, vocab: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def prefill_transfer_totals(cluster) -> tuple[int, float, int]:
-    stats = [p.Stats(worker_pb2.StatsRequest(), None) for p in cluster.prefill]
+def prefill_transfer_totals(prefill_stats) -> tuple[int, float, int]:
+    stats = [get(worker_pb2.StatsRequest()) for get in prefill_stats]
     return (sum(s.kv_bytes_sent for s in stats), sum(s.kv_transfer_ms for s in stats),
             sum(s.pushes for s in stats))
 
 
-def bench_mode(model: Path, aggregated: bool, args, vocab: int) -> dict:
+def start_cluster(model: Path, aggregated: bool, use_ray: bool):
+    """(cluster, router address, per-prefill-worker Stats callables)."""
+    if use_ray:
+        from router.cluster_config import ClusterConfig, RoleConfig
+        from router.ray_cluster import start_ray_cluster
+
+        config = ClusterConfig(model=str(model), port=0, max_sequences=32,
+                               max_total_tokens=32768,
+                               mode="aggregated" if aggregated else "disaggregated",
+                               prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5))
+        cluster = start_ray_cluster(config)
+        stats = [w.stub.Stats for w in cluster.manager.scheduler.workers("prefill")]
+        return cluster, cluster.address, stats
     limits = CacheLimits(max_num_sequences=32, max_total_tokens=32768, prefill_chunk_size=2048)
     cluster = start_local_cluster(model, num_prefill=1, num_decode=1, aggregated=aggregated,
                                   limits=limits)
-    client = GenerationClient(cluster.router_address)
+    return cluster, cluster.router_address, [
+        lambda request, p=p: p.Stats(request, None) for p in cluster.prefill]
+
+
+def bench_mode(model: Path, aggregated: bool, args, vocab: int) -> dict:
+    cluster, address, prefill_stats = start_cluster(model, aggregated, args.ray)
+    client = GenerationClient(address)
     try:
         run_request(client, [1, 2, 3], 2)  # warm up
         out = {"handoff_ttft_512_s": handoff_probe(client, vocab, args.probe_repeats),
                "rates": []}
         rng = np.random.default_rng(0)
         slo = {"ttft": args.slo_ttft, "tpot": args.slo_tpot}
-        before = prefill_transfer_totals(cluster)
+        before = prefill_transfer_totals(prefill_stats)
         for rate in args.rates:
             out["rates"].append(poisson_run(client, rate, args.requests, rng, vocab, slo))
-        after = prefill_transfer_totals(cluster)
+        after = prefill_transfer_totals(prefill_stats)
         out["kv_bytes"] = after[0] - before[0]
         out["kv_transfer_ms"] = after[1] - before[1]
         out["kv_pushes"] = after[2] - before[2]
@@ -127,12 +145,15 @@ def main() -> None:
     parser.add_argument("--probe-repeats", type=int, default=5)
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="seconds")
     parser.add_argument("--slo-tpot", type=float, default=0.2, help="seconds")
+    parser.add_argument("--ray", action="store_true",
+                        help="workers as Ray actors in their own processes (default: one process)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_bench.json"))
     args = parser.parse_args()
     model = args.model or make_checkpoint(
         Path(tempfile.gettempdir()) / "olmo-bench-checkpoints" / "serve", SERVE)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    results = {"model": str(model), "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+    results = {"model": str(model), "workers": "ray actors" if args.ray else "one process",
+               "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
                "disaggregated": bench_mode(model, False, args, vocab),
                "aggregated": bench_mode(model, True, args, vocab)}
     print_table(results)
@@ -143,8 +164,9 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     d, a = results["disaggregated"], results["aggregated"]
-    print(f"\nmodel {results['model']}; SLO TTFT <= {results['slo']['ttft_s']} s, "
-          f"TPOT <= {results['slo']['tpot_s']} s")
+    slo = results["slo"]
+    print(f"\nmodel {results['model']} ({results['workers']}); SLO TTFT <= {slo['ttft_s']} s, "
+          f"TPOT <= {slo['tpot_s']} s")
     print(f"{'mode':<8}{'rate':>6}{'TTFT p50/p90/p99 (ms)':>26}{'TPOT p50/p90 (ms)':>20}"
           f"{'E2E p50/p99 (s)':>18}{'tok/s':>8}{'good/s':>8}")
     for name, mode in (("disagg", d), ("agg", a)):
