@@ -164,7 +164,10 @@ def compile_model(
         "compile_seconds": seconds,
         "schedule_set": schedule_set,
     }
-    meta_path.write_text(json.dumps(meta))
+    # Written last and atomically: a reader that sees meta.json finds a whole library.
+    tmp_meta = folder / f"meta.{os.getpid()}.json"
+    tmp_meta.write_text(json.dumps(meta))
+    tmp_meta.replace(meta_path)
     log(f"  compiled in {seconds:.1f}s -> {lib_path}")
     return _artifact(lib_path, config, stage, dtype, meta, from_cache=False)
 
