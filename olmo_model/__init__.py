@@ -1,1 +1,1 @@
-"""AI2's OLMo-1 on Apache TVM: config, Relax model, loader, compiler, runtime with KV page access."""
+"""AI2's OLMo-1 on Apache TVM: config, Relax model, loader, compiler, runtime, KV pages."""
