@@ -116,8 +116,11 @@ class PagedKVCache:
     def export_sequence(self, seq_id: int, num_tokens: int) -> KVSnapshot:
         """Read a sequence's K/V for all of this cache's layers."""
         keys, values = self._read(seq_id, num_tokens)
-        return KVSnapshot(self.layer_begin, self.layer_begin + self.num_layers,
-                          keys.numpy(), values.numpy())
+        if self.pages and isinstance(self.pages[0], np.ndarray):  # host memory: no copy
+            keys, values = np.from_dlpack(keys), np.from_dlpack(values)
+        else:
+            keys, values = keys.numpy(), values.numpy()
+        return KVSnapshot(self.layer_begin, self.layer_begin + self.num_layers, keys, values)
 
     def import_sequence(self, seq_id: int, snapshot: KVSnapshot) -> None:
         """Install received K/V as the whole content of a freshly added sequence.
@@ -176,8 +179,17 @@ class PagedKVCache:
         return keys, values
 
     def _debug_kernel(self, pages: Any, slot_map: Any, k_out: Any, v_out: Any, layer: Any) -> None:
-        self._page_tensors[int(layer)] = pages
-        self._real_debug_kernel(pages, slot_map, k_out, v_out, layer)
+        layer = int(layer)
+        self._page_tensors[layer] = pages
+        views = getattr(self, "pages", None)
+        if not views or not isinstance(views[0], np.ndarray):
+            self._real_debug_kernel(pages, slot_map, k_out, v_out, layer)
+            return
+        # On the host, numpy's gather through the captured views is several times faster
+        # than TVM's unscheduled debug kernel, and this read is the KV export path.
+        page, offset = np.divmod(np.from_dlpack(slot_map), self.limits.page_size)
+        np.from_dlpack(k_out)[layer] = views[layer][page, 0, :, offset, :]
+        np.from_dlpack(v_out)[layer] = views[layer][page, 1, :, offset, :]
 
     def _materialize(self, item: Any, library: tvm.runtime.Module, sizes: dict[str, int]) -> Any:
         if isinstance(item, int):
