@@ -35,10 +35,19 @@ def connect_ray(address: str | None = None, num_cpus: float | None = None) -> No
         return
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", object_store_memory=128 * 2**20,
-                 log_to_driver=False)
+        return
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+                     _node_ip_address="127.0.0.1", object_store_memory=128 * 2**20,
+                     log_to_driver=False)
+            return
+        except RuntimeError:
+            # Seen on a loaded 2-core machine: the new GCS does not report its port within
+            # Ray's wait; a second start succeeds.
+            ray.shutdown()
+            if attempt == 2:
+                raise
 
 
 @dataclasses.dataclass
@@ -51,6 +60,7 @@ class Instance:
     stage_addresses: list[str] = dataclasses.field(default_factory=list)
     state: str = "starting"  # starting, healthy, unhealthy, draining
     restarts: int = 0
+    slow_answers: int = 0  # consecutive health polls that timed out
 
     @property
     def actor(self):
@@ -111,6 +121,8 @@ class RayClusterManager:
         if role == "prefill" and self.config.aggregated:
             raise ValueError("aggregated mode runs no prefill instances")
         current = [i for i in self.status() if i.role == role and i.state != "draining"]
+        # Keep healthy instances; drain the others first.
+        current.sort(key=lambda i: (i.state != "healthy", i.name))
         if wanted > len(current):
             self._await_ready(self._launch(role, wanted - len(current)))
         for instance in current[wanted:]:
@@ -210,8 +222,13 @@ class RayClusterManager:
                 try:
                     addresses = ray.get([a.address.remote() for a in instance.actors],
                                         timeout=max(1.0, self.config.health_interval_s))
-                except Exception:
-                    if instance.state == "healthy":
+                    instance.slow_answers = 0
+                except Exception as exc:
+                    # A dead actor fails at once; a busy one may only answer late, so it
+                    # is taken out after several slow polls in a row.
+                    slow = isinstance(exc, ray.exceptions.GetTimeoutError)
+                    instance.slow_answers += slow
+                    if instance.state == "healthy" and (not slow or instance.slow_answers >= 3):
                         self.scheduler.remove(instance.address)
                         with self._lock:
                             instance.state = "unhealthy"

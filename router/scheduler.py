@@ -32,6 +32,7 @@ class Scheduler:
     def __init__(self, stats_timeout: float = 2.0):
         self.stats_timeout = stats_timeout
         self._workers: dict[str, Worker] = {}
+        self._picks: dict[str, int] = {}  # breaks ties round-robin, so no worker idles
         self._lock = threading.Lock()
         self.layout: worker_pb2.ModelLayout | None = None
 
@@ -72,29 +73,30 @@ class Scheduler:
 
     def pick_decode(self, exclude: set[str] = frozenset()) -> list[Worker]:
         """Decode workers best first: most free pages, then fewest running sequences."""
+        return self._rank("decode", exclude,
+                          lambda stats: (-stats.free_pages, stats.running_sequences))
+
+    def pick_prefill(self, exclude: set[str] = frozenset()) -> Worker:
+        """The reachable prefill worker with the fewest queued prompt tokens."""
+        return self._rank("prefill", exclude, lambda stats: (stats.queued_tokens,))[0]
+
+    def _rank(self, role: str, exclude: set[str], load) -> list[Worker]:
         ranked = []
-        for worker in self.workers("decode"):
+        for worker in self.workers(role):
             if worker.address in exclude:
                 continue
             stats = self._stats(worker)
             if stats is not None:
-                ranked.append((-stats.free_pages, stats.running_sequences, worker.address, worker))
+                with self._lock:
+                    picks = self._picks.get(worker.address, 0)
+                ranked.append(((*load(stats), picks, worker.address), worker))
         if not ranked:
-            raise NoWorker("no decode worker is reachable")
-        return [w for *_, w in sorted(ranked, key=lambda r: r[:3])]
-
-    def pick_prefill(self, exclude: set[str] = frozenset()) -> Worker:
-        """The reachable prefill worker with the fewest queued prompt tokens."""
-        best = None
-        for worker in self.workers("prefill"):
-            if worker.address in exclude:
-                continue
-            stats = self._stats(worker)
-            if stats is not None and (best is None or stats.queued_tokens < best[0]):
-                best = (stats.queued_tokens, worker)
-        if best is None:
-            raise NoWorker("no prefill worker is reachable")
-        return best[1]
+            raise NoWorker(f"no {role} worker is reachable")
+        ranked.sort(key=lambda item: item[0])
+        with self._lock:
+            first = ranked[0][1].address
+            self._picks[first] = self._picks.get(first, 0) + 1
+        return [worker for _, worker in ranked]
 
     def _stats(self, worker: Worker) -> worker_pb2.WorkerStats | None:
         try:
