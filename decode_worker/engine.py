@@ -61,7 +61,6 @@ class Request:
     request_id: str
     prompt_tokens: int
     sampling: SamplingConfig
-    sampling_proto: worker_pb2.Sampling
     reserved_pages: int
     lease_deadline: float
     local_prompt: list[int] | None
@@ -131,7 +130,7 @@ class DecodeEngine:
                                   f"request needs {pages} KV pages but only {free} are free; "
                                   "retry later or lower max_tokens")
             self._next_seq_id += 1
-            request = Request(request_id, prompt_tokens, config, sampling, pages,
+            request = Request(request_id, prompt_tokens, config, pages,
                               time.monotonic() + lease_seconds, local_prompt, self._next_seq_id)
             self._requests[request_id] = request
         expect = worker_pb2.StageExpect(

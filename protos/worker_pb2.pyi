@@ -155,14 +155,12 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("kv_bytes", "prefill_ms", "transfer_ms")
+    __slots__ = ("kv_bytes", "prefill_ms")
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
     kv_bytes: int
     prefill_ms: float
-    transfer_ms: float
-    def __init__(self, kv_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, kv_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
 
 class KVHeader(_message.Message):
     __slots__ = ("request_id", "layout", "num_tokens", "num_blocks")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import grpc
-
 from protos import generation_pb2, generation_pb2_grpc
 from protos.grpc_server import channel
 
@@ -45,9 +43,6 @@ class GenerationClient:
             ids.extend(last.token_ids)
             text.append(last.text)
         return ids, "".join(text), last
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def close(self) -> None:
         self.channel.close()
