@@ -25,7 +25,7 @@ from .model import OLMoForCausalLM
 from .stages import StageSpec
 
 SUPPORTED_DTYPES = ("float32", "float16")
-_MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py")
+_MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py", "cpu_attention.py")
 
 
 def default_cache_dir() -> Path:

@@ -6,40 +6,41 @@ These rules rewrite the model's kernels with TVM's own scheduling primitives
 (``tvm.s_tir.Schedule``), applied per PrimFunc by dlight's ``ApplyDefaultSchedule``:
 
 * ``matmul_rule``: every ``x @ W.T`` (``NT_matmul``, after ``FuseTransposeMatmul``) with its
-  elementwise epilogue (residual add, casts). One register-tiled "dot product" kernel
-  serves decode (1 to 8 rows), the LM head and prefill (hundreds of rows), because the
-  row count is symbolic (``batch_size``, ``seq_len``) and the decode LM head runs through
-  the same ``seq_len`` function as prefill logits.
+  elementwise epilogue (residual add, casts), with the row count symbolic. Decode-shaped
+  calls (one row per running sequence: batch_decode's layers, the LM head) take a
+  register-tiled dot-product kernel that walks W once with software prefetches ahead of
+  it; prefill-shaped ones (one row per token) branch on the row count between that
+  kernel and an outer-product kernel over repacked panels of W, which runs near the
+  FMA peak once there are enough rows to pay for the repacking.
 * ``elementwise_rule``: the model's fused injective kernels (gate split + activation +
   multiply, reshapes, casts): parallel outside, vectorized inside.
 * dlight's shipped ``cpu.Reduction`` for LayerNorm (parallel rows, vectorized normalize).
 
 Two Relax-level passes run first: float16 matmuls accumulate in float32
 (``HalfMatmulAccumulateInFloat32``), and the paged KV cache's single-threaded reference
-CPU kernel for prefill attention is swapped for a parallel one with the same contract
-(``ParallelPrefillAttention``). Its RoPE kernel gets a small schedule (``rope_rule``);
-its other kernels (decode attention, page copies) are used as TVM ships them.
+CPU kernels for prefill and decode attention are swapped for parallel ones with the same
+contract (``cpu_attention.ParallelAttention``). Its RoPE kernel gets a small schedule
+(``rope_rule``); its other kernels (page copies) are used as TVM ships them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import tvm
+import tvm.script
 from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.script import tirx as T
 from tvm.target import Target
 
-# Recorded in the compile cache key and the artifact meta: bump on any schedule change.
-SCHEDULE_SET = "olmo-cpu-v1"
+from .cpu_attention import VECTOR_LANES, ParallelAttention, static_extent
 
-# AVX2 registers hold 8 float32 lanes; AVX-512 is deliberately not assumed.
-VECTOR_LANES = 8
+# Recorded in the compile cache key and the artifact meta: bump on any schedule change.
+SCHEDULE_SET = "olmo-cpu-v2"
+
 # Register tile of the matmul kernel: TILE_ROWS rows of x times TILE_COLS rows of W,
 # each accumulating VECTOR_LANES partial sums: 3 x 4 = 12 of the 16 ymm registers,
 # fed by 3 + 4 loads per 12 FMAs, so the loop is FMA-bound rather than load-bound.
@@ -49,6 +50,21 @@ TILE_COLS = 4
 # block of W (rows x K) stays in the per-core L2 (1 MiB on this EPYC, 512 KiB on Zen 3)
 # while every tile of x streams past.
 WEIGHT_BLOCK_BYTES = 256 * 1024
+# Outer-product kernel (prefill): PACKED_ROWS rows of x times PACKED_COLS columns of W^T,
+# 6 x 2 vectors = 12 accumulators, fed per step of k by 6 broadcasts and 2 loads of W.
+PACKED_ROWS = 6
+PACKED_COLS = 2 * 8
+# From this many rows on, a prefill-shaped matmul repacks W and takes the outer-product
+# kernel: on OLMo-1B shapes the two kernels cost the same at 32 to 64 rows; at 7 rows the
+# repacking made a forward 150 ms slower, at 512 the outer products 1.6 s faster.
+PACK_MIN_ROWS = 48
+# Decode-shaped matmuls prefetch W this many tiles (TILE_COLS rows) ahead; 1 to 3 measured
+# alike on OLMo-1B shapes, 4 and more worse (prefetched lines evicted before use).
+PREFETCH_TILES_AHEAD = 2
+# A static row count up to this is decode-shaped (see _MatmulShape.few_rows).
+FEW_ROWS = 16
+# Bytes per cache line: a prefetch brings in one.
+CACHE_LINE_BYTES = 64
 
 
 def follow_the_machine() -> None:
@@ -76,7 +92,7 @@ def cpu_pipeline(target: Target) -> tvm.transform.Pass:
     return tvm.transform.Sequential(
         [
             HalfMatmulAccumulateInFloat32(),
-            ParallelPrefillAttention(),
+            ParallelAttention(),
             # nn.Linear transposes its weight on every call unless this pass folds the
             # transpose into the matmul (8x on decode, measured on the CPU).
             relax.transform.FuseTransposeMatmul(),
@@ -142,14 +158,28 @@ class _MatmulShape:
     n: int  # rows of W (output features)
     k: int  # the reduction length
     weight_bytes: int  # bytes per weight element
+    weight: tirx.Buffer  # W
 
+    @property
+    def row_extent(self) -> tirx.PrimExpr:
+        """The number of rows of x (1 when there is no row dimension to tile)."""
+        rows = [e for e in self.lead_extents if static_extent(e) != 1]
+        return rows[0] if len(rows) == 1 else tirx.const(1, "int64")
 
-def _static(extent: tirx.PrimExpr) -> int | None:
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
+    @property
+    def few_rows(self) -> bool:
+        """Decode-shaped: rows on the batch axis (``[batch, 1, k]``, ``[batch, k]``), which
+        holds one row per running sequence, or a small static count. Prefill's rows are the
+        tokens of ``[1, seq_len, k]``."""
+        rows = [i for i, e in enumerate(self.lead_extents) if static_extent(e) != 1]
+        if not rows:
+            return True
+        extent = static_extent(self.lead_extents[rows[0]])
+        return extent <= FEW_ROWS if extent is not None else rows[0] == 0
 
 
 def _is_var_index(region: tvm.ir.Range, var: tirx.Var) -> bool:
-    return region.min.same_as(var) and _static(region.extent) == 1
+    return region.min.same_as(var) and static_extent(region.extent) == 1
 
 
 def _match_nt_matmul(block: s_tir.SBlock) -> _MatmulShape | None:
@@ -166,7 +196,7 @@ def _match_nt_matmul(block: s_tir.SBlock) -> _MatmulShape | None:
         return None
     if k_iter.iter_type != tirx.IterVar.CommReduce:
         return None
-    n, k = _static(n_iter.dom.extent), _static(k_iter.dom.extent)
+    n, k = static_extent(n_iter.dom.extent), static_extent(k_iter.dom.extent)
     if n is None or k is None:
         return None
     lead_vars = [it.var for it in lead]
@@ -189,6 +219,7 @@ def _match_nt_matmul(block: s_tir.SBlock) -> _MatmulShape | None:
         n=n,
         k=k,
         weight_bytes=tvm.DataType(weight.source.dtype).bits // 8,
+        weight=weight.source,
     )
 
 
@@ -203,31 +234,53 @@ def _largest_divisor(n: int, step: int, limit: int) -> int:
 
 @dl.ScheduleRule.from_callable("olmo.cpu.Matmul")
 def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-    """Register-tiled ``x @ W.T`` for any number of rows of x, W streamed once.
+    """``x @ W.T`` with its epilogue, by one of two register-tiled kernels.
 
-    The reduction is split into VECTOR_LANES-wide partial sums (``rfactor`` onto the last
-    axis, so W and x are both read contiguously along k), and TILE_ROWS rows of x by
-    TILE_COLS rows of W are computed together, so every W vector loaded serves several
-    rows of x and every x vector several rows of W. Threads split W's rows; each thread
-    runs all rows of x past its block of W while the block sits in its L2. The row count
-    of x is padded up to a multiple of TILE_ROWS (a copy of x, small next to W) so the
-    tile needs no bounds checks; the epilogue (residual add, cast) is computed in the
-    same parallel iteration while the results are still in registers.
+    Decode-shaped calls (a row per running sequence) take the dot-product kernel with
+    software prefetch: W is read once, from memory, and that is the cost. Prefill-shaped
+    calls (a row per token) are compute-bound once there are enough rows: at
+    PACK_MIN_ROWS rows or more they take the outer-product kernel, which repacks each
+    block of W first and then runs near the FMA peak; below that the repacking costs
+    more than it saves, and they take the dot-product kernel too (as do matmuls whose W
+    does not split into whole panels). The row count is symbolic, so that choice is a
+    branch inside the kernel.
     """
     if target.kind.name != "llvm":
         return None
-    sch = s_tir.Schedule(func)
+    shape = _the_matmul(s_tir.Schedule(func))
+    if shape is None:
+        return None
+    if shape.few_rows or shape.n % PACKED_COLS:
+        return _dot_product_kernel(func, target, prefetch=shape.few_rows)
+    small = _dot_product_kernel(func, target, prefetch=False)
+    large = _outer_product_kernel(func, target)
+    rows = shape.row_extent
+    if static_extent(rows) is not None:
+        return large if static_extent(rows) >= PACK_MIN_ROWS else small
+    return _branch_on(func, rows >= tirx.const(PACK_MIN_ROWS, str(rows.ty)), large, small)
+
+
+def _the_matmul(sch: s_tir.Schedule) -> _MatmulShape | None:
+    """The one ``x @ W.T`` block of a kernel followed only by elementwise blocks."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     matmuls = [b for b in blocks if _match_nt_matmul(sch.get(b)) is not None]
-    if len(matmuls) != 1:
+    if len(matmuls) != 1 or _epilogue_chain(sch, blocks, matmuls[0]) is None:
         return None
-    matmul = matmuls[0]
+    shape = _match_nt_matmul(sch.get(matmuls[0]))
+    return shape if shape.k % VECTOR_LANES == 0 else None
+
+
+def _prepare(func: tirx.PrimFunc, tile_rows: int) -> tuple:
+    """A schedule with rows padded to ``tile_rows`` and the epilogue chain in one block.
+
+    Returns (schedule, matmul block, its shape, the epilogue block or None, row tile).
+    """
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    matmul = next(b for b in blocks if _match_nt_matmul(sch.get(b)) is not None)
     shape = _match_nt_matmul(sch.get(matmul))
     epilogues = _epilogue_chain(sch, blocks, matmul)
-    if epilogues is None or shape.k % VECTOR_LANES != 0:
-        return None
-
-    tile_rows, padded = _pad_rows(sch, matmul, shape)
+    tile_rows, padded = _pad_rows(sch, matmul, shape, tile_rows)
     if padded and epilogues:
         # The pad's write-back copy feeds the epilogue: fold it in so the epilogue
         # reads the padded result directly.
@@ -237,12 +290,25 @@ def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sc
     # A chain such as add -> cast becomes one block, computed once per output tile.
     for block in epilogues[:-1]:
         sch.compute_inline(block)
-    epilogue = epilogues[-1] if epilogues else None
+    _schedule_padded_copies(sch, matmul)
+    return sch, matmul, shape, (epilogues[-1] if epilogues else None), tile_rows
 
+
+def _dot_product_kernel(func: tirx.PrimFunc, target: Target, prefetch: bool
+                        ) -> s_tir.Schedule:
+    """TILE_ROWS rows of x times TILE_COLS rows of W, each a dot product along k.
+
+    The reduction is split into VECTOR_LANES-wide partial sums (``rfactor`` onto the last
+    axis, so W and x are both read contiguously along k, as they lie in memory), summed
+    across lanes when the tile is done. Every W vector loaded serves several rows of x
+    and every x vector several rows of W. Threads split W's rows into blocks. The row
+    count of x is padded up to a multiple of TILE_ROWS (a copy of x, small next to W) so
+    the tile needs no bounds checks; the epilogue (residual add, cast) runs in the same
+    parallel iteration while the results are still in registers.
+    """
+    sch, matmul, shape, epilogue, tile_rows = _prepare(func, TILE_ROWS)
     tile_cols = _largest_divisor(shape.n, 1, TILE_COLS)
     block_cols = _largest_divisor(shape.n, tile_cols, _block_cols_limit(shape, target))
-    _schedule_padded_copies(sch, matmul)
-
     *lead, _, k = sch.get_loops(matmul)
     _, lanes = sch.split(k, [None, VECTOR_LANES])
     partial = sch.rfactor(lanes, factor_axis=len(lead) + 1)
@@ -250,23 +316,173 @@ def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sc
     m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     m_outer, m_inner = sch.split(m, [None, tile_rows])
     n_block, n_tile, n_inner = sch.split(n, [None, block_cols // tile_cols, tile_cols])
-    # W's rows outside x's rows in the tile: one W vector and the tile's three x vectors
-    # are live at a time, which with the 12 accumulators is exactly the 16 ymm registers.
-    sch.reorder(n_block, m_outer, n_tile, k_outer, n_inner, m_inner, lanes)
+    # Inside a tile, W's rows are outside x's rows: one W vector and the tile's three x
+    # vectors are live at a time, which with the 12 accumulators is exactly the 16 ymm
+    # registers.
+    if shape.few_rows:
+        # Decode: every tile of x's rows meets a tile of W's rows while it is in L1, so W
+        # is read from memory once and at an even pace.
+        sch.reorder(n_block, n_tile, m_outer, k_outer, n_inner, m_inner, lanes)
+        output_tile = m_outer
+    else:
+        # A short prefill: each thread's block of W sits in L2 while x streams past.
+        sch.reorder(n_block, m_outer, n_tile, k_outer, n_inner, m_inner, lanes)
+        output_tile = n_tile
     sch.parallel(n_block)
     sch.unroll(m_inner)
     sch.unroll(n_inner)
     sch.vectorize(lanes)
     # The tile's 12 accumulators have constant indices after unrolling, so LLVM keeps
-    # them in registers for the whole of k; then sum the lanes and run the epilogue
-    # while the tile is hot. (Walking k in chunks with the block's partial sums carried
-    # over would keep long rows of x in L1, but the carried sums are indexed by the tile
-    # loop and, in the full module build, LLVM stored them to memory on every FMA.)
-    sch.reverse_compute_at(sch.get_consumers(partial)[0], n_tile)
+    # them in registers for the whole of k. (Walking k in chunks with partial sums
+    # carried over kept them in memory, stored on every FMA.)
+    sch.reverse_compute_at(sch.get_consumers(partial)[0], output_tile)
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, output_tile)
+    sch.decompose_reduction(partial, k_outer)
+    if not prefetch:
+        return sch
+    loop_vars = [sch.get(loop).loop_var for loop in (n_block, n_tile, m_outer, k_outer)]
+    return _prefetch_weight_tiles(sch, shape, loop_vars, block_cols, tile_cols)
+
+
+def _outer_product_kernel(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
+    """PACKED_ROWS rows of x times PACKED_COLS columns of W^T, as outer products over k.
+
+    Each thread first copies its block of W into a panel layout ``[n / PACKED_COLS, k,
+    PACKED_COLS]``, so that for one step of k the tile's columns of W^T are two
+    contiguous vectors; each step then broadcasts one element of each of the 6 rows of
+    x and does 12 FMAs into 12 accumulators that span the tile's outputs directly: no
+    sums across lanes, and one stream of W per tile. OLMo-1B's prefill matmuls run at
+    about 158 GFLOP/s on two cores against 105-139 for the dot-product kernel.
+    """
+    sch, matmul, shape, epilogue, tile_rows = _prepare(func, PACKED_ROWS)
+    block_cols = _largest_divisor(shape.n, PACKED_COLS, max(
+        PACKED_COLS, _block_cols_limit(shape, target)))
+    reads = sch.get(matmul).reads
+    weight_index = next(i for i, r in enumerate(reads) if r.source.same_as(shape.weight))
+    panels = sch.cache_read(matmul, weight_index, "global")
+    sch.transform_layout(panels, ("write", 0),
+                         lambda n, k: (n // PACKED_COLS, k, n % PACKED_COLS))
+    accumulators = sch.cache_write(matmul, 0, "global")
+    *lead, n, k = sch.get_loops(matmul)
+    m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    m_outer, m_inner = sch.split(m, [None, tile_rows])
+    n_block, n_tile, n_vector, lanes = sch.split(
+        n, [None, block_cols // PACKED_COLS, PACKED_COLS // VECTOR_LANES, VECTOR_LANES])
+    sch.reorder(n_block, m_outer, n_tile, k, m_inner, n_vector, lanes)
+    sch.parallel(n_block)
+    sch.unroll(m_inner)
+    sch.unroll(n_vector)
+    sch.vectorize(lanes)
+    _schedule_panel_copy(sch, panels, n_block)
+    sch.reverse_compute_at(accumulators, n_tile)
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, n_tile)
-    sch.decompose_reduction(partial, k_outer)
+    sch.decompose_reduction(matmul, k)
     return sch
+
+
+def _schedule_panel_copy(sch: s_tir.Schedule, panels: s_tir.schedule.SBlockRV,
+                         n_block: s_tir.schedule.LoopRV) -> None:
+    """Copy the thread's block of W into panels: a transpose of VECTOR_LANES-long pieces.
+
+    Reading W along k and writing a panel's PACKED_COLS rows for VECTOR_LANES steps of k,
+    fully unrolled, keeps the writes inside a few cache lines: the fastest of the four
+    orders tried (a 1-token OLMo-1B forward through this kernel took 305 ms with it, 639
+    with the naive order; a forward that only reads the weights takes about 135).
+    """
+    sch.compute_at(panels, n_block)
+    rows, ks = sch.get_loops(panels)[-2:]
+    panel, row = sch.split(rows, [None, PACKED_COLS])
+    k_outer, k_inner = sch.split(ks, [None, VECTOR_LANES])
+    sch.reorder(panel, k_outer, row, k_inner)
+    sch.unroll(row)
+    sch.unroll(k_inner)
+
+
+def _branch_on(func: tirx.PrimFunc, condition: tirx.PrimExpr, then: s_tir.Schedule,
+               otherwise: s_tir.Schedule) -> s_tir.Schedule:
+    """One kernel running ``then``'s schedule of ``func`` if ``condition``, else ``otherwise``'s.
+
+    Both are schedules of the same function, so both branches define the same loop and
+    block variables, and a function may define each only once (``renew_defs`` refuses
+    such a function too). Printing the joined function as TVMScript and parsing it back
+    gives every definition its own variable; each branch keeps its own scratch buffers.
+    """
+    body = tirx.IfThenElse(condition, then.mod["main"].body, otherwise.mod["main"].body)
+    root = s_tir.SBlock([], [], [], "root", body)
+    joined = func.with_body(s_tir.SBlockRealize([], True, root))
+    parsed = tvm.script.from_source(joined.script(show_meta=True))
+    if isinstance(parsed, tvm.IRModule):
+        (parsed,) = parsed.functions.values()
+    return s_tir.Schedule(parsed)
+
+
+def _prefetch_weight_tiles(sch: s_tir.Schedule, shape: _MatmulShape, loop_vars: list,
+                           block_cols: int, tile_cols: int) -> s_tir.Schedule:
+    """Every step of k also prefetches one cache line of W, from PREFETCH_TILES_AHEAD tiles on.
+
+    With a few rows of x, each W tile is computed on for only a few microseconds, and the
+    hardware prefetcher does not run far enough ahead to keep memory busy through them:
+    a batch-8 decode step took 1.6x a batch-1 step although its arithmetic fits in the
+    time memory takes. A prefetch per step walks W's rows ahead of the tile being
+    computed (a tile's passes over x's row tiles take at least as many steps as the tile
+    has lines in float32 and float16 alike), so reads stay in flight while the FMAs run.
+    The prefetch is unconditional: guarding it with a branch made LLVM spill an
+    accumulator in the float16 kernel. No schedule primitive emits a prefetch, so the
+    statement is put at the top of the k loop's body in the scheduled function.
+    """
+    nb, nt, mo, ko = loop_vars
+    index = str(nb.ty)
+
+    def const(value: int) -> tirx.PrimExpr:
+        return tirx.const(value, index)
+
+    line_elems = CACHE_LINE_BYTES // shape.weight_bytes
+    lines_per_row = max(1, shape.k // line_elems)
+    step = mo * const(shape.k // VECTOR_LANES) + ko  # counts lines from the tile ahead
+    row = tirx.min(nb * const(block_cols) + (nt + const(PREFETCH_TILES_AHEAD)) * const(tile_cols)
+                   + tirx.floordiv(step, const(lines_per_row)), const(shape.n - 1))
+    column = tirx.floormod(step, const(lines_per_row)) * const(line_elems)
+    # llvm.prefetch(address, read, locality 2 (L2 and out), data cache)
+    prefetch = tirx.call_intrin("", "tirx.prefetch", tirx.address_of(shape.weight[row, column]),
+                                0, 2, 1)
+    func = sch.mod["main"]
+    body = _prepend_to_loop(func.body, ko, tirx.Evaluate(prefetch))
+    return s_tir.Schedule(func.with_body(body))
+
+
+def _prepend_to_loop(stmt: tirx.Stmt, loop_var: tirx.Var, first: tirx.Stmt) -> tirx.Stmt:
+    """``stmt`` with ``first`` run at the start of every iteration of the loop over ``loop_var``.
+
+    Rebuilds only the loops, sequences and blocks on the way to that loop.
+    """
+    if isinstance(stmt, tirx.For):
+        if stmt.loop_var.same_as(loop_var):
+            body = tirx.SeqStmt([first, stmt.body])
+        else:
+            body = _prepend_to_loop(stmt.body, loop_var, first)
+            if body.same_as(stmt.body):
+                return stmt
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body,
+                        stmt.thread_binding, stmt.annotations)
+    if isinstance(stmt, tirx.SeqStmt):
+        seq = [_prepend_to_loop(s, loop_var, first) for s in stmt.seq]
+        if all(new.same_as(old) for new, old in zip(seq, stmt.seq)):
+            return stmt
+        return tirx.SeqStmt(seq)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        block = _prepend_to_loop(stmt.block, loop_var, first)
+        if block.same_as(stmt.block):
+            return stmt
+        return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
+    if isinstance(stmt, s_tir.SBlock):
+        body = _prepend_to_loop(stmt.body, loop_var, first)
+        if body.same_as(stmt.body):
+            return stmt
+        return s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body,
+                            stmt.init, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+    return stmt
 
 
 def _block_cols_limit(shape: _MatmulShape, target: Target) -> int:
@@ -298,23 +514,23 @@ def _same(sch: s_tir.Schedule, a: s_tir.schedule.SBlockRV, b: s_tir.schedule.SBl
     return sch.get(a).same_as(sch.get(b))
 
 
-def _pad_rows(sch: s_tir.Schedule, matmul: s_tir.schedule.SBlockRV, shape: _MatmulShape
-              ) -> tuple[int, bool]:
-    """Pad the one non-unit row dimension to a multiple of TILE_ROWS if needed.
+def _pad_rows(sch: s_tir.Schedule, matmul: s_tir.schedule.SBlockRV, shape: _MatmulShape,
+              tile_rows: int) -> tuple[int, bool]:
+    """Pad the one non-unit row dimension to a multiple of ``tile_rows`` if needed.
 
     Returns the row tile and whether a pad was inserted. A single row, or an unusual
     layout with several row dimensions, is not tiled over rows (tile 1).
     """
-    rows = [i for i, e in enumerate(shape.lead_extents) if _static(e) != 1]
+    rows = [i for i, e in enumerate(shape.lead_extents) if static_extent(e) != 1]
     if len(rows) != 1:
         return 1, False
-    extent = _static(shape.lead_extents[rows[0]])
-    if extent is not None and extent % TILE_ROWS == 0:
-        return TILE_ROWS, False
+    extent = static_extent(shape.lead_extents[rows[0]])
+    if extent is not None and extent % tile_rows == 0:
+        return tile_rows, False
     padding = [1] * (len(shape.lead_extents) + 2)
-    padding[rows[0]] = TILE_ROWS
+    padding[rows[0]] = tile_rows
     sch.pad_einsum(matmul, padding)
-    return TILE_ROWS, True
+    return tile_rows, True
 
 
 def _schedule_padded_copies(sch: s_tir.Schedule, matmul: s_tir.schedule.SBlockRV) -> None:
@@ -355,7 +571,7 @@ def elementwise_rule(func: tirx.PrimFunc, target: Target, _tunable: bool
             return None
     block = infos[-1].block_rv
     loops = sch.get_loops(block)
-    inner_extent = _static(sch.get(loops[-1]).extent)
+    inner_extent = static_extent(sch.get(loops[-1]).extent)
     if len(loops) > 1:
         outer = sch.fuse(*loops[:-1])
         sch.parallel(outer)
@@ -392,201 +608,3 @@ def rope_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sche
 
 # The block TVM's llama_rope_with_position_map writes q, k and v in.
 _ROPE_BLOCK = "llama_fused_rope"
-
-
-# --- prefill attention -------------------------------------------------------------------
-
-# TVM's CPU kernel for attention over the new tokens of a prefill, and its arguments.
-_RAGGED_PREFILL = "batch_prefill_ragged_kv"
-_RAGGED_PREFILL_PARAMS = ("q", "q_indptr", "k", "v", "kv_indptr", "q_rope_position",
-                          "k_rope_pos_offset", "output", "lse", "causal", "rotary_mode",
-                          "rope_scale", "rope_theta", "sm_scale")
-
-
-@tvm.transform.module_pass(opt_level=0, name="ParallelPrefillAttention")
-class ParallelPrefillAttention:
-    """Swap the paged KV cache's CPU prefill attention for a parallel, vectorized one.
-
-    TVM ships a reference CPU kernel that walks one query at a time on one thread with
-    a scalar dot product per key (about 0.5 s per layer for 512 tokens at OLMo-1B's
-    16 x 128 heads, more than all the layer's matmuls). Its loops live inside one opaque
-    block, out of reach of schedule primitives, so this pass replaces the PrimFunc with
-    one of the same signature and results (output, and lse in base 2) written with
-    parallel and vectorized loops. Anything it does not recognize is left alone.
-    """
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext
-                         ) -> tvm.IRModule:
-        for gvar, func in mod.functions_items():
-            if gvar.name_hint != _RAGGED_PREFILL or not isinstance(func, tirx.PrimFunc):
-                continue
-            replacement = _ragged_prefill_replacement(func)
-            if replacement is not None:
-                mod[gvar] = replacement
-        return mod
-
-
-def _ragged_prefill_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    if tuple(p.name for p in func.params) != _RAGGED_PREFILL_PARAMS:
-        return None
-    q, k, v = (func.params[i].ty for i in (0, 2, 3))
-    h_q, d_qk = _static(q.shape[1]), _static(q.shape[2])
-    h_kv, d_v = _static(k.shape[1]), _static(v.shape[2])
-    if None in (h_q, h_kv, d_qk) or d_qk != d_v or d_qk % VECTOR_LANES or h_q % h_kv:
-        return None
-    kernel = prefill_ragged_attention(h_kv, h_q, d_qk, str(q.dtype))
-    return kernel.with_attr("global_symbol", func.attrs["global_symbol"])
-
-
-# 2**f = sum (f ln 2)**i / i! on |f| <= 1/2: eight terms leave a relative error under
-# 1e-8, below float32 rounding.
-_EXP2_TERMS = [math.log(2) ** i / math.factorial(i) for i in range(8)]
-
-
-def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``2**x`` for x <= 0 from +, *, round and an exponent-field shift, so that LLVM
-    vectorizes it (its exp2 is a scalar libm call per lane). Below 2**-126 (a softmax
-    weight of zero in float32) the result is clamped to 2**-126.
-    """
-    x = T.max(x, T.float32(-126.0))
-    whole = T.round(x)
-    f = x - whole
-    poly = T.float32(_EXP2_TERMS[-1])
-    for term in reversed(_EXP2_TERMS[:-1]):
-        poly = poly * f + T.float32(term)
-    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23))
-    return poly * scale
-
-
-def prefill_ragged_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
-    """Causal (or full) attention of each new token over its sequence's new tokens.
-
-    Same arguments and results as TVM's ``_attention_prefill_ragged_cpu``: ``output`` and
-    the base-2 log-sum-exp ``lse`` that the cache merges with attention over older pages.
-    One parallel task per (head, query): heads outermost, so with the causal triangle's
-    uneven rows each thread still gets whole heads. Scores are dot products of 8-lane
-    partial sums, four keys at a time (independent FMA chains); the weighted sum of V is
-    vectorized along the head dimension. RoPE must already be applied (RopeMode.NORMAL,
-    as model.py uses); other modes stop with an error rather than compute wrong numbers.
-    """
-    group = h_q // h_kv
-    lanes = VECTOR_LANES
-    chunks = d // lanes
-    keys = 4
-    log2e = math.log2(math.e)
-    masked = -5e4  # TVM's kernel starts its running max here; kept for an identical lse
-
-    @T.prim_func(s_tir=True)
-    def batch_prefill_ragged_kv(
-        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-        var_kv_indptr: T.handle, var_q_rope_position: T.handle,
-        var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
-        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"op_pattern": 8, "tirx.is_scheduled": True, "tirx.noalias": True})
-        batch_size = T.int32()
-        qo_len = T.int32()
-        kv_len = T.int32()
-        q_indptr_offset = T.int32()
-        kv_indptr_offset = T.int32()
-        q_rope_position_offset = T.int32()
-        k_rope_pos_offset_offset = T.int32()
-        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
-                                  elem_offset=q_indptr_offset)
-        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
-        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32",
-                                   elem_offset=kv_indptr_offset)
-        T.match_buffer(var_q_rope_position, (qo_len,), "int32",
-                       elem_offset=q_rope_position_offset)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
-                       elem_offset=k_rope_pos_offset_offset)
-        output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
-        assert rotary_mode == 0, "CPU prefill attention needs RoPE applied beforehand"
-
-        for b in T.serial(batch_size):
-            for h in T.parallel(h_q):
-                with T.sblock("attn"):
-                    T.reads(q_indptr[b:b + 2], kv_indptr[b:b + 2], q[0:qo_len, 0:h_q, 0:d],
-                            k[0:kv_len, 0:h_kv, 0:d], v[0:kv_len, 0:h_kv, 0:d])
-                    T.writes(output[0:qo_len, 0:h_q, 0:d], lse[0:qo_len, 0:h_q])
-                    scores = T.sblock_alloc_buffer((kv_len,), "float32")
-                    query = T.sblock_alloc_buffer((d,), "float32")
-                    partial = T.sblock_alloc_buffer((keys, lanes), "float32")
-                    acc = T.sblock_alloc_buffer((d,), "float32")
-                    stats = T.sblock_alloc_buffer((2,), "float32")  # running max, sum
-                    rows: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                    cols: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                    hk: T.let[T.int32] = h // group
-                    k0: T.let[T.int32] = kv_indptr[b]
-                    for row in T.serial(rows):
-                        t: T.let[T.int32] = q_indptr[b] + row
-                        visible: T.let[T.int32] = T.if_then_else(
-                            causal > 0, T.max(T.min(cols - rows + row + 1, cols), 0), cols)
-                        # The query, pre-scaled so that scores come out in log2 units.
-                        for c in T.serial(d):
-                            query[c] = T.Cast("float32", q[t, h, c]) * (sm_scale * log2e)
-                        for jo in T.serial(visible // keys):
-                            for u in T.unroll(keys):
-                                for lane in T.vectorized(lanes):
-                                    partial[u, lane] = T.float32(0)
-                            for c in T.serial(chunks):
-                                for u in T.unroll(keys):
-                                    for lane in T.vectorized(lanes):
-                                        partial[u, lane] = partial[u, lane] + query[
-                                            c * lanes + lane] * T.Cast(
-                                            "float32", k[k0 + jo * keys + u, hk, c * lanes + lane])
-                            for u in T.unroll(keys):
-                                scores[jo * keys + u] = T.float32(0)
-                                for lane in T.unroll(lanes):
-                                    scores[jo * keys + u] = scores[jo * keys + u] + partial[u, lane]
-                        for j in T.serial(visible // keys * keys, visible):
-                            for lane in T.vectorized(lanes):
-                                partial[0, lane] = T.float32(0)
-                            for c in T.serial(chunks):
-                                for lane in T.vectorized(lanes):
-                                    partial[0, lane] = partial[0, lane] + query[
-                                        c * lanes + lane] * T.Cast(
-                                        "float32", k[k0 + j, hk, c * lanes + lane])
-                            scores[j] = T.float32(0)
-                            for lane in T.unroll(lanes):
-                                scores[j] = scores[j] + partial[0, lane]
-                        # Softmax in base 2, as TVM's kernel (the cache merges lse in base 2),
-                        # in 8-lane partial max and sum with a vectorizable exp2.
-                        for lane in T.vectorized(lanes):
-                            partial[0, lane] = T.float32(masked)
-                        for jo in T.serial(visible // lanes):
-                            for lane in T.vectorized(lanes):
-                                partial[0, lane] = T.max(partial[0, lane],
-                                                         scores[jo * lanes + lane])
-                        stats[0] = T.float32(masked)
-                        for lane in T.unroll(lanes):
-                            stats[0] = T.max(stats[0], partial[0, lane])
-                        for j in T.serial(visible // lanes * lanes, visible):
-                            stats[0] = T.max(stats[0], scores[j])
-                        for lane in T.vectorized(lanes):
-                            partial[1, lane] = T.float32(0)
-                        for jo in T.serial(visible // lanes):
-                            for lane in T.vectorized(lanes):
-                                scores[jo * lanes + lane] = _exp2(
-                                    scores[jo * lanes + lane] - stats[0])
-                                partial[1, lane] = partial[1, lane] + scores[jo * lanes + lane]
-                        stats[1] = T.exp2(T.float32(masked) - stats[0])
-                        for lane in T.unroll(lanes):
-                            stats[1] = stats[1] + partial[1, lane]
-                        for j in T.serial(visible // lanes * lanes, visible):
-                            scores[j] = _exp2(scores[j] - stats[0])
-                            stats[1] = stats[1] + scores[j]
-                        for c in T.vectorized(d):
-                            acc[c] = T.float32(0)
-                        for j in T.serial(visible):
-                            for c in T.vectorized(d):
-                                acc[c] = acc[c] + T.Cast("float32", v[k0 + j, hk, c]) * scores[j]
-                        for c in T.vectorized(d):
-                            output[t, h, c] = T.Cast(dtype, acc[c] / stats[1])
-                        lse[t, h] = stats[0] + T.log2(stats[1])
-
-    return batch_prefill_ragged_kv

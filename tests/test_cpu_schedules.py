@@ -13,12 +13,13 @@ from tvm import relax, tirx
 
 from olmo_model import compiler
 from olmo_model.compiler import resolve_target
+from olmo_model.cpu_attention import paged_decode_attention, prefill_ragged_attention
 from olmo_model.cpu_schedules import (
+    PACK_MIN_ROWS,
     SCHEDULE_SET,
     HalfMatmulAccumulateInFloat32,
     cpu_pipeline,
     matmul_rule,
-    prefill_ragged_attention,
 )
 from olmo_model.runtime import ModelRunner
 
@@ -26,12 +27,17 @@ TARGET = resolve_target("llvm")
 
 
 def _linear_module(k: int, n: int, dtype: str, residual: bool,
-                   rows: int | None = None) -> tvm.IRModule:
-    """``x @ W.T (+ r)`` as nn.Linear and the residual emit it; symbolic rows by default."""
+                   rows: int | None = None, decode: bool = False) -> tvm.IRModule:
+    """``x @ W.T (+ r)`` as nn.Linear and the residual emit it; symbolic rows by default.
+
+    Rows are tokens of one sequence (``[1, m, k]``, prefill) or one token of each of m
+    sequences (``[m, 1, k]``, decode), which the matmul rule schedules differently.
+    """
     m = tirx.Var("m", "int64") if rows is None else rows
-    x = relax.Var("x", relax.TensorType((1, m, k), dtype))
+    lead = (m, 1) if decode else (1, m)
+    x = relax.Var("x", relax.TensorType((*lead, k), dtype))
     w = relax.Var("w", relax.TensorType((n, k), dtype))
-    r = relax.Var("r", relax.TensorType((1, m, n), dtype))
+    r = relax.Var("r", relax.TensorType((*lead, n), dtype))
     bb = relax.BlockBuilder()
     with bb.function("main", [x, w, r]):
         with bb.dataflow():
@@ -48,17 +54,22 @@ def _run(mod: tvm.IRModule, *arrays: np.ndarray) -> np.ndarray:
     return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
 
 
+@pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize(("k", "n", "residual"), [(64, 96, True), (96, 320, False),
-                                                   (4096, 8, True)])
-def test_matmul_matches_numpy_for_any_row_count(k, n, residual):
-    # Rows 1..8 cover decode, 3 and 6 the tile exactly, 5 and 7 the padding, 130 prefill;
-    # k = 4096 is a long reduction with N smaller than one block.
+                                                   (4096, 8, True), (6144, 48, False),
+                                                   (128, 40, True)])
+def test_matmul_matches_numpy_for_any_row_count(k, n, residual, decode):
+    # Rows 1..8 cover decode, 3 and 6 the tile exactly, 5 and 7 the padding; from 48 on
+    # (PACK_MIN_ROWS) a prefill takes the outer-product kernel, whose tile is 6 rows (49
+    # pads); k = 4096 is a long reduction with N smaller than one block, k = 6144 one
+    # that is not a power of two; N = 8 and 40 are not whole panels of 16.
     rng = np.random.default_rng(0)
-    mod = _linear_module(k, n, "float32", residual)
+    mod = _linear_module(k, n, "float32", residual, decode=decode)
     w = rng.standard_normal((n, k), dtype=np.float32)
-    for m in (1, 2, 3, 5, 6, 7, 8, 130):
-        x = rng.standard_normal((1, m, k), dtype=np.float32)
-        r = rng.standard_normal((1, m, n), dtype=np.float32)
+    for m in (1, 2, 3, 5, 6, 7, 8, 47, 48, 49, 130):
+        shape = (m, 1) if decode else (1, m)
+        x = rng.standard_normal((*shape, k), dtype=np.float32)
+        r = rng.standard_normal((*shape, n), dtype=np.float32)
         expected = x @ w.T + (r if residual else 0)
         ours = _run(mod, x, w, r)
         np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.sqrt(k))
@@ -74,18 +85,34 @@ def test_matmul_with_a_static_row_count(rows):
     np.testing.assert_allclose(ours, x @ w.T + r, rtol=1e-4, atol=1e-3)
 
 
-def test_matmul_rule_schedules_the_legalized_linear():
-    mod = relax.transform.LegalizeOps()(
-        relax.transform.FuseTransposeMatmul()(_linear_module(64, 96, "float32", False)))
+def _scheduled_linear(k: int, n: int, decode: bool, dtype: str = "float32") -> str:
+    mod = relax.transform.LegalizeOps()(relax.transform.FuseTransposeMatmul()(
+        _linear_module(k, n, dtype, False, decode=decode)))
     kernels = [f for g, f in mod.functions_items() if g.name_hint.startswith("NT_matmul")]
     assert len(kernels) == 1
-    assert matmul_rule.apply(kernels[0], TARGET, False) is not None
+    schedule = matmul_rule.apply(kernels[0], TARGET, False)
+    assert schedule is not None
+    return schedule.mod.script()
 
 
-def test_float16_matmul_accumulates_in_float32():
+def test_each_matmul_shape_gets_its_kernel():
+    decode = _scheduled_linear(64, 96, decode=True)
+    prefill = _scheduled_linear(64, 96, decode=False)
+    unpanelled = _scheduled_linear(64, 40, decode=False)  # 40 rows of W: not whole panels
+    # Decode: the dot-product kernel with prefetches; W is never repacked.
+    assert "prefetch" in decode and "w_global" not in decode
+    # Prefill: W repacked into panels (w_global) for the outer products from
+    # PACK_MIN_ROWS rows on, the dot-product kernel below.
+    assert f"if m >= T.int64({PACK_MIN_ROWS})" in prefill and "w_global" in prefill
+    assert "prefetch" not in prefill
+    assert "w_global" not in unpanelled and "if m >=" not in unpanelled
+
+
+@pytest.mark.parametrize("m", [3, 60])  # the dot-product and the outer-product kernel
+def test_float16_matmul_accumulates_in_float32(m):
     # A float16 running sum of 4096 products would be off by far more than 1e-3.
     rng = np.random.default_rng(1)
-    k, n, m = 4096, 16, 3
+    k, n = 4096, 16
     x = rng.uniform(0.5, 1.0, (1, m, k)).astype(np.float16)
     w = rng.uniform(0.5, 1.0, (n, k)).astype(np.float16)
     mod = _linear_module(k, n, "float16", False)
@@ -157,3 +184,34 @@ def test_thread_pool_follows_the_machine():
             "(tvm.runtime.num_threads(), os.sched_getaffinity(0))")
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+@pytest.mark.parametrize(("h_q", "h_kv"), [(4, 4), (8, 2)])
+def test_paged_decode_attention_matches_reference(h_q, h_kv):
+    # Three sequences over shuffled pages: a single key, exactly one full page, and
+    # two full pages plus five keys on a third.
+    d, page_size, lengths = 32, 16, [1, 16, 37]
+    rng = np.random.default_rng(4)
+    page_counts = [-(-n // page_size) for n in lengths]
+    order = rng.permutation(sum(page_counts) + 2).astype(np.int32)  # two pages unused
+    indptr = np.concatenate([[0], np.cumsum(page_counts)]).astype(np.int32)
+    last_len = np.array([n - (c - 1) * page_size for n, c in zip(lengths, page_counts)],
+                        np.int32)
+    pages = rng.standard_normal((len(order), 2, h_kv, page_size, d), dtype=np.float32)
+    q = rng.standard_normal((len(lengths), h_q, d), dtype=np.float32)
+    kernel = tvm.compile(tvm.IRModule({"main": paged_decode_attention(h_kv, h_q, d, page_size,
+                                                                        "float32")}), TARGET)
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    zeros = tvm.runtime.tensor(np.zeros(len(lengths), np.int32))
+    args = [tvm.runtime.tensor(a) for a in (q, pages, indptr, order, last_len)]
+    kernel["main"](*args, zeros, zeros, out, lse, 0, 1.0, 1e4, d**-0.5)
+    # The same attention on each sequence's keys gathered contiguously.
+    for b, n in enumerate(lengths):
+        seq_pages = order[indptr[b]:indptr[b + 1]]
+        k = pages[seq_pages, 0].transpose(1, 0, 2, 3).reshape(h_kv, -1, d)[:, :n]
+        v = pages[seq_pages, 1].transpose(1, 0, 2, 3).reshape(h_kv, -1, d)[:, :n]
+        expected_out, expected_lse = _reference_attention(
+            q[b:b + 1], k.transpose(1, 0, 2), v.transpose(1, 0, 2), [0, 1], [0, n], causal=0)
+        np.testing.assert_allclose(out.numpy()[b], expected_out[0], atol=1e-5)
+        np.testing.assert_allclose(lse.numpy()[b], expected_lse[0], atol=1e-5)
