@@ -161,17 +161,22 @@ class _MatmulShape:
     weight: tirx.Buffer  # W
 
     @property
+    def row_axes(self) -> list[int]:
+        """The positions in ``lead_extents`` of x's row dimensions (those not fixed at 1)."""
+        return [i for i, e in enumerate(self.lead_extents) if static_extent(e) != 1]
+
+    @property
     def row_extent(self) -> tirx.PrimExpr:
         """The number of rows of x (1 when there is no row dimension to tile)."""
-        rows = [e for e in self.lead_extents if static_extent(e) != 1]
-        return rows[0] if len(rows) == 1 else tirx.const(1, "int64")
+        rows = self.row_axes
+        return self.lead_extents[rows[0]] if len(rows) == 1 else tirx.const(1, "int64")
 
     @property
     def few_rows(self) -> bool:
         """Decode-shaped: rows on the batch axis (``[batch, 1, k]``, ``[batch, k]``), which
         holds one row per running sequence, or a small static count. Prefill's rows are the
         tokens of ``[1, seq_len, k]``."""
-        rows = [i for i, e in enumerate(self.lead_extents) if static_extent(e) != 1]
+        rows = self.row_axes
         if not rows:
             return True
         extent = static_extent(self.lead_extents[rows[0]])
@@ -247,9 +252,10 @@ def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sc
     """
     if target.kind.name != "llvm":
         return None
-    shape = _the_matmul(s_tir.Schedule(func))
-    if shape is None:
+    found = _the_matmul(s_tir.Schedule(func))
+    if found is None:
         return None
+    _, shape, _ = found
     if shape.few_rows or shape.n % PACKED_COLS:
         return _dot_product_kernel(func, target, prefetch=shape.few_rows)
     small = _dot_product_kernel(func, target, prefetch=False)
@@ -260,14 +266,21 @@ def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sc
     return _branch_on(func, rows >= tirx.const(PACK_MIN_ROWS, str(rows.ty)), large, small)
 
 
-def _the_matmul(sch: s_tir.Schedule) -> _MatmulShape | None:
-    """The one ``x @ W.T`` block of a kernel followed only by elementwise blocks."""
+def _the_matmul(sch: s_tir.Schedule) -> tuple | None:
+    """The one ``x @ W.T`` block of a kernel followed only by elementwise blocks.
+
+    Returns (matmul block, its shape, the epilogue chain), or None for other kernels.
+    """
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    matmuls = [b for b in blocks if _match_nt_matmul(sch.get(b)) is not None]
-    if len(matmuls) != 1 or _epilogue_chain(sch, blocks, matmuls[0]) is None:
+    shapes = [(b, _match_nt_matmul(sch.get(b))) for b in blocks]
+    matmuls = [(b, shape) for b, shape in shapes if shape is not None]
+    if len(matmuls) != 1:
         return None
-    shape = _match_nt_matmul(sch.get(matmuls[0]))
-    return shape if shape.k % VECTOR_LANES == 0 else None
+    matmul, shape = matmuls[0]
+    epilogues = _epilogue_chain(sch, blocks, matmul)
+    if epilogues is None or shape.k % VECTOR_LANES != 0:
+        return None
+    return matmul, shape, epilogues
 
 
 def _prepare(func: tirx.PrimFunc, tile_rows: int) -> tuple:
@@ -276,10 +289,7 @@ def _prepare(func: tirx.PrimFunc, tile_rows: int) -> tuple:
     Returns (schedule, matmul block, its shape, the epilogue block or None, row tile).
     """
     sch = s_tir.Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    matmul = next(b for b in blocks if _match_nt_matmul(sch.get(b)) is not None)
-    shape = _match_nt_matmul(sch.get(matmul))
-    epilogues = _epilogue_chain(sch, blocks, matmul)
+    matmul, shape, epilogues = _the_matmul(sch)
     tile_rows, padded = _pad_rows(sch, matmul, shape, tile_rows)
     if padded and epilogues:
         # The pad's write-back copy feeds the epilogue: fold it in so the epilogue
@@ -521,7 +531,7 @@ def _pad_rows(sch: s_tir.Schedule, matmul: s_tir.schedule.SBlockRV, shape: _Matm
     Returns the row tile and whether a pad was inserted. A single row, or an unusual
     layout with several row dimensions, is not tiled over rows (tile 1).
     """
-    rows = [i for i, e in enumerate(shape.lead_extents) if static_extent(e) != 1]
+    rows = shape.row_axes
     if len(rows) != 1:
         return 1, False
     extent = static_extent(shape.lead_extents[rows[0]])
