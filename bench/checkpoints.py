@@ -15,8 +15,9 @@ SMALL = dict(vocab_size=50304, hidden_size=512, intermediate_size=2048, num_hidd
              tie_word_embeddings=True)
 
 
-def make_checkpoint(folder: Path, shape: dict) -> Path:
-    """A random fp32 checkpoint in Hugging Face layout (std 0.02, as OLMo initializes)."""
+def make_checkpoint(folder: Path, shape: dict, std: float = 0.02) -> Path:
+    """A random fp32 checkpoint in Hugging Face layout (std 0.02, as OLMo initializes; a
+    larger std gives peaked logits, whose greedy choices no rounding difference flips)."""
     if (folder / "model.safetensors").is_file():
         return folder
     from safetensors.numpy import save_file
@@ -26,7 +27,7 @@ def make_checkpoint(folder: Path, shape: dict) -> Path:
     h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
 
     def w(*dims):
-        return (rng.standard_normal(dims, dtype=np.float32) * 0.02)
+        return (rng.standard_normal(dims, dtype=np.float32) * std)
 
     tensors = {"model.embed_tokens.weight": w(v, h)}
     for layer in range(shape["num_hidden_layers"]):
@@ -45,6 +46,10 @@ def make_checkpoint(folder: Path, shape: dict) -> Path:
     return folder
 
 
+# For correctness checks: small enough to compile in seconds, grouped-query attention.
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            tie_word_embeddings=True)
 SERVE = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
              tie_word_embeddings=True)

@@ -26,14 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def tiny_checkpoint(folder: Path):
-    from conftest import write_checkpoint
+    """A tiny random checkpoint and transformers' model of it (the reference)."""
+    from checkpoints import TINY, make_checkpoint
+    from transformers import OlmoForCausalLM
 
-    return write_checkpoint(folder, num_hidden_layers=4, num_key_value_heads=2)
+    make_checkpoint(folder, TINY, std=0.15)
+    return OlmoForCausalLM.from_pretrained(folder).eval()
 
 
 def parity(folder: Path, reference) -> dict:
@@ -54,8 +56,8 @@ def parity(folder: Path, reference) -> dict:
 
 
 def disaggregated_equals_cpu(folder: Path) -> dict:
+    from cluster.local_cluster import start_local_cluster
     from router.client import GenerationClient, generate_request
-    from router.local_cluster import start_local_cluster
 
     outputs = {}
     for target in ("llvm", "cuda"):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from checkpoints import SERVE, make_checkpoint
 
+from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
 from router.client import GenerationClient, generate_request
-from router.local_cluster import start_local_cluster
 
 
 def step_times(client: GenerationClient, batch: int, tokens: int) -> list[float]:

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from checkpoints import SERVE, make_checkpoint
 
+from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
 from protos import worker_pb2
 from router.client import GenerationClient, generate_request
-from router.local_cluster import start_local_cluster
 
 PROMPT_LENGTHS = (32, 128, 512)
 OUTPUT_LENGTHS = (16, 64)
@@ -97,8 +97,8 @@ def prefill_transfer_totals(prefill_stats) -> tuple[int, float, int]:
 def start_cluster(model: Path, aggregated: bool, use_ray: bool):
     """(cluster, router address, per-prefill-worker Stats callables)."""
     if use_ray:
-        from router.cluster_config import ClusterConfig, RoleConfig
-        from router.ray_cluster import start_ray_cluster
+        from cluster.cluster_config import ClusterConfig, RoleConfig
+        from cluster.ray_cluster import start_ray_cluster
 
         config = ClusterConfig(model=str(model), port=0, max_sequences=32,
                                max_total_tokens=32768,

@@ -1,74 +1,48 @@
-"""The decode worker's gRPC face: Reserve, PushKV, StreamTokens, Abort, Stats, StageCall."""
+"""The decode worker's gRPC face: Reserve, PushKV, StreamTokens, Abort, Stats."""
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
-import grpc
-
+from kv_transfer.transports import GRPC, worker_transports
 from olmo_model.runtime import ModelRunner
+from pipeline.remote import InstanceLeader, start_worker_server
+from pipeline.wire import sampling_from_proto, stage_infos
 from protos import worker_pb2, worker_pb2_grpc
+from protos.errors import ServingError, aborts_on_error
 from protos.grpc_server import Server
-from protos.kv_stream import KVAssembler, PushRefused, model_layout
-from protos.kv_transport import GRPC, worker_transports
-from protos.stage_rpc import pipeline_stages, serve_stage_call, start_stage_worker
 
-from .engine import DecodeEngine, EngineError
+from .engine import DecodeEngine
+from .stage import DecodeStage
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 DEFAULT_LEASE_MS = 30_000
 
 
-class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
     def __init__(self, runner: ModelRunner):
-        self.engine = DecodeEngine(runner)
-        self.layout = model_layout(runner)
-        self.stages: list[worker_pb2.StageInfo] = []
+        self.stage = DecodeStage(runner)
+        self.engine = DecodeEngine(self.stage)
         self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
 
-    def set_pipeline(self, address: str, downstream: Sequence[str]) -> None:
-        """Lead an instance whose other stages serve at ``downstream`` (in layer order)."""
-        self.stages = pipeline_stages(address, self.layout, downstream,
-                                      worker_pb2_grpc.DecodeWorkerStub)
-        # A (re)formed instance starts clean: members drop what an earlier leader left.
-        self.engine.chain.run(worker_pb2.StageRequest(op=worker_pb2.STAGE_OP_RELEASE,
-                                                      reset=True), downstream)
-        self.engine.downstream = list(downstream)
-
+    @aborts_on_error
     def Reserve(self, request, context):
         lease = (request.lease_ms or DEFAULT_LEASE_MS) / 1000.0
         local = list(request.local_prefill_token_ids) or None
-        try:
-            pages = self.engine.reserve(request.request_id, request.prompt_tokens,
-                                        request.sampling, lease, local)
-        except EngineError as exc:
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        pages = self.engine.reserve(request.request_id, request.prompt_tokens,
+                                    sampling_from_proto(request.sampling), lease, local)
         return worker_pb2.ReserveResponse(reserved_pages=pages, layout=self.layout)
 
+    @aborts_on_error
     def PushKV(self, request_iterator: Iterator[worker_pb2.KVChunk], context):
-        assembler = KVAssembler(self.layout, accepts_hidden=self.engine.stage.stage.is_last)
-        try:
-            for chunk in request_iterator:
-                assembler.add(chunk)
-                if chunk.WhichOneof("part") == "header":
-                    self.engine.check_push(assembler.request_id, assembler.num_tokens)
-            self.engine.submit_kv(assembler.request_id, assembler.snapshot(), assembler.hidden)
-        except PushRefused as exc:
-            # Nothing of a refused push is installed. The reservation stays open until its
-            # lease ends, so that the router can retry the prefill leg elsewhere.
-            self.engine.refuse_push()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV push refused: {exc}")
-        except EngineError as exc:
-            self.engine.refuse_push()
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        return worker_pb2.PushResponse(bytes=assembler.bytes_received)
+        return worker_pb2.PushResponse(bytes=self.stage.receiver.receive(request_iterator))
 
     def StreamTokens(self, request, context):
         try:
-            events = self.engine.events(request.request_id)
-        except EngineError as exc:
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            events = self.engine.scheduler.events(request.request_id)
+        except ServingError as exc:
+            exc.abort(context)
         context.add_callback(lambda: self.engine.abort(request.request_id, "stream cancelled"))
         while True:
             try:
@@ -90,17 +64,18 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def Stats(self, request, context):
         return worker_pb2.WorkerStats(role="decode", layout=self.layout, transport=GRPC,
                                       transports=self.transports,
-                                      transport_note=self.transport_note, stages=self.stages,
+                                      transport_note=self.transport_note,
+                                      stages=stage_infos(self.engine.chain),
                                       **self.engine.stats())
-
-    def Call(self, request, context):
-        """StageWorker.Call: this worker as a member stage of another worker's instance."""
-        return serve_stage_call(self.engine.chain.run, request, context)
 
 
 def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0
                  ) -> tuple[Server, DecodeServicer]:
+    """Serve a decode worker; a full-model worker leads its own one-stage instance."""
     servicer = DecodeServicer(runner)
-    server = start_stage_worker(servicer, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
-                                SERVICE_NAME, runner, host, port)
+    server = start_worker_server(
+        lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
+        SERVICE_NAME, servicer.stage, True, host, port)
+    if runner.stage.is_full_model:
+        servicer.lead(f"{host}:{server.port}")
     return server, servicer

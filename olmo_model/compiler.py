@@ -23,6 +23,7 @@ from .config import OLMoConfig
 from .cpu_schedules import SCHEDULE_SET, cpu_pipeline
 from .model import OLMoForCausalLM
 from .stages import StageSpec
+from .threads import use_every_cpu
 
 SUPPORTED_DTYPES = ("float32", "float16")
 _MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py", "cpu_attention.py")
@@ -122,6 +123,7 @@ def compile_model(
     tvm_target = resolve_target(target)
     schedule_set = _schedule_set(tvm_target)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    use_every_cpu()  # compiling may run kernels (constant folding): size the pool first
     key = _digest(
         {
             "config": config.fingerprint_fields(),

@@ -26,7 +26,6 @@ contract (``cpu_attention.ParallelAttention``). Its RoPE kernel gets a small sch
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import tvm
 import tvm.script
@@ -65,26 +64,6 @@ PREFETCH_TILES_AHEAD = 2
 FEW_ROWS = 16
 # Bytes per cache line: a prefetch brings in one.
 CACHE_LINE_BYTES = 64
-
-
-def follow_the_machine() -> None:
-    """Let TVM's CPU thread pool use every CPU this process may run on.
-
-    TVM takes its thread count from TVM_NUM_THREADS or OMP_NUM_THREADS (Ray sets the
-    latter to an actor's CPU share) and otherwise from half the logical CPUs on x86, on
-    the assumption of two hyper-threads per core: one thread on a 2-vCPU machine, which
-    halves every parallel kernel, and with one thread TVM also pins the main thread to
-    one CPU, so that torch threads started later share it. The pool is sized once, when
-    the first kernel runs, so this must happen before that: it runs when this module is
-    imported (olmo_model.compiler imports it). An explicit setting wins.
-    """
-    if os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
-        return
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    os.environ["TVM_NUM_THREADS"] = str(len(cpus) if cpus else os.cpu_count() or 1)
-
-
-follow_the_machine()
 
 
 def cpu_pipeline(target: Target) -> tvm.transform.Pass:

@@ -39,12 +39,33 @@ _CAPTURE_SEQ_ID = 2**31 - 2  # never handed out to requests
 
 @dataclasses.dataclass(frozen=True)
 class CacheLimits:
-    """Sizes the cache is created with; together they fix how many pages exist."""
+    """Sizes the cache is created with; together they fix how many pages exist.
 
-    max_num_sequences: int = 8
-    max_total_tokens: int = 4096
+    The defaults are a serving worker's; ``sized`` and ``for_model`` derive the rest.
+    """
+
+    max_num_sequences: int = 16
+    max_total_tokens: int = 8192
     prefill_chunk_size: int = 2048
     page_size: int = 16
+
+    @classmethod
+    def sized(cls, max_num_sequences: int | None = None, max_total_tokens: int | None = None
+              ) -> CacheLimits:
+        """A cache for this many sequences and tokens (None: the default), its prefill
+        chunk no larger than the whole cache."""
+        default = cls()
+        sequences = max_num_sequences or default.max_num_sequences
+        tokens = max_total_tokens or default.max_total_tokens
+        return cls(sequences, tokens, min(default.prefill_chunk_size, tokens))
+
+    @classmethod
+    def for_model(cls, config: Any) -> CacheLimits:
+        """The defaults, grown to hold one whole context window (``config``: OLMoConfig)."""
+        tokens = max(cls().max_total_tokens, config.context_window_size)
+        return dataclasses.replace(
+            cls.sized(max_total_tokens=tokens),
+            prefill_chunk_size=min(cls().prefill_chunk_size, config.prefill_chunk_size))
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from .config import OLMoConfig
 from .kv_pages import CacheLimits, KVSnapshot, PagedKVCache
 from .loader import load_stage_params
 from .stages import StageSpec
+from .threads import use_every_cpu
 
 _reshape = tvm.get_global_func("vm.builtin.reshape")
 
@@ -31,28 +32,51 @@ class Piece:
     index: int  # position of the sequence in the batch
     begin: int  # first token of the piece within the sequence's new tokens
     length: int
+    ends: bool  # the piece holds the sequence's last new token
+
+    @property
+    def end(self) -> int:
+        """The sequence's new-token count once this piece has run."""
+        return self.begin + self.length
 
 
-def plan_chunks(lengths: Sequence[int], chunk_size: int) -> Iterator[list[Piece]]:
-    """Split a ragged batch into forward passes of at most ``chunk_size`` tokens.
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One forward pass of a chunked prefill: its pieces, and their tokens concatenated."""
+
+    pieces: list[Piece]
+    token_ids: np.ndarray
+
+    @property
+    def lengths(self) -> list[int]:
+        return [p.length for p in self.pieces]
+
+
+def plan_chunks(prompts: Sequence[Sequence[int]], chunk_size: int) -> Iterator[Chunk]:
+    """Split a ragged batch of prompts into forward passes of at most ``chunk_size`` tokens.
 
     Sequences keep their order, and a long one spans several passes, so a prompt longer
     than the prefill chunk still prefills.
     """
-    chunk: list[Piece] = []
+    pieces: list[Piece] = []
     room = chunk_size
-    for index, length in enumerate(lengths):
+    for index, prompt in enumerate(prompts):
         begin = 0
-        while begin < length:
-            take = min(room, length - begin)
-            chunk.append(Piece(index, begin, take))
+        while begin < len(prompt):
+            take = min(room, len(prompt) - begin)
+            pieces.append(Piece(index, begin, take, begin + take == len(prompt)))
             begin += take
             room -= take
             if room == 0:
-                yield chunk
-                chunk, room = [], chunk_size
-    if chunk:
-        yield chunk
+                yield _chunk(prompts, pieces)
+                pieces, room = [], chunk_size
+    if pieces:
+        yield _chunk(prompts, pieces)
+
+
+def _chunk(prompts: Sequence[Sequence[int]], pieces: list[Piece]) -> Chunk:
+    ids = [np.asarray(prompts[p.index][p.begin:p.end], dtype=np.int32) for p in pieces]
+    return Chunk(pieces, np.concatenate(ids))
 
 
 class ModelRunner:
@@ -65,10 +89,8 @@ class ModelRunner:
         self.stage: StageSpec = artifact.stage
         self.dtype = artifact.dtype
         self.device = tvm.device(device)
-        self.limits = limits or CacheLimits(
-            prefill_chunk_size=min(self.config.prefill_chunk_size, 2048),
-            max_total_tokens=max(4096, self.config.context_window_size),
-        )
+        self.limits = limits or CacheLimits.for_model(self.config)
+        use_every_cpu()  # before the first kernel runs: TVM sizes its thread pool then
         library = tvm.runtime.load_module(str(artifact.library_path))
         self.vm = relax.VirtualMachine(library, self.device)
         self.params = [tvm.runtime.tensor(p, self.device) for p in params]
@@ -166,14 +188,12 @@ class ModelRunner:
         """
         self._require_full_model("prefill")
         last = [None] * len(prompts)
-        for chunk in plan_chunks([len(p) for p in prompts], self.limits.prefill_chunk_size):
-            ids = np.concatenate(
-                [np.asarray(prompts[p.index][p.begin:p.begin + p.length]) for p in chunk])
-            lengths = [p.length for p in chunk]
-            hidden = self.forward([seq_ids[p.index] for p in chunk], lengths, self.embed(ids))
-            selected = self.select_last(hidden, lengths).numpy()
-            for row, piece in enumerate(chunk):
-                if piece.begin + piece.length == len(prompts[piece.index]):
+        for chunk in plan_chunks(prompts, self.limits.prefill_chunk_size):
+            hidden = self.forward([seq_ids[p.index] for p in chunk.pieces], chunk.lengths,
+                                  self.embed(chunk.token_ids))
+            selected = self.select_last(hidden, chunk.lengths).numpy()
+            for row, piece in enumerate(chunk.pieces):
+                if piece.ends:
                     last[piece.index] = selected[row]
         return np.stack(last)
 

@@ -7,12 +7,14 @@ import dataclasses
 import threading
 from concurrent.futures import Future
 
+from pipeline.ops import StageAddress
+
 
 @dataclasses.dataclass
 class PrefillJob:
     request_id: str
     token_ids: list[int]
-    decode_stages: list  # StageInfo of the decode instance holding the reservation
+    kv_targets: tuple[StageAddress, ...]  # the stages of the decode instance holding its pages
     result: Future = dataclasses.field(default_factory=Future)
     cancelled: bool = False
 

@@ -1,9 +1,8 @@
-"""The prefill loop: batch waiting prompts, run one ragged prefill through every stage.
+"""The prefill loop: batch waiting prompts, run them through the instance's stages.
 
-The engine is its instance's leader. Each batch is split into prefill chunks; each chunk
-goes through the instance's stages (this one first, the others over gRPC), and every
-stage ships the K/V of the sequences that finish in that chunk to the decode instance.
-A sequence lives in a prefill cache only from its first chunk until its K/V is shipped.
+The engine runs on its instance's leader (the worker of its first stage). Each batch
+goes through the chain in prefill chunks; every stage ships the K/V of the sequences
+that finish in a chunk to the decode instance (see ``stage.py``).
 """
 
 from __future__ import annotations
@@ -12,41 +11,38 @@ import threading
 import time
 
 import grpc
-import numpy as np
 
-from olmo_model.runtime import ModelRunner, plan_chunks
-from protos import worker_pb2
+from pipeline.chain import PromptToPrefill, StageChain
+from pipeline.ops import Release
+from protos.errors import ServingError
 
 from .batcher import PrefillJob, PromptBatcher
 from .stage import PrefillStage
 
 
-class PushFailed(Exception):
-    """The decode worker refused or could not take the KV push."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, token_budget: int | None = None):
-        self.runner = runner
-        self.stage = PrefillStage(runner)
-        self.layout = self.stage.layout
-        self.downstream: list[str] = []  # the instance's other stages, in order
-        self.batcher = PromptBatcher(token_budget or runner.limits.prefill_chunk_size,
-                                     runner.limits.max_num_sequences)
+    def __init__(self, stage: PrefillStage, token_budget: int | None = None):
+        limits = stage.runner.limits
+        self.stage = stage
+        self.chain: StageChain | None = None  # set when this worker leads an instance
+        self.chunk_size = limits.prefill_chunk_size
+        self.batcher = PromptBatcher(token_budget or limits.prefill_chunk_size,
+                                     limits.max_num_sequences)
         self._next_seq_id = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
         self._thread.start()
 
-    @property
-    def sender(self):
-        return self.stage.sender
+    def lead(self, chain: StageChain) -> None:
+        """Lead the instance of ``chain``; its members start clean."""
+        chain.release(Release(reset=True))
+        self.chain = chain
 
     def submit(self, job: PrefillJob) -> None:
+        if self.chain is None:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "this prefill worker is a member stage; send prompts to the "
+                               "first stage of its instance")
         self.batcher.put(job)
 
     def cancel(self, request_id: str) -> bool:
@@ -64,35 +60,25 @@ class PrefillEngine:
 
     def _run(self, batch: list[PrefillJob]) -> None:
         start = time.perf_counter()
-        seq_ids = []
-        for _ in batch:
+        prompts = []
+        for job in batch:
             self._next_seq_id += 1
-            seq_ids.append(self._next_seq_id)
-        prompts = [job.token_ids for job in batch]
-        errors: dict[str, str] = {}
+            prompts.append(PromptToPrefill(self._next_seq_id, job.token_ids, job.request_id,
+                                           job.kv_targets))
         try:
-            for chunk in plan_chunks([len(p) for p in prompts],
-                                     self.runner.limits.prefill_chunk_size):
-                pieces = [worker_pb2.StagePiece(
-                    request_id=batch[c.index].request_id, seq_id=seq_ids[c.index],
-                    length=c.length, last_piece=c.begin + c.length == len(prompts[c.index]),
-                    total_tokens=c.begin + c.length,
-                    decode_stages=batch[c.index].decode_stages) for c in chunk]
-                ids = np.concatenate([prompts[c.index][c.begin:c.begin + c.length]
-                                      for c in chunk])
-                request = worker_pb2.StageRequest(op=worker_pb2.STAGE_OP_FORWARD,
-                                                  pieces=pieces, token_ids=ids)
-                errors.update(self.stage.run(request, self.downstream).push_errors)
+            outcome = self.chain.prefill(prompts, self.chunk_size)
         except Exception as exc:
+            # Free what the failed pass left on every stage that is still there.
+            self.chain.release(Release(tuple(p.seq_id for p in prompts)))
+            if not isinstance(exc, ServingError):
+                exc = ServingError(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
             for job in batch:
                 job.result.set_exception(exc)
             return
         seconds = time.perf_counter() - start
         for job in batch:
-            if job.request_id in errors:
-                code, _, details = errors[job.request_id].partition(": ")
-                job.result.set_exception(PushFailed(
-                    getattr(grpc.StatusCode, code, grpc.StatusCode.FAILED_PRECONDITION),
-                    f"KV push for {job.request_id} failed: {details}"))
+            failure = outcome.push_failures.get(job.request_id)
+            if failure is not None:
+                job.result.set_exception(failure)
             else:
-                job.result.set_result((seconds,))
+                job.result.set_result(seconds)

@@ -1,9 +1,10 @@
-"""One pipeline stage of a prefill instance: its layers, and the KV pages it ships.
+"""This worker's stage of a prefill instance: its layers, and the K/V it ships.
 
-Every stage runs its layers over a batch, then pushes the K/V of each finished sequence
-straight to the decode stage(s) that own those layers; the last stage also selects each
-sequence's last hidden state and sends it to the decode stage that owns the LM head.
-The leader (the engine, on the first stage) drives the others with StageCall FORWARD.
+Every stage runs its layers over a batch, then pushes the K/V of each sequence whose
+prompt ended in the pass straight to the decode stage(s) owning those layers; the last
+stage also selects each such sequence's last hidden state and sends it to the decode
+stage that owns the LM head. A sequence lives in this cache only from its first chunk
+until its K/V is shipped.
 """
 
 from __future__ import annotations
@@ -15,97 +16,94 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from kv_transfer.codec import model_layout
+from kv_transfer.grpc_transport import KVSender
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
+from pipeline.ops import ForwardBatch, ForwardResult, Release, StageAddress
 from protos import worker_pb2
-from protos.kv_stream import model_layout
-from protos.stage_rpc import call_next, layer_overlap
-
-from .kv_sender import KVSender, push_failure
+from protos.errors import ServingError
 
 
 class PrefillStage:
     def __init__(self, runner: ModelRunner, push_threads: int = 4):
         self.runner = runner
-        self.stage = runner.stage
-        self.layout = model_layout(runner)
-        self.sender = KVSender(self.layout)
-        self.lock = threading.Lock()
+        self.spec = runner.stage
+        self._layout = model_layout(runner)
+        self.sender = KVSender(self._layout)
+        self.sequences: set[int] = set()
+        self._lock = threading.Lock()
         self._pushers = ThreadPoolExecutor(push_threads, thread_name_prefix="kv-push")
 
-    def run(self, request: worker_pb2.StageRequest, downstream: Sequence[str]
-            ) -> worker_pb2.StageResponse:
-        """FORWARD: this stage's layers and pushes, then the rest of the chain's."""
-        if request.op != worker_pb2.STAGE_OP_FORWARD:
-            raise ValueError(f"prefill stages only forward, got operation {request.op}")
-        if self.stage.is_first:
-            inputs = np.asarray(request.token_ids, dtype=np.int32)
-        else:
-            total = sum(p.length for p in request.pieces)
-            inputs = np.frombuffer(request.hidden, self.runner.dtype).reshape(
-                total, self.runner.config.hidden_size)
-        hidden, errors = self.forward(request.pieces, inputs)
-        response = worker_pb2.StageResponse()
-        if downstream:
-            onward = worker_pb2.StageRequest(op=request.op, pieces=request.pieces,
-                                             hidden=hidden.tobytes())
-            response = call_next(onward, downstream)
-        response.push_errors.update(errors)
-        return response
+    def layout(self) -> worker_pb2.ModelLayout:
+        return self._layout
 
-    def forward(self, pieces: Sequence[worker_pb2.StagePiece], inputs: np.ndarray
-                ) -> tuple[np.ndarray, dict[str, str]]:
-        """Run the layers and push finished sequences' KV.
+    def forward(self, batch: ForwardBatch, inputs: np.ndarray) -> ForwardResult:
+        """Run the layers and push the K/V of sequences whose prompt ends here.
 
-        Returns the hidden states for the next stage and, by request id, why a push failed.
-
-        A piece whose ``length`` equals its ``total_tokens`` starts its sequence here; a
-        ``last_piece`` ends it, after which its K/V is shipped and its pages freed.
+        A slice that ``starts_sequence`` adds it to the cache; one that ``ends_prompt``
+        ships its K/V and frees it. Returns the hidden states for the next stage and,
+        by request id, why a push failed.
         """
-        seq_ids = [p.seq_id for p in pieces]
-        lengths = [p.length for p in pieces]
-        finished = [p for p in pieces if p.last_piece]
-        with self.lock:
-            for p in pieces:
-                if p.length == p.total_tokens:
-                    self.runner.add_sequence(p.seq_id)
+        seq_ids = [s.seq_id for s in batch.slices]
+        lengths = [s.length for s in batch.slices]
+        finished = [s for s in batch.slices if s.ends_prompt]
+        with self._lock:
+            self._add_new(batch)
             try:
-                embeds = self.runner.embed(inputs) if self.stage.is_first else inputs
+                embeds = self.runner.embed(inputs) if self.spec.is_first else inputs
                 out = self.runner.forward(seq_ids, lengths, embeds)
                 last = (self.runner.select_last(out, lengths).numpy()
-                        if self.stage.is_last else None)
-                snapshots = [self.runner.export_kv(p.seq_id, p.total_tokens) for p in finished]
+                        if self.spec.is_last else None)
+                snapshots = [self.runner.export_kv(s.seq_id, s.total_tokens) for s in finished]
             except Exception:
-                for p in pieces:
-                    self.runner.remove_sequence(p.seq_id)
+                self._remove(seq_ids)
                 raise
-            for p in finished:
-                self.runner.remove_sequence(p.seq_id)
-        rows = {p.seq_id: i for i, p in enumerate(pieces)}
-        pushes = [self._pushers.submit(self._ship, p.request_id, snapshot,
-                                       None if last is None else last[rows[p.seq_id]],
-                                       p.decode_stages)
-                  for p, snapshot in zip(finished, snapshots)]
-        errors = {}
-        for p, push in zip(finished, pushes):
+            self._remove([s.seq_id for s in finished])
+        rows = {s.seq_id: i for i, s in enumerate(batch.slices)}
+        pushes = [self._pushers.submit(self._ship, s.request_id, snapshot,
+                                       None if last is None else last[rows[s.seq_id]],
+                                       s.kv_targets)
+                  for s, snapshot in zip(finished, snapshots)]
+        failures = {}
+        for s, push in zip(finished, pushes):
             try:
                 push.result()
-            except grpc.RpcError as exc:
-                errors[p.request_id] = push_failure(exc)
-        return out.numpy(), errors
+            except ServingError as exc:
+                failures[s.request_id] = exc
+        return ForwardResult(hidden=None if self.spec.is_last else out.numpy(),
+                             push_failures=failures)
+
+    def release(self, release: Release) -> None:
+        with self._lock:
+            self._remove(sorted(self.sequences) if release.reset else release.seq_ids)
+
+    def _add_new(self, batch: ForwardBatch) -> None:
+        for s in batch.slices:
+            if s.starts_sequence and s.seq_id not in self.sequences:
+                self.runner.add_sequence(s.seq_id)
+                self.sequences.add(s.seq_id)
+            elif not s.starts_sequence and s.seq_id not in self.sequences:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"sequence {s.seq_id} continues but is not on this stage")
+
+    def _remove(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            if seq_id in self.sequences:
+                self.sequences.discard(seq_id)
+                self.runner.remove_sequence(seq_id)
 
     def _ship(self, request_id: str, snapshot: KVSnapshot, hidden: np.ndarray | None,
-              decode_stages: Sequence[worker_pb2.StageInfo]) -> None:
-        """Push the overlap of our layers with each decode stage's; the LM head's gets hidden."""
-        for index, target in enumerate(decode_stages):
-            overlap = layer_overlap(snapshot.layer_begin, snapshot.layer_end, target)
+              targets: Sequence[StageAddress]) -> None:
+        """Push the overlap of our layers with each decode stage's; the one that owns the
+        LM head (the last) also gets the hidden state."""
+        for index, target in enumerate(targets):
+            overlap = target.overlap(snapshot.layer_begin, snapshot.layer_end)
             if overlap is None:
                 continue
-            lo, hi = overlap
-            part = KVSnapshot(lo, hi, snapshot.keys[lo - snapshot.layer_begin:
-                                                    hi - snapshot.layer_begin],
-                              snapshot.values[lo - snapshot.layer_begin:
-                                              hi - snapshot.layer_begin])
-            carries_hidden = hidden is not None and index == len(decode_stages) - 1
+            lo, hi = (layer - snapshot.layer_begin for layer in overlap)
+            part = KVSnapshot(overlap[0], overlap[1], snapshot.keys[lo:hi],
+                              snapshot.values[lo:hi])
+            carries_hidden = hidden is not None and index == len(targets) - 1
             self.sender.push(target.address, request_id, part,
                              hidden if carries_hidden else None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PROTOS = ("protos/admin.proto", "protos/generation.proto", "protos/worker.proto")
+PROTOS = ("protos/admin.proto", "protos/generation.proto", "protos/stage.proto",
+          "protos/worker.proto")
 ROOT = Path(__file__).resolve().parent.parent
 
 

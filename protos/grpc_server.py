@@ -1,7 +1,8 @@
-"""One way to build a gRPC server: bound to an explicit address, with health and reflection."""
+"""One way to build a gRPC server (an explicit address, health, reflection) and to reach one."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
 
@@ -53,7 +54,24 @@ def start_server(register: Iterable[Callable[[grpc.Server], None]], service_name
 
 
 def channel(address: str) -> grpc.Channel:
+    """A new channel of the caller's own (close it when done)."""
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+_shared: dict[str, grpc.Channel] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_channel(address: str) -> grpc.Channel:
+    """The process's one channel to ``address``, for long-lived peers (workers, stages).
+
+    gRPC multiplexes concurrent calls over a channel and reconnects it when the peer
+    comes back, so one per peer is enough; never close it.
+    """
+    with _shared_lock:
+        if address not in _shared:
+            _shared[address] = channel(address)
+        return _shared[address]
 
 
 def time_remaining(context: grpc.ServicerContext) -> float | None:

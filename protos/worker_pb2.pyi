@@ -1,5 +1,4 @@
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,23 +6,8 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class StageOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    STAGE_OP_UNSPECIFIED: _ClassVar[StageOp]
-    STAGE_OP_EXPECT: _ClassVar[StageOp]
-    STAGE_OP_READY: _ClassVar[StageOp]
-    STAGE_OP_INSTALL: _ClassVar[StageOp]
-    STAGE_OP_FORWARD: _ClassVar[StageOp]
-    STAGE_OP_RELEASE: _ClassVar[StageOp]
-STAGE_OP_UNSPECIFIED: StageOp
-STAGE_OP_EXPECT: StageOp
-STAGE_OP_READY: StageOp
-STAGE_OP_INSTALL: StageOp
-STAGE_OP_FORWARD: StageOp
-STAGE_OP_RELEASE: StageOp
-
 class ModelLayout(_message.Message):
-    __slots__ = ("model_fingerprint", "dtype", "page_size", "num_layers", "layer_begin", "layer_end", "num_kv_heads", "head_dim", "hidden_size", "context_window")
+    __slots__ = ("model_fingerprint", "dtype", "page_size", "num_layers", "layer_begin", "layer_end", "num_kv_heads", "head_dim", "hidden_size", "context_window", "vocab_size", "eos_token_ids")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +18,8 @@ class ModelLayout(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     dtype: str
     page_size: int
@@ -44,7 +30,9 @@ class ModelLayout(_message.Message):
     head_dim: int
     hidden_size: int
     context_window: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_begin: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., context_window: _Optional[int] = ...) -> None: ...
+    vocab_size: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_begin: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., context_window: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -143,16 +131,14 @@ class ReserveResponse(_message.Message):
     def __init__(self, reserved_pages: _Optional[int] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "decode_stages", "transport")
+    __slots__ = ("request_id", "token_ids", "decode_stages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STAGES_FIELD_NUMBER: _ClassVar[int]
-    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     decode_stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
-    transport: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transport: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("kv_bytes", "prefill_ms")
@@ -249,70 +235,3 @@ class AbortResponse(_message.Message):
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
-
-class StagePiece(_message.Message):
-    __slots__ = ("request_id", "seq_id", "length", "last_piece", "total_tokens", "decode_stages")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    LENGTH_FIELD_NUMBER: _ClassVar[int]
-    LAST_PIECE_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    DECODE_STAGES_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    seq_id: int
-    length: int
-    last_piece: bool
-    total_tokens: int
-    decode_stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
-    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., last_piece: _Optional[bool] = ..., total_tokens: _Optional[int] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
-
-class StageExpect(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "sampling", "local", "seq_id")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_FIELD_NUMBER: _ClassVar[int]
-    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    prompt_tokens: int
-    sampling: Sampling
-    local: bool
-    seq_id: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., local: _Optional[bool] = ..., seq_id: _Optional[int] = ...) -> None: ...
-
-class StageRequest(_message.Message):
-    __slots__ = ("op", "pieces", "hidden", "decode", "downstream", "expects", "token_ids", "reset")
-    OP_FIELD_NUMBER: _ClassVar[int]
-    PIECES_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    DECODE_FIELD_NUMBER: _ClassVar[int]
-    DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
-    EXPECTS_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    RESET_FIELD_NUMBER: _ClassVar[int]
-    op: StageOp
-    pieces: _containers.RepeatedCompositeFieldContainer[StagePiece]
-    hidden: bytes
-    decode: bool
-    downstream: _containers.RepeatedScalarFieldContainer[str]
-    expects: _containers.RepeatedCompositeFieldContainer[StageExpect]
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    reset: bool
-    def __init__(self, op: _Optional[_Union[StageOp, str]] = ..., pieces: _Optional[_Iterable[_Union[StagePiece, _Mapping]]] = ..., hidden: _Optional[bytes] = ..., decode: _Optional[bool] = ..., downstream: _Optional[_Iterable[str]] = ..., expects: _Optional[_Iterable[_Union[StageExpect, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., reset: _Optional[bool] = ...) -> None: ...
-
-class StageResponse(_message.Message):
-    __slots__ = ("tokens", "ready", "push_errors")
-    class PushErrorsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
-    READY_FIELD_NUMBER: _ClassVar[int]
-    PUSH_ERRORS_FIELD_NUMBER: _ClassVar[int]
-    tokens: _containers.RepeatedScalarFieldContainer[int]
-    ready: _containers.RepeatedScalarFieldContainer[str]
-    push_errors: _containers.ScalarMap[str, str]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., ready: _Optional[_Iterable[str]] = ..., push_errors: _Optional[_Mapping[str, str]] = ...) -> None: ...

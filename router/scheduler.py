@@ -8,8 +8,9 @@ import threading
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from protos.grpc_server import channel
-from protos.kv_stream import layout_mismatch
+from protos.errors import ServingError
+from protos.grpc_server import shared_channel
+from protos.layout import layout_mismatch
 
 
 @dataclasses.dataclass
@@ -19,11 +20,11 @@ class Worker:
     stub: object
     layout: worker_pb2.ModelLayout | None = None
     stages: list = dataclasses.field(default_factory=list)  # the instance's StageInfos
-    transports: list = dataclasses.field(default_factory=list)  # KV transports it can use
 
 
-class NoWorker(Exception):
-    pass
+class NoWorker(ServingError):
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
 
 
 class Scheduler:
@@ -40,7 +41,7 @@ class Scheduler:
     def stub_for(address: str, role: str):
         stub_type = (worker_pb2_grpc.DecodeWorkerStub if role == "decode"
                      else worker_pb2_grpc.PrefillWorkerStub)
-        return stub_type(channel(address))
+        return stub_type(shared_channel(address))
 
     def add(self, address: str, role: str) -> Worker:
         """Handshake with a worker and keep it; refuses a worker of another model layout."""
@@ -59,7 +60,6 @@ class Scheduler:
                 raise ValueError(f"worker {address} serves an incompatible model: {reason}")
             worker.layout = stats.layout
             worker.stages = list(stats.stages)
-            worker.transports = list(stats.transports)
             self._workers[address] = worker
         return worker
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import grpc
 from tokenizers import Tokenizer
 
-from olmo_model.config import OLMoConfig
 from protos import generation_pb2, generation_pb2_grpc
 from protos.grpc_server import Server, start_server
 
 from .scheduler import Scheduler
-from .service import GenerationServicer, ModelFacts
+from .service import GenerationServicer
+from .validation import ModelFacts
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -28,9 +28,14 @@ def serve_router(model_dir: Path, scheduler: Scheduler, aggregated: bool = False
                  resume_on_decode_failure: bool = True,
                  extra: Sequence[tuple[Callable[[grpc.Server], None], str]] = ()
                  ) -> tuple[Server, GenerationServicer]:
-    """Serve Generate (and any ``extra`` services) over the scheduler's workers."""
-    config = OLMoConfig.from_file(model_dir)
-    facts = ModelFacts(config.vocab_size, config.context_window_size, config.eos_token_id)
+    """Serve Generate (and any ``extra`` services) over the scheduler's workers.
+
+    The model's facts (vocabulary, context window, EOS ids) come from the workers, which
+    the scheduler has already met; only the tokenizer is read from ``model_dir``.
+    """
+    if scheduler.layout is None:
+        raise ValueError("the router needs at least one worker to learn the model from")
+    facts = ModelFacts.of(scheduler.layout)
     servicer = GenerationServicer(scheduler, load_tokenizer(model_dir), facts, aggregated,
                                   lease_ms, resume_on_decode_failure)
     server = start_server(

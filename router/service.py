@@ -8,7 +8,6 @@ Aggregated: the decode worker prefills the prompt itself; nothing is transferred
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
 import uuid
@@ -17,59 +16,19 @@ import grpc
 from tokenizers import Tokenizer
 
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2
+from protos.errors import ServingError
 from protos.grpc_server import time_remaining
-from protos.kv_transport import choose_transport
 
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
 from .scheduler import NoWorker, Scheduler, Worker
+from .validation import ModelFacts, invalid, validate
 
-DEFAULT_MAX_TOKENS = 16
 FINISH = {
     "stop": generation_pb2.FINISH_REASON_STOP,
     "length": generation_pb2.FINISH_REASON_LENGTH,
     "abort": generation_pb2.FINISH_REASON_ABORT,
     "error": generation_pb2.FINISH_REASON_ERROR,
 }
-
-
-class InvalidRequest(ValueError):
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFacts:
-    vocab_size: int
-    context_window: int
-    eos_token_ids: tuple[int, ...]
-
-
-def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
-             facts: ModelFacts) -> worker_pb2.Sampling:
-    """Check a request against the model; returns the sampling to send to the decode worker."""
-    s = request.sampling
-    if not prompt_ids:
-        raise InvalidRequest("the prompt is empty")
-    bad = [t for t in prompt_ids if t >= facts.vocab_size]
-    if bad:
-        raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary of {facts.vocab_size}")
-    max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
-    if len(prompt_ids) + max_tokens > facts.context_window:
-        raise InvalidRequest(
-            f"prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}; this model's "
-            f"context window is {facts.context_window}")
-    if not math.isfinite(s.temperature) or s.temperature < 0:
-        raise InvalidRequest(f"temperature must be >= 0, got {s.temperature}")
-    if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
-        raise InvalidRequest(f"top_p must be in [0, 1], got {s.top_p}")
-    if any(not stop for stop in s.stop):
-        raise InvalidRequest("stop strings must not be empty")
-    bad = [t for t in s.stop_token_ids if t >= facts.vocab_size]
-    if bad:
-        raise InvalidRequest(f"stop token id {bad[0]} is outside the vocabulary")
-    return worker_pb2.Sampling(
-        max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        has_seed=s.HasField("seed"), seed=s.seed, stop_token_ids=list(s.stop_token_ids),
-        ignore_eos=s.ignore_eos)
 
 
 class PrefillLeg:
@@ -103,8 +62,6 @@ class PrefillLeg:
                 reasons.append(str(exc))
                 break
             tried.add(self.worker.address)
-            self.request.transport = choose_transport(self.worker.transports,
-                                                      self.decode.transports)
             timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             try:
                 self._call = self.worker.stub.Prefill.future(self.request, timeout=timeout)
@@ -190,8 +147,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             prompt_ids = self._prompt_ids(request)
             sampling = validate(request, prompt_ids, self.facts)
-        except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ServingError as exc:
+            exc.abort(context)
         progress = Progress(
             prompt_ids, time.perf_counter(),
             IncrementalDetokenizer(self.tokenizer, prompt_ids,
@@ -286,9 +243,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             return list(request.token_ids.ids)
         if kind == "text":
             if self.tokenizer is None:
-                raise InvalidRequest("this model has no tokenizer.json; send token_ids")
+                raise invalid("this model has no tokenizer.json; send token_ids")
             return self.tokenizer.encode(request.text).ids
-        raise InvalidRequest("the request has no prompt (set text or token_ids)")
+        raise invalid("the request has no prompt (set text or token_ids)")
 
     def _reserve(self, request_id, prompt_ids, sampling, exclude, context) -> Worker:
         reserve = worker_pb2.ReserveRequest(
@@ -298,7 +255,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             candidates = self.scheduler.pick_decode(exclude)
         except NoWorker as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            exc.abort(context)
         refusals, codes = [], set()
         for worker in candidates:
             try:

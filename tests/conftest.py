@@ -8,6 +8,12 @@ from typing import Any
 
 import pytest
 
+from olmo_model.threads import use_every_cpu
+
+# Kernels under test run as a worker runs them, on every CPU, even those a test compiles
+# and runs without a ModelRunner (which would otherwise size the pool).
+use_every_cpu()
+
 torch = pytest.importorskip("torch", reason="the reference needs torch (pip install -e .[test])")
 transformers = pytest.importorskip("transformers")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from router.cli import build_parser
-from router.cluster_config import ClusterConfig, ClusterConfigError
+from cluster.cli import build_parser
+from cluster.cluster_config import ClusterConfig, ClusterConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "cluster.yaml"
 
@@ -31,7 +31,7 @@ def test_bad_config_is_refused_with_reason(tmp_path, text, message):
 
 
 def test_cli_overrides_the_file():
-    from router.cli import _cluster_config
+    from cluster.cli import _cluster_config
 
     args = build_parser().parse_args(["serve", "--config", str(EXAMPLE), "--decode-instances",
                                       "3", "--aggregated", "--port", "7000"])

@@ -178,10 +178,14 @@ def test_compiled_artifact_records_its_schedules(tiny_checkpoint):
 
 
 def test_thread_pool_follows_the_machine():
-    # TVM alone would use half the CPUs on x86 (one on a 2-vCPU machine).
-    code = ("import os, olmo_model.compiler, tvm; "
-            "assert tvm.runtime.num_threads() == len(os.sched_getaffinity(0)), "
-            "(tvm.runtime.num_threads(), os.sched_getaffinity(0))")
+    # TVM alone would use half the CPUs on x86 (one on a 2-vCPU machine). The CPU count is
+    # read first: a one-thread pool pins the main thread, which shrinks the affinity.
+    # Importing the model changes nothing; compiling or building a runner sizes the pool.
+    code = ("import os; cpus = len(os.sched_getaffinity(0)); "
+            "import olmo_model.compiler, olmo_model.runtime; "
+            "assert 'TVM_NUM_THREADS' not in os.environ, 'set at import'; "
+            "from olmo_model.threads import use_every_cpu; use_every_cpu(); import tvm; "
+            "assert tvm.runtime.num_threads() == cpus, (tvm.runtime.num_threads(), cpus)")
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 

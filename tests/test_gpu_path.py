@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from kv_transfer.transports import GRPC, NCCL, choose_transport, worker_transports
 from olmo_model.nccl import Nccl, NcclUnavailable, cuda_device_count, library_path, nccl_status
 from protos import worker_pb2
-from protos.kv_transport import GRPC, NCCL, choose_transport, worker_transports
 
 needs_nccl = pytest.mark.skipif(library_path() is None,
                                 reason="nvidia-nccl-cu12 is not installed (pip install .[gpu])")
@@ -61,7 +61,7 @@ def test_transport_selection_falls_back_to_grpc():
 
 
 def test_workers_report_their_transport_in_stats(tiny_checkpoint):
-    from router.local_cluster import start_local_cluster
+    from cluster.local_cluster import start_local_cluster
 
     folder, _ = tiny_checkpoint
     cluster = start_local_cluster(folder)

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from router.cli import _cluster_config, build_parser
+from cluster.cli import _cluster_config, build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
-from protos import worker_pb2
+from protos import stage_pb2, stage_pb2_grpc, worker_pb2
+from protos.errors import ServingError
+from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
-from router.local_cluster import start_local_cluster
 
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], list(range(20, 120)), [42], list(range(200, 231))]
@@ -67,7 +69,7 @@ def _idle(servicer, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = servicer.engine.stats()
-        if stats["used_pages"] == 0 and not servicer.engine.stage.pending:
+        if stats["used_pages"] == 0 and not servicer.stage.receiver.waiting():
             return True
         time.sleep(0.05)
     return False
@@ -84,7 +86,7 @@ def test_a_killed_decode_stage_fails_requests_cleanly_and_frees_other_stages(fiv
         leader, middle, last = cluster.decode
         assert leader.engine.stats()["used_pages"] > 0
         victim = next(s for s in cluster.servers
-                      if f"127.0.0.1:{s.port}" == leader.stages[1].address)
+                      if f"127.0.0.1:{s.port}" == leader.engine.chain.addresses[1].address)
         victim.stop(grace=0)  # the middle stage goes away mid-stream
         with pytest.raises(grpc.RpcError) as err:
             for _ in call:
@@ -104,8 +106,66 @@ def test_stage_chain_must_cover_every_layer(five_layers):
     cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=1, decode_stages=3)
     try:
         leader = cluster.decode[0]
-        with pytest.raises(ValueError, match="do not cover layers"):
-            leader.set_pipeline(leader.stages[0].address, [leader.stages[2].address])
-        assert np.array_equal([s.layer_end for s in leader.stages], [2, 4, 5])
+        stages = leader.engine.chain.addresses
+        with pytest.raises(ServingError, match="do not cover layers"):
+            leader.lead(stages[0].address, [stages[2].address])
+        assert np.array_equal([s.layer_end for s in leader.engine.chain.addresses], [2, 4, 5])
+    finally:
+        cluster.stop()
+
+
+def test_a_one_stage_instance_calls_its_own_stage_directly(five_layers):
+    folder, _ = five_layers
+    cluster = start_local_cluster(folder, limits=LIMITS)
+    try:
+        for servicer in [*cluster.prefill, *cluster.decode]:
+            assert servicer.engine.chain.stages == [servicer.stage]
+    finally:
+        cluster.stop()
+
+
+def test_a_member_stage_refuses_malformed_calls(five_layers):
+    folder, _ = five_layers
+    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=1, decode_stages=2)
+    try:
+        leader, member = cluster.decode
+        addresses = leader.engine.chain.addresses
+        layout = member.layout
+        stub = stage_pb2_grpc.StageStub(channel(addresses[1].address))
+        good_bytes = np.zeros((3, layout.hidden_size), layout.dtype).tobytes()
+        slices = [stage_pb2.SequenceSlice(seq_id=7, length=3, total_tokens=3)]
+        with pytest.raises(grpc.RpcError) as err:  # two tokens' worth for three tokens
+            stub.Forward(stage_pb2.ForwardRequest(slices=slices, hidden=good_bytes[:-8]),
+                         timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:  # a sequence the stage never received
+            stub.Forward(stage_pb2.ForwardRequest(slices=slices, hidden=good_bytes), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        first = stage_pb2_grpc.StageStub(channel(addresses[0].address))
+        with pytest.raises(grpc.RpcError) as err:  # the leader is never forwarded to
+            first.Forward(stage_pb2.ForwardRequest(slices=slices, hidden=good_bytes), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # None of it disturbed the instance.
+        assert run_concurrently(cluster.router_address, PROMPTS[:1])[0]
+    finally:
+        cluster.stop()
+
+
+def test_a_prefill_whose_member_stage_died_frees_the_leader(five_layers):
+    folder, _ = five_layers
+    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=2, decode_stages=1)
+    try:
+        leader = cluster.prefill[0]
+        member_address = leader.engine.chain.addresses[1].address
+        next(s for s in cluster.servers if f"127.0.0.1:{s.port}" == member_address).stop(0)
+        client = GenerationClient(cluster.router_address)
+        with pytest.raises(grpc.RpcError) as err:  # a long prompt: several prefill chunks
+            client.complete(generate_request(list(range(1, 200)), max_tokens=4), timeout=60)
+        client.close()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "pipeline stage" in err.value.details()
+        assert leader.stage.sequences == set()
+        stats = leader.Stats(worker_pb2.StatsRequest(), None)
+        assert stats.used_pages == 0 and stats.free_pages == stats.total_pages
     finally:
         cluster.stop()

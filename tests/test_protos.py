@@ -18,3 +18,12 @@ def test_generated_code_is_current(tmp_path):
         assert committed.is_file(), f"{rel} is not committed; run python -m protos.codegen"
         assert committed.read_text() == (tmp_path / rel).read_text(), (
             f"{rel} is stale; run python -m protos.codegen")
+
+
+def test_every_status_code_survives_its_wire_number():
+    import grpc
+
+    from protos.errors import status_code, status_number
+
+    for code in grpc.StatusCode:
+        assert status_code(status_number(code)) is code

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from cluster.cluster_config import ClusterConfig, RoleConfig
 from protos import worker_pb2
 from router.client import GenerationClient, generate_request
-from router.cluster_config import ClusterConfig, RoleConfig
 
 ray = pytest.importorskip("ray")
 
@@ -20,7 +20,7 @@ PROMPT = "The Python interpreter"
 
 @pytest.fixture(scope="module")
 def cluster():
-    from router.ray_cluster import start_ray_cluster
+    from cluster.ray_cluster import start_ray_cluster
 
     config = ClusterConfig(port=0, prefill=RoleConfig(instances=2, cpus=0.4),
                            decode=RoleConfig(instances=2, cpus=0.4), health_interval_s=0.5)

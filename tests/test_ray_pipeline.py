@@ -9,16 +9,16 @@ import torch
 from tokenizers import Tokenizer
 from transformers import OlmoForCausalLM
 
+from cluster.cluster_config import ClusterConfig, RoleConfig
 from olmo_model.demo import DEMO_MODEL_DIR
 from router.client import GenerationClient, generate_request
-from router.cluster_config import ClusterConfig, RoleConfig
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from router.ray_cluster import start_ray_cluster
+    from cluster.ray_cluster import start_ray_cluster
 
     config = ClusterConfig(port=0, prefill=RoleConfig(instances=1, stages=2, cpus=0.25),
                            decode=RoleConfig(instances=1, stages=2, cpus=0.25),

@@ -13,13 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 from transformers import OlmoForCausalLM
 
+from cluster.local_cluster import start_local_cluster
+from kv_transfer.codec import encode_push
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from protos import generation_pb2, worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
-from protos.kv_stream import encode_push
 from router.client import GenerationClient, generate_request
-from router.local_cluster import start_local_cluster
 
 LIMITS = CacheLimits(max_num_sequences=16, max_total_tokens=4096, prefill_chunk_size=1024)
 PROMPT = "The Python interpreter"

@@ -1,4 +1,4 @@
-"""The KV push, both ends: a sequence's K/V and last hidden state as a verified chunk stream.
+"""The KV push codec: a sequence's K/V and last hidden state as a verified chunk stream.
 
 Sender side: ``encode_push`` turns a ``KVSnapshot`` and hidden state into a header, K/V
 blocks each under the size budget, the hidden state and a CRC32 trailer. Receiver side:
@@ -12,37 +12,35 @@ import enum
 import zlib
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 
 from olmo_model.kv_pages import KVSnapshot
+from olmo_model.runtime import ModelRunner
 from protos import worker_pb2
+from protos.errors import ServingError
+from protos.layout import layout_mismatch
 
 BLOCK_BYTES = 2 * 2**20  # per block, keys and values together
 
 
-def model_layout(runner) -> worker_pb2.ModelLayout:
-    """What a worker's runner holds, as peers compare it (``runner``: a ModelRunner)."""
+def model_layout(runner: ModelRunner) -> worker_pb2.ModelLayout:
+    """What a worker's runner holds, as its peers and the router see it."""
     config, stage = runner.config, runner.stage
     return worker_pb2.ModelLayout(
         model_fingerprint=runner.artifact.fingerprint, dtype=runner.dtype,
         page_size=runner.limits.page_size, num_layers=config.num_hidden_layers,
         layer_begin=stage.layer_begin, layer_end=stage.layer_end,
         num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
-        hidden_size=config.hidden_size, context_window=config.context_window_size)
+        hidden_size=config.hidden_size, context_window=config.context_window_size,
+        vocab_size=config.vocab_size, eos_token_ids=list(config.eos_token_id))
 
 
-class PushRefused(Exception):
+class PushRefused(ServingError):
     """A KV push the receiver will not install; the message says which check failed."""
 
-
-def layout_mismatch(ours: worker_pb2.ModelLayout, theirs: worker_pb2.ModelLayout) -> str | None:
-    """Why two workers cannot exchange KV pages, or None when they can."""
-    for field in ("model_fingerprint", "dtype", "num_layers", "num_kv_heads", "head_dim",
-                  "hidden_size"):
-        a, b = getattr(ours, field), getattr(theirs, field)
-        if a != b:
-            return f"{field} differs: this worker has {a!r}, the peer has {b!r}"
-    return None
+    def __init__(self, reason: str):
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, f"KV push refused: {reason}")
 
 
 def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,

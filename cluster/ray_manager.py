@@ -15,10 +15,10 @@ import dataclasses
 import os
 import threading
 import time
-from pathlib import Path
+
+from router.scheduler import Scheduler
 
 from .cluster_config import ClusterConfig, RoleConfig
-from .scheduler import Scheduler
 
 ROLES = ("prefill", "decode")
 
@@ -68,9 +68,9 @@ class Instance:
 
 
 class RayClusterManager:
-    def __init__(self, config: ClusterConfig, model_dir: Path):
+    def __init__(self, config: ClusterConfig):
         self.config = config
-        self.model_dir = Path(model_dir)
+        self.worker_spec = config.worker_spec()
         self.scheduler = Scheduler()
         self.instances: dict[str, Instance] = {}
         self._next_index = dict.fromkeys(ROLES, 0)
@@ -157,9 +157,8 @@ class RayClusterManager:
                     num_gpus=spec.gpus, resources=spec.resources or None,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         group, placement_group_bundle_index=stage),
-                ).remote(role, str(self.model_dir), self.config.dtype, self.config.target,
-                         self.config.max_sequences, self.config.max_total_tokens,
-                         self.config.worker_host, spec.port, stage, spec.stages)
+                ).remote(role, self.worker_spec, self.config.worker_host, spec.port, stage,
+                         spec.stages)
                 for stage in range(spec.stages)]
             instance = Instance(name, role, actors, group)
             with self._lock:
@@ -179,7 +178,7 @@ class RayClusterManager:
         import ray
 
         if len(addresses) > 1:
-            ray.get(instance.actor.set_pipeline.remote(addresses[1:]), timeout=60)
+            ray.get(instance.actor.lead.remote(addresses[1:]), timeout=60)
         self.scheduler.add(addresses[0], instance.role)
         with self._lock:
             if instance.stage_addresses and instance.stage_addresses != addresses:

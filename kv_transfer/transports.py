@@ -2,7 +2,8 @@
 
 gRPC always works. NCCL moves pages device to device, and needs both workers on CUDA
 GPUs, NCCL loadable, and page access on the device; a worker lists what it can do in its
-stats, and the router picks NCCL only when both ends list it.
+stats. A push may use NCCL only when both ends list it (``choose_transport``); until
+the device-to-device push is wired, every push goes over gRPC.
 """
 
 from __future__ import annotations

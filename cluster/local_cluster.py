@@ -1,7 +1,7 @@
 """A whole cluster in one process: prefill and decode workers plus the router, on loopback.
 
-Every part talks to the others over real gRPC; only the processes are shared. An
-instance of S pipeline stages is S workers, the first leading the others. Used by
+Every part talks to the others over real gRPC; only the process is shared. An instance
+of S pipeline stages is S workers, the first leading the others. Used by
 ``olmo-serve up --no-ray``, the benchmarks and the tests.
 """
 
@@ -11,15 +11,13 @@ import dataclasses
 from pathlib import Path
 
 from decode_worker.servicer import DecodeServicer, serve_decode
-from olmo_model.config import OLMoConfig
 from olmo_model.kv_pages import CacheLimits
-from olmo_model.runtime import ModelRunner
-from olmo_model.stages import stage_specs
 from prefill_worker.servicer import PrefillServicer, serve_prefill
 from protos.grpc_server import Server
+from router.server import serve_router, static_scheduler
+from router.service import GenerationServicer
 
-from .server import serve_router, static_scheduler
-from .service import GenerationServicer
+from .worker_spec import WorkerSpec
 
 
 @dataclasses.dataclass
@@ -37,12 +35,14 @@ class LocalCluster:
             servicer.engine.stop()
 
 
-def start_local_cluster(model_dir: Path, num_prefill: int = 1, num_decode: int = 1,
-                        aggregated: bool = False, dtype: str = "float32", target: str = "llvm",
-                        limits: CacheLimits | None = None, host: str = "127.0.0.1",
-                        router_port: int = 0, lease_ms: int = 30_000, prefill_stages: int = 1,
-                        decode_stages: int = 1) -> LocalCluster:
-    num_layers = OLMoConfig.from_file(model_dir).num_hidden_layers
+def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 1,
+                        num_decode: int = 1, aggregated: bool = False, dtype: str | None = None,
+                        target: str | None = None, limits: CacheLimits | None = None,
+                        host: str = "127.0.0.1", router_port: int = 0, lease_ms: int = 30_000,
+                        prefill_stages: int = 1, decode_stages: int = 1) -> LocalCluster:
+    """Start the workers and the router; ``None`` for model, dtype, target or limits means
+    the same default every cluster uses (``WorkerSpec``)."""
+    spec = WorkerSpec.of(model_dir, dtype, target, limits)
     servers: list[Server] = []
     servicers: dict[str, list] = {"prefill": [], "decode": []}
     leaders: dict[str, list[str]] = {"prefill": [], "decode": []}
@@ -52,19 +52,18 @@ def start_local_cluster(model_dir: Path, num_prefill: int = 1, num_decode: int =
     for role, instances, stages, serve in plan:
         for _ in range(instances):
             addresses, members = [], []
-            for spec in stage_specs(num_layers, stages):
-                runner = ModelRunner.from_checkpoint(model_dir, stage=spec, dtype=dtype,
-                                                     target=target, limits=limits)
-                server, servicer = serve(runner, host)
+            for stage in range(stages):
+                server, servicer = serve(spec.runner(stage, stages), host)
                 servers.append(server)
                 members.append(servicer)
                 addresses.append(f"{host}:{server.port}")
-            members[0].set_pipeline(addresses[0], addresses[1:])
+            if stages > 1:
+                members[0].lead(addresses[0], addresses[1:])
             servicers[role] += members
             leaders[role].append(addresses[0])
     scheduler = static_scheduler(leaders["prefill"], leaders["decode"])
-    router_server, router = serve_router(model_dir, scheduler, aggregated, host, router_port,
-                                         lease_ms)
+    router_server, router = serve_router(spec.model_dir, scheduler, aggregated, host,
+                                         router_port, lease_ms)
     servers.append(router_server)
     return LocalCluster(f"{host}:{router_server.port}", servers, servicers["prefill"],
                         servicers["decode"], router)

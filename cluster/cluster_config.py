@@ -8,6 +8,10 @@ from typing import Any
 
 import yaml
 
+from olmo_model.kv_pages import CacheLimits
+
+from .worker_spec import DEFAULT_DTYPE, DEFAULT_TARGET, WorkerSpec
+
 
 class ClusterConfigError(ValueError):
     pass
@@ -34,8 +38,8 @@ class RoleConfig:
 @dataclasses.dataclass
 class ClusterConfig:
     model: str | None = None          # None: the built-in demo model
-    dtype: str = "float32"
-    target: str = "llvm"
+    dtype: str = DEFAULT_DTYPE
+    target: str = DEFAULT_TARGET
     mode: str = "disaggregated"       # or "aggregated": decode workers prefill locally
     host: str = "127.0.0.1"           # where the router's public API binds
     port: int = 50051
@@ -43,8 +47,9 @@ class ClusterConfig:
     worker_host: str = "127.0.0.1"
     prefill: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     decode: RoleConfig = dataclasses.field(default_factory=RoleConfig)
-    max_sequences: int = 16
-    max_total_tokens: int = 8192
+    # Each worker's KV cache: sequences and tokens it holds at once (None: CacheLimits').
+    max_sequences: int | None = None
+    max_total_tokens: int | None = None
     lease_ms: int = 30_000
     health_interval_s: float = 1.0
     # What happens to a request whose decode worker dies mid-stream.
@@ -73,6 +78,11 @@ class ClusterConfig:
     @property
     def aggregated(self) -> bool:
         return self.mode == "aggregated"
+
+    def worker_spec(self) -> WorkerSpec:
+        """What every worker of this cluster builds its runner from."""
+        limits = CacheLimits.sized(self.max_sequences, self.max_total_tokens)
+        return WorkerSpec.of(self.model, self.dtype, self.target, limits)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ClusterConfig:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from olmo_model.demo import resolve_model_dir
 from protos.grpc_server import Server
+from router.server import serve_router
+from router.service import GenerationServicer
 
 from .admin import SERVICE_NAME as ADMIN_SERVICE
 from .admin import AdminServicer
 from .cluster_config import ClusterConfig
 from .ray_manager import RayClusterManager, connect_ray
-from .server import serve_router
-from .service import GenerationServicer
 
 
 @dataclasses.dataclass
@@ -31,14 +29,13 @@ class RayCluster:
 def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
                       num_cpus: float | None = None) -> RayCluster:
     connect_ray(ray_address, num_cpus)
-    model_dir = Path(resolve_model_dir(config.model)).resolve()
-    manager = RayClusterManager(config, model_dir)
+    manager = RayClusterManager(config)
     manager.start()
     admin = AdminServicer(manager)
     try:
         server, router = serve_router(
-            model_dir, manager.scheduler, config.aggregated, config.host, config.port,
-            config.lease_ms, config.on_decode_failure == "resume",
+            manager.worker_spec.model_dir, manager.scheduler, config.aggregated, config.host,
+            config.port, config.lease_ms, config.on_decode_failure == "resume",
             extra=[(admin.register, ADMIN_SERVICE)])
     except Exception:
         manager.stop()

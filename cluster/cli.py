@@ -8,19 +8,21 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model and KV cache flags; left out, each takes the cluster config's default."""
     parser.add_argument("--model", default=None,
                         help="folder with config.json, *.safetensors, tokenizer.json "
                              "(default: the built-in tiny demo model)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    parser.add_argument("--target", default="llvm", help="llvm (this CPU), cuda or cuda:sm_XX")
-    parser.add_argument("--max-sequences", type=int, default=16,
-                        help="sequences one worker's KV cache holds at once")
-    parser.add_argument("--max-total-tokens", type=int, default=8192,
-                        help="tokens one worker's KV cache holds in all")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16"],
+                        help="weights and KV cache dtype (default float32)")
+    parser.add_argument("--target", default=None,
+                        help="llvm (this CPU, the default), cuda or cuda:sm_XX")
+    parser.add_argument("--max-sequences", type=int, default=None,
+                        help="sequences one worker's KV cache holds at once (default 16)")
+    parser.add_argument("--max-total-tokens", type=int, default=None,
+                        help="tokens one worker's KV cache holds in all (default 8192)")
 
 
 def _bind_flags(parser: argparse.ArgumentParser, port: int) -> None:
@@ -38,25 +40,17 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _model_dir(args: argparse.Namespace) -> Path:
-    from olmo_model.demo import resolve_model_dir
+def _worker_spec(args: argparse.Namespace):
+    """The model a one-role command serves, from the model flags alone."""
+    from .cluster_config import ClusterConfig
 
-    return resolve_model_dir(args.model)
-
-
-def _limits(args: argparse.Namespace):
-    from olmo_model.kv_pages import CacheLimits
-
-    sequences, tokens = args.max_sequences or 16, args.max_total_tokens or 8192
-    return CacheLimits(max_num_sequences=sequences, max_total_tokens=tokens,
-                       prefill_chunk_size=min(2048, tokens))
+    return ClusterConfig(**_model_overrides(args)).worker_spec()
 
 
-def _runner(args: argparse.Namespace):
-    from olmo_model.runtime import ModelRunner
-
-    return ModelRunner.from_checkpoint(_model_dir(args), dtype=args.dtype, target=args.target,
-                                       limits=_limits(args))
+def _model_overrides(args: argparse.Namespace) -> dict:
+    given = {"model": args.model, "dtype": args.dtype, "target": args.target,
+             "max_sequences": args.max_sequences, "max_total_tokens": args.max_total_tokens}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _wait_for_signal(servers) -> int:
@@ -72,7 +66,7 @@ def _wait_for_signal(servers) -> int:
 def _prefill_worker(args: argparse.Namespace) -> int:
     from prefill_worker.servicer import serve_prefill
 
-    server, _ = serve_prefill(_runner(args), args.host, args.port)
+    server, _ = serve_prefill(_worker_spec(args).runner(), args.host, args.port)
     print(f"prefill worker serving on {args.host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
@@ -80,23 +74,25 @@ def _prefill_worker(args: argparse.Namespace) -> int:
 def _decode_worker(args: argparse.Namespace) -> int:
     from decode_worker.servicer import serve_decode
 
-    server, _ = serve_decode(_runner(args), args.host, args.port)
+    server, _ = serve_decode(_worker_spec(args).runner(), args.host, args.port)
     print(f"decode worker serving on {args.host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
 
 def _router(args: argparse.Namespace) -> int:
+    from olmo_model.demo import resolve_model_dir
     from router.server import serve_router, static_scheduler
 
     scheduler = static_scheduler([] if args.aggregated else args.prefill, args.decode)
-    server, _ = serve_router(_model_dir(args), scheduler, args.aggregated, args.host, args.port,
-                             args.lease_ms)
+    server, _ = serve_router(resolve_model_dir(args.model), scheduler, args.aggregated,
+                             args.host, args.port, args.lease_ms)
     print(f"router serving olmo.generation.v1.Generation on {args.host}:{server.port}",
           flush=True)
     return _wait_for_signal([server])
 
 
 def _stream_to_terminal(address: str, args: argparse.Namespace, prompt: str) -> int:
+    from protos.generation_pb2 import FinishReason
     from router.client import GenerationClient, generate_request
 
     client = GenerationClient(address)
@@ -113,7 +109,7 @@ def _stream_to_terminal(address: str, args: argparse.Namespace, prompt: str) -> 
     total = time.perf_counter() - start
     usage = last.usage
     tpot = (total - (first - start)) / max(1, usage.completion_tokens - 1) if first else 0.0
-    reason = {1: "stop", 2: "length", 3: "abort", 4: "error"}.get(last.finish_reason, "?")
+    reason = FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
     print(f"\n\n[{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated, "
           f"finish: {reason}; TTFT {usage.time_to_first_token_ms:.1f} ms, "
           f"TPOT {1000 * tpot:.1f} ms, total {1000 * total:.0f} ms]", file=sys.stderr)
@@ -126,11 +122,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _cluster_config(args: argparse.Namespace):
-    from router.cluster_config import ClusterConfig
+    from .cluster_config import ClusterConfig
 
-    overrides = {"model": args.model, "dtype": args.dtype, "target": args.target,
-                 "host": args.host, "port": args.port, "max_sequences": args.max_sequences,
-                 "max_total_tokens": args.max_total_tokens}
+    overrides = {**_model_overrides(args), "host": args.host, "port": args.port}
     if args.aggregated:
         overrides["mode"] = "aggregated"
     config = (ClusterConfig.from_yaml(args.config, **overrides) if args.config
@@ -150,15 +144,15 @@ def _start_cluster(args: argparse.Namespace):
     """A Ray-managed cluster (default) or, with --no-ray, one process of gRPC servers."""
     config = _cluster_config(args)
     if args.no_ray:
-        from router.local_cluster import start_local_cluster
+        from .local_cluster import start_local_cluster
 
+        spec = config.worker_spec()
         cluster = start_local_cluster(
-            _model_dir(args), config.prefill.instances, config.decode.instances,
-            config.aggregated, config.dtype, config.target, _limits(args), config.host,
-            config.port, prefill_stages=config.prefill.stages,
-            decode_stages=config.decode.stages)
+            spec.model_dir, config.prefill.instances, config.decode.instances,
+            config.aggregated, spec.dtype, spec.target, spec.limits, config.host, config.port,
+            config.lease_ms, config.prefill.stages, config.decode.stages)
         return cluster, cluster.router_address, "in-process"
-    from router.ray_cluster import start_ray_cluster
+    from .ray_cluster import start_ray_cluster
 
     cluster = start_ray_cluster(config, args.ray_address)
     return cluster, cluster.address, f"Ray ({args.ray_address or 'local'})"
@@ -229,10 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("serve", "start a cluster and serve until stopped", _serve)):
         cmd = sub.add_parser(name, help=helptext)
         cmd.add_argument("--config", default=None, help="cluster config YAML")
-        cmd.add_argument("--model", default=None,
-                         help="model folder (default: the built-in tiny demo model)")
-        cmd.add_argument("--dtype", default=None, choices=["float32", "float16"])
-        cmd.add_argument("--target", default=None, help="llvm (this CPU), cuda or cuda:sm_XX")
+        _model_flags(cmd)
         cmd.add_argument("--host", default=None, help="router bind address (default 127.0.0.1)")
         cmd.add_argument("--port", type=int, default=None, help="router port (default 50051)")
         cmd.add_argument("--prefill-instances", type=int, default=None)
@@ -247,10 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="join this Ray cluster (e.g. auto); default: start one")
         cmd.add_argument("--no-ray", action="store_true",
                          help="run every role in this process instead of as Ray actors")
-        cmd.add_argument("--max-sequences", type=int, default=None,
-                         help="sequences one worker's KV cache holds at once (default 16)")
-        cmd.add_argument("--max-total-tokens", type=int, default=None,
-                         help="tokens one worker's KV cache holds in all (default 8192)")
         cmd.set_defaults(func=func)
         if name == "up":
             _sampling_flags(cmd)
@@ -282,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         role.set_defaults(func=func)
 
     router = sub.add_parser("router", help="serve the Generate API over running workers")
-    router.add_argument("--model", default=None, help="model folder (for tokenizer and config)")
+    router.add_argument("--model", default=None,
+                        help="model folder, for its tokenizer (default: the demo model)")
     router.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT")
     router.add_argument("--decode", action="append", default=[], metavar="HOST:PORT")
     router.add_argument("--aggregated", action="store_true")

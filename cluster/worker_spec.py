@@ -1,0 +1,42 @@
+"""What a worker builds its model runner from: one definition for every way a cluster starts
+(the CLI's one-role commands, the in-process local cluster, Ray worker actors)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from olmo_model.config import OLMoConfig
+from olmo_model.demo import resolve_model_dir
+from olmo_model.kv_pages import CacheLimits
+from olmo_model.runtime import ModelRunner
+from olmo_model.stages import StageSpec
+
+DEFAULT_DTYPE = "float32"
+DEFAULT_TARGET = "llvm"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    model_dir: Path
+    dtype: str = DEFAULT_DTYPE
+    target: str = DEFAULT_TARGET
+    limits: CacheLimits = CacheLimits()
+
+    @classmethod
+    def of(cls, model: str | Path | None, dtype: str | None = None, target: str | None = None,
+           limits: CacheLimits | None = None) -> WorkerSpec:
+        """None for any field means its default (for ``model``: the built-in demo model)."""
+        return cls(Path(resolve_model_dir(model)).resolve(), dtype or DEFAULT_DTYPE,
+                   target or DEFAULT_TARGET, limits or CacheLimits())
+
+    def config(self) -> OLMoConfig:
+        return OLMoConfig.from_file(self.model_dir)
+
+    def runner(self, stage: int = 0, num_stages: int = 1) -> ModelRunner:
+        """Compile (or load from the cache) and load one stage of the model."""
+        config = self.config()
+        spec = StageSpec.of(config.num_hidden_layers, num_stages, stage)
+        return ModelRunner.from_checkpoint(self.model_dir, stage=spec, dtype=self.dtype,
+                                           target=self.target, limits=self.limits,
+                                           config=config)

@@ -1,0 +1,144 @@
+"""One decode stage's KV receiver: pushes assembled, verified, and kept until installed.
+
+A request's K/V may reach a stage in several pushes (the prefill instance's stages need
+not line up with ours). It is ready when its parts cover every layer of the stage
+exactly once and, on the stage that owns the LM head, the last hidden state has come.
+Nothing of a push that fails any check is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from kv_transfer.codec import KVAssembler
+from olmo_model.kv_pages import KVSnapshot
+from olmo_model.stages import StageSpec
+from pipeline.ops import SamplingConfig
+from protos import worker_pb2
+from protos.errors import ServingError
+
+
+@dataclasses.dataclass
+class PendingKV:
+    """A request's K/V as it arrives at this stage, and how its tokens will be sampled."""
+
+    prompt_tokens: int
+    sampling: SamplingConfig
+    parts: dict[int, KVSnapshot] = dataclasses.field(default_factory=dict)  # by layer_begin
+    hidden: np.ndarray | None = None
+
+    def snapshot(self) -> KVSnapshot:
+        """The parts joined into one snapshot of the stage's layers."""
+        ordered = [self.parts[k] for k in sorted(self.parts)]
+        if len(ordered) == 1:
+            return ordered[0]
+        return KVSnapshot(ordered[0].layer_begin, ordered[-1].layer_end,
+                          np.concatenate([p.keys for p in ordered]),
+                          np.concatenate([p.values for p in ordered]))
+
+
+class KVReceiver:
+    def __init__(self, layout: worker_pb2.ModelLayout, spec: StageSpec,
+                 on_arrival: Callable[[], None] = lambda: None):
+        self.layout = layout
+        self.spec = spec
+        self.on_arrival = on_arrival  # wakes the engine's step loop
+        self._pending: dict[str, PendingKV] = {}
+        self._lock = threading.Lock()
+        self.bytes_received = 0
+        self.pushes_refused = 0
+
+    def expect(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig) -> None:
+        with self._lock:
+            self._pending[request_id] = PendingKV(prompt_tokens, sampling)
+
+    def receive(self, chunks: Iterable[worker_pb2.KVChunk]) -> int:
+        """Take one push: assemble and verify it, keep it for its request; returns its bytes.
+
+        Raises ServingError (and keeps nothing) when any check fails; the reservation
+        stays open until its lease ends, so that the prefill leg can be retried.
+        """
+        assembler = KVAssembler(self.layout, accepts_hidden=self.spec.is_last)
+        try:
+            for chunk in chunks:
+                assembler.add(chunk)
+                if chunk.WhichOneof("part") == "header":
+                    # Refuse early, before the blocks are read, what cannot be installed.
+                    self._check(assembler.request_id, assembler.num_tokens)
+            self._keep(assembler.request_id, assembler.snapshot(), assembler.hidden)
+        except ServingError:
+            with self._lock:
+                self.pushes_refused += 1
+            raise
+        self.on_arrival()
+        return assembler.bytes_received
+
+    def ready(self, request_ids: Sequence[str]) -> list[str]:
+        with self._lock:
+            return [r for r in request_ids if r in self._pending and self._complete(r)]
+
+    def take(self, request_id: str) -> PendingKV:
+        with self._lock:
+            pending = self._pending.get(request_id)
+            if pending is None or not self._complete(request_id):
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"the K/V of request {request_id!r} is not all here")
+            return self._pending.pop(request_id)
+
+    def drop(self, request_ids: Iterable[str]) -> None:
+        with self._lock:
+            for request_id in request_ids:
+                self._pending.pop(request_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pending.clear()
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _check(self, request_id: str, num_tokens: int) -> None:
+        with self._lock:
+            pending = self._pending.get(request_id)
+        if pending is None:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"no open reservation for request {request_id!r} on this stage")
+        if num_tokens != pending.prompt_tokens:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"push carries {num_tokens} tokens but {pending.prompt_tokens} "
+                               "were reserved")
+
+    def _keep(self, request_id: str, snapshot: KVSnapshot, hidden: np.ndarray | None) -> None:
+        self._check(request_id, snapshot.num_tokens)
+        with self._lock:
+            pending = self._pending.get(request_id)
+            if pending is None:  # dropped while the push streamed in
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"request {request_id!r} was released during its push")
+            if any(_overlaps(snapshot, part) for part in pending.parts.values()):
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"layers [{snapshot.layer_begin}, {snapshot.layer_end}) of "
+                                   f"{request_id!r} arrived twice")
+            if hidden is not None and pending.hidden is not None:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"the hidden state of {request_id!r} arrived twice")
+            pending.parts[snapshot.layer_begin] = snapshot
+            if hidden is not None:
+                pending.hidden = hidden
+            self.bytes_received += snapshot.keys.nbytes + snapshot.values.nbytes
+
+    def _complete(self, request_id: str) -> bool:
+        pending = self._pending[request_id]
+        covered = sum(p.layer_end - p.layer_begin for p in pending.parts.values())
+        has_hidden = pending.hidden is not None or not self.spec.is_last
+        return covered == self.spec.num_local_layers and has_hidden
+
+
+def _overlaps(a: KVSnapshot, b: KVSnapshot) -> bool:
+    return a.layer_begin < b.layer_end and b.layer_begin < a.layer_end

@@ -1,0 +1,242 @@
+"""Which requests a decode instance holds, in which phase, and the KV pages they reserve.
+
+A request's life: reserved (pages held, lease running; announced once every stage knows
+it) -> running (its K/V installed, or prefilled here; one token per step) -> finished
+(its final event sent). The scheduler is shared by the gRPC handlers and the step loop,
+so every method takes its lock; the loop waits on it for work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import grpc
+
+from pipeline.ops import SamplingConfig
+from protos.errors import ServingError
+
+# Final events of requests that finished before their token stream was opened are kept
+# this long for the stream to collect.
+UNCLAIMED_SECONDS = 60.0
+
+
+class Phase(enum.Enum):
+    RESERVED = "reserved"    # waiting for its KV (or its local prefill)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenOut:
+    """One event on a request's token stream."""
+
+    token: int | None
+    finish_reason: str = ""  # "", "stop", "length", "abort", "error"
+    error: str = ""
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_tokens: int
+    sampling: SamplingConfig
+    reserved_pages: int
+    lease_deadline: float
+    local_prompt: list[int] | None  # aggregated mode: prefilled here, no push comes
+    seq_id: int
+    phase: Phase = Phase.RESERVED
+    generated: list[int] = dataclasses.field(default_factory=list)
+    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    stream_attached: bool = False
+    announced: bool = False  # every stage knows it: admission may begin
+
+
+@dataclasses.dataclass
+class Work:
+    """What the step loop does next."""
+
+    aborts: dict[str, str]    # request id -> reason
+    waiting: list[Request]    # announced reservations: admit them if their KV is here
+
+
+class DecodeScheduler:
+    def __init__(self, total_pages: int, max_sequences: int, pages_for: Callable[[int], int],
+                 context_window: int, eos_ids: Iterable[int]):
+        self.total_pages = total_pages
+        self.max_sequences = max_sequences
+        self.pages_for = pages_for
+        self.context_window = context_window
+        self.eos_ids = frozenset(eos_ids)
+        self._lock = threading.Condition()
+        self._requests: dict[str, Request] = {}
+        self._aborts: dict[str, str] = {}
+        self._unclaimed: dict[str, tuple[float, queue.Queue]] = {}
+        self._next_seq_id = 0
+        self._kv_arrived = False
+        self._stopped = False
+
+    # --- from the gRPC handlers -------------------------------------------------------
+
+    def reserve(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig,
+                lease_seconds: float, local_prompt: list[int] | None) -> Request:
+        """Admit a request and hold the pages it may need; it is not scheduled until
+        ``announce``. Raises ServingError when it cannot be taken."""
+        if prompt_tokens <= 0:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "a reservation needs at least one prompt token")
+        if prompt_tokens + sampling.max_tokens > self.context_window:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({sampling.max_tokens}) "
+                f"exceeds the context window of {self.context_window}")
+        pages = self.pages_for(prompt_tokens + sampling.max_tokens)
+        with self._lock:
+            if request_id in self._requests:
+                raise ServingError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"request {request_id!r} is already reserved")
+            if len(self._requests) >= self.max_sequences:
+                raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"decode worker holds its maximum of {self.max_sequences} "
+                                   "sequences; retry later")
+            free = self._free_pages_locked()
+            if pages > free:
+                raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"request needs {pages} KV pages but only {free} are free; "
+                                   "retry later or lower max_tokens")
+            self._next_seq_id += 1
+            request = Request(request_id, prompt_tokens, sampling, pages,
+                              time.monotonic() + lease_seconds, local_prompt, self._next_seq_id)
+            self._requests[request_id] = request
+            return request
+
+    def announce(self, request: Request) -> None:
+        with self._lock:
+            request.announced = True
+            self._lock.notify()
+
+    def withdraw(self, request_id: str) -> None:
+        """Forget a reservation that was never announced."""
+        with self._lock:
+            self._requests.pop(request_id, None)
+
+    def kv_arrived(self) -> None:
+        with self._lock:
+            self._kv_arrived = True
+            self._lock.notify()
+
+    def abort(self, request_id: str, reason: str) -> bool:
+        with self._lock:
+            if request_id not in self._requests:
+                return False
+            self._aborts[request_id] = reason
+            self._lock.notify()
+            return True
+
+    def events(self, request_id: str) -> queue.Queue:
+        """A request's token events, for its one stream."""
+        with self._lock:
+            if request_id in self._unclaimed:
+                return self._unclaimed.pop(request_id)[1]
+            request = self._requests.get(request_id)
+            if request is None:
+                raise ServingError(grpc.StatusCode.NOT_FOUND, f"unknown request {request_id!r}")
+            request.stream_attached = True
+            return request.events
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            phases = [r.phase for r in self._requests.values()]
+            return {"running_sequences": phases.count(Phase.RUNNING),
+                    "reservations": phases.count(Phase.RESERVED),
+                    "total_pages": self.total_pages,
+                    "free_pages": self._free_pages_locked()}
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+
+    # --- from the step loop -----------------------------------------------------------
+
+    def next_work(self, idle_wait: float, poll_reserved: bool) -> Work | None:
+        """Wait until there is something to do; None once stopped.
+
+        ``poll_reserved``: pushes to other stages of the instance do not wake this loop,
+        so while reservations wait it looks every ``idle_wait``.
+        """
+        with self._lock:
+            while not self._stopped and not self._has_work_locked():
+                self._lock.wait(timeout=idle_wait)
+                self._expire_leases_locked()
+                if poll_reserved and any(r.phase is Phase.RESERVED
+                                         for r in self._requests.values()):
+                    break
+            if self._stopped:
+                return None
+            self._expire_leases_locked()
+            self._kv_arrived = False
+            aborts, self._aborts = self._aborts, {}
+            waiting = [r for r in self._requests.values()
+                       if r.phase is Phase.RESERVED and r.announced]
+            return Work(aborts, waiting)
+
+    def running(self) -> list[Request]:
+        with self._lock:
+            return [r for r in self._requests.values() if r.phase is Phase.RUNNING]
+
+    def request_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._requests)
+
+    def append(self, request: Request, token: int) -> str:
+        """Record a generated token; returns why the request finishes with it, or ""."""
+        request.phase = Phase.RUNNING
+        request.generated.append(token)
+        s = request.sampling
+        if token in s.stop_token_ids or (token in self.eos_ids and not s.ignore_eos):
+            return "stop"
+        if (len(request.generated) >= s.max_tokens
+                or request.prompt_tokens + len(request.generated) >= self.context_window):
+            return "length"
+        return ""
+
+    def finish(self, request_id: str) -> Request | None:
+        """Take a request out (its pages are free again); None if it already left.
+
+        Its events stay claimable for a while if its stream was never opened.
+        """
+        with self._lock:
+            request = self._requests.pop(request_id, None)
+            self._aborts.pop(request_id, None)
+            if request is None:
+                return None
+            if not request.stream_attached:
+                self._unclaimed[request_id] = (time.monotonic(), request.events)
+            request.phase = Phase.FINISHED
+            return request
+
+    # --- internals --------------------------------------------------------------------
+
+    def _free_pages_locked(self) -> int:
+        return self.total_pages - sum(r.reserved_pages for r in self._requests.values())
+
+    def _has_work_locked(self) -> bool:
+        return bool(self._aborts) or self._kv_arrived or any(
+            r.phase is Phase.RUNNING
+            or (r.phase is Phase.RESERVED and r.announced and r.local_prompt is not None)
+            for r in self._requests.values())
+
+    def _expire_leases_locked(self) -> None:
+        now = time.monotonic()
+        for request_id, (finished_at, _) in list(self._unclaimed.items()):
+            if now - finished_at > UNCLAIMED_SECONDS:
+                del self._unclaimed[request_id]
+        for request in self._requests.values():
+            if request.phase is Phase.RESERVED and now > request.lease_deadline:
+                self._aborts.setdefault(
+                    request.request_id, "lease expired: no KV pages arrived in time")

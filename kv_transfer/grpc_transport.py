@@ -1,0 +1,55 @@
+"""The KV push over gRPC: a client stream to the decode worker's PushKV, one per sequence part."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from olmo_model.kv_pages import KVSnapshot
+from protos import worker_pb2, worker_pb2_grpc
+from protos.errors import ServingError
+from protos.grpc_server import shared_channel
+
+from .codec import encode_push
+
+# Statuses that say the receiver could not be reached in time; anything else it sent
+# back is a refusal of this push, which another prefill attempt may not repeat.
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class KVSender:
+    """Pushes K/V to decode workers and keeps the totals a prefill worker reports."""
+
+    def __init__(self, layout: worker_pb2.ModelLayout, timeout: float = 60.0):
+        self.layout = layout
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+        self.pushes = 0
+        self.transfer_seconds = 0.0
+
+    def push(self, address: str, request_id: str, snapshot: KVSnapshot,
+             hidden: np.ndarray | None) -> int:
+        """Send one push and wait for the receiver's verdict; returns the bytes it took.
+
+        Raises ServingError: UNAVAILABLE or DEADLINE_EXCEEDED when the receiver could not
+        be reached in time, FAILED_PRECONDITION when it refused the push (its reason kept).
+        """
+        start = time.perf_counter()
+        chunks = encode_push(request_id, self.layout, snapshot, hidden)
+        stub = worker_pb2_grpc.DecodeWorkerStub(shared_channel(address))
+        try:
+            reply = stub.PushKV(chunks, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            error = ServingError.from_rpc(exc, f"KV push for {request_id} to {address}")
+            if error.code not in _UNREACHABLE:
+                error.code = grpc.StatusCode.FAILED_PRECONDITION
+            raise error from exc
+        with self._lock:
+            self.bytes_sent += reply.bytes
+            self.pushes += 1
+            self.transfer_seconds += time.perf_counter() - start
+        return reply.bytes

@@ -1,0 +1,152 @@
+"""Running an operation through an instance's stages: the one place that does it.
+
+The leader holds its instance as a ``StageChain``: its own stage first, then the others
+in layer order. Each operation runs on every stage in turn, and a forward pass feeds
+each stage the previous one's output. A one-stage instance is a chain of its own stage
+alone, so its operations are plain method calls with nothing serialized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+
+from olmo_model.runtime import plan_chunks
+from protos.errors import ServingError
+from protos.layout import layout_mismatch
+
+from .ops import (
+    Admission,
+    Expectation,
+    ForwardBatch,
+    ForwardResult,
+    Release,
+    SequenceSlice,
+    StageAddress,
+)
+from .stage import ReceivingStage, Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptToPrefill:
+    """A new sequence to prefill through the chain."""
+
+    seq_id: int
+    token_ids: Sequence[int]
+    request_id: str = ""
+    kv_targets: tuple[StageAddress, ...] = ()  # prefill role: where its K/V goes
+
+
+@dataclasses.dataclass
+class PrefillOutcome:
+    first_tokens: list[int | None]    # by prompt; sampled only where the last stage samples
+    push_failures: dict[str, ServingError]
+
+
+class StageChain:
+    def __init__(self, stages: Sequence[Stage], addresses: Sequence[StageAddress]):
+        if len(stages) != len(addresses):
+            raise ValueError(f"{len(stages)} stages but {len(addresses)} addresses")
+        self.stages = list(stages)
+        self.addresses = list(addresses)
+
+    @classmethod
+    def form(cls, leader: Stage, leader_address: str,
+             members: Sequence[tuple[str, Stage]] = ()) -> StageChain:
+        """The chain of ``leader`` and its ``(address, stage)`` members, in layer order,
+        checked to serve one model and to cover every layer exactly once."""
+        ours = leader.layout()
+        addresses = [StageAddress(leader_address, ours.layer_begin, ours.layer_end)]
+        for address, member in members:
+            theirs = member.layout()
+            reason = layout_mismatch(ours, theirs)
+            if reason:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"pipeline stage {address} serves another model: {reason}")
+            addresses.append(StageAddress(address, theirs.layer_begin, theirs.layer_end))
+        check_coverage(addresses, ours.num_layers)
+        return cls([leader, *(stage for _, stage in members)], addresses)
+
+    @property
+    def staged(self) -> bool:
+        return len(self.stages) > 1
+
+    # --- every stage ------------------------------------------------------------------
+
+    def forward(self, batch: ForwardBatch, inputs: np.ndarray) -> ForwardResult:
+        """Token ids in; the last stage's result out, with every stage's push failures."""
+        failures: dict[str, ServingError] = {}
+        for stage in self.stages:
+            result = stage.forward(batch, inputs)
+            failures.update(result.push_failures)
+            inputs = result.hidden
+        result.push_failures = failures
+        return result
+
+    def prefill(self, prompts: Sequence[PromptToPrefill], chunk_size: int) -> PrefillOutcome:
+        """New sequences through the chain in passes of at most ``chunk_size`` tokens."""
+        first: dict[int, int] = {}
+        failures: dict[str, ServingError] = {}
+        for chunk in plan_chunks([p.token_ids for p in prompts], chunk_size):
+            slices = tuple(
+                SequenceSlice(seq_id=prompts[c.index].seq_id, length=c.length,
+                              total_tokens=c.end, ends_prompt=c.ends,
+                              request_id=prompts[c.index].request_id,
+                              kv_targets=prompts[c.index].kv_targets)
+                for c in chunk.pieces)
+            result = self.forward(ForwardBatch(slices), chunk.token_ids)
+            failures.update(result.push_failures)
+            first.update(zip([c.index for c in chunk.pieces if c.ends], result.tokens))
+        return PrefillOutcome([first.get(i) for i in range(len(prompts))], failures)
+
+    def release(self, release: Release) -> None:
+        """Every stage frees what it can: a stage that is gone must not keep the others
+        from freeing their pages."""
+        for stage in self.stages:
+            try:
+                stage.release(release)
+            except ServingError:
+                pass  # a dead stage has nothing left to free
+
+    # --- decode stages ----------------------------------------------------------------
+
+    def expect(self, expectations: Sequence[Expectation]) -> None:
+        for stage in self._decode_stages():
+            stage.expect(expectations)
+
+    def ready(self, request_ids: Sequence[str]) -> list[str]:
+        """Requests whose K/V has reached every stage."""
+        ready = list(request_ids)
+        for stage in self._decode_stages():
+            if not ready:
+                break
+            ready = stage.ready(ready)
+        return ready
+
+    def install(self, admissions: Sequence[Admission]) -> list[int]:
+        """Install on every stage; the last one's sampled first tokens."""
+        tokens: list[int] = []
+        for stage in self._decode_stages():
+            tokens = stage.install(admissions)
+        return tokens
+
+    def _decode_stages(self) -> list[ReceivingStage]:
+        return self.stages  # type: ignore[return-value]  # a decode instance's chain
+
+
+def check_coverage(stages: Sequence[StageAddress], num_layers: int) -> None:
+    """Stages must cover layers 0..num_layers contiguously, in order."""
+    bounds = [(s.layer_begin, s.layer_end) for s in stages]
+    edge = 0
+    for begin, end in bounds:
+        if begin != edge:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"pipeline stages {bounds} do not cover layers 0..{num_layers} "
+                               "in order")
+        edge = end
+    if edge != num_layers:
+        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"pipeline stages {bounds} stop at layer {edge} of {num_layers}")

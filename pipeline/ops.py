@@ -1,0 +1,104 @@
+"""The operations a stage performs, as the dataclasses every stage speaks in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from protos.errors import ServingError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the last decode stage samples a request's tokens."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StageAddress:
+    """Where one stage of an instance serves, and the layers it owns: [layer_begin, layer_end)."""
+
+    address: str
+    layer_begin: int
+    layer_end: int
+
+    def overlap(self, begin: int, end: int) -> tuple[int, int] | None:
+        """The part of layers [begin, end) this stage owns, or None."""
+        lo, hi = max(begin, self.layer_begin), min(end, self.layer_end)
+        return (lo, hi) if lo < hi else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSlice:
+    """One sequence's share of a forward pass."""
+
+    seq_id: int
+    length: int                 # tokens of this sequence in this pass
+    total_tokens: int           # the sequence's length after this pass
+    ends_prompt: bool = True    # this pass holds its last prompt token (decode steps: always)
+    request_id: str = ""
+    # Prefill: the decode instance's stages, where the sequence's K/V goes once complete.
+    kv_targets: tuple[StageAddress, ...] = ()
+
+    @property
+    def starts_sequence(self) -> bool:
+        return self.length == self.total_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardBatch:
+    """A ragged batch for one forward pass: the first stage gets token ids as its inputs,
+    every later stage the previous stage's hidden states."""
+
+    slices: tuple[SequenceSlice, ...]
+    decode: bool = False        # a decode step (else a prefill pass)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.length for s in self.slices)
+
+
+@dataclasses.dataclass
+class ForwardResult:
+    """What a stage gives back from a forward pass."""
+
+    hidden: np.ndarray | None = None   # stages before the last: input to the next stage
+    tokens: list[int] = dataclasses.field(default_factory=list)  # the last decode stage
+    # Prefill: sequences whose K/V push failed, by request id.
+    push_failures: dict[str, ServingError] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Expectation:
+    """Decode: a reserved request, whose K/V will be pushed to (or prefilled by) the instance."""
+
+    request_id: str
+    prompt_tokens: int
+    sampling: SamplingConfig
+    local: bool = False   # aggregated mode: the instance prefills it itself; no push comes
+    seq_id: int = 0       # the sequence it becomes (local: at once; pushed: when installed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """Decode: install a request's received K/V as this sequence."""
+
+    request_id: str
+    seq_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """Free sequences, forget reservations (with any K/V received), or everything."""
+
+    seq_ids: tuple[int, ...] = ()
+    request_ids: tuple[str, ...] = ()
+    reset: bool = False

@@ -1,0 +1,41 @@
+"""What a stage is: the operations an instance's leader runs on each of its stages.
+
+The worker's own stage implements these with direct calls on its model runner; a stage
+in another process is a ``RemoteStage`` with the same methods over gRPC. Every stage
+forwards and releases; a decode stage is a ``ReceivingStage``: it also takes pushed K/V
+(expect, ready, install).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from protos import worker_pb2
+
+from .ops import Admission, Expectation, ForwardBatch, ForwardResult, Release
+
+
+class Stage(Protocol):
+    def layout(self) -> worker_pb2.ModelLayout:
+        """The model and layer range this stage serves."""
+
+    def forward(self, batch: ForwardBatch, inputs: np.ndarray) -> ForwardResult:
+        """Run this stage's layers over the batch (token ids on the first stage, the
+        previous stage's hidden states elsewhere)."""
+
+    def release(self, release: Release) -> None:
+        """Free sequences and forget requests; never fails for ones it does not hold."""
+
+
+class ReceivingStage(Stage, Protocol):
+    def expect(self, expectations: Sequence[Expectation]) -> None:
+        """Accept pushes for these requests (or, local ones, start their sequences)."""
+
+    def ready(self, request_ids: Sequence[str]) -> list[str]:
+        """Those of ``request_ids`` whose K/V (and, last stage, hidden state) are all here."""
+
+    def install(self, admissions: Sequence[Admission]) -> list[int]:
+        """Install each request's K/V as its sequence; the last stage samples first tokens."""

@@ -1,0 +1,120 @@
+"""Stage operations to and from their protobuf messages (stage.proto, worker.proto)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from protos import stage_pb2, worker_pb2
+from protos.errors import ServingError, status_code, status_number
+
+from .chain import StageChain
+from .ops import (
+    Admission,
+    Expectation,
+    ForwardBatch,
+    ForwardResult,
+    Release,
+    SamplingConfig,
+    SequenceSlice,
+    StageAddress,
+)
+
+
+def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingConfig:
+    return SamplingConfig(
+        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0,
+        top_k=s.top_k, seed=s.seed if s.has_seed else None,
+        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+
+
+def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
+    return worker_pb2.Sampling(
+        max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+        has_seed=c.seed is not None, seed=c.seed or 0, stop_token_ids=list(c.stop_token_ids),
+        ignore_eos=c.ignore_eos)
+
+
+def address_from_proto(info: worker_pb2.StageInfo) -> StageAddress:
+    return StageAddress(info.address, info.layer_begin, info.layer_end)
+
+
+def address_to_proto(a: StageAddress) -> worker_pb2.StageInfo:
+    return worker_pb2.StageInfo(address=a.address, layer_begin=a.layer_begin,
+                                layer_end=a.layer_end)
+
+
+def stage_infos(chain: StageChain | None) -> list[worker_pb2.StageInfo]:
+    """An instance's stages as a worker reports them (none while it leads no instance)."""
+    return [address_to_proto(a) for a in chain.addresses] if chain else []
+
+
+def forward_to_proto(batch: ForwardBatch, inputs: np.ndarray) -> stage_pb2.ForwardRequest:
+    return stage_pb2.ForwardRequest(
+        decode=batch.decode, hidden=np.ascontiguousarray(inputs).tobytes(),
+        slices=[stage_pb2.SequenceSlice(
+            request_id=s.request_id, seq_id=s.seq_id, length=s.length,
+            total_tokens=s.total_tokens, ends_prompt=s.ends_prompt,
+            kv_targets=[address_to_proto(t) for t in s.kv_targets]) for s in batch.slices])
+
+
+def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
+    return ForwardBatch(
+        decode=request.decode,
+        slices=tuple(SequenceSlice(
+            seq_id=s.seq_id, length=s.length, total_tokens=s.total_tokens,
+            ends_prompt=s.ends_prompt, request_id=s.request_id,
+            kv_targets=tuple(address_from_proto(t) for t in s.kv_targets))
+            for s in request.slices))
+
+
+def result_to_proto(result: ForwardResult) -> stage_pb2.ForwardResponse:
+    hidden = b"" if result.hidden is None else np.ascontiguousarray(result.hidden).tobytes()
+    return stage_pb2.ForwardResponse(
+        hidden=hidden, tokens=result.tokens,
+        push_failures=[stage_pb2.PushFailure(request_id=request_id,
+                                             code=status_number(error.code),
+                                             message=error.message)
+                       for request_id, error in result.push_failures.items()])
+
+
+def result_from_proto(response: stage_pb2.ForwardResponse, dtype: str, hidden_size: int
+                      ) -> ForwardResult:
+    hidden = None
+    if response.hidden:
+        hidden = np.frombuffer(response.hidden, dtype).reshape(-1, hidden_size)
+    return ForwardResult(
+        hidden=hidden, tokens=list(response.tokens),
+        push_failures={f.request_id: ServingError(status_code(f.code), f.message)
+                       for f in response.push_failures})
+
+
+def expectations_to_proto(expectations: Sequence[Expectation]) -> stage_pb2.ExpectRequest:
+    return stage_pb2.ExpectRequest(expectations=[
+        stage_pb2.Expectation(request_id=e.request_id, prompt_tokens=e.prompt_tokens,
+                              sampling=sampling_to_proto(e.sampling), local=e.local,
+                              seq_id=e.seq_id) for e in expectations])
+
+
+def expectations_from_proto(request: stage_pb2.ExpectRequest) -> list[Expectation]:
+    return [Expectation(e.request_id, e.prompt_tokens, sampling_from_proto(e.sampling),
+                        e.local, e.seq_id) for e in request.expectations]
+
+
+def admissions_to_proto(admissions: Sequence[Admission]) -> stage_pb2.InstallRequest:
+    return stage_pb2.InstallRequest(admissions=[
+        stage_pb2.Admission(request_id=a.request_id, seq_id=a.seq_id) for a in admissions])
+
+
+def admissions_from_proto(request: stage_pb2.InstallRequest) -> list[Admission]:
+    return [Admission(a.request_id, a.seq_id) for a in request.admissions]
+
+
+def release_to_proto(release: Release) -> stage_pb2.ReleaseRequest:
+    return stage_pb2.ReleaseRequest(seq_ids=release.seq_ids, request_ids=release.request_ids,
+                                    reset=release.reset)
+
+
+def release_from_proto(request: stage_pb2.ReleaseRequest) -> Release:
+    return Release(tuple(request.seq_ids), tuple(request.request_ids), request.reset)

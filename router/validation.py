@@ -1,0 +1,60 @@
+"""What a Generate request must satisfy before any worker sees it, checked against the
+model's facts as its workers report them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import grpc
+
+from protos import generation_pb2, worker_pb2
+from protos.errors import ServingError
+
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    vocab_size: int
+    context_window: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, layout: worker_pb2.ModelLayout) -> ModelFacts:
+        return cls(layout.vocab_size, layout.context_window, tuple(layout.eos_token_ids))
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
+             facts: ModelFacts) -> worker_pb2.Sampling:
+    """Check a request against the model; returns the sampling to send to the decode worker.
+
+    Raises ServingError(INVALID_ARGUMENT) naming the first thing wrong.
+    """
+    s = request.sampling
+    if not prompt_ids:
+        raise invalid("the prompt is empty")
+    bad = [t for t in prompt_ids if t >= facts.vocab_size]
+    if bad:
+        raise invalid(f"token id {bad[0]} is outside the vocabulary of {facts.vocab_size}")
+    max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
+    if len(prompt_ids) + max_tokens > facts.context_window:
+        raise invalid(f"prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}; "
+                      f"this model's context window is {facts.context_window}")
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise invalid(f"temperature must be >= 0, got {s.temperature}")
+    if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
+        raise invalid(f"top_p must be in [0, 1], got {s.top_p}")
+    if any(not stop for stop in s.stop):
+        raise invalid("stop strings must not be empty")
+    bad = [t for t in s.stop_token_ids if t >= facts.vocab_size]
+    if bad:
+        raise invalid(f"stop token id {bad[0]} is outside the vocabulary")
+    return worker_pb2.Sampling(
+        max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        has_seed=s.HasField("seed"), seed=s.seed, stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos)

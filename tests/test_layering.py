@@ -1,0 +1,51 @@
+"""Imports point down the layers: each package imports only the project packages below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# What each package may import of the project besides itself (DESIGN.md: cluster ->
+# workers/router -> pipeline, kv_transfer -> olmo_model, protos).
+ALLOWED = {
+    "protos": set(),
+    "olmo_model": set(),
+    "pipeline": {"olmo_model", "protos"},
+    "kv_transfer": {"olmo_model", "protos"},
+    "prefill_worker": {"olmo_model", "protos", "pipeline", "kv_transfer"},
+    "decode_worker": {"olmo_model", "protos", "pipeline", "kv_transfer"},
+    "router": {"protos"},
+    "cluster": {"olmo_model", "protos", "pipeline", "kv_transfer", "prefill_worker",
+                "decode_worker", "router"},
+}
+
+
+def project_imports(package: str) -> dict[str, set[str]]:
+    """Project packages each module of ``package`` imports, anywhere in the module."""
+    found = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = (names & set(ALLOWED)) - {package}
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_package_imports_only_the_layers_below_it(package):
+    modules = project_imports(package)
+    assert modules, f"{package} has no modules"
+    wrong = {module: sorted(names - ALLOWED[package])
+             for module, names in modules.items() if names - ALLOWED[package]}
+    assert not wrong, f"{package} may import only {sorted(ALLOWED[package])}: {wrong}"
+
+
+def test_every_package_is_placed_in_a_layer():
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages == set(ALLOWED)
