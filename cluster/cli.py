@@ -8,6 +8,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+from protos.auth import API_KEY_ENV, SECRET_ENV
+
+# Where `olmo-serve up/serve` keep the cluster secret they make, and where `status` and
+# `scale` read it (on the same machine, as the same user).
+DEFAULT_TOKEN_FILE = Path("~/.config/olmo-serve/cluster-token").expanduser()
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -63,10 +70,23 @@ def _wait_for_signal(servers) -> int:
     return 0
 
 
+def _required_secret(args: argparse.Namespace) -> str:
+    """A one-role process takes the cluster's secret, never makes its own: its peers
+    must hold the same one."""
+    from protos.auth import SECRET_ENV, cluster_secret
+
+    secret = cluster_secret(args.token_file)
+    if not secret:
+        raise SystemExit(f"error: give this process the cluster secret: set {SECRET_ENV} or "
+                         "pass --token-file (the same secret on every worker and the router)")
+    return secret
+
+
 def _prefill_worker(args: argparse.Namespace) -> int:
     from prefill_worker.servicer import serve_prefill
 
-    server, _ = serve_prefill(_worker_spec(args).runner(), args.host, args.port)
+    secret = _required_secret(args)
+    server, _ = serve_prefill(_worker_spec(args).runner(), args.host, args.port, secret)
     print(f"prefill worker serving on {args.host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
@@ -74,7 +94,8 @@ def _prefill_worker(args: argparse.Namespace) -> int:
 def _decode_worker(args: argparse.Namespace) -> int:
     from decode_worker.servicer import serve_decode
 
-    server, _ = serve_decode(_worker_spec(args).runner(), args.host, args.port)
+    secret = _required_secret(args)
+    server, _ = serve_decode(_worker_spec(args).runner(), args.host, args.port, secret)
     print(f"decode worker serving on {args.host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
@@ -83,19 +104,29 @@ def _router(args: argparse.Namespace) -> int:
     from olmo_model.demo import resolve_model_dir
     from router.server import serve_router, static_scheduler
 
-    scheduler = static_scheduler([] if args.aggregated else args.prefill, args.decode)
-    server, _ = serve_router(resolve_model_dir(args.model), scheduler, args.aggregated,
-                             args.host, args.port, args.lease_ms)
+    from .cluster_config import ClusterConfig
+
+    config = ClusterConfig(mode="aggregated" if args.aggregated else "disaggregated",
+                           prefill={"instances": 0 if args.aggregated else 1},
+                           lease_ms=args.lease_ms, api_key_file=args.api_key_file,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key)
+    scheduler = static_scheduler([] if args.aggregated else args.prefill, args.decode,
+                                 _required_secret(args))
+    server, _ = serve_router(resolve_model_dir(args.model), scheduler, config.router_options(),
+                             args.host, args.port, config.api_key(), config.tls())
     print(f"router serving olmo.generation.v1.Generation on {args.host}:{server.port}",
           flush=True)
     return _wait_for_signal([server])
 
 
 def _stream_to_terminal(address: str, args: argparse.Namespace, prompt: str) -> int:
+    from protos.auth import api_key
     from protos.generation_pb2 import FinishReason
     from router.client import GenerationClient, generate_request
 
-    client = GenerationClient(address)
+    # `up` trusts the certificate it serves with; `generate` takes --tls-ca.
+    tls_ca = getattr(args, "tls_ca", None) or getattr(args, "tls_cert", None)
+    client = GenerationClient(address, api_key(args.api_key_file), _read(tls_ca))
     request = generate_request(prompt, args.max_tokens, args.temperature, args.top_p, args.top_k,
                                args.seed, args.stop)
     start = time.perf_counter()
@@ -124,7 +155,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _cluster_config(args: argparse.Namespace):
     from .cluster_config import ClusterConfig
 
-    overrides = {**_model_overrides(args), "host": args.host, "port": args.port}
+    overrides = {**_model_overrides(args), "host": args.host, "port": args.port,
+                 "token_file": args.token_file, "api_key_file": args.api_key_file,
+                 "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if args.aggregated:
         overrides["mode"] = "aggregated"
     config = (ClusterConfig.from_yaml(args.config, **overrides) if args.config
@@ -137,6 +170,8 @@ def _cluster_config(args: argparse.Namespace):
         config.prefill.stages = args.prefill_stages
     if args.decode_stages is not None:
         config.decode.stages = args.decode_stages
+    if config.token_file is None:  # kept where `olmo-serve status` and `scale` find it
+        config.token_file = str(DEFAULT_TOKEN_FILE)
     return config
 
 
@@ -150,7 +185,8 @@ def _start_cluster(args: argparse.Namespace):
         cluster = start_local_cluster(
             spec.model_dir, config.prefill.instances, config.decode.instances,
             config.aggregated, spec.dtype, spec.target, spec.limits, config.host, config.port,
-            config.lease_ms, config.prefill.stages, config.decode.stages)
+            config.prefill.stages, config.decode.stages, config.router_options(),
+            config.cluster_secret(), config.api_key(), config.tls())
         return cluster, cluster.router_address, "in-process"
     from .ray_cluster import start_ray_cluster
 
@@ -184,11 +220,14 @@ def _serve(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
-def _admin_stub(address: str):
+def _admin_stub(args: argparse.Namespace):
     from protos import admin_pb2_grpc
+    from protos.auth import cluster_secret
     from protos.grpc_server import channel
 
-    return admin_pb2_grpc.ClusterAdminStub(channel(address))
+    secret = cluster_secret(args.token_file or DEFAULT_TOKEN_FILE)
+    return admin_pb2_grpc.ClusterAdminStub(channel(args.router, secret,
+                                                   _read(args.tls_ca)))
 
 
 def _print_status(status) -> None:
@@ -201,7 +240,7 @@ def _print_status(status) -> None:
 def _status(args: argparse.Namespace) -> int:
     from protos import admin_pb2
 
-    _print_status(_admin_stub(args.router).Status(admin_pb2.StatusRequest(), timeout=10))
+    _print_status(_admin_stub(args).Status(admin_pb2.StatusRequest(), timeout=10))
     return 0
 
 
@@ -210,7 +249,7 @@ def _scale(args: argparse.Namespace) -> int:
 
     request = admin_pb2.ScaleRequest(role=args.role, instances=args.instances,
                                      drain_timeout_ms=int(1000 * args.drain_timeout))
-    _print_status(_admin_stub(args.router).Scale(request, timeout=args.drain_timeout + 900))
+    _print_status(_admin_stub(args).Scale(request, timeout=args.drain_timeout + 900))
     return 0
 
 
@@ -238,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="join this Ray cluster (e.g. auto); default: start one")
         cmd.add_argument("--no-ray", action="store_true",
                          help="run every role in this process instead of as Ray actors")
+        _secret_flag(cmd, f"the cluster secret's file, made if missing (default "
+                          f"{DEFAULT_TOKEN_FILE}; ${SECRET_ENV} wins)")
+        _public_api_flags(cmd)
         cmd.set_defaults(func=func)
         if name == "up":
             _sampling_flags(cmd)
@@ -247,17 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="list a Ray-managed cluster's instances")
     status.add_argument("--router", default="127.0.0.1:50051", metavar="HOST:PORT")
-    status.set_defaults(func=_status)
     scale = sub.add_parser("scale", help="add or drain instances of a role")
     scale.add_argument("role", choices=["prefill", "decode"])
     scale.add_argument("instances", type=int)
     scale.add_argument("--router", default="127.0.0.1:50051", metavar="HOST:PORT")
     scale.add_argument("--drain-timeout", type=float, default=60.0, help="seconds")
-    scale.set_defaults(func=_scale)
+    for cmd, func in ((status, _status), (scale, _scale)):
+        _secret_flag(cmd, f"the cluster secret's file (default {DEFAULT_TOKEN_FILE}; "
+                          f"${SECRET_ENV} wins)")
+        cmd.add_argument("--tls-ca", default=None, help="CA certificate (PEM) of a TLS router")
+        cmd.set_defaults(func=func)
 
     gen = sub.add_parser("generate", help="stream a completion from a running router")
     gen.add_argument("prompt")
     gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--api-key-file", default=None,
+                     help=f"the router's API key, if it needs one (${API_KEY_ENV} wins)")
+    gen.add_argument("--tls-ca", default=None, help="CA certificate (PEM) of a TLS router")
     _sampling_flags(gen)
     gen.set_defaults(func=_generate)
 
@@ -266,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         role = sub.add_parser(name, help=f"serve one {name.replace('-', ' ')}")
         _model_flags(role)
         _bind_flags(role, port)
+        _secret_flag(role, f"file holding the cluster secret (or set ${SECRET_ENV})")
         role.set_defaults(func=func)
 
     router = sub.add_parser("router", help="serve the Generate API over running workers")
@@ -276,13 +325,37 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--aggregated", action="store_true")
     router.add_argument("--lease-ms", type=int, default=30_000)
     _bind_flags(router, 50051)
+    _secret_flag(router, f"file holding the cluster secret (or set ${SECRET_ENV})")
+    _public_api_flags(router)
     router.set_defaults(func=_router)
     return parser
 
 
+def _secret_flag(parser: argparse.ArgumentParser, helptext: str) -> None:
+    parser.add_argument("--token-file", default=None, help=helptext)
+
+
+def _public_api_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key-file", default=None,
+                        help=f"require this API key on Generate (${API_KEY_ENV} wins)")
+    parser.add_argument("--tls-cert", default=None, help="serve the API over TLS: certificate "
+                                                         "chain (PEM)")
+    parser.add_argument("--tls-key", default=None, help="... and its private key (PEM)")
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import grpc
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:  # a client command the server refused: say why, briefly
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

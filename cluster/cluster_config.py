@@ -9,6 +9,8 @@ from typing import Any
 import yaml
 
 from olmo_model.kv_pages import CacheLimits
+from protos.auth import api_key, cluster_secret, new_secret
+from router.service import RouterOptions
 
 from .worker_spec import DEFAULT_DTYPE, DEFAULT_TARGET, WorkerSpec
 
@@ -54,6 +56,23 @@ class ClusterConfig:
     health_interval_s: float = 1.0
     # What happens to a request whose decode worker dies mid-stream.
     on_decode_failure: str = "resume"  # or "fail"
+    # The router's admission and liveness bounds (None: RouterOptions' defaults). Requests
+    # no decode worker can take yet wait in line, at most max_waiting_requests of them,
+    # each at most max_queue_wait_s; a token stream silent for first_token_timeout_s
+    # (before its first token) or token_timeout_s (after) is cut and resumed elsewhere.
+    max_waiting_requests: int | None = None
+    max_queue_wait_s: float | None = None
+    first_token_timeout_s: float | None = None
+    token_timeout_s: float | None = None
+    max_prompt_bytes: int | None = None
+    # Security. Internal calls and the admin API carry the cluster secret: from
+    # $OLMO_CLUSTER_TOKEN, else token_file (created with a new secret when missing), else
+    # a new one for this cluster's life. api_key_file: Generate requires this key;
+    # tls_cert/tls_key (PEM): the public API serves TLS.
+    token_file: str | None = None
+    api_key_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "aggregated"):
@@ -78,6 +97,37 @@ class ClusterConfig:
     @property
     def aggregated(self) -> bool:
         return self.mode == "aggregated"
+
+    def router_options(self) -> RouterOptions:
+        defaults = RouterOptions()
+        limits = defaults.limits
+        if self.max_prompt_bytes is not None:
+            limits = dataclasses.replace(limits, max_prompt_bytes=self.max_prompt_bytes)
+        given = {"max_waiting": self.max_waiting_requests,
+                 "max_queue_wait_s": self.max_queue_wait_s,
+                 "first_token_timeout_s": self.first_token_timeout_s,
+                 "token_timeout_s": self.token_timeout_s}
+        return dataclasses.replace(
+            defaults, aggregated=self.aggregated, lease_ms=self.lease_ms, limits=limits,
+            resume_on_decode_failure=self.on_decode_failure == "resume",
+            **{k: v for k, v in given.items() if v is not None})
+
+    def cluster_secret(self) -> str:
+        return cluster_secret(self.token_file, create=True) or new_secret()
+
+    def api_key(self) -> str | None:
+        return api_key(self.api_key_file)
+
+    def tls(self) -> tuple[bytes, bytes] | None:
+        """(private key, certificate chain) for the public API, or None."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ClusterConfigError("tls_cert and tls_key go together")
+        if not self.tls_cert:
+            return None
+        try:
+            return Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes()
+        except OSError as exc:
+            raise ClusterConfigError(f"cannot read the TLS key or certificate: {exc}") from exc
 
     def worker_spec(self) -> WorkerSpec:
         """What every worker of this cluster builds its runner from."""

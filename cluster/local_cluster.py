@@ -1,8 +1,9 @@
 """A whole cluster in one process: prefill and decode workers plus the router, on loopback.
 
-Every part talks to the others over real gRPC; only the process is shared. An instance
-of S pipeline stages is S workers, the first leading the others. Used by
-``olmo-serve up --no-ray``, the benchmarks and the tests.
+Every part talks to the others over real gRPC, authenticated with a secret the cluster
+makes for itself; only the process is shared. An instance of S pipeline stages is S
+workers, the first leading the others. Used by ``olmo-serve up --no-ray``, the
+benchmarks and the tests.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 from decode_worker.servicer import DecodeServicer, serve_decode
 from olmo_model.kv_pages import CacheLimits
 from prefill_worker.servicer import PrefillServicer, serve_prefill
+from protos.auth import new_secret
 from protos.grpc_server import Server
 from router.server import serve_router, static_scheduler
-from router.service import GenerationServicer
+from router.service import GenerationServicer, RouterOptions
 
 from .worker_spec import WorkerSpec
 
@@ -27,22 +29,28 @@ class LocalCluster:
     prefill: list[PrefillServicer]   # every stage of every prefill instance
     decode: list[DecodeServicer]     # every stage of every decode instance
     router: GenerationServicer
+    secret: str                      # what internal calls must carry
 
     def stop(self) -> None:
         for server in reversed(self.servers):
             server.stop(grace=0.5)
         for servicer in [*self.prefill, *self.decode]:
             servicer.engine.stop()
+        self.router.close()
 
 
 def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 1,
                         num_decode: int = 1, aggregated: bool = False, dtype: str | None = None,
                         target: str | None = None, limits: CacheLimits | None = None,
-                        host: str = "127.0.0.1", router_port: int = 0, lease_ms: int = 30_000,
-                        prefill_stages: int = 1, decode_stages: int = 1) -> LocalCluster:
+                        host: str = "127.0.0.1", router_port: int = 0,
+                        prefill_stages: int = 1, decode_stages: int = 1,
+                        options: RouterOptions | None = None, secret: str | None = None,
+                        api_key: str | None = None, tls: tuple[bytes, bytes] | None = None
+                        ) -> LocalCluster:
     """Start the workers and the router; ``None`` for model, dtype, target or limits means
-    the same default every cluster uses (``WorkerSpec``)."""
+    the same default every cluster uses (``WorkerSpec``), for ``secret`` a new one."""
     spec = WorkerSpec.of(model_dir, dtype, target, limits)
+    secret = secret or new_secret()
     servers: list[Server] = []
     servicers: dict[str, list] = {"prefill": [], "decode": []}
     leaders: dict[str, list[str]] = {"prefill": [], "decode": []}
@@ -53,7 +61,7 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
         for _ in range(instances):
             addresses, members = [], []
             for stage in range(stages):
-                server, servicer = serve(spec.runner(stage, stages), host)
+                server, servicer = serve(spec.runner(stage, stages), host, secret=secret)
                 servers.append(server)
                 members.append(servicer)
                 addresses.append(f"{host}:{server.port}")
@@ -61,9 +69,10 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
                 members[0].lead(addresses[0], addresses[1:])
             servicers[role] += members
             leaders[role].append(addresses[0])
-    scheduler = static_scheduler(leaders["prefill"], leaders["decode"])
-    router_server, router = serve_router(spec.model_dir, scheduler, aggregated, host,
-                                         router_port, lease_ms)
+    scheduler = static_scheduler(leaders["prefill"], leaders["decode"], secret)
+    options = dataclasses.replace(options or RouterOptions(), aggregated=aggregated)
+    router_server, router = serve_router(spec.model_dir, scheduler, options, host, router_port,
+                                         api_key, tls)
     servers.append(router_server)
     return LocalCluster(f"{host}:{router_server.port}", servers, servicers["prefill"],
-                        servicers["decode"], router)
+                        servicers["decode"], router, secret)

@@ -23,19 +23,20 @@ class RayCluster:
 
     def stop(self) -> None:
         self.server.stop(grace=1.0)
+        self.router.close()
         self.manager.stop()
 
 
 def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
                       num_cpus: float | None = None) -> RayCluster:
     connect_ray(ray_address, num_cpus)
-    manager = RayClusterManager(config)
+    manager = RayClusterManager(config, config.cluster_secret())
     manager.start()
     admin = AdminServicer(manager)
     try:
         server, router = serve_router(
-            manager.worker_spec.model_dir, manager.scheduler, config.aggregated, config.host,
-            config.port, config.lease_ms, config.on_decode_failure == "resume",
+            manager.worker_spec.model_dir, manager.scheduler, config.router_options(),
+            config.host, config.port, config.api_key(), config.tls(),
             extra=[(admin.register, ADMIN_SERVICE)])
     except Exception:
         manager.stop()

@@ -68,10 +68,11 @@ class Instance:
 
 
 class RayClusterManager:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, secret: str):
         self.config = config
         self.worker_spec = config.worker_spec()
-        self.scheduler = Scheduler()
+        self.secret = secret  # handed to every worker actor; their servers require it
+        self.scheduler = Scheduler(secret)
         self.instances: dict[str, Instance] = {}
         self._next_index = dict.fromkeys(ROLES, 0)
         self._lock = threading.RLock()
@@ -94,6 +95,7 @@ class RayClusterManager:
         from ray.util import remove_placement_group
 
         self._stopped.set()
+        self.scheduler.close()
         with self._lock:
             instances = list(self.instances.values())
             self.instances.clear()
@@ -157,8 +159,8 @@ class RayClusterManager:
                     num_gpus=spec.gpus, resources=spec.resources or None,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         group, placement_group_bundle_index=stage),
-                ).remote(role, self.worker_spec, self.config.worker_host, spec.port, stage,
-                         spec.stages)
+                ).remote(role, self.worker_spec, self.secret, self.config.worker_host,
+                         spec.port, stage, spec.stages)
                 for stage in range(spec.stages)]
             instance = Instance(name, role, actors, group)
             with self._lock:

@@ -14,8 +14,8 @@ from .worker_spec import WorkerSpec
 
 
 class WorkerActor:
-    def __init__(self, role: str, spec: WorkerSpec, host: str, port: int = 0, stage: int = 0,
-                 num_stages: int = 1):
+    def __init__(self, role: str, spec: WorkerSpec, secret: str, host: str, port: int = 0,
+                 stage: int = 0, num_stages: int = 1):
         if role == "prefill":
             from prefill_worker.servicer import serve_prefill as serve
         elif role == "decode":
@@ -24,7 +24,7 @@ class WorkerActor:
             raise ValueError(f"unknown role {role!r}")
         runner = spec.runner(stage, num_stages)
         self.role = role
-        self.server, self.servicer = serve(runner, host, port)
+        self.server, self.servicer = serve(runner, host, port, secret)
         self.advertised_host = host
         if host in ("0.0.0.0", "::", ""):
             import ray

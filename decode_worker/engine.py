@@ -40,7 +40,7 @@ class DecodeEngine:
             total_pages=runner.kv.total_pages - 1,
             max_sequences=runner.limits.max_num_sequences, pages_for=runner.kv.pages_for,
             context_window=runner.config.context_window_size,
-            eos_ids=runner.config.eos_token_id)
+            vocab_size=runner.config.vocab_size, eos_ids=runner.config.eos_token_id)
         stage.receiver.on_arrival = self.scheduler.kv_arrived
         self.chain: StageChain | None = None  # set when this worker leads an instance
         self.idle_wait = idle_wait
@@ -117,13 +117,14 @@ class DecodeEngine:
             ready = set(self.chain.ready([r.request_id for r in pushed]))
             admitted = [r for r in pushed if r.request_id in ready]
             if admitted:
-                tokens = self.chain.install([Admission(r.request_id, r.seq_id)
+                result = self.chain.install([Admission(r.request_id, r.seq_id)
                                              for r in admitted])
-                self._emit(admitted, tokens)
+                self._emit(admitted, result.tokens, result.failed)
         local = [r for r in waiting if r.local_prompt is not None]
         if local:
             prompts = [PromptToPrefill(r.seq_id, r.local_prompt, r.request_id) for r in local]
-            self._emit(local, self.chain.prefill(prompts, self.chunk_size).first_tokens)
+            outcome = self.chain.prefill(prompts, self.chunk_size)
+            self._emit(local, outcome.first_tokens, outcome.failed)
 
     def _step(self) -> None:
         running = self.scheduler.running()
@@ -133,10 +134,17 @@ class DecodeEngine:
             SequenceSlice(r.seq_id, 1, r.prompt_tokens + len(r.generated), True, r.request_id)
             for r in running), decode=True)
         inputs = np.asarray([r.generated[-1] for r in running], dtype=np.int32)
-        self._emit(running, self.chain.forward(batch, inputs).tokens)
+        result = self.chain.forward(batch, inputs)
+        self._emit(running, result.tokens, result.failed)
 
-    def _emit(self, requests: Sequence[Request], tokens: Sequence[int]) -> None:
+    def _emit(self, requests: Sequence[Request], tokens: Sequence[int],
+              failed: dict[int, str]) -> None:
+        """Each request's new token; one that could not be sampled ends alone, with INTERNAL."""
         for request, token in zip(requests, tokens):
+            if request.seq_id in failed:
+                self._finish(request.request_id, TokenOut(None, "error", failed[request.seq_id],
+                                                          grpc.StatusCode.INTERNAL))
+                continue
             reason = self.scheduler.append(request, token)
             if reason:
                 self._finish(request.request_id, TokenOut(token, reason))

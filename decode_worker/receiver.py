@@ -63,13 +63,12 @@ class KVReceiver:
         Raises ServingError (and keeps nothing) when any check fails; the reservation
         stays open until its lease ends, so that the prefill leg can be retried.
         """
-        assembler = KVAssembler(self.layout, accepts_hidden=self.spec.is_last)
+        # The header is checked against the reservation before anything is allocated.
+        assembler = KVAssembler(self.layout, accepts_hidden=self.spec.is_last,
+                                admit=self._check)
         try:
             for chunk in chunks:
                 assembler.add(chunk)
-                if chunk.WhichOneof("part") == "header":
-                    # Refuse early, before the blocks are read, what cannot be installed.
-                    self._check(assembler.request_id, assembler.num_tokens)
             self._keep(assembler.request_id, assembler.snapshot(), assembler.hidden)
         except ServingError:
             with self._lock:

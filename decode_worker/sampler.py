@@ -15,6 +15,9 @@ class Sampler:
         self.rng = np.random.default_rng(config.seed)
 
     def sample(self, logits: np.ndarray) -> int:
+        """One token from a row of logits; ValueError if the row is not all finite."""
+        if not np.isfinite(logits).all():
+            raise ValueError("the model produced non-finite logits for this sequence")
         c = self.config
         if c.temperature <= 0.0:
             return int(np.argmax(logits))

@@ -17,12 +17,15 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from pipeline.ops import SamplingConfig
+from pipeline.ops import MAX_REQUEST_ID_CHARS, SamplingConfig
 from protos.errors import ServingError
 
 # Final events of requests that finished before their token stream was opened are kept
 # this long for the stream to collect.
 UNCLAIMED_SECONDS = 60.0
+# A reservation holds its pages at most this long without its K/V: a longer lease
+# would let one caller squat the cache.
+MAX_LEASE_SECONDS = 300.0
 
 
 class Phase(enum.Enum):
@@ -38,6 +41,7 @@ class TokenOut:
     token: int | None
     finish_reason: str = ""  # "", "stop", "length", "abort", "error"
     error: str = ""
+    code: grpc.StatusCode | None = None  # "abort"/"error": the status that fits
 
 
 @dataclasses.dataclass
@@ -66,11 +70,12 @@ class Work:
 
 class DecodeScheduler:
     def __init__(self, total_pages: int, max_sequences: int, pages_for: Callable[[int], int],
-                 context_window: int, eos_ids: Iterable[int]):
+                 context_window: int, vocab_size: int, eos_ids: Iterable[int]):
         self.total_pages = total_pages
         self.max_sequences = max_sequences
         self.pages_for = pages_for
         self.context_window = context_window
+        self.vocab_size = vocab_size
         self.eos_ids = frozenset(eos_ids)
         self._lock = threading.Condition()
         self._requests: dict[str, Request] = {}
@@ -86,14 +91,7 @@ class DecodeScheduler:
                 lease_seconds: float, local_prompt: list[int] | None) -> Request:
         """Admit a request and hold the pages it may need; it is not scheduled until
         ``announce``. Raises ServingError when it cannot be taken."""
-        if prompt_tokens <= 0:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               "a reservation needs at least one prompt token")
-        if prompt_tokens + sampling.max_tokens > self.context_window:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt ({prompt_tokens} tokens) plus max_tokens ({sampling.max_tokens}) "
-                f"exceeds the context window of {self.context_window}")
+        self._check(request_id, prompt_tokens, sampling, lease_seconds, local_prompt)
         pages = self.pages_for(prompt_tokens + sampling.max_tokens)
         with self._lock:
             if request_id in self._requests:
@@ -221,6 +219,31 @@ class DecodeScheduler:
             return request
 
     # --- internals --------------------------------------------------------------------
+
+    def _check(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig,
+               lease_seconds: float, local_prompt: list[int] | None) -> None:
+        """Every field of a reservation, against the model and against each other."""
+        problem = None
+        if not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+            problem = f"a request id has 1 to {MAX_REQUEST_ID_CHARS} characters"
+        elif prompt_tokens <= 0:
+            problem = "a reservation needs at least one prompt token"
+        elif not 0 < lease_seconds <= MAX_LEASE_SECONDS:
+            problem = f"lease must be in (0, {MAX_LEASE_SECONDS:.0f}] seconds"
+        elif local_prompt is not None and len(local_prompt) != prompt_tokens:
+            problem = (f"{len(local_prompt)} tokens to prefill locally but {prompt_tokens} "
+                       "prompt tokens reserved")
+        elif local_prompt is not None and max(local_prompt) >= self.vocab_size:
+            problem = (f"token id {max(local_prompt)} is outside the vocabulary of "
+                       f"{self.vocab_size}")
+        elif prompt_tokens + sampling.max_tokens > self.context_window:
+            problem = (f"prompt ({prompt_tokens} tokens) plus max_tokens "
+                       f"({sampling.max_tokens}) exceeds the context window of "
+                       f"{self.context_window}")
+        else:
+            problem = sampling.problem(self.vocab_size)
+        if problem:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
     def _free_pages_locked(self) -> int:
         return self.total_pages - sum(r.reserved_pages for r in self._requests.values())

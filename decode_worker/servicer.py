@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Iterator
 
 from kv_transfer.transports import GRPC, worker_transports
@@ -10,18 +11,20 @@ from olmo_model.runtime import ModelRunner
 from pipeline.remote import InstanceLeader, start_worker_server
 from pipeline.wire import sampling_from_proto, stage_infos
 from protos import worker_pb2, worker_pb2_grpc
-from protos.errors import ServingError, aborts_on_error
-from protos.grpc_server import Server
+from protos.errors import ServingError, aborts_on_error, status_number
+from protos.grpc_server import Server, time_remaining
 
 from .engine import DecodeEngine
 from .stage import DecodeStage
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 DEFAULT_LEASE_MS = 30_000
+MAX_PUSH_SECONDS = 120.0
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, secret: str | None = None):
+        self.secret = secret
         self.stage = DecodeStage(runner)
         self.engine = DecodeEngine(self.stage)
         self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
@@ -36,14 +39,28 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
 
     @aborts_on_error
     def PushKV(self, request_iterator: Iterator[worker_pb2.KVChunk], context):
-        return worker_pb2.PushResponse(bytes=self.stage.receiver.receive(request_iterator))
+        # A sender that stalls mid-push (and set no deadline of its own) must not hold
+        # this handler's thread for ever: past the bound the call is cancelled.
+        remaining = time_remaining(context)
+        timer = None
+        if remaining is None or remaining > MAX_PUSH_SECONDS:
+            timer = threading.Timer(MAX_PUSH_SECONDS, context.cancel)
+            timer.start()
+        try:
+            return worker_pb2.PushResponse(bytes=self.stage.receiver.receive(request_iterator))
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def StreamTokens(self, request, context):
         try:
             events = self.engine.scheduler.events(request.request_id)
         except ServingError as exc:
             exc.abort(context)
-        context.add_callback(lambda: self.engine.abort(request.request_id, "stream cancelled"))
+        if not context.add_callback(
+                lambda: self.engine.abort(request.request_id, "stream cancelled")):
+            self.engine.abort(request.request_id, "stream cancelled")
+            return
         while True:
             try:
                 event = events.get(timeout=0.5)
@@ -53,7 +70,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
                 continue
             yield worker_pb2.TokenEvent(
                 token_id=event.token or 0, has_token=event.token is not None,
-                finish_reason=event.finish_reason, error=event.error)
+                finish_reason=event.finish_reason, error=event.error,
+                code=status_number(event.code) if event.code else 0)
             if event.finish_reason:
                 return
 
@@ -69,13 +87,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
                                       **self.engine.stats())
 
 
-def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0
-                 ) -> tuple[Server, DecodeServicer]:
-    """Serve a decode worker; a full-model worker leads its own one-stage instance."""
-    servicer = DecodeServicer(runner)
+def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
+                 secret: str | None = None) -> tuple[Server, DecodeServicer]:
+    """Serve a decode worker (refusing calls without ``secret``, when given); a full-model
+    worker leads its own one-stage instance."""
+    servicer = DecodeServicer(runner, secret)
     server = start_worker_server(
         lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
-        SERVICE_NAME, servicer.stage, True, host, port)
+        SERVICE_NAME, servicer, True, host, port, secret)
     if runner.stage.is_full_model:
         servicer.lead(f"{host}:{server.port}")
     return server, servicer

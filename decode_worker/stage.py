@@ -17,6 +17,7 @@ import numpy as np
 from kv_transfer.codec import model_layout
 from olmo_model.runtime import ModelRunner
 from pipeline.ops import Admission, Expectation, ForwardBatch, ForwardResult, Release
+from pipeline.stage import embed_checked
 from protos import worker_pb2
 from protos.errors import ServingError
 
@@ -54,7 +55,7 @@ class DecodeStage:
     def ready(self, request_ids: Sequence[str]) -> list[str]:
         return self.receiver.ready(request_ids)
 
-    def install(self, admissions: Sequence[Admission]) -> list[int]:
+    def install(self, admissions: Sequence[Admission]) -> ForwardResult:
         """Install each request's K/V as its sequence; the last stage samples first tokens."""
         hidden = []
         with self._lock:
@@ -67,7 +68,7 @@ class DecodeStage:
                     self.samplers[a.seq_id] = Sampler(pending.sampling)
                     hidden.append(pending.hidden)
             if not hidden:
-                return []
+                return ForwardResult()
             return self._sample([a.seq_id for a in admissions], np.stack(hidden))
 
     def release(self, release: Release) -> None:
@@ -96,19 +97,26 @@ class DecodeStage:
             if unknown:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"sequences {sorted(unknown)} are not on this stage")
-            hidden = self.runner.embed(inputs) if self.spec.is_first else inputs
+            hidden = embed_checked(self.runner, inputs) if self.spec.is_first else inputs
             out = self.runner.forward(seq_ids, lengths, hidden, decode=batch.decode)
             if not self.spec.is_last:
                 return ForwardResult(hidden=out.numpy())
             last = self.runner.select_last(out, lengths).numpy()
             rows = [i for i, s in enumerate(batch.slices) if s.ends_prompt]
-            return ForwardResult(tokens=self._sample([seq_ids[i] for i in rows], last[rows]))
+            return self._sample([seq_ids[i] for i in rows], last[rows])
 
-    def _sample(self, seq_ids: Sequence[int], hidden: np.ndarray) -> list[int]:
+    def _sample(self, seq_ids: Sequence[int], hidden: np.ndarray) -> ForwardResult:
+        """One token per sequence; a sequence that cannot be sampled fails alone."""
         if not seq_ids:
-            return []
-        logits = self.runner.logits(hidden)
-        return [self.samplers[s].sample(row) for s, row in zip(seq_ids, logits)]
+            return ForwardResult()
+        result = ForwardResult()
+        for seq_id, row in zip(seq_ids, self.runner.logits(hidden)):
+            try:
+                result.tokens.append(self.samplers[seq_id].sample(row))
+            except ValueError as exc:
+                result.tokens.append(0)
+                result.failed[seq_id] = str(exc)
+        return result
 
     def _check_new(self, seq_id: int) -> None:
         if seq_id in self.sequences:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -86,9 +86,13 @@ class KVAssembler:
     state.
     """
 
-    def __init__(self, layout: worker_pb2.ModelLayout, accepts_hidden: bool):
+    def __init__(self, layout: worker_pb2.ModelLayout, accepts_hidden: bool,
+                 admit: Callable[[str, int], None] = lambda request_id, num_tokens: None):
         self.layout = layout
         self.accepts_hidden = accepts_hidden
+        # Asked with the header's request id and token count before anything is
+        # allocated; raises ServingError to refuse the push.
+        self.admit = admit
         self.state = PushState.WAITING_FOR_HEADER
         self.request_id = ""
         self.hidden: np.ndarray | None = None
@@ -112,7 +116,7 @@ class KVAssembler:
                 self._on_trailer(chunk.trailer)
             else:
                 raise PushRefused("empty chunk")
-        except PushRefused:
+        except ServingError:
             self.state = PushState.FAILED
             raise
 
@@ -133,8 +137,10 @@ class KVAssembler:
                 f"push carries layers [{begin}, {end}) but this worker owns "
                 f"[{self.layout.layer_begin}, {self.layout.layer_end})")
         self.layer_begin, self.layer_end = begin, end
-        if header.num_tokens == 0:
-            raise PushRefused("push announces zero tokens")
+        if not 0 < header.num_tokens <= self.layout.context_window:
+            raise PushRefused(f"push announces {header.num_tokens} tokens; a sequence has 1 to "
+                              f"{self.layout.context_window}")
+        self.admit(header.request_id, header.num_tokens)
         self.request_id = header.request_id
         self.num_tokens = header.num_tokens
         self.num_blocks = header.num_blocks
@@ -176,6 +182,8 @@ class KVAssembler:
             raise PushRefused(f"hidden state has {len(hidden.data)} bytes, expected "
                               f"{4 * self.layout.hidden_size}")
         self.hidden = np.frombuffer(hidden.data, np.float32).copy()
+        if not np.isfinite(self.hidden).all():
+            raise PushRefused("the hidden state holds non-finite values")
         self._crc = zlib.crc32(hidden.data, self._crc)
 
     def _on_trailer(self, trailer: worker_pb2.KVTrailer) -> None:

@@ -23,8 +23,10 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 class KVSender:
     """Pushes K/V to decode workers and keeps the totals a prefill worker reports."""
 
-    def __init__(self, layout: worker_pb2.ModelLayout, timeout: float = 60.0):
+    def __init__(self, layout: worker_pb2.ModelLayout, secret: str | None = None,
+                 timeout: float = 60.0):
         self.layout = layout
+        self.secret = secret  # the cluster's: decode workers refuse pushes without it
         self.timeout = timeout
         self._lock = threading.Lock()
         self.bytes_sent = 0
@@ -40,7 +42,7 @@ class KVSender:
         """
         start = time.perf_counter()
         chunks = encode_push(request_id, self.layout, snapshot, hidden)
-        stub = worker_pb2_grpc.DecodeWorkerStub(shared_channel(address))
+        stub = worker_pb2_grpc.DecodeWorkerStub(shared_channel(address, self.secret))
         try:
             reply = stub.PushKV(chunks, timeout=self.timeout)
         except grpc.RpcError as exc:

@@ -43,6 +43,7 @@ class PromptToPrefill:
 @dataclasses.dataclass
 class PrefillOutcome:
     first_tokens: list[int | None]    # by prompt; sampled only where the last stage samples
+    failed: dict[int, str]            # by sequence id: could not be sampled
     push_failures: dict[str, ServingError]
 
 
@@ -89,6 +90,7 @@ class StageChain:
     def prefill(self, prompts: Sequence[PromptToPrefill], chunk_size: int) -> PrefillOutcome:
         """New sequences through the chain in passes of at most ``chunk_size`` tokens."""
         first: dict[int, int] = {}
+        failed: dict[int, str] = {}
         failures: dict[str, ServingError] = {}
         for chunk in plan_chunks([p.token_ids for p in prompts], chunk_size):
             slices = tuple(
@@ -99,8 +101,9 @@ class StageChain:
                 for c in chunk.pieces)
             result = self.forward(ForwardBatch(slices), chunk.token_ids)
             failures.update(result.push_failures)
+            failed.update(result.failed)
             first.update(zip([c.index for c in chunk.pieces if c.ends], result.tokens))
-        return PrefillOutcome([first.get(i) for i in range(len(prompts))], failures)
+        return PrefillOutcome([first.get(i) for i in range(len(prompts))], failed, failures)
 
     def release(self, release: Release) -> None:
         """Every stage frees what it can: a stage that is gone must not keep the others
@@ -126,12 +129,12 @@ class StageChain:
             ready = stage.ready(ready)
         return ready
 
-    def install(self, admissions: Sequence[Admission]) -> list[int]:
+    def install(self, admissions: Sequence[Admission]) -> ForwardResult:
         """Install on every stage; the last one's sampled first tokens."""
-        tokens: list[int] = []
+        result = ForwardResult()
         for stage in self._decode_stages():
-            tokens = stage.install(admissions)
-        return tokens
+            result = stage.install(admissions)
+        return result
 
     def _decode_stages(self) -> list[ReceivingStage]:
         return self.stages  # type: ignore[return-value]  # a decode instance's chain

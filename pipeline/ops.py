@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 from protos.errors import ServingError
+
+# Request ids on workers are the router's (32 hex digits); anything longer is refused.
+MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +24,19 @@ class SamplingConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+
+    def problem(self, vocab_size: int) -> str | None:
+        """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""
+        if self.max_tokens < 1:
+            return "max_tokens must be at least 1"
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            return f"temperature must be a finite number >= 0, got {self.temperature}"
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            return f"top_p must be in (0, 1], got {self.top_p}"
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            return f"stop token id {bad[0]} is outside the vocabulary of {vocab_size}"
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +88,11 @@ class ForwardResult:
     """What a stage gives back from a forward pass."""
 
     hidden: np.ndarray | None = None   # stages before the last: input to the next stage
-    tokens: list[int] = dataclasses.field(default_factory=list)  # the last decode stage
+    # The last decode stage: one token per sampled sequence (per slice that ends its
+    # prompt, or per admission), and those it could not sample, by sequence id: each
+    # fails alone, and its entry in ``tokens`` is a placeholder.
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)
     # Prefill: sequences whose K/V push failed, by request id.
     push_failures: dict[str, ServingError] = dataclasses.field(default_factory=dict)
 

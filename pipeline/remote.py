@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from protos import stage_pb2, stage_pb2_grpc, worker_pb2
+from protos.auth import RequireSecret
 from protos.errors import ServingError, aborts_on_error
 from protos.grpc_server import Server, shared_channel, start_server
 
@@ -30,10 +31,11 @@ DECODE_STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["DecodeStage"].full
 class RemoteStage:
     """A member stage of this worker's instance, served by another worker."""
 
-    def __init__(self, address: str, timeout: float = STAGE_CALL_TIMEOUT):
+    def __init__(self, address: str, secret: str | None = None,
+                 timeout: float = STAGE_CALL_TIMEOUT):
         self.address = address
         self.timeout = timeout
-        channel = shared_channel(address)
+        channel = shared_channel(address, secret)
         self._stage = stage_pb2_grpc.StageStub(channel)
         self._decode = stage_pb2_grpc.DecodeStageStub(channel)
         self._layout: worker_pb2.ModelLayout | None = None
@@ -59,8 +61,9 @@ class RemoteStage:
         reply = self._call(self._decode.Ready, stage_pb2.ReadyRequest(request_ids=request_ids))
         return list(reply.request_ids)
 
-    def install(self, admissions: Sequence[Admission]) -> list[int]:
-        return list(self._call(self._decode.Install, wire.admissions_to_proto(admissions)).tokens)
+    def install(self, admissions: Sequence[Admission]) -> ForwardResult:
+        reply = self._call(self._decode.Install, wire.admissions_to_proto(admissions))
+        return ForwardResult(tokens=list(reply.tokens), failed=dict(reply.failed))
 
     def _call(self, method: Callable, request, timeout: float | None = None):
         try:
@@ -77,12 +80,16 @@ class InstanceLeader:
 
     stage: Stage
     engine: Any
+    secret: str | None  # the cluster's: members are called with it
 
     def lead(self, address: str, members: Sequence[str] = ()) -> None:
         """Lead the instance of this worker's stage (serving at ``address``) and the stages
         that serve at ``members``, in layer order."""
         self.engine.lead(StageChain.form(self.stage, address,
-                                         [(m, RemoteStage(m)) for m in members]))
+                                         [(m, RemoteStage(m, self.secret)) for m in members]))
+
+    def leads(self) -> bool:
+        return self.engine.chain is not None
 
     @property
     def layout(self) -> worker_pb2.ModelLayout:
@@ -92,9 +99,12 @@ class InstanceLeader:
 class StageServicer(stage_pb2_grpc.StageServicer, stage_pb2_grpc.DecodeStageServicer):
     """This worker's own stage, as the leader of its instance calls it."""
 
-    def __init__(self, stage: Stage | ReceivingStage):
+    def __init__(self, stage: Stage | ReceivingStage, leads: Callable[[], bool]):
         self.stage = stage
         self.layout = stage.layout()
+        # A worker that leads an instance drives its own stage; calls from outside could
+        # only disturb it.
+        self.leads = leads
 
     @aborts_on_error
     def Describe(self, request, context):
@@ -102,6 +112,7 @@ class StageServicer(stage_pb2_grpc.StageServicer, stage_pb2_grpc.DecodeStageServ
 
     @aborts_on_error
     def Forward(self, request, context):
+        self._check_member()
         if self.layout.layer_begin == 0:
             raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                "this is the first stage of its instance: it leads, it is not "
@@ -111,6 +122,7 @@ class StageServicer(stage_pb2_grpc.StageServicer, stage_pb2_grpc.DecodeStageServ
 
     @aborts_on_error
     def Release(self, request, context):
+        self._check_member()
         self.stage.release(wire.release_from_proto(request))
         return stage_pb2.ReleaseResponse()
 
@@ -118,17 +130,26 @@ class StageServicer(stage_pb2_grpc.StageServicer, stage_pb2_grpc.DecodeStageServ
 
     @aborts_on_error
     def Expect(self, request, context):
+        self._check_member()
         self.stage.expect(wire.expectations_from_proto(request))
         return stage_pb2.ExpectResponse()
 
     @aborts_on_error
     def Ready(self, request, context):
+        self._check_member()
         return stage_pb2.ReadyResponse(request_ids=self.stage.ready(list(request.request_ids)))
 
     @aborts_on_error
     def Install(self, request, context):
-        tokens = self.stage.install(wire.admissions_from_proto(request))
-        return stage_pb2.InstallResponse(tokens=tokens)
+        self._check_member()
+        result = self.stage.install(wire.admissions_from_proto(request))
+        return stage_pb2.InstallResponse(tokens=result.tokens, failed=result.failed)
+
+    def _check_member(self) -> None:
+        if self.leads():
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "this worker leads its instance: its stage takes calls only "
+                               "from its own engine")
 
     def _hidden(self, request: stage_pb2.ForwardRequest, batch: ForwardBatch) -> np.ndarray:
         shape = (batch.num_tokens, self.layout.hidden_size)
@@ -142,14 +163,16 @@ class StageServicer(stage_pb2_grpc.StageServicer, stage_pb2_grpc.DecodeStageServ
 
 
 def start_worker_server(register_role: Callable[[grpc.Server], None], role_service: str,
-                        stage: Stage | ReceivingStage, takes_kv: bool, host: str, port: int
-                        ) -> Server:
+                        worker: InstanceLeader, takes_kv: bool, host: str, port: int,
+                        secret: str | None) -> Server:
     """Serve a worker: its role's service, and its stage to whichever instance it joins
-    (with the DecodeStage service when the stage ``takes_kv`` pushes)."""
-    stages = StageServicer(stage)
+    (with the DecodeStage service when the stage ``takes_kv`` pushes). With a ``secret``,
+    every one of them refuses calls that do not carry it."""
+    stages = StageServicer(worker.stage, worker.leads)
     register = [register_role, lambda s: stage_pb2_grpc.add_StageServicer_to_server(stages, s)]
     names = [role_service, STAGE_SERVICE]
     if takes_kv:
         register.append(lambda s: stage_pb2_grpc.add_DecodeStageServicer_to_server(stages, s))
         names.append(DECODE_STAGE_SERVICE)
-    return start_server(register, names, host, port)
+    interceptors = [RequireSecret(dict.fromkeys(names, secret))] if secret else []
+    return start_server(register, names, host, port, interceptors=interceptors)

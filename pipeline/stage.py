@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import grpc
 import numpy as np
 
+from olmo_model.runtime import ModelRunner
 from protos import worker_pb2
+from protos.errors import ServingError
 
 from .ops import Admission, Expectation, ForwardBatch, ForwardResult, Release
 
@@ -37,5 +40,16 @@ class ReceivingStage(Stage, Protocol):
     def ready(self, request_ids: Sequence[str]) -> list[str]:
         """Those of ``request_ids`` whose K/V (and, last stage, hidden state) are all here."""
 
-    def install(self, admissions: Sequence[Admission]) -> list[int]:
+    def install(self, admissions: Sequence[Admission]) -> ForwardResult:
         """Install each request's K/V as its sequence; the last stage samples first tokens."""
+
+
+def embed_checked(runner: ModelRunner, token_ids: np.ndarray):
+    """The first stage's embedding, after checking every id is in the vocabulary (an id
+    outside it would read past the embedding table)."""
+    vocab = runner.config.vocab_size
+    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab):
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"token ids must be in [0, {vocab}); got {token_ids.min()}.."
+                           f"{token_ids.max()}")
+    return runner.embed(token_ids)

@@ -72,7 +72,7 @@ def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
 def result_to_proto(result: ForwardResult) -> stage_pb2.ForwardResponse:
     hidden = b"" if result.hidden is None else np.ascontiguousarray(result.hidden).tobytes()
     return stage_pb2.ForwardResponse(
-        hidden=hidden, tokens=result.tokens,
+        hidden=hidden, tokens=result.tokens, failed=result.failed,
         push_failures=[stage_pb2.PushFailure(request_id=request_id,
                                              code=status_number(error.code),
                                              message=error.message)
@@ -85,7 +85,7 @@ def result_from_proto(response: stage_pb2.ForwardResponse, dtype: str, hidden_si
     if response.hidden:
         hidden = np.frombuffer(response.hidden, dtype).reshape(-1, hidden_size)
     return ForwardResult(
-        hidden=hidden, tokens=list(response.tokens),
+        hidden=hidden, tokens=list(response.tokens), failed=dict(response.failed),
         push_failures={f.request_id: ServingError(status_code(f.code), f.message)
                        for f in response.push_failures})
 

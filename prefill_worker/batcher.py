@@ -5,18 +5,43 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+
+import grpc
 
 from pipeline.ops import StageAddress
+from protos.errors import ServingError
 
 
 @dataclasses.dataclass
 class PrefillJob:
+    """One prompt to prefill; its waiter holds ``result`` (seconds taken, or the error).
+
+    The result is settled exactly once, whichever comes first: the prefill finishing or
+    failing, or the job being cancelled, so a waiter is always answered.
+    """
+
     request_id: str
     token_ids: list[int]
     kv_targets: tuple[StageAddress, ...]  # the stages of the decode instance holding its pages
     result: Future = dataclasses.field(default_factory=Future)
     cancelled: bool = False
+
+    def finish(self, seconds: float) -> None:
+        self._settle(lambda: self.result.set_result(seconds))
+
+    def fail(self, error: BaseException) -> None:
+        self._settle(lambda: self.result.set_exception(error))
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.cancelled = True
+        self.fail(ServingError(grpc.StatusCode.CANCELLED, f"prefill {reason}"))
+
+    def _settle(self, settle) -> None:
+        try:
+            settle()
+        except InvalidStateError:  # settled already: the first outcome stands
+            pass
 
 
 class PromptBatcher:

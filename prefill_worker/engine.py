@@ -73,12 +73,12 @@ class PrefillEngine:
             if not isinstance(exc, ServingError):
                 exc = ServingError(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
             for job in batch:
-                job.result.set_exception(exc)
+                job.fail(exc)
             return
         seconds = time.perf_counter() - start
         for job in batch:
             failure = outcome.push_failures.get(job.request_id)
             if failure is not None:
-                job.result.set_exception(failure)
+                job.fail(failure)
             else:
-                job.result.set_result(seconds)
+                job.finish(seconds)

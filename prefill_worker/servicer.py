@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 
 import grpc
 
 from kv_transfer.transports import GRPC, worker_transports
 from olmo_model.runtime import ModelRunner
+from pipeline.chain import check_coverage
+from pipeline.ops import MAX_REQUEST_ID_CHARS, StageAddress
 from pipeline.remote import InstanceLeader, start_worker_server
 from pipeline.wire import address_from_proto, stage_infos
 from protos import worker_pb2, worker_pb2_grpc
@@ -20,57 +23,83 @@ from .engine import PrefillEngine
 from .stage import PrefillStage
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
+# However long a caller is willing to wait, a prefill call answers within this.
+MAX_WAIT_SECONDS = 600.0
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
-    def __init__(self, runner: ModelRunner):
-        self.stage = PrefillStage(runner)
+    def __init__(self, runner: ModelRunner, secret: str | None = None):
+        self.secret = secret
+        self.stage = PrefillStage(runner, secret)
         self.engine = PrefillEngine(self.stage)
         self._jobs: dict[str, PrefillJob] = {}
+        self._lock = threading.Lock()
         self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
 
     @aborts_on_error
     def Prefill(self, request, context):
         job = PrefillJob(request.request_id, self._checked_tokens(request),
-                         tuple(address_from_proto(s) for s in request.decode_stages))
-        self._jobs[job.request_id] = job
-        context.add_callback(lambda: self._cancel(job))
+                         self._checked_targets(request))
+        with self._lock:
+            if job.request_id in self._jobs:
+                raise ServingError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"request {job.request_id!r} is already being prefilled")
+            self._jobs[job.request_id] = job
+        if not context.add_callback(lambda: self._cancel(job, "cancelled by the caller")):
+            self._cancel(job, "cancelled by the caller")  # gone before the callback was set
         sent_before = self.stage.sender.bytes_sent
         start = time.perf_counter()
         try:
             self.engine.submit(job)
-            job.result.result(timeout=time_remaining(context))
+            job.result.result(timeout=min(time_remaining(context) or MAX_WAIT_SECONDS,
+                                          MAX_WAIT_SECONDS))
         except concurrent.futures.TimeoutError:
-            self._cancel(job)
+            self._cancel(job, "timed out")
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                "prefill did not finish in time") from None
         finally:
-            self._jobs.pop(job.request_id, None)
+            with self._lock:
+                self._jobs.pop(job.request_id, None)
         return worker_pb2.PrefillResponse(
             kv_bytes=max(0, self.stage.sender.bytes_sent - sent_before),
             prefill_ms=1000 * (time.perf_counter() - start))
 
     def _checked_tokens(self, request: worker_pb2.PrefillRequest) -> list[int]:
         tokens = list(request.token_ids)
-        vocab = self.layout.vocab_size
-        if not tokens:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               "prefill needs at least one token")
-        if max(tokens) >= vocab:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"token id {max(tokens)} is outside the vocabulary of {vocab}")
-        if not request.decode_stages:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "no decode stages to push KV to")
+        layout, limits = self.layout, self.stage.runner.limits
+        problem = None
+        if not 0 < len(request.request_id) <= MAX_REQUEST_ID_CHARS:
+            problem = f"a request id has 1 to {MAX_REQUEST_ID_CHARS} characters"
+        elif not tokens:
+            problem = "prefill needs at least one token"
+        elif len(tokens) > min(layout.context_window, limits.max_total_tokens):
+            problem = (f"{len(tokens)} tokens do not fit this prefill worker (context window "
+                       f"{layout.context_window}, cache {limits.max_total_tokens} tokens)")
+        elif max(tokens) >= layout.vocab_size:
+            problem = f"token id {max(tokens)} is outside the vocabulary of {layout.vocab_size}"
+        if problem:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return tokens
 
-    def _cancel(self, job: PrefillJob) -> None:
-        job.cancelled = True
+    def _checked_targets(self, request: worker_pb2.PrefillRequest) -> tuple[StageAddress, ...]:
+        """The decode instance's stages: they must cover every layer, in order."""
+        targets = tuple(address_from_proto(s) for s in request.decode_stages)
+        try:
+            check_coverage(targets, self.layout.num_layers)
+        except ServingError as exc:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"decode stages to push KV to: {exc.message}") from None
+        return targets
+
+    def _cancel(self, job: PrefillJob, reason: str) -> None:
         self.engine.cancel(job.request_id)
+        job.cancel(reason)
 
     def Abort(self, request, context):
-        job = self._jobs.get(request.request_id)
+        with self._lock:
+            job = self._jobs.get(request.request_id)
         if job is not None:
-            self._cancel(job)
+            self._cancel(job, request.reason or "aborted")
         return worker_pb2.AbortResponse(found=job is not None)
 
     def Stats(self, request, context):
@@ -87,13 +116,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
             stages=stage_infos(self.engine.chain))
 
 
-def serve_prefill(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0
-                  ) -> tuple[Server, PrefillServicer]:
-    """Serve a prefill worker; a full-model worker leads its own one-stage instance."""
-    servicer = PrefillServicer(runner)
+def serve_prefill(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
+                  secret: str | None = None) -> tuple[Server, PrefillServicer]:
+    """Serve a prefill worker (refusing calls without ``secret``, when given); a full-model
+    worker leads its own one-stage instance."""
+    servicer = PrefillServicer(runner, secret)
     server = start_worker_server(
         lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, s),
-        SERVICE_NAME, servicer.stage, False, host, port)
+        SERVICE_NAME, servicer, False, host, port, secret)
     if runner.stage.is_full_model:
         servicer.lead(f"{host}:{server.port}")
     return server, servicer

@@ -21,16 +21,17 @@ from kv_transfer.grpc_transport import KVSender
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
 from pipeline.ops import ForwardBatch, ForwardResult, Release, StageAddress
+from pipeline.stage import embed_checked
 from protos import worker_pb2
 from protos.errors import ServingError
 
 
 class PrefillStage:
-    def __init__(self, runner: ModelRunner, push_threads: int = 4):
+    def __init__(self, runner: ModelRunner, secret: str | None = None, push_threads: int = 4):
         self.runner = runner
         self.spec = runner.stage
         self._layout = model_layout(runner)
-        self.sender = KVSender(self._layout)
+        self.sender = KVSender(self._layout, secret)
         self.sequences: set[int] = set()
         self._lock = threading.Lock()
         self._pushers = ThreadPoolExecutor(push_threads, thread_name_prefix="kv-push")
@@ -51,7 +52,7 @@ class PrefillStage:
         with self._lock:
             self._add_new(batch)
             try:
-                embeds = self.runner.embed(inputs) if self.spec.is_first else inputs
+                embeds = embed_checked(self.runner, inputs) if self.spec.is_first else inputs
                 out = self.runner.forward(seq_ids, lengths, embeds)
                 last = (self.runner.select_last(out, lengths).numpy()
                         if self.spec.is_last else None)

@@ -44,14 +44,23 @@ class PushFailure(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden", "tokens", "push_failures")
+    __slots__ = ("hidden", "tokens", "push_failures", "failed")
+    class FailedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PUSH_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     hidden: bytes
     tokens: _containers.RepeatedScalarFieldContainer[int]
     push_failures: _containers.RepeatedCompositeFieldContainer[PushFailure]
-    def __init__(self, hidden: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., push_failures: _Optional[_Iterable[_Union[PushFailure, _Mapping]]] = ...) -> None: ...
+    failed: _containers.ScalarMap[int, str]
+    def __init__(self, hidden: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., push_failures: _Optional[_Iterable[_Union[PushFailure, _Mapping]]] = ..., failed: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids", "request_ids", "reset")
@@ -122,7 +131,16 @@ class InstallRequest(_message.Message):
     def __init__(self, admissions: _Optional[_Iterable[_Union[Admission, _Mapping]]] = ...) -> None: ...
 
 class InstallResponse(_message.Message):
-    __slots__ = ("tokens",)
+    __slots__ = ("tokens", "failed")
+    class FailedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    failed: _containers.ScalarMap[int, str]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., failed: _Optional[_Mapping[int, str]] = ...) -> None: ...

@@ -211,16 +211,18 @@ class StreamTokensRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("token_id", "has_token", "finish_reason", "error")
+    __slots__ = ("token_id", "has_token", "finish_reason", "error", "code")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     has_token: bool
     finish_reason: str
     error: str
-    def __init__(self, token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    code: int
+    def __init__(self, token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., code: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "reason")

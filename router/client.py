@@ -27,8 +27,10 @@ def generate_request(prompt: str | Sequence[int], max_tokens: int = 16, temperat
 
 
 class GenerationClient:
-    def __init__(self, address: str):
-        self.channel = channel(address)
+    def __init__(self, address: str, api_key: str | None = None, tls_ca: bytes | None = None):
+        """``api_key``: the router's, when it requires one; ``tls_ca``: the CA certificate
+        (PEM) to trust, for a router serving TLS."""
+        self.channel = channel(address, api_key, tls_ca)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
 
     def stream(self, request: generation_pb2.GenerateRequest, timeout: float | None = None

@@ -38,10 +38,16 @@ class IncrementalDetokenizer:
 
 
 class StopStringFilter:
-    """Cuts the output at the first stop string, holding back text that may begin one."""
+    """Cuts the output at the first stop string to complete, holding back text that may
+    begin one.
+
+    Each stop string has a Knuth-Morris-Pratt matcher that follows the text one character
+    at a time, so a delta costs time linear in its length (times the number of stop
+    strings), however long the stop strings or the output.
+    """
 
     def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
+        self.matchers = [_Matcher(s) for s in stops if s]
         self.pending = ""
         self.stopped = False
 
@@ -50,12 +56,12 @@ class StopStringFilter:
         if self.stopped:
             return ""
         text = self.pending + delta
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped, self.pending = True, ""
-            return text[:cut]
-        hold = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])),
-                   default=0)
+        for i, char in enumerate(delta, start=len(self.pending)):
+            for matcher in self.matchers:
+                if matcher.step(char):
+                    self.stopped, self.pending = True, ""
+                    return text[:i + 1 - len(matcher.stop)]
+        hold = max((m.matched for m in self.matchers), default=0)
         self.pending = text[len(text) - hold:] if hold else ""
         return text[:len(text) - hold]
 
@@ -63,3 +69,33 @@ class StopStringFilter:
         """Held-back text, released when generation ends without a stop string."""
         text, self.pending = self.pending, ""
         return text
+
+
+class _Matcher:
+    """How much of one stop string the text seen so far ends with."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.matched = 0
+        # fallback[k]: the longest proper prefix of stop[:k + 1] that is also its suffix.
+        self.fallback = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fallback[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fallback[i] = k
+
+    def step(self, char: str) -> bool:
+        """Follow one more character; True when the stop string is complete."""
+        k = self.matched
+        while k and self.stop[k] != char:
+            k = self.fallback[k - 1]
+        if self.stop[k] == char:
+            k += 1
+        if k == len(self.stop):
+            self.matched = 0
+            return True
+        self.matched = k
+        return False

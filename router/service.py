@@ -1,8 +1,11 @@
-"""The public Generate API: validate, tokenize, reserve, prefill, stream, detokenize.
+"""The public Generate API: validate, tokenize, admit, reserve, prefill, stream, detokenize.
 
 Disaggregated: reserve KV on a decode worker, open its token stream, ask a prefill
 worker to prefill and push the pages there (retried once on another prefill worker).
 Aggregated: the decode worker prefills the prompt itself; nothing is transferred.
+
+Workers only ever see request ids the router makes (one per attempt), never the
+client's, so no client can name, abort or read another's request on a worker.
 """
 
 from __future__ import annotations
@@ -16,12 +19,18 @@ import grpc
 from tokenizers import Tokenizer
 
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2
-from protos.errors import ServingError
+from protos.errors import ServingError, status_code
 from protos.grpc_server import time_remaining
 
+from .admission import AdmissionQueue
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
-from .scheduler import NoWorker, Scheduler, Worker
-from .validation import ModelFacts, invalid, validate
+from .liveness import StallMonitor
+from .prefill_leg import PrefillLeg
+from .scheduler import Scheduler, Worker, abort_quietly
+from .validation import ModelFacts, RequestLimits, check_limits, invalid, validate
+
+# What the request parser gives for bytes that are not a GenerateRequest.
+UNPARSABLE = object()
 
 FINISH = {
     "stop": generation_pb2.FINISH_REASON_STOP,
@@ -31,69 +40,26 @@ FINISH = {
 }
 
 
-class PrefillLeg:
-    """Runs the prefill leg in the background, retrying once on another prefill worker."""
+@dataclasses.dataclass(frozen=True)
+class RouterOptions:
+    """How the router admits, bounds and places requests."""
 
-    def __init__(self, scheduler: Scheduler, request_id: str, prompt_ids: list[int],
-                 decode: Worker, deadline: float | None, attempts: int = 2):
-        self.scheduler = scheduler
-        self.request = worker_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids,
-                                                 decode_stages=decode.stages)
-        self.decode = decode
-        self.deadline = deadline
-        self.attempts = attempts
-        self.error: str | None = None
-        self.worker: Worker | None = None
-        self.response: worker_pb2.PrefillResponse | None = None
-        self._call = None
-        self._cancelled = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        tried: set[str] = set()
-        reasons = []
-        for _ in range(self.attempts):
-            if self._cancelled.is_set():
-                return
-            try:
-                self.worker = self.scheduler.pick_prefill(exclude=tried)
-            except NoWorker as exc:
-                reasons.append(str(exc))
-                break
-            tried.add(self.worker.address)
-            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-            try:
-                self._call = self.worker.stub.Prefill.future(self.request, timeout=timeout)
-                self.response = self._call.result()
-                return
-            except grpc.RpcError as exc:
-                reasons.append(f"prefill worker {self.worker.address}: {exc.code().name}: "
-                               f"{exc.details()}")
-                if self._cancelled.is_set() or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    break
-        self.error = "prefill failed: " + "; ".join(reasons)
-        # The decode worker would otherwise wait for a push until its lease ends.
-        try:
-            self.decode.stub.Abort(worker_pb2.AbortRequest(
-                request_id=self.request.request_id, reason=self.error), timeout=5)
-        except grpc.RpcError:
-            pass
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-        if self._call is not None:
-            self._call.cancel()
-        if self.worker is not None:
-            try:
-                self.worker.stub.Abort(worker_pb2.AbortRequest(
-                    request_id=self.request.request_id, reason="cancelled"), timeout=2)
-            except grpc.RpcError:
-                pass
+    aggregated: bool = False        # decode workers prefill locally; no prefill workers
+    lease_ms: int = 30_000          # a reservation is freed if its K/V has not arrived
+    resume_on_decode_failure: bool = True
+    limits: RequestLimits = RequestLimits()
+    max_waiting: int = 128          # requests waiting for decode capacity, at most
+    max_queue_wait_s: float = 30.0  # how long one waits before RESOURCE_EXHAUSTED
+    # A token stream silent for longer than this is cut, and the request resumed on
+    # another decode worker (or failed UNAVAILABLE): before its first token (prefill and
+    # queueing at the workers included) and between tokens. In aggregated mode the
+    # second must exceed the longest local prefill, which pauses every stream.
+    first_token_timeout_s: float = 30.0
+    token_timeout_s: float = 10.0
 
 
 class DecodeLost(Exception):
-    """The decode worker's token stream broke (the worker died or became unreachable)."""
+    """The decode worker's token stream broke (the worker died, hung or became unreachable)."""
 
 
 @dataclasses.dataclass
@@ -113,20 +79,29 @@ class Progress:
 class Attempt:
     """One decode worker serving (part of) a request, with its prefill leg."""
 
-    request_id: str
+    request_id: str  # the router's, for this attempt
     decode: Worker
-    stream: object
+    stream: grpc.Call
     leg: PrefillLeg | None
 
     def cancel(self, reason: str) -> None:
         self.stream.cancel()
         if self.leg is not None:
             self.leg.cancel()
-        _abort(self.decode, self.request_id, reason)
+        abort_quietly(self.decode, self.request_id, reason)
+
+
+@dataclasses.dataclass
+class Blame:
+    """Workers that failed this request: later attempts avoid them."""
+
+    decode: set[str] = dataclasses.field(default_factory=set)
+    prefill: set[str] = dataclasses.field(default_factory=set)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    """Generate: reserve, prefill, relay tokens; resumes once if a decode worker dies.
+    """Generate: admit, reserve, prefill, relay tokens; resumes once if a decode worker
+    dies or goes silent.
 
     Resuming sends prompt plus the tokens already streamed to another decode worker as a
     new prompt, so the client sees one unbroken stream. Greedy output is unchanged by
@@ -134,21 +109,43 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer | None, facts: ModelFacts,
-                 aggregated: bool = False, lease_ms: int = 30_000, resume_on_decode_failure=True):
+                 options: RouterOptions | None = None):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.facts = facts
-        self.aggregated = aggregated
-        self.lease_ms = lease_ms
-        self.max_attempts = 2 if resume_on_decode_failure else 1
+        self.options = options = options or RouterOptions()
+        self.max_attempts = 2 if options.resume_on_decode_failure else 1
+        self.admission = AdmissionQueue(options.max_waiting, options.max_queue_wait_s)
+        self.stalls = StallMonitor(options.first_token_timeout_s, options.token_timeout_s,
+                                   scheduler.alive)
+        self._client_ids: set[str] = set()  # ids clients chose, of requests in flight
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.stalls.stop()
+        self.scheduler.close()
 
     def Generate(self, request, context):
-        request_id = request.request_id or uuid.uuid4().hex
+        if request is UNPARSABLE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "the request is not a GenerateRequest (strings must be UTF-8)")
         try:
+            check_limits(request, self.options.limits, self.facts)
             prompt_ids = self._prompt_ids(request)
             sampling = validate(request, prompt_ids, self.facts)
+            self._claim(request.request_id)
         except ServingError as exc:
             exc.abort(context)
+        try:
+            yield from self._generate(request, prompt_ids, sampling, context)
+        except ServingError as exc:
+            exc.abort(context)
+        finally:
+            self._unclaim(request.request_id)
+            self.admission.capacity_freed()
+
+    def _generate(self, request, prompt_ids: list[int], sampling: worker_pb2.Sampling, context):
+        client_id = request.request_id or uuid.uuid4().hex
         progress = Progress(
             prompt_ids, time.perf_counter(),
             IncrementalDetokenizer(self.tokenizer, prompt_ids,
@@ -157,63 +154,137 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             StopStringFilter(request.sampling.stop), frozenset(sampling.stop_token_ids))
         remaining = time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
-        failed: set[str] = set()
-        for attempt_no in range(self.max_attempts):
-            attempt_id = request_id if attempt_no == 0 else f"{request_id}~resume{attempt_no}"
-            attempt = self._start(attempt_id, progress, sampling, deadline, failed, context)
+        blame = Blame()
+        for _ in range(self.max_attempts):
+            attempt = self._start(progress, sampling, deadline, blame, context)
             finished = threading.Event()
-            context.add_callback(
-                lambda a=attempt, f=finished: None if f.is_set() else a.cancel("client cancelled"))
+            if not context.add_callback(
+                    lambda a=attempt, f=finished: None if f.is_set() else a.cancel(
+                        "client cancelled")):
+                attempt.cancel("client cancelled")  # it left before the callback was set
+                return
             try:
-                yield from self._relay(request_id, attempt, progress, context)
+                yield from self._relay(client_id, attempt, progress, blame, context)
                 return
             except DecodeLost as lost:
-                failed.add(attempt.decode.address)
                 last_error = str(lost)
             finally:
                 finished.set()
                 attempt.stream.cancel()
-        context.abort(grpc.StatusCode.UNAVAILABLE, last_error)
+        raise ServingError(grpc.StatusCode.UNAVAILABLE, last_error)
 
-    def _start(self, attempt_id: str, progress: Progress, sampling: worker_pb2.Sampling,
-               deadline: float | None, failed: set[str], context) -> Attempt:
+    def _claim(self, client_id: str) -> None:
+        if not client_id:
+            return
+        with self._lock:
+            if client_id in self._client_ids:
+                raise ServingError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"request {client_id!r} is already in flight")
+            self._client_ids.add(client_id)
+
+    def _unclaim(self, client_id: str) -> None:
+        with self._lock:
+            self._client_ids.discard(client_id)
+
+    def _start(self, progress: Progress, sampling: worker_pb2.Sampling,
+               deadline: float | None, blame: Blame, context) -> Attempt:
+        attempt_id = uuid.uuid4().hex
         tokens = progress.prompt_ids + progress.generated
         todo = worker_pb2.Sampling()
         todo.CopyFrom(sampling)
         todo.max_tokens = sampling.max_tokens - len(progress.generated)
-        decode = self._reserve(attempt_id, tokens, todo, failed, context)
+        reserve = worker_pb2.ReserveRequest(
+            request_id=attempt_id, prompt_tokens=len(tokens), sampling=todo,
+            lease_ms=self.options.lease_ms,
+            local_prefill_token_ids=tokens if self.options.aggregated else [])
+        decode = self.admission.admit(lambda: self._try_reserve(reserve, blame.decode),
+                                      deadline, context.is_active)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         stream = decode.stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=attempt_id),
                                           timeout=remaining)
-        leg = None if self.aggregated else PrefillLeg(self.scheduler, attempt_id, tokens,
-                                                      decode, deadline)
+        leg = None if self.options.aggregated else PrefillLeg(
+            self.scheduler, attempt_id, tokens, decode, deadline,
+            self.options.lease_ms / 1000, blame.prefill)
         return Attempt(attempt_id, decode, stream, leg)
 
-    def _relay(self, request_id: str, attempt: Attempt, progress: Progress, context):
+    def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str]
+                     ) -> Worker | None:
+        """The decode worker that took the reservation; None when all are full for now."""
+        candidates = self.scheduler.pick_decode(exclude)
+        needed = reserve.prompt_tokens + reserve.sampling.max_tokens
+        if not self.scheduler.could_ever_fit(needed):
+            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{needed} tokens (prompt plus max_tokens) would not fit even an "
+                               "empty decode worker's KV cache; lower max_tokens")
+        refusals, full = [], False
+        for worker in candidates:
+            try:
+                worker.stub.Reserve(reserve, timeout=10)
+                return worker
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise ServingError(exc.code(), exc.details()) from None
+                full |= exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                refusals.append(f"{worker.address}: {exc.details()}")
+        if full:
+            return None  # wait in line for capacity
+        raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                           "no decode worker can take this request: " + "; ".join(refusals))
+
+    def _relay(self, client_id: str, attempt: Attempt, progress: Progress, blame: Blame,
+               context):
+        """Tokens from the decode worker to the client. Raises DecodeLost (with the worker
+        to blame added to ``blame``) when the stream breaks or goes silent."""
+        watch = self.stalls.watch(attempt.stream, attempt.decode.address)
         try:
             for event in attempt.stream:
+                self.stalls.saw_token(watch)
                 if event.finish_reason in ("error", "abort"):
                     # The router aborts only after it stops reading, so an abort seen here
                     # came from the worker side: a failed prefill leg, an expired lease.
                     leg = attempt.leg
-                    context.abort(grpc.StatusCode.UNAVAILABLE,
-                                  leg.error if leg is not None and leg.error else event.error)
-                response = self._response(request_id, event, attempt, progress)
+                    raise ServingError(
+                        status_code(event.code) if event.code else grpc.StatusCode.UNAVAILABLE,
+                        leg.error if leg is not None and leg.error else event.error)
+                response = self._response(client_id, event, attempt, progress)
                 yield response
                 if response.finish_reason:
                     return
         except grpc.RpcError as exc:
+            if watch.expired:
+                raise self._lost_to_silence(attempt, progress, blame, watch.expired) from exc
             if exc.code() == grpc.StatusCode.CANCELLED and not context.is_active():
                 return
-            _abort(attempt.decode, attempt.request_id, "router lost the token stream")
+            abort_quietly(attempt.decode, attempt.request_id, "router lost the token stream")
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                context.abort(exc.code(), f"deadline exceeded after {len(progress.generated)} "
-                                          "tokens")
+                raise ServingError(exc.code(), f"deadline exceeded after "
+                                               f"{len(progress.generated)} tokens") from exc
+            blame.decode.add(attempt.decode.address)
             raise DecodeLost(f"decode worker {attempt.decode.address}: {exc.code().name}: "
                              f"{exc.details()}") from exc
+        finally:
+            self.stalls.unwatch(watch)
+        blame.decode.add(attempt.decode.address)
         raise DecodeLost(f"decode worker {attempt.decode.address} closed the stream early")
 
-    def _response(self, request_id: str, event: worker_pb2.TokenEvent, attempt: Attempt,
+    def _lost_to_silence(self, attempt: Attempt, progress: Progress, blame: Blame,
+                         why: str) -> DecodeLost:
+        """A stream the stall monitor cut: drop the attempt on both workers and blame the
+        one that was silent (the prefill worker, if its leg had not finished and its
+        decode worker still answers)."""
+        attempt.cancel("the token stream went silent")
+        leg = attempt.leg
+        decode = attempt.decode.address
+        if (leg is not None and not leg.done and leg.worker is not None
+                and self.scheduler.alive(decode)):
+            blame.prefill.add(leg.worker.address)
+            return DecodeLost(f"prefill worker {leg.worker.address} did not finish in time")
+        blame.decode.add(decode)
+        bound = (self.options.token_timeout_s if progress.generated
+                 else self.options.first_token_timeout_s)
+        return DecodeLost(f"decode worker {decode} {why} (bound {bound:g} s)")
+
+    def _response(self, client_id: str, event: worker_pb2.TokenEvent, attempt: Attempt,
                   progress: Progress) -> generation_pb2.GenerateResponse:
         text, ids = "", []
         if event.has_token:
@@ -226,11 +297,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         reason = event.finish_reason
         if progress.stops.stopped and not reason:
             reason = "stop"
-            _abort(attempt.decode, attempt.request_id, "stop string")
+            abort_quietly(attempt.decode, attempt.request_id, "stop string")
         if reason and not progress.stops.stopped:
             text += progress.stops.flush()
         response = generation_pb2.GenerateResponse(
-            request_id=request_id, token_ids=ids, text=text, finish_reason=FINISH.get(reason, 0))
+            request_id=client_id, token_ids=ids, text=text, finish_reason=FINISH.get(reason, 0))
         if reason:
             response.usage.CopyFrom(generation_pb2.Usage(
                 prompt_tokens=len(progress.prompt_ids), completion_tokens=len(progress.generated),
@@ -246,34 +317,3 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 raise invalid("this model has no tokenizer.json; send token_ids")
             return self.tokenizer.encode(request.text).ids
         raise invalid("the request has no prompt (set text or token_ids)")
-
-    def _reserve(self, request_id, prompt_ids, sampling, exclude, context) -> Worker:
-        reserve = worker_pb2.ReserveRequest(
-            request_id=request_id, prompt_tokens=len(prompt_ids), sampling=sampling,
-            lease_ms=self.lease_ms,
-            local_prefill_token_ids=prompt_ids if self.aggregated else [])
-        try:
-            candidates = self.scheduler.pick_decode(exclude)
-        except NoWorker as exc:
-            exc.abort(context)
-        refusals, codes = [], set()
-        for worker in candidates:
-            try:
-                worker.stub.Reserve(reserve, timeout=10)
-                return worker
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    context.abort(exc.code(), exc.details())
-                refusals.append(f"{worker.address}: {exc.details()}")
-                codes.add(exc.code())
-        code = (grpc.StatusCode.RESOURCE_EXHAUSTED
-                if grpc.StatusCode.RESOURCE_EXHAUSTED in codes else grpc.StatusCode.UNAVAILABLE)
-        context.abort(code, "no decode worker can take this request now: " + "; ".join(refusals))
-
-
-def _abort(worker: Worker, request_id: str, reason: str) -> None:
-    try:
-        worker.stub.Abort(worker_pb2.AbortRequest(request_id=request_id, reason=reason),
-                          timeout=2)
-    except grpc.RpcError:
-        pass

@@ -15,6 +15,16 @@ DEFAULT_MAX_TOKENS = 16
 
 
 @dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """Bounds checked before any expensive work (tokenizing, scheduling)."""
+
+    max_prompt_bytes: int = 256 * 1024   # a text prompt, as UTF-8
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256             # each stop string
+    max_request_id_chars: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFacts:
     vocab_size: int
     context_window: int
@@ -27,6 +37,26 @@ class ModelFacts:
 
 def invalid(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
+                 facts: ModelFacts) -> None:
+    """Refuse what is too large to look at further, before tokenizing anything."""
+    kind = request.WhichOneof("prompt")
+    # Characters first (never more than bytes): a huge prompt is refused without encoding.
+    if kind == "text" and (len(request.text) > limits.max_prompt_bytes
+                           or len(request.text.encode()) > limits.max_prompt_bytes):
+        raise invalid(f"the prompt has more than {limits.max_prompt_bytes} bytes")
+    if kind == "token_ids" and len(request.token_ids.ids) > facts.context_window:
+        raise invalid(f"the prompt has {len(request.token_ids.ids)} tokens; this model's "
+                      f"context window is {facts.context_window}")
+    if len(request.request_id) > limits.max_request_id_chars:
+        raise invalid(f"request_id has more than {limits.max_request_id_chars} characters")
+    stops = request.sampling.stop
+    if len(stops) > limits.max_stop_strings:
+        raise invalid(f"{len(stops)} stop strings; at most {limits.max_stop_strings}")
+    if any(len(stop) > limits.max_stop_chars for stop in stops):
+        raise invalid(f"a stop string has more than {limits.max_stop_chars} characters")
 
 
 def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],

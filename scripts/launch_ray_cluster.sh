@@ -9,8 +9,9 @@
 #   launch_ray_cluster.sh down
 #
 # Everything binds to 127.0.0.1 unless --node-ip names another address. State (Ray's
-# temp dir, the router's pid and log) lives in $OLMO_RAY_STATE (default /tmp/olmo-ray),
-# so `down` stops exactly this cluster's processes and leaves any other Ray alone.
+# temp dir, the router's pid and log, the cluster secret) lives in $OLMO_RAY_STATE
+# (default /tmp/olmo-ray), so `down` stops exactly this cluster's processes and leaves
+# any other Ray alone.
 # Every command is idempotent: `head` on a running head reports it, `down` on nothing
 # says so.
 set -euo pipefail
@@ -81,8 +82,11 @@ cmd_head() {
   local config=()
   [ -n "$CONFIG" ] && config=(--config "$CONFIG")
   say "starting the router (log: $STATE/router.log)"
+  # The cluster secret (made on first start, mode 0600) authenticates every internal
+  # call and the admin API; `status` reads it from the same file.
   nohup olmo-serve serve --ray-address "$(cat "$STATE/ray.address")" --host "$NODE_IP" \
-    --port "$ROUTER_PORT" "${config[@]}" >"$STATE/router.log" 2>&1 &
+    --port "$ROUTER_PORT" --token-file "$STATE/cluster.token" "${config[@]}" \
+    >"$STATE/router.log" 2>&1 &
   echo $! >"$STATE/router.pid"
   for _ in $(seq 1 900); do
     if grep -q "^serving " "$STATE/router.log" 2>/dev/null; then
@@ -116,7 +120,8 @@ cmd_status() {
   loopback_only "$(cat "$STATE/ray.address")"
   ray status --address "$(cat "$STATE/ray.address")" || say "Ray head at $(cat "$STATE/ray.address") is not answering"
   if router_running; then
-    olmo-serve status --router "$(cat "$STATE/router.address" 2>/dev/null || echo "$NODE_IP:$ROUTER_PORT")"
+    olmo-serve status --router "$(cat "$STATE/router.address" 2>/dev/null || echo "$NODE_IP:$ROUTER_PORT")" \
+      --token-file "$STATE/cluster.token"
   else
     say "router: not running"
   fi

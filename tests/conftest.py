@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,21 @@ def reference_logits(model, tokens: list[int]):
     """All-position logits from transformers, ``[len(tokens), vocab]``."""
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def wait_until_cluster_idle(cluster, timeout: float = 15.0) -> None:
+    """Wait until a local cluster holds nothing: every page free, no reservation, pending
+    KV, prefill job, watched stream or waiting request left anywhere."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = [s for s in cluster.decode if s.engine.stats()["used_pages"]
+                or s.engine.scheduler.request_ids() or s.stage.receiver.waiting()]
+        busy += [p for p in cluster.prefill if p._jobs or p.stage.sequences]
+        router = cluster.router
+        if router._client_ids or router.stalls._watches or router.admission.waiting():
+            busy.append(router)
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still busy after {timeout}s: {busy}")
+        time.sleep(0.05)

@@ -131,7 +131,7 @@ def test_a_member_stage_refuses_malformed_calls(five_layers):
         leader, member = cluster.decode
         addresses = leader.engine.chain.addresses
         layout = member.layout
-        stub = stage_pb2_grpc.StageStub(channel(addresses[1].address))
+        stub = stage_pb2_grpc.StageStub(channel(addresses[1].address, cluster.secret))
         good_bytes = np.zeros((3, layout.hidden_size), layout.dtype).tobytes()
         slices = [stage_pb2.SequenceSlice(seq_id=7, length=3, total_tokens=3)]
         with pytest.raises(grpc.RpcError) as err:  # two tokens' worth for three tokens
@@ -141,7 +141,7 @@ def test_a_member_stage_refuses_malformed_calls(five_layers):
         with pytest.raises(grpc.RpcError) as err:  # a sequence the stage never received
             stub.Forward(stage_pb2.ForwardRequest(slices=slices, hidden=good_bytes), timeout=10)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        first = stage_pb2_grpc.StageStub(channel(addresses[0].address))
+        first = stage_pb2_grpc.StageStub(channel(addresses[0].address, cluster.secret))
         with pytest.raises(grpc.RpcError) as err:  # the leader is never forwarded to
             first.Forward(stage_pb2.ForwardRequest(slices=slices, hidden=good_bytes), timeout=10)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

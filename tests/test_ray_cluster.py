@@ -164,3 +164,17 @@ def test_scale_up_and_drain_while_requests_flow(cluster, client):
     assert cluster.manager.count("decode") == 1 and cluster.manager.count("prefill") == 1
     assert results and all(r == 6 for r in results), [r for r in results if r != 6][:3]
     assert len(cluster.manager.scheduler.workers("decode")) == 1
+
+
+def test_the_admin_api_needs_the_cluster_secret(cluster):
+    from protos import admin_pb2, admin_pb2_grpc
+    from protos.grpc_server import channel
+
+    for secret in (None, "a-guess"):
+        stub = admin_pb2_grpc.ClusterAdminStub(channel(cluster.address, secret))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Scale(admin_pb2.ScaleRequest(role="prefill", instances=0), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stub = admin_pb2_grpc.ClusterAdminStub(channel(cluster.address, cluster.manager.secret))
+    status = stub.Status(admin_pb2.StatusRequest(), timeout=10)
+    assert {i.role for i in status.instances} == {"prefill", "decode"}

@@ -55,7 +55,7 @@ def reference():
 @pytest.fixture(scope="module")
 def decode_stub(cluster):
     address = cluster.router.scheduler.workers("decode")[0].address
-    return worker_pb2_grpc.DecodeWorkerStub(channel(address))
+    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret))
 
 
 def decode_stats(stub) -> worker_pb2.WorkerStats:

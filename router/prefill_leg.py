@@ -1,0 +1,93 @@
+"""The prefill leg of a disaggregated request: ask a prefill worker to prefill and push the
+K/V to the decode instance holding the reservation; retried once on another worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+
+from protos import worker_pb2
+
+from .scheduler import NoWorker, Scheduler, Worker, abort_quietly
+
+
+class PrefillLeg:
+    """Runs in the background; ``error`` says why it failed, if it did.
+
+    Each call is bounded by the request's deadline and by the reservation's lease: once
+    the lease has ended, the decode worker would refuse the push anyway.
+    """
+
+    def __init__(self, scheduler: Scheduler, request_id: str, prompt_ids: list[int],
+                 decode: Worker, deadline: float | None, lease_seconds: float,
+                 exclude: set[str], attempts: int = 2):
+        self.scheduler = scheduler
+        self.request = worker_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids,
+                                                 decode_stages=decode.stages)
+        self.decode = decode
+        self.give_up = time.monotonic() + lease_seconds
+        if deadline is not None:
+            self.give_up = min(self.give_up, deadline)
+        self.exclude = exclude   # prefill workers that failed this request before
+        self.attempts = attempts
+        self.error: str | None = None
+        self.worker: Worker | None = None
+        self.response: worker_pb2.PrefillResponse | None = None
+        self._call = None
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self.response is not None
+
+    def _run(self) -> None:
+        tried = set(self.exclude)
+        reasons = []
+        for _ in range(self.attempts):
+            if self._cancelled.is_set():
+                return
+            try:
+                self.worker = self.scheduler.pick_prefill(exclude=tried)
+            except NoWorker as exc:
+                reasons.append(exc.message)
+                break
+            tried.add(self.worker.address)
+            try:
+                self._call = self.worker.stub.Prefill.future(
+                    self.request, timeout=max(0.0, self.give_up - time.monotonic()))
+                self.response = self._await(self._call, self.worker)
+                if self.response is not None:
+                    return
+                reasons.append(f"prefill worker {self.worker.address} stopped answering")
+            except grpc.FutureCancelledError:
+                return  # cancel() did it: the request is gone
+            except grpc.RpcError as exc:
+                reasons.append(f"prefill worker {self.worker.address}: {exc.code().name}: "
+                               f"{exc.details()}")
+                if self._cancelled.is_set() or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    break
+        self.error = "prefill failed: " + "; ".join(reasons)
+        # The decode worker would otherwise wait for a push until its lease ends.
+        abort_quietly(self.decode, self.request.request_id, self.error)
+
+    def _await(self, call, worker: Worker) -> worker_pb2.PrefillResponse | None:
+        """The call's answer; None (the call cancelled) once its worker stops answering
+        the scheduler's polls, so that another worker can take the prompt."""
+        while True:
+            try:
+                return call.result(timeout=self.scheduler.POLL_SECONDS)
+            except grpc.FutureTimeoutError:
+                if not self.scheduler.alive(worker.address):
+                    call.cancel()
+                    return None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._call is not None:
+            self._call.cancel()
+        if self.worker is not None:
+            abort_quietly(self.worker, self.request.request_id, "cancelled")

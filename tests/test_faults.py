@@ -1,0 +1,349 @@
+"""What clients and peers send cannot hang, crash or poison the cluster.
+
+Each test reproduces one way a request or an internal call used to hurt the cluster, and
+shows that now only that request fails, with a clear status, and that pages, handler
+threads and reservations return to where they started.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from conftest import wait_until_cluster_idle
+
+from cluster.local_cluster import start_local_cluster
+from kv_transfer.codec import encode_push
+from olmo_model.demo import DEMO_MODEL_DIR
+from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from protos import generation_pb2, stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
+from protos.grpc_server import channel
+from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
+
+LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
+PROMPT = "The Python interpreter"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = start_local_cluster(DEMO_MODEL_DIR, num_prefill=1, num_decode=1, limits=LIMITS)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    c = GenerationClient(cluster.router_address)
+    yield c
+    c.close()
+
+
+def decode_stub(cluster, secret: bool = True) -> worker_pb2_grpc.DecodeWorkerStub:
+    address = cluster.router.scheduler.workers("decode")[0].address
+    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret if secret else None))
+
+
+def prefill_stub(cluster) -> worker_pb2_grpc.PrefillWorkerStub:
+    address = cluster.router.scheduler.workers("prefill")[0].address
+    return worker_pb2_grpc.PrefillWorkerStub(channel(address, cluster.secret))
+
+
+def expect_error(code: grpc.StatusCode, call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__next__"):  # a stream fails when read
+            list(result)
+    assert err.value.code() == code, err.value.details()
+    return err.value
+
+
+def greedy(client, prompt, n: int) -> list[int]:
+    return client.complete(generate_request(prompt, max_tokens=n, ignore_eos=True),
+                           timeout=60)[0]
+
+
+# 1. Cancelled requests never strand prefill handler threads --------------------------------
+
+def test_requests_cancelled_at_any_moment_release_every_prefill_handler(cluster, client):
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        calls = [client.stream(generate_request(rng.integers(1, 2000, 400).tolist(),
+                                                max_tokens=8)) for _ in range(12)]
+        for call in calls:
+            time.sleep(float(rng.uniform(0, 0.03)))
+            call.cancel()
+    wait_until_cluster_idle(cluster)
+    stats = prefill_stub(cluster).Stats(worker_pb2.StatsRequest(), timeout=5)
+    assert stats.running_sequences == 0 and stats.queued_requests == 0
+    # More requests than the prefill worker has handler threads (32), one after another.
+    for i in range(40):
+        assert len(client.complete(generate_request([5 + i, 6, 7], max_tokens=2),
+                                   timeout=30)[0]) == 2
+    wait_until_cluster_idle(cluster)
+
+
+# 2. Token ids outside the vocabulary are refused, not run -----------------------------------
+
+def test_out_of_vocabulary_local_prefill_is_refused_and_the_worker_lives(cluster, client):
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).Reserve,
+                         worker_pb2.ReserveRequest(
+                             request_id="oov", prompt_tokens=2, lease_ms=5_000,
+                             local_prefill_token_ids=[10**9, 2**31 + 5],
+                             sampling=worker_pb2.Sampling(max_tokens=4)), timeout=5)
+    assert "outside the vocabulary" in error.details()
+    assert len(greedy(client, PROMPT, 4)) == 4
+    wait_until_cluster_idle(cluster)
+
+
+# 3. One bad sequence fails alone ------------------------------------------------------------
+
+def local_request(stub, request_id: str, prompt: list[int], n: int, **sampling):
+    """Reserve with local prefill on one decode worker and return its token stream."""
+    stub.Reserve(worker_pb2.ReserveRequest(
+        request_id=request_id, prompt_tokens=len(prompt), lease_ms=30_000,
+        local_prefill_token_ids=prompt,
+        sampling=worker_pb2.Sampling(max_tokens=n, ignore_eos=True, **sampling)), timeout=10)
+    return stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=request_id), timeout=60)
+
+
+def tokens_of(events) -> list[int]:
+    return [e.token_id for e in events if e.has_token]
+
+
+def test_non_finite_sampling_parameters_are_refused(cluster):
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).Reserve,
+                         worker_pb2.ReserveRequest(
+                             request_id="nan", prompt_tokens=3, lease_ms=5_000,
+                             local_prefill_token_ids=[1, 2, 3],
+                             sampling=worker_pb2.Sampling(max_tokens=4,
+                                                          temperature=float("nan"))),
+                         timeout=5)
+    assert "temperature" in error.details()
+    wait_until_cluster_idle(cluster)
+
+
+def bad_push(cluster, stub, request_id: str, keys_value: float, hidden_value: float):
+    """Reserve, then push hand-made K/V (every element ``keys_value``) and hidden state."""
+    servicer = cluster.decode[0]
+    layout = servicer.layout
+    shape = (layout.layer_end - layout.layer_begin, 5, layout.num_kv_heads, layout.head_dim)
+    snapshot = KVSnapshot(0, shape[0], np.full(shape, keys_value, np.float32),
+                          np.ones(shape, np.float32))
+    stub.Reserve(worker_pb2.ReserveRequest(
+        request_id=request_id, prompt_tokens=5, lease_ms=30_000,
+        sampling=worker_pb2.Sampling(max_tokens=40, temperature=1.0, ignore_eos=True)),
+        timeout=5)
+    hidden = np.full(layout.hidden_size, hidden_value, np.float32)
+    return stub.PushKV(iter(encode_push(request_id, layout, snapshot, hidden)), timeout=10)
+
+
+def test_a_sequence_with_non_finite_state_fails_alone(cluster, client):
+    prompt = list(range(30, 60))
+    expected = greedy(client, prompt, 120)
+    stub = decode_stub(cluster)
+    good = local_request(stub, "good", prompt, 120)
+    first = next(good)  # running: the bad sequences join its batch
+    # A hidden state with NaN (its CRC correct) is refused before anything is installed.
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, bad_push, cluster, stub, "nan-hidden",
+                         1.0, float("nan"))
+    assert "non-finite" in error.details()
+    stub.Abort(worker_pb2.AbortRequest(request_id="nan-hidden"), timeout=5)
+    # Keys full of NaN pass every check of the push but give NaN logits: that sequence
+    # ends with INTERNAL, the one beside it goes on.
+    bad_push(cluster, stub, "nan-keys", float("nan"), 1.0)
+    bad = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="nan-keys"),
+                                 timeout=30))
+    assert bad[-1].finish_reason == "error" and "non-finite" in bad[-1].error
+    assert grpc.StatusCode.INTERNAL.value[0] == bad[-1].code
+    assert tokens_of([first, *good]) == expected
+    wait_until_cluster_idle(cluster)
+
+
+def test_a_reset_sent_to_a_leader_is_refused(cluster, client):
+    address = cluster.router.scheduler.workers("decode")[0].address
+    reset = stage_pb2.ReleaseRequest(reset=True)
+    call = client.stream(generate_request(PROMPT, max_tokens=60, ignore_eos=True), timeout=60)
+    next(call)
+    expect_error(grpc.StatusCode.UNAUTHENTICATED,
+                 stage_pb2_grpc.StageStub(channel(address)).Release, reset, timeout=5)
+    error = expect_error(grpc.StatusCode.FAILED_PRECONDITION,
+                         stage_pb2_grpc.StageStub(channel(address, cluster.secret)).Release,
+                         reset, timeout=5)
+    assert "leads its instance" in error.details()
+    assert len(list(call)) == 59  # the running request never noticed
+    wait_until_cluster_idle(cluster)
+
+
+# 4. Internal fields are checked against each other (see test_security for credentials) -----
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(lease_ms=2**32 - 1), "lease must be"),
+    (dict(prompt_tokens=4, local_prefill_token_ids=list(range(1, 481))), "480 tokens to prefill"),
+    (dict(request_id="x" * 500), "request id has"),
+])
+def test_reservations_that_could_squat_or_lie_are_refused(cluster, fields, message):
+    request = worker_pb2.ReserveRequest(request_id="squat", prompt_tokens=40, lease_ms=5_000,
+                                        sampling=worker_pb2.Sampling(max_tokens=8))
+    for key, value in fields.items():
+        field = getattr(request, key)
+        if isinstance(value, list):
+            field.extend(value)
+        else:
+            setattr(request, key, value)
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).Reserve,
+                         request, timeout=5)
+    assert message in error.details()
+    wait_until_cluster_idle(cluster)
+
+
+def test_a_prefill_whose_targets_do_not_cover_the_model_is_refused(cluster):
+    request = worker_pb2.PrefillRequest(
+        request_id="elsewhere", token_ids=[1, 2, 3],
+        decode_stages=[worker_pb2.StageInfo(address="10.255.255.1:9", layer_begin=0,
+                                            layer_end=1)])
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, prefill_stub(cluster).Prefill,
+                         request, timeout=10)
+    assert "do not cover" in error.details() or "stop at layer" in error.details()
+
+
+def test_client_request_ids_never_reach_the_workers(cluster, client):
+    call = client.stream(generate_request(PROMPT, max_tokens=60, ignore_eos=True,
+                                          request_id="mine"), timeout=60)
+    first = next(call)
+    assert first.request_id == "mine"
+    found = decode_stub(cluster).Abort(worker_pb2.AbortRequest(request_id="mine"), timeout=5)
+    assert not found.found
+    responses = list(call)
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    wait_until_cluster_idle(cluster)
+
+
+# 5. Stop strings: bounded, and matched in linear time ---------------------------------------
+
+def test_a_huge_stop_string_is_refused_at_once(client):
+    start = time.monotonic()
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, client.complete,
+                 generate_request(PROMPT, max_tokens=4, stop=["x" * 2**20]), timeout=10)
+    assert time.monotonic() - start < 2
+
+
+# 6. Prompt size is checked before tokenizing ------------------------------------------------
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_oversized_prompts_are_refused_before_tokenizing(cluster, client):
+    before = rss_mib()
+    start = time.monotonic()
+    for _ in range(10):
+        error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, client.complete,
+                             generate_request("word " * 200_000, max_tokens=4), timeout=10)
+        assert "bytes" in error.details()
+    assert time.monotonic() - start < 5
+    expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, client.complete,  # over gRPC's own cap
+                 generate_request("word " * 1_000_000, max_tokens=4), timeout=10)
+    assert rss_mib() - before < 200
+    wait_until_cluster_idle(cluster)
+
+
+# 7. A burst waits in line instead of being refused ------------------------------------------
+
+def test_a_burst_larger_than_the_cache_waits_in_line_and_all_finish():
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=CacheLimits(4, 1024, 512))
+    client = GenerationClient(cluster.router_address)
+    try:
+        requests = [generate_request([10 + i, 11, 12], max_tokens=6, ignore_eos=True)
+                    for i in range(64)]
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(lambda r: client.complete(r, timeout=60), requests))
+        assert all(len(ids) == 6 for ids, _, _ in results)
+        wait_until_cluster_idle(cluster)
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_a_full_waiting_line_refuses_with_resource_exhausted():
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=CacheLimits(2, 1024, 512),
+                                  options=RouterOptions(max_waiting=2))
+    client = GenerationClient(cluster.router_address)
+    outcomes: list[object] = []
+
+    def run(i):
+        try:
+            client.complete(generate_request([10 + i], max_tokens=60, ignore_eos=True),
+                            timeout=60)
+            outcomes.append("ok")
+        except grpc.RpcError as exc:
+            outcomes.append(exc)
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        refused = [o for o in outcomes if o != "ok"]
+        assert refused and len(refused) < 16
+        assert all(o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused)
+        assert "waiting line is full" in refused[0].details()
+        wait_until_cluster_idle(cluster)
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_a_request_that_could_never_fit_is_refused_at_once():
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=CacheLimits(2, 128, 128))
+    client = GenerationClient(cluster.router_address)
+    try:
+        error = expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, client.complete,
+                             generate_request([1, 2, 3], max_tokens=400), timeout=10)
+        assert "would not fit" in error.details()
+    finally:
+        client.close()
+        cluster.stop()
+
+
+# 9. Clear codes for the smaller cases -------------------------------------------------------
+
+def test_a_duplicate_request_id_in_flight_is_already_exists(cluster, client):
+    call = client.stream(generate_request(PROMPT, max_tokens=60, ignore_eos=True,
+                                          request_id="twice"), timeout=60)
+    next(call)
+    expect_error(grpc.StatusCode.ALREADY_EXISTS, client.complete,
+                 generate_request(PROMPT, max_tokens=2, request_id="twice"), timeout=10)
+    list(call)
+    wait_until_cluster_idle(cluster)
+
+
+def test_invalid_utf8_is_invalid_argument(cluster):
+    chan = channel(cluster.router_address)
+    generate = chan.unary_stream("/olmo.generation.v1.Generation/Generate")
+    # Field 2 (text), length 2, bytes that are not UTF-8.
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, generate, b"\x12\x02\xff\xfe", timeout=10)
+    chan.close()
+
+
+def test_an_impossible_kv_header_is_refused_before_allocating(cluster):
+    layout = cluster.decode[0].layout
+    header = worker_pb2.KVChunk(header=worker_pb2.KVHeader(
+        request_id="huge", layout=layout, num_tokens=2**32 - 1, num_blocks=1))
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).PushKV,
+                         iter([header]), timeout=10)
+    assert "announces" in error.details()
+
+
+def test_a_prefill_longer_than_the_model_is_invalid_argument(cluster):
+    targets = cluster.router.scheduler.workers("decode")[0].stages
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, prefill_stub(cluster).Prefill,
+                         worker_pb2.PrefillRequest(request_id="long", token_ids=[1] * 9000,
+                                                   decode_stages=targets), timeout=10)
+    assert "do not fit" in error.details()

@@ -1,0 +1,153 @@
+"""A worker that stops answering (SIGSTOP: alive but silent) costs requests a bounded pause.
+
+Workers run as their own processes (`olmo-serve decode-worker`, as an operator starts
+them), so that one can be stopped while the router, in this process, keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.worker_spec import WorkerSpec
+from olmo_model.demo import DEMO_MODEL_DIR
+from prefill_worker.servicer import serve_prefill
+from protos import worker_pb2
+from protos.auth import SECRET_ENV, new_secret
+from router.client import GenerationClient, generate_request
+from router.server import serve_router, static_scheduler
+from router.service import RouterOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ["--max-sequences", "8", "--max-total-tokens", "4096"]
+PROMPT = "The Python interpreter"
+TOKEN_TIMEOUT = 1.5
+
+
+class WorkerProcess:
+    """`olmo-serve <role>` in a process of its own, on a free port."""
+
+    def __init__(self, role: str, secret: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", role, "--port", "0", *CACHE],
+            cwd=ROOT, env={**os.environ, SECRET_ENV: secret}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.process.stdout],
+                         daemon=True).start()
+        deadline = time.monotonic() + 300
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            seen.append(line)
+            if " serving on " in line:
+                self.address = line.split(" serving on ")[1].strip()
+                return
+        self.stop()
+        raise RuntimeError(f"{role} did not come up:\n{''.join(seen)}")
+
+    def pause(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two decode workers and one prefill worker in processes of their own, one prefill
+    worker and the router here."""
+    secret = new_secret()
+    workers = {}
+    try:
+        workers = {"decode": [WorkerProcess("decode-worker", secret) for _ in range(2)],
+                   "prefill": [WorkerProcess("prefill-worker", secret)]}
+        runner = WorkerSpec.of(DEMO_MODEL_DIR).runner()
+        local_server, _ = serve_prefill(runner, secret=secret)
+        local = f"127.0.0.1:{local_server.port}"
+        scheduler = static_scheduler([workers["prefill"][0].address, local],
+                                     [w.address for w in workers["decode"]], secret)
+        options = RouterOptions(token_timeout_s=TOKEN_TIMEOUT, first_token_timeout_s=20)
+        server, router = serve_router(DEMO_MODEL_DIR, scheduler, options)
+        yield {"router": router, "address": f"127.0.0.1:{server.port}", **workers}
+        server.stop(grace=0.5)
+        router.close()
+        local_server.stop(grace=0.5)
+    finally:
+        for process in [p for role in workers.values() for p in role]:
+            process.stop()
+
+
+def test_a_stopped_decode_worker_costs_its_stream_a_bounded_pause(cluster):
+    client = GenerationClient(cluster["address"])
+    request = generate_request(PROMPT, max_tokens=150, ignore_eos=True)
+    reference = client.complete(request, timeout=60)[0]
+
+    call = client.stream(request, timeout=60)
+    tokens = [next(call).token_ids[0] for _ in range(5)]
+    scheduler = cluster["router"].scheduler
+    busy = [w for w in cluster["decode"]
+            if scheduler.stub_for(w.address, "decode").Stats(
+                worker_pb2.StatsRequest(), timeout=5).running_sequences]
+    assert len(busy) == 1, "the request finished before the test could stop its worker"
+    busy[0].pause()
+    try:
+        gaps, last = [], time.monotonic()
+        for response in call:
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            tokens += list(response.token_ids)
+        # Cut when its worker misses the scheduler's polls (2 s) or sends nothing for
+        # the token timeout, whichever comes first, then resumed on the other worker.
+        assert max(gaps) < TOKEN_TIMEOUT + scheduler.STALE_SECONDS + 3
+        assert tokens == reference
+        wait_for(lambda: not scheduler.alive(busy[0].address), 10, "the stopped worker to leave")
+    finally:
+        busy[0].resume()
+    wait_for(lambda: scheduler.alive(busy[0].address), 10, "the resumed worker to come back")
+    client.close()
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_stopped_prefill_worker_is_passed_over(cluster):
+    client = GenerationClient(cluster["address"])
+    stopped = cluster["prefill"][0]
+    stopped.pause()
+    try:
+        for i in range(6):
+            start = time.monotonic()
+            ids, _, _ = client.complete(generate_request([7 + i] * 40, max_tokens=3,
+                                                         ignore_eos=True), timeout=60)
+            assert len(ids) == 3
+            assert time.monotonic() - start < 10
+    finally:
+        stopped.resume()
+    client.close()

@@ -1,0 +1,134 @@
+"""Who may call what: internal services need the cluster secret, Generate an API key when
+one is set; the public API can serve TLS. Health checks stay open for probes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.local_cluster import start_local_cluster
+from olmo_model.demo import DEMO_MODEL_DIR
+from olmo_model.kv_pages import CacheLimits
+from protos import stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
+from protos.auth import SECRET_ENV
+from protos.grpc_server import channel
+from router.client import GenerationClient, generate_request
+
+LIMITS = CacheLimits(max_num_sequences=4, max_total_tokens=2048, prefill_chunk_size=512)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, api_key="the-key")
+    yield c
+    c.stop()
+
+
+def internal_calls(cluster):
+    """(name, call) for every internal RPC, each with a harmless request."""
+    decode = cluster.router.scheduler.workers("decode")[0].address
+    prefill = cluster.router.scheduler.workers("prefill")[0].address
+
+    def calls(secret):
+        d = worker_pb2_grpc.DecodeWorkerStub(channel(decode, secret))
+        p = worker_pb2_grpc.PrefillWorkerStub(channel(prefill, secret))
+        stage = stage_pb2_grpc.StageStub(channel(decode, secret))
+        decode_stage = stage_pb2_grpc.DecodeStageStub(channel(decode, secret))
+        return [
+            ("Reserve", lambda: d.Reserve(worker_pb2.ReserveRequest(request_id="r"), timeout=5)),
+            ("PushKV", lambda: d.PushKV(iter([worker_pb2.KVChunk()]), timeout=5)),
+            ("StreamTokens", lambda: list(d.StreamTokens(
+                worker_pb2.StreamTokensRequest(request_id="r"), timeout=5))),
+            ("Abort (decode)", lambda: d.Abort(worker_pb2.AbortRequest(request_id="r"),
+                                               timeout=5)),
+            ("Stats (decode)", lambda: d.Stats(worker_pb2.StatsRequest(), timeout=5)),
+            ("Prefill", lambda: p.Prefill(worker_pb2.PrefillRequest(request_id="r"), timeout=5)),
+            ("Abort (prefill)", lambda: p.Abort(worker_pb2.AbortRequest(request_id="r"),
+                                                timeout=5)),
+            ("Stats (prefill)", lambda: p.Stats(worker_pb2.StatsRequest(), timeout=5)),
+            ("Describe", lambda: stage.Describe(stage_pb2.DescribeRequest(), timeout=5)),
+            ("Forward", lambda: stage.Forward(stage_pb2.ForwardRequest(), timeout=5)),
+            ("Release", lambda: stage.Release(stage_pb2.ReleaseRequest(reset=True), timeout=5)),
+            ("Expect", lambda: decode_stage.Expect(stage_pb2.ExpectRequest(), timeout=5)),
+            ("Ready", lambda: decode_stage.Ready(stage_pb2.ReadyRequest(), timeout=5)),
+            ("Install", lambda: decode_stage.Install(stage_pb2.InstallRequest(), timeout=5)),
+        ]
+
+    return calls
+
+
+@pytest.mark.parametrize("secret", [None, "a-guess"], ids=["no-secret", "wrong-secret"])
+def test_every_internal_call_needs_the_cluster_secret(cluster, secret):
+    for name, call in internal_calls(cluster)(secret):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+    # With the secret the same calls get past the door (and are judged on their merits).
+    for name, call in internal_calls(cluster)(cluster.secret):
+        try:
+            call()
+        except grpc.RpcError as exc:
+            assert exc.code() != grpc.StatusCode.UNAUTHENTICATED, name
+
+
+def test_health_checks_need_no_credentials(cluster):
+    for server in cluster.servers:
+        stub = health_pb2_grpc.HealthStub(channel(f"127.0.0.1:{server.port}"))
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("key", [None, "not-the-key"], ids=["no-key", "wrong-key"])
+def test_generate_needs_the_api_key_when_one_is_set(cluster, key):
+    client = GenerationClient(cluster.router_address, api_key=key)
+    with pytest.raises(grpc.RpcError) as err:
+        client.complete(generate_request("Hello", max_tokens=2), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    client.close()
+
+
+def test_generate_with_the_api_key_is_served(cluster):
+    client = GenerationClient(cluster.router_address, api_key="the-key")
+    ids, _, _ = client.complete(generate_request("Hello", max_tokens=3, ignore_eos=True),
+                                timeout=30)
+    assert len(ids) == 3
+    client.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a cert")
+def test_the_public_api_serves_tls(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS,
+                                  tls=(key.read_bytes(), cert.read_bytes()))
+    try:
+        client = GenerationClient(cluster.router_address, tls_ca=cert.read_bytes())
+        ids, _, _ = client.complete(generate_request("Hello", max_tokens=3, ignore_eos=True),
+                                    timeout=30)
+        assert len(ids) == 3
+        client.close()
+        plain = GenerationClient(cluster.router_address)
+        with pytest.raises(grpc.RpcError) as err:
+            plain.complete(generate_request("Hello", max_tokens=3), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        plain.close()
+    finally:
+        cluster.stop()
+
+
+def test_a_one_role_worker_will_not_start_without_the_secret():
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "decode-worker", "--port", "0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert SECRET_ENV in done.stderr
