@@ -24,6 +24,7 @@ from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from protos import generation_pb2, stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
+from router.detokenizer import StopStringFilter
 from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
@@ -231,6 +232,36 @@ def test_a_huge_stop_string_is_refused_at_once(client):
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, client.complete,
                  generate_request(PROMPT, max_tokens=4, stop=["x" * 2**20]), timeout=10)
     assert time.monotonic() - start < 2
+
+
+def first_completed_stop(stops: list[str], text: str) -> tuple[str, bool]:
+    """The reference: text up to the stop string that is complete first, by brute force."""
+    for end in range(1, len(text) + 1):
+        for stop in stops:
+            if text[:end].endswith(stop):
+                return text[:end - len(stop)], True
+    return text, False
+
+
+def test_stop_strings_match_the_brute_force_reference_in_linear_time():
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        stops = ["".join(rng.choice(list("ab c"), int(rng.integers(1, 5))))
+                 for _ in range(int(rng.integers(1, 4)))]
+        text = "".join(rng.choice(list("ab c"), int(rng.integers(0, 20))))
+        cuts = sorted(rng.choice(len(text) + 1, min(3, len(text) + 1), replace=False))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        stop_filter = StopStringFilter(stops)
+        shown = "".join(stop_filter.feed(piece) for piece in pieces)
+        if not stop_filter.stopped:
+            shown += stop_filter.flush()
+        assert (shown, stop_filter.stopped) == first_completed_stop(stops, text)
+    # A stop string that keeps almost matching costs each delta only its own length.
+    stop_filter = StopStringFilter(["x" * 255 + "y"] * 16)
+    start = time.monotonic()
+    for _ in range(2000):
+        stop_filter.feed("x" * 8)
+    assert time.monotonic() - start < 2 and not stop_filter.stopped
 
 
 # 6. Prompt size is checked before tokenizing ------------------------------------------------
