@@ -50,9 +50,10 @@ USER 1000:1000
 WORKDIR /home/olmo
 ENV HOME=/home/olmo
 
-# 50051 router API (gRPC), 50061 prefill worker, 50071 decode worker, 6379 Ray GCS,
-# 10001 Ray client, 8265 Ray dashboard, 8080 Ray metrics, 52365 Ray dashboard agent.
-EXPOSE 50051 50061 50071 6379 10001 8265 8080 52365
+# 50051 router API (gRPC), 8000 router API (OpenAI-compatible HTTP, /metrics), 50061
+# prefill worker, 50071 decode worker, 6379 Ray GCS, 10001 Ray client, 8265 Ray
+# dashboard, 8080 Ray metrics, 52365 Ray dashboard agent.
+EXPOSE 50051 8000 50061 50071 6379 10001 8265 8080 52365
 
 # The manifests give every container its own command; alone, the image runs the local
 # cluster on the demo model: docker run -p 50051:50051 olmo-disagg:0.1.0

@@ -4,9 +4,11 @@ For each mode a local cluster (router + workers over gRPC on 127.0.0.1) serves t
 random checkpoint. At each arrival rate, requests from a fixed prompt/output length mix
 arrive as a Poisson process; we record TTFT, TPOT and end-to-end latency (p50/p90/p99),
 throughput, goodput under an SLO, and KV transfer bytes and time. A separate sequential
-probe measures what the KV handoff adds to TTFT for a 512-token prompt.
+probe measures what the KV handoff adds to TTFT for a 512-token prompt. Requests go over
+gRPC, or with ``--api http`` over the OpenAI-compatible API (so any OpenAI-compatible load
+generator can be compared against the same server).
 
-    python3 bench/serve_bench.py [--rates 1 2 4] [--requests 24] [--out ...]
+    python3 bench/serve_bench.py [--rates 1 2 4] [--requests 24] [--api grpc|http] [--out ...]
 """
 
 from __future__ import annotations
@@ -22,35 +24,21 @@ from pathlib import Path
 
 import numpy as np
 from checkpoints import SERVE, make_checkpoint
+from clients import GrpcTarget, HttpTarget
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
 from protos import worker_pb2
-from router.client import GenerationClient, generate_request
 
 PROMPT_LENGTHS = (32, 128, 512)
 OUTPUT_LENGTHS = (16, 64)
-
-
-def run_request(client: GenerationClient, prompt: list[int], max_tokens: int) -> dict:
-    start = time.perf_counter()
-    first = last = None
-    tokens = 0
-    for response in client.stream(generate_request(prompt, max_tokens, ignore_eos=True)):
-        now = time.perf_counter()
-        if response.token_ids:
-            first = first or now
-            tokens += len(response.token_ids)
-        last = now
-    return {"ttft": first - start, "e2e": last - start, "tokens": tokens,
-            "tpot": (last - first) / max(1, tokens - 1)}
 
 
 def percentiles(values: list[float]) -> dict:
     return {f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}
 
 
-def poisson_run(client, rate: float, count: int, rng, vocab: int, slo: dict) -> dict:
+def poisson_run(target, rate: float, count: int, rng, vocab: int, slo: dict) -> dict:
     arrivals = np.cumsum(rng.exponential(1.0 / rate, count))
     work = [(rng.integers(1, vocab, int(rng.choice(PROMPT_LENGTHS))).tolist(),
              int(rng.choice(OUTPUT_LENGTHS))) for _ in range(count)]
@@ -62,7 +50,7 @@ def poisson_run(client, rate: float, count: int, rng, vocab: int, slo: dict) -> 
         delay = arrivals[i] - (time.perf_counter() - start)
         if delay > 0:
             time.sleep(delay)
-        result = run_request(client, *work[i])
+        result = target.request(*work[i])
         with lock:
             results.append(result)
 
@@ -80,10 +68,10 @@ def poisson_run(client, rate: float, count: int, rng, vocab: int, slo: dict) -> 
     }
 
 
-def handoff_probe(client, vocab: int, repeats: int) -> float:
+def handoff_probe(target, vocab: int, repeats: int) -> float:
     """Median TTFT of a lone 512-token prompt."""
     rng = np.random.default_rng(5)
-    samples = [run_request(client, rng.integers(1, vocab, 512).tolist(), 1)["ttft"]
+    samples = [target.request(rng.integers(1, vocab, 512).tolist(), 1)["ttft"]
                for _ in range(repeats)]
     return statistics.median(samples)
 
@@ -100,7 +88,7 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool):
         from cluster.cluster_config import ClusterConfig, RoleConfig
         from cluster.ray_cluster import start_ray_cluster
 
-        config = ClusterConfig(model=str(model), port=0, max_sequences=32,
+        config = ClusterConfig(model=str(model), port=0, http_port=0, max_sequences=32,
                                max_total_tokens=32768,
                                mode="aggregated" if aggregated else "disaggregated",
                                prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5))
@@ -109,30 +97,30 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool):
         return cluster, cluster.address, stats
     limits = CacheLimits(max_num_sequences=32, max_total_tokens=32768, prefill_chunk_size=2048)
     cluster = start_local_cluster(model, num_prefill=1, num_decode=1, aggregated=aggregated,
-                                  limits=limits)
+                                  limits=limits, http_port=0)
     return cluster, cluster.router_address, [
         lambda request, p=p: p.Stats(request, None) for p in cluster.prefill]
 
 
 def bench_mode(model: Path, aggregated: bool, args, vocab: int) -> dict:
     cluster, address, prefill_stats = start_cluster(model, aggregated, args.ray)
-    client = GenerationClient(address)
+    target = GrpcTarget(address) if args.api == "grpc" else HttpTarget(cluster.http_url)
     try:
-        run_request(client, [1, 2, 3], 2)  # warm up
-        out = {"handoff_ttft_512_s": handoff_probe(client, vocab, args.probe_repeats),
+        target.request([1, 2, 3], 2)  # warm up
+        out = {"handoff_ttft_512_s": handoff_probe(target, vocab, args.probe_repeats),
                "rates": []}
         rng = np.random.default_rng(0)
         slo = {"ttft": args.slo_ttft, "tpot": args.slo_tpot}
         before = prefill_transfer_totals(prefill_stats)
         for rate in args.rates:
-            out["rates"].append(poisson_run(client, rate, args.requests, rng, vocab, slo))
+            out["rates"].append(poisson_run(target, rate, args.requests, rng, vocab, slo))
         after = prefill_transfer_totals(prefill_stats)
         out["kv_bytes"] = after[0] - before[0]
         out["kv_transfer_ms"] = after[1] - before[1]
         out["kv_pushes"] = after[2] - before[2]
         return out
     finally:
-        client.close()
+        target.close()
         cluster.stop()
 
 
@@ -145,6 +133,8 @@ def main() -> None:
     parser.add_argument("--probe-repeats", type=int, default=5)
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="seconds")
     parser.add_argument("--slo-tpot", type=float, default=0.2, help="seconds")
+    parser.add_argument("--api", choices=["grpc", "http"], default="grpc",
+                        help="drive the gRPC Generate API or the OpenAI-compatible HTTP API")
     parser.add_argument("--ray", action="store_true",
                         help="workers as Ray actors in their own processes (default: one process)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_bench.json"))
@@ -152,7 +142,8 @@ def main() -> None:
     model = args.model or make_checkpoint(
         Path(tempfile.gettempdir()) / "olmo-bench-checkpoints" / "serve", SERVE)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    results = {"model": str(model), "workers": "ray actors" if args.ray else "one process",
+    results = {"model": str(model), "api": args.api,
+               "workers": "ray actors" if args.ray else "one process",
                "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
                "disaggregated": bench_mode(model, False, args, vocab),
                "aggregated": bench_mode(model, True, args, vocab)}

@@ -112,11 +112,19 @@ def _router(args: argparse.Namespace) -> int:
                            tls_cert=args.tls_cert, tls_key=args.tls_key)
     scheduler = static_scheduler([] if args.aggregated else args.prefill, args.decode,
                                  _required_secret(args))
-    server, _ = serve_router(resolve_model_dir(args.model), scheduler, config.router_options(),
-                             args.host, args.port, config.api_key(), config.tls())
+    model_dir = resolve_model_dir(args.model)
+    server, router = serve_router(model_dir, scheduler, config.router_options(), args.host,
+                                  args.port, config.api_key(), config.tls())
+    servers = [server]
+    if args.http_port >= 0:
+        from router.openai_api import serve_openai
+
+        servers.append(serve_openai(router, model_dir, args.host, args.http_port,
+                                    config.api_key(), config.tls()))
+        print(f"router serving the OpenAI-compatible API on {servers[-1].url}/v1", flush=True)
     print(f"router serving olmo.generation.v1.Generation on {args.host}:{server.port}",
           flush=True)
-    return _wait_for_signal([server])
+    return _wait_for_signal(servers)
 
 
 def _stream_to_terminal(address: str, args: argparse.Namespace, prompt: str) -> int:
@@ -156,6 +164,7 @@ def _cluster_config(args: argparse.Namespace):
     from .cluster_config import ClusterConfig
 
     overrides = {**_model_overrides(args), "host": args.host, "port": args.port,
+                 "http_port": args.http_port,
                  "token_file": args.token_file, "api_key_file": args.api_key_file,
                  "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if args.aggregated:
@@ -186,20 +195,24 @@ def _start_cluster(args: argparse.Namespace):
             spec.model_dir, config.prefill.instances, config.decode.instances,
             config.aggregated, spec.dtype, spec.target, spec.limits, config.host, config.port,
             config.prefill.stages, config.decode.stages, config.router_options(),
-            config.cluster_secret(), config.api_key(), config.tls())
-        return cluster, cluster.router_address, "in-process"
-    from .ray_cluster import start_ray_cluster
+            config.cluster_secret(), config.api_key(), config.tls(),
+            config.http_port if config.http_port >= 0 else None)
+        how, address = "in-process", cluster.router_address
+    else:
+        from .ray_cluster import start_ray_cluster
 
-    cluster = start_ray_cluster(config, args.ray_address)
-    return cluster, cluster.address, f"Ray ({args.ray_address or 'local'})"
+        cluster = start_ray_cluster(config, args.ray_address)
+        how, address = f"Ray ({args.ray_address or 'local'})", cluster.address
+    return cluster, address, how, config
 
 
 def _up(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cluster, address, how = _start_cluster(args)
+    cluster, address, how, config = _start_cluster(args)
     mode = "aggregated" if args.aggregated else "disaggregated"
     print(f"{mode} cluster up on {how} in {time.perf_counter() - start:.1f}s; Generate API "
           f"(olmo.generation.v1.Generation) on {address}", file=sys.stderr, flush=True)
+    _print_http(cluster.http_url, config)
     try:
         _stream_to_terminal(address, args, args.prompt)
         if args.serve:
@@ -212,12 +225,25 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    cluster, address, how = _start_cluster(args)
+    cluster, address, how, config = _start_cluster(args)
+    _print_http(cluster.http_url, config)
     print(f"serving olmo.generation.v1.Generation on {address} ({how})", flush=True)
     try:
         return _wait_for_signal([])
     finally:
         cluster.stop()
+
+
+def _print_http(url: str | None, config) -> None:
+    """Where the OpenAI-compatible API is, and a curl line to try it."""
+    if url is None:
+        return
+    model = config.worker_spec().model_dir.name
+    key = ' -H "Authorization: Bearer $OLMO_API_KEY"' if config.api_key() else ""
+    print(f"OpenAI-compatible API on {url}/v1 (metrics: {url}/metrics); try:\n"
+          f"  curl {url}/v1/completions -H 'Content-Type: application/json'{key} "
+          f"-d '{{\"model\": \"{model}\", \"prompt\": \"The Python interpreter\", "
+          f"\"max_tokens\": 16, \"temperature\": 0}}'", file=sys.stderr, flush=True)
 
 
 def _admin_stub(args: argparse.Namespace):
@@ -265,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         _model_flags(cmd)
         cmd.add_argument("--host", default=None, help="router bind address (default 127.0.0.1)")
         cmd.add_argument("--port", type=int, default=None, help="router port (default 50051)")
+        cmd.add_argument("--http-port", type=int, default=None,
+                         help="OpenAI-compatible API and /metrics (default 8000; 0 picks a "
+                              "free port, -1 serves none)")
         cmd.add_argument("--prefill-instances", type=int, default=None)
         cmd.add_argument("--decode-instances", type=int, default=None)
         cmd.add_argument("--prefill-stages", type=int, default=None,
@@ -324,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--decode", action="append", default=[], metavar="HOST:PORT")
     router.add_argument("--aggregated", action="store_true")
     router.add_argument("--lease-ms", type=int, default=30_000)
+    router.add_argument("--http-port", type=int, default=8000,
+                        help="OpenAI-compatible API and /metrics (0 picks a free port, -1 none)")
     _bind_flags(router, 50051)
     _secret_flag(router, f"file holding the cluster secret (or set ${SECRET_ENV})")
     _public_api_flags(router)

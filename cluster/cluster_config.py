@@ -43,8 +43,9 @@ class ClusterConfig:
     dtype: str = DEFAULT_DTYPE
     target: str = DEFAULT_TARGET
     mode: str = "disaggregated"       # or "aggregated": decode workers prefill locally
-    host: str = "127.0.0.1"           # where the router's public API binds
-    port: int = 50051
+    host: str = "127.0.0.1"           # where the router's public APIs bind
+    port: int = 50051                 # the gRPC Generate API
+    http_port: int = 8000             # the OpenAI-compatible API and /metrics; -1: none
     # Where workers bind. "0.0.0.0" binds every interface and advertises the node's IP.
     worker_host: str = "127.0.0.1"
     prefill: RoleConfig = dataclasses.field(default_factory=RoleConfig)

@@ -16,6 +16,8 @@ from olmo_model.kv_pages import CacheLimits
 from prefill_worker.servicer import PrefillServicer, serve_prefill
 from protos.auth import new_secret
 from protos.grpc_server import Server
+from router.http_server import HttpServer
+from router.openai_api import serve_openai
 from router.server import serve_router, static_scheduler
 from router.service import GenerationServicer, RouterOptions
 
@@ -30,8 +32,15 @@ class LocalCluster:
     decode: list[DecodeServicer]     # every stage of every decode instance
     router: GenerationServicer
     secret: str                      # what internal calls must carry
+    http: HttpServer | None = None   # the OpenAI-compatible API, when started
+
+    @property
+    def http_url(self) -> str | None:
+        return self.http.url if self.http else None
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         for server in reversed(self.servers):
             server.stop(grace=0.5)
         for servicer in [*self.prefill, *self.decode]:
@@ -45,10 +54,11 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
                         host: str = "127.0.0.1", router_port: int = 0,
                         prefill_stages: int = 1, decode_stages: int = 1,
                         options: RouterOptions | None = None, secret: str | None = None,
-                        api_key: str | None = None, tls: tuple[bytes, bytes] | None = None
-                        ) -> LocalCluster:
+                        api_key: str | None = None, tls: tuple[bytes, bytes] | None = None,
+                        http_port: int | None = None) -> LocalCluster:
     """Start the workers and the router; ``None`` for model, dtype, target or limits means
-    the same default every cluster uses (``WorkerSpec``), for ``secret`` a new one."""
+    the same default every cluster uses (``WorkerSpec``), for ``secret`` a new one. With an
+    ``http_port`` (0: any free one) the router serves the OpenAI-compatible API too."""
     spec = WorkerSpec.of(model_dir, dtype, target, limits)
     secret = secret or new_secret()
     servers: list[Server] = []
@@ -74,5 +84,7 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
     router_server, router = serve_router(spec.model_dir, scheduler, options, host, router_port,
                                          api_key, tls)
     servers.append(router_server)
+    http = (None if http_port is None else
+            serve_openai(router, spec.model_dir, host, http_port, api_key, tls))
     return LocalCluster(f"{host}:{router_server.port}", servers, servicers["prefill"],
-                        servicers["decode"], router, secret)
+                        servicers["decode"], router, secret, http)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from protos.grpc_server import Server
+from router.http_server import HttpServer
+from router.openai_api import serve_openai
 from router.server import serve_router
 from router.service import GenerationServicer
 
@@ -20,8 +22,15 @@ class RayCluster:
     server: Server
     router: GenerationServicer
     address: str
+    http: HttpServer | None = None  # the OpenAI-compatible API and /metrics
+
+    @property
+    def http_url(self) -> str | None:
+        return self.http.url if self.http else None
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.server.stop(grace=1.0)
         self.router.close()
         self.manager.stop()
@@ -33,12 +42,20 @@ def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
     manager = RayClusterManager(config, config.cluster_secret())
     manager.start()
     admin = AdminServicer(manager)
+    model_dir = manager.worker_spec.model_dir
     try:
         server, router = serve_router(
-            manager.worker_spec.model_dir, manager.scheduler, config.router_options(),
-            config.host, config.port, config.api_key(), config.tls(),
-            extra=[(admin.register, ADMIN_SERVICE)])
+            model_dir, manager.scheduler, config.router_options(), config.host, config.port,
+            config.api_key(), config.tls(), extra=[(admin.register, ADMIN_SERVICE)])
     except Exception:
         manager.stop()
         raise
-    return RayCluster(manager, server, router, f"{config.host}:{server.port}")
+    cluster = RayCluster(manager, server, router, f"{config.host}:{server.port}")
+    if config.http_port >= 0:
+        try:
+            cluster.http = serve_openai(router, model_dir, config.host, config.http_port,
+                                        config.api_key(), config.tls())
+        except Exception:
+            cluster.stop()
+            raise
+    return cluster

@@ -23,6 +23,7 @@ from pipeline.ops import (
     Release,
     SamplingConfig,
     SequenceSlice,
+    TokenLogprobs,
 )
 from protos.errors import ServingError
 
@@ -119,12 +120,12 @@ class DecodeEngine:
             if admitted:
                 result = self.chain.install([Admission(r.request_id, r.seq_id)
                                              for r in admitted])
-                self._emit(admitted, result.tokens, result.failed)
+                self._emit(admitted, result.tokens, result.failed, result.logprobs)
         local = [r for r in waiting if r.local_prompt is not None]
         if local:
             prompts = [PromptToPrefill(r.seq_id, r.local_prompt, r.request_id) for r in local]
             outcome = self.chain.prefill(prompts, self.chunk_size)
-            self._emit(local, outcome.first_tokens, outcome.failed)
+            self._emit(local, outcome.first_tokens, outcome.failed, outcome.logprobs)
 
     def _step(self) -> None:
         running = self.scheduler.running()
@@ -135,10 +136,10 @@ class DecodeEngine:
             for r in running), decode=True)
         inputs = np.asarray([r.generated[-1] for r in running], dtype=np.int32)
         result = self.chain.forward(batch, inputs)
-        self._emit(running, result.tokens, result.failed)
+        self._emit(running, result.tokens, result.failed, result.logprobs)
 
     def _emit(self, requests: Sequence[Request], tokens: Sequence[int],
-              failed: dict[int, str]) -> None:
+              failed: dict[int, str], logprobs: dict[int, TokenLogprobs]) -> None:
         """Each request's new token; one that could not be sampled ends alone, with INTERNAL."""
         for request, token in zip(requests, tokens):
             if request.seq_id in failed:
@@ -146,10 +147,11 @@ class DecodeEngine:
                                                           grpc.StatusCode.INTERNAL))
                 continue
             reason = self.scheduler.append(request, token)
+            event = TokenOut(token, reason, logprobs=logprobs.get(request.seq_id))
             if reason:
-                self._finish(request.request_id, TokenOut(token, reason))
+                self._finish(request.request_id, event)
             else:
-                request.events.put(TokenOut(token))
+                request.events.put(event)
 
     def _finish(self, request_id: str, event: TokenOut) -> None:
         """Free the request on every stage, then send its final event."""

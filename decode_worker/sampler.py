@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.ops import SamplingConfig
+from pipeline.ops import SamplingConfig, TokenLogprobs
 
 
 class Sampler:
@@ -32,3 +32,19 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs), c.top_p)) + 1
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
         return int(order[self.rng.choice(len(order), p=probs)])
+
+    def logprobs(self, logits: np.ndarray, token: int) -> TokenLogprobs | None:
+        """The sampled token's log-probability under the model (the raw logits: before
+        temperature, top-k and top-p) and the likeliest alternatives, if asked for."""
+        c = self.config
+        if not (c.logprobs or c.top_logprobs):
+            return None
+        scores = logits.astype(np.float64)
+        peak = scores.max()
+        logp = scores - (peak + np.log(np.exp(scores - peak).sum()))
+        top: tuple[tuple[int, float], ...] = ()
+        if c.top_logprobs:
+            best = np.argpartition(-logp, c.top_logprobs - 1)[:c.top_logprobs]
+            best = best[np.argsort(-logp[best], kind="stable")]
+            top = tuple((int(t), float(logp[t])) for t in best)
+        return TokenLogprobs(int(token), float(logp[token]), top)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from pipeline.ops import MAX_REQUEST_ID_CHARS, SamplingConfig
+from pipeline.ops import MAX_REQUEST_ID_CHARS, SamplingConfig, TokenLogprobs
 from protos.errors import ServingError
 
 # Final events of requests that finished before their token stream was opened are kept
@@ -42,6 +42,7 @@ class TokenOut:
     finish_reason: str = ""  # "", "stop", "length", "abort", "error"
     error: str = ""
     code: grpc.StatusCode | None = None  # "abort"/"error": the status that fits
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclasses.dataclass

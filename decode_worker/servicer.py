@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from kv_transfer.transports import GRPC, worker_transports
 from olmo_model.runtime import ModelRunner
 from pipeline.remote import InstanceLeader, start_worker_server
-from pipeline.wire import sampling_from_proto, stage_infos
+from pipeline.wire import logprobs_to_proto, sampling_from_proto, stage_infos
 from protos import worker_pb2, worker_pb2_grpc
 from protos.errors import ServingError, aborts_on_error, status_number
 from protos.grpc_server import Server, time_remaining
@@ -68,10 +68,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
                 if not context.is_active():
                     return
                 continue
-            yield worker_pb2.TokenEvent(
+            message = worker_pb2.TokenEvent(
                 token_id=event.token or 0, has_token=event.token is not None,
                 finish_reason=event.finish_reason, error=event.error,
                 code=status_number(event.code) if event.code else 0)
+            if event.logprobs is not None:
+                message.logprobs.CopyFrom(logprobs_to_proto(event.logprobs))
+            yield message
             if event.finish_reason:
                 return
 

@@ -111,11 +111,17 @@ class DecodeStage:
             return ForwardResult()
         result = ForwardResult()
         for seq_id, row in zip(seq_ids, self.runner.logits(hidden)):
+            sampler = self.samplers[seq_id]
             try:
-                result.tokens.append(self.samplers[seq_id].sample(row))
+                token = sampler.sample(row)
             except ValueError as exc:
                 result.tokens.append(0)
                 result.failed[seq_id] = str(exc)
+                continue
+            result.tokens.append(token)
+            logprobs = sampler.logprobs(row, token)
+            if logprobs is not None:
+                result.logprobs[seq_id] = logprobs
         return result
 
     def _check_new(self, seq_id: int) -> None:

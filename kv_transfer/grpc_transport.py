@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -18,6 +19,7 @@ from .codec import encode_push
 # Statuses that say the receiver could not be reached in time; anything else it sent
 # back is a refusal of this push, which another prefill attempt may not repeat.
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+TOTALS_KEPT = 4096
 
 
 class KVSender:
@@ -32,6 +34,10 @@ class KVSender:
         self.bytes_sent = 0
         self.pushes = 0
         self.transfer_seconds = 0.0
+        # (bytes, seconds) by request, until its caller takes them; bounded, since a
+        # cancelled request's pushes may finish after its caller has gone.
+        self._by_request: collections.OrderedDict[str, tuple[int, float]] = (
+            collections.OrderedDict())
 
     def push(self, address: str, request_id: str, snapshot: KVSnapshot,
              hidden: np.ndarray | None) -> int:
@@ -50,8 +56,18 @@ class KVSender:
             if error.code not in _UNREACHABLE:
                 error.code = grpc.StatusCode.FAILED_PRECONDITION
             raise error from exc
+        seconds = time.perf_counter() - start
         with self._lock:
             self.bytes_sent += reply.bytes
             self.pushes += 1
-            self.transfer_seconds += time.perf_counter() - start
+            self.transfer_seconds += seconds
+            sent, took = self._by_request.pop(request_id, (0, 0.0))
+            self._by_request[request_id] = (sent + reply.bytes, took + seconds)
+            while len(self._by_request) > TOTALS_KEPT:
+                self._by_request.popitem(last=False)
         return reply.bytes
+
+    def take_totals(self, request_id: str) -> tuple[int, float]:
+        """(bytes, seconds) of this request's pushes so far, forgotten once taken."""
+        with self._lock:
+            return self._by_request.pop(request_id, (0, 0.0))

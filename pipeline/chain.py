@@ -26,6 +26,7 @@ from .ops import (
     Release,
     SequenceSlice,
     StageAddress,
+    TokenLogprobs,
 )
 from .stage import ReceivingStage, Stage
 
@@ -42,8 +43,12 @@ class PromptToPrefill:
 
 @dataclasses.dataclass
 class PrefillOutcome:
-    first_tokens: list[int | None]    # by prompt; sampled only where the last stage samples
-    failed: dict[int, str]            # by sequence id: could not be sampled
+    """First tokens by prompt (sampled only where the last stage samples); the rest as in
+    ForwardResult, by sequence id (failed, logprobs) or request id (push failures)."""
+
+    first_tokens: list[int | None]
+    failed: dict[int, str]
+    logprobs: dict[int, TokenLogprobs]
     push_failures: dict[str, ServingError]
 
 
@@ -91,6 +96,7 @@ class StageChain:
         """New sequences through the chain in passes of at most ``chunk_size`` tokens."""
         first: dict[int, int] = {}
         failed: dict[int, str] = {}
+        logprobs: dict[int, TokenLogprobs] = {}
         failures: dict[str, ServingError] = {}
         for chunk in plan_chunks([p.token_ids for p in prompts], chunk_size):
             slices = tuple(
@@ -102,8 +108,10 @@ class StageChain:
             result = self.forward(ForwardBatch(slices), chunk.token_ids)
             failures.update(result.push_failures)
             failed.update(result.failed)
+            logprobs.update(result.logprobs)
             first.update(zip([c.index for c in chunk.pieces if c.ends], result.tokens))
-        return PrefillOutcome([first.get(i) for i in range(len(prompts))], failed, failures)
+        return PrefillOutcome([first.get(i) for i in range(len(prompts))], failed, logprobs,
+                              failures)
 
     def release(self, release: Release) -> None:
         """Every stage frees what it can: a stage that is gone must not keep the others

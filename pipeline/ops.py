@@ -11,6 +11,7 @@ from protos.errors import ServingError
 
 # Request ids on workers are the router's (32 hex digits); anything longer is refused.
 MAX_REQUEST_ID_CHARS = 128
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,8 @@ class SamplingConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False      # report each sampled token's log-probability
+    top_logprobs: int = 0       # ... and this many most likely alternatives
 
     def problem(self, vocab_size: int) -> str | None:
         """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""
@@ -36,7 +39,18 @@ class SamplingConfig:
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
             return f"stop token id {bad[0]} is outside the vocabulary of {vocab_size}"
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            return f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability under the model, and the likeliest alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), likeliest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +107,7 @@ class ForwardResult:
     # fails alone, and its entry in ``tokens`` is a placeholder.
     tokens: list[int] = dataclasses.field(default_factory=list)
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
+    logprobs: dict[int, TokenLogprobs] = dataclasses.field(default_factory=dict)  # who asked
     # Prefill: sequences whose K/V push failed, by request id.
     push_failures: dict[str, ServingError] = dataclasses.field(default_factory=dict)
 

@@ -63,7 +63,7 @@ class RemoteStage:
 
     def install(self, admissions: Sequence[Admission]) -> ForwardResult:
         reply = self._call(self._decode.Install, wire.admissions_to_proto(admissions))
-        return ForwardResult(tokens=list(reply.tokens), failed=dict(reply.failed))
+        return wire.sampled_from_proto(reply, ForwardResult())
 
     def _call(self, method: Callable, request, timeout: float | None = None):
         try:
@@ -143,7 +143,7 @@ class StageServicer(stage_pb2_grpc.StageServicer, stage_pb2_grpc.DecodeStageServ
     def Install(self, request, context):
         self._check_member()
         result = self.stage.install(wire.admissions_from_proto(request))
-        return stage_pb2.InstallResponse(tokens=result.tokens, failed=result.failed)
+        return wire.sampled_to_proto(result, stage_pb2.InstallResponse())
 
     def _check_member(self) -> None:
         if self.leads():

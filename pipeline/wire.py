@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from protos import stage_pb2, worker_pb2
+from protos import generation_pb2, stage_pb2, worker_pb2
 from protos.errors import ServingError, status_code, status_number
 
 from .chain import StageChain
@@ -19,6 +19,7 @@ from .ops import (
     SamplingConfig,
     SequenceSlice,
     StageAddress,
+    TokenLogprobs,
 )
 
 
@@ -26,14 +27,42 @@ def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingConfig:
     return SamplingConfig(
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0,
         top_k=s.top_k, seed=s.seed if s.has_seed else None,
-        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs, top_logprobs=s.top_logprobs)
 
 
 def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
     return worker_pb2.Sampling(
         max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
         has_seed=c.seed is not None, seed=c.seed or 0, stop_token_ids=list(c.stop_token_ids),
-        ignore_eos=c.ignore_eos)
+        ignore_eos=c.ignore_eos, logprobs=c.logprobs, top_logprobs=c.top_logprobs)
+
+
+def logprobs_to_proto(lp: TokenLogprobs) -> generation_pb2.TokenLogprobs:
+    return generation_pb2.TokenLogprobs(
+        token_id=lp.token, logprob=lp.logprob,
+        top=[generation_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+
+
+def logprobs_from_proto(lp: generation_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+
+
+def sampled_to_proto(result: ForwardResult, message):
+    """The last stage's sampling outcome (tokens, failures, log-probabilities) into a
+    ForwardResponse or InstallResponse."""
+    message.tokens.extend(result.tokens)
+    message.failed.update(result.failed)
+    for seq_id, lp in result.logprobs.items():
+        message.logprobs[seq_id].CopyFrom(logprobs_to_proto(lp))
+    return message
+
+
+def sampled_from_proto(message, result: ForwardResult) -> ForwardResult:
+    result.tokens = list(message.tokens)
+    result.failed = dict(message.failed)
+    result.logprobs = {seq_id: logprobs_from_proto(lp) for seq_id, lp in message.logprobs.items()}
+    return result
 
 
 def address_from_proto(info: worker_pb2.StageInfo) -> StageAddress:
@@ -71,12 +100,12 @@ def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
 
 def result_to_proto(result: ForwardResult) -> stage_pb2.ForwardResponse:
     hidden = b"" if result.hidden is None else np.ascontiguousarray(result.hidden).tobytes()
-    return stage_pb2.ForwardResponse(
-        hidden=hidden, tokens=result.tokens, failed=result.failed,
+    return sampled_to_proto(result, stage_pb2.ForwardResponse(
+        hidden=hidden,
         push_failures=[stage_pb2.PushFailure(request_id=request_id,
                                              code=status_number(error.code),
                                              message=error.message)
-                       for request_id, error in result.push_failures.items()])
+                       for request_id, error in result.push_failures.items()]))
 
 
 def result_from_proto(response: stage_pb2.ForwardResponse, dtype: str, hidden_size: int
@@ -84,10 +113,10 @@ def result_from_proto(response: stage_pb2.ForwardResponse, dtype: str, hidden_si
     hidden = None
     if response.hidden:
         hidden = np.frombuffer(response.hidden, dtype).reshape(-1, hidden_size)
-    return ForwardResult(
-        hidden=hidden, tokens=list(response.tokens), failed=dict(response.failed),
+    return sampled_from_proto(response, ForwardResult(
+        hidden=hidden,
         push_failures={f.request_id: ServingError(status_code(f.code), f.message)
-                       for f in response.push_failures})
+                       for f in response.push_failures}))
 
 
 def expectations_to_proto(expectations: Sequence[Expectation]) -> stage_pb2.ExpectRequest:

@@ -47,7 +47,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
             self._jobs[job.request_id] = job
         if not context.add_callback(lambda: self._cancel(job, "cancelled by the caller")):
             self._cancel(job, "cancelled by the caller")  # gone before the callback was set
-        sent_before = self.stage.sender.bytes_sent
         start = time.perf_counter()
         try:
             self.engine.submit(job)
@@ -60,9 +59,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
         finally:
             with self._lock:
                 self._jobs.pop(job.request_id, None)
-        return worker_pb2.PrefillResponse(
-            kv_bytes=max(0, self.stage.sender.bytes_sent - sent_before),
-            prefill_ms=1000 * (time.perf_counter() - start))
+            sent, seconds = self.stage.sender.take_totals(job.request_id)
+        return worker_pb2.PrefillResponse(kv_bytes=sent, kv_transfer_ms=1000 * seconds,
+                                          prefill_ms=1000 * (time.perf_counter() - start))
 
     def _checked_tokens(self, request: worker_pb2.PrefillRequest) -> list[int]:
         tokens = list(request.token_ids)

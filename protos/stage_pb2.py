@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos import generation_pb2 as protos_dot_generation__pb2
 from protos import worker_pb2 as protos_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/stage.proto\x12\rolmo.stage.v1\x1a\x13protos/worker.proto\"\x9d\x01\n\rSequenceSlice\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x65nds_prompt\x18\x05 \x01(\x08\x12-\n\nkv_targets\x18\x06 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfo\"^\n\x0e\x46orwardRequest\x12,\n\x06slices\x18\x01 \x03(\x0b\x32\x1c.olmo.stage.v1.SequenceSlice\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x01(\x08\x12\x0e\n\x06hidden\x18\x03 \x01(\x0c\"@\n\x0bPushFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xcf\x01\n\x0f\x46orwardResponse\x12\x0e\n\x06hidden\x18\x01 \x01(\x0c\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x31\n\rpush_failures\x18\x03 \x03(\x0b\x32\x1a.olmo.stage.v1.PushFailure\x12:\n\x06\x66\x61iled\x18\x04 \x03(\x0b\x32*.olmo.stage.v1.ForwardResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\r\n\x05reset\x18\x03 \x01(\x08\"\x11\n\x0fReleaseResponse\"\x11\n\x0f\x44\x65scribeRequest\"\x83\x01\n\x0b\x45xpectation\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.olmo.worker.v1.Sampling\x12\r\n\x05local\x18\x04 \x01(\x08\x12\x0e\n\x06seq_id\x18\x05 \x01(\x04\"A\n\rExpectRequest\x12\x30\n\x0c\x65xpectations\x18\x01 \x03(\x0b\x32\x1a.olmo.stage.v1.Expectation\"\x10\n\x0e\x45xpectResponse\"#\n\x0cReadyRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rReadyResponse\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"/\n\tAdmission\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x04\">\n\x0eInstallRequest\x12,\n\nadmissions\x18\x01 \x03(\x0b\x32\x18.olmo.stage.v1.Admission\"\x8c\x01\n\x0fInstallResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12:\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32*.olmo.stage.v1.InstallResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xe4\x01\n\x05Stage\x12G\n\x08\x44\x65scribe\x12\x1e.olmo.stage.v1.DescribeRequest\x1a\x1b.olmo.worker.v1.ModelLayout\x12H\n\x07\x46orward\x12\x1d.olmo.stage.v1.ForwardRequest\x1a\x1e.olmo.stage.v1.ForwardResponse\x12H\n\x07Release\x12\x1d.olmo.stage.v1.ReleaseRequest\x1a\x1e.olmo.stage.v1.ReleaseResponse2\xe2\x01\n\x0b\x44\x65\x63odeStage\x12\x45\n\x06\x45xpect\x12\x1c.olmo.stage.v1.ExpectRequest\x1a\x1d.olmo.stage.v1.ExpectResponse\x12\x42\n\x05Ready\x12\x1b.olmo.stage.v1.ReadyRequest\x1a\x1c.olmo.stage.v1.ReadyResponse\x12H\n\x07Install\x12\x1d.olmo.stage.v1.InstallRequest\x1a\x1e.olmo.stage.v1.InstallResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/stage.proto\x12\rolmo.stage.v1\x1a\x17protos/generation.proto\x1a\x13protos/worker.proto\"\x9d\x01\n\rSequenceSlice\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x65nds_prompt\x18\x05 \x01(\x08\x12-\n\nkv_targets\x18\x06 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfo\"^\n\x0e\x46orwardRequest\x12,\n\x06slices\x18\x01 \x03(\x0b\x32\x1c.olmo.stage.v1.SequenceSlice\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x01(\x08\x12\x0e\n\x06hidden\x18\x03 \x01(\x0c\"@\n\x0bPushFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xe3\x02\n\x0f\x46orwardResponse\x12\x0e\n\x06hidden\x18\x01 \x01(\x0c\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x31\n\rpush_failures\x18\x03 \x03(\x0b\x32\x1a.olmo.stage.v1.PushFailure\x12:\n\x06\x66\x61iled\x18\x04 \x03(\x0b\x32*.olmo.stage.v1.ForwardResponse.FailedEntry\x12>\n\x08logprobs\x18\x05 \x03(\x0b\x32,.olmo.stage.v1.ForwardResponse.LogprobsEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aR\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.olmo.generation.v1.TokenLogprobs:\x02\x38\x01\"E\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\r\n\x05reset\x18\x03 \x01(\x08\"\x11\n\x0fReleaseResponse\"\x11\n\x0f\x44\x65scribeRequest\"\x83\x01\n\x0b\x45xpectation\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.olmo.worker.v1.Sampling\x12\r\n\x05local\x18\x04 \x01(\x08\x12\x0e\n\x06seq_id\x18\x05 \x01(\x04\"A\n\rExpectRequest\x12\x30\n\x0c\x65xpectations\x18\x01 \x03(\x0b\x32\x1a.olmo.stage.v1.Expectation\"\x10\n\x0e\x45xpectResponse\"#\n\x0cReadyRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rReadyResponse\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"/\n\tAdmission\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x04\">\n\x0eInstallRequest\x12,\n\nadmissions\x18\x01 \x03(\x0b\x32\x18.olmo.stage.v1.Admission\"\xa0\x02\n\x0fInstallResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12:\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32*.olmo.stage.v1.InstallResponse.FailedEntry\x12>\n\x08logprobs\x18\x03 \x03(\x0b\x32,.olmo.stage.v1.InstallResponse.LogprobsEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aR\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.olmo.generation.v1.TokenLogprobs:\x02\x38\x01\x32\xe4\x01\n\x05Stage\x12G\n\x08\x44\x65scribe\x12\x1e.olmo.stage.v1.DescribeRequest\x1a\x1b.olmo.worker.v1.ModelLayout\x12H\n\x07\x46orward\x12\x1d.olmo.stage.v1.ForwardRequest\x1a\x1e.olmo.stage.v1.ForwardResponse\x12H\n\x07Release\x12\x1d.olmo.stage.v1.ReleaseRequest\x1a\x1e.olmo.stage.v1.ReleaseResponse2\xe2\x01\n\x0b\x44\x65\x63odeStage\x12\x45\n\x06\x45xpect\x12\x1c.olmo.stage.v1.ExpectRequest\x1a\x1d.olmo.stage.v1.ExpectResponse\x12\x42\n\x05Ready\x12\x1b.olmo.stage.v1.ReadyRequest\x1a\x1c.olmo.stage.v1.ReadyResponse\x12H\n\x07Install\x12\x1d.olmo.stage.v1.InstallRequest\x1a\x1e.olmo.stage.v1.InstallResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,44 +35,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FORWARDRESPONSE_FAILEDENTRY']._loaded_options = None
   _globals['_FORWARDRESPONSE_FAILEDENTRY']._serialized_options = b'8\001'
+  _globals['_FORWARDRESPONSE_LOGPROBSENTRY']._loaded_options = None
+  _globals['_FORWARDRESPONSE_LOGPROBSENTRY']._serialized_options = b'8\001'
   _globals['_INSTALLRESPONSE_FAILEDENTRY']._loaded_options = None
   _globals['_INSTALLRESPONSE_FAILEDENTRY']._serialized_options = b'8\001'
-  _globals['_SEQUENCESLICE']._serialized_start=59
-  _globals['_SEQUENCESLICE']._serialized_end=216
-  _globals['_FORWARDREQUEST']._serialized_start=218
-  _globals['_FORWARDREQUEST']._serialized_end=312
-  _globals['_PUSHFAILURE']._serialized_start=314
-  _globals['_PUSHFAILURE']._serialized_end=378
-  _globals['_FORWARDRESPONSE']._serialized_start=381
-  _globals['_FORWARDRESPONSE']._serialized_end=588
-  _globals['_FORWARDRESPONSE_FAILEDENTRY']._serialized_start=543
-  _globals['_FORWARDRESPONSE_FAILEDENTRY']._serialized_end=588
-  _globals['_RELEASEREQUEST']._serialized_start=590
-  _globals['_RELEASEREQUEST']._serialized_end=659
-  _globals['_RELEASERESPONSE']._serialized_start=661
-  _globals['_RELEASERESPONSE']._serialized_end=678
-  _globals['_DESCRIBEREQUEST']._serialized_start=680
-  _globals['_DESCRIBEREQUEST']._serialized_end=697
-  _globals['_EXPECTATION']._serialized_start=700
-  _globals['_EXPECTATION']._serialized_end=831
-  _globals['_EXPECTREQUEST']._serialized_start=833
-  _globals['_EXPECTREQUEST']._serialized_end=898
-  _globals['_EXPECTRESPONSE']._serialized_start=900
-  _globals['_EXPECTRESPONSE']._serialized_end=916
-  _globals['_READYREQUEST']._serialized_start=918
-  _globals['_READYREQUEST']._serialized_end=953
-  _globals['_READYRESPONSE']._serialized_start=955
-  _globals['_READYRESPONSE']._serialized_end=991
-  _globals['_ADMISSION']._serialized_start=993
-  _globals['_ADMISSION']._serialized_end=1040
-  _globals['_INSTALLREQUEST']._serialized_start=1042
-  _globals['_INSTALLREQUEST']._serialized_end=1104
-  _globals['_INSTALLRESPONSE']._serialized_start=1107
-  _globals['_INSTALLRESPONSE']._serialized_end=1247
-  _globals['_INSTALLRESPONSE_FAILEDENTRY']._serialized_start=543
-  _globals['_INSTALLRESPONSE_FAILEDENTRY']._serialized_end=588
-  _globals['_STAGE']._serialized_start=1250
-  _globals['_STAGE']._serialized_end=1478
-  _globals['_DECODESTAGE']._serialized_start=1481
-  _globals['_DECODESTAGE']._serialized_end=1707
+  _globals['_INSTALLRESPONSE_LOGPROBSENTRY']._loaded_options = None
+  _globals['_INSTALLRESPONSE_LOGPROBSENTRY']._serialized_options = b'8\001'
+  _globals['_SEQUENCESLICE']._serialized_start=84
+  _globals['_SEQUENCESLICE']._serialized_end=241
+  _globals['_FORWARDREQUEST']._serialized_start=243
+  _globals['_FORWARDREQUEST']._serialized_end=337
+  _globals['_PUSHFAILURE']._serialized_start=339
+  _globals['_PUSHFAILURE']._serialized_end=403
+  _globals['_FORWARDRESPONSE']._serialized_start=406
+  _globals['_FORWARDRESPONSE']._serialized_end=761
+  _globals['_FORWARDRESPONSE_FAILEDENTRY']._serialized_start=632
+  _globals['_FORWARDRESPONSE_FAILEDENTRY']._serialized_end=677
+  _globals['_FORWARDRESPONSE_LOGPROBSENTRY']._serialized_start=679
+  _globals['_FORWARDRESPONSE_LOGPROBSENTRY']._serialized_end=761
+  _globals['_RELEASEREQUEST']._serialized_start=763
+  _globals['_RELEASEREQUEST']._serialized_end=832
+  _globals['_RELEASERESPONSE']._serialized_start=834
+  _globals['_RELEASERESPONSE']._serialized_end=851
+  _globals['_DESCRIBEREQUEST']._serialized_start=853
+  _globals['_DESCRIBEREQUEST']._serialized_end=870
+  _globals['_EXPECTATION']._serialized_start=873
+  _globals['_EXPECTATION']._serialized_end=1004
+  _globals['_EXPECTREQUEST']._serialized_start=1006
+  _globals['_EXPECTREQUEST']._serialized_end=1071
+  _globals['_EXPECTRESPONSE']._serialized_start=1073
+  _globals['_EXPECTRESPONSE']._serialized_end=1089
+  _globals['_READYREQUEST']._serialized_start=1091
+  _globals['_READYREQUEST']._serialized_end=1126
+  _globals['_READYRESPONSE']._serialized_start=1128
+  _globals['_READYRESPONSE']._serialized_end=1164
+  _globals['_ADMISSION']._serialized_start=1166
+  _globals['_ADMISSION']._serialized_end=1213
+  _globals['_INSTALLREQUEST']._serialized_start=1215
+  _globals['_INSTALLREQUEST']._serialized_end=1277
+  _globals['_INSTALLRESPONSE']._serialized_start=1280
+  _globals['_INSTALLRESPONSE']._serialized_end=1568
+  _globals['_INSTALLRESPONSE_FAILEDENTRY']._serialized_start=632
+  _globals['_INSTALLRESPONSE_FAILEDENTRY']._serialized_end=677
+  _globals['_INSTALLRESPONSE_LOGPROBSENTRY']._serialized_start=679
+  _globals['_INSTALLRESPONSE_LOGPROBSENTRY']._serialized_end=761
+  _globals['_STAGE']._serialized_start=1571
+  _globals['_STAGE']._serialized_end=1799
+  _globals['_DECODESTAGE']._serialized_start=1802
+  _globals['_DECODESTAGE']._serialized_end=2028
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from protos import generation_pb2 as _generation_pb2
 from protos import worker_pb2 as _worker_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -44,7 +45,7 @@ class PushFailure(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden", "tokens", "push_failures", "failed")
+    __slots__ = ("hidden", "tokens", "push_failures", "failed", "logprobs")
     class FailedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,15 +53,24 @@ class ForwardResponse(_message.Message):
         key: int
         value: str
         def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    class LogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: _generation_pb2.TokenLogprobs
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_generation_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PUSH_FAILURES_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     hidden: bytes
     tokens: _containers.RepeatedScalarFieldContainer[int]
     push_failures: _containers.RepeatedCompositeFieldContainer[PushFailure]
     failed: _containers.ScalarMap[int, str]
-    def __init__(self, hidden: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., push_failures: _Optional[_Iterable[_Union[PushFailure, _Mapping]]] = ..., failed: _Optional[_Mapping[int, str]] = ...) -> None: ...
+    logprobs: _containers.MessageMap[int, _generation_pb2.TokenLogprobs]
+    def __init__(self, hidden: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., push_failures: _Optional[_Iterable[_Union[PushFailure, _Mapping]]] = ..., failed: _Optional[_Mapping[int, str]] = ..., logprobs: _Optional[_Mapping[int, _generation_pb2.TokenLogprobs]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids", "request_ids", "reset")
@@ -131,7 +141,7 @@ class InstallRequest(_message.Message):
     def __init__(self, admissions: _Optional[_Iterable[_Union[Admission, _Mapping]]] = ...) -> None: ...
 
 class InstallResponse(_message.Message):
-    __slots__ = ("tokens", "failed")
+    __slots__ = ("tokens", "failed", "logprobs")
     class FailedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -139,8 +149,17 @@ class InstallResponse(_message.Message):
         key: int
         value: str
         def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    class LogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: _generation_pb2.TokenLogprobs
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_generation_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     failed: _containers.ScalarMap[int, str]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., failed: _Optional[_Mapping[int, str]] = ...) -> None: ...
+    logprobs: _containers.MessageMap[int, _generation_pb2.TokenLogprobs]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., failed: _Optional[_Mapping[int, str]] = ..., logprobs: _Optional[_Mapping[int, _generation_pb2.TokenLogprobs]] = ...) -> None: ...

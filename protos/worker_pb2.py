@@ -22,55 +22,56 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos import generation_pb2 as protos_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x0eolmo.worker.v1\"\x86\x02\n\x0bModelLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0blayer_begin\x18\x05 \x01(\r\x12\x11\n\tlayer_end\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_window\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\"\x0e\n\x0cStatsRequest\"\xc2\x03\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x15\n\rqueued_tokens\x18\x04 \x01(\x04\x12\x19\n\x11running_sequences\x18\x05 \x01(\r\x12\x13\n\x0btotal_pages\x18\x06 \x01(\r\x12\x12\n\nfree_pages\x18\x07 \x01(\r\x12\x14\n\x0creservations\x18\x08 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\n \x01(\x04\x12\x16\n\x0epushes_refused\x18\x0b \x01(\r\x12\x11\n\ttransport\x18\x0c \x01(\t\x12\x12\n\nused_pages\x18\r \x01(\r\x12\x0e\n\x06pushes\x18\x0e \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x0f \x01(\x01\x12)\n\x06stages\x18\x10 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfo\x12\x12\n\ntransports\x18\x11 \x03(\t\x12\x16\n\x0etransport_note\x18\x12 \x01(\t\"D\n\tStageInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0blayer_begin\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\"\x9d\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"\x9a\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.olmo.worker.v1.Sampling\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x1f\n\x17local_prefill_token_ids\x18\x05 \x03(\r\"V\n\x0fReserveResponse\x12\x16\n\x0ereserved_pages\x18\x01 \x01(\r\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\"o\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rdecode_stages\x18\x03 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfoJ\x04\x08\x04\x10\x05\"7\n\x0fPrefillResponse\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x04\x12\x12\n\nprefill_ms\x18\x02 \x01(\x02\"s\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\"_\n\x07KVBlock\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0btoken_begin\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"\x1b\n\x0bHiddenState\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1a\n\tKVTrailer\x12\r\n\x05\x63rc32\x18\x01 \x01(\x07\"\xc4\x01\n\x07KVChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.olmo.worker.v1.KVHeaderH\x00\x12(\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x17.olmo.worker.v1.KVBlockH\x00\x12-\n\x06hidden\x18\x03 \x01(\x0b\x32\x1b.olmo.worker.v1.HiddenStateH\x00\x12,\n\x07trailer\x18\x04 \x01(\x0b\x32\x19.olmo.worker.v1.KVTrailerH\x00\x42\x06\n\x04part\"\x1d\n\x0cPushResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\")\n\x13StreamTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"e\n\nTokenEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x11\n\thas_token\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04\x63ode\x18\x05 \x01(\r\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xfa\x02\n\x0c\x44\x65\x63odeWorker\x12J\n\x07Reserve\x12\x1e.olmo.worker.v1.ReserveRequest\x1a\x1f.olmo.worker.v1.ReserveResponse\x12\x41\n\x06PushKV\x12\x17.olmo.worker.v1.KVChunk\x1a\x1c.olmo.worker.v1.PushResponse(\x01\x12Q\n\x0cStreamTokens\x12#.olmo.worker.v1.StreamTokensRequest\x1a\x1a.olmo.worker.v1.TokenEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.olmo.worker.v1.AbortRequest\x1a\x1d.olmo.worker.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.olmo.worker.v1.StatsRequest\x1a\x1b.olmo.worker.v1.WorkerStats2\xe5\x01\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1e.olmo.worker.v1.PrefillRequest\x1a\x1f.olmo.worker.v1.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.olmo.worker.v1.AbortRequest\x1a\x1d.olmo.worker.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.olmo.worker.v1.StatsRequest\x1a\x1b.olmo.worker.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x0eolmo.worker.v1\x1a\x17protos/generation.proto\"\x86\x02\n\x0bModelLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0blayer_begin\x18\x05 \x01(\r\x12\x11\n\tlayer_end\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_window\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\"\x0e\n\x0cStatsRequest\"\xc2\x03\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x15\n\rqueued_tokens\x18\x04 \x01(\x04\x12\x19\n\x11running_sequences\x18\x05 \x01(\r\x12\x13\n\x0btotal_pages\x18\x06 \x01(\r\x12\x12\n\nfree_pages\x18\x07 \x01(\r\x12\x14\n\x0creservations\x18\x08 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\n \x01(\x04\x12\x16\n\x0epushes_refused\x18\x0b \x01(\r\x12\x11\n\ttransport\x18\x0c \x01(\t\x12\x12\n\nused_pages\x18\r \x01(\r\x12\x0e\n\x06pushes\x18\x0e \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x0f \x01(\x01\x12)\n\x06stages\x18\x10 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfo\x12\x12\n\ntransports\x18\x11 \x03(\t\x12\x16\n\x0etransport_note\x18\x12 \x01(\t\"D\n\tStageInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0blayer_begin\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\"\xc5\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\"\x9a\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.olmo.worker.v1.Sampling\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x1f\n\x17local_prefill_token_ids\x18\x05 \x03(\r\"V\n\x0fReserveResponse\x12\x16\n\x0ereserved_pages\x18\x01 \x01(\r\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\"o\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rdecode_stages\x18\x03 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfoJ\x04\x08\x04\x10\x05\"O\n\x0fPrefillResponse\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x04\x12\x12\n\nprefill_ms\x18\x02 \x01(\x02\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x02\"s\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\"_\n\x07KVBlock\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0btoken_begin\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"\x1b\n\x0bHiddenState\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1a\n\tKVTrailer\x12\r\n\x05\x63rc32\x18\x01 \x01(\x07\"\xc4\x01\n\x07KVChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.olmo.worker.v1.KVHeaderH\x00\x12(\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x17.olmo.worker.v1.KVBlockH\x00\x12-\n\x06hidden\x18\x03 \x01(\x0b\x32\x1b.olmo.worker.v1.HiddenStateH\x00\x12,\n\x07trailer\x18\x04 \x01(\x0b\x32\x19.olmo.worker.v1.KVTrailerH\x00\x42\x06\n\x04part\"\x1d\n\x0cPushResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\")\n\x13StreamTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9a\x01\n\nTokenEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x11\n\thas_token\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04\x63ode\x18\x05 \x01(\r\x12\x33\n\x08logprobs\x18\x06 \x01(\x0b\x32!.olmo.generation.v1.TokenLogprobs\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xfa\x02\n\x0c\x44\x65\x63odeWorker\x12J\n\x07Reserve\x12\x1e.olmo.worker.v1.ReserveRequest\x1a\x1f.olmo.worker.v1.ReserveResponse\x12\x41\n\x06PushKV\x12\x17.olmo.worker.v1.KVChunk\x1a\x1c.olmo.worker.v1.PushResponse(\x01\x12Q\n\x0cStreamTokens\x12#.olmo.worker.v1.StreamTokensRequest\x1a\x1a.olmo.worker.v1.TokenEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.olmo.worker.v1.AbortRequest\x1a\x1d.olmo.worker.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.olmo.worker.v1.StatsRequest\x1a\x1b.olmo.worker.v1.WorkerStats2\xe5\x01\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1e.olmo.worker.v1.PrefillRequest\x1a\x1f.olmo.worker.v1.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.olmo.worker.v1.AbortRequest\x1a\x1d.olmo.worker.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.olmo.worker.v1.StatsRequest\x1a\x1b.olmo.worker.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELLAYOUT']._serialized_start=40
-  _globals['_MODELLAYOUT']._serialized_end=302
-  _globals['_STATSREQUEST']._serialized_start=304
-  _globals['_STATSREQUEST']._serialized_end=318
-  _globals['_WORKERSTATS']._serialized_start=321
-  _globals['_WORKERSTATS']._serialized_end=771
-  _globals['_STAGEINFO']._serialized_start=773
-  _globals['_STAGEINFO']._serialized_end=841
-  _globals['_SAMPLING']._serialized_start=844
-  _globals['_SAMPLING']._serialized_end=1001
-  _globals['_RESERVEREQUEST']._serialized_start=1004
-  _globals['_RESERVEREQUEST']._serialized_end=1158
-  _globals['_RESERVERESPONSE']._serialized_start=1160
-  _globals['_RESERVERESPONSE']._serialized_end=1246
-  _globals['_PREFILLREQUEST']._serialized_start=1248
-  _globals['_PREFILLREQUEST']._serialized_end=1359
-  _globals['_PREFILLRESPONSE']._serialized_start=1361
-  _globals['_PREFILLRESPONSE']._serialized_end=1416
-  _globals['_KVHEADER']._serialized_start=1418
-  _globals['_KVHEADER']._serialized_end=1533
-  _globals['_KVBLOCK']._serialized_start=1535
-  _globals['_KVBLOCK']._serialized_end=1630
-  _globals['_HIDDENSTATE']._serialized_start=1632
-  _globals['_HIDDENSTATE']._serialized_end=1659
-  _globals['_KVTRAILER']._serialized_start=1661
-  _globals['_KVTRAILER']._serialized_end=1687
-  _globals['_KVCHUNK']._serialized_start=1690
-  _globals['_KVCHUNK']._serialized_end=1886
-  _globals['_PUSHRESPONSE']._serialized_start=1888
-  _globals['_PUSHRESPONSE']._serialized_end=1917
-  _globals['_STREAMTOKENSREQUEST']._serialized_start=1919
-  _globals['_STREAMTOKENSREQUEST']._serialized_end=1960
-  _globals['_TOKENEVENT']._serialized_start=1962
-  _globals['_TOKENEVENT']._serialized_end=2063
-  _globals['_ABORTREQUEST']._serialized_start=2065
-  _globals['_ABORTREQUEST']._serialized_end=2115
-  _globals['_ABORTRESPONSE']._serialized_start=2117
-  _globals['_ABORTRESPONSE']._serialized_end=2147
-  _globals['_DECODEWORKER']._serialized_start=2150
-  _globals['_DECODEWORKER']._serialized_end=2528
-  _globals['_PREFILLWORKER']._serialized_start=2531
-  _globals['_PREFILLWORKER']._serialized_end=2760
+  _globals['_MODELLAYOUT']._serialized_start=65
+  _globals['_MODELLAYOUT']._serialized_end=327
+  _globals['_STATSREQUEST']._serialized_start=329
+  _globals['_STATSREQUEST']._serialized_end=343
+  _globals['_WORKERSTATS']._serialized_start=346
+  _globals['_WORKERSTATS']._serialized_end=796
+  _globals['_STAGEINFO']._serialized_start=798
+  _globals['_STAGEINFO']._serialized_end=866
+  _globals['_SAMPLING']._serialized_start=869
+  _globals['_SAMPLING']._serialized_end=1066
+  _globals['_RESERVEREQUEST']._serialized_start=1069
+  _globals['_RESERVEREQUEST']._serialized_end=1223
+  _globals['_RESERVERESPONSE']._serialized_start=1225
+  _globals['_RESERVERESPONSE']._serialized_end=1311
+  _globals['_PREFILLREQUEST']._serialized_start=1313
+  _globals['_PREFILLREQUEST']._serialized_end=1424
+  _globals['_PREFILLRESPONSE']._serialized_start=1426
+  _globals['_PREFILLRESPONSE']._serialized_end=1505
+  _globals['_KVHEADER']._serialized_start=1507
+  _globals['_KVHEADER']._serialized_end=1622
+  _globals['_KVBLOCK']._serialized_start=1624
+  _globals['_KVBLOCK']._serialized_end=1719
+  _globals['_HIDDENSTATE']._serialized_start=1721
+  _globals['_HIDDENSTATE']._serialized_end=1748
+  _globals['_KVTRAILER']._serialized_start=1750
+  _globals['_KVTRAILER']._serialized_end=1776
+  _globals['_KVCHUNK']._serialized_start=1779
+  _globals['_KVCHUNK']._serialized_end=1975
+  _globals['_PUSHRESPONSE']._serialized_start=1977
+  _globals['_PUSHRESPONSE']._serialized_end=2006
+  _globals['_STREAMTOKENSREQUEST']._serialized_start=2008
+  _globals['_STREAMTOKENSREQUEST']._serialized_end=2049
+  _globals['_TOKENEVENT']._serialized_start=2052
+  _globals['_TOKENEVENT']._serialized_end=2206
+  _globals['_ABORTREQUEST']._serialized_start=2208
+  _globals['_ABORTREQUEST']._serialized_end=2258
+  _globals['_ABORTRESPONSE']._serialized_start=2260
+  _globals['_ABORTRESPONSE']._serialized_end=2290
+  _globals['_DECODEWORKER']._serialized_start=2293
+  _globals['_DECODEWORKER']._serialized_end=2671
+  _globals['_PREFILLWORKER']._serialized_start=2674
+  _globals['_PREFILLWORKER']._serialized_end=2903
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -22,8 +23,10 @@ class PrefillLeg:
 
     def __init__(self, scheduler: Scheduler, request_id: str, prompt_ids: list[int],
                  decode: Worker, deadline: float | None, lease_seconds: float,
-                 exclude: set[str], attempts: int = 2):
+                 exclude: set[str], attempts: int = 2,
+                 on_done: Callable[[worker_pb2.PrefillResponse], None] = lambda r: None):
         self.scheduler = scheduler
+        self.on_done = on_done  # told of a prefill that finished
         self.request = worker_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids,
                                                  decode_stages=decode.stages)
         self.decode = decode
@@ -61,6 +64,7 @@ class PrefillLeg:
                     self.request, timeout=max(0.0, self.give_up - time.monotonic()))
                 self.response = self._await(self._call, self.worker)
                 if self.response is not None:
+                    self.on_done(self.response)
                     return
                 reasons.append(f"prefill worker {self.worker.address} stopped answering")
             except grpc.FutureCancelledError:

@@ -14,6 +14,8 @@ import dataclasses
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import grpc
 from tokenizers import Tokenizer
@@ -25,6 +27,7 @@ from protos.grpc_server import time_remaining
 from .admission import AdmissionQueue
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
 from .liveness import StallMonitor
+from .metrics import RouterMetrics
 from .prefill_leg import PrefillLeg
 from .scheduler import Scheduler, Worker, abort_quietly
 from .validation import ModelFacts, RequestLimits, check_limits, invalid, validate
@@ -38,6 +41,46 @@ FINISH = {
     "abort": generation_pb2.FINISH_REASON_ABORT,
     "error": generation_pb2.FINISH_REASON_ERROR,
 }
+FINISH_NAMES = {code: name for name, code in FINISH.items()}
+
+
+class CallContext(Protocol):
+    """What a request's caller offers, whatever the transport."""
+
+    def is_active(self) -> bool:
+        """False once the caller has gone (cancelled, disconnected, deadline passed)."""
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` when the call ends; False (and never run) if it has already."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds to the caller's deadline, or None without one."""
+
+
+class GrpcCall:
+    """A gRPC servicer context as a CallContext."""
+
+    def __init__(self, context: grpc.ServicerContext):
+        self.context = context
+
+    def is_active(self) -> bool:
+        return self.context.is_active()
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return self.context.add_callback(callback)
+
+    def time_remaining(self) -> float | None:
+        return time_remaining(self.context)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A request that passed validation, with what generating it needs."""
+
+    request: generation_pb2.GenerateRequest
+    prompt_ids: list[int]
+    sampling: worker_pb2.Sampling
+    arrived: float  # perf_counter time it came in: TTFT and latency count from here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +116,7 @@ class Progress:
     stop_ids: frozenset[int]
     generated: list[int] = dataclasses.field(default_factory=list)
     ttft_ms: float = 0.0
+    last_token_at: float = 0.0
 
 
 @dataclasses.dataclass
@@ -120,51 +164,83 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                    scheduler.alive)
         self._client_ids: set[str] = set()  # ids clients chose, of requests in flight
         self._lock = threading.Lock()
+        self.metrics = RouterMetrics(scheduler, self.admission.waiting)
 
     def close(self) -> None:
         self.stalls.stop()
         self.scheduler.close()
 
     def Generate(self, request, context):
+        """The gRPC face of ``prepare`` and ``run``."""
         if request is UNPARSABLE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "the request is not a GenerateRequest (strings must be UTF-8)")
         try:
-            check_limits(request, self.options.limits, self.facts)
-            prompt_ids = self._prompt_ids(request)
-            sampling = validate(request, prompt_ids, self.facts)
-            self._claim(request.request_id)
+            prepared = self.prepare(request)
         except ServingError as exc:
             exc.abort(context)
         try:
-            yield from self._generate(request, prompt_ids, sampling, context)
+            yield from self.run(prepared, GrpcCall(context))
         except ServingError as exc:
             exc.abort(context)
+
+    def prepare(self, request: generation_pb2.GenerateRequest) -> Prepared:
+        """Check a request (sizes before tokenizing) and claim its client id; raises
+        ServingError. Every prepared request must then be ``run`` or ``discard``-ed."""
+        arrived = time.perf_counter()
+        check_limits(request, self.options.limits, self.facts)
+        prompt_ids = self._prompt_ids(request)
+        sampling = validate(request, prompt_ids, self.facts)
+        self._claim(request.request_id)
+        return Prepared(request, prompt_ids, sampling, arrived)
+
+    def discard(self, prepared: Prepared) -> None:
+        """Let go of a prepared request that will not be run."""
+        self._unclaim(prepared.request.request_id)
+
+    def run(self, prepared: Prepared, call: CallContext
+            ) -> Iterator[generation_pb2.GenerateResponse]:
+        """Serve a prepared request, one response per token; raises ServingError. Closing
+        the iterator early (the client left) cancels the request on every worker."""
+        self.metrics.running.inc()
+        reason = "abort"
+        try:
+            for response in self._generate(prepared, call):
+                if response.finish_reason:
+                    reason = FINISH_NAMES[response.finish_reason]
+                yield response
+        except ServingError:
+            reason = "error"
+            raise
         finally:
-            self._unclaim(request.request_id)
+            self.metrics.running.dec()
+            self.metrics.finished(reason, len(prepared.prompt_ids),
+                                  time.perf_counter() - prepared.arrived)
+            self._unclaim(prepared.request.request_id)
             self.admission.capacity_freed()
 
-    def _generate(self, request, prompt_ids: list[int], sampling: worker_pb2.Sampling, context):
+    def _generate(self, prepared: Prepared, call: CallContext):
+        request, prompt_ids, sampling = prepared.request, prepared.prompt_ids, prepared.sampling
         client_id = request.request_id or uuid.uuid4().hex
         progress = Progress(
-            prompt_ids, time.perf_counter(),
+            prompt_ids, prepared.arrived,
             IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                    skip_ids=() if sampling.ignore_eos else self.facts.eos_token_ids)
             if self.tokenizer else None,
             StopStringFilter(request.sampling.stop), frozenset(sampling.stop_token_ids))
-        remaining = time_remaining(context)
+        remaining = call.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         blame = Blame()
         for _ in range(self.max_attempts):
-            attempt = self._start(progress, sampling, deadline, blame, context)
+            attempt = self._start(progress, sampling, deadline, blame, call)
             finished = threading.Event()
-            if not context.add_callback(
+            if not call.add_callback(
                     lambda a=attempt, f=finished: None if f.is_set() else a.cancel(
                         "client cancelled")):
                 attempt.cancel("client cancelled")  # it left before the callback was set
                 return
             try:
-                yield from self._relay(client_id, attempt, progress, blame, context)
+                yield from self._relay(client_id, attempt, progress, blame, call)
                 return
             except DecodeLost as lost:
                 last_error = str(lost)
@@ -187,7 +263,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             self._client_ids.discard(client_id)
 
     def _start(self, progress: Progress, sampling: worker_pb2.Sampling,
-               deadline: float | None, blame: Blame, context) -> Attempt:
+               deadline: float | None, blame: Blame, call: CallContext) -> Attempt:
         attempt_id = uuid.uuid4().hex
         tokens = progress.prompt_ids + progress.generated
         todo = worker_pb2.Sampling()
@@ -197,14 +273,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request_id=attempt_id, prompt_tokens=len(tokens), sampling=todo,
             lease_ms=self.options.lease_ms,
             local_prefill_token_ids=tokens if self.options.aggregated else [])
+        waited = time.perf_counter()
         decode = self.admission.admit(lambda: self._try_reserve(reserve, blame.decode),
-                                      deadline, context.is_active)
+                                      deadline, call.is_active)
+        self.metrics.queue_time.observe(time.perf_counter() - waited)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         stream = decode.stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=attempt_id),
                                           timeout=remaining)
         leg = None if self.options.aggregated else PrefillLeg(
             self.scheduler, attempt_id, tokens, decode, deadline,
-            self.options.lease_ms / 1000, blame.prefill)
+            self.options.lease_ms / 1000, blame.prefill, on_done=self.metrics.prefilled)
         return Attempt(attempt_id, decode, stream, leg)
 
     def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str]
@@ -232,7 +310,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                            "no decode worker can take this request: " + "; ".join(refusals))
 
     def _relay(self, client_id: str, attempt: Attempt, progress: Progress, blame: Blame,
-               context):
+               call: CallContext):
         """Tokens from the decode worker to the client. Raises DecodeLost (with the worker
         to blame added to ``blame``) when the stream breaks or goes silent."""
         watch = self.stalls.watch(attempt.stream, attempt.decode.address)
@@ -253,7 +331,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except grpc.RpcError as exc:
             if watch.expired:
                 raise self._lost_to_silence(attempt, progress, blame, watch.expired) from exc
-            if exc.code() == grpc.StatusCode.CANCELLED and not context.is_active():
+            if exc.code() == grpc.StatusCode.CANCELLED and not call.is_active():
                 return
             abort_quietly(attempt.decode, attempt.request_id, "router lost the token stream")
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -290,8 +368,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if event.has_token:
             ids = [event.token_id]
             progress.generated.append(event.token_id)
-            if not progress.ttft_ms:
-                progress.ttft_ms = 1000 * (time.perf_counter() - progress.started)
+            self._observe_token(progress)
             if progress.detok is not None and event.token_id not in progress.stop_ids:
                 text = progress.stops.feed(progress.detok.add(event.token_id))
         reason = event.finish_reason
@@ -302,11 +379,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             text += progress.stops.flush()
         response = generation_pb2.GenerateResponse(
             request_id=client_id, token_ids=ids, text=text, finish_reason=FINISH.get(reason, 0))
+        if event.HasField("logprobs"):
+            response.logprobs.append(event.logprobs)
         if reason:
             response.usage.CopyFrom(generation_pb2.Usage(
                 prompt_tokens=len(progress.prompt_ids), completion_tokens=len(progress.generated),
                 time_to_first_token_ms=progress.ttft_ms))
         return response
+
+    def _observe_token(self, progress: Progress) -> None:
+        now = time.perf_counter()
+        if not progress.ttft_ms:
+            progress.ttft_ms = 1000 * (now - progress.started)
+            self.metrics.ttft.observe(now - progress.started)
+        else:
+            self.metrics.itl.observe(now - progress.last_token_at)
+        progress.last_token_at = now
+        self.metrics.generation_tokens.inc()
 
     def _prompt_ids(self, request) -> list[int]:
         kind = request.WhichOneof("prompt")

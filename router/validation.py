@@ -12,6 +12,7 @@ from protos import generation_pb2, worker_pb2
 from protos.errors import ServingError
 
 DEFAULT_MAX_TOKENS = 16
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,10 @@ def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
     bad = [t for t in s.stop_token_ids if t >= facts.vocab_size]
     if bad:
         raise invalid(f"stop token id {bad[0]} is outside the vocabulary")
+    if s.top_logprobs > MAX_TOP_LOGPROBS:
+        raise invalid(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}")
     return worker_pb2.Sampling(
         max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         has_seed=s.HasField("seed"), seed=s.seed, stop_token_ids=list(s.stop_token_ids),
-        ignore_eos=s.ignore_eos)
+        ignore_eos=s.ignore_eos, logprobs=s.logprobs or s.top_logprobs > 0,
+        top_logprobs=s.top_logprobs)

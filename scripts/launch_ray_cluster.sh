@@ -2,7 +2,7 @@
 # Launch, inspect and tear down a Ray cluster that serves OLMo through olmo-serve.
 #
 #   launch_ray_cluster.sh head   [--node-ip IP] [--port 6380] [--router-port 50051]
-#                                [--config cluster.yaml] [--num-cpus N]
+#                                [--http-port 8000] [--config cluster.yaml] [--num-cpus N]
 #   launch_ray_cluster.sh worker --address HEAD_IP:PORT [--node-ip IP]
 #                                [--resources '{"decode": 1}'] [--num-cpus N]
 #   launch_ray_cluster.sh status
@@ -21,6 +21,7 @@ RAY_TMP="$STATE/ray"
 NODE_IP=127.0.0.1
 PORT=6380
 ROUTER_PORT=50051
+HTTP_PORT=8000
 CONFIG=""
 NUM_CPUS=""
 ADDRESS=""
@@ -36,6 +37,7 @@ parse_flags() {
       --node-ip) NODE_IP=$2; shift 2 ;;
       --port) PORT=$2; shift 2 ;;
       --router-port) ROUTER_PORT=$2; shift 2 ;;
+      --http-port) HTTP_PORT=$2; shift 2 ;;
       --config) CONFIG=$2; shift 2 ;;
       --num-cpus) NUM_CPUS=$2; shift 2 ;;
       --address) ADDRESS=$2; shift 2 ;;
@@ -85,13 +87,15 @@ cmd_head() {
   # The cluster secret (made on first start, mode 0600) authenticates every internal
   # call and the admin API; `status` reads it from the same file.
   nohup olmo-serve serve --ray-address "$(cat "$STATE/ray.address")" --host "$NODE_IP" \
-    --port "$ROUTER_PORT" --token-file "$STATE/cluster.token" "${config[@]}" \
+    --port "$ROUTER_PORT" --http-port "$HTTP_PORT" --token-file "$STATE/cluster.token" \
+    "${config[@]}" \
     >"$STATE/router.log" 2>&1 &
   echo $! >"$STATE/router.pid"
   for _ in $(seq 1 900); do
     if grep -q "^serving " "$STATE/router.log" 2>/dev/null; then
       echo "$NODE_IP:$ROUTER_PORT" >"$STATE/router.address"
       say "ready: Generate API on $NODE_IP:$ROUTER_PORT (olmo-serve generate --address $NODE_IP:$ROUTER_PORT \"Hello\")"
+      say "       OpenAI-compatible API on http://$NODE_IP:$HTTP_PORT/v1, metrics on /metrics"
       say "workers join with: $0 worker --address $(cat "$STATE/ray.address")"
       return 0
     fi

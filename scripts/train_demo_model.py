@@ -24,7 +24,8 @@ when it is bounded by ``--steps`` rather than by ``--minutes``:
 3. A small ``OlmoForCausalLM`` is trained with AdamW (linear warmup, cosine
    decay) for at most ``--steps`` steps and ``--minutes`` minutes.
 4. ``config.json``, ``model.safetensors`` (float32, tied embeddings),
-   ``tokenizer.json`` and a short ``README.md`` recording the run are
+   ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, OLMo's
+   chat template) and a short ``README.md`` recording the run are
    written to the output directory, and nothing else.  The saved model is
    loaded back with ``OlmoForCausalLM.from_pretrained`` and sampled greedily
    before the files replace the old ones.
@@ -66,7 +67,18 @@ LOG_EVERY = 25
 HELD_OUT_FRACTION = 0.02
 SAMPLE_PROMPTS = ("The Python interpreter", "A function is")
 SAMPLE_NEW_TOKENS = 24
-OUTPUT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+OUTPUT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "README.md"}
+# OLMo's instruct format, so that /v1/chat/completions works on the demo model (which was
+# never tuned to chat: its answers read like Python's documentation, nothing more).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 # Standard-library modules whose docstrings are added to the training text.
 # The list is fixed (not discovered) so the corpus does not depend on what
@@ -297,9 +309,14 @@ def train(
 # --------------------------------------------------------------------------
 
 def save(model: OlmoForCausalLM, tokenizer: Tokenizer, out_dir: Path) -> None:
-    """Write config.json, model.safetensors and tokenizer.json, nothing else."""
+    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json (the
+    special tokens and the chat template), nothing else."""
     model.save_pretrained(out_dir)
     tokenizer.save(str(out_dir / "tokenizer.json"))
+    eos = tokenizer.id_to_token(model.config.eos_token_id)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": eos, "pad_token": eos,
+         "chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
 
     # Recent transformers nest rope_theta under "rope_parameters"; keep a
     # top-level copy too for loaders that expect the older flat layout.
@@ -348,6 +365,8 @@ Made by `scripts/train_demo_model.py` (see its docstring) with
 Training text: `pydoc_data.topics` plus standard-library docstrings.
 Tokenizer: byte-level BPE trained on the same text; `<|endoftext|>` is
 token {c.eos_token_id} and is both eos and pad.  Weights are float32.
+`tokenizer_config.json` carries OLMo's chat template (`<|user|>` / `<|assistant|>`
+turns) for `/v1/chat/completions`; the model was never tuned to chat.
 
 Result of that run:
 

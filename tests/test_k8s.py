@@ -353,6 +353,7 @@ def test_router_command_is_accepted_by_the_cli(target, tmp_path):
     assert port_of(ray_head, "gcs-server") == KUBERAY_GCS_PORT
     assert config.host == "0.0.0.0" and config.port == args.port
     assert port_of(router, "api") == args.port
+    assert port_of(router, "http") == config.http_port > 0
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert port_of(router, router[probe]["grpc"]["port"]) == args.port, probe
     # A driver attaches to the raylet it can see and to its sockets under Ray's temp dir.
@@ -360,9 +361,10 @@ def test_router_command_is_accepted_by_the_cli(target, tmp_path):
     shared = mount_covering(template, router, RAY_TMP)["name"]
     assert {(m["name"], m["mountPath"]) for m in ray_head["volumeMounts"]} >= {(shared, RAY_TMP)}
 
-    # The public Service reaches the router port on the head pod only.
+    # The public Service reaches the router's two ports on the head pod only.
     service = the(objs, "Service", "olmo-api")
-    assert [port_of(router, p["targetPort"]) for p in service["spec"]["ports"]] == [args.port]
+    assert [port_of(router, p["targetPort"]) for p in service["spec"]["ports"]] == [
+        args.port, config.http_port]
     labels = {g: pod_labels(cluster, g, t) for g, _, t in pod_templates(cluster)}
     assert [g for g in labels if selects({"matchLabels": service["spec"]["selector"]},
                                          labels[g])] == ["headgroup"]
@@ -549,7 +551,8 @@ def test_network_policy_opens_only_the_api_and_metrics(target, tmp_path):
         for rule in policy["spec"].get("ingress", []):
             sources = rule.get("from")
             if not sources:  # anyone, inside or outside the cluster
-                assert ports(rule) == [args.port] and targets == ["headgroup"], policy
+                assert ports(rule) == sorted([args.port, config.http_port]), policy
+                assert targets == ["headgroup"], policy
                 continue
             for source in sources:
                 if "namespaceSelector" in source:  # the monitoring namespace
@@ -599,10 +602,61 @@ def test_dockerfile_builds_what_the_manifests_run():
     (user,) = re.findall(r"^USER (\S+)$", dockerfile, re.M)
     assert user.split(":")[0] not in ("0", "root")
     exposed = {int(p) for ln in lines if ln.startswith("EXPOSE") for p in ln.split()[1:]}
-    assert {50051, 50061, 50071, KUBERAY_GCS_PORT, METRICS_PORT, KUBERAY_AGENT_PORT} <= exposed
+    assert {50051, 8000, 50061, 50071, KUBERAY_GCS_PORT, METRICS_PORT,
+            KUBERAY_AGENT_PORT} <= exposed
     # .dockerignore lets through every package pyproject installs.
     ignore = (REPO / ".dockerignore").read_text().split()
     find = pyproject()["tool"]["setuptools"]["packages"]["find"]
     for pattern in find["include"]:
         assert f"!{pattern.rstrip('*')}" in ignore, pattern
     assert "!pyproject.toml" in ignore and "!README.md" in ignore
+
+
+# --- monitoring -----------------------------------------------------------------------
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the router's /metrics can carry."""
+    from router.metrics import RouterMetrics
+    from router.scheduler import Scheduler
+
+    scheduler = Scheduler()
+    try:
+        names = set()
+        for family in RouterMetrics(scheduler, lambda: 0).registry.collect():
+            names.add(family.name)
+            names |= {sample.name for sample in family.samples}
+            if family.type == "histogram":
+                names |= {f"{family.name}_{s}" for s in ("bucket", "sum", "count")}
+            if family.type == "counter":  # labelled ones have no sample until used
+                names.add(f"{family.name}_total")
+        return names
+    finally:
+        scheduler.close()
+
+
+@needs_kubectl
+def test_monitoring_scrapes_the_router_and_charts_only_what_it_exports():
+    objs = render("monitoring")
+    monitor = the(objs, "ServiceMonitor", "olmo-router")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    service = the(render("base"), "Service", "olmo-api")
+    assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+    config_map = the(objs, "ConfigMap", "olmo-grafana-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["grafana-dashboard.json"])
+    exported = exported_metric_names()
+    charted = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            charted |= set(re.findall(r"\bolmo_[a-z_]+\b", target["expr"]))
+    assert charted and charted <= exported, sorted(charted - exported)
+    for needed in ("olmo_time_to_first_token_seconds_bucket",
+                   "olmo_inter_token_latency_seconds_bucket", "olmo_kv_pages_used",
+                   "olmo_num_requests_waiting", "olmo_kv_transfer_bytes_sum"):
+        assert needed in charted, needed

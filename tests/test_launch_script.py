@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,10 +42,10 @@ def test_head_serves_on_loopback_and_down_leaves_no_ray_processes():
     # Ray's socket paths must stay under 107 bytes, so the state dir is short.
     state = Path(tempfile.mkdtemp(prefix="olmo-ray-", dir="/tmp"))
     env = {**os.environ, "OLMO_RAY_STATE": str(state)}
-    ray_port, router_port = free_port(), free_port()
+    ray_port, router_port, http_port = free_port(), free_port(), free_port()
     try:
         out = run(env, "head", "--port", str(ray_port), "--router-port", str(router_port),
-                  "--num-cpus", "2")
+                  "--http-port", str(http_port), "--num-cpus", "2")
         assert f"Generate API on 127.0.0.1:{router_port}" in out
         assert "already running" in run(env, "head", "--port", str(ray_port),
                                          "--router-port", str(router_port))
@@ -55,8 +57,11 @@ def test_head_serves_on_loopback_and_down_leaves_no_ray_processes():
         status = run(env, "status")
         assert "decode-0" in status and "healthy" in status
         listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
-        ours = [line for line in listening.splitlines() if f":{router_port}" in line]
-        assert ours and all("127.0.0.1" in line for line in ours)
+        ours = [line for line in listening.splitlines()
+                if f":{router_port}" in line or f":{http_port}" in line]
+        assert len(ours) >= 2 and all("127.0.0.1" in line for line in ours)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=10) as ok:
+            assert json.loads(ok.read())["status"] == "ok"
     finally:
         run(env, "down", timeout=120)
     assert live_processes(str(state)) == []

@@ -22,7 +22,7 @@ PROMPT = "The Python interpreter"
 def cluster():
     from cluster.ray_cluster import start_ray_cluster
 
-    config = ClusterConfig(port=0, prefill=RoleConfig(instances=2, cpus=0.4),
+    config = ClusterConfig(port=0, http_port=0, prefill=RoleConfig(instances=2, cpus=0.4),
                            decode=RoleConfig(instances=2, cpus=0.4), health_interval_s=0.5)
     c = start_ray_cluster(config, num_cpus=2)
     yield c
@@ -178,3 +178,19 @@ def test_the_admin_api_needs_the_cluster_secret(cluster):
     stub = admin_pb2_grpc.ClusterAdminStub(channel(cluster.address, cluster.manager.secret))
     status = stub.Status(admin_pb2.StatusRequest(), timeout=10)
     assert {i.role for i in status.instances} == {"prefill", "decode"}
+
+
+def test_the_openai_api_serves_from_the_ray_cluster(cluster):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{cluster.http_url}/health", timeout=10) as reply:
+        assert json.loads(reply.read())["status"] == "ok"
+    request = urllib.request.Request(
+        f"{cluster.http_url}/v1/completions", method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+                         "ignore_eos": True}).encode())
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        body = json.loads(reply.read())
+    assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["text"]

@@ -20,7 +20,8 @@ ray = pytest.importorskip("ray")
 def cluster():
     from cluster.ray_cluster import start_ray_cluster
 
-    config = ClusterConfig(port=0, prefill=RoleConfig(instances=1, stages=2, cpus=0.25),
+    config = ClusterConfig(port=0, http_port=-1,
+                           prefill=RoleConfig(instances=1, stages=2, cpus=0.25),
                            decode=RoleConfig(instances=1, stages=2, cpus=0.25),
                            health_interval_s=0.5)
     c = start_ray_cluster(config, num_cpus=2)

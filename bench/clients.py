@@ -1,0 +1,85 @@
+"""The two ways a benchmark talks to a cluster, timed the same way: gRPC Generate, and the
+OpenAI-compatible HTTP API (/v1/completions, server-sent events). Each ``request`` streams
+one greedy completion and returns its TTFT, end-to-end time, tokens and time per token."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from urllib.parse import urlparse
+
+
+def timing(start: float, first: float, last: float, tokens: int) -> dict:
+    return {"ttft": first - start, "e2e": last - start, "tokens": tokens,
+            "tpot": (last - first) / max(1, tokens - 1)}
+
+
+class GrpcTarget:
+    def __init__(self, address: str):
+        from router.client import GenerationClient
+
+        self.client = GenerationClient(address)
+
+    def request(self, prompt: list[int], max_tokens: int) -> dict:
+        from router.client import generate_request
+
+        start = time.perf_counter()
+        first = last = None
+        tokens = 0
+        for response in self.client.stream(generate_request(prompt, max_tokens,
+                                                            ignore_eos=True)):
+            last = time.perf_counter()
+            if response.token_ids:
+                first = first or last
+                tokens += len(response.token_ids)
+        return timing(start, first, last, tokens)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class HttpTarget:
+    """One kept-alive connection per calling thread, as a pooled HTTP client would."""
+
+    def __init__(self, url: str):
+        self.url = urlparse(url)
+        self._local = threading.local()
+
+    def request(self, prompt: list[int], max_tokens: int) -> dict:
+        connection = self._connection()
+        body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                           "ignore_eos": True, "stream": True,
+                           "stream_options": {"include_usage": True}})
+        start = time.perf_counter()
+        first = last = None
+        tokens = 0
+        connection.request("POST", "/v1/completions", body,
+                           {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        if reply.status != 200:
+            raise RuntimeError(f"HTTP {reply.status}: {reply.read()[:500]!r}")
+        for line in reply:
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                break
+            chunk = json.loads(payload)
+            if chunk["choices"]:
+                last = time.perf_counter()
+                first = first or last
+            else:
+                tokens = chunk["usage"]["completion_tokens"]
+        reply.read()
+        return timing(start, first, last, tokens)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if not hasattr(self._local, "connection"):
+            self._local.connection = http.client.HTTPConnection(self.url.hostname,
+                                                                self.url.port, timeout=600)
+        return self._local.connection
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,63 @@
+"""An ASGI app served by uvicorn on a thread of its own, on a socket bound up front (so
+port 0 gives a free port that is known before serving starts)."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+
+class HttpServer:
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0,
+                 tls: tuple[bytes, bytes] | None = None):
+        """Serve ``app`` on host:port; ``tls`` is (private key, certificate chain) in PEM."""
+        # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets
+        # that say they are TCP, and with Nagle on each streamed token waits for the
+        # client's delayed ACK (40 ms here).
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                     socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = host, self._socket.getsockname()[1]
+        options = {}
+        self._tls_dir = None
+        if tls is not None:  # uvicorn reads key and certificate from files
+            self._tls_dir = tempfile.TemporaryDirectory(prefix="olmo-tls-")
+            key, cert = Path(self._tls_dir.name) / "key.pem", Path(self._tls_dir.name) / "cert.pem"
+            key.touch(mode=0o600)
+            key.write_bytes(tls[0])
+            cert.write_bytes(tls[1])
+            options = {"ssl_keyfile": str(key), "ssl_certfile": str(cert)}
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2, **options)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run,
+                                        kwargs={"sockets": [self._socket]},
+                                        name="http-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the HTTP server on {host}:{self.port} did not start")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._tls_dir else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (open streams get ``grace`` seconds, by default uvicorn's 2)."""
+        if grace is not None:
+            self._server.config.timeout_graceful_shutdown = grace
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._socket.close()
+        if self._tls_dir is not None:
+            self._tls_dir.cleanup()

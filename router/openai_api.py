@@ -1,0 +1,556 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics, on the same request path as the gRPC Generate API.
+
+Each choice of a request is one ``GenerationServicer.prepare`` + ``run``, on a thread of
+its own, feeding the event loop; so validation, admission, scheduling, resumption and
+cancellation are the gRPC API's, and a client that disconnects cancels every choice on
+every worker. Errors come in OpenAI's shape, with the HTTP status that fits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from tokenizers import Tokenizer
+
+from protos import generation_pb2
+from protos.errors import ServingError
+
+from .chat_template import ChatTemplate
+from .service import FINISH_NAMES, GenerationServicer, Prepared
+
+MAX_CHOICES = 8  # n times the number of prompts
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "not_found_error", 409: "invalid_request_error", 429: "rate_limit_error"}
+# Parameters we do not implement: refused unless left at their neutral value.
+UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
+               "logit_bias": None, "echo": False, "suffix": None, "tools": None,
+               "functions": None, "response_format": None, "best_of": None}
+
+
+class BadRequest(ServingError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+        self.param = param
+
+
+def error_response(error: ServingError) -> JSONResponse:
+    status = HTTP_STATUS.get(error.code, 500)
+    return JSONResponse(status_code=status, content={"error": error_body(error)})
+
+
+def error_body(error: ServingError) -> dict:
+    status = HTTP_STATUS.get(error.code, 500)
+    return {"message": error.message, "type": ERROR_TYPE.get(status, "server_error"),
+            "param": getattr(error, "param", None), "code": error.code.name.lower()}
+
+
+class HttpCall:
+    """One choice's CallContext: cancelled when its client disconnects."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] | None = []
+
+    def is_active(self) -> bool:
+        return self._callbacks is not None
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._callbacks is None:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> None:
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks or [], None
+        for callback in callbacks:
+            callback()
+
+
+@dataclasses.dataclass
+class Choice:
+    """What one choice has produced so far."""
+
+    index: int
+    text: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[generation_pb2.TokenLogprobs] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass
+class Job:
+    """A parsed request: one prepared generation per choice."""
+
+    kind: str                   # "completion" or "chat"
+    prepared: list[Prepared]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    prompts: int                # distinct prompts (usage counts each once)
+
+
+class OpenAIServer:
+    def __init__(self, servicer: GenerationServicer, tokenizer: Tokenizer | None,
+                 model_name: str, chat: ChatTemplate | None, api_key: str | None = None):
+        self.servicer = servicer
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.chat = chat
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self.created = int(time.time())
+        self.app = self._build()
+
+    # --- routes -----------------------------------------------------------------------
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="olmo-disagg", docs_url=None, redoc_url=None)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.get("/v1/models")(self.models)
+        app.get("/health")(self.health)
+        app.get("/metrics")(self.metrics)
+        return app
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, self._completion_job)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, self._chat_job)
+
+    async def models(self, request: Request) -> Response:
+        if (refused := self._refuse_unauthenticated(request)) is not None:
+            return refused
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created,
+            "owned_by": "olmo-disagg", "max_model_len": self.servicer.facts.context_window}]})
+
+    async def health(self) -> Response:
+        """Ready when some decode worker (and, disaggregated, some prefill worker) answers."""
+        scheduler = self.servicer.scheduler
+        roles = ["decode"] if self.servicer.options.aggregated else ["prefill", "decode"]
+        missing = [role for role in roles
+                   if not any(scheduler.alive(w.address) for w in scheduler.workers(role))]
+        if missing:
+            return JSONResponse(status_code=503, content={
+                "status": "unavailable", "missing": missing})
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self) -> Response:
+        return Response(self.servicer.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # --- serving a request ------------------------------------------------------------
+
+    async def _serve(self, request: Request, parse: Callable[[dict], Job]) -> Response:
+        if (refused := self._refuse_unauthenticated(request)) is not None:
+            return refused
+        try:
+            body = await request.json()
+        except ValueError:
+            return error_response(BadRequest("the body is not JSON"))
+        if not isinstance(body, dict):
+            return error_response(BadRequest("the body must be a JSON object"))
+        try:
+            # Off the event loop: tokenizing a long prompt must not stall other streams.
+            job = await asyncio.to_thread(parse, body)
+        except ServingError as exc:
+            return error_response(exc)
+        events = self._run(job, request)
+        first = await anext(events)
+        if first[2] is not None:  # refused before any token: a plain error response
+            await events.aclose()
+            return error_response(first[2])
+        if job.stream:
+            return StreamingResponse(self._sse(job, first, events),
+                                     media_type="text/event-stream")
+        return await self._collect(job, first, events)
+
+    def _refuse_unauthenticated(self, request: Request) -> Response | None:
+        if self._expected is None:
+            return None
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, self._expected):
+            return None
+        return error_response(ServingError(grpc.StatusCode.UNAUTHENTICATED,
+                                           "this API needs an API key (Authorization: Bearer)"))
+
+    async def _run(self, job: Job, request: Request) -> AsyncIterator[tuple]:
+        """(choice index, response or None at its end, error or None), as they come; every
+        choice on a thread of its own, all cancelled if the consumer stops early."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        calls = [HttpCall() for _ in job.prepared]
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop has closed: nobody is listening
+                pass
+
+        def produce(index: int, prepared: Prepared, call: HttpCall) -> None:
+            try:
+                for response in self.servicer.run(prepared, call):
+                    put((index, response, None))
+                put((index, None, None))
+            except ServingError as exc:
+                put((index, None, exc))
+            except Exception as exc:  # never leave the client waiting
+                put((index, None, ServingError(grpc.StatusCode.INTERNAL, str(exc))))
+
+        for index, (prepared, call) in enumerate(zip(job.prepared, calls)):
+            threading.Thread(target=produce, args=(index, prepared, call), daemon=True,
+                             name="http-choice").start()
+        running = len(calls)
+        try:
+            while running:
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if item[1] is None:
+                    running -= 1
+                yield item
+        finally:
+            for call in calls:
+                call.cancel()
+
+    async def _collect(self, job: Job, first: tuple, events: AsyncIterator) -> Response:
+        choices = [Choice(i) for i in range(len(job.prepared))]
+        item = first
+        while True:
+            index, response, error = item
+            if error is not None:
+                await events.aclose()
+                return error_response(error)
+            if response is not None:
+                self._absorb(choices[index], response)
+            try:
+                item = await anext(events)
+            except StopAsyncIteration:
+                break
+        return JSONResponse({
+            "id": _new_id(job.kind), "object": _object(job.kind, stream=False),
+            "created": int(time.time()), "model": self.model_name,
+            "choices": [self._choice_body(job, c) for c in choices],
+            "usage": self._usage(job, choices)})
+
+    async def _sse(self, job: Job, first: tuple, events: AsyncIterator):
+        """Server-sent events: a chunk per token (or text delta), then ``[DONE]``."""
+        choices = [Choice(i) for i in range(len(job.prepared))]
+        stream_id, created = _new_id(job.kind), int(time.time())
+        item = first
+        try:
+            while True:
+                index, response, error = item
+                if error is not None:
+                    yield _event({"error": error_body(error)})
+                    break
+                if response is not None:
+                    choice = choices[index]
+                    started = bool(choice.completion_tokens or choice.text)
+                    self._absorb(choice, response)
+                    chunk = self._chunk(job, choice, response, first_of_choice=not started)
+                    if chunk is not None:
+                        yield _event({"id": stream_id, "object": _object(job.kind, stream=True),
+                                      "created": created, "model": self.model_name,
+                                      "choices": [chunk]})
+                try:
+                    item = await anext(events)
+                except StopAsyncIteration:
+                    if job.include_usage:
+                        yield _event({"id": stream_id, "object": _object(job.kind, stream=True),
+                                      "created": created, "model": self.model_name,
+                                      "choices": [], "usage": self._usage(job, choices)})
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            await events.aclose()
+
+    # --- request parsing --------------------------------------------------------------
+
+    def _completion_job(self, body: dict) -> Job:
+        self._check_common(body)
+        prompts = _prompts(body.get("prompt"))
+        top = body.get("logprobs")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
+            raise BadRequest("logprobs must be a non-negative integer", "logprobs")
+        max_tokens = _int(body, "max_tokens", 16, minimum=1)
+        requests = []
+        for prompt in prompts:
+            for i in range(_n(body)):
+                request = generation_pb2.GenerateRequest(
+                    sampling=self._sampling(body, i, max_tokens, top is not None, top or 0))
+                if isinstance(prompt, str):
+                    request.text = prompt
+                else:
+                    request.token_ids.ids.extend(prompt)
+                requests.append(request)
+        return self._job("completion", body, requests, top is not None, len(prompts))
+
+    def _chat_job(self, body: dict) -> Job:
+        self._check_common(body)
+        if self.chat is None:
+            raise BadRequest("this model has no chat template (tokenizer_config.json); use "
+                             "/v1/completions", "messages")
+        if self.tokenizer is None:
+            raise BadRequest("this model has no tokenizer.json; use /v1/completions with "
+                             "token ids", "messages")
+        prompt = self.tokenizer.encode(self.chat.render(_messages(body.get("messages")))).ids
+        logprobs = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", 0, minimum=0)
+        if top and not logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        room = self.servicer.facts.context_window - len(prompt)
+        max_tokens = _int(body, "max_completion_tokens", None, minimum=1)
+        if max_tokens is None:
+            max_tokens = _int(body, "max_tokens", max(1, room), minimum=1)
+        requests = [generation_pb2.GenerateRequest(
+            token_ids=generation_pb2.TokenIds(ids=prompt),
+            sampling=self._sampling(body, i, max_tokens, logprobs, top))
+            for i in range(_n(body))]
+        return self._job("chat", body, requests, logprobs, 1)
+
+    def _job(self, kind: str, body: dict, requests: list, logprobs: bool, prompts: int) -> Job:
+        if len(requests) > MAX_CHOICES:
+            raise BadRequest(f"{len(requests)} choices (n times prompts); at most "
+                             f"{MAX_CHOICES}", "n")
+        stream = _bool(body, "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest("stream_options must be an object", "stream_options")
+        prepared = []
+        try:
+            for request in requests:
+                prepared.append(self.servicer.prepare(request))
+        except ServingError:
+            for done in prepared:
+                self.servicer.discard(done)
+            raise
+        return Job(kind, prepared, stream, bool(options.get("include_usage")), logprobs,
+                   prompts)
+
+    def _check_common(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise ServingError(grpc.StatusCode.NOT_FOUND,
+                               f"model {model!r} is not served here; this server serves "
+                               f"{self.model_name!r}")
+        for name, neutral in UNSUPPORTED.items():
+            value = body.get(name)
+            if value not in (None, neutral) and value != {} and value != []:
+                raise BadRequest(f"{name} is not supported by this server", name)
+
+    def _sampling(self, body: dict, choice: int, max_tokens: int, logprobs: bool,
+                  top_logprobs: int) -> generation_pb2.SamplingParams:
+        sampling = generation_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),
+            top_p=_number(body, "top_p", 1.0), top_k=max(0, _int(body, "top_k", 0)),
+            stop=_stops(body.get("stop")), ignore_eos=_bool(body, "ignore_eos"),
+            logprobs=logprobs, top_logprobs=top_logprobs)
+        seed = body.get("seed")
+        if seed is not None:
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise BadRequest("seed must be an integer", "seed")
+            sampling.seed = (seed + choice) % 2**64  # n choices, n different streams
+        return sampling
+
+    # --- response building ------------------------------------------------------------
+
+    def _absorb(self, choice: Choice, response: generation_pb2.GenerateResponse) -> None:
+        choice.text.append(response.text)
+        choice.logprobs.extend(response.logprobs)
+        if response.finish_reason:
+            choice.finish_reason = FINISH_NAMES[response.finish_reason]
+            choice.prompt_tokens = response.usage.prompt_tokens
+            choice.completion_tokens = response.usage.completion_tokens
+        elif response.token_ids:
+            choice.completion_tokens += len(response.token_ids)
+
+    def _choice_body(self, job: Job, choice: Choice) -> dict:
+        text = "".join(choice.text)
+        logprobs = self._logprobs(job, choice.logprobs) if job.logprobs else None
+        if job.kind == "chat":
+            return {"index": choice.index, "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        return {"index": choice.index, "text": text, "logprobs": logprobs,
+                "finish_reason": choice.finish_reason}
+
+    def _chunk(self, job: Job, choice: Choice, response: generation_pb2.GenerateResponse,
+               first_of_choice: bool) -> dict | None:
+        finish = FINISH_NAMES[response.finish_reason] if response.finish_reason else None
+        logprobs = (self._logprobs(job, list(response.logprobs))
+                    if job.logprobs and response.logprobs else None)
+        if not (response.text or finish or logprobs or first_of_choice):
+            return None
+        if job.kind == "chat":
+            delta = {"content": response.text}
+            if first_of_choice:
+                delta["role"] = "assistant"
+            return {"index": choice.index, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": finish}
+        return {"index": choice.index, "text": response.text, "logprobs": logprobs,
+                "finish_reason": finish}
+
+    def _logprobs(self, job: Job, tokens: list[generation_pb2.TokenLogprobs]) -> dict:
+        text = self._token_text
+        if job.kind == "chat":
+            return {"content": [{
+                "token": text(t.token_id), "logprob": t.logprob,
+                "bytes": list(text(t.token_id).encode()),
+                "top_logprobs": [{"token": text(a.token_id), "logprob": a.logprob,
+                                  "bytes": list(text(a.token_id).encode())} for a in t.top]}
+                for t in tokens]}
+        offsets, offset = [], 0
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(text(t.token_id))
+        return {"tokens": [text(t.token_id) for t in tokens],
+                "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [{text(a.token_id): a.logprob for a in t.top} or None
+                                 for t in tokens],
+                "text_offset": offsets}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer else f"<{token_id}>"
+
+    def _usage(self, job: Job, choices: list[Choice]) -> dict:
+        per_prompt = len(choices) // job.prompts
+        prompt = sum(c.prompt_tokens for c in choices[::per_prompt])
+        completion = sum(c.completion_tokens for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+
+def serve_openai(servicer: GenerationServicer, model_dir: Path, host: str = "127.0.0.1",
+                 port: int = 0, api_key: str | None = None,
+                 tls: tuple[bytes, bytes] | None = None, model_name: str | None = None):
+    """Start the HTTP API beside the router's gRPC API; returns the HttpServer."""
+    from .http_server import HttpServer
+
+    api = OpenAIServer(servicer, servicer.tokenizer, model_name or Path(model_dir).name,
+                       ChatTemplate.of_model(model_dir), api_key)
+    return HttpServer(api.app, host, port, tls)
+
+
+# --- small parsers, each refusing with the parameter's name ---------------------------------
+
+def _prompts(prompt) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
+               for p in prompt):
+            return list(prompt)
+    raise BadRequest("prompt must be a string, a list of token ids, or a list of either",
+                     "prompt")
+
+
+def _messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", "messages")
+    out = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest("each message needs a role and content", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise BadRequest("only text content parts are supported", "messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise BadRequest("message content must be a string or text parts", "messages")
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise BadRequest("stop must be a string or a list of strings", "stop")
+
+
+def _n(body: dict) -> int:
+    return _int(body, "n", 1, minimum=1)
+
+
+def _int(body: dict, name: str, default, minimum: int | None = None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"{name} must be an integer", name)
+    if minimum is not None and value < minimum:
+        raise BadRequest(f"{name} must be at least {minimum}", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise BadRequest(f"{name} must be a number", name)
+    return float(value)
+
+
+def _bool(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool) and value is not None:
+        raise BadRequest(f"{name} must be true or false", name)
+    return bool(value)
+
+
+def _new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def _object(kind: str, stream: bool) -> str:
+    if kind == "chat":
+        return "chat.completion.chunk" if stream else "chat.completion"
+    return "text_completion"
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

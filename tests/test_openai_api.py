@@ -1,0 +1,268 @@
+"""The OpenAI-compatible HTTP API, driven by the official ``openai`` client, against the
+gRPC API on the same cluster and transformers as the referee."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import openai
+import pytest
+import torch
+from conftest import wait_until_cluster_idle
+from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer
+from transformers import OlmoForCausalLM
+
+from cluster.local_cluster import start_local_cluster
+from olmo_model.demo import DEMO_MODEL_DIR
+from olmo_model.kv_pages import CacheLimits
+from router.chat_template import ChatTemplate
+from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
+
+LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
+MODEL = DEMO_MODEL_DIR.name
+PROMPT = "The Python interpreter"
+MESSAGES = [{"role": "system", "content": "You explain Python."},
+            {"role": "user", "content": "What is a class?"}]
+
+
+@pytest.fixture(scope="module", params=["disaggregated", "aggregated"])
+def cluster(request):
+    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, http_port=0,
+                            aggregated=request.param == "aggregated")
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def api(cluster):
+    return openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(cluster):
+    c = GenerationClient(cluster.router_address)
+    yield c
+    c.close()
+
+
+def grpc_greedy(grpc_client, prompt, n: int, **kwargs):
+    return grpc_client.complete(generate_request(prompt, max_tokens=n, **kwargs), timeout=60)
+
+
+def test_completions_equal_the_grpc_api_token_for_token(api, grpc_client):
+    ids, text, last = grpc_greedy(grpc_client, PROMPT, 24, ignore_eos=True)
+    reply = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
+                                   extra_body={"ignore_eos": True}, logprobs=0)
+    choice = reply.choices[0]
+    assert choice.text == text and choice.finish_reason == "length"
+    assert reply.usage.prompt_tokens == last.usage.prompt_tokens
+    assert reply.usage.completion_tokens == len(ids) == 24
+    assert choice.logprobs.tokens == [Tokenizer.from_file(
+        str(DEMO_MODEL_DIR / "tokenizer.json")).decode([t]) for t in ids]
+
+
+def test_streamed_completion_equals_the_whole_one_and_reports_usage(api):
+    whole = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0)
+    chunks = list(api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20,
+                                         temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_chat_uses_the_models_template_and_equals_grpc(api, grpc_client):
+    tokenizer = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+    prompt = tokenizer.encode(ChatTemplate.of_model(DEMO_MODEL_DIR).render(MESSAGES)).ids
+    _, text, _ = grpc_greedy(grpc_client, prompt, 30)
+    reply = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30,
+                                        temperature=0)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == text
+    assert reply.usage.prompt_tokens == len(prompt)
+    streamed = list(api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30,
+                                                temperature=0, stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
+
+
+def test_logprobs_match_transformers(api):
+    reference = OlmoForCausalLM.from_pretrained(DEMO_MODEL_DIR).eval()
+    tokenizer = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+    prompt = tokenizer.encode(PROMPT).ids
+    reply = api.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                   logprobs=3, extra_body={"ignore_eos": True})
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == 4 and all(len(top) == 3 for top in logprobs.top_logprobs)
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(torch.tensor([prompt])).logits[0, -1].double(), -1)
+    best = torch.topk(ref, 3)
+    top = logprobs.top_logprobs[0]
+    assert list(top) == [tokenizer.decode([int(t)]) for t in best.indices]
+    np.testing.assert_allclose(list(top.values()), best.values.numpy(), atol=1e-4)
+    assert logprobs.token_logprobs[0] == pytest.approx(float(best.values[0]), abs=1e-4)
+    chat = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+
+
+def test_stop_strings_cut_the_text(api):
+    full = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0,
+                                  extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[12:17]
+    reply = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0,
+                                   stop=[stop], extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == full[:full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_a_seed_replays_and_n_choices_each_get_their_own(api):
+    def sample(seed, n=1):
+        reply = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1,
+                                       seed=seed, n=n, extra_body={"ignore_eos": True})
+        return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    three = sample(7, n=3)
+    assert len(three) == 3 and three[0] == sample(7)[0] and len(set(three)) > 1
+
+
+def test_closing_a_stream_cancels_the_request_everywhere(cluster, api):
+    stream = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400, temperature=0,
+                                    stream=True, extra_body={"ignore_eos": True})
+    for _, _ in zip(range(3), stream):
+        pass
+    assert cluster.decode[0].engine.stats()["used_pages"] > 0
+    stream.close()
+    wait_until_cluster_idle(cluster)
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    (dict(temperature=-1.0), 400, None),
+    (dict(n=100), 400, "n"),
+    (dict(extra_body={"presence_penalty": 0.5}), 400, "presence_penalty"),
+    (dict(max_tokens=10_000), 400, None),
+    (dict(model="gpt-4"), 404, None),
+])
+def test_bad_requests_get_openai_errors(api, kwargs, status, param):
+    kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.APIStatusError) as err:
+        api.completions.create(**kwargs)
+    assert err.value.status_code == status
+    body = err.value.body
+    assert body["message"] and body["type"] and (param is None or body["param"] == param)
+
+
+def test_models_and_health(api, cluster):
+    assert [m.id for m in api.models.list().data] == [MODEL]
+    with urllib.request.urlopen(f"{cluster.http_url}/health", timeout=10) as reply:
+        assert json.loads(reply.read())["status"] == "ok"
+
+
+def metric_values(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())
+                              if k != "le")
+            if "le" not in sample.labels:
+                values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return values
+
+
+def test_metrics_count_what_was_served(cluster, api, grpc_client):
+    before = metric_values(cluster.http_url)
+    lengths = [3, 5, 8]
+    for n in lengths:
+        api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=n, temperature=0,
+                               extra_body={"ignore_eos": True})
+    grpc_greedy(grpc_client, PROMPT, 6, ignore_eos=True)  # both APIs count
+    after = metric_values(cluster.http_url)
+
+    def moved(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert moved("olmo_time_to_first_token_seconds_count") == 4
+    assert moved("olmo_e2e_request_latency_seconds_count") == 4
+    assert moved("olmo_requests_total{finish_reason=length}") == 4
+    assert moved("olmo_generation_tokens_total") == sum(lengths) + 6
+    assert moved("olmo_inter_token_latency_seconds_count") == sum(lengths) + 6 - 4
+    assert moved("olmo_prompt_tokens_total") == 4 * 3  # "The Python interpreter": 3 tokens
+    decode = [k for k in after if k.startswith("olmo_kv_pages_total{instance=")]
+    assert decode and after["olmo_num_requests_running"] == 0
+    if not cluster.router.options.aggregated:
+        assert moved("olmo_kv_transfer_bytes_count") == 4
+        assert moved("olmo_kv_transfer_bytes_sum") > 0
+
+
+def test_api_key_and_unavailable_workers_get_401_and_503():
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, http_port=0, api_key="k")
+    try:
+        anonymous = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="wrong",
+                                  max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        api = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="k", max_retries=0)
+        assert api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices
+        for server in cluster.servers[:-1]:  # every worker goes away
+            server.stop(grace=0)
+        deadline = time.monotonic() + 10
+        while cluster.router.scheduler.alive(cluster.router.scheduler.workers("decode")[0]
+                                             .address):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with pytest.raises(openai.APIStatusError) as err:
+            api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        assert err.value.status_code == 503
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"{cluster.http_url}/health", timeout=10)
+        assert health.value.code == 503
+    finally:
+        cluster.stop()
+
+
+def test_a_full_waiting_line_is_429():
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=CacheLimits(1, 1024, 512), http_port=0,
+                                  options=RouterOptions(max_waiting=0))
+    try:
+        grpc_client = GenerationClient(cluster.router_address)
+        busy = grpc_client.stream(generate_request(PROMPT, max_tokens=300, ignore_eos=True),
+                                  timeout=60)
+        next(busy)  # the one sequence the decode worker holds
+        waiting = grpc_client.stream(generate_request(PROMPT, max_tokens=2), timeout=60)
+        deadline = time.monotonic() + 10
+        while not cluster.router.admission._line:  # it stands at the head of the line
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        request = urllib.request.Request(
+            f"{cluster.http_url}/v1/completions", method="POST",
+            data=json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).encode(),
+            headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        assert err.value.code == 429
+        assert json.loads(err.value.read())["error"]["type"] == "rate_limit_error"
+        waiting.cancel()
+        busy.cancel()
+        grpc_client.close()
+    finally:
+        cluster.stop()
+
+
+def test_grpc_errors_keep_their_codes_beside_http(grpc_client):
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_client.complete(generate_request(PROMPT, temperature=-1), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
