@@ -39,6 +39,14 @@ def make_checkpoint(folder: Path, shape: dict, std: float = 0.02) -> Path:
         tensors[p + "mlp.up_proj.weight"] = w(i, h)
         tensors[p + "mlp.down_proj.weight"] = w(h, i)
     save_file(tensors, str(folder / "model.safetensors"))
+    write_config(folder, shape)
+    return folder
+
+
+def write_config(folder: Path, shape: dict) -> Path:
+    """The config.json of a checkpoint of this shape (enough to compile it: weights are
+    not needed until it runs)."""
+    folder.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "olmo", "architectures": ["OlmoForCausalLM"], "rope_theta": 10000.0,
               "hidden_act": "silu", "clip_qkv": None, "eos_token_id": 50279,
               "pad_token_id": 1, **shape}

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from decode_worker.servicer import DecodeServicer, serve_decode
 from olmo_model.kv_pages import CacheLimits
 from prefill_worker.servicer import PrefillServicer, serve_prefill
 from protos.auth import new_secret
 from protos.grpc_server import Server
-from router.http_server import HttpServer
-from router.openai_api import serve_openai
 from router.server import serve_router, static_scheduler
 from router.service import GenerationServicer, RouterOptions
 
 from .worker_spec import WorkerSpec
+
+if TYPE_CHECKING:
+    from router.http_server import HttpServer
 
 
 @dataclasses.dataclass
@@ -84,7 +86,10 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
     router_server, router = serve_router(spec.model_dir, scheduler, options, host, router_port,
                                          api_key, tls)
     servers.append(router_server)
-    http = (None if http_port is None else
-            serve_openai(router, spec.model_dir, host, http_port, api_key, tls))
+    http = None
+    if http_port is not None:  # imported here: FastAPI is not needed without HTTP
+        from router.openai_api import serve_openai
+
+        http = serve_openai(router, spec.model_dir, host, http_port, api_key, tls)
     return LocalCluster(f"{host}:{router_server.port}", servers, servicers["prefill"],
                         servicers["decode"], router, secret, http)

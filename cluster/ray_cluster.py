@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from protos.grpc_server import Server
-from router.http_server import HttpServer
-from router.openai_api import serve_openai
 from router.server import serve_router
 from router.service import GenerationServicer
 
@@ -14,6 +13,9 @@ from .admin import SERVICE_NAME as ADMIN_SERVICE
 from .admin import AdminServicer
 from .cluster_config import ClusterConfig
 from .ray_manager import RayClusterManager, connect_ray
+
+if TYPE_CHECKING:
+    from router.http_server import HttpServer
 
 
 @dataclasses.dataclass
@@ -52,6 +54,8 @@ def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
         raise
     cluster = RayCluster(manager, server, router, f"{config.host}:{server.port}")
     if config.http_port >= 0:
+        from router.openai_api import serve_openai
+
         try:
             cluster.http = serve_openai(router, model_dir, config.host, config.http_port,
                                         config.api_key(), config.tls())

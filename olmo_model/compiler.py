@@ -1,14 +1,11 @@
-"""Compile an OLMo stage module with ``tvm.compile`` and cache the library on disk.
+"""Compile an OLMo stage module with ``tvm.compile`` into the on-disk cache (artifact.py).
 
-The cache key covers everything that changes the generated code: the config, the
-stage's layer range, the target, the dtype, the TVM version and this package's model
-source. A restart with the same key loads the ``.so`` instead of recompiling.
+A restart with the same key (see ``artifact.artifact_folder``) loads the ``.so`` instead
+of recompiling.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -19,38 +16,25 @@ from typing import Any
 import tvm
 from tvm import relax
 
+from .artifact import (
+    SUPPORTED_DTYPES,
+    CompiledModel,
+    artifact,
+    artifact_folder,
+    load_cached,
+    schedule_set,
+    target_description,
+)
 from .config import OLMoConfig
-from .cpu_schedules import SCHEDULE_SET, cpu_pipeline
+from .cpu_schedules import cpu_pipeline
 from .model import OLMoForCausalLM
 from .stages import StageSpec
 from .threads import use_every_cpu
 
-SUPPORTED_DTYPES = ("float32", "float16")
-_MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py", "cpu_attention.py")
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("OLMO_CACHE_DIR") or Path.home() / ".cache" / "olmo-serve"
-    return Path(root) / "compiled"
-
 
 def resolve_target(target: str | dict[str, Any] = "llvm") -> tvm.target.Target:
-    """``llvm`` means this host's CPU (its exact micro-architecture); ``cuda`` means sm_90.
-
-    A dict is passed to TVM unchanged, for full control (``{"kind": "cuda", "arch": "sm_80"}``).
-    """
-    if isinstance(target, dict):
-        return tvm.target.Target(target)
-    if target == "llvm":
-        cpu = host_llvm_cpu()
-        return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
-    if target == "cuda" or target.startswith("cuda:sm_"):
-        arch = target.split(":", 1)[1] if ":" in target else "sm_90"
-        # Conservative limits every CUDA GPU since Volta meets, so that no GPU is needed to build.
-        return tvm.target.Target({"kind": "cuda", "arch": arch,
-                                  "max_shared_memory_per_block": 49152,
-                                  "max_threads_per_block": 1024, "thread_warp_size": 32})
-    raise ValueError(f"unknown target {target!r}: use 'llvm', 'cuda', 'cuda:sm_XX' or a dict")
+    """The TVM Target for ``target`` (see ``artifact.target_description``)."""
+    return tvm.target.Target(target_description(target))
 
 
 def host_llvm_cpu() -> str:
@@ -83,31 +67,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@dataclasses.dataclass(frozen=True)
-class CompiledModel:
-    """A compiled stage library plus what the runtime needs to drive it."""
-
-    library_path: Path
-    config: OLMoConfig
-    stage: StageSpec
-    dtype: str
-    target: str
-    target_kind: str  # "llvm" or "cuda": which device runs the library
-    param_names: tuple[str, ...]
-    param_shapes: tuple[tuple[int, ...], ...]
-    # The argument list of vm.builtin.paged_attention_kv_cache_create, as the compiled
-    # create_paged_kv_cache builds it, with kernels named; see kv_pages.py for why.
-    kv_cache_recipe: tuple[Any, ...]
-    compile_seconds: float
-    from_cache: bool
-    schedule_set: str = "default"  # which CPU schedules (cpu_schedules.SCHEDULE_SET) it carries
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the model layout two workers must share to exchange KV pages."""
-        return _digest({"config": self.config.fingerprint_fields(), "dtype": self.dtype})
-
-
 def compile_model(
     config: OLMoConfig,
     stage: StageSpec | None = None,
@@ -120,26 +79,15 @@ def compile_model(
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {SUPPORTED_DTYPES}")
     stage = stage or StageSpec.full(config.num_hidden_layers)
-    tvm_target = resolve_target(target)
-    schedule_set = _schedule_set(tvm_target)
+    description = target_description(target)
+    tvm_target = tvm.target.Target(description)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     use_every_cpu()  # compiling may run kernels (constant folding): size the pool first
-    key = _digest(
-        {
-            "config": config.fingerprint_fields(),
-            "stage": dataclasses.asdict(stage),
-            "dtype": dtype,
-            "target": str(tvm_target),
-            "tvm": tvm.__version__,
-            "source": _source_digest(),
-            "schedule_set": schedule_set,
-        }
-    )
-    folder = (cache_dir or default_cache_dir()) / key
-    meta_path, lib_path = folder / "meta.json", folder / "model.so"
-    if meta_path.is_file() and lib_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return _artifact(lib_path, config, stage, dtype, meta, from_cache=True)
+    folder = artifact_folder(config, stage, dtype, description, cache_dir)
+    lib_path, meta_path = folder / "model.so", folder / "meta.json"
+    cached = load_cached(folder, config, stage, dtype)
+    if cached is not None:
+        return cached
 
     log(f"compiling OLMo layers [{stage.layer_begin}, {stage.layer_end}) for "
         f"{tvm_target.kind.name} ({dtype}) ...")
@@ -164,37 +112,14 @@ def compile_model(
         "param_shapes": [[int(d) for d in p.shape] for _, p in named_params],
         "kv_cache_recipe": recipe,
         "compile_seconds": seconds,
-        "schedule_set": schedule_set,
+        "schedule_set": schedule_set(description),
     }
     # Written last and atomically: a reader that sees meta.json finds a whole library.
     tmp_meta = folder / f"meta.{os.getpid()}.json"
     tmp_meta.write_text(json.dumps(meta))
     tmp_meta.replace(meta_path)
     log(f"  compiled in {seconds:.1f}s -> {lib_path}")
-    return _artifact(lib_path, config, stage, dtype, meta, from_cache=False)
-
-
-def _artifact(lib: Path, config: OLMoConfig, stage: StageSpec, dtype: str, meta: dict[str, Any],
-              from_cache: bool) -> CompiledModel:
-    return CompiledModel(
-        library_path=lib,
-        config=config,
-        stage=stage,
-        dtype=dtype,
-        target=meta["target"],
-        target_kind=meta["target_kind"],
-        param_names=tuple(meta["param_names"]),
-        param_shapes=tuple(tuple(s) for s in meta["param_shapes"]),
-        kv_cache_recipe=tuple(meta["kv_cache_recipe"]),
-        compile_seconds=meta["compile_seconds"],
-        from_cache=from_cache,
-        schedule_set=meta.get("schedule_set", "default"),
-    )
-
-
-def _schedule_set(target: tvm.target.Target) -> str:
-    """Which hand-written schedules the library carries ("default" means TVM's own)."""
-    return SCHEDULE_SET if target.kind.name == "llvm" else "default"
+    return artifact(lib_path, config, stage, dtype, meta, from_cache=False)
 
 
 def _relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -204,8 +129,39 @@ def _relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     # nn.Linear transposes its weight on every call unless this pass folds the transpose
     # into the matmul (8x on decode, measured on the CPU).
     return tvm.transform.Sequential(
-        [relax.transform.FuseTransposeMatmul(), relax.get_default_pipeline(target)]
+        [relax.transform.FuseTransposeMatmul(), _cuda_pipeline(target)]
     )
+
+
+def _cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CUDA pipeline, with matmuls scheduled for CUDA cores, not tensor cores.
+
+    TVM 0.27's tensor-core matmul schedule crashes the process (a segfault in
+    ``Tensorize`` while it reports a mismatch) on OLMo-1B's fp16 matmuls, for sm_80 and
+    sm_90 alike; its tiny-model matmuls never reach it. dlight skips the tensor-core path
+    for functions marked ``dlight.do_not_tensorize``.
+    """
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    class MatmulOnCudaCores(dl.gpu.Matmul):
+        def apply(self, func, target, tunable):
+            if isinstance(func, tvm.tirx.PrimFunc):
+                func = func.with_attr("dlight.do_not_tensorize", True)
+            return super().apply(func, target, tunable)
+
+    legalize = cuda.legalize_passes(target)[:-1]  # TVM's, less its dlight schedule
+    schedule = dl.ApplyDefaultSchedule(MatmulOnCudaCores(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(
+                cuda.library_dispatch_passes(target) + legalize + [schedule]
+                + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
+
+    return pipeline
 
 
 def kv_cache_recipe(create_fn: relax.Function) -> list[Any]:
@@ -244,15 +200,3 @@ def _describe(expr: Any, bindings: dict[Any, Any]) -> Any:
 
 def _describe_dim(dim: Any) -> Any:
     return {"var": dim.name} if isinstance(dim, tvm.tirx.Var) else int(dim)
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _source_digest() -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in _MODEL_SOURCES:
-        h.update((here / name).read_bytes())
-    return h.hexdigest()

@@ -37,8 +37,8 @@ from tvm.target import Target
 
 from .cpu_attention import VECTOR_LANES, ParallelAttention, static_extent
 
-# Recorded in the compile cache key and the artifact meta: bump on any schedule change.
-SCHEDULE_SET = "olmo-cpu-v2"
+# This file's version is artifact.CPU_SCHEDULE_SET (in the cache key and every artifact's
+# meta): bump it there on any schedule change.
 
 # Register tile of the matmul kernel: TILE_ROWS rows of x times TILE_COLS rows of W,
 # each accumulating VECTOR_LANES partial sums: 3 x 4 = 12 of the 16 ymm registers,

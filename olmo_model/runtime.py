@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
 from tvm.runtime import ShapeTuple
+from tvm.runtime.vm import VirtualMachine
 
-from .compiler import CompiledModel, compile_model
+from .artifact import CompiledModel, load_or_compile
 from .config import OLMoConfig
 from .kv_pages import CacheLimits, KVSnapshot, PagedKVCache
 from .loader import load_stage_params
@@ -92,7 +92,7 @@ class ModelRunner:
         self.limits = limits or CacheLimits.for_model(self.config)
         use_every_cpu()  # before the first kernel runs: TVM sizes its thread pool then
         library = tvm.runtime.load_module(str(artifact.library_path))
-        self.vm = relax.VirtualMachine(library, self.device)
+        self.vm = VirtualMachine(library, self.device)
         self.params = [tvm.runtime.tensor(p, self.device) for p in params]
         self.kv = PagedKVCache(
             library.imports[0], artifact.kv_cache_recipe, self.limits,
@@ -107,7 +107,7 @@ class ModelRunner:
                         limits: CacheLimits | None = None, config: OLMoConfig | None = None,
                         **compile_kwargs) -> ModelRunner:
         config = config or OLMoConfig.from_file(model_dir)
-        artifact = compile_model(config, stage, dtype=dtype, target=target, **compile_kwargs)
+        artifact = load_or_compile(config, stage, dtype=dtype, target=target, **compile_kwargs)
         params = load_stage_params(model_dir, artifact.param_names, artifact.param_shapes,
                                    artifact.stage, config.tie_word_embeddings, dtype)
         device = "cuda" if artifact.target_kind == "cuda" else "cpu"

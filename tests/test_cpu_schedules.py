@@ -11,12 +11,11 @@ import pytest
 import tvm
 from tvm import relax, tirx
 
-from olmo_model import compiler
+from olmo_model import artifact
 from olmo_model.compiler import resolve_target
 from olmo_model.cpu_attention import paged_decode_attention, prefill_ragged_attention
 from olmo_model.cpu_schedules import (
     PACK_MIN_ROWS,
-    SCHEDULE_SET,
     HalfMatmulAccumulateInFloat32,
     cpu_pipeline,
     matmul_rule,
@@ -172,9 +171,9 @@ def test_prefill_attention_matches_reference(causal, h_q, h_kv):
 def test_compiled_artifact_records_its_schedules(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     runner = ModelRunner.from_checkpoint(folder)
-    assert runner.artifact.schedule_set == SCHEDULE_SET
+    assert runner.artifact.schedule_set == artifact.CPU_SCHEDULE_SET
     # Editing the schedules must invalidate the disk cache, like editing the model.
-    assert "cpu_schedules.py" in compiler._MODEL_SOURCES
+    assert "cpu_schedules.py" in artifact.MODEL_SOURCES
 
 
 def test_thread_pool_follows_the_machine():

@@ -3,9 +3,11 @@ and explains why it cannot run, and KV transport selection falls back to gRPC.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kv_transfer.transports import GRPC, NCCL, choose_transport, worker_transports
@@ -72,3 +74,34 @@ def test_workers_report_their_transport_in_stats(tiny_checkpoint):
             assert stats.transport_note
     finally:
         cluster.stop()
+
+
+def test_a_cached_library_runs_on_tvms_runtime_alone(tiny_checkpoint, tmp_path):
+    """What the GPU bundle relies on: with TVM_USE_RUNTIME_LIB=1 (no compiler), a library
+    compiled elsewhere is found in the cache and runs, and nothing loads the compiler."""
+    from conftest import reference_logits
+
+    from olmo_model.compiler import compile_model
+    from olmo_model.config import OLMoConfig
+
+    folder, reference = tiny_checkpoint
+    target = {"kind": "llvm", "mcpu": "x86-64-v3"}
+    compile_model(OLMoConfig.from_file(folder), target=target, cache_dir=tmp_path / "compiled")
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    np.save(tmp_path / "reference.npy", reference_logits(reference, prompt))
+    probe = (
+        "import sys, numpy as np\n"
+        "from olmo_model.runtime import ModelRunner\n"
+        f"runner = ModelRunner.from_checkpoint({str(folder)!r}, target={target!r})\n"
+        "runner.add_sequence(0)\n"
+        f"prompt = {prompt!r}\n"
+        "hidden = runner.forward([0], [len(prompt)], runner.embed(np.array(prompt)))\n"
+        "logits = runner.logits(hidden)\n"
+        f"ref = np.load({str(tmp_path / 'reference.npy')!r})\n"
+        "assert np.abs(logits - ref).max() / np.abs(ref).max() < 1e-4\n"
+        "assert not [m for m in sys.modules if m.startswith(('tvm.relax', 'tvm.s_tir'))]\n"
+        "print('ran from the cache, runtime only')\n")
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "OLMO_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert "runtime only" in done.stdout, done.stderr[-3000:]
