@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,15 @@ OLMO_1B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_h
 SMALL = dict(vocab_size=50304, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
              tie_word_embeddings=True)
+
+
+# Where the benchmarks keep their checkpoints, across runs.
+BENCH_CHECKPOINTS = Path(tempfile.gettempdir()) / "olmo-bench-checkpoints"
+
+
+def bench_checkpoint(name: str, shape: dict) -> Path:
+    """The benchmarks' random checkpoint ``name`` of ``shape``, made on first use."""
+    return make_checkpoint(BENCH_CHECKPOINTS / name, shape)
 
 
 def make_checkpoint(folder: Path, shape: dict, std: float = 0.02) -> Path:

@@ -67,8 +67,11 @@ def greedy_tokens(folder: Path, target) -> list[list[int]]:
     """Greedy continuations of GREEDY_PROMPTS by a disaggregated local cluster."""
     from cluster.local_cluster import start_local_cluster
     from router.client import GenerationClient, generate_request
+    from router.service import RouterOptions
 
-    cluster = start_local_cluster(folder, target=target)
+    # Every prompt goes through the prefill worker: the push is what is checked.
+    cluster = start_local_cluster(folder, target=target,
+                                  options=RouterOptions(local_prefill_below=0))
     try:
         client = GenerationClient(cluster.router_address)
         out = [client.complete(generate_request(p, max_tokens=GREEDY_TOKENS,
@@ -127,6 +130,7 @@ def nccl_round_trip(folder: Path) -> dict:
     seconds = time.perf_counter() - start
     comm.close()
     moved = dst.cpu().numpy()
+    receiver.add_sequence(7)
     receiver.import_kv(7, KVSnapshot(snapshot.layer_begin, snapshot.layer_end, moved[0],
                                      moved[1]))
     back = receiver.export_kv(7, 65)
@@ -139,12 +143,11 @@ def nccl_round_trip(folder: Path) -> dict:
 def speed_1b() -> dict:
     """OLMo-1B-shaped fp16: our decode and prefill beside transformers', and the floor."""
     import torch
-    from checkpoints import OLMO_1B, make_checkpoint
+    from checkpoints import OLMO_1B, bench_checkpoint
 
     from olmo_model.runtime import ModelRunner
 
-    folder = make_checkpoint(Path(tempfile.gettempdir()) / "olmo-bench-checkpoints" / "olmo-1b",
-                             OLMO_1B)
+    folder = bench_checkpoint("olmo-1b", OLMO_1B)
     runner = ModelRunner.from_checkpoint(folder, dtype="float16", target="cuda")
     runner.add_sequence(0)
     runner.prefill([0], [[1, 2, 3, 4]])

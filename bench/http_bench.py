@@ -17,12 +17,11 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from checkpoints import SERVE, make_checkpoint
+from checkpoints import SERVE, bench_checkpoint
 
 PROMPT_TOKENS = 32
 LONE_REQUESTS = 30
@@ -79,11 +78,12 @@ def main() -> None:
 
     from cluster.local_cluster import start_local_cluster
     from olmo_model.kv_pages import CacheLimits
+    from router.service import RouterOptions
 
-    model = make_checkpoint(Path(tempfile.gettempdir()) / "olmo-bench-checkpoints" / "serve",
-                            SERVE)
-    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    cluster = start_local_cluster(model, limits=CacheLimits(32, 8192, 1024), http_port=0)
+    model = bench_checkpoint("serve", SERVE)
+    vocab = SERVE["vocab_size"]
+    cluster = start_local_cluster(model, limits=CacheLimits(32, 8192, 1024), http_port=0,
+                                  options=RouterOptions(local_prefill_below=0))
     try:
         done = subprocess.run(
             [sys.executable, __file__, "--client", "--grpc", cluster.router_address,

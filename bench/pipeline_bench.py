@@ -13,16 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from checkpoints import SERVE, make_checkpoint
+from checkpoints import SERVE, bench_checkpoint
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
 from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
 
 
 def step_times(client: GenerationClient, batch: int, tokens: int) -> list[float]:
@@ -47,12 +47,12 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline_bench.json"))
     args = parser.parse_args()
-    model = make_checkpoint(Path(tempfile.gettempdir()) / "olmo-bench-checkpoints" / "serve",
-                            SERVE)
+    model = bench_checkpoint("serve", SERVE)
     limits = CacheLimits(max_num_sequences=16, max_total_tokens=4096, prefill_chunk_size=1024)
     results = {"model": str(model), "layouts": []}
     for stages in args.stages:
-        cluster = start_local_cluster(model, limits=limits, decode_stages=stages)
+        cluster = start_local_cluster(model, limits=limits, decode_stages=stages,
+                                      options=RouterOptions(local_prefill_below=0))
         client = GenerationClient(cluster.router_address)
         try:
             step_times(client, 1, 4)  # warm up

@@ -16,19 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from checkpoints import SERVE, make_checkpoint
+from checkpoints import SERVE, bench_checkpoint
 from clients import GrpcTarget, HttpTarget
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
 from protos import worker_pb2
+from router.service import RouterOptions
 
 PROMPT_LENGTHS = (32, 128, 512)
 OUTPUT_LENGTHS = (16, 64)
@@ -89,7 +89,7 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool):
         from cluster.ray_cluster import start_ray_cluster
 
         config = ClusterConfig(model=str(model), port=0, http_port=0, max_sequences=32,
-                               max_total_tokens=32768,
+                               max_total_tokens=32768, local_prefill_below_tokens=0,
                                mode="aggregated" if aggregated else "disaggregated",
                                prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5))
         cluster = start_ray_cluster(config)
@@ -97,7 +97,9 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool):
         return cluster, cluster.address, stats
     limits = CacheLimits(max_num_sequences=32, max_total_tokens=32768, prefill_chunk_size=2048)
     cluster = start_local_cluster(model, num_prefill=1, num_decode=1, aggregated=aggregated,
-                                  limits=limits, http_port=0)
+                                  limits=limits, http_port=0,
+                                  # every prompt pushed, as in the recorded runs
+                                  options=RouterOptions(local_prefill_below=0))
     return cluster, cluster.router_address, [
         lambda request, p=p: p.Stats(request, None) for p in cluster.prefill]
 
@@ -139,8 +141,7 @@ def main() -> None:
                         help="workers as Ray actors in their own processes (default: one process)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_bench.json"))
     args = parser.parse_args()
-    model = args.model or make_checkpoint(
-        Path(tempfile.gettempdir()) / "olmo-bench-checkpoints" / "serve", SERVE)
+    model = args.model or bench_checkpoint("serve", SERVE)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     results = {"model": str(model), "api": args.api,
                "workers": "ray actors" if args.ray else "one process",

@@ -17,19 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from checkpoints import SERVE, make_checkpoint
+from checkpoints import SERVE, bench_checkpoint
 
 from cluster.local_cluster import start_local_cluster
 from decode_worker.engine import DecodeEngine
 from olmo_model.kv_pages import CacheLimits
 from olmo_model.runtime import ModelRunner
 from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
 
 RUNNER_KERNELS = ("embed", "forward", "select_last", "logits")
 
@@ -88,11 +88,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/step_bench.json"))
     args = parser.parse_args()
-    model = make_checkpoint(Path(tempfile.gettempdir()) / "olmo-bench-checkpoints" / "serve",
-                            SERVE)
+    model = bench_checkpoint("serve", SERVE)
     timer = StepTimer()
     timer.install()
-    cluster = start_local_cluster(model, limits=CacheLimits(16, 4096, 1024))
+    cluster = start_local_cluster(model, limits=CacheLimits(16, 4096, 1024),
+                                  options=RouterOptions(local_prefill_below=0))
     client = GenerationClient(cluster.router_address)
     results = {"model": str(model), "batches": []}
     try:

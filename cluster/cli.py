@@ -30,6 +30,18 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         help="sequences one worker's KV cache holds at once (default 16)")
     parser.add_argument("--max-total-tokens", type=int, default=None,
                         help="tokens one worker's KV cache holds in all (default 8192)")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        default=None, help="free every sequence when it finishes instead of "
+                                           "keeping it for prompts that begin alike")
+
+
+def _routing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-weight", type=float, default=None,
+                        help="KV-aware routing: tokens of load a cached prompt token is worth "
+                             "(default 4; 0 routes by load alone)")
+    parser.add_argument("--local-prefill-below", type=int, default=None, metavar="TOKENS",
+                        help="a decode worker prefills a prompt itself when at most this many "
+                             "of its tokens are not cached there (default 64; 0: never)")
 
 
 def _bind_flags(parser: argparse.ArgumentParser, port: int) -> None:
@@ -54,9 +66,16 @@ def _worker_spec(args: argparse.Namespace):
     return ClusterConfig(**_model_overrides(args)).worker_spec()
 
 
+def _routing_overrides(args: argparse.Namespace) -> dict:
+    given = {"kv_weight": args.kv_weight,
+             "local_prefill_below_tokens": args.local_prefill_below}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _model_overrides(args: argparse.Namespace) -> dict:
     given = {"model": args.model, "dtype": args.dtype, "target": args.target,
-             "max_sequences": args.max_sequences, "max_total_tokens": args.max_total_tokens}
+             "max_sequences": args.max_sequences, "max_total_tokens": args.max_total_tokens,
+             "prefix_cache": args.prefix_cache}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -86,7 +105,8 @@ def _prefill_worker(args: argparse.Namespace) -> int:
     from prefill_worker.servicer import serve_prefill
 
     secret = _required_secret(args)
-    server, _ = serve_prefill(_worker_spec(args).runner(), args.host, args.port, secret)
+    spec = _worker_spec(args)
+    server, _ = serve_prefill(spec.runner(), args.host, args.port, secret, spec.prefix_cache)
     print(f"prefill worker serving on {args.host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
@@ -95,7 +115,8 @@ def _decode_worker(args: argparse.Namespace) -> int:
     from decode_worker.servicer import serve_decode
 
     secret = _required_secret(args)
-    server, _ = serve_decode(_worker_spec(args).runner(), args.host, args.port, secret)
+    spec = _worker_spec(args)
+    server, _ = serve_decode(spec.runner(), args.host, args.port, secret, spec.prefix_cache)
     print(f"decode worker serving on {args.host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
@@ -109,7 +130,8 @@ def _router(args: argparse.Namespace) -> int:
     config = ClusterConfig(mode="aggregated" if args.aggregated else "disaggregated",
                            prefill={"instances": 0 if args.aggregated else 1},
                            lease_ms=args.lease_ms, api_key_file=args.api_key_file,
-                           tls_cert=args.tls_cert, tls_key=args.tls_key)
+                           tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           **_routing_overrides(args))
     scheduler = static_scheduler([] if args.aggregated else args.prefill, args.decode,
                                  _required_secret(args))
     model_dir = resolve_model_dir(args.model)
@@ -163,8 +185,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _cluster_config(args: argparse.Namespace):
     from .cluster_config import ClusterConfig
 
-    overrides = {**_model_overrides(args), "host": args.host, "port": args.port,
-                 "http_port": args.http_port,
+    overrides = {**_model_overrides(args), **_routing_overrides(args),
+                 "host": args.host, "port": args.port, "http_port": args.http_port,
                  "token_file": args.token_file, "api_key_file": args.api_key_file,
                  "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if args.aggregated:
@@ -196,7 +218,7 @@ def _start_cluster(args: argparse.Namespace):
             config.aggregated, spec.dtype, spec.target, spec.limits, config.host, config.port,
             config.prefill.stages, config.decode.stages, config.router_options(),
             config.cluster_secret(), config.api_key(), config.tls(),
-            config.http_port if config.http_port >= 0 else None)
+            config.http_port if config.http_port >= 0 else None, spec.prefix_cache)
         how, address = "in-process", cluster.router_address
     else:
         from .ray_cluster import start_ray_cluster
@@ -302,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="pipeline stages per decode instance")
         cmd.add_argument("--aggregated", action="store_true",
                          help="decode workers prefill locally; no KV transfer")
+        _routing_flags(cmd)
         cmd.add_argument("--ray-address", default=None,
                          help="join this Ray cluster (e.g. auto); default: start one")
         cmd.add_argument("--no-ray", action="store_true",
@@ -353,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--decode", action="append", default=[], metavar="HOST:PORT")
     router.add_argument("--aggregated", action="store_true")
     router.add_argument("--lease-ms", type=int, default=30_000)
+    _routing_flags(router)
     router.add_argument("--http-port", type=int, default=8000,
                         help="OpenAI-compatible API and /metrics (0 picks a free port, -1 none)")
     _bind_flags(router, 50051)

@@ -55,6 +55,14 @@ class ClusterConfig:
     max_total_tokens: int | None = None
     lease_ms: int = 30_000
     health_interval_s: float = 1.0
+    # Prefix caching: workers keep finished sequences, and a prompt forks from the longest
+    # cached prefix (computing and shipping only the rest). The router weighs a worker's
+    # likely cached prefix of a prompt against its load (kv_weight tokens of load per
+    # cached token; 0: load alone), and a decode worker prefills a prompt itself when at
+    # most local_prefill_below_tokens of it are not cached (0: never).
+    prefix_cache: bool = True
+    kv_weight: float | None = None
+    local_prefill_below_tokens: int | None = None
     # What happens to a request whose decode worker dies mid-stream.
     on_decode_failure: str = "resume"  # or "fail"
     # The router's admission and liveness bounds (None: RouterOptions' defaults). Requests
@@ -90,6 +98,10 @@ class ClusterConfig:
                 raise ClusterConfigError(f"{role}.instances must be >= 0")
             if value.stages < 1:
                 raise ClusterConfigError(f"{role}.stages must be >= 1")
+        if self.kv_weight is not None and self.kv_weight < 0:
+            raise ClusterConfigError("kv_weight must be >= 0")
+        if self.local_prefill_below_tokens is not None and self.local_prefill_below_tokens < 0:
+            raise ClusterConfigError("local_prefill_below_tokens must be >= 0")
         if self.decode.instances < 1:
             raise ClusterConfigError("at least one decode instance is needed")
         if self.mode == "disaggregated" and self.prefill.instances < 1:
@@ -107,7 +119,9 @@ class ClusterConfig:
         given = {"max_waiting": self.max_waiting_requests,
                  "max_queue_wait_s": self.max_queue_wait_s,
                  "first_token_timeout_s": self.first_token_timeout_s,
-                 "token_timeout_s": self.token_timeout_s}
+                 "token_timeout_s": self.token_timeout_s,
+                 "kv_weight": self.kv_weight,
+                 "local_prefill_below": self.local_prefill_below_tokens}
         return dataclasses.replace(
             defaults, aggregated=self.aggregated, lease_ms=self.lease_ms, limits=limits,
             resume_on_decode_failure=self.on_decode_failure == "resume",
@@ -133,7 +147,7 @@ class ClusterConfig:
     def worker_spec(self) -> WorkerSpec:
         """What every worker of this cluster builds its runner from."""
         limits = CacheLimits.sized(self.max_sequences, self.max_total_tokens)
-        return WorkerSpec.of(self.model, self.dtype, self.target, limits)
+        return WorkerSpec.of(self.model, self.dtype, self.target, limits, self.prefix_cache)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ClusterConfig:

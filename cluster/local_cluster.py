@@ -57,11 +57,13 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
                         prefill_stages: int = 1, decode_stages: int = 1,
                         options: RouterOptions | None = None, secret: str | None = None,
                         api_key: str | None = None, tls: tuple[bytes, bytes] | None = None,
-                        http_port: int | None = None) -> LocalCluster:
+                        http_port: int | None = None, prefix_cache: bool = True
+                        ) -> LocalCluster:
     """Start the workers and the router; ``None`` for model, dtype, target or limits means
     the same default every cluster uses (``WorkerSpec``), for ``secret`` a new one. With an
-    ``http_port`` (0: any free one) the router serves the OpenAI-compatible API too."""
-    spec = WorkerSpec.of(model_dir, dtype, target, limits)
+    ``http_port`` (0: any free one) the router serves the OpenAI-compatible API too.
+    ``prefix_cache``: workers keep finished sequences for prompts that begin alike."""
+    spec = WorkerSpec.of(model_dir, dtype, target, limits, prefix_cache)
     secret = secret or new_secret()
     servers: list[Server] = []
     servicers: dict[str, list] = {"prefill": [], "decode": []}
@@ -73,7 +75,8 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
         for _ in range(instances):
             addresses, members = [], []
             for stage in range(stages):
-                server, servicer = serve(spec.runner(stage, stages), host, secret=secret)
+                server, servicer = serve(spec.runner(stage, stages), host, secret=secret,
+                                         prefix_cache=prefix_cache)
                 servers.append(server)
                 members.append(servicer)
                 addresses.append(f"{host}:{server.port}")

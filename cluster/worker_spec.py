@@ -22,13 +22,14 @@ class WorkerSpec:
     dtype: str = DEFAULT_DTYPE
     target: str = DEFAULT_TARGET
     limits: CacheLimits = CacheLimits()
+    prefix_cache: bool = True  # keep finished sequences for prompts that begin alike
 
     @classmethod
     def of(cls, model: str | Path | None, dtype: str | None = None, target: str | None = None,
-           limits: CacheLimits | None = None) -> WorkerSpec:
+           limits: CacheLimits | None = None, prefix_cache: bool = True) -> WorkerSpec:
         """None for any field means its default (for ``model``: the built-in demo model)."""
         return cls(Path(resolve_model_dir(model)).resolve(), dtype or DEFAULT_DTYPE,
-                   target or DEFAULT_TARGET, limits or CacheLimits())
+                   target or DEFAULT_TARGET, limits or CacheLimits(), prefix_cache)
 
     def config(self) -> OLMoConfig:
         return OLMoConfig.from_file(self.model_dir)

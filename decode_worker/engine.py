@@ -2,13 +2,18 @@
 
 Once per loop: finish aborted requests, admit reservations whose K/V has reached every
 stage (install it; the first token is sampled from the pushed hidden state) or prefill
-local ones (aggregated mode), then run one ``batch_decode`` step for everything running.
-Installation happens between steps, never during one. A single-stage instance is the
-same loop over a chain of one local stage.
+local ones, then run one ``batch_decode`` step for everything running. Installation
+happens between steps, never during one. A single-stage instance is the same loop over
+a chain of one local stage.
+
+The leader also keeps the instance's prefix cache: a reservation forks its sequence
+from the longest cached prefix of its prompt (a push then carries only the rest), and
+prefills locally when the rest is short; a finished sequence stays cached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 
@@ -25,23 +30,37 @@ from pipeline.ops import (
     SequenceSlice,
     TokenLogprobs,
 )
+from pipeline.prefix_cache import MISS, PrefixCache
 from protos.errors import ServingError
 
 from .scheduler import DecodeScheduler, Request, TokenOut
 from .stage import DecodeStage
 
 
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    pages: int            # held for it, beyond the cached pages it shares
+    cached_tokens: int    # the prompt's first tokens it forks from the prefix cache
+    local: bool           # prefilled here: no push comes
+
+
 class DecodeEngine:
-    def __init__(self, stage: DecodeStage, idle_wait: float = 0.02):
+    def __init__(self, stage: DecodeStage, idle_wait: float = 0.02, prefix_cache: bool = True):
         runner = stage.runner
         self.stage = stage
         self.chunk_size = runner.limits.prefill_chunk_size
+        self.cache = PrefixCache(runner.limits.page_size, enabled=prefix_cache)
         self.scheduler = DecodeScheduler(
             # One page is kept back: TVM's cache needs a spare page at a page boundary.
             total_pages=runner.kv.total_pages - 1,
-            max_sequences=runner.limits.max_num_sequences, pages_for=runner.kv.pages_for,
+            max_sequences=runner.limits.max_num_sequences, page_size=runner.limits.page_size,
             context_window=runner.config.context_window_size,
-            vocab_size=runner.config.vocab_size, eos_ids=runner.config.eos_token_id)
+            vocab_size=runner.config.vocab_size, eos_ids=runner.config.eos_token_id,
+            cached_pages=self.cache.held_pages)
+        # Held while the cache and the stages' sequences change together: a reservation
+        # picking (and forking) its prefix, a finished request joining the cache.
+        self._cache_lock = threading.RLock()
+        self.prefilled_tokens = 0  # prompt tokens prefilled here (not found cached)
         stage.receiver.on_arrival = self.scheduler.kv_arrived
         self.chain: StageChain | None = None  # set when this worker leads an instance
         self.idle_wait = idle_wait
@@ -50,36 +69,55 @@ class DecodeEngine:
 
     def lead(self, chain: StageChain) -> None:
         """Lead the instance of ``chain``; its members start clean (release everything)."""
-        chain.release(Release(reset=True))
-        self.chain = chain
+        with self._cache_lock:
+            self.cache.clear()
+            chain.release(Release(reset=True))
+            self.chain = chain
 
     # --- called from gRPC handlers ----------------------------------------------------
 
-    def reserve(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig,
-                lease_seconds: float, local_prompt: list[int] | None = None) -> int:
-        """Hold pages for a request and tell every stage of it; returns the pages held."""
+    def reserve(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
+                sampling: SamplingConfig, lease_seconds: float, prefill_locally: bool = False,
+                local_below: int = 0) -> Reservation:
+        """Hold pages for a request and tell every stage of it. Its sequence forks from
+        the longest cached prefix of ``prompt_ids`` (when given); it is prefilled here if
+        ``prefill_locally``, or if at most ``local_below`` of its tokens are not cached."""
         chain = self._leading()
-        request = self.scheduler.reserve(request_id, prompt_tokens, sampling, lease_seconds,
-                                         local_prompt)
-        local = local_prompt is not None
-        try:
-            chain.expect([Expectation(request_id, prompt_tokens, sampling, local,
-                                      request.seq_id)])
-        except ServingError as exc:
-            self.scheduler.withdraw(request_id)
-            chain.release(Release((request.seq_id,) if local else (), (request_id,)))
-            raise ServingError(grpc.StatusCode.UNAVAILABLE,
-                               f"a pipeline stage refused the request: {exc.message}") from exc
+        self.scheduler.check(request_id, prompt_tokens, prompt_ids, sampling, lease_seconds,
+                             prefill_locally)
+        with self._cache_lock:
+            cached = self.cache.lookup(prompt_ids) if prompt_ids else MISS
+            local = prefill_locally or (bool(prompt_ids)
+                                        and prompt_tokens - cached.tokens <= local_below)
+            self._make_room(self.scheduler.pages_needed(prompt_tokens, sampling, cached),
+                            keep=cached.seq_id)
+            request = self.scheduler.reserve(request_id, prompt_tokens, prompt_ids, sampling,
+                                             lease_seconds, local, cached)
+            self.cache.start(request.seq_id, cached)
+            try:
+                chain.expect([Expectation(request_id, prompt_tokens - cached.tokens, sampling,
+                                          local, request.seq_id, cached.seq_id,
+                                          cached.tokens)])
+            except ServingError as exc:
+                self.scheduler.withdraw(request_id)
+                self.cache.forget(request.seq_id)
+                chain.release(Release((request.seq_id,), (request_id,)))
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, "a pipeline stage refused "
+                                   f"the request: {exc.message}") from exc
+            self.cache.count(len(prompt_ids), cached.tokens)
         self.scheduler.announce(request)
-        return request.reserved_pages
+        return Reservation(request.reserved_pages, cached.tokens, local)
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         return self.scheduler.abort(request_id, reason)
 
     def stats(self) -> dict[str, int]:
         runner = self.stage.runner
-        return {**self.scheduler.stats(),
-                "used_pages": runner.kv.total_pages - runner.available_pages(),
+        cache = self.cache.stats()
+        held = runner.kv.total_pages - runner.available_pages()
+        return {**self.scheduler.stats(), **cache,
+                "used_pages": max(0, held - cache["cached_pages"]),
+                "prefilled_tokens": self.prefilled_tokens,
                 "kv_bytes_received": self.stage.receiver.bytes_received,
                 "pushes_refused": self.stage.receiver.pushes_refused}
 
@@ -113,7 +151,7 @@ class DecodeEngine:
 
     def _admit(self, waiting: list[Request]) -> None:
         """Install K/V that has reached every stage (or prefill locally); sample first tokens."""
-        pushed = [r for r in waiting if r.local_prompt is None]
+        pushed = [r for r in waiting if not r.local]
         if pushed:
             ready = set(self.chain.ready([r.request_id for r in pushed]))
             admitted = [r for r in pushed if r.request_id in ready]
@@ -121,10 +159,13 @@ class DecodeEngine:
                 result = self.chain.install([Admission(r.request_id, r.seq_id)
                                              for r in admitted])
                 self._emit(admitted, result.tokens, result.failed, result.logprobs)
-        local = [r for r in waiting if r.local_prompt is not None]
+        local = [r for r in waiting if r.local]
         if local:
-            prompts = [PromptToPrefill(r.seq_id, r.local_prompt, r.request_id) for r in local]
+            prompts = [PromptToPrefill(r.seq_id, r.prompt_ids[r.cached_tokens:], r.request_id,
+                                       fork_from=r.cached.seq_id, fork_pos=r.cached_tokens)
+                       for r in local]
             outcome = self.chain.prefill(prompts, self.chunk_size)
+            self.prefilled_tokens += sum(len(p.token_ids) for p in prompts)
             self._emit(local, outcome.first_tokens, outcome.failed, outcome.logprobs)
 
     def _step(self) -> None:
@@ -154,18 +195,37 @@ class DecodeEngine:
                 request.events.put(event)
 
     def _finish(self, request_id: str, event: TokenOut) -> None:
-        """Free the request on every stage, then send its final event."""
+        """Free the request on every stage (its sequence may stay, cached), then send its
+        final event."""
         request = self.scheduler.finish(request_id)
         if request is None:
             return
         try:
-            self.chain.release(Release((request.seq_id,), (request.request_id,)))
+            # A failed request's K/V may be incomplete: it is never cached.
+            tokens = None if event.finish_reason == "error" else request.kv_tokens()
+            with self._cache_lock:
+                freed = self.cache.finish(request.seq_id, tokens)
+                self.chain.release(Release(tuple(freed), (request.request_id,)))
         finally:
             request.events.put(event)
+
+    def _make_room(self, pages: int, keep: int | None) -> None:
+        """Evict cached prefixes (least recently used first, never ``keep``) until
+        ``pages`` pages are free, or none is left to evict."""
+        shortfall = pages - self.scheduler.free_pages()
+        if shortfall > 0:
+            evicted = self.cache.evict(shortfall, keep=(keep,))
+            if evicted:
+                self.chain.release(Release(tuple(evicted)))
 
     def _fail_all(self, message: str) -> None:
         for request_id in self.scheduler.request_ids():
             try:
                 self._finish(request_id, TokenOut(None, "error", message))
             except Exception:  # a stage may be gone; still tell every client
+                pass
+        with self._cache_lock:  # what a failed step left cached is not to be trusted
+            try:
+                self.chain.release(Release(tuple(self.cache.clear())))
+            except Exception:
                 pass

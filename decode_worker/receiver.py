@@ -18,17 +18,16 @@ import numpy as np
 from kv_transfer.codec import KVAssembler
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.stages import StageSpec
-from pipeline.ops import SamplingConfig
 from protos import worker_pb2
 from protos.errors import ServingError
 
 
 @dataclasses.dataclass
 class PendingKV:
-    """A request's K/V as it arrives at this stage, and how its tokens will be sampled."""
+    """A request's K/V as it arrives at this stage."""
 
-    prompt_tokens: int
-    sampling: SamplingConfig
+    prompt_tokens: int      # the tokens pushes carry: the prompt's from token_begin on
+    token_begin: int = 0    # the prompt's first tokens before it are in the cache already
     parts: dict[int, KVSnapshot] = dataclasses.field(default_factory=dict)  # by layer_begin
     hidden: np.ndarray | None = None
 
@@ -39,7 +38,7 @@ class PendingKV:
             return ordered[0]
         return KVSnapshot(ordered[0].layer_begin, ordered[-1].layer_end,
                           np.concatenate([p.keys for p in ordered]),
-                          np.concatenate([p.values for p in ordered]))
+                          np.concatenate([p.values for p in ordered]), self.token_begin)
 
 
 class KVReceiver:
@@ -53,9 +52,9 @@ class KVReceiver:
         self.bytes_received = 0
         self.pushes_refused = 0
 
-    def expect(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig) -> None:
+    def expect(self, request_id: str, prompt_tokens: int, token_begin: int = 0) -> None:
         with self._lock:
-            self._pending[request_id] = PendingKV(prompt_tokens, sampling)
+            self._pending[request_id] = PendingKV(prompt_tokens, token_begin)
 
     def receive(self, chunks: Iterable[worker_pb2.KVChunk]) -> int:
         """Take one push: assemble and verify it, keep it for its request; returns its bytes.
@@ -102,19 +101,20 @@ class KVReceiver:
         with self._lock:
             return len(self._pending)
 
-    def _check(self, request_id: str, num_tokens: int) -> None:
+    def _check(self, request_id: str, token_begin: int, num_tokens: int) -> None:
         with self._lock:
             pending = self._pending.get(request_id)
         if pending is None:
             raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"no open reservation for request {request_id!r} on this stage")
-        if num_tokens != pending.prompt_tokens:
+        if (token_begin, num_tokens) != (pending.token_begin, pending.prompt_tokens):
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"push carries {num_tokens} tokens but {pending.prompt_tokens} "
-                               "were reserved")
+                               f"push carries {num_tokens} tokens from position {token_begin} "
+                               f"but {pending.prompt_tokens} from {pending.token_begin} were "
+                               "reserved")
 
     def _keep(self, request_id: str, snapshot: KVSnapshot, hidden: np.ndarray | None) -> None:
-        self._check(request_id, snapshot.num_tokens)
+        self._check(request_id, snapshot.token_begin, snapshot.num_tokens)
         with self._lock:
             pending = self._pending.get(request_id)
             if pending is None:  # dropped while the push streamed in

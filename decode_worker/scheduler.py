@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 import grpc
 
 from pipeline.ops import MAX_REQUEST_ID_CHARS, SamplingConfig, TokenLogprobs
+from pipeline.prefix_cache import MISS, Hit
 from protos.errors import ServingError
 
 # Final events of requests that finished before their token stream was opened are kept
@@ -49,16 +50,29 @@ class TokenOut:
 class Request:
     request_id: str
     prompt_tokens: int
+    prompt_ids: list[int]     # may be empty: then it is neither matched nor cached
     sampling: SamplingConfig
-    reserved_pages: int
+    reserved_pages: int       # beyond those it shares with the cached prefix it forks
     lease_deadline: float
-    local_prompt: list[int] | None  # aggregated mode: prefilled here, no push comes
     seq_id: int
+    local: bool = False       # prefilled here: no push comes
+    cached: Hit = MISS        # the cached prefix its sequence forks from
     phase: Phase = Phase.RESERVED
     generated: list[int] = dataclasses.field(default_factory=list)
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     stream_attached: bool = False
     announced: bool = False  # every stage knows it: admission may begin
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cached.tokens
+
+    def kv_tokens(self) -> list[int] | None:
+        """The tokens its K/V holds, once it has run (the last token generated was never
+        forwarded); None if it never ran or its prompt is unknown."""
+        if not self.generated or not self.prompt_ids:
+            return None
+        return self.prompt_ids + self.generated[:-1]
 
 
 @dataclasses.dataclass
@@ -70,11 +84,15 @@ class Work:
 
 
 class DecodeScheduler:
-    def __init__(self, total_pages: int, max_sequences: int, pages_for: Callable[[int], int],
-                 context_window: int, vocab_size: int, eos_ids: Iterable[int]):
+    def __init__(self, total_pages: int, max_sequences: int, page_size: int,
+                 context_window: int, vocab_size: int, eos_ids: Iterable[int],
+                 cached_pages: Callable[[], int] = lambda: 0):
         self.total_pages = total_pages
+        # Pages of cached prefixes, and those running forks share with them: no
+        # reservation counts them.
+        self.cached_pages = cached_pages
         self.max_sequences = max_sequences
-        self.pages_for = pages_for
+        self.page_size = page_size
         self.context_window = context_window
         self.vocab_size = vocab_size
         self.eos_ids = frozenset(eos_ids)
@@ -88,12 +106,45 @@ class DecodeScheduler:
 
     # --- from the gRPC handlers -------------------------------------------------------
 
-    def reserve(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig,
-                lease_seconds: float, local_prompt: list[int] | None) -> Request:
-        """Admit a request and hold the pages it may need; it is not scheduled until
-        ``announce``. Raises ServingError when it cannot be taken."""
-        self._check(request_id, prompt_tokens, sampling, lease_seconds, local_prompt)
-        pages = self.pages_for(prompt_tokens + sampling.max_tokens)
+    def check(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
+              sampling: SamplingConfig, lease_seconds: float, local: bool) -> None:
+        """Every field of a reservation, against the model and against each other; raises
+        ServingError (INVALID_ARGUMENT)."""
+        problem = None
+        if not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+            problem = f"a request id has 1 to {MAX_REQUEST_ID_CHARS} characters"
+        elif prompt_tokens <= 0:
+            problem = "a reservation needs at least one prompt token"
+        elif not 0 < lease_seconds <= MAX_LEASE_SECONDS:
+            problem = f"lease must be in (0, {MAX_LEASE_SECONDS:.0f}] seconds"
+        elif prompt_ids and len(prompt_ids) != prompt_tokens:
+            problem = (f"{len(prompt_ids)} prompt token ids sent but {prompt_tokens} prompt "
+                       "tokens reserved")
+        elif local and not prompt_ids:
+            problem = "prefilling locally needs the prompt's token ids"
+        elif prompt_ids and max(prompt_ids) >= self.vocab_size:
+            problem = (f"token id {max(prompt_ids)} is outside the vocabulary of "
+                       f"{self.vocab_size}")
+        elif prompt_tokens + sampling.max_tokens > self.context_window:
+            problem = (f"prompt ({prompt_tokens} tokens) plus max_tokens "
+                       f"({sampling.max_tokens}) exceeds the context window of "
+                       f"{self.context_window}")
+        else:
+            problem = sampling.problem(self.vocab_size)
+        if problem:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    def pages_needed(self, prompt_tokens: int, sampling: SamplingConfig, cached: Hit) -> int:
+        """Pages a request may take beyond those it shares with its cached prefix."""
+        return (-(-(prompt_tokens + sampling.max_tokens) // self.page_size)
+                - cached.tokens // self.page_size)
+
+    def reserve(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
+                sampling: SamplingConfig, lease_seconds: float, local: bool,
+                cached: Hit = MISS) -> Request:
+        """Admit a checked request and hold the pages it may need; it is not scheduled
+        until ``announce``. Raises ServingError when it cannot be taken now."""
+        pages = self.pages_needed(prompt_tokens, sampling, cached)
         with self._lock:
             if request_id in self._requests:
                 raise ServingError(grpc.StatusCode.ALREADY_EXISTS,
@@ -108,10 +159,16 @@ class DecodeScheduler:
                                    f"request needs {pages} KV pages but only {free} are free; "
                                    "retry later or lower max_tokens")
             self._next_seq_id += 1
-            request = Request(request_id, prompt_tokens, sampling, pages,
-                              time.monotonic() + lease_seconds, local_prompt, self._next_seq_id)
+            request = Request(request_id, prompt_tokens, prompt_ids, sampling, pages,
+                              time.monotonic() + lease_seconds, self._next_seq_id, local,
+                              cached)
             self._requests[request_id] = request
             return request
+
+    def free_pages(self) -> int:
+        """Pages neither reserved nor held by (or shared with) cached prefixes."""
+        with self._lock:
+            return self._free_pages_locked()
 
     def announce(self, request: Request) -> None:
         with self._lock:
@@ -221,38 +278,14 @@ class DecodeScheduler:
 
     # --- internals --------------------------------------------------------------------
 
-    def _check(self, request_id: str, prompt_tokens: int, sampling: SamplingConfig,
-               lease_seconds: float, local_prompt: list[int] | None) -> None:
-        """Every field of a reservation, against the model and against each other."""
-        problem = None
-        if not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
-            problem = f"a request id has 1 to {MAX_REQUEST_ID_CHARS} characters"
-        elif prompt_tokens <= 0:
-            problem = "a reservation needs at least one prompt token"
-        elif not 0 < lease_seconds <= MAX_LEASE_SECONDS:
-            problem = f"lease must be in (0, {MAX_LEASE_SECONDS:.0f}] seconds"
-        elif local_prompt is not None and len(local_prompt) != prompt_tokens:
-            problem = (f"{len(local_prompt)} tokens to prefill locally but {prompt_tokens} "
-                       "prompt tokens reserved")
-        elif local_prompt is not None and max(local_prompt) >= self.vocab_size:
-            problem = (f"token id {max(local_prompt)} is outside the vocabulary of "
-                       f"{self.vocab_size}")
-        elif prompt_tokens + sampling.max_tokens > self.context_window:
-            problem = (f"prompt ({prompt_tokens} tokens) plus max_tokens "
-                       f"({sampling.max_tokens}) exceeds the context window of "
-                       f"{self.context_window}")
-        else:
-            problem = sampling.problem(self.vocab_size)
-        if problem:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, problem)
-
     def _free_pages_locked(self) -> int:
-        return self.total_pages - sum(r.reserved_pages for r in self._requests.values())
+        return (self.total_pages - sum(r.reserved_pages for r in self._requests.values())
+                - self.cached_pages())
 
     def _has_work_locked(self) -> bool:
         return bool(self._aborts) or self._kv_arrived or any(
             r.phase is Phase.RUNNING
-            or (r.phase is Phase.RESERVED and r.announced and r.local_prompt is not None)
+            or (r.phase is Phase.RESERVED and r.announced and r.local)
             for r in self._requests.values())
 
     def _expire_leases_locked(self) -> None:

@@ -23,19 +23,23 @@ MAX_PUSH_SECONDS = 120.0
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
-    def __init__(self, runner: ModelRunner, secret: str | None = None):
+    def __init__(self, runner: ModelRunner, secret: str | None = None,
+                 prefix_cache: bool = True):
         self.secret = secret
         self.stage = DecodeStage(runner)
-        self.engine = DecodeEngine(self.stage)
+        self.engine = DecodeEngine(self.stage, prefix_cache=prefix_cache)
         self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
 
     @aborts_on_error
     def Reserve(self, request, context):
         lease = (request.lease_ms or DEFAULT_LEASE_MS) / 1000.0
-        local = list(request.local_prefill_token_ids) or None
-        pages = self.engine.reserve(request.request_id, request.prompt_tokens,
-                                    sampling_from_proto(request.sampling), lease, local)
-        return worker_pb2.ReserveResponse(reserved_pages=pages, layout=self.layout)
+        held = self.engine.reserve(request.request_id, request.prompt_tokens,
+                                   list(request.prompt_token_ids),
+                                   sampling_from_proto(request.sampling), lease,
+                                   request.prefill_locally, request.local_prefill_below)
+        return worker_pb2.ReserveResponse(reserved_pages=held.pages, layout=self.layout,
+                                          cached_tokens=held.cached_tokens,
+                                          prefill_locally=held.local)
 
     @aborts_on_error
     def PushKV(self, request_iterator: Iterator[worker_pb2.KVChunk], context):
@@ -91,10 +95,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
 
 
 def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
-                 secret: str | None = None) -> tuple[Server, DecodeServicer]:
+                 secret: str | None = None, prefix_cache: bool = True
+                 ) -> tuple[Server, DecodeServicer]:
     """Serve a decode worker (refusing calls without ``secret``, when given); a full-model
     worker leads its own one-stage instance."""
-    servicer = DecodeServicer(runner, secret)
+    servicer = DecodeServicer(runner, secret, prefix_cache)
     server = start_worker_server(
         lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
         SERVICE_NAME, servicer, True, host, port, secret)

@@ -32,7 +32,8 @@ class DecodeStage:
         self._layout = model_layout(runner)
         self.receiver = KVReceiver(self._layout, self.spec)
         self.samplers: dict[int, Sampler] = {}  # by sequence id (the last stage only)
-        self.sequences: set[int] = set()
+        self.sequences: set[int] = set()  # running, reserved or cached
+        self._seq_of_request: dict[str, int] = {}
         self._lock = threading.RLock()
 
     def layout(self) -> worker_pb2.ModelLayout:
@@ -41,16 +42,24 @@ class DecodeStage:
     # --- requests and their KV --------------------------------------------------------
 
     def expect(self, expectations: Sequence[Expectation]) -> None:
+        """Start each request's sequence now (a fork of its cached prefix, or empty), so
+        that the prefix cannot be evicted before the rest arrives or is prefilled."""
         with self._lock:
             for e in expectations:
-                if not e.local:
-                    self.receiver.expect(e.request_id, e.prompt_tokens, e.sampling)
-                    continue
                 self._check_new(e.seq_id)
-                self.runner.add_sequence(e.seq_id)  # the instance prefills it itself
+                if e.fork_from is None:
+                    self.runner.add_sequence(e.seq_id)
+                elif e.fork_from not in self.sequences:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"cached sequence {e.fork_from} is not on this stage")
+                else:
+                    self.runner.fork_sequence(e.fork_from, e.seq_id, e.fork_pos)
                 self.sequences.add(e.seq_id)
+                self._seq_of_request[e.request_id] = e.seq_id
                 if self.spec.is_last:
                     self.samplers[e.seq_id] = Sampler(e.sampling)
+                if not e.local:
+                    self.receiver.expect(e.request_id, e.prompt_tokens, e.fork_pos)
 
     def ready(self, request_ids: Sequence[str]) -> list[str]:
         return self.receiver.ready(request_ids)
@@ -60,12 +69,12 @@ class DecodeStage:
         hidden = []
         with self._lock:
             for a in admissions:
-                self._check_new(a.seq_id)
+                if a.seq_id not in self.sequences:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"sequence {a.seq_id} was never expected here")
                 pending = self.receiver.take(a.request_id)
                 self.runner.import_kv(a.seq_id, pending.snapshot())
-                self.sequences.add(a.seq_id)
                 if self.spec.is_last:
-                    self.samplers[a.seq_id] = Sampler(pending.sampling)
                     hidden.append(pending.hidden)
             if not hidden:
                 return ForwardResult()
@@ -81,8 +90,11 @@ class DecodeStage:
                 self.samplers.pop(seq_id, None)
             if release.reset:
                 self.receiver.clear()
-            else:
-                self.receiver.drop(release.request_ids)
+                self._seq_of_request.clear()
+                return
+            self.receiver.drop(release.request_ids)
+            for request_id in release.request_ids:
+                self.samplers.pop(self._seq_of_request.pop(request_id, None), None)
 
     # --- forward passes ---------------------------------------------------------------
 

@@ -54,7 +54,7 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
     header_layout.layer_begin, header_layout.layer_end = snapshot.layer_begin, snapshot.layer_end
     yield worker_pb2.KVChunk(header=worker_pb2.KVHeader(
         request_id=request_id, layout=header_layout, num_tokens=snapshot.num_tokens,
-        num_blocks=len(blocks)))
+        num_blocks=len(blocks), token_begin=snapshot.token_begin))
     crc = 0
     for layer, begin in blocks:
         end = min(begin + tokens_per_block, snapshot.num_tokens)
@@ -87,14 +87,15 @@ class KVAssembler:
     """
 
     def __init__(self, layout: worker_pb2.ModelLayout, accepts_hidden: bool,
-                 admit: Callable[[str, int], None] = lambda request_id, num_tokens: None):
+                 admit: Callable[[str, int, int], None] = lambda request_id, begin, count: None):
         self.layout = layout
         self.accepts_hidden = accepts_hidden
-        # Asked with the header's request id and token count before anything is
-        # allocated; raises ServingError to refuse the push.
+        # Asked with the header's request id, first position and token count before
+        # anything is allocated; raises ServingError to refuse the push.
         self.admit = admit
         self.state = PushState.WAITING_FOR_HEADER
         self.request_id = ""
+        self.token_begin = 0
         self.hidden: np.ndarray | None = None
         self.bytes_received = 0
         self._crc = 0
@@ -123,7 +124,8 @@ class KVAssembler:
     def snapshot(self) -> KVSnapshot:
         if self.state is not PushState.COMPLETE:
             raise PushRefused(f"push for {self.request_id!r} ended while {self.state.value}")
-        return KVSnapshot(self.layer_begin, self.layer_end, self._keys, self._values)
+        return KVSnapshot(self.layer_begin, self.layer_end, self._keys, self._values,
+                          self.token_begin)
 
     def _on_header(self, header: worker_pb2.KVHeader) -> None:
         if self.state is not PushState.WAITING_FOR_HEADER:
@@ -137,10 +139,12 @@ class KVAssembler:
                 f"push carries layers [{begin}, {end}) but this worker owns "
                 f"[{self.layout.layer_begin}, {self.layout.layer_end})")
         self.layer_begin, self.layer_end = begin, end
-        if not 0 < header.num_tokens <= self.layout.context_window:
-            raise PushRefused(f"push announces {header.num_tokens} tokens; a sequence has 1 to "
+        if not 0 < header.num_tokens <= self.layout.context_window - header.token_begin:
+            raise PushRefused(f"push announces {header.num_tokens} tokens from position "
+                              f"{header.token_begin}; a sequence has 1 to "
                               f"{self.layout.context_window}")
-        self.admit(header.request_id, header.num_tokens)
+        self.admit(header.request_id, header.token_begin, header.num_tokens)
+        self.token_begin = header.token_begin
         self.request_id = header.request_id
         self.num_tokens = header.num_tokens
         self.num_blocks = header.num_blocks

@@ -24,7 +24,7 @@ SUPPORTED_DTYPES = ("float32", "float16")
 MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py", "cpu_attention.py")
 # Our hand-written CPU schedules (cpu_schedules.py), by version: recorded in the cache key
 # and the artifact; bump on any schedule change.
-CPU_SCHEDULE_SET = "olmo-cpu-v2"
+CPU_SCHEDULE_SET = "olmo-cpu-v3"
 # Limits every CUDA GPU since Volta meets, so that no GPU is needed to build.
 CUDA_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
                "thread_warp_size": 32}

@@ -3,7 +3,10 @@
 TVM ships reference CPU kernels for the cache's attention that walk one query and one
 head at a time on one thread, with a scalar dot product per key: about 0.5 s per layer
 for a 512-token prefill at OLMo-1B's 16 x 128 heads (more than all the layer's matmuls),
-and a batch-8 decode step's attention cost six times a batch-1 step's. Their loops live
+and a batch-8 decode step's attention cost six times a batch-1 step's. Its kernel for
+new tokens over a sequence's cached pages (a prefill chunk after the first, a prompt
+forked from a cached prefix) also walks every slot of the whole page pool per query:
+48 tokens after a 1024-token cached prefix took longer than prefilling all 1072. Their loops live
 inside one opaque block, out of reach of schedule primitives, so ``ParallelAttention``
 replaces those PrimFuncs with ones of the same signature and results (output, and the
 log-sum-exp in base 2 that the cache merges partial attentions with), written with
@@ -37,6 +40,10 @@ _RAGGED_PREFILL = "batch_prefill_ragged_kv"
 _RAGGED_PREFILL_PARAMS = ("q", "q_indptr", "k", "v", "kv_indptr", "q_rope_position",
                           "k_rope_pos_offset", "output", "lse", "causal", "rotary_mode",
                           "rope_scale", "rope_theta", "sm_scale")
+_PAGED_PREFILL = "batch_prefill_paged_kv_cpu"
+_PAGED_PREFILL_PARAMS = ("q", "q_indptr", "pages", "page_indptr", "page_values",
+                         "length_info", "k_rope_pos_offset", "q_rope_position", "output",
+                         "lse", "causal", "rotary_mode", "rope_scale", "rope_theta", "sm_scale")
 _PAGED_DECODE = "batch_decode_paged_kv_cpu"
 _PAGED_DECODE_PARAMS = ("Q", "pages", "page_table_indptr", "page_table_values", "length_info",
                         "k_rope_pos_offset", "q_rope_position", "output", "lse", "rotary_mode",
@@ -45,7 +52,8 @@ _PAGED_DECODE_PARAMS = ("Q", "pages", "page_table_indptr", "page_table_values", 
 
 @tvm.transform.module_pass(opt_level=0, name="ParallelAttention")
 class ParallelAttention:
-    """Swap the paged KV cache's CPU prefill and decode attention for ours (see above).
+    """Swap the paged KV cache's CPU prefill (new tokens, and new tokens over cached
+    pages) and decode attention for ours (see above).
 
     Anything it does not recognize (another signature, head sizes that are not a
     multiple of the vector width) is left as TVM wrote it.
@@ -58,6 +66,8 @@ class ParallelAttention:
                 continue
             if gvar.name_hint == _RAGGED_PREFILL:
                 replacement = _ragged_prefill_replacement(func)
+            elif gvar.name_hint == _PAGED_PREFILL:
+                replacement = _paged_prefill_replacement(func)
             elif gvar.name_hint == _PAGED_DECODE:
                 replacement = _paged_decode_replacement(func)
             else:
@@ -85,6 +95,18 @@ def _ragged_prefill_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         return None
     shapes = _head_shapes(q, k.shape[1], k.shape[2])
     return None if shapes is None else prefill_ragged_attention(*shapes, str(q.dtype))
+
+
+def _paged_prefill_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    if tuple(p.name for p in func.params) != _PAGED_PREFILL_PARAMS:
+        return None
+    q, pages = func.params[0].ty, func.params[2].ty
+    if len(pages.shape) != 5 or static_extent(pages.shape[3]) is None:
+        return None
+    shapes = _head_shapes(q, pages.shape[2], pages.shape[4])
+    if shapes is None:
+        return None
+    return paged_prefill_attention(*shapes, static_extent(pages.shape[3]), str(q.dtype))
 
 
 def _paged_decode_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
@@ -250,6 +272,142 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.Pr
                         lse[t, h] = stats[0] + T.log2(stats[1])
 
     return batch_prefill_ragged_kv
+
+
+def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: str,
+                            rows_per_task: int = 8) -> tirx.PrimFunc:
+    """New tokens attending over their sequences' pages: TVM's ``batch_prefill_paged_kv_cpu``
+    (without sliding window), for a prefill whose sequence already holds K/V.
+
+    One parallel task per (query head, block of ``rows_per_task`` new tokens) of each
+    sequence, walking only the sequence's own pages (TVM's walks the whole pool). Each
+    page of K and V is read once for the whole block, not once per token: a cached
+    prefix is long, and re-reading it per token made the kernel memory-bound. Scores are
+    8-lane dot products; an online softmax in base 2 per token rescales its running sum
+    and weighted V once per page. Causal bound as TVM's: token ``row`` of ``rows`` sees
+    the first ``kv_len - rows + row + 1`` keys.
+    """
+    group = h_q // h_kv
+    lanes = VECTOR_LANES
+    chunks = d // lanes
+    block = rows_per_task
+    log2e = math.log2(math.e)
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_cpu(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
+        var_page_indptr: T.handle, var_page_values: T.handle, var_length_info: T.handle,
+        var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle, var_output: T.handle,
+        var_lse: T.handle, causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+        rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"op_pattern": 8, "tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        total_len = T.int32()
+        max_num_pages = T.int32()
+        nnz_pages = T.int32()
+        q_indptr_offset = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        length_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
+                                  elem_offset=q_indptr_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=indptr_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32",
+                                     elem_offset=values_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32",
+                                       elem_offset=length_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+        assert rotary_mode == 0, "CPU prefill attention needs RoPE applied beforehand"
+
+        for b in T.serial(batch_size):
+            for task in T.parallel(h_q * ((q_indptr[b + 1] - q_indptr[b] + block - 1) // block)):
+                with T.sblock("attn"):
+                    T.reads(q_indptr[b:b + 2], page_indptr[b:b + 2], page_values[0:nnz_pages],
+                            last_page_len[b], q[0:total_len, 0:h_q, 0:d],
+                            pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d])
+                    T.writes(output[0:total_len, 0:h_q, 0:d], lse[0:total_len, 0:h_q])
+                    query = T.sblock_alloc_buffer((block, d), "float32")
+                    partial = T.sblock_alloc_buffer((page_size, lanes), "float32")
+                    scores = T.sblock_alloc_buffer((block, page_size), "float32")
+                    acc = T.sblock_alloc_buffer((block, d), "float32")
+                    # per token: running max, running sum, new max, keys it sees
+                    stats = T.sblock_alloc_buffer((block, 4), "float32")
+                    rows: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    blocks: T.let[T.int32] = (rows + block - 1) // block
+                    h: T.let[T.int32] = task // blocks
+                    row0: T.let[T.int32] = task % blocks * block
+                    count: T.let[T.int32] = T.min(block, rows - row0)
+                    hk: T.let[T.int32] = h // group
+                    first: T.let[T.int32] = page_indptr[b]
+                    num_pages: T.let[T.int32] = page_indptr[b + 1] - first
+                    kv_len: T.let[T.int32] = T.if_then_else(
+                        num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
+                    for r in T.serial(count):
+                        for c in T.serial(d):
+                            query[r, c] = T.Cast("float32", q[q_indptr[b] + row0 + r, h, c]) * (
+                                sm_scale * log2e)
+                        for c in T.vectorized(d):
+                            acc[r, c] = T.float32(0)
+                        stats[r, 0] = T.float32(_MASKED)
+                        stats[r, 1] = T.float32(1)
+                        stats[r, 3] = T.Cast("float32", T.if_then_else(
+                            causal > 0, T.max(T.min(kv_len - rows + row0 + r + 1, kv_len), 0),
+                            kv_len))
+                    # The block's last token sees the most keys.
+                    seen: T.let[T.int32] = T.Cast("int32", stats[count - 1, 3])
+                    for p in T.serial((seen + page_size - 1) // page_size):
+                        page: T.let[T.int32] = page_values[first + p]
+                        for r in T.serial(count):
+                            used: T.let[T.int32] = T.max(T.min(
+                                T.Cast("int32", stats[r, 3]) - p * page_size, page_size), 0)
+                            for j in T.unroll(page_size):
+                                for lane in T.vectorized(lanes):
+                                    partial[j, lane] = T.float32(0)
+                            for ch in T.serial(chunks):
+                                for j in T.unroll(page_size):
+                                    for lane in T.vectorized(lanes):
+                                        partial[j, lane] = partial[j, lane] + query[
+                                            r, ch * lanes + lane] * T.Cast(
+                                            "float32", pages[page, 0, hk, j, ch * lanes + lane])
+                            # Keys past ``used`` get weight 0; the page's exponentials
+                            # are one vectorized polynomial, not a libm call per key.
+                            stats[r, 2] = stats[r, 0]
+                            for j in T.unroll(page_size):
+                                scores[r, j] = T.float32(_MASKED)
+                                if j < used:
+                                    scores[r, j] = T.float32(0)
+                                    for lane in T.unroll(lanes):
+                                        scores[r, j] = scores[r, j] + partial[j, lane]
+                                stats[r, 2] = T.max(stats[r, 2], scores[r, j])
+                            stats[r, 1] = stats[r, 1] * T.exp2(stats[r, 0] - stats[r, 2])
+                            for c in T.vectorized(d):
+                                acc[r, c] = acc[r, c] * T.exp2(stats[r, 0] - stats[r, 2])
+                            stats[r, 0] = stats[r, 2]
+                            for j in T.vectorized(page_size):
+                                scores[r, j] = T.if_then_else(
+                                    j < used, _exp2(scores[r, j] - stats[r, 0]), T.float32(0))
+                            for j in T.unroll(page_size):
+                                stats[r, 1] = stats[r, 1] + scores[r, j]
+                            for j in T.serial(used):
+                                for c in T.vectorized(d):
+                                    acc[r, c] = acc[r, c] + T.Cast(
+                                        "float32", pages[page, 1, hk, j, c]) * scores[r, j]
+                    for r in T.serial(count):
+                        t: T.let[T.int32] = q_indptr[b] + row0 + r
+                        for c in T.vectorized(d):
+                            output[t, h, c] = T.Cast(dtype, acc[r, c] / stats[r, 1])
+                        lse[t, h] = stats[r, 0] + T.log2(stats[r, 1])
+
+    return batch_prefill_paged_kv_cpu
 
 
 def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: str

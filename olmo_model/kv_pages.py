@@ -26,6 +26,7 @@ from tvm.runtime import ShapeTuple
 
 _add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
 _remove_sequence = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
+_fork_sequence = tvm.get_global_func("vm.builtin.kv_state_fork_sequence")
 _begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
 _end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
 _available_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
@@ -70,12 +71,14 @@ class CacheLimits:
 
 @dataclasses.dataclass
 class KVSnapshot:
-    """One sequence's K/V for a layer range, as ``[layers, tokens, kv_heads, head_dim]``."""
+    """One sequence's K/V for a layer range, as ``[layers, tokens, kv_heads, head_dim]``,
+    of its positions from ``token_begin`` on."""
 
     layer_begin: int
     layer_end: int
     keys: np.ndarray
     values: np.ndarray
+    token_begin: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -120,6 +123,12 @@ class PagedKVCache:
     def remove_sequence(self, seq_id: int) -> None:
         _remove_sequence(self.handle, seq_id)
 
+    def fork_sequence(self, parent: int, child: int, position: int) -> None:
+        """Add ``child`` as a copy of ``parent``'s first ``position`` tokens: their whole
+        pages are shared (the parent may go, they stay while the child lives), a partial
+        last page is copied."""
+        _fork_sequence(self.handle, parent, child, position)
+
     def begin_forward(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         _begin_forward(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
 
@@ -134,17 +143,20 @@ class PagedKVCache:
 
     # --- page transfer ----------------------------------------------------------------
 
-    def export_sequence(self, seq_id: int, num_tokens: int) -> KVSnapshot:
-        """Read a sequence's K/V for all of this cache's layers."""
-        keys, values = self._read(seq_id, num_tokens)
+    def export_sequence(self, seq_id: int, num_tokens: int, begin: int = 0) -> KVSnapshot:
+        """Read a sequence's K/V of positions [begin, num_tokens), all of this cache's
+        layers."""
+        keys, values = self._read(seq_id, begin, num_tokens)
         if self.pages and isinstance(self.pages[0], np.ndarray):  # host memory: no copy
             keys, values = np.from_dlpack(keys), np.from_dlpack(values)
         else:
             keys, values = keys.numpy(), values.numpy()
-        return KVSnapshot(self.layer_begin, self.layer_begin + self.num_layers, keys, values)
+        return KVSnapshot(self.layer_begin, self.layer_begin + self.num_layers, keys, values,
+                          begin)
 
     def import_sequence(self, seq_id: int, snapshot: KVSnapshot) -> None:
-        """Install received K/V as the whole content of a freshly added sequence.
+        """Append received K/V to a sequence that holds ``snapshot.token_begin`` tokens
+        (none for a freshly added one; a fork's shared prefix otherwise).
 
         Call between forward passes, never inside one.
         """
@@ -180,7 +192,7 @@ class PagedKVCache:
         _add_sequence(self.handle, _CAPTURE_SEQ_ID)
         try:
             _prepare_recv(self.handle, _CAPTURE_SEQ_ID, 1)
-            self._read(_CAPTURE_SEQ_ID, 1)
+            self._read(_CAPTURE_SEQ_ID, 0, 1)
         finally:
             _remove_sequence(self.handle, _CAPTURE_SEQ_ID)
         tensors = [self._page_tensors[layer] for layer in range(self.num_layers)]
@@ -192,11 +204,11 @@ class PagedKVCache:
             return []
         return [torch.from_dlpack(t) for t in tensors]
 
-    def _read(self, seq_id: int, num_tokens: int) -> tuple[Any, Any]:
-        shape = (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim)
+    def _read(self, seq_id: int, begin: int, end: int) -> tuple[Any, Any]:
+        shape = (self.num_layers, end - begin, self.num_kv_heads, self.head_dim)
         keys = tvm.runtime.empty(shape, self.dtype, self.device)
         values = tvm.runtime.empty(shape, self.dtype, self.device)
-        _debug_get_kv(self.handle, seq_id, 0, num_tokens, keys, values)
+        _debug_get_kv(self.handle, seq_id, begin, end, keys, values)
         return keys, values
 
     def _debug_kernel(self, pages: Any, slot_map: Any, k_out: Any, v_out: Any, layer: Any) -> None:

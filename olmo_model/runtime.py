@@ -124,17 +124,17 @@ class ModelRunner:
     def available_pages(self) -> int:
         return self.kv.available_pages()
 
-    def export_kv(self, seq_id: int, num_tokens: int) -> KVSnapshot:
-        return self.kv.export_sequence(seq_id, num_tokens)
+    def fork_sequence(self, parent: int, child: int, position: int) -> None:
+        self.kv.fork_sequence(parent, child, position)
+
+    def export_kv(self, seq_id: int, num_tokens: int, begin: int = 0) -> KVSnapshot:
+        """The K/V of positions [begin, num_tokens) of a sequence."""
+        return self.kv.export_sequence(seq_id, num_tokens, begin)
 
     def import_kv(self, seq_id: int, snapshot: KVSnapshot) -> None:
-        """Add ``seq_id`` and install a snapshot (from another runner) as its whole history."""
-        self.kv.add_sequence(seq_id)
-        try:
-            self.kv.import_sequence(seq_id, snapshot)
-        except Exception:
-            self.kv.remove_sequence(seq_id)
-            raise
+        """Append a snapshot (from another runner) to a sequence holding exactly the
+        tokens before it (``snapshot.token_begin``: none for a new sequence)."""
+        self.kv.import_sequence(seq_id, snapshot)
 
     # --- forward passes ---------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
-from olmo_model.runtime import plan_chunks
+from olmo_model.runtime import Piece, plan_chunks
 from protos.errors import ServingError
 from protos.layout import layout_mismatch
 
@@ -33,12 +33,16 @@ from .stage import ReceivingStage, Stage
 
 @dataclasses.dataclass(frozen=True)
 class PromptToPrefill:
-    """A new sequence to prefill through the chain."""
+    """A new sequence to prefill through the chain: ``token_ids`` are what it computes,
+    after the ``fork_pos`` tokens it shares with cached sequence ``fork_from``."""
 
     seq_id: int
     token_ids: Sequence[int]
     request_id: str = ""
     kv_targets: tuple[StageAddress, ...] = ()  # prefill role: where its K/V goes
+    fork_from: int | None = None
+    fork_pos: int = 0
+    push_from: int = 0  # prefill role: the decode side holds the tokens before this
 
 
 @dataclasses.dataclass
@@ -99,12 +103,7 @@ class StageChain:
         logprobs: dict[int, TokenLogprobs] = {}
         failures: dict[str, ServingError] = {}
         for chunk in plan_chunks([p.token_ids for p in prompts], chunk_size):
-            slices = tuple(
-                SequenceSlice(seq_id=prompts[c.index].seq_id, length=c.length,
-                              total_tokens=c.end, ends_prompt=c.ends,
-                              request_id=prompts[c.index].request_id,
-                              kv_targets=prompts[c.index].kv_targets)
-                for c in chunk.pieces)
+            slices = tuple(self._slice(prompts[c.index], c) for c in chunk.pieces)
             result = self.forward(ForwardBatch(slices), chunk.token_ids)
             failures.update(result.push_failures)
             failed.update(result.failed)
@@ -112,6 +111,14 @@ class StageChain:
             first.update(zip([c.index for c in chunk.pieces if c.ends], result.tokens))
         return PrefillOutcome([first.get(i) for i in range(len(prompts))], failed, logprobs,
                               failures)
+
+    @staticmethod
+    def _slice(prompt: PromptToPrefill, piece: Piece) -> SequenceSlice:
+        return SequenceSlice(seq_id=prompt.seq_id, length=piece.length,
+                             total_tokens=prompt.fork_pos + piece.end, ends_prompt=piece.ends,
+                             request_id=prompt.request_id, kv_targets=prompt.kv_targets,
+                             fork_from=prompt.fork_from, fork_pos=prompt.fork_pos,
+                             push_from=prompt.push_from)
 
     def release(self, release: Release) -> None:
         """Every stage frees what it can: a stage that is gone must not keep the others

@@ -78,10 +78,16 @@ class SequenceSlice:
     request_id: str = ""
     # Prefill: the decode instance's stages, where the sequence's K/V goes once complete.
     kv_targets: tuple[StageAddress, ...] = ()
+    # The sequence starts as a fork of cached sequence ``fork_from``'s first ``fork_pos``
+    # tokens (their pages shared); the pass then computes only what follows.
+    fork_from: int | None = None
+    fork_pos: int = 0
+    push_from: int = 0          # prefill: push the K/V of positions from here on
 
     @property
     def starts_sequence(self) -> bool:
-        return self.length == self.total_tokens
+        """This pass holds the sequence's first computed token."""
+        return self.total_tokens - self.length == self.fork_pos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +123,12 @@ class Expectation:
     """Decode: a reserved request, whose K/V will be pushed to (or prefilled by) the instance."""
 
     request_id: str
-    prompt_tokens: int
+    prompt_tokens: int    # the tokens its push carries (or it prefills): after fork_pos
     sampling: SamplingConfig
-    local: bool = False   # aggregated mode: the instance prefills it itself; no push comes
-    seq_id: int = 0       # the sequence it becomes (local: at once; pushed: when installed)
+    local: bool = False   # the instance prefills it itself; no push comes
+    seq_id: int = 0       # the sequence it becomes, made at once
+    fork_from: int | None = None  # a cached sequence whose first fork_pos tokens it shares
+    fork_pos: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +141,9 @@ class Admission:
 
 @dataclasses.dataclass(frozen=True)
 class Release:
-    """Free sequences, forget reservations (with any K/V received), or everything."""
+    """Free sequences; forget requests that ended (their reservations, any K/V received,
+    their samplers: a finished request's sequence may stay, as a cached prefix); or
+    free everything."""
 
     seq_ids: tuple[int, ...] = ()
     request_ids: tuple[str, ...] = ()

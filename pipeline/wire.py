@@ -85,7 +85,9 @@ def forward_to_proto(batch: ForwardBatch, inputs: np.ndarray) -> stage_pb2.Forwa
         slices=[stage_pb2.SequenceSlice(
             request_id=s.request_id, seq_id=s.seq_id, length=s.length,
             total_tokens=s.total_tokens, ends_prompt=s.ends_prompt,
-            kv_targets=[address_to_proto(t) for t in s.kv_targets]) for s in batch.slices])
+            kv_targets=[address_to_proto(t) for t in s.kv_targets],
+            fork_from=s.fork_from or 0, fork_pos=s.fork_pos, push_from=s.push_from)
+            for s in batch.slices])
 
 
 def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
@@ -94,7 +96,8 @@ def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
         slices=tuple(SequenceSlice(
             seq_id=s.seq_id, length=s.length, total_tokens=s.total_tokens,
             ends_prompt=s.ends_prompt, request_id=s.request_id,
-            kv_targets=tuple(address_from_proto(t) for t in s.kv_targets))
+            kv_targets=tuple(address_from_proto(t) for t in s.kv_targets),
+            fork_from=s.fork_from or None, fork_pos=s.fork_pos, push_from=s.push_from)
             for s in request.slices))
 
 
@@ -123,12 +126,14 @@ def expectations_to_proto(expectations: Sequence[Expectation]) -> stage_pb2.Expe
     return stage_pb2.ExpectRequest(expectations=[
         stage_pb2.Expectation(request_id=e.request_id, prompt_tokens=e.prompt_tokens,
                               sampling=sampling_to_proto(e.sampling), local=e.local,
-                              seq_id=e.seq_id) for e in expectations])
+                              seq_id=e.seq_id, fork_from=e.fork_from or 0,
+                              fork_pos=e.fork_pos) for e in expectations])
 
 
 def expectations_from_proto(request: stage_pb2.ExpectRequest) -> list[Expectation]:
     return [Expectation(e.request_id, e.prompt_tokens, sampling_from_proto(e.sampling),
-                        e.local, e.seq_id) for e in request.expectations]
+                        e.local, e.seq_id, e.fork_from or None, e.fork_pos)
+            for e in request.expectations]
 
 
 def admissions_to_proto(admissions: Sequence[Admission]) -> stage_pb2.InstallRequest:

@@ -24,8 +24,10 @@ class PrefillJob:
     request_id: str
     token_ids: list[int]
     kv_targets: tuple[StageAddress, ...]  # the stages of the decode instance holding its pages
+    skip_tokens: int = 0    # the decode instance holds these already: push the rest
     result: Future = dataclasses.field(default_factory=Future)
     cancelled: bool = False
+    cached_tokens: int = 0  # found in this instance's prefix cache
 
     def finish(self, seconds: float) -> None:
         self._settle(lambda: self.result.set_result(seconds))

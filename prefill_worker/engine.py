@@ -2,7 +2,9 @@
 
 The engine runs on its instance's leader (the worker of its first stage). Each batch
 goes through the chain in prefill chunks; every stage ships the K/V of the sequences
-that finish in a chunk to the decode instance (see ``stage.py``).
+that finish in a chunk to the decode instance (see ``stage.py``). A prompt forks from
+the longest prefix in the instance's prefix cache and computes only the rest; once
+shipped, its sequence stays cached for the prompts after it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import grpc
 
 from pipeline.chain import PromptToPrefill, StageChain
 from pipeline.ops import Release
+from pipeline.prefix_cache import PrefixCache
 from protos.errors import ServingError
 
 from .batcher import PrefillJob, PromptBatcher
@@ -21,20 +24,24 @@ from .stage import PrefillStage
 
 
 class PrefillEngine:
-    def __init__(self, stage: PrefillStage, token_budget: int | None = None):
+    def __init__(self, stage: PrefillStage, token_budget: int | None = None,
+                 prefix_cache: bool = True):
         limits = stage.runner.limits
         self.stage = stage
+        self.cache = PrefixCache(limits.page_size, enabled=prefix_cache)
         self.chain: StageChain | None = None  # set when this worker leads an instance
         self.chunk_size = limits.prefill_chunk_size
         self.batcher = PromptBatcher(token_budget or limits.prefill_chunk_size,
                                      limits.max_num_sequences)
         self._next_seq_id = 0
+        self.prefilled_tokens = 0  # prompt tokens computed (not found cached)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
         self._thread.start()
 
     def lead(self, chain: StageChain) -> None:
         """Lead the instance of ``chain``; its members start clean."""
+        self.cache.clear()
         chain.release(Release(reset=True))
         self.chain = chain
 
@@ -60,15 +67,14 @@ class PrefillEngine:
 
     def _run(self, batch: list[PrefillJob]) -> None:
         start = time.perf_counter()
-        prompts = []
-        for job in batch:
-            self._next_seq_id += 1
-            prompts.append(PromptToPrefill(self._next_seq_id, job.token_ids, job.request_id,
-                                           job.kv_targets))
+        prompts = [self._plan(job) for job in batch]
         try:
+            self._make_room(prompts)
             outcome = self.chain.prefill(prompts, self.chunk_size)
         except Exception as exc:
             # Free what the failed pass left on every stage that is still there.
+            for prompt in prompts:
+                self.cache.forget(prompt.seq_id)
             self.chain.release(Release(tuple(p.seq_id for p in prompts)))
             if not isinstance(exc, ServingError):
                 exc = ServingError(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
@@ -76,9 +82,39 @@ class PrefillEngine:
                 job.fail(exc)
             return
         seconds = time.perf_counter() - start
+        self.prefilled_tokens += sum(len(p.token_ids) for p in prompts)
+        freed = []
+        for job, prompt in zip(batch, prompts):
+            freed += self.cache.finish(prompt.seq_id, job.token_ids)
+        if freed:
+            self.chain.release(Release(tuple(freed)))
         for job in batch:
             failure = outcome.push_failures.get(job.request_id)
             if failure is not None:
                 job.fail(failure)
             else:
                 job.finish(seconds)
+
+    def _plan(self, job: PrefillJob) -> PromptToPrefill:
+        """The job's sequence: forked from its longest cached prefix, computing the rest."""
+        self._next_seq_id += 1
+        cached = self.cache.lookup(job.token_ids)
+        self.cache.start(self._next_seq_id, cached)
+        self.cache.count(len(job.token_ids), cached.tokens)
+        job.cached_tokens = cached.tokens
+        return PromptToPrefill(self._next_seq_id, job.token_ids[cached.tokens:], job.request_id,
+                               job.kv_targets, cached.seq_id, cached.tokens, job.skip_tokens)
+
+    def _make_room(self, prompts: list[PromptToPrefill]) -> None:
+        """Evict cached prefixes (least recently used first, never one a prompt forks)
+        until the batch's new pages fit this stage's cache, or none is left."""
+        page = self.stage.runner.limits.page_size
+        # One spare page: TVM's cache takes one at a page boundary.
+        need = 1 + sum(-(-(p.fork_pos + len(p.token_ids)) // page) - p.fork_pos // page
+                       for p in prompts)
+        parents = {p.fork_from for p in prompts}
+        while self.stage.runner.available_pages() < need:
+            evicted = self.cache.evict_oldest(keep=parents)
+            if evicted is None:
+                return
+            self.chain.release(Release((evicted,)))

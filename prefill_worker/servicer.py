@@ -28,10 +28,11 @@ MAX_WAIT_SECONDS = 600.0
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
-    def __init__(self, runner: ModelRunner, secret: str | None = None):
+    def __init__(self, runner: ModelRunner, secret: str | None = None,
+                 prefix_cache: bool = True):
         self.secret = secret
         self.stage = PrefillStage(runner, secret)
-        self.engine = PrefillEngine(self.stage)
+        self.engine = PrefillEngine(self.stage, prefix_cache=prefix_cache)
         self._jobs: dict[str, PrefillJob] = {}
         self._lock = threading.Lock()
         self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
@@ -39,7 +40,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
     @aborts_on_error
     def Prefill(self, request, context):
         job = PrefillJob(request.request_id, self._checked_tokens(request),
-                         self._checked_targets(request))
+                         self._checked_targets(request), request.skip_tokens)
         with self._lock:
             if job.request_id in self._jobs:
                 raise ServingError(grpc.StatusCode.ALREADY_EXISTS,
@@ -61,7 +62,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
                 self._jobs.pop(job.request_id, None)
             sent, seconds = self.stage.sender.take_totals(job.request_id)
         return worker_pb2.PrefillResponse(kv_bytes=sent, kv_transfer_ms=1000 * seconds,
-                                          prefill_ms=1000 * (time.perf_counter() - start))
+                                          prefill_ms=1000 * (time.perf_counter() - start),
+                                          cached_tokens=job.cached_tokens)
 
     def _checked_tokens(self, request: worker_pb2.PrefillRequest) -> list[int]:
         tokens = list(request.token_ids)
@@ -76,6 +78,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
                        f"{layout.context_window}, cache {limits.max_total_tokens} tokens)")
         elif max(tokens) >= layout.vocab_size:
             problem = f"token id {max(tokens)} is outside the vocabulary of {layout.vocab_size}"
+        elif request.skip_tokens >= len(tokens):
+            problem = (f"skip_tokens ({request.skip_tokens}) must leave at least one of the "
+                       f"{len(tokens)} prompt tokens to push")
         if problem:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return tokens
@@ -104,11 +109,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
     def Stats(self, request, context):
         queued, tokens = self.engine.batcher.queued()
         runner, sender = self.stage.runner, self.stage.sender
+        cache = self.engine.cache.stats()
+        held = runner.kv.total_pages - runner.available_pages()
         return worker_pb2.WorkerStats(
             role="prefill", layout=self.layout, queued_requests=queued,
             running_sequences=len(self._jobs), queued_tokens=tokens,
             total_pages=runner.kv.total_pages, free_pages=runner.available_pages(),
-            used_pages=runner.kv.total_pages - runner.available_pages(),
+            used_pages=max(0, held - cache["cached_pages"]), **cache,
+            prefilled_tokens=self.engine.prefilled_tokens,
             kv_bytes_sent=sender.bytes_sent, pushes=sender.pushes,
             kv_transfer_ms=1000 * sender.transfer_seconds, transport=GRPC,
             transports=self.transports, transport_note=self.transport_note,
@@ -116,10 +124,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
 
 
 def serve_prefill(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
-                  secret: str | None = None) -> tuple[Server, PrefillServicer]:
+                  secret: str | None = None, prefix_cache: bool = True
+                  ) -> tuple[Server, PrefillServicer]:
     """Serve a prefill worker (refusing calls without ``secret``, when given); a full-model
     worker leads its own one-stage instance."""
-    servicer = PrefillServicer(runner, secret)
+    servicer = PrefillServicer(runner, secret, prefix_cache)
     server = start_worker_server(
         lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, s),
         SERVICE_NAME, servicer, False, host, port, secret)

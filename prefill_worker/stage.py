@@ -3,8 +3,8 @@
 Every stage runs its layers over a batch, then pushes the K/V of each sequence whose
 prompt ended in the pass straight to the decode stage(s) owning those layers; the last
 stage also selects each such sequence's last hidden state and sends it to the decode
-stage that owns the LM head. A sequence lives in this cache only from its first chunk
-until its K/V is shipped.
+stage that owns the LM head. A sequence's K/V stays after it is shipped, as a cached
+prefix, until the leader releases it.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ class PrefillStage:
     def forward(self, batch: ForwardBatch, inputs: np.ndarray) -> ForwardResult:
         """Run the layers and push the K/V of sequences whose prompt ends here.
 
-        A slice that ``starts_sequence`` adds it to the cache; one that ``ends_prompt``
-        ships its K/V and frees it. Returns the hidden states for the next stage and,
-        by request id, why a push failed.
+        A slice that ``starts_sequence`` adds it to the cache (a fork of a cached one, or
+        empty); one that ``ends_prompt`` ships its K/V from ``push_from`` on. Returns the
+        hidden states for the next stage and, by request id, why a push failed.
         """
         seq_ids = [s.seq_id for s in batch.slices]
         lengths = [s.length for s in batch.slices]
@@ -56,11 +56,11 @@ class PrefillStage:
                 out = self.runner.forward(seq_ids, lengths, embeds)
                 last = (self.runner.select_last(out, lengths).numpy()
                         if self.spec.is_last else None)
-                snapshots = [self.runner.export_kv(s.seq_id, s.total_tokens) for s in finished]
+                snapshots = [self.runner.export_kv(s.seq_id, s.total_tokens, s.push_from)
+                             for s in finished]
             except Exception:
                 self._remove(seq_ids)
                 raise
-            self._remove([s.seq_id for s in finished])
         rows = {s.seq_id: i for i, s in enumerate(batch.slices)}
         pushes = [self._pushers.submit(self._ship, s.request_id, snapshot,
                                        None if last is None else last[rows[s.seq_id]],
@@ -81,12 +81,22 @@ class PrefillStage:
 
     def _add_new(self, batch: ForwardBatch) -> None:
         for s in batch.slices:
-            if s.starts_sequence and s.seq_id not in self.sequences:
-                self.runner.add_sequence(s.seq_id)
-                self.sequences.add(s.seq_id)
-            elif not s.starts_sequence and s.seq_id not in self.sequences:
+            if s.seq_id in self.sequences:
+                if s.starts_sequence:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"sequence {s.seq_id} is already on this stage")
+            elif not s.starts_sequence:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"sequence {s.seq_id} continues but is not on this stage")
+            elif s.fork_from is None:
+                self.runner.add_sequence(s.seq_id)
+                self.sequences.add(s.seq_id)
+            elif s.fork_from not in self.sequences:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"cached sequence {s.fork_from} is not on this stage")
+            else:
+                self.runner.fork_sequence(s.fork_from, s.seq_id, s.fork_pos)
+                self.sequences.add(s.seq_id)
 
     def _remove(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
@@ -104,7 +114,7 @@ class PrefillStage:
                 continue
             lo, hi = (layer - snapshot.layer_begin for layer in overlap)
             part = KVSnapshot(overlap[0], overlap[1], snapshot.keys[lo:hi],
-                              snapshot.values[lo:hi])
+                              snapshot.values[lo:hi], snapshot.token_begin)
             carries_hidden = hidden is not None and index == len(targets) - 1
             self.sender.push(target.address, request_id, part,
                              hidden if carries_hidden else None)

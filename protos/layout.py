@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from protos import worker_pb2
 
 # Fields both ends of a KV push must agree on (the layer range and page size may differ).
@@ -16,3 +18,9 @@ def layout_mismatch(ours: worker_pb2.ModelLayout, theirs: worker_pb2.ModelLayout
         if a != b:
             return f"{field} differs: this worker has {a!r}, the peer has {b!r}"
     return None
+
+
+def kv_bytes_per_token(layout: worker_pb2.ModelLayout) -> int:
+    """Bytes of one token's K and V over every layer of the model."""
+    return (2 * layout.num_layers * layout.num_kv_heads * layout.head_dim
+            * np.dtype(layout.dtype).itemsize)

@@ -9,20 +9,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceSlice(_message.Message):
-    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets")
+    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENDS_PROMPT_FIELD_NUMBER: _ClassVar[int]
     KV_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    FORK_FROM_FIELD_NUMBER: _ClassVar[int]
+    FORK_POS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FROM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seq_id: int
     length: int
     total_tokens: int
     ends_prompt: bool
     kv_targets: _containers.RepeatedCompositeFieldContainer[_worker_pb2.StageInfo]
-    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ...) -> None: ...
+    fork_from: int
+    fork_pos: int
+    push_from: int
+    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("slices", "decode", "hidden")
@@ -91,18 +97,22 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Expectation(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "sampling", "local", "seq_id")
+    __slots__ = ("request_id", "prompt_tokens", "sampling", "local", "seq_id", "fork_from", "fork_pos")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    FORK_FROM_FIELD_NUMBER: _ClassVar[int]
+    FORK_POS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     sampling: _worker_pb2.Sampling
     local: bool
     seq_id: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_worker_pb2.Sampling, _Mapping]] = ..., local: _Optional[bool] = ..., seq_id: _Optional[int] = ...) -> None: ...
+    fork_from: int
+    fork_pos: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_worker_pb2.Sampling, _Mapping]] = ..., local: _Optional[bool] = ..., seq_id: _Optional[int] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ...) -> None: ...
 
 class ExpectRequest(_message.Message):
     __slots__ = ("expectations",)

@@ -40,7 +40,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note")
+    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,11 @@ class WorkerStats(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_NOTE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     role: str
     layout: ModelLayout
     queued_requests: int
@@ -77,7 +82,12 @@ class WorkerStats(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     transports: _containers.RepeatedScalarFieldContainer[str]
     transport_note: str
-    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ...) -> None: ...
+    cached_sequences: int
+    cached_pages: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    prefilled_tokens: int
+    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("address", "layer_begin", "layer_end")
@@ -114,58 +124,72 @@ class Sampling(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "sampling", "lease_ms", "local_prefill_token_ids")
+    __slots__ = ("request_id", "prompt_tokens", "sampling", "lease_ms", "prompt_token_ids", "prefill_locally", "local_prefill_below")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_PREFILL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LOCALLY_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILL_BELOW_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     sampling: Sampling
     lease_ms: int
-    local_prefill_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., lease_ms: _Optional[int] = ..., local_prefill_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    prefill_locally: bool
+    local_prefill_below: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., lease_ms: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefill_locally: _Optional[bool] = ..., local_prefill_below: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("reserved_pages", "layout")
+    __slots__ = ("reserved_pages", "layout", "cached_tokens", "prefill_locally")
     RESERVED_PAGES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LOCALLY_FIELD_NUMBER: _ClassVar[int]
     reserved_pages: int
     layout: ModelLayout
-    def __init__(self, reserved_pages: _Optional[int] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ...) -> None: ...
+    cached_tokens: int
+    prefill_locally: bool
+    def __init__(self, reserved_pages: _Optional[int] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prefill_locally: _Optional[bool] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "decode_stages")
+    __slots__ = ("request_id", "token_ids", "decode_stages", "skip_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STAGES_FIELD_NUMBER: _ClassVar[int]
+    SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     decode_stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
+    skip_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., skip_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("kv_bytes", "prefill_ms", "kv_transfer_ms")
+    __slots__ = ("kv_bytes", "prefill_ms", "kv_transfer_ms", "cached_tokens")
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     kv_bytes: int
     prefill_ms: float
     kv_transfer_ms: float
-    def __init__(self, kv_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, kv_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "layout", "num_tokens", "num_blocks")
+    __slots__ = ("request_id", "layout", "num_tokens", "num_blocks", "token_begin")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BEGIN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: ModelLayout
     num_tokens: int
     num_blocks: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    token_begin: int
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., token_begin: _Optional[int] = ...) -> None: ...
 
 class KVBlock(_message.Message):
     __slots__ = ("layer", "token_begin", "num_tokens", "keys", "values")

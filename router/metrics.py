@@ -4,8 +4,9 @@ One registry per router, served at ``/metrics`` on the HTTP port, so a single sc
 target covers the cluster: request metrics are observed on the request path; worker
 metrics (KV pages, reservations, queues) come from the stats the scheduler polls from
 every worker 4 times a second, labelled by role and instance (the worker's address);
-per-request prefill and KV transfer figures come back in each PrefillResponse. Names
-and buckets follow vLLM's, in the ``olmo_`` namespace.
+per-request prefill and KV transfer figures come back in each PrefillResponse, prefix
+cache hits in each ReserveResponse and PrefillResponse. Names and buckets follow vLLM's,
+in the ``olmo_`` namespace.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 from protos import worker_pb2
+from protos.layout import kv_bytes_per_token
 
 from .scheduler import Scheduler
 
@@ -67,6 +69,18 @@ class RouterMetrics:
                                     registry=r)
         self.kv_bytes = Histogram("olmo_kv_transfer_bytes", "Bytes of a request's KV pushes",
                                   buckets=BYTES_BUCKETS, registry=r)
+        self.prefix_queries = Counter(
+            "olmo_prefix_cache_queries", "Prompt tokens looked up in a prefix cache, by the "
+            "role of the worker", ["role"], registry=r)
+        self.prefix_hits = Counter(
+            "olmo_prefix_cache_hits", "Prompt tokens found in a prefix cache (not computed "
+            "again), by the role of the worker", ["role"], registry=r)
+        self.kv_bytes_saved = Counter(
+            "olmo_kv_transfer_saved_bytes", "K/V bytes not pushed because the decode worker "
+            "had the prompt's prefix cached", registry=r)
+        self.local_prefills = Counter(
+            "olmo_local_prefills", "Disaggregated requests whose decode worker prefilled "
+            "the uncached rest itself (it was short)", registry=r)
         self.running = Gauge("olmo_num_requests_running",
                              "Requests being served (prefilling or decoding)", registry=r)
         Gauge("olmo_num_requests_waiting", "Requests waiting in line for decode capacity",
@@ -81,7 +95,19 @@ class RouterMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.e2e.observe(seconds)
 
-    def prefilled(self, response: worker_pb2.PrefillResponse) -> None:
+    def reserved(self, response: worker_pb2.ReserveResponse, prompt_tokens: int,
+                 layout: worker_pb2.ModelLayout, aggregated: bool) -> None:
+        self.prefix_queries.labels("decode").inc(prompt_tokens)
+        self.prefix_hits.labels("decode").inc(response.cached_tokens)
+        if not aggregated:
+            self.kv_bytes_saved.inc(response.cached_tokens * kv_bytes_per_token(layout))
+            if response.prefill_locally:
+                self.local_prefills.inc()
+
+    def prefilled(self, request: worker_pb2.PrefillRequest,
+                  response: worker_pb2.PrefillResponse) -> None:
+        self.prefix_queries.labels("prefill").inc(len(request.token_ids))
+        self.prefix_hits.labels("prefill").inc(response.cached_tokens)
         self.prefill_time.observe(response.prefill_ms / 1000)
         self.kv_seconds.observe(response.kv_transfer_ms / 1000)
         self.kv_bytes.observe(response.kv_bytes)
@@ -92,6 +118,10 @@ class _WorkerCollector:
 
     FIELDS = {
         "kv_pages_used": ("used_pages", "KV pages the worker's cache holds for live sequences"),
+        "kv_pages_cached": ("cached_pages", "KV pages only cached prefixes hold (evicted on "
+                                            "demand)"),
+        "prefix_cached_sequences": ("cached_sequences", "Finished sequences kept as cached "
+                                                        "prefixes"),
         "kv_pages_free": ("free_pages", "KV pages neither in use nor reserved"),
         "kv_pages_total": ("total_pages", "KV pages of the worker's cache"),
         "kv_reservations": ("reservations", "Decode reservations waiting for their KV"),

@@ -1,5 +1,5 @@
 """The prefill leg of a disaggregated request: ask a prefill worker to prefill and push the
-K/V to the decode instance holding the reservation; retried once on another worker."""
+K/V the decode instance holding the reservation lacks; retried once on another worker."""
 
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ class PrefillLeg:
     """
 
     def __init__(self, scheduler: Scheduler, request_id: str, prompt_ids: list[int],
-                 decode: Worker, deadline: float | None, lease_seconds: float,
+                 skip_tokens: int, decode: Worker, deadline: float | None, lease_seconds: float,
                  exclude: set[str], attempts: int = 2,
-                 on_done: Callable[[worker_pb2.PrefillResponse], None] = lambda r: None):
+                 on_done: Callable[[worker_pb2.PrefillRequest, worker_pb2.PrefillResponse],
+                                   None] = lambda request, response: None):
         self.scheduler = scheduler
         self.on_done = on_done  # told of a prefill that finished
+        # skip_tokens: the decode instance holds the prompt's first tokens already.
         self.request = worker_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids,
-                                                 decode_stages=decode.stages)
+                                                 decode_stages=decode.stages,
+                                                 skip_tokens=skip_tokens)
         self.decode = decode
         self.give_up = time.monotonic() + lease_seconds
         if deadline is not None:
@@ -54,7 +57,7 @@ class PrefillLeg:
             if self._cancelled.is_set():
                 return
             try:
-                self.worker = self.scheduler.pick_prefill(exclude=tried)
+                self.worker = self.scheduler.pick_prefill(tried, self.request.token_ids)
             except NoWorker as exc:
                 reasons.append(exc.message)
                 break
@@ -64,7 +67,9 @@ class PrefillLeg:
                     self.request, timeout=max(0.0, self.give_up - time.monotonic()))
                 self.response = self._await(self._call, self.worker)
                 if self.response is not None:
-                    self.on_done(self.response)
+                    self.scheduler.remember(self.worker.address, self.request.request_id,
+                                            self.request.token_ids)
+                    self.on_done(self.request, self.response)
                     return
                 reasons.append(f"prefill worker {self.worker.address} stopped answering")
             except grpc.FutureCancelledError:

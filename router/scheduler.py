@@ -1,10 +1,12 @@
-"""Which workers serve a request: decode by free KV pages, prefill by queued tokens."""
+"""Which workers serve a request: decode by room in their KV caches, prefill by queued
+tokens, each against where the prompt's prefix is likely cached."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -12,6 +14,8 @@ from protos import worker_pb2, worker_pb2_grpc
 from protos.errors import ServingError
 from protos.grpc_server import shared_channel
 from protos.layout import layout_mismatch
+
+from .cache_map import CacheMap
 
 
 @dataclasses.dataclass
@@ -36,14 +40,30 @@ class Scheduler:
     A background poll asks every worker for its stats every ``POLL_SECONDS``; a worker
     that has not answered for ``STALE_SECONDS`` is not alive: it is not picked, and the
     router cuts the requests it holds (see ``alive``), until it answers again.
+
+    KV-aware routing: a worker's load counts against it and the prompt tokens it is
+    thought to hold cached (``CacheMap``) for it, ``kv_weight`` tokens of load per cached
+    token; 0 routes by load alone. Load is in prompt tokens: a prefill worker's queued
+    ones; on a decode worker, ``SEQUENCE_LOAD_TOKENS`` per request it holds (running or
+    reserved), since with prefixes shared a busy worker's pages barely fill. Ties go by
+    room in the KV cache, then round-robin.
     """
 
     POLL_SECONDS = 0.25
     STALE_SECONDS = 2.0
+    # A decode worker one request busier than another is picked only if it holds this
+    # many more tokens of the prompt, over ``kv_weight``: at weight 4, 64 tokens. A
+    # chat's next turn (hundreds of tokens cached) stays with its worker unless that one
+    # is several requests busier; a 1024-token prefix cached on one worker alone spreads
+    # to the others once that one holds 16 more requests (the first one there caches it).
+    SEQUENCE_LOAD_TOKENS = 256
 
-    def __init__(self, secret: str | None = None, stats_timeout: float = 2.0):
+    def __init__(self, secret: str | None = None, stats_timeout: float = 2.0,
+                 kv_weight: float = 4.0):
         self.secret = secret  # the cluster's: every call to a worker carries it
         self.stats_timeout = stats_timeout
+        self.kv_weight = kv_weight
+        self.cache_map = CacheMap()
         self._workers: dict[str, Worker] = {}
         self._picks: dict[str, int] = {}  # breaks ties round-robin, so no worker idles
         self._lock = threading.Lock()
@@ -78,6 +98,7 @@ class Scheduler:
         with self._lock:
             if self.layout is None:
                 self.layout = stats.layout
+                self.cache_map.page_size = stats.layout.page_size
             reason = layout_mismatch(self.layout, stats.layout)
             if reason:
                 raise ValueError(f"worker {address} serves an incompatible model: {reason}")
@@ -90,6 +111,12 @@ class Scheduler:
     def remove(self, address: str) -> None:
         with self._lock:
             self._workers.pop(address, None)
+        self.cache_map.forget(address)
+
+    def remember(self, address: str, key: str, tokens: Sequence[int]) -> None:
+        """The worker at ``address`` now caches ``tokens`` (for KV-aware routing)."""
+        if self.kv_weight:
+            self.cache_map.record(address, key, tokens)
 
     def workers(self, role: str) -> list[Worker]:
         with self._lock:
@@ -102,26 +129,37 @@ class Scheduler:
                  if w.stats is not None]
         return not sizes or any(-(-num_tokens // page) <= pages for pages, page in sizes)
 
-    def pick_decode(self, exclude: set[str] = frozenset()) -> list[Worker]:
-        """Decode workers best first: most free pages, then fewest running sequences."""
-        return self._rank("decode", exclude,
-                          lambda stats: (-stats.free_pages, stats.running_sequences))
+    def pick_decode(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = ()
+                    ) -> list[Worker]:
+        """Decode workers best first: least load (requests held) less the weighted prefix
+        of ``tokens`` cached there; then most room (free or merely cached pages)."""
+        def cost(worker: Worker, stats: worker_pb2.WorkerStats, hit: int) -> tuple:
+            load = (stats.running_sequences + stats.reservations) * self.SEQUENCE_LOAD_TOKENS
+            return (load - self.kv_weight * hit, -(stats.free_pages + stats.cached_pages))
+        return self._rank("decode", exclude, tokens, cost)
 
-    def pick_prefill(self, exclude: set[str] = frozenset()) -> Worker:
-        """The reachable prefill worker with the fewest queued prompt tokens."""
-        return self._rank("prefill", exclude, lambda stats: (stats.queued_tokens,))[0]
+    def pick_prefill(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = ()
+                     ) -> Worker:
+        """The reachable prefill worker with the fewest queued prompt tokens, less the
+        weighted prefix of ``tokens`` cached there."""
+        return self._rank("prefill", exclude, tokens, lambda worker, stats, hit: (
+            stats.queued_tokens - self.kv_weight * hit,))[0]
 
-    def _rank(self, role: str, exclude: set[str], load) -> list[Worker]:
+    def _rank(self, role: str, exclude: set[str], tokens: Sequence[int],
+              cost: Callable[[Worker, worker_pb2.WorkerStats, int], tuple]) -> list[Worker]:
+        candidates = [w for w in self.workers(role)
+                      if w.address not in exclude and self.alive(w.address)]
+        hits = (self.cache_map.hits([w.address for w in candidates], tokens)
+                if self.kv_weight and tokens else {})
         ranked = []
-        for worker in self.workers(role):
-            if worker.address in exclude or not self.alive(worker.address):
-                continue
+        for worker in candidates:
             stats = self._stats(worker)
             if stats is not None:
                 worker.stats, worker.seen = stats, time.monotonic()
                 with self._lock:
                     picks = self._picks.get(worker.address, 0)
-                ranked.append(((*load(stats), picks, worker.address), worker))
+                ranked.append(((*cost(worker, stats, hits.get(worker.address, 0)), picks,
+                                worker.address), worker))
         if not ranked:
             raise NoWorker(f"no {role} worker is reachable")
         ranked.sort(key=lambda item: item[0])

@@ -1,8 +1,11 @@
 """The public Generate API: validate, tokenize, admit, reserve, prefill, stream, detokenize.
 
 Disaggregated: reserve KV on a decode worker, open its token stream, ask a prefill
-worker to prefill and push the pages there (retried once on another prefill worker).
-Aggregated: the decode worker prefills the prompt itself; nothing is transferred.
+worker to prefill and push the pages there (retried once on another prefill worker);
+only the pages after the prefix the decode worker has cached travel, and when few
+tokens are left uncached the decode worker prefills them itself (conditional
+disaggregation). Aggregated: the decode worker always prefills the prompt itself.
+Workers are picked by load and by where the prompt's prefix is likely cached.
 
 Workers only ever see request ids the router makes (one per attempt), never the
 client's, so no client can name, abort or read another's request on a worker.
@@ -99,6 +102,12 @@ class RouterOptions:
     # second must exceed the longest local prefill, which pauses every stream.
     first_token_timeout_s: float = 30.0
     token_timeout_s: float = 10.0
+    # KV-aware routing: a prompt token thought cached on a worker counts as this many
+    # tokens of load off it; 0 routes by load alone.
+    kv_weight: float = 4.0
+    # Conditional disaggregation: a decode worker prefills a prompt itself when at most
+    # this many of its tokens are not in its prefix cache (0: never).
+    local_prefill_below: int = 64
 
 
 class DecodeLost(Exception):
@@ -159,6 +168,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.facts = facts
         self.options = options = options or RouterOptions()
         self.max_attempts = 2 if options.resume_on_decode_failure else 1
+        scheduler.kv_weight = options.kv_weight
         self.admission = AdmissionQueue(options.max_waiting, options.max_queue_wait_s)
         self.stalls = StallMonitor(options.first_token_timeout_s, options.token_timeout_s,
                                    scheduler.alive)
@@ -241,6 +251,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 return
             try:
                 yield from self._relay(client_id, attempt, progress, blame, call)
+                # What the decode worker's cache holds now: the next turn of a chat
+                # resends it all, and should go there.
+                self.scheduler.remember(attempt.decode.address, attempt.request_id,
+                                        progress.prompt_ids + progress.generated[:-1])
                 return
             except DecodeLost as lost:
                 last_error = str(lost)
@@ -271,24 +285,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         todo.max_tokens = sampling.max_tokens - len(progress.generated)
         reserve = worker_pb2.ReserveRequest(
             request_id=attempt_id, prompt_tokens=len(tokens), sampling=todo,
-            lease_ms=self.options.lease_ms,
-            local_prefill_token_ids=tokens if self.options.aggregated else [])
+            lease_ms=self.options.lease_ms, prompt_token_ids=tokens,
+            prefill_locally=self.options.aggregated,
+            local_prefill_below=self.options.local_prefill_below)
         waited = time.perf_counter()
-        decode = self.admission.admit(lambda: self._try_reserve(reserve, blame.decode),
-                                      deadline, call.is_active)
+        decode, reserved = self.admission.admit(
+            lambda: self._try_reserve(reserve, blame.decode), deadline, call.is_active)
         self.metrics.queue_time.observe(time.perf_counter() - waited)
+        self.metrics.reserved(reserved, len(tokens), decode.layout, self.options.aggregated)
+        self.scheduler.remember(decode.address, attempt_id, tokens)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         stream = decode.stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=attempt_id),
                                           timeout=remaining)
-        leg = None if self.options.aggregated else PrefillLeg(
-            self.scheduler, attempt_id, tokens, decode, deadline,
+        leg = None if reserved.prefill_locally else PrefillLeg(
+            self.scheduler, attempt_id, tokens, reserved.cached_tokens, decode, deadline,
             self.options.lease_ms / 1000, blame.prefill, on_done=self.metrics.prefilled)
         return Attempt(attempt_id, decode, stream, leg)
 
     def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str]
-                     ) -> Worker | None:
-        """The decode worker that took the reservation; None when all are full for now."""
-        candidates = self.scheduler.pick_decode(exclude)
+                     ) -> tuple[Worker, worker_pb2.ReserveResponse] | None:
+        """The decode worker that took the reservation, and its answer; None when all are
+        full for now."""
+        candidates = self.scheduler.pick_decode(exclude, reserve.prompt_token_ids)
         needed = reserve.prompt_tokens + reserve.sampling.max_tokens
         if not self.scheduler.could_ever_fit(needed):
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -297,8 +315,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         refusals, full = [], False
         for worker in candidates:
             try:
-                worker.stub.Reserve(reserve, timeout=10)
-                return worker
+                return worker, worker.stub.Reserve(reserve, timeout=10)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ServingError(exc.code(), exc.details()) from None

@@ -74,13 +74,18 @@ def reference_logits(model, tokens: list[int]):
 
 
 def wait_until_cluster_idle(cluster, timeout: float = 15.0) -> None:
-    """Wait until a local cluster holds nothing: every page free, no reservation, pending
-    KV, prefill job, watched stream or waiting request left anywhere."""
+    """Wait until a local cluster holds nothing but cached prefixes: no page in use, no
+    reservation, pending KV, prefill job, watched stream or waiting request left anywhere,
+    and no sequence on any stage that its instance's prefix cache does not hold."""
     deadline = time.monotonic() + timeout
     while True:
-        busy = [s for s in cluster.decode if s.engine.stats()["used_pages"]
-                or s.engine.scheduler.request_ids() or s.stage.receiver.waiting()]
-        busy += [p for p in cluster.prefill if p._jobs or p.stage.sequences]
+        workers = [*cluster.decode, *cluster.prefill]
+        cached = set().union(*(w.engine.cache.cached_ids() for w in workers))
+        busy = [w for w in workers if not w.stage.sequences <= cached]
+        busy += [s for s in cluster.decode if s.engine.scheduler.request_ids()
+                 or s.stage.receiver.waiting()
+                 or (s.engine.chain is not None and s.engine.stats()["used_pages"])]
+        busy += [p for p in cluster.prefill if p._jobs]
         router = cluster.router
         if router._client_ids or router.stalls._watches or router.admission.waiting():
             busy.append(router)

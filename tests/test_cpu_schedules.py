@@ -13,7 +13,11 @@ from tvm import relax, tirx
 
 from olmo_model import artifact
 from olmo_model.compiler import resolve_target
-from olmo_model.cpu_attention import paged_decode_attention, prefill_ragged_attention
+from olmo_model.cpu_attention import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    prefill_ragged_attention,
+)
 from olmo_model.cpu_schedules import (
     PACK_MIN_ROWS,
     HalfMatmulAccumulateInFloat32,
@@ -218,3 +222,40 @@ def test_paged_decode_attention_matches_reference(h_q, h_kv):
             q[b:b + 1], k.transpose(1, 0, 2), v.transpose(1, 0, 2), [0, 1], [0, n], causal=0)
         np.testing.assert_allclose(out.numpy()[b], expected_out[0], atol=1e-5)
         np.testing.assert_allclose(lse.numpy()[b], expected_lse[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize(("h_q", "h_kv"), [(4, 4), (8, 2)])
+def test_paged_prefill_attention_matches_reference(causal, h_q, h_kv):
+    # New tokens over cached pages: one token over one key, seven over exactly two pages,
+    # three over two pages and five keys, and a sequence without pages.
+    d, page_size, lengths, new = 32, 16, [1, 32, 37, 0], [1, 7, 3, 2]
+    rng = np.random.default_rng(5)
+    page_counts = [-(-n // page_size) for n in lengths]
+    order = rng.permutation(sum(page_counts) + 2).astype(np.int32)  # two pages unused
+    indptr = np.concatenate([[0], np.cumsum(page_counts)]).astype(np.int32)
+    last_len = np.array([n - (c - 1) * page_size if c else 0
+                         for n, c in zip(lengths, page_counts)], np.int32)
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    pages = rng.standard_normal((len(order), 2, h_kv, page_size, d), dtype=np.float32)
+    q = rng.standard_normal((q_indptr[-1], h_q, d), dtype=np.float32)
+    kernel = tvm.compile(tvm.IRModule({"main": paged_prefill_attention(h_kv, h_q, d, page_size,
+                                                                         "float32")}), TARGET)
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    args = [tvm.runtime.tensor(a) for a in (q, q_indptr, pages, indptr, order, last_len,
+                                            np.zeros(len(new), np.int32),
+                                            np.zeros(q.shape[0], np.int32))]
+    kernel["main"](*args, out, lse, causal, 0, 1.0, 1e4, d**-0.5)
+    for b, n in enumerate(lengths):
+        rows = slice(q_indptr[b], q_indptr[b + 1])
+        if n == 0:  # nothing to attend to: no weight in the merge with the new tokens
+            assert (out.numpy()[rows] == 0).all() and (lse.numpy()[rows] < -1e4).all()
+            continue
+        seq_pages = order[indptr[b]:indptr[b + 1]]
+        k = pages[seq_pages, 0].transpose(1, 0, 2, 3).reshape(h_kv, -1, d)[:, :n]
+        v = pages[seq_pages, 1].transpose(1, 0, 2, 3).reshape(h_kv, -1, d)[:, :n]
+        expected_out, expected_lse = _reference_attention(
+            q[rows], k.transpose(1, 0, 2), v.transpose(1, 0, 2), [0, new[b]], [0, n], causal)
+        np.testing.assert_allclose(out.numpy()[rows], expected_out, atol=1e-5)
+        np.testing.assert_allclose(lse.numpy()[rows], expected_lse, atol=1e-5)

@@ -33,7 +33,8 @@ PROMPT = "The Python interpreter"
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, num_prefill=1, num_decode=1, limits=LIMITS)
+    c = start_local_cluster(DEMO_MODEL_DIR, num_prefill=1, num_decode=1, limits=LIMITS,
+                            options=RouterOptions(local_prefill_below=0))
     yield c
     c.stop()
 
@@ -95,7 +96,7 @@ def test_out_of_vocabulary_local_prefill_is_refused_and_the_worker_lives(cluster
     error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).Reserve,
                          worker_pb2.ReserveRequest(
                              request_id="oov", prompt_tokens=2, lease_ms=5_000,
-                             local_prefill_token_ids=[10**9, 2**31 + 5],
+                             prompt_token_ids=[10**9, 2**31 + 5], prefill_locally=True,
                              sampling=worker_pb2.Sampling(max_tokens=4)), timeout=5)
     assert "outside the vocabulary" in error.details()
     assert len(greedy(client, PROMPT, 4)) == 4
@@ -108,7 +109,7 @@ def local_request(stub, request_id: str, prompt: list[int], n: int, **sampling):
     """Reserve with local prefill on one decode worker and return its token stream."""
     stub.Reserve(worker_pb2.ReserveRequest(
         request_id=request_id, prompt_tokens=len(prompt), lease_ms=30_000,
-        local_prefill_token_ids=prompt,
+        prompt_token_ids=prompt, prefill_locally=True,
         sampling=worker_pb2.Sampling(max_tokens=n, ignore_eos=True, **sampling)), timeout=10)
     return stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=request_id), timeout=60)
 
@@ -121,7 +122,7 @@ def test_non_finite_sampling_parameters_are_refused(cluster):
     error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).Reserve,
                          worker_pb2.ReserveRequest(
                              request_id="nan", prompt_tokens=3, lease_ms=5_000,
-                             local_prefill_token_ids=[1, 2, 3],
+                             prompt_token_ids=[1, 2, 3], prefill_locally=True,
                              sampling=worker_pb2.Sampling(max_tokens=4,
                                                           temperature=float("nan"))),
                          timeout=5)
@@ -185,7 +186,8 @@ def test_a_reset_sent_to_a_leader_is_refused(cluster, client):
 
 @pytest.mark.parametrize("fields, message", [
     (dict(lease_ms=2**32 - 1), "lease must be"),
-    (dict(prompt_tokens=4, local_prefill_token_ids=list(range(1, 481))), "480 tokens to prefill"),
+    (dict(prompt_tokens=4, prompt_token_ids=list(range(1, 481))), "480 prompt token ids"),
+    (dict(prefill_locally=True), "needs the prompt's token ids"),
     (dict(request_id="x" * 500), "request id has"),
 ])
 def test_reservations_that_could_squat_or_lie_are_refused(cluster, fields, message):

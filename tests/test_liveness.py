@@ -88,7 +88,8 @@ def cluster():
         local = f"127.0.0.1:{local_server.port}"
         scheduler = static_scheduler([workers["prefill"][0].address, local],
                                      [w.address for w in workers["decode"]], secret)
-        options = RouterOptions(token_timeout_s=TOKEN_TIMEOUT, first_token_timeout_s=20)
+        options = RouterOptions(token_timeout_s=TOKEN_TIMEOUT, first_token_timeout_s=20,
+                                local_prefill_below=0)
         server, router = serve_router(DEMO_MODEL_DIR, scheduler, options)
         yield {"router": router, "address": f"127.0.0.1:{server.port}", **workers}
         server.stop(grace=0.5)

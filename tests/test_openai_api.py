@@ -35,7 +35,8 @@ MESSAGES = [{"role": "system", "content": "You explain Python."},
 @pytest.fixture(scope="module", params=["disaggregated", "aggregated"])
 def cluster(request):
     c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, http_port=0,
-                            aggregated=request.param == "aggregated")
+                            aggregated=request.param == "aggregated",
+                            options=RouterOptions(local_prefill_below=0))
     yield c
     c.stop()
 
@@ -201,6 +202,8 @@ def test_metrics_count_what_was_served(cluster, api, grpc_client):
     assert moved("olmo_generation_tokens_total") == sum(lengths) + 6
     assert moved("olmo_inter_token_latency_seconds_count") == sum(lengths) + 6 - 4
     assert moved("olmo_prompt_tokens_total") == 4 * 3  # "The Python interpreter": 3 tokens
+    # Every prompt was looked up in the decode worker's prefix cache.
+    assert moved("olmo_prefix_cache_queries_total{role=decode}") == 4 * 3
     decode = [k for k in after if k.startswith("olmo_kv_pages_total{instance=")]
     assert decode and after["olmo_num_requests_running"] == 0
     if not cluster.router.options.aggregated:

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import wait_until_cluster_idle
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
@@ -17,10 +18,12 @@ from protos import stage_pb2, stage_pb2_grpc, worker_pb2
 from protos.errors import ServingError
 from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], list(range(20, 120)), [42], list(range(200, 231))]
 NEW_TOKENS = 12
+PUSH = RouterOptions(local_prefill_below=0)  # every prompt goes through a prefill instance
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +58,12 @@ def run_concurrently(address: str, prompts) -> list[list[int]]:
 def test_staged_greedy_output_equals_transformers(five_layers, expected, prefill_stages,
                                                   decode_stages):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=prefill_stages,
+    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
+                                  prefill_stages=prefill_stages,
                                   decode_stages=decode_stages)
     try:
         assert run_concurrently(cluster.router_address, PROMPTS) == expected
-        for servicer in cluster.decode:  # every stage freed its pages
-            assert _idle(servicer)
+        wait_until_cluster_idle(cluster)  # every stage freed its pages
     finally:
         cluster.stop()
 
@@ -77,7 +80,8 @@ def _idle(servicer, timeout: float = 10.0) -> bool:
 
 def test_a_killed_decode_stage_fails_requests_cleanly_and_frees_other_stages(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=1, decode_stages=3)
+    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
+                                  prefill_stages=1, decode_stages=3)
     try:
         client = GenerationClient(cluster.router_address)
         call = client.stream(generate_request([5, 6, 7], max_tokens=200, ignore_eos=True),
@@ -103,7 +107,8 @@ def test_a_killed_decode_stage_fails_requests_cleanly_and_frees_other_stages(fiv
 
 def test_stage_chain_must_cover_every_layer(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=1, decode_stages=3)
+    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
+                                  prefill_stages=1, decode_stages=3)
     try:
         leader = cluster.decode[0]
         stages = leader.engine.chain.addresses
@@ -116,7 +121,7 @@ def test_stage_chain_must_cover_every_layer(five_layers):
 
 def test_a_one_stage_instance_calls_its_own_stage_directly(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS)
+    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH)
     try:
         for servicer in [*cluster.prefill, *cluster.decode]:
             assert servicer.engine.chain.stages == [servicer.stage]
@@ -126,7 +131,8 @@ def test_a_one_stage_instance_calls_its_own_stage_directly(five_layers):
 
 def test_a_member_stage_refuses_malformed_calls(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=1, decode_stages=2)
+    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
+                                  prefill_stages=1, decode_stages=2)
     try:
         leader, member = cluster.decode
         addresses = leader.engine.chain.addresses
@@ -153,7 +159,8 @@ def test_a_member_stage_refuses_malformed_calls(five_layers):
 
 def test_a_prefill_whose_member_stage_died_frees_the_leader(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, prefill_stages=2, decode_stages=1)
+    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
+                                  prefill_stages=2, decode_stages=1)
     try:
         leader = cluster.prefill[0]
         member_address = leader.engine.chain.addresses[1].address

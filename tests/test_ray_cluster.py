@@ -22,8 +22,11 @@ PROMPT = "The Python interpreter"
 def cluster():
     from cluster.ray_cluster import start_ray_cluster
 
+    # Every prompt goes through a prefill worker (local_prefill_below_tokens=0): the pushes
+    # show which decode workers served.
     config = ClusterConfig(port=0, http_port=0, prefill=RoleConfig(instances=2, cpus=0.4),
-                           decode=RoleConfig(instances=2, cpus=0.4), health_interval_s=0.5)
+                           decode=RoleConfig(instances=2, cpus=0.4), health_interval_s=0.5,
+                           local_prefill_below_tokens=0)
     c = start_ray_cluster(config, num_cpus=2)
     yield c
     c.stop()

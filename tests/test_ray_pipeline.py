@@ -23,7 +23,7 @@ def cluster():
     config = ClusterConfig(port=0, http_port=-1,
                            prefill=RoleConfig(instances=1, stages=2, cpus=0.25),
                            decode=RoleConfig(instances=1, stages=2, cpus=0.25),
-                           health_interval_s=0.5)
+                           health_interval_s=0.5, local_prefill_below_tokens=0)
     c = start_ray_cluster(config, num_cpus=2)
     yield c
     c.stop()

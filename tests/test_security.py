@@ -20,6 +20,7 @@ from protos import stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.auth import SECRET_ENV
 from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=4, max_total_tokens=2048, prefill_chunk_size=512)
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, api_key="the-key")
+    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, api_key="the-key",
+                            options=RouterOptions(local_prefill_below=0))
     yield c
     c.stop()
 

@@ -20,6 +20,7 @@ from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from protos import generation_pb2, worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=16, max_total_tokens=4096, prefill_chunk_size=1024)
 PROMPT = "The Python interpreter"
@@ -28,7 +29,8 @@ STOP, LENGTH = generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_L
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, num_prefill=2, num_decode=1, limits=LIMITS)
+    c = start_local_cluster(DEMO_MODEL_DIR, num_prefill=2, num_decode=1, limits=LIMITS,
+                            options=RouterOptions(local_prefill_below=0))
     yield c
     c.stop()
 
@@ -66,7 +68,8 @@ def wait_until_idle(stub, timeout: float = 10.0) -> worker_pb2.WorkerStats:
     deadline = time.monotonic() + timeout
     while True:
         stats = decode_stats(stub)
-        idle = stats.used_pages == 0 and stats.free_pages == stats.total_pages
+        idle = (stats.used_pages == 0
+                and stats.free_pages + stats.cached_pages == stats.total_pages)
         if idle or time.monotonic() > deadline:
             return stats
         time.sleep(0.05)
@@ -157,7 +160,8 @@ def test_cancelling_mid_stream_frees_pages(client, decode_stub):
     assert decode_stats(decode_stub).used_pages > 0
     call.cancel()
     stats = wait_until_idle(decode_stub)
-    assert stats.used_pages == 0 and stats.free_pages == stats.total_pages
+    assert stats.used_pages == 0
+    assert stats.free_pages + stats.cached_pages == stats.total_pages
     assert stats.running_sequences == 0
 
 
@@ -199,7 +203,8 @@ def test_push_with_bad_checksum_is_refused_and_nothing_decoded(cluster, decode_s
     assert stats.pushes_refused == refused_before + 1
     assert stats.running_sequences == 0 and stats.used_pages == 0
     decode_stub.Abort(worker_pb2.AbortRequest(request_id="bad-crc"), timeout=5)
-    assert wait_until_idle(decode_stub).free_pages == stats.total_pages
+    idle = wait_until_idle(decode_stub)
+    assert idle.free_pages + idle.cached_pages == stats.total_pages
 
 
 def test_push_from_an_incompatible_model_or_incomplete_is_refused(cluster, decode_stub):
@@ -223,7 +228,7 @@ def test_push_from_an_incompatible_model_or_incomplete_is_refused(cluster, decod
 
 
 def test_reservation_without_push_expires(decode_stub):
-    total = decode_stats(decode_stub).total_pages
+    total = wait_until_idle(decode_stub).free_pages
     decode_stub.Reserve(worker_pb2.ReserveRequest(
         request_id="never-pushed", prompt_tokens=40, lease_ms=300,
         sampling=worker_pb2.Sampling(max_tokens=8)), timeout=5)

@@ -19,6 +19,7 @@ from decode_worker.servicer import serve_decode
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits
 from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
 
 REQUESTS = 240
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=512)
@@ -31,7 +32,8 @@ def rss_mib() -> float:
 
 
 def test_mixed_traffic_with_cancellations_and_a_lost_worker_leaves_nothing_behind():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, num_prefill=1, num_decode=2, limits=LIMITS)
+    cluster = start_local_cluster(DEMO_MODEL_DIR, num_prefill=1, num_decode=2, limits=LIMITS,
+                                  options=RouterOptions(local_prefill_below=0))
     client = GenerationClient(cluster.router_address)
     scheduler = cluster.router.scheduler
     outcomes: list[object] = []

@@ -76,6 +76,7 @@ def test_kv_import_beside_a_live_sequence_decodes_identically(tiny_checkpoint):
     for runner in (receiver, untouched):
         runner.add_sequence(1)
         runner.prefill([1], [other])
+    receiver.add_sequence(9)
     receiver.import_kv(9, snapshot)
     np.testing.assert_array_equal(receiver.export_kv(9, len(prompt)).keys, snapshot.keys)
     np.testing.assert_array_equal(receiver.export_kv(9, len(prompt)).values, snapshot.values)

@@ -1,0 +1,312 @@
+"""Prefix caching: forks of cached sequences compute (and ship) only what is new, and give
+exactly what a cold prefill gives, in every layout, under eviction, and to transformers."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from conftest import reference_logits, wait_until_cluster_idle
+
+from cluster.local_cluster import start_local_cluster
+from kv_transfer.codec import encode_push
+from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from olmo_model.runtime import ModelRunner
+from pipeline.prefix_cache import PrefixCache
+from protos import worker_pb2, worker_pb2_grpc
+from protos.grpc_server import channel
+from protos.layout import kv_bytes_per_token
+from protos.prefix_index import PrefixIndex
+from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
+
+LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
+NEW_TOKENS = 8
+SYSTEM = list(range(10, 80))  # 70 tokens: four whole pages and a part
+SHARED = [SYSTEM + [100 + i, 7, 100 + 2 * i, 9, 3 + i] for i in range(4)]
+USER_TURNS = [[200, 201, 202, 203], [210, 211], [220, 221, 222, 223, 224, 225]]
+PUSH = dict(local_prefill_below=0)  # every prompt goes through a prefill instance
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_factory):
+    # test_pipeline_serving's model: its stages are compiled once for both.
+    return checkpoint_factory(seed=5, num_hidden_layers=5, num_key_value_heads=2)
+
+
+def hf_greedy(reference, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                 min_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+def chat_prompts(generate) -> list[tuple[list[int], list[int]]]:
+    """A chat of len(USER_TURNS) turns, each resending the whole conversation: (prompt,
+    answer) per turn, answers from ``generate(prompt)``."""
+    turns, context = [], SYSTEM[:40]
+    for user in USER_TURNS:
+        prompt = context + user
+        answer = generate(prompt)
+        turns.append((prompt, answer))
+        context = prompt + answer
+    return turns
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    _, reference = model
+    return ({tuple(p): hf_greedy(reference, p) for p in SHARED},
+            chat_prompts(lambda p: hf_greedy(reference, p)))
+
+
+def serve(cluster, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
+    client = GenerationClient(cluster.router_address)
+    try:
+        return [client.complete(generate_request(p, max_tokens=n, ignore_eos=True),
+                                timeout=60)[0] for p in prompts]
+    finally:
+        client.close()
+
+
+def serve_concurrently(cluster, prompts: list[list[int]], n: int = NEW_TOKENS
+                       ) -> list[list[int]]:
+    results: list[list[int] | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        results[i] = serve(cluster, [prompts[i]], n)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def leader_stats(servicers) -> list[dict[str, int]]:
+    return [s.engine.cache.stats() for s in servicers if s.engine.chain is not None]
+
+
+# --- the index and the bookkeeping --------------------------------------------------------
+
+def test_pages_are_named_by_their_whole_prefix():
+    index = PrefixIndex(page_size=4)
+    a, b = index.pages([1, 2, 3, 4, 5, 6, 7, 8, 9]), index.pages([0, 2, 3, 4, 5, 6, 7, 8])
+    assert len(a) == 2 and len(b) == 2  # whole pages only
+    assert a[1] != b[1]  # same tokens in page 2, other prefixes: other names
+    index.add("x", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert index.match([1, 2, 3, 4, 5, 6, 7, 0]).tokens == 4
+    assert index.match([1, 2, 3, 4, 5, 6, 7, 8]).key == "x"
+    assert index.match([9, 9, 9, 9]).key is None
+
+
+def test_the_cache_keeps_what_is_new_and_evicts_the_least_recently_used():
+    cache = PrefixCache(page_size=4)
+    cache.start(1)
+    assert cache.finish(1, list(range(10))) == []  # kept: 3 pages
+    hit = cache.lookup(list(range(8)))
+    assert (hit.seq_id, hit.tokens) == (1, 7)  # the last token is always computed
+    # Past the whole pages the match goes on token by token, into the partial page.
+    assert cache.lookup(list(range(9)) + [77]).tokens == 9
+    cache.start(2, cache.lookup(list(range(10)) + [50, 51]))
+    assert cache.cached_pages() == 1  # the running fork shares two of sequence 1's pages
+    assert cache.held_pages() == 3
+    cache.start(5, cache.lookup(list(range(9))))
+    assert cache.evict(3) == [1] and cache.evict(1) == []
+    # Evicting 1 frees only the page no fork shares; the shared two stay held.
+    assert cache.held_pages() == 2 and cache.cached_pages() == 0
+    cache.finish(5, None)
+    cache.start(1)
+    cache.finish(1, list(range(10)))
+    # Sequence 2 holds all of sequence 1 and more: 1 is redundant.
+    assert cache.finish(2, list(range(10)) + [50, 51]) == [1]
+    cache.start(3)
+    assert cache.finish(3, list(range(9))) == [3]  # nothing new: not kept
+    cache.start(4)
+    assert cache.finish(4, [7] * 9) == []
+    cache.lookup([7] * 9)  # 4 becomes the most recently used
+    assert cache.evict(1) == [2]
+    assert cache.evict(10, keep={4}) == []
+    assert cache.stats()["cached_sequences"] == 1 and cache.clear() == [4]
+
+
+def test_a_disabled_cache_keeps_nothing():
+    cache = PrefixCache(page_size=4, enabled=False)
+    cache.start(1)
+    assert cache.finish(1, list(range(10))) == [1]
+    assert cache.lookup(list(range(10))).seq_id is None
+
+
+# --- forks in the paged KV cache ----------------------------------------------------------
+
+def test_forked_sequences_never_see_each_others_later_tokens(model):
+    folder, reference = model
+    runner = ModelRunner.from_checkpoint(folder, limits=LIMITS)
+    base = list(range(30, 70))  # two whole pages and a half
+
+    def last_logits(seq_id: int, tokens: list[int]) -> np.ndarray:
+        return runner.logits(runner.prefill([seq_id], [tokens]))[0]
+
+    runner.add_sequence(1)
+    last_logits(1, base)
+    runner.fork_sequence(1, 2, 32)   # at a page boundary: two pages shared
+    runner.fork_sequence(1, 3, 40)   # mid-page: the partial page is copied
+    histories = {1: list(base), 2: base[:32], 3: list(base)}
+    # Each sequence goes its own way; the parent keeps growing too.
+    for step, extra in enumerate([[5, 6, 7], [8], [9, 10]]):
+        for seq_id, tokens in ((1, [11 + step]), (2, extra), (3, [1, 2][: 1 + step % 2])):
+            got = last_logits(seq_id, tokens)
+            histories[seq_id] += tokens
+            want = reference_logits(reference, histories[seq_id])[-1]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for seq_id in (1, 2, 3):
+        runner.remove_sequence(seq_id)
+    assert runner.available_pages() == runner.kv.total_pages
+
+
+# --- end to end -------------------------------------------------------------------------
+
+LAYOUTS = {
+    "aggregated": dict(aggregated=True),
+    "disaggregated": dict(options=RouterOptions(**PUSH)),
+    "conditional": dict(options=RouterOptions(local_prefill_below=16)),
+    "staged": dict(prefill_stages=2, decode_stages=2, options=RouterOptions(**PUSH)),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cached_output_equals_transformers_in_every_layout(model, expected, layout):
+    folder, _ = model
+    shared, chat = expected
+    cluster = start_local_cluster(folder, limits=LIMITS, **LAYOUTS[layout])
+    try:
+        assert serve(cluster, SHARED[:1]) == [shared[tuple(SHARED[0])]]  # warms the caches
+        assert serve_concurrently(cluster, SHARED) == [shared[tuple(p)] for p in SHARED]
+        assert chat_prompts(lambda p: serve(cluster, [p])[0]) == chat
+        decode = leader_stats(cluster.decode)[0]
+        # Every SHARED prompt after the first forks from the cached SYSTEM; each chat turn
+        # from the whole previous turn (all but its answer's last token).
+        previous_turns = sum(len(p) + NEW_TOKENS - 1 for p, _ in chat[:-1])
+        assert decode["prefix_hit_tokens"] >= 4 * len(SYSTEM) + previous_turns
+        if not cluster.router.options.aggregated and layout != "conditional":
+            assert leader_stats(cluster.prefill)[0]["prefix_hit_tokens"] >= 4 * len(SYSTEM)
+        wait_until_cluster_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_cache_off_gives_the_same_output_and_computes_everything(model, expected):
+    folder, _ = model
+    shared, chat = expected
+    cluster = start_local_cluster(folder, limits=LIMITS, prefix_cache=False,
+                                  options=RouterOptions(**PUSH))
+    try:
+        assert serve_concurrently(cluster, SHARED) == [shared[tuple(p)] for p in SHARED]
+        assert chat_prompts(lambda p: serve(cluster, [p])[0]) == chat
+        for stats in leader_stats(cluster.decode) + leader_stats(cluster.prefill):
+            assert stats["prefix_hit_tokens"] == 0 and stats["cached_sequences"] == 0
+        wait_until_cluster_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_only_the_uncached_k_v_is_pushed(model, expected):
+    folder, _ = model
+    shared, _ = expected
+    cluster = start_local_cluster(folder, limits=LIMITS, options=RouterOptions(**PUSH))
+    try:
+        receiver = cluster.decode[0].stage.receiver
+        per_token = kv_bytes_per_token(cluster.decode[0].layout) // 2  # K and V
+        sizes = []
+        for prompt in SHARED[:2]:
+            before = receiver.bytes_received
+            assert serve(cluster, [prompt]) == [shared[tuple(prompt)]]
+            sizes.append((receiver.bytes_received - before) // per_token)
+        # The second prompt shares all of SYSTEM with the first, partial page included.
+        assert sizes == [2 * len(SHARED[0]), 2 * (len(SHARED[1]) - len(SYSTEM))]
+    finally:
+        cluster.stop()
+
+
+def test_a_push_that_ignores_the_cached_prefix_is_refused(model, expected):
+    folder, _ = model
+    shared, _ = expected
+    cluster = start_local_cluster(folder, limits=LIMITS, options=RouterOptions(**PUSH))
+    try:
+        serve(cluster, SHARED[:1])
+        servicer = cluster.decode[0]
+        stub = worker_pb2_grpc.DecodeWorkerStub(
+            channel(cluster.router.scheduler.workers("decode")[0].address, cluster.secret))
+        prompt = SHARED[1]
+        reserved = stub.Reserve(worker_pb2.ReserveRequest(
+            request_id="whole", prompt_tokens=len(prompt), prompt_token_ids=prompt,
+            lease_ms=10_000, sampling=worker_pb2.Sampling(max_tokens=4)), timeout=5)
+        assert reserved.cached_tokens == len(SYSTEM) and not reserved.prefill_locally
+        layout = servicer.layout
+        shape = (layout.num_layers, len(prompt), layout.num_kv_heads, layout.head_dim)
+        whole = KVSnapshot(0, layout.num_layers, np.ones(shape, np.float32),
+                           np.ones(shape, np.float32))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushKV(iter(encode_push("whole", layout, whole,
+                                         np.ones(layout.hidden_size, np.float32))), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "from position 0" in err.value.details()
+        stub.Abort(worker_pb2.AbortRequest(request_id="whole"), timeout=5)
+        # The cache is intact: the same prompt through the router still hits and is right.
+        assert serve(cluster, [prompt]) == [shared[tuple(prompt)]]
+        wait_until_cluster_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_eviction_under_pressure_never_corrupts_a_running_sequence(model):
+    """16 pages: a long request forks from a cached prefix and reserves so much that the
+    next prompt fits only once that prefix is evicted; distinct prompts then push each
+    other out while the long request runs."""
+    folder, reference = model
+    small = CacheLimits(max_num_sequences=4, max_total_tokens=256, prefill_chunk_size=64)
+    cluster = start_local_cluster(folder, limits=small, aggregated=True)
+    try:
+        base = list(range(100, 148))  # three whole pages
+        long_prompt = base + [5, 6, 7, 8, 9]
+        others = [[200 + i] + list(range(40 + i, 79 + i)) for i in range(4)]
+        assert serve(cluster, [base], 4) == [hf_greedy(reference, base, 4)]
+        leader = cluster.decode[0].engine
+        parent = leader.cache.cached_ids()
+        client = GenerationClient(cluster.router_address)
+        call = client.stream(generate_request(long_prompt, max_tokens=150, ignore_eos=True),
+                             timeout=120)
+        first = next(call)
+        assert serve(cluster, others, 4) == [hf_greedy(reference, p, 4) for p in others]
+        assert not parent & leader.cache.cached_ids()  # the forked-from prefix was evicted
+        assert leader.scheduler.running()  # ... while the long request ran
+        rest = [t for response in call for t in response.token_ids]
+        assert list(first.token_ids) + rest == hf_greedy(reference, long_prompt, 150)
+        client.close()
+        wait_until_cluster_idle(cluster)
+        stats = leader.stats()
+        assert stats["free_pages"] + stats["cached_pages"] == stats["total_pages"]
+    finally:
+        cluster.stop()
+
+
+def test_kv_aware_routing_keeps_a_chat_on_the_worker_that_holds_it(model, expected):
+    folder, _ = model
+    _, chat = expected
+    hits = {}
+    for weight in (0.0, 1.0):
+        cluster = start_local_cluster(folder, num_decode=2, limits=LIMITS,
+                                      options=RouterOptions(kv_weight=weight, **PUSH))
+        try:
+            assert chat_prompts(lambda p, c=cluster: serve(c, [p])[0]) == chat
+            hits[weight] = sum(s["prefix_hit_tokens"] for s in leader_stats(cluster.decode))
+        finally:
+            cluster.stop()
+    # Routed by load alone the turns alternate between the two workers; KV-aware, every
+    # turn after the first forks from the whole turn before.
+    previous_turns = sum(len(p) + NEW_TOKENS - 1 for p, _ in chat[:-1])
+    assert hits[1.0] >= previous_turns > hits[0.0]
