@@ -76,14 +76,29 @@ def handoff_probe(target, vocab: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def prefill_transfer_totals(prefill_stats) -> tuple[int, float, int]:
-    stats = [get(worker_pb2.StatsRequest()) for get in prefill_stats]
-    return (sum(s.kv_bytes_sent for s in stats), sum(s.kv_transfer_ms for s in stats),
-            sum(s.pushes for s in stats))
+# The handoff's totals, summed over the workers of each role: (role, field) by name.
+HANDOFF_FIELDS = {"kv_bytes": ("prefill", "kv_bytes_sent"), "pushes": ("prefill", "pushes"),
+                  "export_ms": ("prefill", "kv_export_ms"),
+                  "encode_ms": ("prefill", "kv_encode_ms"),
+                  "transfer_ms": ("prefill", "kv_transfer_ms"),
+                  "assemble_ms": ("decode", "kv_assemble_ms"),
+                  "install_ms": ("decode", "kv_install_ms")}
+
+
+def handoff_totals(stats_calls: dict) -> dict[str, float]:
+    stats = {role: [get(worker_pb2.StatsRequest()) for get in calls]
+             for role, calls in stats_calls.items()}
+    return {name: sum(getattr(s, field) for s in stats[role])
+            for name, (role, field) in HANDOFF_FIELDS.items()}
+
+
+def handoff_since(stats_calls: dict, before: dict[str, float]) -> dict[str, float]:
+    after = handoff_totals(stats_calls)
+    return {name: after[name] - before[name] for name in after}
 
 
 def start_cluster(model: Path, aggregated: bool, use_ray: bool):
-    """(cluster, router address, per-prefill-worker Stats callables)."""
+    """(cluster, router address, Stats callables of each role's workers)."""
     if use_ray:
         from cluster.cluster_config import ClusterConfig, RoleConfig
         from cluster.ray_cluster import start_ray_cluster
@@ -93,33 +108,37 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool):
                                mode="aggregated" if aggregated else "disaggregated",
                                prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5))
         cluster = start_ray_cluster(config)
-        stats = [w.stub.Stats for w in cluster.manager.scheduler.workers("prefill")]
-        return cluster, cluster.address, stats
+        scheduler = cluster.manager.scheduler
+        return cluster, cluster.address, {role: [w.stub.Stats for w in scheduler.workers(role)]
+                                          for role in ("prefill", "decode")}
     limits = CacheLimits(max_num_sequences=32, max_total_tokens=32768, prefill_chunk_size=2048)
     cluster = start_local_cluster(model, num_prefill=1, num_decode=1, aggregated=aggregated,
                                   limits=limits, http_port=0,
                                   # every prompt pushed, as in the recorded runs
                                   options=RouterOptions(local_prefill_below=0))
-    return cluster, cluster.router_address, [
-        lambda request, p=p: p.Stats(request, None) for p in cluster.prefill]
+    return cluster, cluster.router_address, {
+        role: [lambda request, s=s: s.Stats(request, None) for s in servicers]
+        for role, servicers in (("prefill", cluster.prefill), ("decode", cluster.decode))}
 
 
 def bench_mode(model: Path, aggregated: bool, args, vocab: int) -> dict:
-    cluster, address, prefill_stats = start_cluster(model, aggregated, args.ray)
+    cluster, address, stats = start_cluster(model, aggregated, args.ray)
     target = GrpcTarget(address) if args.api == "grpc" else HttpTarget(cluster.http_url)
     try:
         target.request([1, 2, 3], 2)  # warm up
-        out = {"handoff_ttft_512_s": handoff_probe(target, vocab, args.probe_repeats),
-               "rates": []}
+        before = handoff_totals(stats)
+        out = {"handoff_ttft_512_s": handoff_probe(target, vocab, args.probe_repeats)}
+        out["handoff_512"] = handoff_since(stats, before)  # the lone prompts' pushes alone
+        out["rates"] = []
         rng = np.random.default_rng(0)
         slo = {"ttft": args.slo_ttft, "tpot": args.slo_tpot}
-        before = prefill_transfer_totals(prefill_stats)
+        before = handoff_totals(stats)
         for rate in args.rates:
             out["rates"].append(poisson_run(target, rate, args.requests, rng, vocab, slo))
-        after = prefill_transfer_totals(prefill_stats)
-        out["kv_bytes"] = after[0] - before[0]
-        out["kv_transfer_ms"] = after[1] - before[1]
-        out["kv_pushes"] = after[2] - before[2]
+        totals = handoff_since(stats, before)
+        out["kv_bytes"] = totals["kv_bytes"]
+        out["kv_transfer_ms"] = totals["transfer_ms"]
+        out["kv_pushes"] = totals["pushes"]
         return out
     finally:
         target.close()
@@ -173,10 +192,29 @@ def print_table(results: dict) -> None:
     per_push = d["kv_transfer_ms"] / max(1, d["kv_pushes"])
     print(f"\nKV transfer: {mb:.1f} MiB in {d['kv_pushes']} pushes, {per_push:.1f} ms per push "
           f"({mb / max(1e-9, d['kv_transfer_ms'] / 1e3):.0f} MiB/s while pushing)")
+    print_handoff_steps(d["handoff_512"])
     ratio = d["handoff_ttft_512_s"] / a["handoff_ttft_512_s"]
     print(f"TTFT of a lone 512-token prompt: disaggregated {1e3 * d['handoff_ttft_512_s']:.1f} ms,"
           f" aggregated {1e3 * a['handoff_ttft_512_s']:.1f} ms, ratio {ratio:.3f} "
           f"(goal <= 1.10)")
+
+
+def print_handoff_steps(steps: dict[str, float]) -> None:
+    """Per push of the lone 512-token prompts: each step's time (the transfer is the whole
+    push as the sender waits for it; the steps inside it overlap) and the bandwidth."""
+    pushes = max(1, steps["pushes"])
+    mib = steps["kv_bytes"] / pushes / 2**20
+    print(f"\nKV handoff of a lone 512-token prompt, per push ({mib:.1f} MiB, "
+          f"{steps['pushes']:.0f} pushes):")
+    print(f"{'step':<12}{'ms':>8}   where")
+    for name, where in (("export", "prefill: K/V out of the pages"),
+                        ("encode", "prefill: copies into chunks, checksum"),
+                        ("transfer", "prefill: the whole push, encode and verdict included"),
+                        ("assemble", "decode: verify, copy chunks into arrays"),
+                        ("install", "decode: K/V into the pages")):
+        print(f"{name:<12}{steps[name + '_ms'] / pushes:>8.1f}   {where}")
+    seconds = steps["transfer_ms"] / 1000
+    print(f"bandwidth while pushing: {mib * pushes / max(1e-9, seconds):.0f} MiB/s")
 
 
 if __name__ == "__main__":

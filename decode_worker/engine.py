@@ -111,7 +111,7 @@ class DecodeEngine:
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         return self.scheduler.abort(request_id, reason)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         runner = self.stage.runner
         cache = self.cache.stats()
         held = runner.kv.total_pages - runner.available_pages()
@@ -119,7 +119,10 @@ class DecodeEngine:
                 "used_pages": max(0, held - cache["cached_pages"]),
                 "prefilled_tokens": self.prefilled_tokens,
                 "kv_bytes_received": self.stage.receiver.bytes_received,
-                "pushes_refused": self.stage.receiver.pushes_refused}
+                "pushes_refused": self.stage.receiver.pushes_refused,
+                "pushes": self.stage.receiver.pushes,
+                "kv_assemble_ms": 1000 * self.stage.receiver.assemble_seconds,
+                "kv_install_ms": 1000 * self.stage.install_seconds}
 
     def stop(self) -> None:
         self.scheduler.stop()

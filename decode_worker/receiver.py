@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import grpc
@@ -51,6 +52,8 @@ class KVReceiver:
         self._lock = threading.Lock()
         self.bytes_received = 0
         self.pushes_refused = 0
+        self.pushes = 0  # taken (verified and kept)
+        self.assemble_seconds = 0.0  # handling chunks as they arrive (not waiting for them)
 
     def expect(self, request_id: str, prompt_tokens: int, token_begin: int = 0) -> None:
         with self._lock:
@@ -65,14 +68,20 @@ class KVReceiver:
         # The header is checked against the reservation before anything is allocated.
         assembler = KVAssembler(self.layout, accepts_hidden=self.spec.is_last,
                                 admit=self._check)
+        busy = 0.0
         try:
             for chunk in chunks:
+                start = time.perf_counter()
                 assembler.add(chunk)
+                busy += time.perf_counter() - start
             self._keep(assembler.request_id, assembler.snapshot(), assembler.hidden)
         except ServingError:
             with self._lock:
                 self.pushes_refused += 1
             raise
+        with self._lock:
+            self.pushes += 1
+            self.assemble_seconds += busy
         self.on_arrival()
         return assembler.bytes_received
 

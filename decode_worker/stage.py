@@ -9,6 +9,7 @@ holds each sequence's sampler and turns hidden states into tokens.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -34,6 +35,7 @@ class DecodeStage:
         self.samplers: dict[int, Sampler] = {}  # by sequence id (the last stage only)
         self.sequences: set[int] = set()  # running, reserved or cached
         self._seq_of_request: dict[str, int] = {}
+        self.install_seconds = 0.0  # writing received K/V into the pages
         self._lock = threading.RLock()
 
     def layout(self) -> worker_pb2.ModelLayout:
@@ -73,7 +75,9 @@ class DecodeStage:
                     raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                        f"sequence {a.seq_id} was never expected here")
                 pending = self.receiver.take(a.request_id)
+                start = time.perf_counter()
                 self.runner.import_kv(a.seq_id, pending.snapshot())
+                self.install_seconds += time.perf_counter() - start
                 if self.spec.is_last:
                     hidden.append(pending.hidden)
             if not hidden:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -34,6 +35,7 @@ class KVSender:
         self.bytes_sent = 0
         self.pushes = 0
         self.transfer_seconds = 0.0
+        self.encode_seconds = 0.0  # of which making the chunks (copies, checksum)
         # (bytes, seconds) by request, until its caller takes them; bounded, since a
         # cancelled request's pushes may finish after its caller has gone.
         self._by_request: collections.OrderedDict[str, tuple[int, float]] = (
@@ -47,7 +49,8 @@ class KVSender:
         be reached in time, FAILED_PRECONDITION when it refused the push (its reason kept).
         """
         start = time.perf_counter()
-        chunks = encode_push(request_id, self.layout, snapshot, hidden)
+        encoding = [0.0]
+        chunks = _timed(encode_push(request_id, self.layout, snapshot, hidden), encoding)
         stub = worker_pb2_grpc.DecodeWorkerStub(shared_channel(address, self.secret))
         try:
             reply = stub.PushKV(chunks, timeout=self.timeout)
@@ -61,6 +64,7 @@ class KVSender:
             self.bytes_sent += reply.bytes
             self.pushes += 1
             self.transfer_seconds += seconds
+            self.encode_seconds += encoding[0]
             sent, took = self._by_request.pop(request_id, (0, 0.0))
             self._by_request[request_id] = (sent + reply.bytes, took + seconds)
             while len(self._by_request) > TOTALS_KEPT:
@@ -71,3 +75,16 @@ class KVSender:
         """(bytes, seconds) of this request's pushes so far, forgotten once taken."""
         with self._lock:
             return self._by_request.pop(request_id, (0, 0.0))
+
+
+def _timed(chunks: Iterator[worker_pb2.KVChunk], seconds: list[float]
+           ) -> Iterator[worker_pb2.KVChunk]:
+    """``chunks``, adding the time spent making each to ``seconds[0]`` (gRPC pulls them
+    as it sends, so encoding and sending interleave)."""
+    while True:
+        start = time.perf_counter()
+        chunk = next(chunks, None)
+        seconds[0] += time.perf_counter() - start
+        if chunk is None:
+            return
+        yield chunk

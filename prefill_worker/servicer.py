@@ -118,7 +118,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
             used_pages=max(0, held - cache["cached_pages"]), **cache,
             prefilled_tokens=self.engine.prefilled_tokens,
             kv_bytes_sent=sender.bytes_sent, pushes=sender.pushes,
-            kv_transfer_ms=1000 * sender.transfer_seconds, transport=GRPC,
+            kv_transfer_ms=1000 * sender.transfer_seconds,
+            kv_export_ms=1000 * self.stage.export_seconds,
+            kv_encode_ms=1000 * sender.encode_seconds, transport=GRPC,
             transports=self.transports, transport_note=self.transport_note,
             stages=stage_infos(self.engine.chain))
 

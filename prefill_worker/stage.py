@@ -10,6 +10,7 @@ prefix, until the leader releases it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +34,7 @@ class PrefillStage:
         self._layout = model_layout(runner)
         self.sender = KVSender(self._layout, secret)
         self.sequences: set[int] = set()
+        self.export_seconds = 0.0  # reading shipped K/V out of the pages
         self._lock = threading.Lock()
         self._pushers = ThreadPoolExecutor(push_threads, thread_name_prefix="kv-push")
 
@@ -56,8 +58,10 @@ class PrefillStage:
                 out = self.runner.forward(seq_ids, lengths, embeds)
                 last = (self.runner.select_last(out, lengths).numpy()
                         if self.spec.is_last else None)
+                start = time.perf_counter()
                 snapshots = [self.runner.export_kv(s.seq_id, s.total_tokens, s.push_from)
                              for s in finished]
+                self.export_seconds += time.perf_counter() - start
             except Exception:
                 self._remove(seq_ids)
                 raise

@@ -21,7 +21,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from protos import worker_pb2
 from protos.layout import kv_bytes_per_token
@@ -129,6 +129,11 @@ class _WorkerCollector:
         "worker_queued_requests": ("queued_requests", "Prompts queued at a prefill worker"),
         "worker_queued_tokens": ("queued_tokens", "Prompt tokens queued at a prefill worker"),
     }
+    # The KV handoff step by step, as each worker's running totals in ms: export, encode
+    # and the whole push (transfer) on prefill workers; assemble and install on decode.
+    HANDOFF_STEPS = {"export": "kv_export_ms", "encode": "kv_encode_ms",
+                     "transfer": "kv_transfer_ms", "assemble": "kv_assemble_ms",
+                     "install": "kv_install_ms"}
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
@@ -139,6 +144,12 @@ class _WorkerCollector:
                                "polls", labels=["role", "instance"])
         families = {name: GaugeMetricFamily(f"olmo_{name}", text, labels=["role", "instance"])
                     for name, (_, text) in self.FIELDS.items()}
+        handoff = CounterMetricFamily(
+            "olmo_kv_handoff_seconds", "Time each worker spent on each step of the KV handoff "
+            "(prefill: export, encode, transfer = the whole push; decode: assemble, install)",
+            labels=["role", "instance", "step"])
+        pushes = CounterMetricFamily("olmo_kv_pushes", "KV pushes sent (prefill) or taken "
+                                     "(decode)", labels=["role", "instance"])
         for worker in workers:
             labels = [worker.role, worker.address]
             up.add_metric(labels, float(self.scheduler.alive(worker.address)))
@@ -146,8 +157,15 @@ class _WorkerCollector:
                 continue
             for name, (field, _) in self.FIELDS.items():
                 families[name].add_metric(labels, float(getattr(worker.stats, field)))
+            pushes.add_metric(labels, float(worker.stats.pushes))
+            for step, field in self.HANDOFF_STEPS.items():
+                ms = getattr(worker.stats, field)
+                if ms:
+                    handoff.add_metric([*labels, step], ms / 1000)
         yield up
         yield from families.values()
+        yield pushes
+        yield handoff
 
     def describe(self):
         return []

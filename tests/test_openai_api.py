@@ -209,6 +209,24 @@ def test_metrics_count_what_was_served(cluster, api, grpc_client):
     if not cluster.router.options.aggregated:
         assert moved("olmo_kv_transfer_bytes_count") == 4
         assert moved("olmo_kv_transfer_bytes_sum") > 0
+        # The handoff step by step, from the workers' stats (polled 4 times a second).
+        deadline = time.monotonic() + 5
+        while summed(after, "olmo_kv_pushes_total", "role=decode") - summed(
+                before, "olmo_kv_pushes_total", "role=decode") < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            after = metric_values(cluster.http_url)
+        for role, step in (("prefill", "export"), ("prefill", "encode"),
+                           ("prefill", "transfer"), ("decode", "assemble"),
+                           ("decode", "install")):
+            name, labels = "olmo_kv_handoff_seconds_total", (f"role={role}", f"step={step}")
+            assert summed(after, name, *labels) > summed(before, name, *labels)
+
+
+def summed(values: dict[str, float], name: str, *labels: str) -> float:
+    """The sum of metric ``name``'s samples that carry every one of ``labels``."""
+    return sum(value for key, value in values.items()
+               if key.split("{")[0] == name and all(label in key for label in labels))
 
 
 def test_api_key_and_unavailable_workers_get_401_and_503():
