@@ -18,7 +18,7 @@ import numpy as np
 from kv_transfer.codec import model_layout
 from olmo_model.runtime import ModelRunner
 from pipeline.ops import Admission, Expectation, ForwardBatch, ForwardResult, Release
-from pipeline.stage import embed_checked
+from pipeline.stage import embed_checked, start_sequence
 from protos import worker_pb2
 from protos.errors import ServingError
 
@@ -49,14 +49,7 @@ class DecodeStage:
         with self._lock:
             for e in expectations:
                 self._check_new(e.seq_id)
-                if e.fork_from is None:
-                    self.runner.add_sequence(e.seq_id)
-                elif e.fork_from not in self.sequences:
-                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       f"cached sequence {e.fork_from} is not on this stage")
-                else:
-                    self.runner.fork_sequence(e.fork_from, e.seq_id, e.fork_pos)
-                self.sequences.add(e.seq_id)
+                start_sequence(self.runner, self.sequences, e.seq_id, e.fork_from, e.fork_pos)
                 self._seq_of_request[e.request_id] = e.seq_id
                 if self.spec.is_last:
                     self.samplers[e.seq_id] = Sampler(e.sampling)

@@ -53,3 +53,17 @@ def embed_checked(runner: ModelRunner, token_ids: np.ndarray):
                            f"token ids must be in [0, {vocab}); got {token_ids.min()}.."
                            f"{token_ids.max()}")
     return runner.embed(token_ids)
+
+
+def start_sequence(runner: ModelRunner, sequences: set[int], seq_id: int,
+                   fork_from: int | None, fork_pos: int) -> None:
+    """Add ``seq_id`` to a stage's cache and to ``sequences``: empty, or sharing the first
+    ``fork_pos`` tokens of cached sequence ``fork_from``, which must be on this stage."""
+    if fork_from is None:
+        runner.add_sequence(seq_id)
+    elif fork_from not in sequences:
+        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"cached sequence {fork_from} is not on this stage")
+    else:
+        runner.fork_sequence(fork_from, seq_id, fork_pos)
+    sequences.add(seq_id)

@@ -22,7 +22,7 @@ from kv_transfer.grpc_transport import KVSender
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
 from pipeline.ops import ForwardBatch, ForwardResult, Release, StageAddress
-from pipeline.stage import embed_checked
+from pipeline.stage import embed_checked, start_sequence
 from protos import worker_pb2
 from protos.errors import ServingError
 
@@ -92,15 +92,8 @@ class PrefillStage:
             elif not s.starts_sequence:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"sequence {s.seq_id} continues but is not on this stage")
-            elif s.fork_from is None:
-                self.runner.add_sequence(s.seq_id)
-                self.sequences.add(s.seq_id)
-            elif s.fork_from not in self.sequences:
-                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"cached sequence {s.fork_from} is not on this stage")
             else:
-                self.runner.fork_sequence(s.fork_from, s.seq_id, s.fork_pos)
-                self.sequences.add(s.seq_id)
+                start_sequence(self.runner, self.sequences, s.seq_id, s.fork_from, s.fork_pos)
 
     def _remove(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
