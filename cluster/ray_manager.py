@@ -12,13 +12,18 @@ stops getting requests, finishes what it holds, then is stopped.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from router.scheduler import Scheduler
 
 from .cluster_config import ClusterConfig, RoleConfig
+
+log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
 
@@ -36,18 +41,34 @@ def connect_ray(address: str | None = None, num_cpus: float | None = None) -> No
     if address:
         ray.init(address=address, log_to_driver=False)
         return
-    for attempt in (1, 2):
+    attempts = 3
+    for attempt in range(1, attempts + 1):
         try:
             ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
                      _node_ip_address="127.0.0.1", object_store_memory=128 * 2**20,
                      log_to_driver=False)
             return
-        except RuntimeError:
-            # Seen on a loaded 2-core machine: the new GCS does not report its port within
-            # Ray's wait; a second start succeeds.
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a raylet timeout
+            # Seen on a loaded 2-core machine: the new GCS does not report its port, or the
+            # raylet does not register, within Ray's fixed waits; a fresh start succeeds.
+            log.warning("local Ray start %d/%d failed: %s%s", attempt, attempts, e,
+                        _raylet_log_tail())
             ray.shutdown()
-            if attempt == 2:
+            if attempt == attempts:
                 raise
+
+
+def _raylet_log_tail(lines: int = 20) -> str:
+    """The end of the newest session's raylet log, to say why a start failed."""
+    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    for name in ("raylet.err", "raylet.out"):
+        try:
+            text = (logs / name).read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        if text:
+            return f"\n{name}:\n" + "\n".join(text)
+    return ""
 
 
 @dataclasses.dataclass
