@@ -122,13 +122,14 @@ def counters(cluster) -> dict:
 def run_config(model: Path, vocab: int, workload: str, config: dict, args) -> dict:
     from cluster.local_cluster import start_local_cluster
     from olmo_model.kv_pages import CacheLimits
+    from pipeline.options import WorkerOptions
     from router.service import RouterOptions
 
     options = RouterOptions(kv_weight=config["kv_weight"],
                             local_prefill_below=config.get("local_prefill_below", 64))
     cluster = start_local_cluster(model, num_prefill=2, num_decode=2,
                                   limits=CacheLimits(16, 32768, 2048), options=options,
-                                  prefix_cache=config["prefix_cache"])
+                                  worker_options=WorkerOptions(config["prefix_cache"]))
     try:
         done = subprocess.run(
             [sys.executable, __file__, "--client", "--address", cluster.router_address,

@@ -27,6 +27,7 @@ from clients import GrpcTarget, HttpTarget
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
+from pipeline.options import WorkerOptions
 from protos import worker_pb2
 from router.service import RouterOptions
 
@@ -97,25 +98,31 @@ def handoff_since(stats_calls: dict, before: dict[str, float]) -> dict[str, floa
     return {name: after[name] - before[name] for name in after}
 
 
-def start_cluster(model: Path, aggregated: bool, use_ray: bool):
+def start_cluster(model: Path, aggregated: bool, use_ray: bool,
+                  worker_options: WorkerOptions | None = None, dtype: str | None = None):
     """(cluster, router address, Stats callables of each role's workers)."""
+    worker_options = worker_options or WorkerOptions()
     if use_ray:
         from cluster.cluster_config import ClusterConfig, RoleConfig
         from cluster.ray_cluster import start_ray_cluster
 
-        config = ClusterConfig(model=str(model), port=0, http_port=0, max_sequences=32,
+        config = ClusterConfig(model=str(model), dtype=dtype, port=0, http_port=0,
+                               max_sequences=32,
                                max_total_tokens=32768, local_prefill_below_tokens=0,
                                mode="aggregated" if aggregated else "disaggregated",
-                               prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5))
+                               prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5),
+                               prefix_cache=worker_options.prefix_cache,
+                               kv_shared_memory=worker_options.kv_shared_memory)
         cluster = start_ray_cluster(config)
         scheduler = cluster.manager.scheduler
         return cluster, cluster.address, {role: [w.stub.Stats for w in scheduler.workers(role)]
                                           for role in ("prefill", "decode")}
     limits = CacheLimits(max_num_sequences=32, max_total_tokens=32768, prefill_chunk_size=2048)
     cluster = start_local_cluster(model, num_prefill=1, num_decode=1, aggregated=aggregated,
-                                  limits=limits, http_port=0,
+                                  dtype=dtype, limits=limits, http_port=0,
                                   # every prompt pushed, as in the recorded runs
-                                  options=RouterOptions(local_prefill_below=0))
+                                  options=RouterOptions(local_prefill_below=0),
+                                  worker_options=worker_options)
     return cluster, cluster.router_address, {
         role: [lambda request, s=s: s.Stats(request, None) for s in servicers]
         for role, servicers in (("prefill", cluster.prefill), ("decode", cluster.decode))}

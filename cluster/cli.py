@@ -33,6 +33,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                         default=None, help="free every sequence when it finishes instead of "
                                            "keeping it for prompts that begin alike")
+    parser.add_argument("--no-kv-shared-memory", dest="kv_shared_memory", action="store_false",
+                        default=None, help="send every KV push inline over gRPC, also between "
+                                           "workers on one host")
 
 
 def _routing_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +78,7 @@ def _routing_overrides(args: argparse.Namespace) -> dict:
 def _model_overrides(args: argparse.Namespace) -> dict:
     given = {"model": args.model, "dtype": args.dtype, "target": args.target,
              "max_sequences": args.max_sequences, "max_total_tokens": args.max_total_tokens,
-             "prefix_cache": args.prefix_cache}
+             "prefix_cache": args.prefix_cache, "kv_shared_memory": args.kv_shared_memory}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -106,7 +109,7 @@ def _prefill_worker(args: argparse.Namespace) -> int:
 
     secret = _required_secret(args)
     spec = _worker_spec(args)
-    server, _ = serve_prefill(spec.runner(), args.host, args.port, secret, spec.prefix_cache)
+    server, _ = serve_prefill(spec.runner(), args.host, args.port, secret, spec.options)
     print(f"prefill worker serving on {args.host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
@@ -116,7 +119,7 @@ def _decode_worker(args: argparse.Namespace) -> int:
 
     secret = _required_secret(args)
     spec = _worker_spec(args)
-    server, _ = serve_decode(spec.runner(), args.host, args.port, secret, spec.prefix_cache)
+    server, _ = serve_decode(spec.runner(), args.host, args.port, secret, spec.options)
     print(f"decode worker serving on {args.host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
@@ -218,7 +221,7 @@ def _start_cluster(args: argparse.Namespace):
             config.aggregated, spec.dtype, spec.target, spec.limits, config.host, config.port,
             config.prefill.stages, config.decode.stages, config.router_options(),
             config.cluster_secret(), config.api_key(), config.tls(),
-            config.http_port if config.http_port >= 0 else None, spec.prefix_cache)
+            config.http_port if config.http_port >= 0 else None, spec.options)
         how, address = "in-process", cluster.router_address
     else:
         from .ray_cluster import start_ray_cluster

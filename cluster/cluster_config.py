@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from olmo_model.kv_pages import CacheLimits
+from pipeline.options import WorkerOptions
 from protos.auth import api_key, cluster_secret, new_secret
 from router.service import RouterOptions
 
@@ -61,6 +62,8 @@ class ClusterConfig:
     # cached token; 0: load alone), and a decode worker prefills a prompt itself when at
     # most local_prefill_below_tokens of it are not cached (0: never).
     prefix_cache: bool = True
+    # K/V pushes between workers on one host go through shared memory, not the stream.
+    kv_shared_memory: bool = True
     kv_weight: float | None = None
     local_prefill_below_tokens: int | None = None
     # What happens to a request whose decode worker dies mid-stream.
@@ -147,7 +150,8 @@ class ClusterConfig:
     def worker_spec(self) -> WorkerSpec:
         """What every worker of this cluster builds its runner from."""
         limits = CacheLimits.sized(self.max_sequences, self.max_total_tokens)
-        return WorkerSpec.of(self.model, self.dtype, self.target, limits, self.prefix_cache)
+        return WorkerSpec.of(self.model, self.dtype, self.target, limits,
+                             WorkerOptions(self.prefix_cache, self.kv_shared_memory))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ClusterConfig:

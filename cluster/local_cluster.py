@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from decode_worker.servicer import DecodeServicer, serve_decode
 from olmo_model.kv_pages import CacheLimits
+from pipeline.options import WorkerOptions
 from prefill_worker.servicer import PrefillServicer, serve_prefill
 from protos.auth import new_secret
 from protos.grpc_server import Server
@@ -57,13 +58,13 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
                         prefill_stages: int = 1, decode_stages: int = 1,
                         options: RouterOptions | None = None, secret: str | None = None,
                         api_key: str | None = None, tls: tuple[bytes, bytes] | None = None,
-                        http_port: int | None = None, prefix_cache: bool = True
-                        ) -> LocalCluster:
+                        http_port: int | None = None,
+                        worker_options: WorkerOptions | None = None) -> LocalCluster:
     """Start the workers and the router; ``None`` for model, dtype, target or limits means
     the same default every cluster uses (``WorkerSpec``), for ``secret`` a new one. With an
     ``http_port`` (0: any free one) the router serves the OpenAI-compatible API too.
-    ``prefix_cache``: workers keep finished sequences for prompts that begin alike."""
-    spec = WorkerSpec.of(model_dir, dtype, target, limits, prefix_cache)
+    ``worker_options``: prefix caching and shared-memory pushes (default: both on)."""
+    spec = WorkerSpec.of(model_dir, dtype, target, limits, worker_options)
     secret = secret or new_secret()
     servers: list[Server] = []
     servicers: dict[str, list] = {"prefill": [], "decode": []}
@@ -76,7 +77,7 @@ def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 
             addresses, members = [], []
             for stage in range(stages):
                 server, servicer = serve(spec.runner(stage, stages), host, secret=secret,
-                                         prefix_cache=prefix_cache)
+                                         options=spec.options)
                 servers.append(server)
                 members.append(servicer)
                 addresses.append(f"{host}:{server.port}")

@@ -217,7 +217,7 @@ class RayClusterManager:
 
         with self._lock:
             instance.state = "draining"
-        self.scheduler.remove(instance.address)
+        self.scheduler.drain(instance.address)
         stub = self.scheduler.stub_for(instance.address, instance.role)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -228,6 +228,7 @@ class RayClusterManager:
             if not (stats.running_sequences or stats.reservations or stats.queued_requests):
                 break
             time.sleep(0.1)
+        self.scheduler.remove(instance.address)
         for actor in instance.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(instance.placement_group)

@@ -24,7 +24,7 @@ class WorkerActor:
             raise ValueError(f"unknown role {role!r}")
         runner = spec.runner(stage, num_stages)
         self.role = role
-        self.server, self.servicer = serve(runner, host, port, secret, spec.prefix_cache)
+        self.server, self.servicer = serve(runner, host, port, secret, spec.options)
         self.advertised_host = host
         if host in ("0.0.0.0", "::", ""):
             import ray

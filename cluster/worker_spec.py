@@ -11,6 +11,7 @@ from olmo_model.demo import resolve_model_dir
 from olmo_model.kv_pages import CacheLimits
 from olmo_model.runtime import ModelRunner
 from olmo_model.stages import StageSpec
+from pipeline.options import WorkerOptions
 
 DEFAULT_DTYPE = "float32"
 DEFAULT_TARGET = "llvm"
@@ -22,14 +23,15 @@ class WorkerSpec:
     dtype: str = DEFAULT_DTYPE
     target: str = DEFAULT_TARGET
     limits: CacheLimits = CacheLimits()
-    prefix_cache: bool = True  # keep finished sequences for prompts that begin alike
+    options: WorkerOptions = WorkerOptions()
 
     @classmethod
     def of(cls, model: str | Path | None, dtype: str | None = None, target: str | None = None,
-           limits: CacheLimits | None = None, prefix_cache: bool = True) -> WorkerSpec:
+           limits: CacheLimits | None = None, options: WorkerOptions | None = None
+           ) -> WorkerSpec:
         """None for any field means its default (for ``model``: the built-in demo model)."""
         return cls(Path(resolve_model_dir(model)).resolve(), dtype or DEFAULT_DTYPE,
-                   target or DEFAULT_TARGET, limits or CacheLimits(), prefix_cache)
+                   target or DEFAULT_TARGET, limits or CacheLimits(), options or WorkerOptions())
 
     def config(self) -> OLMoConfig:
         return OLMoConfig.from_file(self.model_dir)

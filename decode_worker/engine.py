@@ -122,11 +122,14 @@ class DecodeEngine:
                 "pushes_refused": self.stage.receiver.pushes_refused,
                 "pushes": self.stage.receiver.pushes,
                 "kv_assemble_ms": 1000 * self.stage.receiver.assemble_seconds,
-                "kv_install_ms": 1000 * self.stage.install_seconds}
+                "kv_install_ms": 1000 * self.stage.install_seconds,
+                "shared_memory_pushes": self.stage.receiver.shared_pushes,
+                "shared_memory_bytes": self.stage.receiver.shared_bytes}
 
     def stop(self) -> None:
         self.scheduler.stop()
         self._thread.join(timeout=10)
+        self.stage.receiver.buffers.close()  # its idle assembly buffers
 
     # --- the engine thread ------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 import grpc
 import numpy as np
 
+from kv_transfer.buffers import Buffer, BufferPool
 from kv_transfer.codec import KVAssembler
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.stages import StageSpec
@@ -31,6 +32,7 @@ class PendingKV:
     token_begin: int = 0    # the prompt's first tokens before it are in the cache already
     parts: dict[int, KVSnapshot] = dataclasses.field(default_factory=dict)  # by layer_begin
     hidden: np.ndarray | None = None
+    buffers: list[Buffer] = dataclasses.field(default_factory=list)  # the parts live there
 
     def snapshot(self) -> KVSnapshot:
         """The parts joined into one snapshot of the stage's layers."""
@@ -44,16 +46,20 @@ class PendingKV:
 
 class KVReceiver:
     def __init__(self, layout: worker_pb2.ModelLayout, spec: StageSpec,
-                 on_arrival: Callable[[], None] = lambda: None):
+                 on_arrival: Callable[[], None] = lambda: None, accepts_shared: bool = True):
         self.layout = layout
         self.spec = spec
         self.on_arrival = on_arrival  # wakes the engine's step loop
+        self.accepts_shared = accepts_shared  # pushes naming a same-host sender's buffer
         self._pending: dict[str, PendingKV] = {}
         self._lock = threading.Lock()
         self.bytes_received = 0
         self.pushes_refused = 0
         self.pushes = 0  # taken (verified and kept)
         self.assemble_seconds = 0.0  # handling chunks as they arrive (not waiting for them)
+        self.shared_pushes = 0  # of the pushes taken, those read from shared memory
+        self.shared_bytes = 0
+        self.buffers = BufferPool()  # pushes are assembled here, until installed
 
     def expect(self, request_id: str, prompt_tokens: int, token_begin: int = 0) -> None:
         with self._lock:
@@ -67,21 +73,29 @@ class KVReceiver:
         """
         # The header is checked against the reservation before anything is allocated.
         assembler = KVAssembler(self.layout, accepts_hidden=self.spec.is_last,
-                                admit=self._check)
+                                admit=self._check, accepts_shared=self.accepts_shared,
+                                buffers=self.buffers)
         busy = 0.0
         try:
             for chunk in chunks:
                 start = time.perf_counter()
                 assembler.add(chunk)
                 busy += time.perf_counter() - start
-            self._keep(assembler.request_id, assembler.snapshot(), assembler.hidden)
-        except ServingError:
-            with self._lock:
-                self.pushes_refused += 1
+            self._keep(assembler.request_id, assembler.snapshot(), assembler.hidden,
+                       assembler.buffer)
+        except BaseException as exc:  # a refusal, or the stream broke: keep nothing
+            if assembler.buffer is not None:
+                self.buffers.give(assembler.buffer)
+            if isinstance(exc, ServingError):
+                with self._lock:
+                    self.pushes_refused += 1
             raise
         with self._lock:
             self.pushes += 1
             self.assemble_seconds += busy
+            if assembler.shared:
+                self.shared_pushes += 1
+                self.shared_bytes += assembler.bytes_received
         self.on_arrival()
         return assembler.bytes_received
 
@@ -97,14 +111,24 @@ class KVReceiver:
                                    f"the K/V of request {request_id!r} is not all here")
             return self._pending.pop(request_id)
 
+    def recycle(self, pending: PendingKV) -> None:
+        """Its K/V is installed (or no longer wanted): its buffers serve the next pushes."""
+        for buffer in pending.buffers:
+            self.buffers.give(buffer)
+        pending.buffers.clear()
+
     def drop(self, request_ids: Iterable[str]) -> None:
         with self._lock:
-            for request_id in request_ids:
-                self._pending.pop(request_id, None)
+            dropped = [self._pending.pop(r, None) for r in request_ids]
+        for pending in dropped:
+            if pending is not None:
+                self.recycle(pending)
 
     def clear(self) -> None:
         with self._lock:
-            self._pending.clear()
+            dropped, self._pending = list(self._pending.values()), {}
+        for pending in dropped:
+            self.recycle(pending)
 
     def waiting(self) -> int:
         with self._lock:
@@ -122,7 +146,8 @@ class KVReceiver:
                                f"but {pending.prompt_tokens} from {pending.token_begin} were "
                                "reserved")
 
-    def _keep(self, request_id: str, snapshot: KVSnapshot, hidden: np.ndarray | None) -> None:
+    def _keep(self, request_id: str, snapshot: KVSnapshot, hidden: np.ndarray | None,
+              buffer: Buffer | None) -> None:
         self._check(request_id, snapshot.token_begin, snapshot.num_tokens)
         with self._lock:
             pending = self._pending.get(request_id)
@@ -137,6 +162,8 @@ class KVReceiver:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"the hidden state of {request_id!r} arrived twice")
             pending.parts[snapshot.layer_begin] = snapshot
+            if buffer is not None:
+                pending.buffers.append(buffer)
             if hidden is not None:
                 pending.hidden = hidden
             self.bytes_received += snapshot.keys.nbytes + snapshot.values.nbytes

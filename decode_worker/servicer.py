@@ -6,8 +6,10 @@ import queue
 import threading
 from collections.abc import Iterator
 
+from kv_transfer.shared_memory import host_identity
 from kv_transfer.transports import GRPC, worker_transports
 from olmo_model.runtime import ModelRunner
+from pipeline.options import DEFAULT_OPTIONS, WorkerOptions
 from pipeline.remote import InstanceLeader, start_worker_server
 from pipeline.wire import logprobs_to_proto, sampling_from_proto, stage_infos
 from protos import worker_pb2, worker_pb2_grpc
@@ -24,11 +26,14 @@ MAX_PUSH_SECONDS = 120.0
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
     def __init__(self, runner: ModelRunner, secret: str | None = None,
-                 prefix_cache: bool = True):
+                 options: WorkerOptions = DEFAULT_OPTIONS):
         self.secret = secret
-        self.stage = DecodeStage(runner)
-        self.engine = DecodeEngine(self.stage, prefix_cache=prefix_cache)
-        self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
+        # Told to every sender: one on this host may then push through shared memory.
+        self.shared_memory_host = host_identity() if options.kv_shared_memory else ""
+        self.stage = DecodeStage(runner, accepts_shared=bool(self.shared_memory_host))
+        self.engine = DecodeEngine(self.stage, prefix_cache=options.prefix_cache)
+        self.transports, self.transport_note = worker_transports(
+            runner.artifact.target_kind, bool(self.shared_memory_host))
 
     @aborts_on_error
     def Reserve(self, request, context):
@@ -51,7 +56,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
             timer = threading.Timer(MAX_PUSH_SECONDS, context.cancel)
             timer.start()
         try:
-            return worker_pb2.PushResponse(bytes=self.stage.receiver.receive(request_iterator))
+            received = self.stage.receiver.receive(request_iterator)
+            return worker_pb2.PushResponse(bytes=received,
+                                           shared_memory_host=self.shared_memory_host)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -95,11 +102,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
 
 
 def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
-                 secret: str | None = None, prefix_cache: bool = True
+                 secret: str | None = None, options: WorkerOptions = DEFAULT_OPTIONS
                  ) -> tuple[Server, DecodeServicer]:
     """Serve a decode worker (refusing calls without ``secret``, when given); a full-model
     worker leads its own one-stage instance."""
-    servicer = DecodeServicer(runner, secret, prefix_cache)
+    servicer = DecodeServicer(runner, secret, options)
     server = start_worker_server(
         lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
         SERVICE_NAME, servicer, True, host, port, secret)

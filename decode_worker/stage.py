@@ -27,11 +27,11 @@ from .sampler import Sampler
 
 
 class DecodeStage:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, accepts_shared: bool = True):
         self.runner = runner
         self.spec = runner.stage
         self._layout = model_layout(runner)
-        self.receiver = KVReceiver(self._layout, self.spec)
+        self.receiver = KVReceiver(self._layout, self.spec, accepts_shared=accepts_shared)
         self.samplers: dict[int, Sampler] = {}  # by sequence id (the last stage only)
         self.sequences: set[int] = set()  # running, reserved or cached
         self._seq_of_request: dict[str, int] = {}
@@ -69,7 +69,10 @@ class DecodeStage:
                                        f"sequence {a.seq_id} was never expected here")
                 pending = self.receiver.take(a.request_id)
                 start = time.perf_counter()
-                self.runner.import_kv(a.seq_id, pending.snapshot())
+                try:
+                    self.runner.import_kv(a.seq_id, pending.snapshot())
+                finally:
+                    self.receiver.recycle(pending)
                 self.install_seconds += time.perf_counter() - start
                 if self.spec.is_last:
                     hidden.append(pending.hidden)

@@ -1,9 +1,10 @@
 """The KV push codec: a sequence's K/V and last hidden state as a verified chunk stream.
 
 Sender side: ``encode_push`` turns a ``KVSnapshot`` and hidden state into a header, K/V
-blocks each under the size budget, the hidden state and a CRC32 trailer. Receiver side:
-``KVAssembler`` checks each chunk as it arrives and yields a snapshot only when the
-stream was complete, in order and intact; anything else raises ``PushRefused``.
+blocks each under the size budget (or, on one host, a reference to the shared buffer the
+snapshot lives in), the hidden state and a CRC32 trailer. Receiver side: ``KVAssembler``
+checks each chunk as it arrives and yields a snapshot only when the stream was complete,
+in order and intact; anything else raises ``PushRefused``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from olmo_model.runtime import ModelRunner
 from protos import worker_pb2
 from protos.errors import ServingError
 from protos.layout import layout_mismatch
+
+from .buffers import Buffer, BufferPool
+from .shared_memory import SharedBuffer, read_shared
 
 BLOCK_BYTES = 2 * 2**20  # per block, keys and values together
 
@@ -43,32 +47,58 @@ class PushRefused(ServingError):
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, f"KV push refused: {reason}")
 
 
+class SharedUnreadable(ServingError):
+    """The receiver cannot read the sender's shared buffer (another pid namespace, say,
+    or it takes no shared pushes): UNIMPLEMENTED, so the sender sends inline instead."""
+
+    def __init__(self, reason: str):
+        super().__init__(grpc.StatusCode.UNIMPLEMENTED, f"shared K/V unreadable here: {reason}")
+
+
 def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
-                hidden: np.ndarray | None) -> Iterator[worker_pb2.KVChunk]:
-    """The chunks of one push. ``hidden`` is None for stages that do not own the LM head."""
-    tokens_per_block = max(1, BLOCK_BYTES // (2 * snapshot.keys[0, 0].nbytes))
-    blocks = [(layer, begin) for layer in range(snapshot.keys.shape[0])
-              for begin in range(0, snapshot.num_tokens, tokens_per_block)]
+                hidden: np.ndarray | None, shared: SharedBuffer | None = None
+                ) -> Iterator[worker_pb2.KVChunk]:
+    """The chunks of one push. ``hidden`` is None for stages that do not own the LM head.
+
+    ``shared``: the buffer ``snapshot`` lives in, when the receiver shares this host; the
+    push then names it instead of carrying blocks (the caller keeps it untouched until
+    the receiver has answered).
+    """
     header_layout = worker_pb2.ModelLayout()
     header_layout.CopyFrom(layout)
     header_layout.layer_begin, header_layout.layer_end = snapshot.layer_begin, snapshot.layer_end
-    yield worker_pb2.KVChunk(header=worker_pb2.KVHeader(
-        request_id=request_id, layout=header_layout, num_tokens=snapshot.num_tokens,
-        num_blocks=len(blocks), token_begin=snapshot.token_begin))
-    crc = 0
-    for layer, begin in blocks:
-        end = min(begin + tokens_per_block, snapshot.num_tokens)
-        keys = snapshot.keys[layer, begin:end].tobytes()
-        values = snapshot.values[layer, begin:end].tobytes()
-        crc = zlib.crc32(values, zlib.crc32(keys, crc))
-        yield worker_pb2.KVChunk(block=worker_pb2.KVBlock(
-            layer=snapshot.layer_begin + layer, token_begin=begin, num_tokens=end - begin,
-            keys=keys, values=values))
+    if shared is not None:
+        yield _header(request_id, header_layout, snapshot, num_blocks=1)
+        yield worker_pb2.KVChunk(shared=worker_pb2.SharedKV(
+            pid=shared.pid, fd=shared.fd, keys_offset=shared.offset_of(snapshot.keys),
+            values_offset=shared.offset_of(snapshot.values)))
+        crc = zlib.crc32(snapshot.values, zlib.crc32(snapshot.keys))
+    else:
+        tokens_per_block = max(1, BLOCK_BYTES // (2 * snapshot.keys[0, 0].nbytes))
+        blocks = [(layer, begin) for layer in range(snapshot.keys.shape[0])
+                  for begin in range(0, snapshot.num_tokens, tokens_per_block)]
+        yield _header(request_id, header_layout, snapshot, num_blocks=len(blocks))
+        crc = 0
+        for layer, begin in blocks:
+            end = min(begin + tokens_per_block, snapshot.num_tokens)
+            keys = snapshot.keys[layer, begin:end].tobytes()
+            values = snapshot.values[layer, begin:end].tobytes()
+            crc = zlib.crc32(values, zlib.crc32(keys, crc))
+            yield worker_pb2.KVChunk(block=worker_pb2.KVBlock(
+                layer=snapshot.layer_begin + layer, token_begin=begin, num_tokens=end - begin,
+                keys=keys, values=values))
     if hidden is not None:
         data = np.ascontiguousarray(hidden, dtype=np.float32).tobytes()
         crc = zlib.crc32(data, crc)
         yield worker_pb2.KVChunk(hidden=worker_pb2.HiddenState(data=data))
     yield worker_pb2.KVChunk(trailer=worker_pb2.KVTrailer(crc32=crc))
+
+
+def _header(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
+            num_blocks: int) -> worker_pb2.KVChunk:
+    return worker_pb2.KVChunk(header=worker_pb2.KVHeader(
+        request_id=request_id, layout=layout, num_tokens=snapshot.num_tokens,
+        num_blocks=num_blocks, token_begin=snapshot.token_begin))
 
 
 class PushState(enum.Enum):
@@ -87,9 +117,15 @@ class KVAssembler:
     """
 
     def __init__(self, layout: worker_pb2.ModelLayout, accepts_hidden: bool,
-                 admit: Callable[[str, int, int], None] = lambda request_id, begin, count: None):
+                 admit: Callable[[str, int, int], None] = lambda request_id, begin, count: None,
+                 accepts_shared: bool = True, buffers: BufferPool | None = None):
         self.layout = layout
         self.accepts_hidden = accepts_hidden
+        self.accepts_shared = accepts_shared  # K/V from a buffer of a same-host sender
+        # Where the K/V is assembled: a buffer of this pool (the caller gives it back,
+        # see ``buffer``), else new arrays.
+        self.buffers = buffers
+        self.buffer: Buffer | None = None
         # Asked with the header's request id, first position and token count before
         # anything is allocated; raises ServingError to refuse the push.
         self.admit = admit
@@ -101,6 +137,7 @@ class KVAssembler:
         self._crc = 0
         self._blocks_seen = 0
         self._filled: np.ndarray | None = None
+        self.shared = False  # the K/V came through shared memory
 
     def add(self, chunk: worker_pb2.KVChunk) -> None:
         try:
@@ -111,6 +148,8 @@ class KVAssembler:
                 raise PushRefused(f"{part} arrived while {self.state.value}")
             elif part == "block":
                 self._on_block(chunk.block)
+            elif part == "shared":
+                self._on_shared(chunk.shared)
             elif part == "hidden":
                 self._on_hidden(chunk.hidden)
             elif part == "trailer":
@@ -150,8 +189,12 @@ class KVAssembler:
         self.num_blocks = header.num_blocks
         layers = end - begin
         shape = (layers, header.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
-        self._keys = np.empty(shape, dtype=self.layout.dtype)
-        self._values = np.empty(shape, dtype=self.layout.dtype)
+        if self.buffers is None:
+            self._keys = np.empty(shape, dtype=self.layout.dtype)
+            self._values = np.empty(shape, dtype=self.layout.dtype)
+        else:
+            self.buffer = self.buffers.take(Buffer.bytes_for(shape, self.layout.dtype))
+            self._keys, self._values = self.buffer.arrays(shape, self.layout.dtype)
         self._filled = np.zeros((layers, header.num_tokens), dtype=bool)
         self.state = PushState.RECEIVING
 
@@ -176,6 +219,24 @@ class KVAssembler:
         self._crc = zlib.crc32(block.values, zlib.crc32(block.keys, self._crc))
         self._blocks_seen += 1
         self.bytes_received += 2 * expected
+
+    def _on_shared(self, shared: worker_pb2.SharedKV) -> None:
+        if not self.accepts_shared:
+            raise SharedUnreadable("this worker takes K/V only inline")
+        if self._blocks_seen:
+            raise PushRefused("shared K/V arrived after other K/V")
+        try:
+            read_shared(shared.pid, shared.fd, shared.keys_offset, self._keys)
+            read_shared(shared.pid, shared.fd, shared.values_offset, self._values)
+        except OSError as exc:
+            raise SharedUnreadable(str(exc)) from exc
+        except ValueError as exc:
+            raise PushRefused(str(exc)) from exc
+        self._filled[:] = True
+        self._crc = zlib.crc32(self._values, zlib.crc32(self._keys, self._crc))
+        self._blocks_seen += 1
+        self.bytes_received += self._keys.nbytes + self._values.nbytes
+        self.shared = True
 
     def _on_hidden(self, hidden: worker_pb2.HiddenState) -> None:
         if not self.accepts_hidden:

@@ -143,16 +143,30 @@ class PagedKVCache:
 
     # --- page transfer ----------------------------------------------------------------
 
-    def export_sequence(self, seq_id: int, num_tokens: int, begin: int = 0) -> KVSnapshot:
+    def export_sequence(self, seq_id: int, num_tokens: int, begin: int = 0,
+                        out: tuple[np.ndarray, np.ndarray] | None = None) -> KVSnapshot:
         """Read a sequence's K/V of positions [begin, num_tokens), all of this cache's
-        layers."""
-        keys, values = self._read(seq_id, begin, num_tokens)
-        if self.pages and isinstance(self.pages[0], np.ndarray):  # host memory: no copy
-            keys, values = np.from_dlpack(keys), np.from_dlpack(values)
+        layers; into ``out`` (keys, values: C-contiguous, 64-byte aligned, shaped as
+        ``snapshot_shape``) when given, else into new arrays."""
+        host = bool(self.pages) and isinstance(self.pages[0], np.ndarray)
+        if out is not None and host:  # the kernel writes straight into the caller's memory
+            self._read(seq_id, begin, num_tokens, *(tvm.runtime.from_dlpack(a) for a in out))
+            keys, values = out
         else:
-            keys, values = keys.numpy(), values.numpy()
+            keys, values = self._read(seq_id, begin, num_tokens)
+            if host:  # no copy
+                keys, values = np.from_dlpack(keys), np.from_dlpack(values)
+            else:
+                keys, values = keys.numpy(), values.numpy()
+            if out is not None:
+                out[0][...], out[1][...] = keys, values
+                keys, values = out
         return KVSnapshot(self.layer_begin, self.layer_begin + self.num_layers, keys, values,
                           begin)
+
+    def snapshot_shape(self, num_tokens: int) -> tuple[int, int, int, int]:
+        """The shape of a snapshot's keys (and values) of ``num_tokens`` tokens."""
+        return (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim)
 
     def import_sequence(self, seq_id: int, snapshot: KVSnapshot) -> None:
         """Append received K/V to a sequence that holds ``snapshot.token_begin`` tokens
@@ -204,10 +218,12 @@ class PagedKVCache:
             return []
         return [torch.from_dlpack(t) for t in tensors]
 
-    def _read(self, seq_id: int, begin: int, end: int) -> tuple[Any, Any]:
-        shape = (self.num_layers, end - begin, self.num_kv_heads, self.head_dim)
-        keys = tvm.runtime.empty(shape, self.dtype, self.device)
-        values = tvm.runtime.empty(shape, self.dtype, self.device)
+    def _read(self, seq_id: int, begin: int, end: int, keys: Any = None, values: Any = None
+              ) -> tuple[Any, Any]:
+        if keys is None:
+            shape = self.snapshot_shape(end - begin)
+            keys = tvm.runtime.empty(shape, self.dtype, self.device)
+            values = tvm.runtime.empty(shape, self.dtype, self.device)
         _debug_get_kv(self.handle, seq_id, begin, end, keys, values)
         return keys, values
 

@@ -127,9 +127,11 @@ class ModelRunner:
     def fork_sequence(self, parent: int, child: int, position: int) -> None:
         self.kv.fork_sequence(parent, child, position)
 
-    def export_kv(self, seq_id: int, num_tokens: int, begin: int = 0) -> KVSnapshot:
-        """The K/V of positions [begin, num_tokens) of a sequence."""
-        return self.kv.export_sequence(seq_id, num_tokens, begin)
+    def export_kv(self, seq_id: int, num_tokens: int, begin: int = 0,
+                  out: tuple[np.ndarray, np.ndarray] | None = None) -> KVSnapshot:
+        """The K/V of positions [begin, num_tokens) of a sequence (into ``out``: see
+        ``PagedKVCache.export_sequence``)."""
+        return self.kv.export_sequence(seq_id, num_tokens, begin, out)
 
     def import_kv(self, seq_id: int, snapshot: KVSnapshot) -> None:
         """Append a snapshot (from another runner) to a sequence holding exactly the

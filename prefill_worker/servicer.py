@@ -12,6 +12,7 @@ from kv_transfer.transports import GRPC, worker_transports
 from olmo_model.runtime import ModelRunner
 from pipeline.chain import check_coverage
 from pipeline.ops import MAX_REQUEST_ID_CHARS, StageAddress
+from pipeline.options import DEFAULT_OPTIONS, WorkerOptions
 from pipeline.remote import InstanceLeader, start_worker_server
 from pipeline.wire import address_from_proto, stage_infos
 from protos import worker_pb2, worker_pb2_grpc
@@ -29,13 +30,14 @@ MAX_WAIT_SECONDS = 600.0
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
     def __init__(self, runner: ModelRunner, secret: str | None = None,
-                 prefix_cache: bool = True):
+                 options: WorkerOptions = DEFAULT_OPTIONS):
         self.secret = secret
-        self.stage = PrefillStage(runner, secret)
-        self.engine = PrefillEngine(self.stage, prefix_cache=prefix_cache)
+        self.stage = PrefillStage(runner, secret, share_memory=options.kv_shared_memory)
+        self.engine = PrefillEngine(self.stage, prefix_cache=options.prefix_cache)
         self._jobs: dict[str, PrefillJob] = {}
         self._lock = threading.Lock()
-        self.transports, self.transport_note = worker_transports(runner.artifact.target_kind)
+        self.transports, self.transport_note = worker_transports(
+            runner.artifact.target_kind, bool(self.stage.sender.host))
 
     @aborts_on_error
     def Prefill(self, request, context):
@@ -121,16 +123,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
             kv_transfer_ms=1000 * sender.transfer_seconds,
             kv_export_ms=1000 * self.stage.export_seconds,
             kv_encode_ms=1000 * sender.encode_seconds, transport=GRPC,
+            shared_memory_pushes=sender.shared_pushes, shared_memory_bytes=sender.shared_bytes,
+            shared_memory_ms=1000 * sender.shared_seconds,
             transports=self.transports, transport_note=self.transport_note,
             stages=stage_infos(self.engine.chain))
 
 
 def serve_prefill(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
-                  secret: str | None = None, prefix_cache: bool = True
+                  secret: str | None = None, options: WorkerOptions = DEFAULT_OPTIONS
                   ) -> tuple[Server, PrefillServicer]:
     """Serve a prefill worker (refusing calls without ``secret``, when given); a full-model
     worker leads its own one-stage instance."""
-    servicer = PrefillServicer(runner, secret, prefix_cache)
+    servicer = PrefillServicer(runner, secret, options)
     server = start_worker_server(
         lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, s),
         SERVICE_NAME, servicer, False, host, port, secret)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import grpc
 import numpy as np
 
+from kv_transfer.buffers import Buffer
 from kv_transfer.codec import model_layout
 from kv_transfer.grpc_transport import KVSender
 from olmo_model.kv_pages import KVSnapshot
@@ -28,11 +29,12 @@ from protos.errors import ServingError
 
 
 class PrefillStage:
-    def __init__(self, runner: ModelRunner, secret: str | None = None, push_threads: int = 4):
+    def __init__(self, runner: ModelRunner, secret: str | None = None, push_threads: int = 4,
+                 share_memory: bool = True):
         self.runner = runner
         self.spec = runner.stage
         self._layout = model_layout(runner)
-        self.sender = KVSender(self._layout, secret)
+        self.sender = KVSender(self._layout, secret, share_memory=share_memory)
         self.sequences: set[int] = set()
         self.export_seconds = 0.0  # reading shipped K/V out of the pages
         self._lock = threading.Lock()
@@ -51,6 +53,7 @@ class PrefillStage:
         seq_ids = [s.seq_id for s in batch.slices]
         lengths = [s.length for s in batch.slices]
         finished = [s for s in batch.slices if s.ends_prompt]
+        exports: list[tuple[KVSnapshot, Buffer]] = []
         with self._lock:
             self._add_new(batch)
             try:
@@ -59,17 +62,20 @@ class PrefillStage:
                 last = (self.runner.select_last(out, lengths).numpy()
                         if self.spec.is_last else None)
                 start = time.perf_counter()
-                snapshots = [self.runner.export_kv(s.seq_id, s.total_tokens, s.push_from)
-                             for s in finished]
+                for s in finished:
+                    exports.append(self._export(s.seq_id, s.total_tokens, s.push_from))
                 self.export_seconds += time.perf_counter() - start
             except Exception:
+                self._give_back(buffer for _, buffer in exports)
                 self._remove(seq_ids)
                 raise
         rows = {s.seq_id: i for i, s in enumerate(batch.slices)}
-        pushes = [self._pushers.submit(self._ship, s.request_id, snapshot,
+        pushes = [self._pushers.submit(self._ship, s.request_id, snapshot, buffer,
                                        None if last is None else last[rows[s.seq_id]],
                                        s.kv_targets)
-                  for s, snapshot in zip(finished, snapshots)]
+                  for s, (snapshot, buffer) in zip(finished, exports)]
+        wait(pushes)  # each bounded by the push timeout; then no receiver reads the buffers
+        self._give_back(buffer for _, buffer in exports)
         failures = {}
         for s, push in zip(finished, pushes):
             try:
@@ -101,8 +107,24 @@ class PrefillStage:
                 self.sequences.discard(seq_id)
                 self.runner.remove_sequence(seq_id)
 
-    def _ship(self, request_id: str, snapshot: KVSnapshot, hidden: np.ndarray | None,
-              targets: Sequence[StageAddress]) -> None:
+    def _export(self, seq_id: int, total_tokens: int, begin: int) -> tuple[KVSnapshot, Buffer]:
+        """A sequence's K/V from ``begin`` on, in one of the sender's buffers (shared
+        memory that this host's decode workers may read the push from)."""
+        shape = self.runner.kv.snapshot_shape(total_tokens - begin)
+        buffer = self.sender.buffers.take(Buffer.bytes_for(shape, self.runner.dtype))
+        try:
+            out = buffer.arrays(shape, self.runner.dtype)
+            return self.runner.export_kv(seq_id, total_tokens, begin, out), buffer
+        except Exception:
+            self.sender.buffers.give(buffer)
+            raise
+
+    def _give_back(self, buffers: Iterable[Buffer]) -> None:
+        for buffer in buffers:
+            self.sender.buffers.give(buffer)
+
+    def _ship(self, request_id: str, snapshot: KVSnapshot, buffer: Buffer,
+              hidden: np.ndarray | None, targets: Sequence[StageAddress]) -> None:
         """Push the overlap of our layers with each decode stage's; the one that owns the
         LM head (the last) also gets the hidden state."""
         for index, target in enumerate(targets):
@@ -114,4 +136,4 @@ class PrefillStage:
                               snapshot.values[lo:hi], snapshot.token_begin)
             carries_hidden = hidden is not None and index == len(targets) - 1
             self.sender.push(target.address, request_id, part,
-                             hidden if carries_hidden else None)
+                             hidden if carries_hidden else None, buffer)

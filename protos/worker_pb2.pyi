@@ -40,7 +40,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens", "kv_export_ms", "kv_encode_ms", "kv_assemble_ms", "kv_install_ms")
+    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens", "kv_export_ms", "kv_encode_ms", "kv_assemble_ms", "kv_install_ms", "shared_memory_pushes", "shared_memory_bytes", "shared_memory_ms")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,9 @@ class WorkerStats(_message.Message):
     KV_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     KV_ASSEMBLE_MS_FIELD_NUMBER: _ClassVar[int]
     KV_INSTALL_MS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_MS_FIELD_NUMBER: _ClassVar[int]
     role: str
     layout: ModelLayout
     queued_requests: int
@@ -95,7 +98,10 @@ class WorkerStats(_message.Message):
     kv_encode_ms: float
     kv_assemble_ms: float
     kv_install_ms: float
-    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., kv_export_ms: _Optional[float] = ..., kv_encode_ms: _Optional[float] = ..., kv_assemble_ms: _Optional[float] = ..., kv_install_ms: _Optional[float] = ...) -> None: ...
+    shared_memory_pushes: int
+    shared_memory_bytes: int
+    shared_memory_ms: float
+    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., kv_export_ms: _Optional[float] = ..., kv_encode_ms: _Optional[float] = ..., kv_assemble_ms: _Optional[float] = ..., kv_install_ms: _Optional[float] = ..., shared_memory_pushes: _Optional[int] = ..., shared_memory_bytes: _Optional[int] = ..., shared_memory_ms: _Optional[float] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("address", "layer_begin", "layer_end")
@@ -219,6 +225,18 @@ class HiddenState(_message.Message):
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
+class SharedKV(_message.Message):
+    __slots__ = ("pid", "fd", "keys_offset", "values_offset")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    KEYS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VALUES_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    keys_offset: int
+    values_offset: int
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., keys_offset: _Optional[int] = ..., values_offset: _Optional[int] = ...) -> None: ...
+
 class KVTrailer(_message.Message):
     __slots__ = ("crc32",)
     CRC32_FIELD_NUMBER: _ClassVar[int]
@@ -226,22 +244,26 @@ class KVTrailer(_message.Message):
     def __init__(self, crc32: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("header", "block", "hidden", "trailer")
+    __slots__ = ("header", "block", "hidden", "trailer", "shared")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     header: KVHeader
     block: KVBlock
     hidden: HiddenState
     trailer: KVTrailer
-    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., block: _Optional[_Union[KVBlock, _Mapping]] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., trailer: _Optional[_Union[KVTrailer, _Mapping]] = ...) -> None: ...
+    shared: SharedKV
+    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., block: _Optional[_Union[KVBlock, _Mapping]] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., trailer: _Optional[_Union[KVTrailer, _Mapping]] = ..., shared: _Optional[_Union[SharedKV, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("bytes",)
+    __slots__ = ("bytes", "shared_memory_host")
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_HOST_FIELD_NUMBER: _ClassVar[int]
     bytes: int
-    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+    shared_memory_host: str
+    def __init__(self, bytes: _Optional[int] = ..., shared_memory_host: _Optional[str] = ...) -> None: ...
 
 class StreamTokensRequest(_message.Message):
     __slots__ = ("request_id",)

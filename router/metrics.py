@@ -150,6 +150,9 @@ class _WorkerCollector:
             labels=["role", "instance", "step"])
         pushes = CounterMetricFamily("olmo_kv_pushes", "KV pushes sent (prefill) or taken "
                                      "(decode)", labels=["role", "instance"])
+        shared = CounterMetricFamily("olmo_kv_shared_memory_pushes", "Of the KV pushes, those "
+                                     "whose K/V went through same-host shared memory",
+                                     labels=["role", "instance"])
         for worker in workers:
             labels = [worker.role, worker.address]
             up.add_metric(labels, float(self.scheduler.alive(worker.address)))
@@ -158,6 +161,7 @@ class _WorkerCollector:
             for name, (field, _) in self.FIELDS.items():
                 families[name].add_metric(labels, float(getattr(worker.stats, field)))
             pushes.add_metric(labels, float(worker.stats.pushes))
+            shared.add_metric(labels, float(worker.stats.shared_memory_pushes))
             for step, field in self.HANDOFF_STEPS.items():
                 ms = getattr(worker.stats, field)
                 if ms:
@@ -165,6 +169,7 @@ class _WorkerCollector:
         yield up
         yield from families.values()
         yield pushes
+        yield shared
         yield handoff
 
     def describe(self):

@@ -27,6 +27,7 @@ class Worker:
     stages: list = dataclasses.field(default_factory=list)  # the instance's StageInfos
     stats: worker_pb2.WorkerStats | None = None  # as last polled
     seen: float = 0.0  # monotonic time of its last answer
+    draining: bool = False  # finishing what it holds: never picked, still polled
 
 
 class NoWorker(ServingError):
@@ -108,6 +109,15 @@ class Scheduler:
             self._workers[address] = worker
         return worker
 
+    def drain(self, address: str) -> None:
+        """Pick the worker no more, but keep polling it: the requests it still serves
+        are not cut for want of an answer (``alive``) until it is removed."""
+        with self._lock:
+            worker = self._workers.get(address)
+            if worker is not None:
+                worker.draining = True
+        self.cache_map.forget(address)
+
     def remove(self, address: str) -> None:
         with self._lock:
             self._workers.pop(address, None)
@@ -119,8 +129,9 @@ class Scheduler:
             self.cache_map.record(address, key, tokens)
 
     def workers(self, role: str) -> list[Worker]:
+        """The role's workers that may be picked (not draining)."""
         with self._lock:
-            return [w for w in self._workers.values() if w.role == role]
+            return [w for w in self._workers.values() if w.role == role and not w.draining]
 
     def could_ever_fit(self, num_tokens: int) -> bool:
         """Whether some decode worker's whole cache, empty, would hold this many tokens (as

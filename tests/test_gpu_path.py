@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from kv_transfer.transports import GRPC, NCCL, choose_transport, worker_transports
+from kv_transfer.transports import GRPC, NCCL, SHM, choose_transport, worker_transports
 from olmo_model.nccl import Nccl, NcclUnavailable, cuda_device_count, library_path, nccl_status
 from protos import worker_pb2
 
@@ -70,7 +70,7 @@ def test_workers_report_their_transport_in_stats(tiny_checkpoint):
     try:
         for servicer in [*cluster.prefill, *cluster.decode]:
             stats = servicer.Stats(worker_pb2.StatsRequest(), None)
-            assert stats.transport == GRPC and list(stats.transports) == [GRPC]
+            assert stats.transport == GRPC and list(stats.transports) == [GRPC, SHM]
             assert stats.transport_note
     finally:
         cluster.stop()

@@ -131,6 +131,39 @@ def test_a_stopped_decode_worker_costs_its_stream_a_bounded_pause(cluster):
     client.close()
 
 
+def test_a_draining_decode_worker_finishes_its_stream_uncut(cluster):
+    """Scaling down drains a worker: it gets no new requests, and the ones it holds end
+    there, not cut and resumed elsewhere because the router stopped polling it."""
+    client = GenerationClient(cluster["address"])
+    scheduler = cluster["router"].scheduler
+
+    def stats(worker):
+        return scheduler.stub_for(worker.address, "decode").Stats(worker_pb2.StatsRequest(),
+                                                                  timeout=5)
+
+    request = generate_request(PROMPT, max_tokens=400, ignore_eos=True)
+    call = client.stream(request, timeout=60)
+    tokens = [next(call).token_ids[0] for _ in range(3)]
+    busy = [w for w in cluster["decode"] if stats(w).running_sequences]
+    assert len(busy) == 1, "the request finished before the test could drain its worker"
+    other = next(w for w in cluster["decode"] if w is not busy[0])
+    pushes = stats(other).pushes
+    scheduler.drain(busy[0].address)
+    try:
+        assert [w.address for w in scheduler.workers("decode")] == [other.address]
+        assert client.complete(generate_request(PROMPT, max_tokens=4), timeout=30)[0]
+        assert stats(other).pushes == pushes + 1  # the new request went to the other one
+        time.sleep(scheduler.STALE_SECONDS + 0.5)  # polled all along: still alive
+        assert scheduler.alive(busy[0].address)
+        for response in call:
+            tokens += list(response.token_ids)
+        assert len(tokens) == 400
+        assert stats(other).pushes == pushes + 1  # not resumed there
+    finally:
+        scheduler.add(busy[0].address, "decode")
+    client.close()
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -221,6 +221,9 @@ def test_metrics_count_what_was_served(cluster, api, grpc_client):
                            ("decode", "install")):
             name, labels = "olmo_kv_handoff_seconds_total", (f"role={role}", f"step={step}")
             assert summed(after, name, *labels) > summed(before, name, *labels)
+        # Workers on one host: every push but a sender's first names shared memory.
+        name = "olmo_kv_shared_memory_pushes_total"
+        assert summed(after, name, "role=decode") - summed(before, name, "role=decode") >= 3
 
 
 def summed(values: dict[str, float], name: str, *labels: str) -> float:

@@ -15,6 +15,7 @@ from cluster.local_cluster import start_local_cluster
 from kv_transfer.codec import encode_push
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from olmo_model.runtime import ModelRunner
+from pipeline.options import WorkerOptions
 from pipeline.prefix_cache import PrefixCache
 from protos import worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
@@ -202,8 +203,8 @@ def test_cached_output_equals_transformers_in_every_layout(model, expected, layo
 def test_cache_off_gives_the_same_output_and_computes_everything(model, expected):
     folder, _ = model
     shared, chat = expected
-    cluster = start_local_cluster(folder, limits=LIMITS, prefix_cache=False,
-                                  options=RouterOptions(**PUSH))
+    cluster = start_local_cluster(folder, limits=LIMITS, options=RouterOptions(**PUSH),
+                                  worker_options=WorkerOptions(prefix_cache=False))
     try:
         assert serve_concurrently(cluster, SHARED) == [shared[tuple(p)] for p in SHARED]
         assert chat_prompts(lambda p: serve(cluster, [p])[0]) == chat

@@ -1,0 +1,16 @@
+"""What a worker's operator may switch, the same for both roles."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    prefix_cache: bool = True      # keep finished sequences for prompts that begin alike
+    # K/V pushes to a worker on the same host name a shared buffer instead of carrying
+    # the bytes (kv_transfer/shared_memory.py); off: every push goes inline over gRPC.
+    kv_shared_memory: bool = True
+
+
+DEFAULT_OPTIONS = WorkerOptions()

@@ -1,0 +1,256 @@
+"""Same-host KV pushes through shared memory: the same output, the same verification.
+
+Workers on one host (every test cluster here) push K/V by naming a buffer of the
+sender's shared memory once the receiver has said it shares the host. These tests show
+that output does not change, that a shared push is checked as strictly as an inline one
+(and a refused one leaves nothing reserved or used), and that a sender whose receiver
+cannot read its memory goes back to inline pushes by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import grpc
+import numpy as np
+import pytest
+from conftest import wait_until_cluster_idle
+
+from cluster.local_cluster import start_local_cluster
+from kv_transfer.buffers import Buffer, BufferPool
+from kv_transfer.codec import encode_push
+from kv_transfer.grpc_transport import KVSender
+from kv_transfer.shared_memory import SharedBuffer
+from olmo_model.demo import DEMO_MODEL_DIR
+from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from pipeline.options import WorkerOptions
+from protos import worker_pb2, worker_pb2_grpc
+from protos.grpc_server import channel
+from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
+
+LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
+PROMPTS = [list(range(3, 60)), list(range(100, 400, 3)), [7] * 90]
+
+
+def greedy_outputs(cluster) -> list[list[int]]:
+    client = GenerationClient(cluster.router_address)
+    try:
+        return [client.complete(generate_request(p, max_tokens=12, ignore_eos=True),
+                                timeout=60)[0] for p in PROMPTS]
+    finally:
+        client.close()
+
+
+def leader_stats(servicers) -> list[worker_pb2.WorkerStats]:
+    return [s.Stats(worker_pb2.StatsRequest(), None) for s in servicers]
+
+
+@pytest.fixture(scope="module")
+def inline_outputs():
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS,
+                                  options=RouterOptions(local_prefill_below=0),
+                                  worker_options=WorkerOptions(prefix_cache=False,
+                                                               kv_shared_memory=False))
+    try:
+        outputs = greedy_outputs(cluster)
+        for stats in leader_stats(cluster.prefill + cluster.decode):
+            assert stats.shared_memory_pushes == 0 and list(stats.transports) == ["grpc"]
+        return outputs
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("prefill_stages, decode_stages", [(1, 1), (2, 3)])
+def test_shared_memory_pushes_give_the_inline_output(inline_outputs, prefill_stages,
+                                                     decode_stages):
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS,
+                                  prefill_stages=prefill_stages, decode_stages=decode_stages,
+                                  options=RouterOptions(local_prefill_below=0),
+                                  worker_options=WorkerOptions(prefix_cache=False))
+    try:
+        assert greedy_outputs(cluster) == inline_outputs
+        # A sender learns its receiver's host from the first answer: the first push to
+        # each decode stage goes inline, the later ones name shared memory.
+        sent = leader_stats(cluster.prefill)
+        received = leader_stats(cluster.decode)
+        pushes = sum(s.pushes for s in sent)
+        assert sum(s.shared_memory_pushes for s in sent) >= pushes - decode_stages * prefill_stages
+        assert sum(s.shared_memory_pushes for s in sent) >= 1
+        assert (sum(s.shared_memory_pushes for s in sent)
+                == sum(s.shared_memory_pushes for s in received))
+        assert (sum(s.shared_memory_bytes for s in sent)
+                == sum(s.shared_memory_bytes for s in received) > 0)
+        wait_until_cluster_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+# --- a shared push is checked like an inline one ------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS,
+                            options=RouterOptions(local_prefill_below=0))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(cluster):
+    address = cluster.router.scheduler.workers("decode")[0].address
+    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret))
+
+
+def shared_snapshot(layout, tokens: int = 5) -> tuple[KVSnapshot, SharedBuffer]:
+    layers = layout.layer_end - layout.layer_begin
+    shape = (layers, tokens, layout.num_kv_heads, layout.head_dim)
+    buffer = SharedBuffer(Buffer.bytes_for(shape, "float32"))
+    keys, values = buffer.arrays(shape, "float32")
+    keys[...], values[...] = 0.5, -0.5
+    return KVSnapshot(0, layers, keys, values), buffer
+
+
+def push_shared(stub, cluster, request_id: str, tamper=lambda chunks, buffer: chunks):
+    """Reserve, then push a shared-memory stream of hand-made K/V, tampered with first."""
+    layout = cluster.decode[0].layout
+    snapshot, buffer = shared_snapshot(layout)
+    stub.Reserve(worker_pb2.ReserveRequest(
+        request_id=request_id, prompt_tokens=5, lease_ms=60_000,
+        sampling=worker_pb2.Sampling(max_tokens=4, ignore_eos=True)), timeout=5)
+    chunks = list(encode_push(request_id, layout, snapshot,
+                              np.zeros(layout.hidden_size, np.float32), shared=buffer))
+    try:
+        return stub.PushKV(iter(tamper(chunks, buffer)), timeout=10)
+    finally:
+        buffer.close()
+
+
+def corrupt_after_checksum(chunks, buffer):
+    buffer.array[100] ^= 1  # the sender reused its buffer too early, say
+    return chunks
+
+
+_OPEN_FILES = []  # kept open until the receiver has looked
+
+
+def point_at_a_plain_file(chunks, buffer):
+    plain = tempfile.TemporaryFile()
+    plain.write(bytes(buffer.nbytes))
+    plain.flush()
+    _OPEN_FILES.append(plain)
+    chunks[1].shared.fd = plain.fileno()
+    return chunks
+
+
+def point_past_the_end(chunks, buffer):
+    chunks[1].shared.values_offset = buffer.nbytes - 8
+    return chunks
+
+
+def follow_a_block(chunks, buffer):
+    layout = chunks[0].header.layout
+    block = worker_pb2.KVBlock(layer=layout.layer_begin, token_begin=0, num_tokens=1,
+                               keys=bytes(4 * layout.num_kv_heads * layout.head_dim),
+                               values=bytes(4 * layout.num_kv_heads * layout.head_dim))
+    return [chunks[0], worker_pb2.KVChunk(block=block), *chunks[1:]]
+
+
+def name_a_gone_process(chunks, buffer):
+    chunks[1].shared.pid = 2**22 + 12345  # above any pid_max: no such process
+    return chunks
+
+
+@pytest.mark.parametrize("tamper, code, message", [
+    (corrupt_after_checksum, grpc.StatusCode.INVALID_ARGUMENT, "checksum mismatch"),
+    (point_at_a_plain_file, grpc.StatusCode.INVALID_ARGUMENT, "is not a KV buffer"),
+    (point_past_the_end, grpc.StatusCode.INVALID_ARGUMENT, "outside"),
+    (follow_a_block, grpc.StatusCode.INVALID_ARGUMENT, "after other K/V"),
+    (name_a_gone_process, grpc.StatusCode.UNIMPLEMENTED, "unreadable"),
+])
+def test_a_bad_shared_push_is_refused_and_frees_everything(cluster, stub, tamper, code,
+                                                           message):
+    request_id = f"shared-{tamper.__name__}"
+    refused = cluster.decode[0].stage.receiver.pushes_refused
+    with pytest.raises(grpc.RpcError) as err:
+        push_shared(stub, cluster, request_id, tamper)
+    assert err.value.code() == code and message in err.value.details()
+    assert cluster.decode[0].stage.receiver.pushes_refused == refused + 1
+    stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5)
+    wait_until_cluster_idle(cluster)
+
+
+def test_a_good_shared_push_decodes(cluster, stub):
+    assert push_shared(stub, cluster, "shared-good").bytes > 0
+    events = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="shared-good"),
+                                    timeout=30))
+    assert events[-1].finish_reason == "length" and sum(e.has_token for e in events) == 4
+    wait_until_cluster_idle(cluster)
+
+
+def test_a_sender_goes_inline_when_its_receiver_cannot_read_shared_memory(cluster, stub):
+    servicer = cluster.decode[0]
+    address = cluster.router.scheduler.workers("decode")[0].address
+    sender = KVSender(servicer.layout, cluster.secret)
+    receiver = servicer.stage.receiver
+    receiver.accepts_shared = False  # it still says it shares our host: as across namespaces
+    try:
+        for n in range(3):
+            request_id = f"fallback-{n}"
+            stub.Reserve(worker_pb2.ReserveRequest(
+                request_id=request_id, prompt_tokens=5, lease_ms=60_000,
+                sampling=worker_pb2.Sampling(max_tokens=1)), timeout=5)
+            snapshot, buffer = shared_snapshot(servicer.layout)
+            try:
+                sender.push(address, request_id, snapshot,
+                            np.zeros(servicer.layout.hidden_size, np.float32), buffer)
+            finally:
+                buffer.close()
+            list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=request_id),
+                                   timeout=30))
+        # The second push tried shared memory, was refused UNIMPLEMENTED and went again
+        # inline; the third went inline at once.
+        assert sender.pushes == 3 and sender.shared_pushes == 0
+        assert not sender.shares_memory_with(address)
+    finally:
+        receiver.accepts_shared = True
+        sender.close()
+    wait_until_cluster_idle(cluster)
+
+
+def test_idle_buffers_are_few_bounded_and_closed():
+    pool = BufferPool(SharedBuffer, keep=2, keep_bytes=5 * 2**20)
+    fds = kv_buffer_fds()
+    lent = [pool.take(n) for n in (1, 3 * 2**20, 4 * 2**20, 9 * 2**20)]
+    assert [b.nbytes for b in lent] == [2**20, 3 * 2**20, 4 * 2**20, 9 * 2**20]
+    for buffer in lent:
+        pool.give(buffer)
+    assert pool.idle_bytes() == 4 * 2**20  # the largest that fit the bound
+    again = pool.take(2**20)
+    assert again.nbytes == 4 * 2**20  # the smallest idle one that fits
+    pool.give(again)
+    pool.close()
+    assert kv_buffer_fds() == fds
+
+
+def kv_buffer_fds() -> set[str]:
+    """This process's open memfds named as KV buffers."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:olmo-kv"):
+                found.add(fd)
+        except OSError:  # closed meanwhile
+            pass
+    return found
+
+
+def test_buffers_are_memfds_that_die_with_their_process():
+    buffer = SharedBuffer(2**20)
+    try:
+        link = os.readlink(f"/proc/self/fd/{buffer.fd}")
+        assert link.startswith("/memfd:olmo-kv")
+        assert not os.path.exists("/dev/shm/olmo-kv")  # nothing named on a file system
+    finally:
+        buffer.close()
