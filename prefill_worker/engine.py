@@ -58,7 +58,7 @@ class PrefillEngine:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=10)
-        self.stage.sender.close()  # its idle export buffers
+        self.stage.close()
 
     def _loop(self) -> None:
         while not self._stopped.is_set():

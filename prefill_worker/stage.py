@@ -85,6 +85,11 @@ class PrefillStage:
         return ForwardResult(hidden=None if self.spec.is_last else out.numpy(),
                              push_failures=failures)
 
+    def close(self) -> None:
+        """Stop the push threads and free the idle export buffers (the worker is done)."""
+        self._pushers.shutdown(wait=False)
+        self.sender.close()
+
     def release(self, release: Release) -> None:
         with self._lock:
             self._remove(sorted(self.sequences) if release.reset else release.seq_ids)
