@@ -226,8 +226,8 @@ class KVAssembler:
         if self._blocks_seen:
             raise PushRefused("shared K/V arrived after other K/V")
         try:
-            read_shared(shared.pid, shared.fd, shared.keys_offset, self._keys)
-            read_shared(shared.pid, shared.fd, shared.values_offset, self._values)
+            read_shared(shared.pid, shared.fd, [(shared.keys_offset, self._keys),
+                                                (shared.values_offset, self._values)])
         except OSError as exc:
             raise SharedUnreadable(str(exc)) from exc
         except ValueError as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -65,26 +66,30 @@ class SharedBuffer(Buffer):
         os.close(self.fd)
 
 
-def read_shared(pid: int, fd: int, offset: int, out: np.ndarray) -> None:
-    """Copy ``out.nbytes`` bytes at ``offset`` of another process's shared buffer into
-    ``out`` (C-contiguous). Raises ValueError when the descriptor is not such a buffer or
-    is too small, OSError when it cannot be opened."""
+def read_shared(pid: int, fd: int, parts: Sequence[tuple[int, np.ndarray]]) -> None:
+    """Copy each ``(offset, out)`` of another process's shared buffer: ``out.nbytes`` bytes
+    from ``offset`` into ``out`` (C-contiguous), through one mapping. Raises ValueError
+    when the descriptor is not such a buffer or is too small, OSError when it cannot be
+    opened."""
     path = f"/proc/{pid}/fd/{fd}"
     if not os.readlink(path).startswith(f"/memfd:{NAME} "):
         raise ValueError(f"{path} is not a KV buffer")
     handle = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(handle).st_size
-        end = offset + out.nbytes
-        if offset < 0 or end > size:
-            raise ValueError(f"bytes [{offset}, {end}) lie outside the {size}-byte buffer")
+        for offset, out in parts:
+            if offset < 0 or offset + out.nbytes > size:
+                raise ValueError(f"bytes [{offset}, {offset + out.nbytes}) lie outside the "
+                                 f"{size}-byte buffer")
+        end = max(offset + out.nbytes for offset, out in parts)
         mapping = mmap.mmap(handle, end, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                             prot=mmap.PROT_READ)
     finally:
         os.close(handle)
     try:
-        source = np.frombuffer(mapping, np.uint8, out.nbytes, offset)
-        out.reshape(-1).view(np.uint8)[:] = source
-        del source
+        for offset, out in parts:
+            source = np.frombuffer(mapping, np.uint8, out.nbytes, offset)
+            out.reshape(-1).view(np.uint8)[:] = source
+            del source
     finally:
         mapping.close()
