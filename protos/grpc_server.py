@@ -35,7 +35,11 @@ def message_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]
             ("grpc.max_send_message_length", max_bytes)]
 
 
-CHANNEL_OPTIONS = message_options()
+# Each channel keeps its own connections. With gRPC's default process-wide pool, a new
+# channel to a port that an earlier, stopped server of this process used inherits that
+# server's failed connection and its reconnect backoff, and fails at once with
+# "Connection refused" although a new server listens there now.
+CHANNEL_OPTIONS = [*message_options(), ("grpc.use_local_subchannel_pool", 1)]
 
 
 def start_server(register: Iterable[Callable[[grpc.Server], None]], service_names: Iterable[str],
