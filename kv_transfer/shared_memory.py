@@ -30,17 +30,21 @@ NAME = "olmo-kv"  # every buffer's memfd name; a receiver opens nothing else
 
 
 def host_identity() -> str:
-    """Equal for two processes exactly when one can open the other's memfds through
-    /proc: same kernel boot, same pid namespace. Empty where memfds do not exist."""
+    """Equal for two processes when one can open the other's memfds through /proc (same
+    kernel boot, same pid namespace) and they share a network namespace: peers in two
+    network namespaces are two hosts to the cluster (pods, or the namespaces a
+    multi-node test makes), whose K/V travels on the network between them. Empty where
+    memfds do not exist."""
     if not hasattr(os, "memfd_create"):
         return ""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
         pid_ns = os.stat("/proc/self/ns/pid").st_ino
+        net_ns = os.stat("/proc/self/ns/net").st_ino
     except OSError:
         return ""
-    return f"{boot}/{pid_ns}"
+    return f"{boot}/{pid_ns}/{net_ns}"
 
 
 class SharedBuffer(Buffer):

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from olmo_model.threads import use_every_cpu
+# Ray's local-only switch, before anything imports ray: Ray reads it at import, and a
+# local Ray started without it registers its node on the machine's network address (so
+# its workers would advertise and bind that address), whatever _node_ip_address says.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from olmo_model.threads import use_every_cpu  # noqa: E402
 
 # Kernels under test run as a worker runs them, on every CPU, even those a test compiles
 # and runs without a ModelRunner (which would otherwise size the pool).
