@@ -190,6 +190,7 @@ def _cluster_config(args: argparse.Namespace):
 
     overrides = {**_model_overrides(args), **_routing_overrides(args),
                  "host": args.host, "port": args.port, "http_port": args.http_port,
+                 "worker_host": args.worker_host,
                  "token_file": args.token_file, "api_key_file": args.api_key_file,
                  "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if args.aggregated:
@@ -319,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--http-port", type=int, default=None,
                          help="OpenAI-compatible API and /metrics (default 8000; 0 picks a "
                               "free port, -1 serves none)")
+        cmd.add_argument("--worker-host", default=None,
+                         help="where Ray worker actors bind: node (the address Ray knows "
+                              "their node by; the default), 0.0.0.0, or an address")
         cmd.add_argument("--prefill-instances", type=int, default=None)
         cmd.add_argument("--decode-instances", type=int, default=None)
         cmd.add_argument("--prefill-stages", type=int, default=None,

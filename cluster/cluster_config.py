@@ -13,6 +13,7 @@ from pipeline.options import WorkerOptions
 from protos.auth import api_key, cluster_secret, new_secret
 from router.service import RouterOptions
 
+from .planner import Bounds, PlannerConfig
 from .worker_spec import DEFAULT_DTYPE, DEFAULT_TARGET, WorkerSpec
 
 
@@ -36,6 +37,14 @@ class RoleConfig:
     # Custom Ray resources, e.g. {"decode": 1} so that only nodes started with
     # `--resources '{"decode": 4}'` host decode workers.
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    # The planner keeps the role within these (None: ``instances``, so it only adds
+    # instances where a maximum is given).
+    min_instances: int = 1
+    max_instances: int | None = None
+
+    def bounds(self) -> Bounds:
+        return Bounds(self.min_instances,
+                      self.instances if self.max_instances is None else self.max_instances)
 
 
 @dataclasses.dataclass
@@ -47,8 +56,9 @@ class ClusterConfig:
     host: str = "127.0.0.1"           # where the router's public APIs bind
     port: int = 50051                 # the gRPC Generate API
     http_port: int = 8000             # the OpenAI-compatible API and /metrics; -1: none
-    # Where workers bind. "0.0.0.0" binds every interface and advertises the node's IP.
-    worker_host: str = "127.0.0.1"
+    # Where workers bind: "node" the address Ray knows their node by (127.0.0.1 in a local
+    # cluster), "0.0.0.0" every interface (advertising the node's address), or an address.
+    worker_host: str = "node"
     prefill: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     decode: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     # Each worker's KV cache: sequences and tokens it holds at once (None: CacheLimits').
@@ -85,6 +95,9 @@ class ClusterConfig:
     api_key_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Scales prefill and decode instances to keep TTFT and inter-token latency on target
+    # (cluster/planner.py; off by default).
+    planner: PlannerConfig = dataclasses.field(default_factory=PlannerConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "aggregated"):
@@ -101,14 +114,24 @@ class ClusterConfig:
                 raise ClusterConfigError(f"{role}.instances must be >= 0")
             if value.stages < 1:
                 raise ClusterConfigError(f"{role}.stages must be >= 1")
+            if role == "prefill" and self.mode == "aggregated":
+                continue  # runs none
+            if min(value.instances, value.min_instances) < 1:
+                raise ClusterConfigError("at least one decode instance is needed"
+                                         if role == "decode" else
+                                         "disaggregated mode needs at least one prefill "
+                                         "instance")
+            bounds = value.bounds()
+            if not 0 <= bounds.low <= value.instances <= bounds.high:
+                raise ClusterConfigError(
+                    f"{role}: need min_instances <= instances <= max_instances, got "
+                    f"{bounds.low} <= {value.instances} <= {bounds.high}")
+        if isinstance(self.planner, dict):
+            self.planner = _build(PlannerConfig, self.planner, "planner")
         if self.kv_weight is not None and self.kv_weight < 0:
             raise ClusterConfigError("kv_weight must be >= 0")
         if self.local_prefill_below_tokens is not None and self.local_prefill_below_tokens < 0:
             raise ClusterConfigError("local_prefill_below_tokens must be >= 0")
-        if self.decode.instances < 1:
-            raise ClusterConfigError("at least one decode instance is needed")
-        if self.mode == "disaggregated" and self.prefill.instances < 1:
-            raise ClusterConfigError("disaggregated mode needs at least one prefill instance")
 
     @property
     def aggregated(self) -> bool:
@@ -171,4 +194,9 @@ def _build(kind: type, raw: dict[str, Any], where: str):
     if unknown:
         raise ClusterConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
                                  f"known: {', '.join(sorted(known))}")
-    return kind(**raw)
+    try:
+        return kind(**raw)
+    except ValueError as exc:  # a nested config's own check
+        if isinstance(exc, ClusterConfigError):
+            raise
+        raise ClusterConfigError(f"{where}: {exc}") from exc

@@ -12,6 +12,7 @@ from router.service import GenerationServicer
 from .admin import SERVICE_NAME as ADMIN_SERVICE
 from .admin import AdminServicer
 from .cluster_config import ClusterConfig
+from .planner import Planner
 from .ray_manager import RayClusterManager, connect_ray
 
 if TYPE_CHECKING:
@@ -25,12 +26,15 @@ class RayCluster:
     router: GenerationServicer
     address: str
     http: HttpServer | None = None  # the OpenAI-compatible API and /metrics
+    planner: Planner | None = None
 
     @property
     def http_url(self) -> str | None:
         return self.http.url if self.http else None
 
     def stop(self) -> None:
+        if self.planner is not None:
+            self.planner.stop()
         if self.http is not None:
             self.http.stop()
         self.server.stop(grace=1.0)
@@ -41,7 +45,9 @@ class RayCluster:
 def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
                       num_cpus: float | None = None) -> RayCluster:
     connect_ray(ray_address, num_cpus)
-    manager = RayClusterManager(config, config.cluster_secret())
+    # On a Ray cluster that outlives this process, so do the workers (ray_manager says how
+    # a router started again adopts them).
+    manager = RayClusterManager(config, config.cluster_secret(), detached=bool(ray_address))
     manager.start()
     admin = AdminServicer(manager)
     model_dir = manager.worker_spec.model_dir
@@ -53,6 +59,10 @@ def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
         manager.stop()
         raise
     cluster = RayCluster(manager, server, router, f"{config.host}:{server.port}")
+    if config.planner.enabled:
+        bounds = {role: getattr(config, role).bounds() for role in ("prefill", "decode")}
+        cluster.planner = Planner(config.planner, bounds, manager, router)
+        cluster.planner.start()
     if config.http_port >= 0:
         from router.openai_api import serve_openai
 

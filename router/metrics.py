@@ -81,6 +81,9 @@ class RouterMetrics:
         self.local_prefills = Counter(
             "olmo_local_prefills", "Disaggregated requests whose decode worker prefilled "
             "the uncached rest itself (it was short)", registry=r)
+        self.decode_full = Counter(
+            "olmo_decode_full", "Times a request found every decode worker full and waited "
+            "in line for capacity", registry=r)
         self.running = Gauge("olmo_num_requests_running",
                              "Requests being served (prefilling or decoding)", registry=r)
         Gauge("olmo_num_requests_waiting", "Requests waiting in line for decode capacity",

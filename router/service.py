@@ -322,6 +322,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 full |= exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 refusals.append(f"{worker.address}: {exc.details()}")
         if full:
+            self.metrics.decode_full.inc()
             return None  # wait in line for capacity
         raise ServingError(grpc.StatusCode.UNAVAILABLE,
                            "no decode worker can take this request: " + "; ".join(refusals))

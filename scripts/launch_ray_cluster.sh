@@ -48,7 +48,11 @@ parse_flags() {
 }
 
 router_running() {
-  [ -f "$STATE/router.pid" ] && kill -0 "$(cat "$STATE/router.pid")" 2>/dev/null
+  # A killed router nobody has reaped yet is a zombie (state Z): not running.
+  [ -f "$STATE/router.pid" ] || return 1
+  local state
+  state=$(ps -o stat= -p "$(cat "$STATE/router.pid")" 2>/dev/null) || return 1
+  [ "${state:0:1}" != Z ]
 }
 
 loopback_only() {
@@ -80,6 +84,7 @@ cmd_head() {
     ray_start --head --port "$PORT" --temp-dir "$RAY_TMP" --include-dashboard=false \
       --ray-client-server-port $((PORT + 1)) --disable-usage-stats
     echo "$NODE_IP:$PORT" >"$STATE/ray.address"
+    echo head >"$STATE/role"
   fi
   local config=()
   [ -n "$CONFIG" ] && config=(--config "$CONFIG")
@@ -112,11 +117,23 @@ cmd_worker() {
   if [ "$NODE_IP" = 127.0.0.1 ]; then
     die "a worker joins over the network: pass --node-ip with this node's address"
   fi
+  if raylet_running; then
+    say "worker already running: this node ($NODE_IP) is in the Ray cluster at $(cat "$STATE/ray.address")"
+    return 0
+  fi
   local resources=()
   [ -n "$RESOURCES" ] && resources=(--resources "$RESOURCES")
   say "joining Ray cluster at $ADDRESS as $NODE_IP"
-  ray_start --address "$ADDRESS" "${resources[@]}"
+  # This node's own temp dir (under its state dir), so that `down` finds exactly its
+  # processes, also where several nodes share a machine.
+  ray_start --address "$ADDRESS" --temp-dir "$RAY_TMP" "${resources[@]}"
+  echo "$ADDRESS" >"$STATE/ray.address"
+  echo worker >"$STATE/role"
   say "joined; the router places prefill/decode workers here as resources allow"
+}
+
+raylet_running() {
+  pgrep -f -- "raylet.*$RAY_TMP" >/dev/null 2>&1
 }
 
 cmd_status() {
@@ -126,8 +143,10 @@ cmd_status() {
   if router_running; then
     olmo-serve status --router "$(cat "$STATE/router.address" 2>/dev/null || echo "$NODE_IP:$ROUTER_PORT")" \
       --token-file "$STATE/cluster.token"
+  elif [ -f "$STATE/router.log" ]; then
+    say "router: not running (its log: $STATE/router.log)"
   else
-    say "router: not running"
+    say "router: on the head node (this is a worker node)"
   fi
 }
 
@@ -155,7 +174,9 @@ cmd_down() {
   local roots=""
   if router_running; then roots="$(cat "$STATE/router.pid")"; fi
   roots="$roots $(pgrep -f -- "$RAY_TMP" | grep -vx $$ || true)"
-  if [ -f "$STATE/ray.address" ]; then
+  # The head's Ray client server names the head's address, not the temp dir. (On a
+  # worker node that address is the head's: its processes are the head's to stop.)
+  if [ -f "$STATE/ray.address" ] && [ "$(cat "$STATE/role" 2>/dev/null || echo head)" = head ]; then
     roots="$roots $(pgrep -f -- "--address=$(cat "$STATE/ray.address")" | grep -vx $$ || true)"
   fi
   local pids
@@ -170,7 +191,7 @@ cmd_down() {
       wait_gone 10 $pids || die "processes still running: $pids"
     fi
   fi
-  rm -f "$STATE/router.pid" "$STATE/router.address" "$STATE/ray.address"
+  rm -f "$STATE/router.pid" "$STATE/router.address" "$STATE/ray.address" "$STATE/role"
   say "down"
 }
 

@@ -393,6 +393,9 @@ def test_router_command_is_accepted_by_the_cli(target, tmp_path):
         assert spec["minReplicas"] <= spec["replicas"] <= spec["maxReplicas"]
         workers = want.instances * getattr(want, "stages", 1)  # one worker per stage
         assert workers <= spec["replicas"], f"each {role} worker (stage) needs a pod"
+        if config.planner.enabled:  # it scales within bounds the pods can hold
+            assert cluster["spec"]["enableInTreeAutoscaling"] is True, "who adds the pods?"
+            assert want.bounds().high * want.stages <= spec["maxReplicas"], role
 
     # A model folder must be on a volume for the router (tokenizer) and every worker.
     if config.model is not None:
@@ -498,6 +501,14 @@ def test_every_container_has_requests_limits_and_a_safe_context(target):
             assert env.get("RAY_AUTH_MODE") == "disabled", f"{where}: Ray 2.60 needs it set"
         assert spec["securityContext"]["runAsNonRoot"] is True, group
         assert spec["securityContext"]["runAsUser"] != 0, group
+    if cluster["spec"].get("enableInTreeAutoscaling"):  # KubeRay adds this container
+        autoscaler = cluster["spec"]["autoscalerOptions"]
+        for resource in ("cpu", "memory"):
+            assert quantity(autoscaler["resources"]["requests"][resource]) <= quantity(
+                autoscaler["resources"]["limits"][resource])
+        assert autoscaler["securityContext"]["allowPrivilegeEscalation"] is False
+        env = {e["name"]: e.get("value") for e in autoscaler.get("env", [])}
+        assert env.get("RAY_AUTH_MODE") == "disabled", "the autoscaler talks to Ray 2.60 too"
 
 
 @pytest.mark.parametrize("target", TARGETS)
