@@ -49,7 +49,7 @@ class PlannerConfig:
     interval_s: float = 10.0        # how often it looks, at the interval since the last look
     ttft_target_s: float = 2.0      # p90 time to first token
     itl_target_s: float = 0.1       # p90 inter-token latency
-    kv_high: float = 0.85           # decode KV use (pages held by live requests) that is short
+    kv_high: float = 0.85           # decode KV committed (running + reserved) that is short
     scale_up_after: int = 2         # short intervals in a row before a role grows
     scale_down_after: int = 6       # idle intervals in a row before it shrinks
     scale_down_below: float = 0.5   # idle: every signal below this fraction of its target
