@@ -308,11 +308,11 @@ class Planner:
     def sample(self) -> Snapshot:
         instances: dict[str, int] = {}
         starting: dict[str, int] = {}
-        aggregated = self.router.options.aggregated
+        status = self.cluster.status()
         for role in ROLES:
-            if role == "prefill" and aggregated:
+            if role == "prefill" and self.router.options.aggregated:
                 continue
-            mine = [i for i in self.cluster.status() if i.role == role and i.state != "draining"]
+            mine = [i for i in status if i.role == role and i.state != "draining"]
             instances[role] = len(mine)
             starting[role] = sum(1 for i in mine if i.state == "starting")
         requests, ttft = self._windows["ttft"].take()
@@ -325,12 +325,13 @@ class Planner:
         held = sum(s.total_pages - s.free_pages - s.cached_pages for s in stats)
         queued = sum(w.stats.queued_tokens for w in scheduler.workers("prefill")
                      if w.stats is not None)
-        return Snapshot(round(self.clock() - self._started, 3), instances, starting, requests,
-                        ttft, itl, prefill, queue, self._full.take(),
-                        self.router.admission.waiting(), queued,
-                        held / total if total else 0.0,
-                        sum(s.running_sequences for s in stats),
-                        sum(s.reservations for s in stats))
+        return Snapshot(
+            round(self.clock() - self._started, 3), instances, starting, requests=requests,
+            ttft_p90=ttft, itl_p90=itl, prefill_p90=prefill, queue_p90=queue,
+            decode_full=self._full.take(), waiting=self.router.admission.waiting(),
+            prefill_queued_tokens=queued, kv_used=held / total if total else 0.0,
+            running=sum(s.running_sequences for s in stats),
+            reserved=sum(s.reservations for s in stats))
 
     def step(self) -> list[Decision]:
         snap = self.sample()

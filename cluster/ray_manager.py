@@ -231,25 +231,26 @@ class RayClusterManager:
         import ray
         from ray.util import get_placement_group
 
-        stages_of: dict[str, dict[int, str]] = {}
+        stages_of: dict[str, dict[int, str]] = {}  # instance: {stage: actor name}
+        declared: dict[str, set[int]] = {}  # instance: the stage counts its names say
         for actor_name in ray.util.list_named_actors():
             match = _ACTOR_NAME.match(actor_name)
             if match:
                 name = f"{match['role']}-{match['index']}"
                 stages_of.setdefault(name, {})[int(match["stage"])] = actor_name
+                declared.setdefault(name, set()).add(int(match["stages"]))
         adopted = []
         for name, members in sorted(stages_of.items()):
             role, index = name.rsplit("-", 1)
-            declared = int(_ACTOR_NAME.match(next(iter(members.values())))["stages"])
             try:
                 group = get_placement_group(name)
             except ValueError:
                 group = None
             instance = Instance(name, role, [ray.get_actor(members[s]) for s in sorted(members)],
                                 group)
+            stages = self._role(role).stages
             fits = (not (role == "prefill" and self.config.aggregated)
-                    and declared == self._role(role).stages
-                    and sorted(members) == list(range(declared)))
+                    and declared[name] == {stages} and sorted(members) == list(range(stages)))
             if not fits:
                 log.warning("stopping instance %s left by an earlier router: this config "
                             "runs no such instance", name)
