@@ -319,7 +319,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ServingError(exc.code(), exc.details()) from None
-                full |= exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    full = True
+                else:  # an answer lost on the way (a deadline) may hide a reservation
+                    abort_quietly(worker, reserve.request_id, "no answer to the reservation")
                 refusals.append(f"{worker.address}: {exc.details()}")
         if full:
             self.metrics.decode_full.inc()

@@ -73,10 +73,38 @@ def tiny_checkpoint(checkpoint_factory):
     return checkpoint_factory()
 
 
+@pytest.fixture(scope="session")
+def five_layer_checkpoint(checkpoint_factory):
+    """The staged tests' model: compiled artifacts are keyed by config and layer range,
+    not weights, so every test that splits it 2 or 3 ways shares the same compiles."""
+    return checkpoint_factory(seed=5, num_hidden_layers=5, num_key_value_heads=2)
+
+
 def reference_logits(model, tokens: list[int]):
     """All-position logits from transformers, ``[len(tokens), vocab]``."""
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def describe_busy(worker) -> str:
+    """What a busy worker of a local cluster still holds, for a failed idle check."""
+    now = time.monotonic()
+    parts = [type(worker).__name__]
+    if hasattr(worker, "engine") and hasattr(worker.engine, "scheduler"):
+        requests = list(worker.engine.scheduler._requests.values())
+        parts += [f"{r.request_id[:8]}: {r.phase.value}, stream "
+                  f"{'attached' if r.stream_attached else 'never opened'}, "
+                  f"{'local' if r.local else 'pushed'}, "
+                  f"lease ends in {r.lease_deadline - now:.1f}s" for r in requests]
+        parts.append(f"receiver waiting {worker.stage.receiver.waiting()}")
+    if hasattr(worker, "stage"):
+        parts.append(f"sequences {sorted(worker.stage.sequences)}")
+    if hasattr(worker, "_jobs"):
+        parts.append(f"prefill jobs {len(worker._jobs)}")
+    if hasattr(worker, "admission"):
+        parts.append(f"client ids {len(worker._client_ids)}, watched streams "
+                     f"{len(worker.stalls._watches)}, waiting {worker.admission.waiting()}")
+    return ", ".join(parts)
 
 
 def wait_until_cluster_idle(cluster, timeout: float = 15.0) -> None:
@@ -95,8 +123,10 @@ def wait_until_cluster_idle(cluster, timeout: float = 15.0) -> None:
         router = cluster.router
         if router._client_ids or router.stalls._watches or router.admission.waiting():
             busy.append(router)
+        busy = list(dict.fromkeys(busy))
         if not busy:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"still busy after {timeout}s: {busy}")
+            raise AssertionError(f"still busy after {timeout}s: "
+                                 + "; ".join(describe_busy(w) for w in busy))
         time.sleep(0.05)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+from olmo_model.artifact import artifact_folder, target_description
 from olmo_model.compiler import compile_model
 from olmo_model.config import OLMoConfig
 from olmo_model.stages import StageSpec
@@ -22,7 +24,13 @@ def test_second_compile_loads_the_cached_library(tmp_path, tiny_checkpoint):
     assert again.from_cache and again.library_path == first.library_path
     assert time.perf_counter() - start < 1.0
 
-    # A different stage, dtype or config is a different library.
-    stage = compile_model(config, StageSpec.of(2, 2, 1), cache_dir=tmp_path, log=messages.append)
-    assert stage.library_path != first.library_path
-    assert "model.embed_tokens.weight" not in stage.param_names
+    # A different stage, dtype, config or target is a different library (folders named
+    # without compiling: test_stages_and_kv_transfer compiles and runs stages).
+    def folder(stage=None, dtype="float32", cfg=config, target="llvm"):
+        return artifact_folder(cfg, stage or StageSpec.full(2), dtype,
+                               target_description(target), tmp_path)
+
+    assert folder() == first.library_path.parent
+    others = [folder(stage=StageSpec.of(2, 2, 1)), folder(dtype="float16"),
+              folder(cfg=dataclasses.replace(config, clip_qkv=8.0)), folder(target="cuda")]
+    assert len({folder(), *others}) == 5

@@ -25,6 +25,7 @@ from protos import generation_pb2, stage_pb2, stage_pb2_grpc, worker_pb2, worker
 from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
 from router.detokenizer import StopStringFilter
+from router.scheduler import abort_quietly
 from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
@@ -203,6 +204,21 @@ def test_reservations_that_could_squat_or_lie_are_refused(cluster, fields, messa
                          request, timeout=5)
     assert message in error.details()
     wait_until_cluster_idle(cluster)
+
+
+def test_aborts_sent_without_waiting_all_arrive(cluster):
+    """The router aborts without waiting for the answer; each abort must still arrive,
+    or a cancelled request's reservation holds its pages until the lease ends."""
+    stub = decode_stub(cluster)
+    ids = [f"forgotten-{i}" for i in range(LIMITS.max_num_sequences)]
+    for request_id in ids:
+        stub.Reserve(worker_pb2.ReserveRequest(
+            request_id=request_id, prompt_tokens=8, lease_ms=60_000,
+            sampling=worker_pb2.Sampling(max_tokens=4)), timeout=10)
+    worker = cluster.router.scheduler.workers("decode")[0]
+    for request_id in ids:
+        abort_quietly(worker, request_id, "the client left")
+    wait_until_cluster_idle(cluster, timeout=5)
 
 
 def test_a_prefill_whose_targets_do_not_cover_the_model_is_refused(cluster):

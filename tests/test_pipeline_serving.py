@@ -27,8 +27,8 @@ PUSH = RouterOptions(local_prefill_below=0)  # every prompt goes through a prefi
 
 
 @pytest.fixture(scope="module")
-def five_layers(checkpoint_factory):
-    return checkpoint_factory(seed=5, num_hidden_layers=5, num_key_value_heads=2)
+def five_layers(five_layer_checkpoint):
+    return five_layer_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,8 @@ PUSH = dict(local_prefill_below=0)  # every prompt goes through a prefill instan
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint_factory):
-    # test_pipeline_serving's model: its stages are compiled once for both.
-    return checkpoint_factory(seed=5, num_hidden_layers=5, num_key_value_heads=2)
+def model(five_layer_checkpoint):
+    return five_layer_checkpoint
 
 
 def hf_greedy(reference, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
