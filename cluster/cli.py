@@ -30,6 +30,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         help="sequences one worker's KV cache holds at once (default 16)")
     parser.add_argument("--max-total-tokens", type=int, default=None,
                         help="tokens one worker's KV cache holds in all (default 8192)")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                        help="prompt tokens per forward pass; a decode worker prefilling "
+                             "locally runs one chunk between decode steps (default 2048)")
     parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                         default=None, help="free every sequence when it finishes instead of "
                                            "keeping it for prompts that begin alike")
@@ -78,6 +81,7 @@ def _routing_overrides(args: argparse.Namespace) -> dict:
 def _model_overrides(args: argparse.Namespace) -> dict:
     given = {"model": args.model, "dtype": args.dtype, "target": args.target,
              "max_sequences": args.max_sequences, "max_total_tokens": args.max_total_tokens,
+             "prefill_chunk_tokens": args.prefill_chunk_tokens,
              "prefix_cache": args.prefix_cache, "kv_shared_memory": args.kv_shared_memory}
     return {k: v for k, v in given.items() if v is not None}
 

@@ -64,6 +64,10 @@ class ClusterConfig:
     # Each worker's KV cache: sequences and tokens it holds at once (None: CacheLimits').
     max_sequences: int | None = None
     max_total_tokens: int | None = None
+    # Prompt tokens per forward pass. A decode worker prefilling locally (aggregated
+    # mode, short uncached prompts) runs one such chunk between decode steps, so this
+    # bounds how long a new prompt pauses the streams already running there.
+    prefill_chunk_tokens: int | None = None
     lease_ms: int = 30_000
     health_interval_s: float = 1.0
     # Prefix caching: workers keep finished sequences, and a prompt forks from the longest
@@ -132,6 +136,10 @@ class ClusterConfig:
             raise ClusterConfigError("kv_weight must be >= 0")
         if self.local_prefill_below_tokens is not None and self.local_prefill_below_tokens < 0:
             raise ClusterConfigError("local_prefill_below_tokens must be >= 0")
+        for name in ("max_sequences", "max_total_tokens", "prefill_chunk_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ClusterConfigError(f"{name} must be >= 1")
 
     @property
     def aggregated(self) -> bool:
@@ -172,7 +180,8 @@ class ClusterConfig:
 
     def worker_spec(self) -> WorkerSpec:
         """What every worker of this cluster builds its runner from."""
-        limits = CacheLimits.sized(self.max_sequences, self.max_total_tokens)
+        limits = CacheLimits.sized(self.max_sequences, self.max_total_tokens,
+                                   self.prefill_chunk_tokens)
         return WorkerSpec.of(self.model, self.dtype, self.target, limits,
                              WorkerOptions(self.prefix_cache, self.kv_shared_memory))
 

@@ -1,8 +1,9 @@
 """The decode instance's step loop, run by its leader (the worker of its first stage).
 
 Once per loop: finish aborted requests, admit reservations whose K/V has reached every
-stage (install it; the first token is sampled from the pushed hidden state) or prefill
-local ones, then run one ``batch_decode`` step for everything running. Installation
+stage (install it; the first token is sampled from the pushed hidden state) or run one
+prefill chunk of the local ones, then run one ``batch_decode`` step for everything
+running: a decode step never waits for more than one chunk of anyone's prompt. Installation
 happens between steps, never during one. A single-stage instance is the same loop over
 a chain of one local stage.
 
@@ -167,12 +168,20 @@ class DecodeEngine:
                 self._emit(admitted, result.tokens, result.failed, result.logprobs)
         local = [r for r in waiting if r.local]
         if local:
+            # One chunk per loop (chunked prefill): running sequences take a decode step
+            # between a long prompt's chunks instead of waiting for all of it.
             prompts = [PromptToPrefill(r.seq_id, r.prompt_ids[r.cached_tokens:], r.request_id,
-                                       fork_from=r.cached.seq_id, fork_pos=r.cached_tokens)
+                                       fork_from=r.cached.seq_id, fork_pos=r.cached_tokens,
+                                       done=r.prefilled)
                        for r in local]
-            outcome = self.chain.prefill(prompts, self.chunk_size)
-            self.prefilled_tokens += sum(len(p.token_ids) for p in prompts)
-            self._emit(local, outcome.first_tokens, outcome.failed, outcome.logprobs)
+            outcome = self.chain.prefill(prompts, self.chunk_size, max_passes=1)
+            for request, computed in zip(local, outcome.computed):
+                request.prefilled += computed
+            self.prefilled_tokens += sum(outcome.computed)
+            ended = [i for i, (r, p) in enumerate(zip(local, prompts))
+                     if r.prefilled == len(p.token_ids)]
+            self._emit([local[i] for i in ended], [outcome.first_tokens[i] for i in ended],
+                       outcome.failed, outcome.logprobs)
 
     def _step(self) -> None:
         running = self.scheduler.running()

@@ -62,6 +62,7 @@ class Request:
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     stream_attached: bool = False
     announced: bool = False  # every stage knows it: admission may begin
+    prefilled: int = 0       # local: prompt tokens (after the cached ones) computed so far
 
     @property
     def cached_tokens(self) -> int:
@@ -237,8 +238,10 @@ class DecodeScheduler:
             self._expire_leases_locked()
             self._kv_arrived = False
             aborts, self._aborts = self._aborts, {}
+            # An aborted request is finished first: admitting it too would start (or, mid
+            # prefill, continue) a sequence on stages that have just freed it.
             waiting = [r for r in self._requests.values()
-                       if r.phase is Phase.RESERVED and r.announced]
+                       if r.phase is Phase.RESERVED and r.announced and r.request_id not in aborts]
             return Work(aborts, waiting)
 
     def running(self) -> list[Request]:
@@ -248,6 +251,11 @@ class DecodeScheduler:
     def request_ids(self) -> list[str]:
         with self._lock:
             return list(self._requests)
+
+    def requests(self) -> list[Request]:
+        """The requests held now (a copy of the list; the requests themselves are live)."""
+        with self._lock:
+            return list(self._requests.values())
 
     def append(self, request: Request, token: int) -> str:
         """Record a generated token; returns why the request finishes with it, or ""."""
@@ -294,6 +302,8 @@ class DecodeScheduler:
             if now - finished_at > UNCLAIMED_SECONDS:
                 del self._unclaimed[request_id]
         for request in self._requests.values():
-            if request.phase is Phase.RESERVED and now > request.lease_deadline:
+            # A local prefill under way is not waiting for anything.
+            if (request.phase is Phase.RESERVED and not request.prefilled
+                    and now > request.lease_deadline):
                 self._aborts.setdefault(
                     request.request_id, "lease expired: no KV pages arrived in time")

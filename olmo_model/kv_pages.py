@@ -51,14 +51,15 @@ class CacheLimits:
     page_size: int = 16
 
     @classmethod
-    def sized(cls, max_num_sequences: int | None = None, max_total_tokens: int | None = None
-              ) -> CacheLimits:
-        """A cache for this many sequences and tokens (None: the default), its prefill
-        chunk no larger than the whole cache."""
+    def sized(cls, max_num_sequences: int | None = None, max_total_tokens: int | None = None,
+              prefill_chunk_size: int | None = None) -> CacheLimits:
+        """A cache for this many sequences and tokens, and prompt tokens per forward pass
+        (None: the default), its prefill chunk no larger than the whole cache."""
         default = cls()
         sequences = max_num_sequences or default.max_num_sequences
         tokens = max_total_tokens or default.max_total_tokens
-        return cls(sequences, tokens, min(default.prefill_chunk_size, tokens))
+        chunk = prefill_chunk_size or default.prefill_chunk_size
+        return cls(sequences, tokens, min(chunk, tokens))
 
     @classmethod
     def for_model(cls, config: Any) -> CacheLimits:

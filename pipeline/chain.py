@@ -9,6 +9,7 @@ alone, so its operations are plain method calls with nothing serialized.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import grpc
@@ -43,14 +44,21 @@ class PromptToPrefill:
     fork_from: int | None = None
     fork_pos: int = 0
     push_from: int = 0  # prefill role: the decode side holds the tokens before this
+    done: int = 0       # of ``token_ids``, those earlier passes computed already
+
+    @property
+    def remaining(self) -> Sequence[int]:
+        return self.token_ids[self.done:]
 
 
 @dataclasses.dataclass
 class PrefillOutcome:
-    """First tokens by prompt (sampled only where the last stage samples); the rest as in
-    ForwardResult, by sequence id (failed, logprobs) or request id (push failures)."""
+    """First tokens by prompt (sampled only where the last stage samples, and only for
+    prompts that ended); the rest as in ForwardResult, by sequence id (failed, logprobs)
+    or request id (push failures)."""
 
     first_tokens: list[int | None]
+    computed: list[int]  # tokens of each prompt computed by this call
     failed: dict[int, str]
     logprobs: dict[int, TokenLogprobs]
     push_failures: dict[str, ServingError]
@@ -96,26 +104,34 @@ class StageChain:
         result.push_failures = failures
         return result
 
-    def prefill(self, prompts: Sequence[PromptToPrefill], chunk_size: int) -> PrefillOutcome:
-        """New sequences through the chain in passes of at most ``chunk_size`` tokens."""
+    def prefill(self, prompts: Sequence[PromptToPrefill], chunk_size: int,
+                max_passes: int | None = None) -> PrefillOutcome:
+        """The prompts' remaining tokens through the chain in passes of at most
+        ``chunk_size`` tokens; with ``max_passes``, stop after that many (the caller
+        resumes from ``computed``)."""
         first: dict[int, int] = {}
+        computed = [0] * len(prompts)
         failed: dict[int, str] = {}
         logprobs: dict[int, TokenLogprobs] = {}
         failures: dict[str, ServingError] = {}
-        for chunk in plan_chunks([p.token_ids for p in prompts], chunk_size):
+        chunks = plan_chunks([p.remaining for p in prompts], chunk_size)
+        for chunk in itertools.islice(chunks, max_passes):
             slices = tuple(self._slice(prompts[c.index], c) for c in chunk.pieces)
             result = self.forward(ForwardBatch(slices), chunk.token_ids)
             failures.update(result.push_failures)
             failed.update(result.failed)
             logprobs.update(result.logprobs)
             first.update(zip([c.index for c in chunk.pieces if c.ends], result.tokens))
-        return PrefillOutcome([first.get(i) for i in range(len(prompts))], failed, logprobs,
-                              failures)
+            for piece in chunk.pieces:
+                computed[piece.index] += piece.length
+        return PrefillOutcome([first.get(i) for i in range(len(prompts))], computed, failed,
+                              logprobs, failures)
 
     @staticmethod
     def _slice(prompt: PromptToPrefill, piece: Piece) -> SequenceSlice:
         return SequenceSlice(seq_id=prompt.seq_id, length=piece.length,
-                             total_tokens=prompt.fork_pos + piece.end, ends_prompt=piece.ends,
+                             total_tokens=prompt.fork_pos + prompt.done + piece.end,
+                             ends_prompt=piece.ends,
                              request_id=prompt.request_id, kv_targets=prompt.kv_targets,
                              fork_from=prompt.fork_from, fork_pos=prompt.fork_pos,
                              push_from=prompt.push_from)

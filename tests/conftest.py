@@ -91,7 +91,7 @@ def describe_busy(worker) -> str:
     now = time.monotonic()
     parts = [type(worker).__name__]
     if hasattr(worker, "engine") and hasattr(worker.engine, "scheduler"):
-        requests = list(worker.engine.scheduler._requests.values())
+        requests = worker.engine.scheduler.requests()
         parts += [f"{r.request_id[:8]}: {r.phase.value}, stream "
                   f"{'attached' if r.stream_attached else 'never opened'}, "
                   f"{'local' if r.local else 'pushed'}, "

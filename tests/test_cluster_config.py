@@ -22,6 +22,7 @@ def test_example_config_loads_with_overrides():
     ("mode: sideways", "mode must be"),
     ("decode: {instances: 0}", "at least one decode"),
     ("[1, 2]", "must hold a mapping"),
+    ("prefill_chunk_tokens: 0", "prefill_chunk_tokens must be"),
 ])
 def test_bad_config_is_refused_with_reason(tmp_path, text, message):
     path = tmp_path / "cluster.yaml"
@@ -34,6 +35,8 @@ def test_cli_overrides_the_file():
     from cluster.cli import _cluster_config
 
     args = build_parser().parse_args(["serve", "--config", str(EXAMPLE), "--decode-instances",
-                                      "3", "--aggregated", "--port", "7000"])
+                                      "3", "--aggregated", "--port", "7000",
+                                      "--prefill-chunk-tokens", "256"])
     config = _cluster_config(args)
     assert config.decode.instances == 3 and config.aggregated and config.port == 7000
+    assert config.worker_spec().limits.prefill_chunk_size == 256

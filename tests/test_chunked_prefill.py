@@ -1,0 +1,105 @@
+"""Chunked prefill on a decode worker: a long prompt prefilled there (aggregated mode,
+or a short uncached rest) runs one chunk per engine loop, and the sequences already
+decoding take a step between its chunks instead of waiting for all of it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import reference_logits, wait_until_cluster_idle
+from transformers import OlmoForCausalLM
+
+from cluster.local_cluster import start_local_cluster
+from olmo_model.demo import DEMO_MODEL_DIR
+from olmo_model.kv_pages import CacheLimits
+from router.client import GenerationClient, generate_request
+
+CHUNK = 32
+LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=CHUNK)
+RUNNING = list(range(40, 48))                      # decoding when the long prompt arrives
+LONG = [(7 * i) % 1900 + 50 for i in range(320)]   # ten chunks
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = start_local_cluster(DEMO_MODEL_DIR, num_decode=1, aggregated=True, limits=LIMITS)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    c = GenerationClient(cluster.router_address)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return OlmoForCausalLM.from_pretrained(DEMO_MODEL_DIR).eval()
+
+
+def hf_greedy(reference, prompt: list[int], n: int) -> list[int]:
+    """Plain argmax, end of sequence included (as ``ignore_eos`` streams it)."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(reference_logits(reference, tokens)[-1].argmax()))
+    return tokens[len(prompt):]
+
+
+def stream_in_background(client, prompt, max_tokens, arrivals, lock, name):
+    """Read a greedy stream on a thread, noting each token's arrival in ``arrivals``."""
+    ids: list[int] = []
+
+    def read():
+        for response in client.stream(generate_request(prompt, max_tokens=max_tokens,
+                                                       ignore_eos=True), timeout=60):
+            with lock:
+                ids.extend(response.token_ids)
+                arrivals.extend([name] * len(response.token_ids))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread, ids
+
+
+def test_running_streams_decode_between_a_long_prompts_chunks(cluster, client, reference):
+    arrivals: list[str] = []
+    lock = threading.Lock()
+    running, running_ids = stream_in_background(client, RUNNING, 120, arrivals, lock, "running")
+    deadline = time.monotonic() + 30
+    while arrivals.count("running") < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with lock:
+        before = len(arrivals)
+    long, long_ids = stream_in_background(client, LONG, 8, arrivals, lock, "long")
+    long.join(60)
+    running.join(60)
+    assert long_ids == hf_greedy(reference, LONG, 8)
+    assert running_ids == hf_greedy(reference, RUNNING, 120)
+    # Ten chunks, a decode step after each: the running stream gained about ten tokens
+    # before the long prompt's first. Prefilled in one go, it would gain one or two.
+    during = arrivals[before:arrivals.index("long")]
+    assert during.count("running") >= 6, during
+    wait_until_cluster_idle(cluster)
+
+
+def test_a_request_cancelled_mid_prefill_frees_everything(cluster, client):
+    arrivals: list[str] = []
+    lock = threading.Lock()
+    running, running_ids = stream_in_background(client, RUNNING, 120, arrivals, lock,
+                                                "running")
+    call = client.stream(generate_request(LONG + LONG[:140], max_tokens=8, ignore_eos=True),
+                         timeout=60)
+    scheduler = cluster.decode[0].engine.scheduler
+    deadline = time.monotonic() + 30
+    while not any(0 < r.prefilled < len(r.prompt_ids) - r.cached_tokens
+                  for r in scheduler.requests()):
+        assert time.monotonic() < deadline, "the long prompt was never seen mid-prefill"
+        time.sleep(0.001)
+    call.cancel()
+    running.join(60)
+    assert len(running_ids) == 120  # the stream beside it never noticed
+    wait_until_cluster_idle(cluster)
