@@ -11,9 +11,15 @@ import time
 from urllib.parse import urlparse
 
 
-def timing(start: float, first: float, last: float, tokens: int) -> dict:
+def timing(start: float, arrivals: list[float], tokens: int) -> dict:
+    """TTFT, end to end, tokens, time per output token after the first, and the gaps
+    between successive token arrivals (ITL), from when each piece of the stream came."""
+    if not arrivals:
+        raise RuntimeError("the stream ended without a token")
+    first, last = arrivals[0], arrivals[-1]
     return {"ttft": first - start, "e2e": last - start, "tokens": tokens,
-            "tpot": (last - first) / max(1, tokens - 1)}
+            "tpot": (last - first) / max(1, tokens - 1),
+            "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}
 
 
 class GrpcTarget:
@@ -22,19 +28,19 @@ class GrpcTarget:
 
         self.client = GenerationClient(address)
 
-    def request(self, prompt: list[int], max_tokens: int) -> dict:
+    def request(self, prompt: list[int], max_tokens: int, timeout: float | None = None
+                ) -> dict:
         from router.client import generate_request
 
         start = time.perf_counter()
-        first = last = None
+        arrivals: list[float] = []
         tokens = 0
         for response in self.client.stream(generate_request(prompt, max_tokens,
-                                                            ignore_eos=True)):
-            last = time.perf_counter()
+                                                            ignore_eos=True), timeout=timeout):
             if response.token_ids:
-                first = first or last
+                arrivals.append(time.perf_counter())
                 tokens += len(response.token_ids)
-        return timing(start, first, last, tokens)
+        return timing(start, arrivals, tokens)
 
     def close(self) -> None:
         self.client.close()
@@ -47,13 +53,16 @@ class HttpTarget:
         self.url = urlparse(url)
         self._local = threading.local()
 
-    def request(self, prompt: list[int], max_tokens: int) -> dict:
+    def request(self, prompt: list[int], max_tokens: int, timeout: float | None = None
+                ) -> dict:
+        """``timeout`` is not a bound on the whole request here: every read has the
+        connection's own (600 s)."""
         connection = self._connection()
         body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                            "ignore_eos": True, "stream": True,
                            "stream_options": {"include_usage": True}})
         start = time.perf_counter()
-        first = last = None
+        arrivals: list[float] = []
         tokens = 0
         connection.request("POST", "/v1/completions", body,
                            {"Content-Type": "application/json"})
@@ -68,12 +77,11 @@ class HttpTarget:
                 break
             chunk = json.loads(payload)
             if chunk["choices"]:
-                last = time.perf_counter()
-                first = first or last
+                arrivals.append(time.perf_counter())
             else:
                 tokens = chunk["usage"]["completion_tokens"]
         reply.read()
-        return timing(start, first, last, tokens)
+        return timing(start, arrivals, tokens)
 
     def _connection(self) -> http.client.HTTPConnection:
         if not hasattr(self._local, "connection"):

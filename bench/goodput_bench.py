@@ -1,0 +1,368 @@
+"""Goodput under latency SLOs at one core budget: disaggregated serving against colocated.
+
+Every layout runs as the processes a user starts (`olmo-serve prefill-worker`,
+`decode-worker`, `router`), each worker pinned to its CPUs with taskset (TVM sizes its
+thread pool to them), the router and this load generator unpinned. On N cores:
+
+  disagg         a prefill worker on the first N/2 cores, a decode worker on the rest
+  agg-per-core   N aggregated decode workers, one core each
+  agg-all-cores  one aggregated decode worker on all N cores
+
+Aggregated workers prefill in chunks of --prefill-chunk-tokens between decode steps
+(chunked prefill, as vLLM and SGLang run colocated serving).
+
+Requests (token ids, greedy, ignore_eos) come from a seeded workload: `chat` draws prompt
+and output lengths from long-tailed log-normals (prompts of tens to a couple of thousand
+tokens around a median of 384, outputs of 8 to 320 around 64); `P:O` fixes them. They
+arrive as a Poisson process at each --rates value (`inf`: all at once, a burst), or from
+--concurrency closed-loop clients. Each request's TTFT, TPOT, inter-token gaps and E2E
+are recorded, so bench/goodput_report.py can judge them against any SLO afterwards.
+Goodput is the highest rate up to which every swept rate had at least 90% of its requests
+meet both the TTFT and the TPOT SLO; the TPOT SLO defaults to --tpot-slo-factor times the
+fastest unloaded decode step (a lone request's TPOT) of any layout.
+
+    python3 bench/goodput_bench.py [--model M] [--dtype float16] [--rates 0.25 0.5 1 2]
+        [--requests 40] [--workload chat|P:O] [--ttft-slo 3] [--api grpc|http] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+from clients import GrpcTarget, HttpTarget
+from slo import Slo, goodput, summarize
+
+REPO = Path(__file__).resolve().parent.parent
+LAYOUTS = ("disagg", "agg-per-core", "agg-all-cores")
+START_SECONDS = 900  # a worker's first start may compile its model
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerPlan:
+    role: str               # "prefill" or "decode"
+    cpus: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    aggregated: bool
+    workers: tuple[WorkerPlan, ...]
+
+    def describe(self) -> str:
+        return ", ".join(f"{w.role} on cpu {','.join(map(str, w.cpus))}" for w in self.workers)
+
+
+def layouts(cpus: list[int]) -> dict[str, Layout]:
+    half = len(cpus) // 2
+    return {
+        "disagg": Layout("disagg", False, (WorkerPlan("prefill", tuple(cpus[:half])),
+                                           WorkerPlan("decode", tuple(cpus[half:])))),
+        "agg-per-core": Layout("agg-per-core", True,
+                               tuple(WorkerPlan("decode", (c,)) for c in cpus)),
+        "agg-all-cores": Layout("agg-all-cores", True, (WorkerPlan("decode", tuple(cpus)),)),
+    }
+
+
+def make_workload(kind: str, count: int, vocab: int, context: int, seed: int
+                  ) -> list[tuple[list[int], int]]:
+    """(prompt token ids, max_tokens) per request, the same for every layout and rate."""
+    rng = np.random.default_rng(seed)
+    if kind == "chat":
+        prompts = np.clip(rng.lognormal(np.log(384), 0.8, count), 16, 0.8 * context)
+        outputs = np.clip(rng.lognormal(np.log(64), 0.8, count), 8, 320)
+    else:
+        prompt, output = (int(n) for n in kind.split(":"))
+        prompts, outputs = np.full(count, prompt), np.full(count, output)
+    work = []
+    for p, o in zip(prompts.astype(int), outputs.astype(int)):
+        work.append((rng.integers(1, vocab, int(p)).tolist(), int(min(o, context - p - 1))))
+    return work
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    """One layout's processes: the workers pinned with taskset, then the router over them.
+    Their output goes to log files in ``log_dir``; a process that dies says why."""
+
+    def __init__(self, layout: Layout, args: argparse.Namespace, log_dir: Path):
+        self.layout = layout
+        self.args = args
+        self.log_dir = log_dir
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.router_port = free_port()
+        self.http_port = free_port()
+        self.env = {**os.environ, "OLMO_CLUSTER_TOKEN": secrets.token_hex(16)}
+        for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):  # the CPU set decides
+            self.env.pop(name, None)
+
+    def __enter__(self) -> Deployment:
+        try:
+            addresses = {"prefill": [], "decode": []}
+            for i, plan in enumerate(self.layout.workers):
+                port = free_port()
+                self._spawn(f"{plan.role}{i}", [
+                    "taskset", "-c", ",".join(map(str, plan.cpus)), sys.executable, "-m",
+                    "cluster.cli", f"{plan.role}-worker", "--port", str(port),
+                    *self._model_flags()])
+                addresses[plan.role].append(f"127.0.0.1:{port}")
+            for address in addresses["prefill"] + addresses["decode"]:
+                self._wait_serving(address)
+            self._spawn("router", [
+                sys.executable, "-m", "cluster.cli", "router", "--model", str(self.args.model),
+                "--port", str(self.router_port), "--http-port", str(self.http_port),
+                *(["--aggregated"] if self.layout.aggregated else []),
+                *[f"--{role}={a}" for role, found in addresses.items() for a in found]])
+            self._wait_serving(f"127.0.0.1:{self.router_port}")
+            return self
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        for _, process in self.processes:
+            process.terminate()
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+    def target(self):
+        if self.args.api == "http":
+            return HttpTarget(f"http://127.0.0.1:{self.http_port}")
+        return GrpcTarget(f"127.0.0.1:{self.router_port}")
+
+    def _model_flags(self) -> list[str]:
+        a = self.args
+        return ["--model", str(a.model), "--dtype", a.dtype, "--max-sequences",
+                str(a.max_sequences), "--max-total-tokens", str(a.max_total_tokens),
+                "--prefill-chunk-tokens", str(a.prefill_chunk_tokens)]
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        with open(self.log_dir / f"{self.layout.name}-{name}.log", "w") as log:
+            process = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log,
+                                       stderr=subprocess.STDOUT)
+        self.processes.append((name, process))
+
+    def _wait_serving(self, address: str) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + START_SECONDS
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive()
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{address} did not serve within {START_SECONDS} s")
+                time.sleep(0.2)
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                log = self.log_dir / f"{self.layout.name}-{name}.log"
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n"
+                                   + log.read_text()[-3000:])
+
+
+def send(target, prompt: list[int], max_tokens: int, timeout: float) -> dict:
+    """One request's record: its timings, or the error it ended with."""
+    try:
+        record = target.request(prompt, max_tokens, timeout=timeout)
+    except grpc.RpcError as exc:
+        return {"error": exc.code().name, "prompt_tokens": len(prompt)}
+    except Exception as exc:  # HTTP statuses, streams that ended without a token
+        return {"error": str(exc)[:120], "prompt_tokens": len(prompt)}
+    record["itl"] = [round(gap, 5) for gap in record["itl"]]
+    record.update(prompt_tokens=len(prompt), max_tokens=max_tokens)
+    return record
+
+
+def open_loop(target, work, rate: float, timeout: float) -> tuple[list[dict], float]:
+    """Poisson arrivals at ``rate`` per second (inf: all at once)."""
+    rng = np.random.default_rng(1)
+    gaps = np.zeros(len(work)) if rate == float("inf") else rng.exponential(1 / rate, len(work))
+    arrivals = np.cumsum(gaps)
+    records: list[dict | None] = [None] * len(work)
+    start = time.perf_counter()
+
+    def fire(i: int) -> None:
+        delay = arrivals[i] - (time.perf_counter() - start)
+        if delay > 0:
+            time.sleep(delay)
+        records[i] = send(target, *work[i], timeout)
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        list(pool.map(fire, range(len(work))))
+    return records, time.perf_counter() - start
+
+
+def closed_loop(target, work, clients: int, timeout: float) -> tuple[list[dict], float]:
+    """``clients`` clients, each sending its next request when the last one ends."""
+    records: list[dict | None] = [None] * len(work)
+    next_index = iter(range(len(work)))
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            records[i] = send(target, *work[i], timeout)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return records, time.perf_counter() - start
+
+
+def unloaded(target, vocab: int, repeats: int) -> dict:
+    """A lone request's TTFT and TPOT (128-token prompt, 32 tokens), median of repeats."""
+    rng = np.random.default_rng(3)
+    samples = [target.request(rng.integers(1, vocab, 128).tolist(), 32, timeout=300)
+               for _ in range(repeats)]
+    return {"ttft_s": statistics.median(s["ttft"] for s in samples),
+            "tpot_s": statistics.median(s["tpot"] for s in samples)}
+
+
+def bench_layout(layout: Layout, args, work, vocab: int, log_dir: Path) -> dict:
+    print(f"\n{layout.name}: {layout.describe()}", flush=True)
+    with Deployment(layout, args, log_dir) as deployment:
+        target = deployment.target()
+        try:
+            for prompt, max_tokens in work[:args.warmup]:
+                send(target, prompt, max_tokens, args.request_timeout)
+            out = {"description": layout.describe(), "aggregated": layout.aggregated,
+                   "workers": [dataclasses.asdict(w) for w in layout.workers],
+                   "unloaded": unloaded(target, vocab, args.calibration_requests), "runs": []}
+            print(f"  unloaded: TTFT {1e3 * out['unloaded']['ttft_s']:.0f} ms, "
+                  f"TPOT {1e3 * out['unloaded']['tpot_s']:.1f} ms", flush=True)
+            plan = ([("poisson", r) for r in args.rates]
+                    + [("concurrency", c) for c in args.concurrency])
+            for arrival, value in plan:
+                if arrival == "poisson":
+                    records, wall = open_loop(target, work, value, args.request_timeout)
+                else:
+                    records, wall = closed_loop(target, work, int(value), args.request_timeout)
+                failed = sum("error" in r for r in records)
+                print(f"  {arrival} {value:g}: {wall:.1f} s, {failed} failed", flush=True)
+                out["runs"].append({"arrival": arrival, "rate" if arrival == "poisson"
+                                    else "clients": value, "wall_s": wall, "records": records})
+            return out
+        finally:
+            target.close()
+
+
+def print_table(results: dict) -> None:
+    slo = Slo(**results["slo"])
+    print(f"\n{results['model']} ({results['dtype']}), {results['cpus']} cores, workload "
+          f"{results['workload']}; SLO TTFT <= {slo.ttft_s:g} s, TPOT <= "
+          f"{1e3 * slo.tpot_s:.1f} ms")
+    print(f"{'layout':<15}{'load':>12}{'SLO met':>9}{'TTFT p50/p90 (s)':>18}"
+          f"{'TPOT p50/p90 (ms)':>19}{'ITL p99 (ms)':>13}{'tok/s':>8}{'failed':>8}")
+    for name, layout in results["layouts"].items():
+        for run in layout["runs"]:
+            s = summarize(run["records"], run["wall_s"], slo)
+            load = (f"{run['rate']:g}/s" if run["arrival"] == "poisson"
+                    else f"{run['clients']:g} clients")
+            t, p = s["ttft_s"], s["tpot_s"]
+            print(f"{name:<15}{load:>12}{s['attainment']:>9.0%}"
+                  f"{t['p50']:>10.2f}/{t['p90']:.2f}{1e3 * p['p50']:>12.1f}/{1e3 * p['p90']:.1f}"
+                  f"{1e3 * s['itl_s']['p99']:>13.1f}{s['throughput_tok_s']:>8.0f}"
+                  f"{s['requests'] - s['completed']:>8}")
+    print("\ngoodput (req/s, highest rate with >= 90% of requests within the SLO):")
+    for name, value in results["goodput"].items():
+        print(f"  {name:<15}{value:g}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model folder (default: the hidden-512 8-layer bench checkpoint)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--rates", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0],
+                        help="Poisson arrival rates, requests/s (inf: a burst)")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[],
+                        help="also run with this many closed-loop clients")
+    parser.add_argument("--requests", type=int, default=40, help="per rate")
+    parser.add_argument("--workload", default="chat", help="chat, or PROMPT:OUTPUT tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttft-slo", type=float, default=3.0, help="seconds")
+    parser.add_argument("--tpot-slo", type=float, default=None,
+                        help="seconds (default: --tpot-slo-factor x the fastest unloaded TPOT)")
+    parser.add_argument("--tpot-slo-factor", type=float, default=2.0)
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=256)
+    parser.add_argument("--max-sequences", type=int, default=32)
+    parser.add_argument("--max-total-tokens", type=int, default=16384)
+    parser.add_argument("--warmup", type=int, default=2, help="requests before measuring")
+    parser.add_argument("--calibration-requests", type=int, default=3)
+    parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument("--api", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/goodput_bench.json"))
+    args = parser.parse_args(argv)
+    from checkpoints import SMALL, bench_checkpoint
+
+    from olmo_model.compiler import compile_model
+    from olmo_model.config import OLMoConfig
+
+    args.model = (args.model or bench_checkpoint("small", SMALL)).resolve()
+    config = OLMoConfig.from_file(args.model)
+    compile_model(config, dtype=args.dtype)  # once here, not in every worker at once
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("the layouts split the cores between workers: at least 2 needed")
+    plans = layouts(cpus)
+    work = make_workload(args.workload, args.requests, config.vocab_size,
+                         config.context_window_size, args.seed)
+    results = {"model": str(args.model), "dtype": args.dtype, "cpus": len(cpus),
+               "api": args.api, "workload": args.workload, "seed": args.seed,
+               "prefill_chunk_tokens": args.prefill_chunk_tokens, "layouts": {}}
+    with tempfile.TemporaryDirectory(prefix="goodput-") as logs:
+        for name in args.layouts:
+            results["layouts"][name] = bench_layout(plans[name], args, work, config.vocab_size,
+                                                    Path(logs))
+    fastest = min(layout["unloaded"]["tpot_s"] for layout in results["layouts"].values())
+    slo = Slo(args.ttft_slo, args.tpot_slo or args.tpot_slo_factor * fastest)
+    results["slo"] = dataclasses.asdict(slo)
+    results["goodput"] = {name: goodput(layout["runs"], slo)
+                          for name, layout in results["layouts"].items()}
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
