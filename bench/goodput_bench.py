@@ -12,8 +12,9 @@ Aggregated workers prefill in chunks of --prefill-chunk-tokens between decode st
 (chunked prefill, as vLLM and SGLang run colocated serving).
 
 Requests (token ids, greedy, ignore_eos) come from a seeded workload: `chat` draws prompt
-and output lengths from long-tailed log-normals (prompts of tens to a couple of thousand
-tokens around a median of 384, outputs of 8 to 320 around 64); `P:O` fixes them. They
+and output lengths from long-tailed log-normals (sigma 0.8: prompts of tens to a couple
+of thousand tokens around a median of 384, outputs of 8 to 320 around 64; `chat:P:O` sets
+the medians); `P:O` fixes them. They
 arrive as a Poisson process at each --rates value (`inf`: all at once, a burst), or from
 --concurrency closed-loop clients. Each request's TTFT, TPOT, inter-token gaps and E2E
 are recorded, so bench/goodput_report.py can judge them against any SLO afterwards.
@@ -79,19 +80,23 @@ def layouts(cpus: list[int]) -> dict[str, Layout]:
     }
 
 
-def make_workload(kind: str, count: int, vocab: int, context: int, seed: int
+def make_workload(kind: str, count: int, vocab: int, context: int, seed: int, run: int = 0
                   ) -> list[tuple[list[int], int]]:
-    """(prompt token ids, max_tokens) per request, the same for every layout and rate."""
+    """(prompt token ids, max_tokens) per request. Every layout gets the same requests;
+    each run (rate) the same lengths but other tokens, so that no run finds the last
+    one's prompts in the prefix caches."""
     rng = np.random.default_rng(seed)
-    if kind == "chat":
-        prompts = np.clip(rng.lognormal(np.log(384), 0.8, count), 16, 0.8 * context)
-        outputs = np.clip(rng.lognormal(np.log(64), 0.8, count), 8, 320)
+    tokens = np.random.default_rng([seed, run])
+    if kind.startswith("chat"):
+        prompt, output = (int(n) for n in kind.split(":")[1:]) if ":" in kind else (384, 64)
+        prompts = np.clip(rng.lognormal(np.log(prompt), 0.8, count), 16, 0.8 * context)
+        outputs = np.clip(rng.lognormal(np.log(output), 0.8, count), 8, 5 * output)
     else:
         prompt, output = (int(n) for n in kind.split(":"))
         prompts, outputs = np.full(count, prompt), np.full(count, output)
     work = []
     for p, o in zip(prompts.astype(int), outputs.astype(int)):
-        work.append((rng.integers(1, vocab, int(p)).tolist(), int(min(o, context - p - 1))))
+        work.append((tokens.integers(1, vocab, int(p)).tolist(), int(min(o, context - p - 1))))
     return work
 
 
@@ -256,12 +261,13 @@ def unloaded(target, vocab: int, repeats: int) -> dict:
             "tpot_s": statistics.median(s["tpot"] for s in samples)}
 
 
-def bench_layout(layout: Layout, args, work, vocab: int, log_dir: Path) -> dict:
+def bench_layout(layout: Layout, args, workload, vocab: int, log_dir: Path) -> dict:
+    """``workload(run)``: the requests of warm-up (0) and of each run after it."""
     print(f"\n{layout.name}: {layout.describe()}", flush=True)
     with Deployment(layout, args, log_dir) as deployment:
         target = deployment.target()
         try:
-            for prompt, max_tokens in work[:args.warmup]:
+            for prompt, max_tokens in workload(0)[:args.warmup]:
                 send(target, prompt, max_tokens, args.request_timeout)
             out = {"description": layout.describe(), "aggregated": layout.aggregated,
                    "workers": [dataclasses.asdict(w) for w in layout.workers],
@@ -270,7 +276,8 @@ def bench_layout(layout: Layout, args, work, vocab: int, log_dir: Path) -> dict:
                   f"TPOT {1e3 * out['unloaded']['tpot_s']:.1f} ms", flush=True)
             plan = ([("poisson", r) for r in args.rates]
                     + [("concurrency", c) for c in args.concurrency])
-            for arrival, value in plan:
+            for run, (arrival, value) in enumerate(plan, start=1):
+                work = workload(run)
                 if arrival == "poisson":
                     records, wall = open_loop(target, work, value, args.request_timeout)
                 else:
@@ -317,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[],
                         help="also run with this many closed-loop clients")
     parser.add_argument("--requests", type=int, default=40, help="per rate")
-    parser.add_argument("--workload", default="chat", help="chat, or PROMPT:OUTPUT tokens")
+    parser.add_argument("--workload", default="chat",
+                        help="chat, chat:PROMPT:OUTPUT (medians), or PROMPT:OUTPUT tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-slo", type=float, default=3.0, help="seconds")
     parser.add_argument("--tpot-slo", type=float, default=None,
@@ -344,15 +352,17 @@ def main(argv: list[str] | None = None) -> None:
     if len(cpus) < 2:
         raise SystemExit("the layouts split the cores between workers: at least 2 needed")
     plans = layouts(cpus)
-    work = make_workload(args.workload, args.requests, config.vocab_size,
-                         config.context_window_size, args.seed)
+    def workload(run: int) -> list[tuple[list[int], int]]:
+        return make_workload(args.workload, args.requests, config.vocab_size,
+                             config.context_window_size, args.seed, run)
+
     results = {"model": str(args.model), "dtype": args.dtype, "cpus": len(cpus),
                "api": args.api, "workload": args.workload, "seed": args.seed,
                "prefill_chunk_tokens": args.prefill_chunk_tokens, "layouts": {}}
     with tempfile.TemporaryDirectory(prefix="goodput-") as logs:
         for name in args.layouts:
-            results["layouts"][name] = bench_layout(plans[name], args, work, config.vocab_size,
-                                                    Path(logs))
+            results["layouts"][name] = bench_layout(plans[name], args, workload,
+                                                    config.vocab_size, Path(logs))
     fastest = min(layout["unloaded"]["tpot_s"] for layout in results["layouts"].values())
     slo = Slo(args.ttft_slo, args.tpot_slo or args.tpot_slo_factor * fastest)
     results["slo"] = dataclasses.asdict(slo)
