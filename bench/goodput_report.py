@@ -4,8 +4,8 @@ For each JSON: the unloaded latencies, each layout's figures at every load, and 
 per layout (with disaggregated against the best colocated one), as Markdown; and three
 PNGs: TTFT and TPOT CDFs per layout at one rate, SLO attainment against the rate, and
 goodput bars. ``--update`` writes the Markdown into a file between the markers
-``<!-- goodput:NAME -->`` and ``<!-- /goodput:NAME -->`` (NAME: the JSON's stem), so no
-figure there is typed by hand. The SLO is the run's unless given.
+``<!-- goodput:NAME -->`` and ``<!-- /goodput:NAME -->`` (NAME: the JSON's stem, or
+--name), so no figure there is typed by hand. The SLO is the run's unless given.
 
     python3 bench/goodput_report.py bench/recorded/goodput_small.json [...]
         [--plots docs] [--update docs/benchmarks.md] [--ttft-slo S] [--tpot-slo S]
@@ -159,17 +159,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--update", type=Path, default=None, help="Markdown file to update")
     parser.add_argument("--ttft-slo", type=float, default=None)
     parser.add_argument("--tpot-slo", type=float, default=None)
+    parser.add_argument("--name", default=None,
+                        help="the section and plot name (default: the JSON's stem), to "
+                             "report one run under several SLOs")
     args = parser.parse_args(argv)
+    if args.name and len(args.results) > 1:
+        parser.error("--name names one report")
     for path in args.results:
+        name = args.name or path.stem
         results = json.loads(path.read_text())
         recorded = Slo(**results["slo"])
         slo = Slo(args.ttft_slo or recorded.ttft_s, args.tpot_slo or recorded.tpot_s)
-        plots = plot(results, slo, args.plots / path.stem) if args.plots else []
+        plots = plot(results, slo, args.plots / name) if args.plots else []
         docs = args.update.parent if args.update else None
-        text = markdown(results, slo, path.stem, plots, docs)
-        print(f"## {path.stem}\n\n{text}\n")
+        text = markdown(results, slo, name, plots, docs)
+        print(f"## {name}\n\n{text}\n")
         if args.update:
-            update(args.update, path.stem, text)
+            update(args.update, name, text)
 
 
 if __name__ == "__main__":
