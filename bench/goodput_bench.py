@@ -22,7 +22,7 @@ Goodput is the highest rate up to which every swept rate had at least 90% of its
 meet both the TTFT and the TPOT SLO; the TPOT SLO defaults to --tpot-slo-factor times the
 fastest unloaded decode step (a lone request's TPOT) of any layout.
 
-    python3 bench/goodput_bench.py [--model M] [--dtype float16] [--rates 0.25 0.5 1 2]
+    python3 bench/goodput_bench.py [--model M] [--dtype float16] [--rates 0.5 1 1.5 2 2.5]
         [--requests 40] [--workload chat|P:O] [--ttft-slo 3] [--api grpc|http] [--out F]
 """
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="model folder (default: the hidden-512 8-layer bench checkpoint)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
-    parser.add_argument("--rates", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0],
+    parser.add_argument("--rates", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0, 2.5],
                         help="Poisson arrival rates, requests/s (inf: a burst)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[],
                         help="also run with this many closed-loop clients")
