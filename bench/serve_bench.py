@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from checkpoints import SERVE, bench_checkpoint
 from clients import GrpcTarget, HttpTarget
+from slo import percentiles
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
@@ -33,10 +34,6 @@ from router.service import RouterOptions
 
 PROMPT_LENGTHS = (32, 128, 512)
 OUTPUT_LENGTHS = (16, 64)
-
-
-def percentiles(values: list[float]) -> dict:
-    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}
 
 
 def poisson_run(target, rate: float, count: int, rng, vocab: int, slo: dict) -> dict:

@@ -80,6 +80,24 @@ def five_layer_checkpoint(checkpoint_factory):
     return checkpoint_factory(seed=5, num_hidden_layers=5, num_key_value_heads=2)
 
 
+@pytest.fixture(scope="session")
+def demo_reference():
+    """transformers' OlmoForCausalLM over the built-in demo model's weights."""
+    from olmo_model.demo import DEMO_MODEL_DIR
+
+    return transformers.OlmoForCausalLM.from_pretrained(DEMO_MODEL_DIR).eval()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    """A Generate client of the module's local ``cluster`` fixture."""
+    from router.client import GenerationClient
+
+    c = GenerationClient(cluster.router_address)
+    yield c
+    c.close()
+
+
 def reference_logits(model, tokens: list[int]):
     """All-position logits from transformers, ``[len(tokens), vocab]``."""
     with torch.no_grad():

@@ -9,12 +9,11 @@ import time
 
 import pytest
 from conftest import reference_logits, wait_until_cluster_idle
-from transformers import OlmoForCausalLM
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits
-from router.client import GenerationClient, generate_request
+from router.client import generate_request
 
 CHUNK = 32
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=CHUNK)
@@ -27,18 +26,6 @@ def cluster():
     c = start_local_cluster(DEMO_MODEL_DIR, num_decode=1, aggregated=True, limits=LIMITS)
     yield c
     c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    c = GenerationClient(cluster.router_address)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return OlmoForCausalLM.from_pretrained(DEMO_MODEL_DIR).eval()
 
 
 def hf_greedy(reference, prompt: list[int], n: int) -> list[int]:
@@ -65,7 +52,7 @@ def stream_in_background(client, prompt, max_tokens, arrivals, lock, name):
     return thread, ids
 
 
-def test_running_streams_decode_between_a_long_prompts_chunks(cluster, client, reference):
+def test_running_streams_decode_between_a_long_prompts_chunks(cluster, client, demo_reference):
     arrivals: list[str] = []
     lock = threading.Lock()
     running, running_ids = stream_in_background(client, RUNNING, 120, arrivals, lock, "running")
@@ -77,8 +64,8 @@ def test_running_streams_decode_between_a_long_prompts_chunks(cluster, client, r
     long, long_ids = stream_in_background(client, LONG, 8, arrivals, lock, "long")
     long.join(60)
     running.join(60)
-    assert long_ids == hf_greedy(reference, LONG, 8)
-    assert running_ids == hf_greedy(reference, RUNNING, 120)
+    assert long_ids == hf_greedy(demo_reference, LONG, 8)
+    assert running_ids == hf_greedy(demo_reference, RUNNING, 120)
     # Ten chunks, a decode step after each: the running stream gained about ten tokens
     # before the long prompt's first. Prefilled in one go, it would gain one or two.
     during = arrivals[before:arrivals.index("long")]

@@ -40,13 +40,6 @@ def cluster():
     c.stop()
 
 
-@pytest.fixture(scope="module")
-def client(cluster):
-    c = GenerationClient(cluster.router_address)
-    yield c
-    c.close()
-
-
 def decode_stub(cluster, secret: bool = True) -> worker_pb2_grpc.DecodeWorkerStub:
     address = cluster.router.scheduler.workers("decode")[0].address
     return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret if secret else None))

@@ -11,7 +11,6 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
-from transformers import OlmoForCausalLM
 
 from cluster.local_cluster import start_local_cluster
 from kv_transfer.codec import encode_push
@@ -43,18 +42,6 @@ def aggregated():
 
 
 @pytest.fixture(scope="module")
-def client(cluster):
-    c = GenerationClient(cluster.router_address)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return OlmoForCausalLM.from_pretrained(DEMO_MODEL_DIR).eval()
-
-
-@pytest.fixture(scope="module")
 def decode_stub(cluster):
     address = cluster.router.scheduler.workers("decode")[0].address
     return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret))
@@ -82,14 +69,15 @@ def hf_greedy(reference, prompt_ids: list[int], n: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-def test_disaggregated_greedy_equals_transformers_and_aggregated(client, aggregated, reference):
+def test_disaggregated_greedy_equals_transformers_and_aggregated(client, aggregated,
+                                                                  demo_reference):
     request = generate_request(PROMPT, max_tokens=32, ignore_eos=True)
     ids, text, last = client.complete(request, timeout=60)
     assert last.finish_reason == LENGTH and last.usage.completion_tokens == 32
     tokenizer = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
     encoded = tokenizer.encode(PROMPT).ids
     assert last.usage.prompt_tokens == len(encoded)
-    assert ids == hf_greedy(reference, encoded, 32)
+    assert ids == hf_greedy(demo_reference, encoded, 32)
     assert text == tokenizer.decode(ids)
 
     agg = GenerationClient(aggregated.router_address)
