@@ -48,6 +48,8 @@ import numpy as np
 from clients import GrpcTarget, HttpTarget
 from slo import Slo, goodput, summarize
 
+from olmo_model.quantization import MODEL_DTYPES
+
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = ("disagg", "agg-per-core", "agg-all-cores")
 START_SECONDS = 900  # a worker's first start may compile its model
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None,
                         help="model folder (default: the hidden-512 8-layer bench checkpoint)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--rates", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0, 2.5],
                         help="Poisson arrival rates, requests/s (inf: a burst)")

@@ -24,6 +24,7 @@ from checkpoints import OLMO_1B, SMALL, bench_checkpoint
 from clients import GrpcTarget
 from serve_bench import handoff_since, handoff_totals, start_cluster
 
+from olmo_model.quantization import MODEL_DTYPES
 from pipeline.options import WorkerOptions
 
 # Mode: (aggregated, worker options). Prefix caching off: every repeat computes and
@@ -64,7 +65,7 @@ def main() -> None:
                              "its one output token)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     parser.add_argument("--olmo-1b", action="store_true",
                         help="also the random OLMo-1B-shaped checkpoint (made on first use)")
     parser.add_argument("--in-process", action="store_true",

@@ -1,16 +1,18 @@
 """Compile, prefill and decode timings of the compiled OLMo beside transformers, in one run.
 
-Builds (once, cached) a random OLMo-1B-shaped checkpoint, then measures on it:
-compile time, prefill of 128 and 512 tokens, decode ms/step at batch 1 and 8, the same
-for transformers' OlmoForCausalLM on the CPU, and the machine's memory bandwidth with
-the decode floor it implies (weight bytes / read bandwidth on all CPUs). Prints a table
-and writes JSON. Medians of several runs; the machine is shared, so compare ratios within a run.
+Builds (once, cached) a random OLMo-1B-shaped checkpoint, then measures on it, for each
+``--dtype`` in turn: compile time, prefill of 128 and 512 tokens, decode ms/step at
+batch 1 and 8; the same for transformers' OlmoForCausalLM (float32) on the CPU; and the
+machine's read bandwidth with the decode floor it implies (bytes of the loaded weights /
+what read_bandwidth.py's kernel reads per second on every CPU). Prints a table and
+writes JSON. Medians of several runs; the machine is shared, so compare within a run.
 
-    python3 bench/model_bench.py [--small] [--dtype float16] [--repeats 3]
+    python3 bench/model_bench.py [--small] [--dtype float16 q8f16 q4f16] [--repeats 3]
                                  [--out bench/results/model_bench.json]
 
-``--dtype`` sets the weight dtype of our compiled model (transformers stays float32, the
-reference); the decode floor is computed for the bytes our weights occupy in that dtype.
+``q4f16``/``q8f16`` quantize the weights as they load (README, "Quantized weights");
+with float16 in the same run the table also sets our quantized/float16 decode ratios
+beside llama.cpp's, recorded on this machine (LLAMA_CPP_RECORDED).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 from checkpoints import OLMO_1B, SMALL, make_checkpoint
+from read_bandwidth import kernel_read_bandwidth
+
+from olmo_model.quantization import MODEL_DTYPES
 
 
 def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
@@ -77,14 +82,18 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
         t = time.perf_counter()
         artifact = compile_model(config, dtype=dtype, cache_dir=Path(cache))
         compile_s = time.perf_counter() - t
+        t = time.perf_counter()
         params = load_stage_params(folder, artifact.param_names, artifact.param_shapes,
-                                   artifact.stage, config.tie_word_embeddings, dtype)
+                                   artifact.stage, config.tie_word_embeddings, dtype,
+                                   keep_quantized=False)
+        load_s = time.perf_counter() - t  # reading, and quantizing for q4f16/q8f16
         runner = ModelRunner(artifact, params, CacheLimits(max_num_sequences=8,
                                                            max_total_tokens=8192,
                                                            prefill_chunk_size=1024))
     import tvm
 
-    out = {"compile_s": compile_s, "target": artifact.target, "dtype": dtype,
+    out = {"compile_s": compile_s, "load_s": load_s, "target": artifact.target, "dtype": dtype,
+           "weight_bytes": sum(p.nbytes for p in params),
            "schedule_set": artifact.schedule_set, "tvm_threads": tvm.runtime.num_threads()}
     rng = np.random.default_rng(1)
     for n in prefill_lengths:
@@ -145,8 +154,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                        help="weight dtype of our model (transformers stays float32)")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, nargs="+", default=["float32"],
+                        help="weight dtypes of our model, each measured in this run "
+                             "(transformers stays float32); q4f16/q8f16 quantize the "
+                             "weights as they load")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--checkpoint-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "olmo-bench-checkpoints")
@@ -156,17 +167,25 @@ def main() -> None:
     shape = SMALL if args.small else OLMO_1B
     name = "small" if args.small else "olmo-1b"
     folder = make_checkpoint(args.checkpoint_dir / name, shape)
-    # The checkpoint is float32; our weights take half the bytes in float16.
-    weight_bytes = (folder / "model.safetensors").stat().st_size
-    our_weight_bytes = weight_bytes // 2 if args.dtype == "float16" else weight_bytes
-    bandwidth = memory_bandwidth()
+    weight_bytes = (folder / "model.safetensors").stat().st_size  # float32
+    bandwidth = {**memory_bandwidth(), **kernel_read_bandwidth()}
+    by_dtype = {}
+    for dtype in args.dtype:
+        ours = bench_ours(folder, args.repeats, args.prefill, args.decode_steps, dtype)
+        # What a decode step reads: the parameters as loaded (quantized ones with scales).
+        ours["decode_floor_ms"] = 1000 * ours["weight_bytes"] / (
+            bandwidth["read_kernel_gbps"] * 1e9)
+        ours["decode_b1_weight_gbps"] = ours["weight_bytes"] / ours["decode_b1_ms"] / 1e6
+        by_dtype[dtype] = ours
+    first = by_dtype[args.dtype[0]]
     results = {
-        "shape": name, "weight_bytes": weight_bytes, "dtype": args.dtype,
-        "our_weight_bytes": our_weight_bytes, "bandwidth": bandwidth,
-        "decode_floor_ms": 1000 * our_weight_bytes / (bandwidth["read_all_cpus_gbps"] * 1e9),
-        "ours": bench_ours(folder, args.repeats, args.prefill, args.decode_steps, args.dtype),
+        "shape": name, "weight_bytes": weight_bytes, "dtype": args.dtype[0],
+        "our_weight_bytes": first["weight_bytes"], "bandwidth": bandwidth,
+        "decode_floor_ms": first["decode_floor_ms"], "ours": first, "ours_by_dtype": by_dtype,
+        "tvm_num_threads": first["tvm_threads"],
     }
-    results["tvm_num_threads"] = results["ours"]["tvm_threads"]
+    if name == "olmo-1b":
+        results["llama_cpp_recorded"] = LLAMA_CPP_RECORDED
     if not args.skip_transformers:
         results["transformers"] = bench_transformers(folder, args.repeats, args.prefill,
                                                      args.decode_steps)
@@ -176,29 +195,60 @@ def main() -> None:
     print(f"\nwrote {args.out}")
 
 
+# llama.cpp on this machine (issue 18: 2 threads, an OLMo-1B-shaped random checkpoint
+# converted with llama.cpp's converter, `llama-bench -p 128,512 -n 64 -t 2`), as ms per
+# token for decode and seconds per prompt for prefill. Not re-run here (llama.cpp is not
+# installed); the machine's speed drifts between days, so compare ratios to our own
+# float16 in the same run rather than these absolute figures.
+LLAMA_CPP_RECORDED = {
+    "float32": {"decode_b1_ms": 1000 / 6.9, "prefill_512_s": 512 / 56},
+    "float16": {"decode_b1_ms": 1000 / 14.4, "prefill_512_s": 512 / 83},
+    "q8f16": {"decode_b1_ms": 1000 / 19.1, "prefill_512_s": 512 / 88},  # Q8_0
+    "q4f16": {"decode_b1_ms": 1000 / 39.2, "prefill_512_s": 512 / 123},  # Q4_0
+}
+
+
 def print_table(results: dict, prefill_lengths: list[int]) -> None:
-    ours, ref = results["ours"], results.get("transformers", {})
-    bw = results["bandwidth"]
-    dtype = results.get("dtype", "float32")
-    print(f"\n{results['shape']}: {results['weight_bytes'] / 1e9:.2f} GB fp32 weights "
-          f"(ours in {dtype}: {results.get('our_weight_bytes', results['weight_bytes']) / 1e9:.2f}"
-          f" GB); read {bw['read_gbps']:.1f} GB/s (1 thread), "
-          f"{bw.get('read_all_cpus_gbps', float('nan')):.1f} GB/s ({bw.get('read_threads', '?')} "
-          f"threads), copy {bw['copy_gbps']:.1f} GB/s; "
-          f"decode floor ({dtype}) {results['decode_floor_ms']:.0f} ms/token")
-    print(f"compile: {ours['compile_s']:.1f} s; schedules: {ours.get('schedule_set', '?')}; "
-          f"TVM threads: {ours.get('tvm_threads', '?')}, torch threads: "
+    by_dtype = results.get("ours_by_dtype") or {results.get("dtype", "float32"): results["ours"]}
+    ref, bw = results.get("transformers", {}), results["bandwidth"]
+    print(f"\n{results['shape']}: {results['weight_bytes'] / 1e9:.2f} GB fp32 weights; read "
+          f"{bw['read_gbps']:.1f} GB/s (numpy, 1 thread), "
+          f"{bw.get('read_all_cpus_gbps', float('nan')):.1f} GB/s (numpy, "
+          f"{bw.get('read_threads', '?')} threads), read kernel "
+          f"{bw.get('read_kernel_gbps', float('nan')):.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s")
+    print(f"TVM threads: {results.get('tvm_num_threads', '?')}, torch threads: "
           f"{ref.get('torch_threads', '-')}\n")
-    rows = [(f"prefill {n} tokens (s)", f"prefill_{n}_s") for n in prefill_lengths]
-    rows += [("decode batch 1 (ms/step)", "decode_b1_ms"), ("decode batch 8 (ms/step)",
-                                                             "decode_b8_ms")]
-    print(f"{'metric':<28}{'ours ' + dtype:>14}{'transformers':>14}{'ours/ref':>10}")
-    for label, key in rows:
-        a, b = ours.get(key), ref.get(key)
-        ratio = f"{a / b:.2f}" if a and b else "-"
-        print(f"{label:<28}{a:>14.3f}{(b if b else float('nan')):>14.3f}{ratio:>10}")
-    print(f"{'decode b1 / floor':<28}{ours['decode_b1_ms'] / results['decode_floor_ms']:>14.2f}")
-    print(f"{'decode b8 / b1':<28}{ours['decode_b8_ms'] / ours['decode_b1_ms']:>14.2f}")
+    rows = [("weights (GB)", lambda o: o["weight_bytes"] / 1e9),
+            ("compile (s)", lambda o: o["compile_s"]),
+            ("load + quantize (s)", lambda o: o.get("load_s"))]
+    rows += [(f"prefill {n} tokens (s)", lambda o, n=n: o.get(f"prefill_{n}_s"))
+             for n in prefill_lengths]
+    rows += [("decode batch 1 (ms/step)", lambda o: o["decode_b1_ms"]),
+             ("decode batch 8 (ms/step)", lambda o: o["decode_b8_ms"]),
+             ("decode b1 weight read GB/s", lambda o: o.get("decode_b1_weight_gbps")),
+             ("decode b1 / floor", lambda o: o["decode_b1_ms"] / o["decode_floor_ms"]
+              if o.get("decode_floor_ms") else None),
+             ("decode b8 / b1", lambda o: o["decode_b8_ms"] / o["decode_b1_ms"])]
+    columns = list(by_dtype)
+    print(f"{'metric':<28}" + "".join(f"{'ours ' + d:>15}" for d in columns)
+          + f"{'transformers':>14}")
+    for label, value in rows:
+        cells = [value(by_dtype[d]) for d in columns]
+        key = {"decode batch 1 (ms/step)": "decode_b1_ms", "decode batch 8 (ms/step)":
+               "decode_b8_ms"}.get(label, label.startswith("prefill") and
+                                   f"prefill_{label.split()[1]}_s")
+        theirs = ref.get(key) if key else None
+        print(f"{label:<28}" + "".join(f"{c:>15.3f}" if c is not None else f"{'-':>15}"
+                                       for c in cells)
+              + (f"{theirs:>14.3f}" if theirs else f"{'-':>14}"))
+    llama = results.get("llama_cpp_recorded")
+    if llama and "float16" in by_dtype:
+        print("\nagainst float16 in this run (ours) and llama.cpp's recorded F16 (theirs):")
+        for d in columns:
+            if d in llama and d != "float16":
+                ours = by_dtype[d]["decode_b1_ms"] / by_dtype["float16"]["decode_b1_ms"]
+                theirs = llama[d]["decode_b1_ms"] / llama["float16"]["decode_b1_ms"]
+                print(f"  decode b1 {d} / float16: ours {ours:.2f}, llama.cpp {theirs:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from olmo_model.quantization import MODEL_DTYPES
 from protos.auth import API_KEY_ENV, SECRET_ENV
 
 # Where `olmo-serve up/serve` keep the cluster secret they make, and where `status` and
@@ -22,8 +23,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="folder with config.json, *.safetensors, tokenizer.json "
                              "(default: the built-in tiny demo model)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16"],
-                        help="weights and KV cache dtype (default float32)")
+    parser.add_argument("--dtype", default=None, choices=MODEL_DTYPES,
+                        help="weights and KV cache dtype (default float32); q4f16/q8f16: "
+                             "4-/8-bit group-quantized weights, float16 activations and KV")
     parser.add_argument("--target", default=None,
                         help="llvm (this CPU, the default), cuda or cuda:sm_XX")
     parser.add_argument("--max-sequences", type=int, default=None,

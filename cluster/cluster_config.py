@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from olmo_model.kv_pages import CacheLimits
+from olmo_model.quantization import MODEL_DTYPES
 from pipeline.options import WorkerOptions
 from protos.auth import api_key, cluster_secret, new_secret
 from router.service import RouterOptions
@@ -107,6 +108,9 @@ class ClusterConfig:
         if self.mode not in ("disaggregated", "aggregated"):
             raise ClusterConfigError(f"mode must be 'disaggregated' or 'aggregated', got "
                                      f"{self.mode!r}")
+        if self.dtype not in MODEL_DTYPES:
+            raise ClusterConfigError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got "
+                                     f"{self.dtype!r}")
         if self.on_decode_failure not in ("resume", "fail"):
             raise ClusterConfigError("on_decode_failure must be 'resume' or 'fail'")
         for role in ("prefill", "decode"):

@@ -18,10 +18,13 @@ from typing import Any
 import tvm
 
 from .config import OLMoConfig
+from .quantization import MODEL_DTYPES
+from .quantized_cache import cache_root
 from .stages import StageSpec
 
-SUPPORTED_DTYPES = ("float32", "float16")
-MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py", "cpu_attention.py")
+SUPPORTED_DTYPES = MODEL_DTYPES
+MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py", "cpu_attention.py",
+                 "quantization.py", "quantized_kernels.py", "quantized_layers.py")
 # Our hand-written CPU schedules (cpu_schedules.py), by version: recorded in the cache key
 # and the artifact; bump on any schedule change.
 CPU_SCHEDULE_SET = "olmo-cpu-v3"
@@ -56,8 +59,7 @@ class CompiledModel:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("OLMO_CACHE_DIR") or Path.home() / ".cache" / "olmo-serve"
-    return Path(root) / "compiled"
+    return cache_root() / "compiled"
 
 
 def target_description(target: str | dict[str, Any] = "llvm") -> dict[str, Any]:

@@ -28,6 +28,9 @@ from .artifact import (
 from .config import OLMoConfig
 from .cpu_schedules import cpu_pipeline
 from .model import OLMoForCausalLM
+from .quantization import activation_dtype, weight_format
+from .quantized_kernels import has_integer_dot_kernels
+from .quantized_layers import Quantization
 from .stages import StageSpec
 from .threads import use_every_cpu
 
@@ -92,8 +95,10 @@ def compile_model(
     log(f"compiling OLMo layers [{stage.layer_begin}, {stage.layer_end}) for "
         f"{tvm_target.kind.name} ({dtype}) ...")
     start = time.perf_counter()
-    model = OLMoForCausalLM(config, stage)
-    model.to(dtype)
+    fmt = weight_format(dtype)
+    quant = Quantization(fmt, has_integer_dot_kernels(tvm_target)) if fmt else None
+    model = OLMoForCausalLM(config, stage, quant)
+    model.to(activation_dtype(dtype))
     model.target = tvm_target
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     recipe = kv_cache_recipe(mod["create_paged_kv_cache"])

@@ -16,6 +16,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from . import quantized_cache
+from .quantization import activation_dtype, quantize, weight_format
 from .stages import StageSpec
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,8 +37,14 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded, with what to do about it."""
 
 
+# A quantized layer's stored weights and scales both come from its float weight.
+_QUANTIZED = (".q_weight", ".q_scale")
+
+
 def hf_sources(param_name: str, stage: StageSpec, tied: bool) -> list[str]:
     """The Hugging Face tensors (concatenated on axis 0) that make one of our parameters."""
+    if param_name.endswith(_QUANTIZED):
+        param_name = param_name.rsplit(".", 1)[0] + ".weight"
     match = _LAYER.match(param_name)
     if match:
         layer = stage.layer_begin + int(match.group(1))
@@ -100,21 +108,51 @@ class SafetensorsCheckpoint:
 
 def load_stage_params(folder: str | Path, param_names: Sequence[str],
                       param_shapes: Sequence[Sequence[int]], stage: StageSpec, tied: bool,
-                      dtype: str) -> list[np.ndarray]:
-    """Read, fuse, check and cast every parameter of one stage, in the module's order."""
+                      dtype: str, keep_quantized: bool = True) -> list[np.ndarray]:
+    """Read, fuse, check and cast (or quantize) every parameter of one stage, in the
+    module's order. Quantized parameters are kept on disk (quantized_cache.py) and read
+    back from there next time, unless ``keep_quantized`` is False."""
     checkpoint = SafetensorsCheckpoint(folder)
+    fmt, float_dtype = weight_format(dtype), activation_dtype(dtype)
+    keep_quantized = keep_quantized and fmt is not None
+    if keep_quantized:
+        entry = quantized_cache.entry_folder(
+            list(checkpoint.files.values()), param_names, param_shapes,
+            (stage.layer_begin, stage.layer_end), tied, dtype)
+        cached = quantized_cache.load(entry, len(param_names))
+        if cached is not None and all(tuple(p.shape) == tuple(s)
+                                      for p, s in zip(cached, param_shapes)):
+            return cached
+    quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (weights, scales)
     params = []
     for name, shape in zip(param_names, param_shapes):
-        parts = [checkpoint.read(source) for source in hf_sources(name, stage, tied)]
-        tensor = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        layer, _, kind = name.rpartition(".")
+        if fmt is not None and name.endswith(_QUANTIZED):
+            if layer not in quantized:
+                dense = _read_fused(checkpoint, name, stage, tied)
+                try:
+                    quantized[layer] = quantize(dense, fmt)
+                except ValueError as e:
+                    raise CheckpointError(f"cannot quantize {layer}: {e}") from e
+            tensor = quantized[layer][0 if kind == "q_weight" else 1]
+        else:
+            tensor = _read_fused(checkpoint, name, stage, tied).astype(float_dtype, copy=False)
         if tuple(tensor.shape) != tuple(shape):
             sources = " + ".join(hf_sources(name, stage, tied))
             raise CheckpointError(
                 f"tensor {sources} has shape {list(tensor.shape)}, but the config implies "
                 f"{list(shape)} for {name}; does config.json match the weights?"
             )
-        params.append(np.ascontiguousarray(tensor.astype(dtype, copy=False)))
+        params.append(np.ascontiguousarray(tensor))
+    if keep_quantized:
+        quantized_cache.store(entry, params)
     return params
+
+
+def _read_fused(checkpoint: SafetensorsCheckpoint, name: str, stage: StageSpec,
+                tied: bool) -> np.ndarray:
+    parts = [checkpoint.read(source) for source in hf_sources(name, stage, tied)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def _read_bfloat16(path: Path, name: str) -> np.ndarray:

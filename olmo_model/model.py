@@ -3,7 +3,8 @@
 One ``OLMoForCausalLM`` is one compiled module. With a full-model ``StageSpec`` it has
 the whole function suite; a pipeline stage owns a layer range, its own KV cache over
 those layers, the embedding only when it is the first stage, and the final norm and LM
-head only when it is the last.
+head only when it is the last. Given a ``Quantization`` (q4f16, q8f16), every linear
+layer and the embedding hold group-quantized weights instead (quantized_layers.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from .config import OLMoConfig
+from .quantized_layers import Quantization, QuantizedEmbedding, QuantizedLinear
 from .stages import StageSpec
 
 LAYER_NORM_EPS = 1e-5
@@ -44,6 +46,13 @@ def _layer_norm(x: Tensor) -> Tensor:
     return y.astype(dtype) if dtype != "float32" else y
 
 
+def _linear(in_features: int, out_features: int, quant: Quantization | None,
+            bias: bool = False) -> nn.Module:
+    if quant is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return QuantizedLinear(in_features, out_features, quant, bias=bias)
+
+
 class OLMoEmbedding(nn.Embedding):
     """Token embedding that can also act as the tied LM head."""
 
@@ -54,19 +63,19 @@ class OLMoEmbedding(nn.Embedding):
 class OLMoAttention(nn.Module):
     """Fused-QKV GQA attention through the paged KV cache, with OLMo's optional clamp."""
 
-    def __init__(self, config: OLMoConfig):
+    def __init__(self, config: OLMoConfig, quant: Quantization | None):
         self.head_dim = config.head_dim
         self.num_q_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.clip_qkv = config.clip_qkv
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = _linear(
             config.hidden_size,
             (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim,
+            quant,
             bias=config.attention_bias,
         )
-        self.o_proj = nn.Linear(
-            self.num_q_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
-        )
+        self.o_proj = _linear(self.num_q_heads * self.head_dim, config.hidden_size, quant,
+                              bias=config.attention_bias)
 
     def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int):
         d, h_q, h_kv = self.head_dim, self.num_q_heads, self.num_kv_heads
@@ -82,11 +91,11 @@ class OLMoAttention(nn.Module):
 class OLMoFFN(nn.Module):
     """Gated feed-forward with fused gate/up projection and a configurable activation."""
 
-    def __init__(self, config: OLMoConfig):
+    def __init__(self, config: OLMoConfig, quant: Quantization | None):
         self.intermediate_size = config.intermediate_size
         self.activation = config.activation
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = _linear(config.hidden_size, 2 * config.intermediate_size, quant)
+        self.down_proj = _linear(config.intermediate_size, config.hidden_size, quant)
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
@@ -97,9 +106,9 @@ class OLMoFFN(nn.Module):
 class OLMoDecoderLayer(nn.Module):
     """Pre-norm transformer block with non-affine LayerNorms."""
 
-    def __init__(self, config: OLMoConfig):
-        self.self_attn = OLMoAttention(config)
-        self.mlp = OLMoFFN(config)
+    def __init__(self, config: OLMoConfig, quant: Quantization | None):
+        self.self_attn = OLMoAttention(config, quant)
+        self.mlp = OLMoFFN(config, quant)
 
     def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int):
         hidden_states = hidden_states + self.self_attn(
@@ -111,11 +120,13 @@ class OLMoDecoderLayer(nn.Module):
 class OLMoModel(nn.Module):
     """Embedding (first stage), this stage's decoder layers, final norm (last stage)."""
 
-    def __init__(self, config: OLMoConfig, stage: StageSpec):
+    def __init__(self, config: OLMoConfig, stage: StageSpec, quant: Quantization | None):
         self.stage = stage
         if stage.is_first or (stage.is_last and config.tie_word_embeddings):
-            self.embed_tokens = OLMoEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([OLMoDecoderLayer(config) for _ in stage.layers])
+            self.embed_tokens = (
+                OLMoEmbedding(config.vocab_size, config.hidden_size) if quant is None
+                else QuantizedEmbedding(config.vocab_size, config.hidden_size, quant))
+        self.layers = nn.ModuleList([OLMoDecoderLayer(config, quant) for _ in stage.layers])
 
     def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
         # The stage-local cache numbers its layers from 0.
@@ -129,12 +140,16 @@ class OLMoModel(nn.Module):
 class OLMoForCausalLM(nn.Module):
     """The compiled surface: embed, forward passes over the paged KV cache, logits."""
 
-    def __init__(self, config: OLMoConfig, stage: StageSpec | None = None):
+    def __init__(self, config: OLMoConfig, stage: StageSpec | None = None,
+                 quant: Quantization | None = None):
         self.config = config
         self.stage = stage or StageSpec.full(config.num_hidden_layers)
-        self.model = OLMoModel(config, self.stage)
+        self.model = OLMoModel(config, self.stage, quant)
         if self.stage.is_last and not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = (
+                nn.Linear(config.hidden_size, config.vocab_size, bias=False) if quant is None
+                else QuantizedLinear(config.hidden_size, config.vocab_size, quant,
+                                     out_dtype="float32"))
         self.dtype = "float32"
         self.target: Target | None = None
 

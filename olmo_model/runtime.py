@@ -19,6 +19,7 @@ from .artifact import CompiledModel, load_or_compile
 from .config import OLMoConfig
 from .kv_pages import CacheLimits, KVSnapshot, PagedKVCache
 from .loader import load_stage_params
+from .quantization import activation_dtype
 from .stages import StageSpec
 from .threads import use_every_cpu
 
@@ -87,7 +88,8 @@ class ModelRunner:
         self.artifact = artifact
         self.config: OLMoConfig = artifact.config
         self.stage: StageSpec = artifact.stage
-        self.dtype = artifact.dtype
+        # Hidden states and the KV cache: float16 for quantized weights.
+        self.dtype = activation_dtype(artifact.dtype)
         self.device = tvm.device(device)
         self.limits = limits or CacheLimits.for_model(self.config)
         use_every_cpu()  # before the first kernel runs: TVM sizes its thread pool then

@@ -98,6 +98,18 @@ def client(cluster):
     c.close()
 
 
+def greedy_outputs(cluster, prompts: list, max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy completion (eos ignored) through a local cluster's router."""
+    from router.client import GenerationClient, generate_request
+
+    client = GenerationClient(cluster.router_address)
+    try:
+        return [client.complete(generate_request(p, max_tokens=max_tokens, ignore_eos=True),
+                                timeout=60)[0] for p in prompts]
+    finally:
+        client.close()
+
+
 def reference_logits(model, tokens: list[int]):
     """All-position logits from transformers, ``[len(tokens), vocab]``."""
     with torch.no_grad():

@@ -12,9 +12,12 @@ from olmo_model.config import OLMoConfig
 
 @pytest.mark.skipif(shutil.which("nvcc") is None,
                     reason="nvcc (the CUDA toolkit) is not installed, so CUDA code cannot be built")
-def test_cuda_sm90_library_builds(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("dtype", ["float32", "q4f16"])
+def test_cuda_sm90_library_builds(tmp_path, tiny_checkpoint, dtype):
+    # q4f16 on CUDA: TVM's own schedules over the dequantize + matmul (no AVX2 kernels).
     folder, _ = tiny_checkpoint
-    artifact = compile_model(OLMoConfig.from_file(folder), target="cuda", cache_dir=tmp_path)
+    artifact = compile_model(OLMoConfig.from_file(folder), dtype=dtype, target="cuda",
+                             cache_dir=tmp_path)
     assert artifact.library_path.stat().st_size > 0
     assert artifact.target_kind == "cuda"
     kernels = {item["kernel"] for item in artifact.kv_cache_recipe

@@ -15,7 +15,7 @@ import tempfile
 import grpc
 import numpy as np
 import pytest
-from conftest import wait_until_cluster_idle
+from conftest import greedy_outputs, wait_until_cluster_idle
 
 from cluster.local_cluster import start_local_cluster
 from kv_transfer.buffers import Buffer, BufferPool
@@ -27,20 +27,10 @@ from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from pipeline.options import WorkerOptions
 from protos import worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
-from router.client import GenerationClient, generate_request
 from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
 PROMPTS = [list(range(3, 60)), list(range(100, 400, 3)), [7] * 90]
-
-
-def greedy_outputs(cluster) -> list[list[int]]:
-    client = GenerationClient(cluster.router_address)
-    try:
-        return [client.complete(generate_request(p, max_tokens=12, ignore_eos=True),
-                                timeout=60)[0] for p in PROMPTS]
-    finally:
-        client.close()
 
 
 def leader_stats(servicers) -> list[worker_pb2.WorkerStats]:
@@ -54,7 +44,7 @@ def inline_outputs():
                                   worker_options=WorkerOptions(prefix_cache=False,
                                                                kv_shared_memory=False))
     try:
-        outputs = greedy_outputs(cluster)
+        outputs = greedy_outputs(cluster, PROMPTS, 12)
         for stats in leader_stats(cluster.prefill + cluster.decode):
             assert stats.shared_memory_pushes == 0 and list(stats.transports) == ["grpc"]
         return outputs
@@ -70,7 +60,7 @@ def test_shared_memory_pushes_give_the_inline_output(inline_outputs, prefill_sta
                                   options=RouterOptions(local_prefill_below=0),
                                   worker_options=WorkerOptions(prefix_cache=False))
     try:
-        assert greedy_outputs(cluster) == inline_outputs
+        assert greedy_outputs(cluster, PROMPTS, 12) == inline_outputs
         # A sender learns its receiver's host from the first answer: the first push to
         # each decode stage goes inline, the later ones name shared memory.
         sent = leader_stats(cluster.prefill)

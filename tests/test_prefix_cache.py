@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import reference_logits, wait_until_cluster_idle
+from conftest import greedy_outputs, reference_logits, wait_until_cluster_idle
 
 from cluster.local_cluster import start_local_cluster
 from kv_transfer.codec import encode_push
@@ -64,12 +64,7 @@ def expected(model):
 
 
 def serve(cluster, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
-    client = GenerationClient(cluster.router_address)
-    try:
-        return [client.complete(generate_request(p, max_tokens=n, ignore_eos=True),
-                                timeout=60)[0] for p in prompts]
-    finally:
-        client.close()
+    return greedy_outputs(cluster, prompts, n)
 
 
 def serve_concurrently(cluster, prompts: list[list[int]], n: int = NEW_TOKENS
