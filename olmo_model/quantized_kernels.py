@@ -158,7 +158,7 @@ def quantized_matmul(fmt: WeightFormat, n: int, k: int, in_dtype: str, out_dtype
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, weight: T.Buffer(weight_shape, fmt.storage),
-                       scale: T.Buffer(fmt.scale_shape(n, k), "float16"), var_y: T.handle):
+               scale: T.Buffer(fmt.scale_shape(n, k), "float16"), var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), in_dtype)
@@ -166,7 +166,8 @@ def quantized_matmul(fmt: WeightFormat, n: int, k: int, in_dtype: str, out_dtype
         xq = T.alloc_buffer((m, k), "int8")
         xs = T.alloc_buffer((m, groups), "float32")
         # 4-bit weights are stored as q + 8 (unsigned, as vpmaddubsw wants): a group's
-        # sums carry 8 x (the sum of its activations) per unit of scale too much.
+        # sums carry 8 x (the sum of its activations) per unit of scale too much
+        # (8-bit weights are signed: nothing to take off).
         excess = T.alloc_buffer((m, groups), "float32")
         # Activations to int8, one scale per group of 32. (In a parallel loop, even for
         # one row: a serial prologue before the parallel part cost whole milliseconds.)
