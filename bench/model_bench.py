@@ -218,26 +218,23 @@ def print_table(results: dict, prefill_lengths: list[int]) -> None:
           f"{bw.get('read_kernel_gbps', float('nan')):.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s")
     print(f"TVM threads: {results.get('tvm_num_threads', '?')}, torch threads: "
           f"{ref.get('torch_threads', '-')}\n")
+    # A row is a key of the results (ours and transformers' alike, where they have it) or
+    # a figure derived from ours.
     rows = [("weights (GB)", lambda o: o["weight_bytes"] / 1e9),
-            ("compile (s)", lambda o: o["compile_s"]),
-            ("load + quantize (s)", lambda o: o.get("load_s"))]
-    rows += [(f"prefill {n} tokens (s)", lambda o, n=n: o.get(f"prefill_{n}_s"))
-             for n in prefill_lengths]
-    rows += [("decode batch 1 (ms/step)", lambda o: o["decode_b1_ms"]),
-             ("decode batch 8 (ms/step)", lambda o: o["decode_b8_ms"]),
-             ("decode b1 weight read GB/s", lambda o: o.get("decode_b1_weight_gbps")),
-             ("decode b1 / floor", lambda o: o["decode_b1_ms"] / o["decode_floor_ms"]
-              if o.get("decode_floor_ms") else None),
+            ("compile (s)", "compile_s"), ("load + quantize (s)", "load_s")]
+    rows += [(f"prefill {n} tokens (s)", f"prefill_{n}_s") for n in prefill_lengths]
+    rows += [("decode batch 1 (ms/step)", "decode_b1_ms"),
+             ("decode batch 8 (ms/step)", "decode_b8_ms"),
+             ("decode b1 weight read GB/s", "decode_b1_weight_gbps"),
+             ("decode b1 / floor", lambda o: o["decode_b1_ms"] / o["decode_floor_ms"]),
              ("decode b8 / b1", lambda o: o["decode_b8_ms"] / o["decode_b1_ms"])]
     columns = list(by_dtype)
     print(f"{'metric':<28}" + "".join(f"{'ours ' + d:>15}" for d in columns)
           + f"{'transformers':>14}")
     for label, value in rows:
-        cells = [value(by_dtype[d]) for d in columns]
-        key = {"decode batch 1 (ms/step)": "decode_b1_ms", "decode batch 8 (ms/step)":
-               "decode_b8_ms"}.get(label, label.startswith("prefill") and
-                                   f"prefill_{label.split()[1]}_s")
-        theirs = ref.get(key) if key else None
+        keyed = isinstance(value, str)
+        cells = [by_dtype[d].get(value) if keyed else value(by_dtype[d]) for d in columns]
+        theirs = ref.get(value) if keyed else None
         print(f"{label:<28}" + "".join(f"{c:>15.3f}" if c is not None else f"{'-':>15}"
                                        for c in cells)
               + (f"{theirs:>14.3f}" if theirs else f"{'-':>14}"))

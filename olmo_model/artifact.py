@@ -18,11 +18,9 @@ from typing import Any
 import tvm
 
 from .config import OLMoConfig
-from .quantization import MODEL_DTYPES
 from .quantized_cache import cache_root
 from .stages import StageSpec
 
-SUPPORTED_DTYPES = MODEL_DTYPES
 MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py", "cpu_attention.py",
                  "quantization.py", "quantized_kernels.py", "quantized_layers.py")
 # Our hand-written CPU schedules (cpu_schedules.py), by version: recorded in the cache key

@@ -17,7 +17,6 @@ import tvm
 from tvm import relax
 
 from .artifact import (
-    SUPPORTED_DTYPES,
     CompiledModel,
     artifact,
     artifact_folder,
@@ -28,7 +27,7 @@ from .artifact import (
 from .config import OLMoConfig
 from .cpu_schedules import cpu_pipeline
 from .model import OLMoForCausalLM
-from .quantization import activation_dtype, weight_format
+from .quantization import MODEL_DTYPES, activation_dtype, weight_format
 from .quantized_kernels import has_integer_dot_kernels
 from .quantized_layers import Quantization
 from .stages import StageSpec
@@ -79,8 +78,8 @@ def compile_model(
     log: Any = None,
 ) -> CompiledModel:
     """Compile (or load from the disk cache) one stage of the model."""
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {SUPPORTED_DTYPES}")
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {MODEL_DTYPES}")
     stage = stage or StageSpec.full(config.num_hidden_layers)
     description = target_description(target)
     tvm_target = tvm.target.Target(description)

@@ -60,10 +60,6 @@ class WeightFormat:
                 f"and its input size a multiple of {self.group_size}; it is "
                 f"[{out_features}, {in_features}]")
 
-    @property
-    def bits_per_weight(self) -> float:
-        return self.bits + 16 / self.group_size
-
 
 FORMATS = {
     "q4f16": WeightFormat("q4f16", bits=4, storage="uint8"),

@@ -25,10 +25,6 @@ class Quantization:
     fmt: WeightFormat
     integer_dot: bool
 
-    @property
-    def activation_dtype(self) -> str:
-        return self.fmt.activation_dtype
-
 
 class _QuantizedWeight(nn.Module):
     """A quantized ``[out_features, in_features]`` weight and the two ways to multiply by it."""
@@ -71,7 +67,7 @@ class QuantizedLinear(_QuantizedWeight):
                  bias: bool = False, out_dtype: str | None = None):
         super().__init__(out_features, in_features, quant, "a linear layer")
         self.out_dtype = out_dtype
-        self.bias = nn.Parameter((out_features,), quant.activation_dtype) if bias else None
+        self.bias = nn.Parameter((out_features,), quant.fmt.activation_dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.matmul(x, self.out_dtype or x.dtype)
@@ -86,7 +82,7 @@ class QuantizedEmbedding(_QuantizedWeight):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return op.tensor_expr_op(
-            kernels.embedding(self.quant.fmt, self.in_features, self.quant.activation_dtype),
+            kernels.embedding(self.quant.fmt, self.in_features, self.quant.fmt.activation_dtype),
             "dequantize_take", [self.q_weight, self.q_scale, input_ids])
 
     def lm_head_forward(self, x: Tensor) -> Tensor:
