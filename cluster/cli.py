@@ -41,6 +41,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kv-shared-memory", dest="kv_shared_memory", action="store_false",
                         default=None, help="send every KV push inline over gRPC, also between "
                                            "workers on one host")
+    parser.add_argument("--no-kv-streaming", dest="kv_streaming", action="store_false",
+                        default=None, help="push a prompt's K/V after its last prefill chunk "
+                                           "instead of each chunk's as it is computed")
 
 
 def _routing_flags(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +87,8 @@ def _model_overrides(args: argparse.Namespace) -> dict:
     given = {"model": args.model, "dtype": args.dtype, "target": args.target,
              "max_sequences": args.max_sequences, "max_total_tokens": args.max_total_tokens,
              "prefill_chunk_tokens": args.prefill_chunk_tokens,
-             "prefix_cache": args.prefix_cache, "kv_shared_memory": args.kv_shared_memory}
+             "prefix_cache": args.prefix_cache, "kv_shared_memory": args.kv_shared_memory,
+             "kv_streaming": args.kv_streaming}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -79,6 +79,9 @@ class ClusterConfig:
     prefix_cache: bool = True
     # K/V pushes between workers on one host go through shared memory, not the stream.
     kv_shared_memory: bool = True
+    # A prompt longer than prefill_chunk_tokens has each chunk's K/V pushed while the
+    # next chunk computes (off: all of it after the last chunk).
+    kv_streaming: bool = True
     kv_weight: float | None = None
     local_prefill_below_tokens: int | None = None
     # What happens to a request whose decode worker dies mid-stream.
@@ -187,7 +190,8 @@ class ClusterConfig:
         limits = CacheLimits.sized(self.max_sequences, self.max_total_tokens,
                                    self.prefill_chunk_tokens)
         return WorkerSpec.of(self.model, self.dtype, self.target, limits,
-                             WorkerOptions(self.prefix_cache, self.kv_shared_memory))
+                             WorkerOptions(self.prefix_cache, self.kv_shared_memory,
+                                           self.kv_streaming))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ClusterConfig:

@@ -1,9 +1,14 @@
-"""One decode stage's KV receiver: pushes assembled, verified, and kept until installed.
+"""One decode stage's KV receiver: pieces assembled, verified, and kept until installed.
 
-A request's K/V may reach a stage in several pushes (the prefill instance's stages need
-not line up with ours). It is ready when its parts cover every layer of the stage
-exactly once and, on the stage that owns the LM head, the last hidden state has come.
-Nothing of a push that fails any check is kept.
+A request's K/V reaches a stage in pieces: each push carries a range of layers (the
+prefill instance's stages need not line up with ours) and a range of the reserved
+tokens (a prefill worker sends each chunk's K/V while it computes the next). Every piece
+is written straight into the request's assembly, one buffer the shape of all its K/V on
+this stage, and counts only once its push has been verified whole. The request is ready
+when verified pieces cover every layer and token exactly once and, on the stage that owns
+the LM head, the last hidden state has come. Nothing of a push that fails any check
+counts. A piece from a later try of the prefill leg starts the assembly over; one from an
+earlier try is refused.
 """
 
 from __future__ import annotations
@@ -25,23 +30,46 @@ from protos.errors import ServingError
 
 
 @dataclasses.dataclass
+class Assembly:
+    """Where one try's pieces of a request land: keys and values shaped [stage layers,
+    reserved tokens, kv_heads, head_dim] in ``buffer``, which pieces still being written
+    (``writers``) keep from reuse."""
+
+    buffer: Buffer
+    keys: np.ndarray
+    values: np.ndarray
+    filled: np.ndarray   # bool [layers, tokens]: verified
+    claimed: np.ndarray  # bool [layers, tokens]: a push is writing there
+    writers: int = 0
+    retired: bool = False  # no longer wanted: the buffer goes back once no one writes
+
+
+@dataclasses.dataclass
 class PendingKV:
     """A request's K/V as it arrives at this stage."""
 
     prompt_tokens: int      # the tokens pushes carry: the prompt's from token_begin on
     token_begin: int = 0    # the prompt's first tokens before it are in the cache already
-    parts: dict[int, KVSnapshot] = dataclasses.field(default_factory=dict)  # by layer_begin
+    layer_begin: int = 0    # the stage's layers
+    layer_end: int = 0
+    attempt: int = 0        # the prefill leg's try that the assembly holds
+    assembly: Assembly | None = None
     hidden: np.ndarray | None = None
-    buffers: list[Buffer] = dataclasses.field(default_factory=list)  # the parts live there
 
     def snapshot(self) -> KVSnapshot:
-        """The parts joined into one snapshot of the stage's layers."""
-        ordered = [self.parts[k] for k in sorted(self.parts)]
-        if len(ordered) == 1:
-            return ordered[0]
-        return KVSnapshot(ordered[0].layer_begin, ordered[-1].layer_end,
-                          np.concatenate([p.keys for p in ordered]),
-                          np.concatenate([p.values for p in ordered]), self.token_begin)
+        """All of the stage's layers (the request must be complete)."""
+        return KVSnapshot(self.layer_begin, self.layer_end, self.assembly.keys,
+                          self.assembly.values, self.token_begin)
+
+
+@dataclasses.dataclass
+class Piece:
+    """The part of a request's assembly one push writes: local layers and tokens."""
+
+    request_id: str
+    assembly: Assembly | None  # None once it counts
+    layers: slice
+    tokens: slice
 
 
 class KVReceiver:
@@ -59,33 +87,43 @@ class KVReceiver:
         self.assemble_seconds = 0.0  # handling chunks as they arrive (not waiting for them)
         self.shared_pushes = 0  # of the pushes taken, those read from shared memory
         self.shared_bytes = 0
-        self.buffers = BufferPool()  # pushes are assembled here, until installed
+        self.buffers = BufferPool()  # assemblies, until installed
 
     def expect(self, request_id: str, prompt_tokens: int, token_begin: int = 0) -> None:
         with self._lock:
-            self._pending[request_id] = PendingKV(prompt_tokens, token_begin)
+            self._retire(self._pending.pop(request_id, None))
+            self._pending[request_id] = PendingKV(prompt_tokens, token_begin,
+                                                  self.spec.layer_begin, self.spec.layer_end)
 
     def receive(self, chunks: Iterable[worker_pb2.KVChunk]) -> int:
-        """Take one push: assemble and verify it, keep it for its request; returns its bytes.
+        """Take one push: assemble and verify it into its request; returns its bytes.
 
-        Raises ServingError (and keeps nothing) when any check fails; the reservation
-        stays open until its lease ends, so that the prefill leg can be retried.
+        Raises ServingError (and counts nothing of it) when any check fails; the
+        reservation stays open until its lease ends, so that the prefill leg can be
+        retried.
         """
-        # The header is checked against the reservation before anything is allocated.
-        assembler = KVAssembler(self.layout, accepts_hidden=self.spec.is_last,
-                                admit=self._check, accepts_shared=self.accepts_shared,
-                                buffers=self.buffers)
+        pieces: list[Piece] = []  # the one this push claims, once its header is checked
+
+        def admit(header: worker_pb2.KVHeader) -> tuple[np.ndarray, np.ndarray]:
+            pieces.append(self._claim(header))
+            piece = pieces[0]
+            return (piece.assembly.keys[piece.layers, piece.tokens],
+                    piece.assembly.values[piece.layers, piece.tokens])
+
+        assembler = KVAssembler(self.layout, accepts_hidden=self.spec.is_last, admit=admit,
+                                accepts_shared=self.accepts_shared)
         busy = 0.0
         try:
             for chunk in chunks:
                 start = time.perf_counter()
                 assembler.add(chunk)
                 busy += time.perf_counter() - start
-            self._keep(assembler.request_id, assembler.snapshot(), assembler.hidden,
-                       assembler.buffer)
-        except BaseException as exc:  # a refusal, or the stream broke: keep nothing
-            if assembler.buffer is not None:
-                self.buffers.give(assembler.buffer)
+            assembler.snapshot()  # raises unless the push was whole and intact
+            if pieces:
+                self._commit(pieces[0], assembler.hidden)
+        except BaseException as exc:  # a refusal, or the stream broke: nothing counts
+            if pieces:
+                self._unclaim(pieces[0])
             if isinstance(exc, ServingError):
                 with self._lock:
                     self.pushes_refused += 1
@@ -93,6 +131,7 @@ class KVReceiver:
         with self._lock:
             self.pushes += 1
             self.assemble_seconds += busy
+            self.bytes_received += assembler.bytes_received
             if assembler.shared:
                 self.shared_pushes += 1
                 self.shared_bytes += assembler.bytes_received
@@ -112,68 +151,118 @@ class KVReceiver:
             return self._pending.pop(request_id)
 
     def recycle(self, pending: PendingKV) -> None:
-        """Its K/V is installed (or no longer wanted): its buffers serve the next pushes."""
-        for buffer in pending.buffers:
-            self.buffers.give(buffer)
-        pending.buffers.clear()
+        """Its K/V is installed (or no longer wanted): its buffer serves the next pushes."""
+        with self._lock:
+            self._retire(pending)
 
     def drop(self, request_ids: Iterable[str]) -> None:
         with self._lock:
-            dropped = [self._pending.pop(r, None) for r in request_ids]
-        for pending in dropped:
-            if pending is not None:
-                self.recycle(pending)
+            for request_id in request_ids:
+                self._retire(self._pending.pop(request_id, None))
 
     def clear(self) -> None:
         with self._lock:
-            dropped, self._pending = list(self._pending.values()), {}
-        for pending in dropped:
-            self.recycle(pending)
+            for pending in self._pending.values():
+                self._retire(pending)
+            self._pending = {}
 
     def waiting(self) -> int:
         with self._lock:
             return len(self._pending)
 
-    def _check(self, request_id: str, token_begin: int, num_tokens: int) -> None:
-        with self._lock:
-            pending = self._pending.get(request_id)
-        if pending is None:
-            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"no open reservation for request {request_id!r} on this stage")
-        if (token_begin, num_tokens) != (pending.token_begin, pending.prompt_tokens):
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"push carries {num_tokens} tokens from position {token_begin} "
-                               f"but {pending.prompt_tokens} from {pending.token_begin} were "
-                               "reserved")
+    # --- pieces -----------------------------------------------------------------------
 
-    def _keep(self, request_id: str, snapshot: KVSnapshot, hidden: np.ndarray | None,
-              buffer: Buffer | None) -> None:
-        self._check(request_id, snapshot.token_begin, snapshot.num_tokens)
+    def _claim(self, header: worker_pb2.KVHeader) -> Piece:
+        """Check a push's header against its request; the part of the assembly it may
+        write (allocated with the request's first piece). Raises ServingError."""
+        request_id = header.request_id
+        begin, count = header.token_begin, header.num_tokens
         with self._lock:
             pending = self._pending.get(request_id)
-            if pending is None:  # dropped while the push streamed in
+            if pending is None:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"request {request_id!r} was released during its push")
-            if any(_overlaps(snapshot, part) for part in pending.parts.values()):
+                                   f"no open reservation for request {request_id!r} on this stage")
+            reserved_end = pending.token_begin + pending.prompt_tokens
+            if not pending.token_begin <= begin < begin + count <= reserved_end:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"push carries {count} tokens from position {begin} but "
+                                   f"{pending.prompt_tokens} from {pending.token_begin} were "
+                                   "reserved")
+            if header.attempt < pending.attempt:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"layers [{snapshot.layer_begin}, {snapshot.layer_end}) of "
-                                   f"{request_id!r} arrived twice")
+                                   f"push for {request_id!r} is from prefill try "
+                                   f"{header.attempt}; try {pending.attempt} replaced it")
+            if header.attempt > pending.attempt:  # a retry: what the last try sent is void
+                self._retire(pending)
+                pending.attempt, pending.hidden = header.attempt, None
+            if pending.assembly is None:
+                pending.assembly = self._assemble(pending)
+            assembly = pending.assembly
+            layers = slice(header.layout.layer_begin - self.spec.layer_begin,
+                           header.layout.layer_end - self.spec.layer_begin)
+            tokens = slice(begin - pending.token_begin, begin - pending.token_begin + count)
+            region = (layers, tokens)
+            if assembly.filled[region].any() or assembly.claimed[region].any():
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"layers [{header.layout.layer_begin}, "
+                                   f"{header.layout.layer_end}) of tokens [{begin}, "
+                                   f"{begin + count}) of {request_id!r} arrived twice")
+            assembly.claimed[region] = True
+            assembly.writers += 1
+            return Piece(request_id, assembly, layers, tokens)
+
+    def _commit(self, piece: Piece, hidden: np.ndarray | None) -> None:
+        """A verified piece counts (if its request and try still want it)."""
+        with self._lock:
+            pending = self._pending.get(piece.request_id)
+            if pending is None or pending.assembly is not piece.assembly:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"request {piece.request_id!r} was released or retried "
+                                   "during its push")
             if hidden is not None and pending.hidden is not None:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"the hidden state of {request_id!r} arrived twice")
-            pending.parts[snapshot.layer_begin] = snapshot
-            if buffer is not None:
-                pending.buffers.append(buffer)
+                                   f"the hidden state of {piece.request_id!r} arrived twice")
+            region = (piece.layers, piece.tokens)
+            piece.assembly.filled[region] = True
+            piece.assembly.claimed[region] = False
+            piece.assembly.writers -= 1
             if hidden is not None:
                 pending.hidden = hidden
-            self.bytes_received += snapshot.keys.nbytes + snapshot.values.nbytes
+            piece.assembly = None  # done with it: nothing for _unclaim to undo
+
+    def _unclaim(self, piece: Piece) -> None:
+        """A push that failed: its part of the assembly is free again (or, the assembly
+        retired meanwhile, the buffer goes back once no push writes into it)."""
+        assembly = piece.assembly
+        if assembly is None:  # committed already
+            return
+        with self._lock:
+            assembly.claimed[piece.layers, piece.tokens] = False
+            assembly.writers -= 1
+            if assembly.retired and not assembly.writers:
+                self.buffers.give(assembly.buffer)
+
+    def _assemble(self, pending: PendingKV) -> Assembly:
+        layers = self.spec.num_local_layers
+        shape = (layers, pending.prompt_tokens, self.layout.num_kv_heads, self.layout.head_dim)
+        buffer = self.buffers.take(Buffer.bytes_for(shape, self.layout.dtype))
+        keys, values = buffer.arrays(shape, self.layout.dtype)
+        return Assembly(buffer, keys, values,
+                        filled=np.zeros((layers, pending.prompt_tokens), bool),
+                        claimed=np.zeros((layers, pending.prompt_tokens), bool))
+
+    def _retire(self, pending: PendingKV | None) -> None:
+        """Let go of the request's assembly (with the lock held): its buffer is reused
+        at once, or when the last push still writing into it ends."""
+        if pending is None or pending.assembly is None:
+            return
+        assembly, pending.assembly = pending.assembly, None
+        assembly.retired = True
+        if not assembly.writers:
+            self.buffers.give(assembly.buffer)
 
     def _complete(self, request_id: str) -> bool:
         pending = self._pending[request_id]
-        covered = sum(p.layer_end - p.layer_begin for p in pending.parts.values())
-        has_hidden = pending.hidden is not None or not self.spec.is_last
-        return covered == self.spec.num_local_layers and has_hidden
-
-
-def _overlaps(a: KVSnapshot, b: KVSnapshot) -> bool:
-    return a.layer_begin < b.layer_end and b.layer_begin < a.layer_end
+        if pending.assembly is None or not pending.assembly.filled.all():
+            return False
+        return pending.hidden is not None or not self.spec.is_last

@@ -70,9 +70,11 @@ class BufferPool:
         self.keep_bytes = keep_bytes
         self._free: list[Buffer] = []
         self._lock = threading.Lock()
+        self.lent = 0  # taken and not given back: a leak check's figure
 
     def take(self, nbytes: int) -> Buffer:
         with self._lock:
+            self.lent += 1
             fits = [b for b in self._free if b.nbytes >= nbytes]
             if fits:
                 buffer = min(fits, key=lambda b: b.nbytes)
@@ -81,6 +83,8 @@ class BufferPool:
         return self.make(max(GRANULE, -(-nbytes // GRANULE) * GRANULE))
 
     def give(self, buffer: Buffer) -> None:
+        with self._lock:
+            self.lent -= 1
         if buffer.nbytes > self.keep_bytes:
             buffer.close()
             return

@@ -1,10 +1,12 @@
 """The KV push codec: a sequence's K/V and last hidden state as a verified chunk stream.
 
-Sender side: ``encode_push`` turns a ``KVSnapshot`` and hidden state into a header, K/V
-blocks each under the size budget (or, on one host, a reference to the shared buffer the
-snapshot lives in), the hidden state and a CRC32 trailer. Receiver side: ``KVAssembler``
-checks each chunk as it arrives and yields a snapshot only when the stream was complete,
-in order and intact; anything else raises ``PushRefused``.
+Sender side: ``encode_push`` turns a ``KVSnapshot`` (a range of layers and of tokens: a
+request's K/V may go as several such pieces) and, with the prompt's last piece, the hidden
+state into a header, K/V blocks each under the size budget (or, on one host, a reference
+to the shared buffer the snapshot lives in), the hidden state and a CRC32 trailer.
+Receiver side: ``KVAssembler`` checks each chunk as it arrives, writing the K/V where the
+receiver's ``admit`` says, and is complete only when the stream was whole, in order and
+intact; anything else raises ``PushRefused``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from protos import worker_pb2
 from protos.errors import ServingError
 from protos.layout import layout_mismatch
 
-from .buffers import Buffer, BufferPool
 from .shared_memory import SharedBuffer, read_shared
 
 BLOCK_BYTES = 2 * 2**20  # per block, keys and values together
@@ -56,19 +57,20 @@ class SharedUnreadable(ServingError):
 
 
 def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
-                hidden: np.ndarray | None, shared: SharedBuffer | None = None
-                ) -> Iterator[worker_pb2.KVChunk]:
-    """The chunks of one push. ``hidden`` is None for stages that do not own the LM head.
+                hidden: np.ndarray | None, shared: SharedBuffer | None = None,
+                attempt: int = 0) -> Iterator[worker_pb2.KVChunk]:
+    """The chunks of one push. ``hidden``: the prompt's last hidden state, with its last
+    piece to the stage that owns the LM head; else None.
 
     ``shared``: the buffer ``snapshot`` lives in, when the receiver shares this host; the
     push then names it instead of carrying blocks (the caller keeps it untouched until
-    the receiver has answered).
+    the receiver has answered). ``attempt``: the prefill leg's try.
     """
     header_layout = worker_pb2.ModelLayout()
     header_layout.CopyFrom(layout)
     header_layout.layer_begin, header_layout.layer_end = snapshot.layer_begin, snapshot.layer_end
     if shared is not None:
-        yield _header(request_id, header_layout, snapshot, num_blocks=1)
+        yield _header(request_id, header_layout, snapshot, 1, attempt)
         yield worker_pb2.KVChunk(shared=worker_pb2.SharedKV(
             pid=shared.pid, fd=shared.fd, keys_offset=shared.offset_of(snapshot.keys),
             values_offset=shared.offset_of(snapshot.values)))
@@ -77,7 +79,7 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
         tokens_per_block = max(1, BLOCK_BYTES // (2 * snapshot.keys[0, 0].nbytes))
         blocks = [(layer, begin) for layer in range(snapshot.keys.shape[0])
                   for begin in range(0, snapshot.num_tokens, tokens_per_block)]
-        yield _header(request_id, header_layout, snapshot, num_blocks=len(blocks))
+        yield _header(request_id, header_layout, snapshot, len(blocks), attempt)
         crc = 0
         for layer, begin in blocks:
             end = min(begin + tokens_per_block, snapshot.num_tokens)
@@ -95,10 +97,10 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
 
 
 def _header(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
-            num_blocks: int) -> worker_pb2.KVChunk:
+            num_blocks: int, attempt: int) -> worker_pb2.KVChunk:
     return worker_pb2.KVChunk(header=worker_pb2.KVHeader(
         request_id=request_id, layout=layout, num_tokens=snapshot.num_tokens,
-        num_blocks=num_blocks, token_begin=snapshot.token_begin))
+        num_blocks=num_blocks, token_begin=snapshot.token_begin, attempt=attempt))
 
 
 class PushState(enum.Enum):
@@ -108,26 +110,32 @@ class PushState(enum.Enum):
     FAILED = "failed"
 
 
+def new_arrays(header: worker_pb2.KVHeader) -> tuple[np.ndarray, np.ndarray]:
+    """Fresh keys and values arrays for all that ``header`` announces."""
+    layout = header.layout
+    shape = (layout.layer_end - layout.layer_begin, header.num_tokens, layout.num_kv_heads,
+             layout.head_dim)
+    return np.empty(shape, layout.dtype), np.empty(shape, layout.dtype)
+
+
 class KVAssembler:
-    """Receives one push into preallocated arrays, verifying as it goes.
+    """Receives one push into the arrays its receiver gives, verifying as it goes.
 
     A push may carry any part of the receiver's layer range (pipeline stages of the two
-    instances need not line up); only a receiver that owns the LM head accepts a hidden
-    state.
+    instances need not line up) and any range of the reserved tokens; only a receiver that
+    owns the LM head accepts a hidden state.
     """
 
     def __init__(self, layout: worker_pb2.ModelLayout, accepts_hidden: bool,
-                 admit: Callable[[str, int, int], None] = lambda request_id, begin, count: None,
-                 accepts_shared: bool = True, buffers: BufferPool | None = None):
+                 admit: Callable[[worker_pb2.KVHeader], tuple[np.ndarray, np.ndarray]]
+                 = new_arrays, accepts_shared: bool = True):
         self.layout = layout
         self.accepts_hidden = accepts_hidden
         self.accepts_shared = accepts_shared  # K/V from a buffer of a same-host sender
-        # Where the K/V is assembled: a buffer of this pool (the caller gives it back,
-        # see ``buffer``), else new arrays.
-        self.buffers = buffers
-        self.buffer: Buffer | None = None
-        # Asked with the header's request id, first position and token count before
-        # anything is allocated; raises ServingError to refuse the push.
+        # Asked with the checked header before any K/V arrives: where to write it, as
+        # keys and values shaped [layers, tokens, kv_heads, head_dim] (views of the
+        # request's assembly; each layer's tokens contiguous). Raises ServingError to
+        # refuse the push.
         self.admit = admit
         self.state = PushState.WAITING_FOR_HEADER
         self.request_id = ""
@@ -182,20 +190,12 @@ class KVAssembler:
             raise PushRefused(f"push announces {header.num_tokens} tokens from position "
                               f"{header.token_begin}; a sequence has 1 to "
                               f"{self.layout.context_window}")
-        self.admit(header.request_id, header.token_begin, header.num_tokens)
         self.token_begin = header.token_begin
         self.request_id = header.request_id
         self.num_tokens = header.num_tokens
         self.num_blocks = header.num_blocks
-        layers = end - begin
-        shape = (layers, header.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
-        if self.buffers is None:
-            self._keys = np.empty(shape, dtype=self.layout.dtype)
-            self._values = np.empty(shape, dtype=self.layout.dtype)
-        else:
-            self.buffer = self.buffers.take(Buffer.bytes_for(shape, self.layout.dtype))
-            self._keys, self._values = self.buffer.arrays(shape, self.layout.dtype)
-        self._filled = np.zeros((layers, header.num_tokens), dtype=bool)
+        self._keys, self._values = self.admit(header)
+        self._filled = np.zeros((end - begin, header.num_tokens), dtype=bool)
         self.state = PushState.RECEIVING
 
     def _on_block(self, block: worker_pb2.KVBlock) -> None:
@@ -225,15 +225,19 @@ class KVAssembler:
             raise SharedUnreadable("this worker takes K/V only inline")
         if self._blocks_seen:
             raise PushRefused("shared K/V arrived after other K/V")
+        layer_bytes = self._keys[0].nbytes  # each layer's tokens lie together on both ends
+        parts = [(offset + layer * layer_bytes, array[layer])
+                 for offset, array in ((shared.keys_offset, self._keys),
+                                       (shared.values_offset, self._values))
+                 for layer in range(array.shape[0])]
         try:
-            read_shared(shared.pid, shared.fd, [(shared.keys_offset, self._keys),
-                                                (shared.values_offset, self._values)])
+            read_shared(shared.pid, shared.fd, parts)
         except OSError as exc:
             raise SharedUnreadable(str(exc)) from exc
         except ValueError as exc:
             raise PushRefused(str(exc)) from exc
         self._filled[:] = True
-        self._crc = zlib.crc32(self._values, zlib.crc32(self._keys, self._crc))
+        self._crc = _crc32(self._values, _crc32(self._keys, self._crc))
         self._blocks_seen += 1
         self.bytes_received += self._keys.nbytes + self._values.nbytes
         self.shared = True
@@ -259,3 +263,13 @@ class KVAssembler:
             raise PushRefused(f"checksum mismatch: trailer says {trailer.crc32:#010x}, "
                               f"data gives {self._crc:#010x}")
         self.state = PushState.COMPLETE
+
+
+def _crc32(array: np.ndarray, crc: int) -> int:
+    """The checksum of ``array``'s bytes in C order, going on from ``crc`` (a view of an
+    assembly is contiguous per layer only)."""
+    if array.flags.c_contiguous:
+        return zlib.crc32(array, crc)
+    for part in array:
+        crc = _crc32(part, crc)
+    return crc

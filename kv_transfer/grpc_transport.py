@@ -62,11 +62,11 @@ class KVSender:
                     and address not in self._inline_only)
 
     def push(self, address: str, request_id: str, snapshot: KVSnapshot,
-             hidden: np.ndarray | None, buffer: Buffer | None = None) -> int:
+             hidden: np.ndarray | None, buffer: Buffer | None = None, attempt: int = 0) -> int:
         """Send one push and wait for the receiver's verdict; returns the bytes it took.
 
         ``buffer``: the one of ``self.buffers`` that ``snapshot`` lives in, if any; a
-        receiver on this host then reads it from there.
+        receiver on this host then reads it from there. ``attempt``: the prefill leg's try.
 
         Raises ServingError: UNAVAILABLE or DEADLINE_EXCEEDED when the receiver could not
         be reached in time, FAILED_PRECONDITION when it refused the push (its reason kept).
@@ -76,7 +76,7 @@ class KVSender:
         shared = (buffer if isinstance(buffer, SharedBuffer) and self.shares_memory_with(address)
                   else None)
         try:
-            reply = self._send(address, request_id, snapshot, hidden, shared, encoding)
+            reply = self._send(address, request_id, snapshot, hidden, shared, attempt, encoding)
         except grpc.RpcError as exc:
             if shared is None or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise self._push_error(exc, request_id, address) from exc
@@ -84,7 +84,8 @@ class KVSender:
                 self._inline_only.add(address)
             shared = None
             try:
-                reply = self._send(address, request_id, snapshot, hidden, None, encoding)
+                reply = self._send(address, request_id, snapshot, hidden, None, attempt,
+                                   encoding)
             except grpc.RpcError as exc2:
                 raise self._push_error(exc2, request_id, address) from exc2
         seconds = time.perf_counter() - start
@@ -113,9 +114,9 @@ class KVSender:
         self.buffers.close()
 
     def _send(self, address: str, request_id: str, snapshot: KVSnapshot,
-              hidden: np.ndarray | None, shared: SharedBuffer | None, encoding: list[float]
-              ) -> worker_pb2.PushResponse:
-        chunks = _timed(encode_push(request_id, self.layout, snapshot, hidden, shared),
+              hidden: np.ndarray | None, shared: SharedBuffer | None, attempt: int,
+              encoding: list[float]) -> worker_pb2.PushResponse:
+        chunks = _timed(encode_push(request_id, self.layout, snapshot, hidden, shared, attempt),
                         encoding)
         stub = worker_pb2_grpc.DecodeWorkerStub(shared_channel(address, self.secret))
         return stub.PushKV(chunks, timeout=self.timeout)

@@ -44,6 +44,7 @@ class PromptToPrefill:
     fork_from: int | None = None
     fork_pos: int = 0
     push_from: int = 0  # prefill role: the decode side holds the tokens before this
+    push_attempt: int = 0  # prefill role: the leg's try, which its pushes carry
     done: int = 0       # of ``token_ids``, those earlier passes computed already
 
     @property
@@ -134,7 +135,7 @@ class StageChain:
                              ends_prompt=piece.ends,
                              request_id=prompt.request_id, kv_targets=prompt.kv_targets,
                              fork_from=prompt.fork_from, fork_pos=prompt.fork_pos,
-                             push_from=prompt.push_from)
+                             push_from=prompt.push_from, push_attempt=prompt.push_attempt)
 
     def release(self, release: Release) -> None:
         """Every stage frees what it can: a stage that is gone must not keep the others

@@ -76,13 +76,14 @@ class SequenceSlice:
     total_tokens: int           # the sequence's length after this pass
     ends_prompt: bool = True    # this pass holds its last prompt token (decode steps: always)
     request_id: str = ""
-    # Prefill: the decode instance's stages, where the sequence's K/V goes once complete.
+    # Prefill: the decode instance's stages, where the sequence's K/V goes as it is computed.
     kv_targets: tuple[StageAddress, ...] = ()
     # The sequence starts as a fork of cached sequence ``fork_from``'s first ``fork_pos``
     # tokens (their pages shared); the pass then computes only what follows.
     fork_from: int | None = None
     fork_pos: int = 0
     push_from: int = 0          # prefill: push the K/V of positions from here on
+    push_attempt: int = 0       # prefill: the leg's try, which its pushes carry
 
     @property
     def starts_sequence(self) -> bool:

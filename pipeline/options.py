@@ -11,6 +11,9 @@ class WorkerOptions:
     # K/V pushes to a worker on the same host name a shared buffer instead of carrying
     # the bytes (kv_transfer/shared_memory.py); off: every push goes inline over gRPC.
     kv_shared_memory: bool = True
+    # A prompt prefilled in several chunks sends each chunk's K/V as soon as it is
+    # computed, while the next chunk runs; off: all of it after the last chunk.
+    kv_streaming: bool = True
 
 
 DEFAULT_OPTIONS = WorkerOptions()

@@ -86,7 +86,8 @@ def forward_to_proto(batch: ForwardBatch, inputs: np.ndarray) -> stage_pb2.Forwa
             request_id=s.request_id, seq_id=s.seq_id, length=s.length,
             total_tokens=s.total_tokens, ends_prompt=s.ends_prompt,
             kv_targets=[address_to_proto(t) for t in s.kv_targets],
-            fork_from=s.fork_from or 0, fork_pos=s.fork_pos, push_from=s.push_from)
+            fork_from=s.fork_from or 0, fork_pos=s.fork_pos, push_from=s.push_from,
+            push_attempt=s.push_attempt)
             for s in batch.slices])
 
 
@@ -97,7 +98,8 @@ def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
             seq_id=s.seq_id, length=s.length, total_tokens=s.total_tokens,
             ends_prompt=s.ends_prompt, request_id=s.request_id,
             kv_targets=tuple(address_from_proto(t) for t in s.kv_targets),
-            fork_from=s.fork_from or None, fork_pos=s.fork_pos, push_from=s.push_from)
+            fork_from=s.fork_from or None, fork_pos=s.fork_pos, push_from=s.push_from,
+            push_attempt=s.push_attempt)
             for s in request.slices))
 
 

@@ -104,7 +104,8 @@ class PrefillEngine:
         self.cache.count(len(job.token_ids), cached.tokens)
         job.cached_tokens = cached.tokens
         return PromptToPrefill(self._next_seq_id, job.token_ids[cached.tokens:], job.request_id,
-                               job.kv_targets, cached.seq_id, cached.tokens, job.skip_tokens)
+                               job.kv_targets, cached.seq_id, cached.tokens, job.skip_tokens,
+                               push_attempt=job.attempt)
 
     def _make_room(self, prompts: list[PromptToPrefill]) -> None:
         """Evict cached prefixes (least recently used first, never one a prompt forks)

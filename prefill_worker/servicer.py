@@ -32,7 +32,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
     def __init__(self, runner: ModelRunner, secret: str | None = None,
                  options: WorkerOptions = DEFAULT_OPTIONS):
         self.secret = secret
-        self.stage = PrefillStage(runner, secret, share_memory=options.kv_shared_memory)
+        self.stage = PrefillStage(runner, secret, share_memory=options.kv_shared_memory,
+                                  streaming=options.kv_streaming)
         self.engine = PrefillEngine(self.stage, prefix_cache=options.prefix_cache)
         self._jobs: dict[str, PrefillJob] = {}
         self._lock = threading.Lock()
@@ -42,7 +43,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
     @aborts_on_error
     def Prefill(self, request, context):
         job = PrefillJob(request.request_id, self._checked_tokens(request),
-                         self._checked_targets(request), request.skip_tokens)
+                         self._checked_targets(request), request.skip_tokens,
+                         request.attempt)
         with self._lock:
             if job.request_id in self._jobs:
                 raise ServingError(grpc.StatusCode.ALREADY_EXISTS,

@@ -168,16 +168,18 @@ class ReserveResponse(_message.Message):
     def __init__(self, reserved_pages: _Optional[int] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prefill_locally: _Optional[bool] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "decode_stages", "skip_tokens")
+    __slots__ = ("request_id", "token_ids", "decode_stages", "skip_tokens", "attempt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STAGES_FIELD_NUMBER: _ClassVar[int]
     SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     decode_stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     skip_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., skip_tokens: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., skip_tokens: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("kv_bytes", "prefill_ms", "kv_transfer_ms", "cached_tokens")
@@ -192,18 +194,20 @@ class PrefillResponse(_message.Message):
     def __init__(self, kv_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "layout", "num_tokens", "num_blocks", "token_begin")
+    __slots__ = ("request_id", "layout", "num_tokens", "num_blocks", "token_begin", "attempt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BEGIN_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: ModelLayout
     num_tokens: int
     num_blocks: int
     token_begin: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., token_begin: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., token_begin: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class KVBlock(_message.Message):
     __slots__ = ("layer", "token_begin", "num_tokens", "keys", "values")

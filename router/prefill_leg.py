@@ -53,9 +53,12 @@ class PrefillLeg:
     def _run(self) -> None:
         tried = set(self.exclude)
         reasons = []
-        for _ in range(self.attempts):
+        for attempt in range(self.attempts):
             if self._cancelled.is_set():
                 return
+            # A decode worker drops the K/V an earlier try pushed in part (and refuses
+            # what that try still sends) once this try's first push arrives.
+            self.request.attempt = attempt
             try:
                 self.worker = self.scheduler.pick_prefill(tried, self.request.token_ids)
             except NoWorker as exc:

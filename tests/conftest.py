@@ -116,6 +116,31 @@ def reference_logits(model, tokens: list[int]):
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
+def decode_worker_stub(cluster):
+    """A DecodeWorker stub, with the cluster secret, of a local cluster's first decode worker."""
+    from protos import worker_pb2_grpc
+    from protos.grpc_server import channel
+
+    address = cluster.router.scheduler.workers("decode")[0].address
+    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret))
+
+
+def leader_stats(servicers) -> list:
+    """Each servicer's WorkerStats, asked in-process."""
+    from protos import worker_pb2
+
+    return [s.Stats(worker_pb2.StatsRequest(), None) for s in servicers]
+
+
+def hf_greedy(reference, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens by plain argmax, end of sequence included (as
+    ``ignore_eos`` streams it)."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(reference_logits(reference, tokens)[-1].argmax()))
+    return tokens[len(prompt):]
+
+
 def describe_busy(worker) -> str:
     """What a busy worker of a local cluster still holds, for a failed idle check."""
     now = time.monotonic()
@@ -129,6 +154,9 @@ def describe_busy(worker) -> str:
         parts.append(f"receiver waiting {worker.stage.receiver.waiting()}")
     if hasattr(worker, "stage"):
         parts.append(f"sequences {sorted(worker.stage.sequences)}")
+        pool = (worker.stage.receiver if hasattr(worker.stage, "receiver")
+                else worker.stage.sender).buffers
+        parts.append(f"K/V buffers lent {pool.lent}")
     if hasattr(worker, "_jobs"):
         parts.append(f"prefill jobs {len(worker._jobs)}")
     if hasattr(worker, "admission"):
@@ -150,6 +178,10 @@ def wait_until_cluster_idle(cluster, timeout: float = 15.0) -> None:
                  or s.stage.receiver.waiting()
                  or (s.engine.chain is not None and s.engine.stats()["used_pages"])]
         busy += [p for p in cluster.prefill if p._jobs]
+        # Every K/V buffer is back in its pool: the sender's exports once answered, the
+        # receiver's assemblies once installed or dropped.
+        busy += [s for s in cluster.prefill if s.stage.sender.buffers.lent]
+        busy += [s for s in cluster.decode if s.stage.receiver.buffers.lent]
         router = cluster.router
         if router._client_ids or router.stalls._watches or router.admission.waiting():
             busy.append(router)

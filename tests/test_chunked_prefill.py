@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import reference_logits, wait_until_cluster_idle
+from conftest import hf_greedy, wait_until_cluster_idle
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.demo import DEMO_MODEL_DIR
@@ -26,14 +26,6 @@ def cluster():
     c = start_local_cluster(DEMO_MODEL_DIR, num_decode=1, aggregated=True, limits=LIMITS)
     yield c
     c.stop()
-
-
-def hf_greedy(reference, prompt: list[int], n: int) -> list[int]:
-    """Plain argmax, end of sequence included (as ``ignore_eos`` streams it)."""
-    tokens = list(prompt)
-    for _ in range(n):
-        tokens.append(int(reference_logits(reference, tokens)[-1].argmax()))
-    return tokens[len(prompt):]
 
 
 def stream_in_background(client, prompt, max_tokens, arrivals, lock, name):

@@ -15,7 +15,7 @@ import tempfile
 import grpc
 import numpy as np
 import pytest
-from conftest import greedy_outputs, wait_until_cluster_idle
+from conftest import decode_worker_stub, greedy_outputs, leader_stats, wait_until_cluster_idle
 
 from cluster.local_cluster import start_local_cluster
 from kv_transfer.buffers import Buffer, BufferPool
@@ -25,16 +25,11 @@ from kv_transfer.shared_memory import SharedBuffer
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from pipeline.options import WorkerOptions
-from protos import worker_pb2, worker_pb2_grpc
-from protos.grpc_server import channel
+from protos import worker_pb2
 from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
 PROMPTS = [list(range(3, 60)), list(range(100, 400, 3)), [7] * 90]
-
-
-def leader_stats(servicers) -> list[worker_pb2.WorkerStats]:
-    return [s.Stats(worker_pb2.StatsRequest(), None) for s in servicers]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +84,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def stub(cluster):
-    address = cluster.router.scheduler.workers("decode")[0].address
-    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret))
+    return decode_worker_stub(cluster)
 
 
 def shared_snapshot(layout, tokens: int = 5) -> tuple[KVSnapshot, SharedBuffer]:

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import decode_worker_stub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
@@ -16,7 +17,7 @@ from cluster.local_cluster import start_local_cluster
 from kv_transfer.codec import encode_push
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
-from protos import generation_pb2, worker_pb2, worker_pb2_grpc
+from protos import generation_pb2, worker_pb2
 from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
 from router.service import RouterOptions
@@ -43,8 +44,7 @@ def aggregated():
 
 @pytest.fixture(scope="module")
 def decode_stub(cluster):
-    address = cluster.router.scheduler.workers("decode")[0].address
-    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret))
+    return decode_worker_stub(cluster)
 
 
 def decode_stats(stub) -> worker_pb2.WorkerStats:

@@ -1,0 +1,250 @@
+"""Streamed KV handoff: a prompt prefilled in chunks sends each chunk's K/V as a piece.
+
+The output is transformers' whether the K/V streams or goes in one push, in every stage
+layout. At the wire, a decode worker takes pieces of any layer and token range of a
+reservation, verifies each as strictly as a whole push, and decodes only once verified
+pieces cover it all: a stream cut after a few pieces, a corrupt piece in the middle,
+overlapping or stale pieces leave it undecoded, and nothing stays reserved or used once
+the request is gone. A receiver that goes away mid-stream fails the request and leaves
+the prefill worker holding nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import decode_worker_stub, hf_greedy, leader_stats, wait_until_cluster_idle
+
+from cluster.local_cluster import start_local_cluster
+from kv_transfer.codec import encode_push
+from olmo_model.demo import DEMO_MODEL_DIR
+from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from pipeline.options import WorkerOptions
+from protos import worker_pb2
+from router.client import GenerationClient, generate_request
+from router.service import RouterOptions
+
+CHUNK = 16
+LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=CHUNK)
+PROMPTS = [list(range(3, 60)), list(range(100, 400, 3)), [7] * 40]  # 4, 7 and 3 chunks
+DISAGGREGATED = RouterOptions(local_prefill_below=0)
+
+
+@pytest.fixture(scope="module")
+def expected(demo_reference):
+    return [hf_greedy(demo_reference, p, 8) for p in PROMPTS]
+
+
+def served(cluster, prompts) -> list[list[int]]:
+    client = GenerationClient(cluster.router_address)
+    try:
+        return [client.complete(generate_request(p, max_tokens=8, ignore_eos=True),
+                                timeout=60)[0] for p in prompts]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("prefill_stages, decode_stages, streaming",
+                         [(1, 1, True), (2, 3, True), (1, 1, False)])
+def test_streamed_pieces_give_transformers_output(expected, prefill_stages, decode_stages,
+                                                  streaming):
+    cluster = start_local_cluster(
+        DEMO_MODEL_DIR, limits=LIMITS, prefill_stages=prefill_stages,
+        decode_stages=decode_stages, options=DISAGGREGATED,
+        worker_options=WorkerOptions(prefix_cache=False, kv_streaming=streaming))
+    try:
+        assert served(cluster, PROMPTS) == expected
+        # Each prefill stage pushes to the decode stages its layers overlap: one push per
+        # chunk streaming, one per prompt otherwise.
+        pieces = sum(-(-len(p) // CHUNK) for p in PROMPTS) if streaming else len(PROMPTS)
+        scheduler = cluster.router.scheduler
+        overlaps = sum(p.layer_begin < d.layer_end and d.layer_begin < p.layer_end
+                       for p in scheduler.workers("prefill")[0].stages
+                       for d in scheduler.workers("decode")[0].stages)
+        received = sum(s.pushes for s in leader_stats(cluster.decode))
+        assert received == pieces * overlaps
+        wait_until_cluster_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_streamed_output_equals_aggregated(expected):
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, aggregated=True)
+    try:
+        assert served(cluster, PROMPTS) == expected
+    finally:
+        cluster.stop()
+
+
+# --- pieces at the wire ---------------------------------------------------------------------
+
+TOKENS = 40  # reserved per request: three pieces of 16, 16 and 8 tokens
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, options=DISAGGREGATED)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(cluster):
+    return decode_worker_stub(cluster)
+
+
+def reserve(stub, request_id: str) -> None:
+    stub.Reserve(worker_pb2.ReserveRequest(
+        request_id=request_id, prompt_tokens=TOKENS, lease_ms=60_000,
+        sampling=worker_pb2.Sampling(max_tokens=4, ignore_eos=True)), timeout=5)
+
+
+def piece(cluster, request_id: str, begin: int, end: int, attempt: int = 0
+          ) -> list[worker_pb2.KVChunk]:
+    """Hand-made K/V of tokens [begin, end), all layers; the last piece has the hidden state."""
+    layout = cluster.decode[0].layout
+    shape = (layout.num_layers, end - begin, layout.num_kv_heads, layout.head_dim)
+    rng = np.random.default_rng(begin)
+    snapshot = KVSnapshot(0, layout.num_layers, rng.standard_normal(shape, np.float32),
+                          rng.standard_normal(shape, np.float32), token_begin=begin)
+    hidden = np.full(layout.hidden_size, 0.1, np.float32) if end == TOKENS else None
+    return list(encode_push(request_id, layout, snapshot, hidden, attempt=attempt))
+
+
+def push(stub, chunks) -> worker_pb2.PushResponse:
+    return stub.PushKV(iter(chunks), timeout=10)
+
+
+def refused(stub, chunks) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        push(stub, chunks)
+    return err.value
+
+
+def running(cluster) -> int:
+    return leader_stats(cluster.decode)[0].running_sequences
+
+
+def finish(cluster, stub, request_id: str) -> None:
+    """End the request as the router does when its prefill leg fails; then nothing is left."""
+    stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5)
+    wait_until_cluster_idle(cluster)
+    stats = leader_stats(cluster.decode)[0]
+    assert stats.used_pages == 0 and stats.free_pages + stats.cached_pages == stats.total_pages
+
+
+def test_pieces_in_any_order_decode_once_all_are_here(cluster, stub):
+    reserve(stub, "pieces")
+    for begin, end in [(16, 32), (32, TOKENS)]:
+        push(stub, piece(cluster, "pieces", begin, end))
+    assert running(cluster) == 0  # tokens [0, 16) are missing: nothing is decoded
+    push(stub, piece(cluster, "pieces", 0, 16))
+    events = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="pieces"),
+                                    timeout=30))
+    assert sum(e.has_token for e in events) == 4 and events[-1].finish_reason == "length"
+    wait_until_cluster_idle(cluster)
+
+
+def test_a_stream_cut_after_some_pieces_leaves_nothing_behind(cluster, stub):
+    reserve(stub, "cut")
+    push(stub, piece(cluster, "cut", 0, 16))
+
+    def sender_dies(chunks):  # a header and one block, then the sender is gone
+        yield from chunks[:2]
+        raise RuntimeError("the prefill worker died")
+
+    with pytest.raises(grpc.RpcError):
+        push(stub, sender_dies(piece(cluster, "cut", 16, 32)))
+    push(stub, piece(cluster, "cut", 32, TOKENS))
+    assert running(cluster) == 0
+    # What the broken push wrote does not count: its tokens can come again, whole.
+    push(stub, piece(cluster, "cut", 16, 32))
+    assert list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="cut"),
+                                  timeout=30))[-1].finish_reason == "length"
+    wait_until_cluster_idle(cluster)
+    reserve(stub, "cut-for-good")
+    push(stub, piece(cluster, "cut-for-good", 0, 16))
+    finish(cluster, stub, "cut-for-good")
+
+
+def test_a_corrupt_piece_in_the_middle_is_refused_and_nothing_decoded(cluster, stub):
+    reserve(stub, "corrupt")
+    push(stub, piece(cluster, "corrupt", 0, 16))
+    bad = piece(cluster, "corrupt", 16, 32)
+    bad[-1].trailer.crc32 ^= 1
+    error = refused(stub, bad)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "checksum mismatch" in error.details()
+    push(stub, piece(cluster, "corrupt", 32, TOKENS))
+    assert running(cluster) == 0
+    finish(cluster, stub, "corrupt")
+
+
+def test_overlapping_or_out_of_range_pieces_are_refused(cluster, stub):
+    reserve(stub, "overlap")
+    push(stub, piece(cluster, "overlap", 0, 16))
+    error = refused(stub, piece(cluster, "overlap", 8, 24))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "arrived twice" in error.details()
+    layout = cluster.decode[0].layout
+    shape = (layout.num_layers, 8, layout.num_kv_heads, layout.head_dim)
+    beyond = KVSnapshot(0, layout.num_layers, np.zeros(shape, np.float32),
+                        np.zeros(shape, np.float32), token_begin=TOKENS - 4)
+    error = refused(stub, encode_push("overlap", layout, beyond, None))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "were reserved" in error.details()
+    finish(cluster, stub, "overlap")
+
+
+def test_a_retry_replaces_what_the_earlier_try_sent(cluster, stub):
+    reserve(stub, "retry")
+    push(stub, piece(cluster, "retry", 0, 16, attempt=0))
+    push(stub, piece(cluster, "retry", 16, 32, attempt=0))
+    # The leg's second try starts over; its pieces overlap the first try's, and count.
+    for begin, end in [(0, 16), (16, 32)]:
+        push(stub, piece(cluster, "retry", begin, end, attempt=1))
+    error = refused(stub, piece(cluster, "retry", 32, TOKENS, attempt=0))  # a straggler
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "replaced" in error.details()
+    assert running(cluster) == 0
+    push(stub, piece(cluster, "retry", 32, TOKENS, attempt=1))
+    assert list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="retry"),
+                                  timeout=30))[-1].finish_reason == "length"
+    wait_until_cluster_idle(cluster)
+
+
+# --- a receiver gone mid-stream -----------------------------------------------------------
+
+def test_a_receiver_gone_mid_stream_fails_the_request_and_frees_the_prefill_side():
+    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, options=DISAGGREGATED,
+                                  worker_options=WorkerOptions(prefix_cache=False))
+    try:
+        receiver = cluster.decode[0].stage.receiver
+        take = receiver.receive
+        port = int(cluster.router.scheduler.workers("decode")[0].address.rsplit(":", 1)[1])
+        server = next(s for s in cluster.servers if s.port == port)
+
+        def first_piece_then_gone(chunks):
+            if receiver.pushes:  # the decode worker's server stops on the second piece
+                threading.Thread(target=server.stop, args=(0,)).start()
+                raise RuntimeError("the decode worker is gone")
+            return take(chunks)
+
+        receiver.receive = first_piece_then_gone
+        client = GenerationClient(cluster.router_address)
+        with pytest.raises(grpc.RpcError) as err:
+            client.complete(generate_request(PROMPTS[1], max_tokens=8), timeout=60)
+        client.close()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # no other decode worker
+        assert receiver.pushes == 1
+        stage = cluster.prefill[0].stage
+        deadline = time.monotonic() + 15
+        while stage.sequences or stage._streams or stage.sender.buffers.lent:
+            assert time.monotonic() < deadline, "the prefill worker still holds the request"
+            time.sleep(0.05)
+    finally:
+        cluster.stop()
