@@ -6,8 +6,10 @@ import queue
 import threading
 from collections.abc import Iterator
 
+from kv_transfer.grpc_transport import PUSH_METHOD
 from kv_transfer.shared_memory import host_identity
 from kv_transfer.transports import GRPC, worker_transports
+from kv_transfer.wire_blocks import BlockViewsRegistration
 from olmo_model.runtime import ModelRunner
 from pipeline.options import DEFAULT_OPTIONS, WorkerOptions
 from pipeline.remote import InstanceLeader, start_worker_server
@@ -108,7 +110,9 @@ def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
     worker leads its own one-stage instance."""
     servicer = DecodeServicer(runner, secret, options)
     server = start_worker_server(
-        lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
+        # Pushes' blocks are read as views of the received bytes, not parsed into copies.
+        lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(
+            servicer, BlockViewsRegistration(s, PUSH_METHOD)),
         SERVICE_NAME, servicer, True, host, port, secret)
     if runner.stage.is_full_model:
         servicer.lead(f"{host}:{server.port}")

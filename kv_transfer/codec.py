@@ -25,6 +25,7 @@ from protos.errors import ServingError
 from protos.layout import layout_mismatch
 
 from .shared_memory import SharedBuffer, read_shared
+from .wire_blocks import BlockChunk
 
 BLOCK_BYTES = 2 * 2**20  # per block, keys and values together
 
@@ -58,13 +59,16 @@ class SharedUnreadable(ServingError):
 
 def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
                 hidden: np.ndarray | None, shared: SharedBuffer | None = None,
-                attempt: int = 0) -> Iterator[worker_pb2.KVChunk]:
+                attempt: int = 0, block_views: bool = False
+                ) -> Iterator[worker_pb2.KVChunk | BlockChunk]:
     """The chunks of one push. ``hidden``: the prompt's last hidden state, with its last
     piece to the stage that owns the LM head; else None.
 
     ``shared``: the buffer ``snapshot`` lives in, when the receiver shares this host; the
     push then names it instead of carrying blocks (the caller keeps it untouched until
-    the receiver has answered). ``attempt``: the prefill leg's try.
+    the receiver has answered). ``attempt``: the prefill leg's try. ``block_views``:
+    blocks as ``BlockChunk`` (encoded from the arrays without protobuf's copies), for a
+    call that serializes with ``wire_blocks.serialize_chunk``.
     """
     header_layout = worker_pb2.ModelLayout()
     header_layout.CopyFrom(layout)
@@ -83,12 +87,15 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
         crc = 0
         for layer, begin in blocks:
             end = min(begin + tokens_per_block, snapshot.num_tokens)
-            keys = snapshot.keys[layer, begin:end].tobytes()
-            values = snapshot.values[layer, begin:end].tobytes()
+            keys = np.ascontiguousarray(snapshot.keys[layer, begin:end])
+            values = np.ascontiguousarray(snapshot.values[layer, begin:end])
             crc = zlib.crc32(values, zlib.crc32(keys, crc))
+            if block_views:
+                yield BlockChunk.of_arrays(snapshot.layer_begin + layer, begin, keys, values)
+                continue
             yield worker_pb2.KVChunk(block=worker_pb2.KVBlock(
                 layer=snapshot.layer_begin + layer, token_begin=begin, num_tokens=end - begin,
-                keys=keys, values=values))
+                keys=keys.tobytes(), values=values.tobytes()))
     if hidden is not None:
         data = np.ascontiguousarray(hidden, dtype=np.float32).tobytes()
         crc = zlib.crc32(data, crc)
@@ -147,7 +154,7 @@ class KVAssembler:
         self._filled: np.ndarray | None = None
         self.shared = False  # the K/V came through shared memory
 
-    def add(self, chunk: worker_pb2.KVChunk) -> None:
+    def add(self, chunk: worker_pb2.KVChunk | BlockChunk) -> None:
         try:
             part = chunk.WhichOneof("part")
             if part == "header":
@@ -198,7 +205,7 @@ class KVAssembler:
         self._filled = np.zeros((end - begin, header.num_tokens), dtype=bool)
         self.state = PushState.RECEIVING
 
-    def _on_block(self, block: worker_pb2.KVBlock) -> None:
+    def _on_block(self, block: worker_pb2.KVBlock | BlockChunk) -> None:
         layer = block.layer - self.layer_begin
         end = block.token_begin + block.num_tokens
         if not (0 <= layer < self._keys.shape[0] and block.num_tokens and end <= self.num_tokens):

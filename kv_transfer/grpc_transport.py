@@ -15,13 +15,16 @@ import grpc
 import numpy as np
 
 from olmo_model.kv_pages import KVSnapshot
-from protos import worker_pb2, worker_pb2_grpc
+from protos import worker_pb2
 from protos.errors import ServingError
 from protos.grpc_server import shared_channel
 
 from .buffers import Buffer, BufferPool, HostBuffer
 from .codec import encode_push
 from .shared_memory import SharedBuffer, host_identity
+from .wire_blocks import serialize_chunk
+
+PUSH_METHOD = "/olmo.worker.v1.DecodeWorker/PushKV"
 
 # Statuses that say the receiver could not be reached in time; anything else it sent
 # back is a refusal of this push, which another prefill attempt may not repeat.
@@ -116,10 +119,12 @@ class KVSender:
     def _send(self, address: str, request_id: str, snapshot: KVSnapshot,
               hidden: np.ndarray | None, shared: SharedBuffer | None, attempt: int,
               encoding: list[float]) -> worker_pb2.PushResponse:
-        chunks = _timed(encode_push(request_id, self.layout, snapshot, hidden, shared, attempt),
-                        encoding)
-        stub = worker_pb2_grpc.DecodeWorkerStub(shared_channel(address, self.secret))
-        return stub.PushKV(chunks, timeout=self.timeout)
+        chunks = _timed(encode_push(request_id, self.layout, snapshot, hidden, shared, attempt,
+                                    block_views=True), encoding)
+        push = shared_channel(address, self.secret).stream_unary(
+            PUSH_METHOD, request_serializer=serialize_chunk,
+            response_deserializer=worker_pb2.PushResponse.FromString)
+        return push(chunks, timeout=self.timeout)
 
     @staticmethod
     def _push_error(exc: grpc.RpcError, request_id: str, address: str) -> ServingError:
