@@ -1,20 +1,27 @@
 """KV handoff benchmark: what disaggregation adds to a lone prompt's TTFT, per transport.
 
-For each model and prompt length, in one run: the TTFT of lone prompts (max_tokens 1,
-medians of ``--repeats``) served aggregated (the decode worker prefills), disaggregated
-with every push inline over gRPC, and disaggregated with same-host shared memory (the
-default between workers on one host). The added TTFT is the handoff's cost. Workers are
-Ray actors in their own processes (``--in-process`` puts them in this one). Per push,
-each handoff step (export, encode, the whole push, assemble, install) and the push's
-bandwidth come from the workers' own Stats.
+For each model, prefill chunk size, transport and prompt length, in one run: the TTFT of
+lone prompts (max_tokens 1) pushed from the prefill worker, against the same cluster's
+decode worker prefilling the prompt itself (as an aggregated worker does, in chunks of
+the same size), the two alternating request by request, so that the machine's drift
+falls on both alike. The added TTFT is the handoff's cost: the ratio of the medians of
+``--repeats`` each, and the median of the paired differences. Transports: every push
+inline over gRPC, or through same-host shared memory (the default between workers on
+one host). A prompt longer than a chunk streams: each chunk's K/V is pushed while the
+next computes; the ``-whole`` modes push it all after the last chunk instead. Workers
+are Ray actors in their own processes (``--in-process`` puts them in this one). Per
+push, each handoff step (export, encode, the whole push, assemble, install) and the
+push's bandwidth come from the workers' own Stats.
 
     python3 bench/handoff_bench.py [--models DIR ...] [--olmo-1b] [--dtype float16]
-                                   [--lengths 512 2040] [--repeats 5]
+                                   [--lengths 512 2040] [--chunk-tokens 2048 512]
+                                   [--modes grpc shm grpc-whole shm-whole] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -27,29 +34,49 @@ from serve_bench import handoff_since, handoff_totals, start_cluster
 from olmo_model.quantization import MODEL_DTYPES
 from pipeline.options import WorkerOptions
 
-# Mode: (aggregated, worker options). Prefix caching off: every repeat computes and
-# ships its whole prompt.
-MODES = {"aggregated": (True, WorkerOptions(prefix_cache=False)),
-         "grpc": (False, WorkerOptions(prefix_cache=False, kv_shared_memory=False)),
-         "shm": (False, WorkerOptions(prefix_cache=False, kv_shared_memory=True))}
+# Prefix caching off: every repeat computes and ships its whole prompt.
+MODES = {"grpc": WorkerOptions(prefix_cache=False, kv_shared_memory=False),
+         "shm": WorkerOptions(prefix_cache=False, kv_shared_memory=True),
+         "grpc-whole": WorkerOptions(prefix_cache=False, kv_shared_memory=False,
+                                     kv_streaming=False),
+         "shm-whole": WorkerOptions(prefix_cache=False, kv_shared_memory=True,
+                                    kv_streaming=False)}
+# A decode worker prefills a prompt itself when at most this many tokens are uncached.
+ALWAYS_LOCAL = 1 << 30
 
 
 def bench_mode(model: Path, mode: str, lengths: list[int], repeats: int, use_ray: bool,
-               vocab: int, dtype: str) -> dict:
-    aggregated, options = MODES[mode]
-    cluster, address, stats = start_cluster(model, aggregated, use_ray, options, dtype)
+               vocab: int, dtype: str, chunk_tokens: int) -> dict:
+    cluster, address, stats = start_cluster(model, False, use_ray, MODES[mode], dtype,
+                                            chunk_tokens)
+    router = cluster.router
+    pushed = router.options  # every prompt pushed (local_prefill_below 0)
+    local = dataclasses.replace(pushed, local_prefill_below=ALWAYS_LOCAL)
     target = GrpcTarget(address)
     rng = np.random.default_rng(7)
+
+    def ttft(length: int, options) -> float:
+        router.options = options  # read afresh by each request's reservation
+        return target.request(rng.integers(1, vocab, length).tolist(), 1)["ttft"]
+
     out = {}
     try:
         for length in lengths:  # warm-up: buffers made, each sender learns its peer's host
-            target.request(rng.integers(1, vocab, length).tolist(), 1)
+            ttft(length, local), ttft(length, pushed)
         for length in lengths:
             before = handoff_totals(stats)
-            ttfts = [target.request(rng.integers(1, vocab, length).tolist(), 1)["ttft"]
-                     for _ in range(repeats)]
-            out[str(length)] = {"ttft_s": statistics.median(ttfts), "ttft_all_s": ttfts,
-                                "steps": handoff_since(stats, before)}
+            pairs = []
+            for i in range(repeats):  # which goes first alternates too
+                first, second = (local, pushed) if i % 2 == 0 else (pushed, local)
+                a, b = ttft(length, first), ttft(length, second)
+                pairs.append((a, b) if first is local else (b, a))
+            agg, disagg = ([p[k] for p in pairs] for k in (0, 1))
+            out[str(length)] = {
+                "aggregated_ttft_s": statistics.median(agg), "ttft_s": statistics.median(disagg),
+                "added": statistics.median(disagg) / statistics.median(agg) - 1,
+                "paired_added_s": statistics.median(d - a for a, d in pairs),
+                "aggregated_all_s": agg, "ttft_all_s": disagg,
+                "steps": handoff_since(stats, before)}
         return out
     finally:
         target.close()
@@ -64,7 +91,9 @@ def main() -> None:
                         help="prompt tokens (2040: the longest that fits a 2048 window with "
                              "its one output token)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["grpc", "shm"], choices=list(MODES))
+    parser.add_argument("--chunk-tokens", type=int, nargs="+", default=[2048],
+                        help="prefill chunk sizes to sweep (prompt tokens per pass)")
     parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     parser.add_argument("--olmo-1b", action="store_true",
                         help="also the random OLMo-1B-shaped checkpoint (made on first use)")
@@ -81,9 +110,10 @@ def main() -> None:
     for model in models:
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         results["models"][str(model)] = {
-            mode: bench_mode(model, mode, args.lengths, args.repeats, not args.in_process, vocab,
-                             args.dtype)
-            for mode in args.modes}
+            str(chunk): {mode: bench_mode(model, mode, args.lengths, args.repeats,
+                                          not args.in_process, vocab, args.dtype, chunk)
+                         for mode in args.modes}
+            for chunk in args.chunk_tokens}
     print_tables(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
@@ -91,39 +121,35 @@ def main() -> None:
 
 
 def print_tables(results: dict) -> None:
-    print(f"\nTTFT of a lone prompt, median of {results['repeats']} ({results['workers']}, "
-          f"{results['dtype']}); added: over aggregated")
-    print(f"{'model':<28}{'tokens':>7}{'aggregated':>12}{'grpc':>10}{'added':>8}"
-          f"{'shm':>10}{'added':>8}")
-    for model, modes in results["models"].items():
-        agg = modes.get("aggregated", {})
-        for length in next(iter(modes.values())):
-            row = f"{Path(model).name:<28}{length:>7}"
-            base = agg.get(length, {}).get("ttft_s")
-            row += f"{1e3 * base:>10.1f}ms" if base else f"{'-':>12}"
-            for mode in ("grpc", "shm"):
-                ttft = modes.get(mode, {}).get(length, {}).get("ttft_s")
-                if ttft is None:
-                    row += f"{'-':>10}{'-':>8}"
-                    continue
-                added = f"{100 * (ttft / base - 1):+.1f}%" if base else "-"
-                row += f"{1e3 * ttft:>8.1f}ms{added:>8}"
-            print(row)
+    print(f"\nTTFT of a lone prompt, median of {results['repeats']} each ({results['workers']}, "
+          f"{results['dtype']}): the decode worker prefilling it (aggregated) against the "
+          "prefill worker pushing it, alternating")
+    print(f"{'model':<16}{'chunk':>6}{'tokens':>7}{'via':>11}{'aggregated':>12}"
+          f"{'disaggregated':>15}{'added':>8}{'paired':>10}")
+    for model, chunks in results["models"].items():
+        for chunk, modes in chunks.items():
+            for mode, runs in modes.items():
+                for length, r in runs.items():
+                    print(f"{Path(model).name:<16}{chunk:>6}{length:>7}{mode:>11}"
+                          f"{1e3 * r['aggregated_ttft_s']:>10.1f}ms{1e3 * r['ttft_s']:>13.1f}ms"
+                          f"{100 * r['added']:>+7.1f}%{1e3 * r['paired_added_s']:>+8.1f}ms")
     print("\nPer push (ms; 'push' is the whole push as the sender waits for it, the steps "
-          "inside it overlap)")
-    print(f"{'model':<28}{'tokens':>7}{'via':>6}{'MiB':>7}{'export':>8}{'encode':>8}"
-          f"{'push':>8}{'assemble':>10}{'install':>9}{'MiB/s':>8}")
-    for model, modes in results["models"].items():
-        for mode in ("grpc", "shm"):
-            for length, run in modes.get(mode, {}).items():
-                s = run["steps"]
-                pushes = max(1, s["pushes"])
-                mib = s["kv_bytes"] / pushes / 2**20
-                print(f"{Path(model).name:<28}{length:>7}{mode:>6}{mib:>7.1f}"
-                      f"{s['export_ms'] / pushes:>8.1f}{s['encode_ms'] / pushes:>8.1f}"
-                      f"{s['transfer_ms'] / pushes:>8.1f}{s['assemble_ms'] / pushes:>10.1f}"
-                      f"{s['install_ms'] / pushes:>9.1f}"
-                      f"{mib * pushes / max(1e-9, s['transfer_ms'] / 1e3):>8.0f}")
+          "inside it overlap; a streamed prompt makes a push per chunk; install: per prompt)")
+    print(f"{'model':<16}{'chunk':>6}{'tokens':>7}{'via':>11}{'pushes':>7}{'MiB':>7}"
+          f"{'export':>8}{'encode':>8}{'push':>8}{'assemble':>10}{'install':>9}{'MiB/s':>8}")
+    for model, chunks in results["models"].items():
+        for chunk, modes in chunks.items():
+            for mode, runs in modes.items():
+                for length, run in runs.items():
+                    s = run["steps"]
+                    pushes = max(1, s["pushes"])
+                    mib = s["kv_bytes"] / pushes / 2**20
+                    print(f"{Path(model).name:<16}{chunk:>6}{length:>7}{mode:>11}"
+                          f"{pushes / results['repeats']:>7.0f}{mib:>7.1f}"
+                          f"{s['export_ms'] / pushes:>8.1f}{s['encode_ms'] / pushes:>8.1f}"
+                          f"{s['transfer_ms'] / pushes:>8.1f}{s['assemble_ms'] / pushes:>10.1f}"
+                          f"{s['install_ms'] / results['repeats']:>9.1f}"
+                          f"{mib * pushes / max(1e-9, s['transfer_ms'] / 1e3):>8.0f}")
 
 
 if __name__ == "__main__":

@@ -96,8 +96,10 @@ def handoff_since(stats_calls: dict, before: dict[str, float]) -> dict[str, floa
 
 
 def start_cluster(model: Path, aggregated: bool, use_ray: bool,
-                  worker_options: WorkerOptions | None = None, dtype: str | None = None):
-    """(cluster, router address, Stats callables of each role's workers)."""
+                  worker_options: WorkerOptions | None = None, dtype: str | None = None,
+                  chunk_tokens: int = 2048):
+    """(cluster, router address, Stats callables of each role's workers); prompts are
+    prefilled in passes of at most ``chunk_tokens``."""
     worker_options = worker_options or WorkerOptions()
     if use_ray:
         from cluster.cluster_config import ClusterConfig, RoleConfig
@@ -105,16 +107,19 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool,
 
         config = ClusterConfig(model=str(model), dtype=dtype, port=0, http_port=0,
                                max_sequences=32,
-                               max_total_tokens=32768, local_prefill_below_tokens=0,
+                               max_total_tokens=32768, prefill_chunk_tokens=chunk_tokens,
+                               local_prefill_below_tokens=0,
                                mode="aggregated" if aggregated else "disaggregated",
                                prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5),
                                prefix_cache=worker_options.prefix_cache,
-                               kv_shared_memory=worker_options.kv_shared_memory)
+                               kv_shared_memory=worker_options.kv_shared_memory,
+                               kv_streaming=worker_options.kv_streaming)
         cluster = start_ray_cluster(config)
         scheduler = cluster.manager.scheduler
         return cluster, cluster.address, {role: [w.stub.Stats for w in scheduler.workers(role)]
                                           for role in ("prefill", "decode")}
-    limits = CacheLimits(max_num_sequences=32, max_total_tokens=32768, prefill_chunk_size=2048)
+    limits = CacheLimits(max_num_sequences=32, max_total_tokens=32768,
+                         prefill_chunk_size=chunk_tokens)
     cluster = start_local_cluster(model, num_prefill=1, num_decode=1, aggregated=aggregated,
                                   dtype=dtype, limits=limits, http_port=0,
                                   # every prompt pushed, as in the recorded runs

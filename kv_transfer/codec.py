@@ -117,14 +117,6 @@ class PushState(enum.Enum):
     FAILED = "failed"
 
 
-def new_arrays(header: worker_pb2.KVHeader) -> tuple[np.ndarray, np.ndarray]:
-    """Fresh keys and values arrays for all that ``header`` announces."""
-    layout = header.layout
-    shape = (layout.layer_end - layout.layer_begin, header.num_tokens, layout.num_kv_heads,
-             layout.head_dim)
-    return np.empty(shape, layout.dtype), np.empty(shape, layout.dtype)
-
-
 class KVAssembler:
     """Receives one push into the arrays its receiver gives, verifying as it goes.
 
@@ -134,8 +126,8 @@ class KVAssembler:
     """
 
     def __init__(self, layout: worker_pb2.ModelLayout, accepts_hidden: bool,
-                 admit: Callable[[worker_pb2.KVHeader], tuple[np.ndarray, np.ndarray]]
-                 = new_arrays, accepts_shared: bool = True):
+                 admit: Callable[[worker_pb2.KVHeader], tuple[np.ndarray, np.ndarray]],
+                 accepts_shared: bool = True):
         self.layout = layout
         self.accepts_hidden = accepts_hidden
         self.accepts_shared = accepts_shared  # K/V from a buffer of a same-host sender

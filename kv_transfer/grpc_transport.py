@@ -121,6 +121,7 @@ class KVSender:
               encoding: list[float]) -> worker_pb2.PushResponse:
         chunks = _timed(encode_push(request_id, self.layout, snapshot, hidden, shared, attempt,
                                     block_views=True), encoding)
+        # Not the generated stub: its serializer takes messages only, not BlockChunks.
         push = shared_channel(address, self.secret).stream_unary(
             PUSH_METHOD, request_serializer=serialize_chunk,
             response_deserializer=worker_pb2.PushResponse.FromString)
