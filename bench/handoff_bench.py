@@ -120,36 +120,39 @@ def main() -> None:
     print(f"\nwrote {args.out}")
 
 
+def each_run(results: dict):
+    """(model name, chunk, mode, tokens, run) for every measured case, in run order."""
+    for model, chunks in results["models"].items():
+        for chunk, modes in chunks.items():
+            for mode, runs in modes.items():
+                for length, run in runs.items():
+                    yield Path(model).name, chunk, mode, length, run
+
+
 def print_tables(results: dict) -> None:
     print(f"\nTTFT of a lone prompt, median of {results['repeats']} each ({results['workers']}, "
           f"{results['dtype']}): the decode worker prefilling it (aggregated) against the "
           "prefill worker pushing it, alternating")
     print(f"{'model':<16}{'chunk':>6}{'tokens':>7}{'via':>11}{'aggregated':>12}"
           f"{'disaggregated':>15}{'added':>8}{'paired':>10}")
-    for model, chunks in results["models"].items():
-        for chunk, modes in chunks.items():
-            for mode, runs in modes.items():
-                for length, r in runs.items():
-                    print(f"{Path(model).name:<16}{chunk:>6}{length:>7}{mode:>11}"
-                          f"{1e3 * r['aggregated_ttft_s']:>10.1f}ms{1e3 * r['ttft_s']:>13.1f}ms"
-                          f"{100 * r['added']:>+7.1f}%{1e3 * r['paired_added_s']:>+8.1f}ms")
+    for model, chunk, mode, length, r in each_run(results):
+        print(f"{model:<16}{chunk:>6}{length:>7}{mode:>11}"
+              f"{1e3 * r['aggregated_ttft_s']:>10.1f}ms{1e3 * r['ttft_s']:>13.1f}ms"
+              f"{100 * r['added']:>+7.1f}%{1e3 * r['paired_added_s']:>+8.1f}ms")
     print("\nPer push (ms; 'push' is the whole push as the sender waits for it, the steps "
           "inside it overlap; a streamed prompt makes a push per chunk; install: per prompt)")
     print(f"{'model':<16}{'chunk':>6}{'tokens':>7}{'via':>11}{'pushes':>7}{'MiB':>7}"
           f"{'export':>8}{'encode':>8}{'push':>8}{'assemble':>10}{'install':>9}{'MiB/s':>8}")
-    for model, chunks in results["models"].items():
-        for chunk, modes in chunks.items():
-            for mode, runs in modes.items():
-                for length, run in runs.items():
-                    s = run["steps"]
-                    pushes = max(1, s["pushes"])
-                    mib = s["kv_bytes"] / pushes / 2**20
-                    print(f"{Path(model).name:<16}{chunk:>6}{length:>7}{mode:>11}"
-                          f"{pushes / results['repeats']:>7.0f}{mib:>7.1f}"
-                          f"{s['export_ms'] / pushes:>8.1f}{s['encode_ms'] / pushes:>8.1f}"
-                          f"{s['transfer_ms'] / pushes:>8.1f}{s['assemble_ms'] / pushes:>10.1f}"
-                          f"{s['install_ms'] / results['repeats']:>9.1f}"
-                          f"{mib * pushes / max(1e-9, s['transfer_ms'] / 1e3):>8.0f}")
+    for model, chunk, mode, length, run in each_run(results):
+        s = run["steps"]
+        pushes = max(1, s["pushes"])
+        mib = s["kv_bytes"] / pushes / 2**20
+        print(f"{model:<16}{chunk:>6}{length:>7}{mode:>11}"
+              f"{pushes / results['repeats']:>7.0f}{mib:>7.1f}"
+              f"{s['export_ms'] / pushes:>8.1f}{s['encode_ms'] / pushes:>8.1f}"
+              f"{s['transfer_ms'] / pushes:>8.1f}{s['assemble_ms'] / pushes:>10.1f}"
+              f"{s['install_ms'] / results['repeats']:>9.1f}"
+              f"{mib * pushes / max(1e-9, s['transfer_ms'] / 1e3):>8.0f}")
 
 
 if __name__ == "__main__":
