@@ -116,13 +116,14 @@ def reference_logits(model, tokens: list[int]):
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
-def decode_worker_stub(cluster):
-    """A DecodeWorker stub, with the cluster secret, of a local cluster's first decode worker."""
+def decode_worker_stub(cluster, secret: bool = True):
+    """A DecodeWorker stub of a local cluster's first decode worker, carrying the cluster
+    secret (or, ``secret=False``, none)."""
     from protos import worker_pb2_grpc
     from protos.grpc_server import channel
 
     address = cluster.router.scheduler.workers("decode")[0].address
-    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret))
+    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret if secret else None))
 
 
 def leader_stats(servicers) -> list:

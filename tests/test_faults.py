@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import wait_until_cluster_idle
+from conftest import decode_worker_stub, wait_until_cluster_idle
 
 from cluster.local_cluster import start_local_cluster
 from kv_transfer.codec import encode_push
@@ -38,11 +38,6 @@ def cluster():
                             options=RouterOptions(local_prefill_below=0))
     yield c
     c.stop()
-
-
-def decode_stub(cluster, secret: bool = True) -> worker_pb2_grpc.DecodeWorkerStub:
-    address = cluster.router.scheduler.workers("decode")[0].address
-    return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret if secret else None))
 
 
 def prefill_stub(cluster) -> worker_pb2_grpc.PrefillWorkerStub:
@@ -87,7 +82,7 @@ def test_requests_cancelled_at_any_moment_release_every_prefill_handler(cluster,
 # 2. Token ids outside the vocabulary are refused, not run -----------------------------------
 
 def test_out_of_vocabulary_local_prefill_is_refused_and_the_worker_lives(cluster, client):
-    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).Reserve,
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_worker_stub(cluster).Reserve,
                          worker_pb2.ReserveRequest(
                              request_id="oov", prompt_tokens=2, lease_ms=5_000,
                              prompt_token_ids=[10**9, 2**31 + 5], prefill_locally=True,
@@ -113,7 +108,7 @@ def tokens_of(events) -> list[int]:
 
 
 def test_non_finite_sampling_parameters_are_refused(cluster):
-    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).Reserve,
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_worker_stub(cluster).Reserve,
                          worker_pb2.ReserveRequest(
                              request_id="nan", prompt_tokens=3, lease_ms=5_000,
                              prompt_token_ids=[1, 2, 3], prefill_locally=True,
@@ -142,7 +137,7 @@ def bad_push(cluster, stub, request_id: str, keys_value: float, hidden_value: fl
 def test_a_sequence_with_non_finite_state_fails_alone(cluster, client):
     prompt = list(range(30, 60))
     expected = greedy(client, prompt, 120)
-    stub = decode_stub(cluster)
+    stub = decode_worker_stub(cluster)
     good = local_request(stub, "good", prompt, 120)
     first = next(good)  # running: the bad sequences join its batch
     # A hidden state with NaN (its CRC correct) is refused before anything is installed.
@@ -193,7 +188,7 @@ def test_reservations_that_could_squat_or_lie_are_refused(cluster, fields, messa
             field.extend(value)
         else:
             setattr(request, key, value)
-    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).Reserve,
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_worker_stub(cluster).Reserve,
                          request, timeout=5)
     assert message in error.details()
     wait_until_cluster_idle(cluster)
@@ -202,7 +197,7 @@ def test_reservations_that_could_squat_or_lie_are_refused(cluster, fields, messa
 def test_aborts_sent_without_waiting_all_arrive(cluster):
     """The router aborts without waiting for the answer; each abort must still arrive,
     or a cancelled request's reservation holds its pages until the lease ends."""
-    stub = decode_stub(cluster)
+    stub = decode_worker_stub(cluster)
     ids = [f"forgotten-{i}" for i in range(LIMITS.max_num_sequences)]
     for request_id in ids:
         stub.Reserve(worker_pb2.ReserveRequest(
@@ -229,7 +224,7 @@ def test_client_request_ids_never_reach_the_workers(cluster, client):
                                           request_id="mine"), timeout=60)
     first = next(call)
     assert first.request_id == "mine"
-    found = decode_stub(cluster).Abort(worker_pb2.AbortRequest(request_id="mine"), timeout=5)
+    found = decode_worker_stub(cluster).Abort(worker_pb2.AbortRequest(request_id="mine"), timeout=5)
     assert not found.found
     responses = list(call)
     assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
@@ -378,7 +373,7 @@ def test_an_impossible_kv_header_is_refused_before_allocating(cluster):
     layout = cluster.decode[0].layout
     header = worker_pb2.KVChunk(header=worker_pb2.KVHeader(
         request_id="huge", layout=layout, num_tokens=2**32 - 1, num_blocks=1))
-    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_stub(cluster).PushKV,
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_worker_stub(cluster).PushKV,
                          iter([header]), timeout=10)
     assert "announces" in error.details()
 
