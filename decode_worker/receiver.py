@@ -50,16 +50,9 @@ class PendingKV:
 
     prompt_tokens: int      # the tokens pushes carry: the prompt's from token_begin on
     token_begin: int = 0    # the prompt's first tokens before it are in the cache already
-    layer_begin: int = 0    # the stage's layers
-    layer_end: int = 0
     attempt: int = 0        # the prefill leg's try that the assembly holds
     assembly: Assembly | None = None
     hidden: np.ndarray | None = None
-
-    def snapshot(self) -> KVSnapshot:
-        """All of the stage's layers (the request must be complete)."""
-        return KVSnapshot(self.layer_begin, self.layer_end, self.assembly.keys,
-                          self.assembly.values, self.token_begin)
 
 
 @dataclasses.dataclass
@@ -92,8 +85,7 @@ class KVReceiver:
     def expect(self, request_id: str, prompt_tokens: int, token_begin: int = 0) -> None:
         with self._lock:
             self._retire(self._pending.pop(request_id, None))
-            self._pending[request_id] = PendingKV(prompt_tokens, token_begin,
-                                                  self.spec.layer_begin, self.spec.layer_end)
+            self._pending[request_id] = PendingKV(prompt_tokens, token_begin)
 
     def receive(self, chunks: Iterable[worker_pb2.KVChunk]) -> int:
         """Take one push: assemble and verify it into its request; returns its bytes.
@@ -149,6 +141,11 @@ class KVReceiver:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"the K/V of request {request_id!r} is not all here")
             return self._pending.pop(request_id)
+
+    def snapshot(self, pending: PendingKV) -> KVSnapshot:
+        """A complete request's K/V (see ``take``): all of the stage's layers."""
+        return KVSnapshot(self.spec.layer_begin, self.spec.layer_end, pending.assembly.keys,
+                          pending.assembly.values, pending.token_begin)
 
     def recycle(self, pending: PendingKV) -> None:
         """Its K/V is installed (or no longer wanted): its buffer serves the next pushes."""

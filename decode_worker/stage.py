@@ -70,7 +70,7 @@ class DecodeStage:
                 pending = self.receiver.take(a.request_id)
                 start = time.perf_counter()
                 try:
-                    self.runner.import_kv(a.seq_id, pending.snapshot())
+                    self.runner.import_kv(a.seq_id, self.receiver.snapshot(pending))
                 finally:
                     self.receiver.recycle(pending)
                 self.install_seconds += time.perf_counter() - start
