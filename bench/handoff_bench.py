@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from checkpoints import OLMO_1B, SMALL, bench_checkpoint
 from clients import GrpcTarget
+from recording import write_results
 from serve_bench import handoff_since, handoff_totals, start_cluster
 
 from olmo_model.quantization import MODEL_DTYPES
@@ -115,9 +116,7 @@ def main() -> None:
                          for mode in args.modes}
             for chunk in args.chunk_tokens}
     print_tables(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 def each_run(results: dict):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from checkpoints import SERVE, bench_checkpoint
+from recording import write_results
 
 PROMPT_TOKENS = 32
 LONE_REQUESTS = 30
@@ -110,9 +111,7 @@ def main() -> None:
               f"{h['ttft_ms'] - g['ttft_ms']:>8.2f}{g['tpot_ms']:>11.3f}{h['tpot_ms']:>10.3f}"
               f"{h['tpot_ms'] - g['tpot_ms']:>8.3f}")
     print("targets for HTTP over gRPC: < 2 ms TTFT, < 0.2 ms per token")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

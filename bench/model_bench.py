@@ -18,7 +18,6 @@ beside llama.cpp's, recorded on this machine (LLAMA_CPP_RECORDED).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from checkpoints import OLMO_1B, SMALL, make_checkpoint
 from read_bandwidth import kernel_read_bandwidth
+from recording import write_results
 
 from olmo_model.quantization import MODEL_DTYPES
 
@@ -190,9 +190,7 @@ def main() -> None:
         results["transformers"] = bench_transformers(folder, args.repeats, args.prefill,
                                                      args.decode_steps)
     print_table(results, args.prefill)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 # llama.cpp on this machine (issue 18: 2 threads, an OLMo-1B-shaped random checkpoint

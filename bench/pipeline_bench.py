@@ -11,13 +11,13 @@ to the unstaged step. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from checkpoints import SERVE, bench_checkpoint
+from recording import write_results
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
@@ -78,9 +78,7 @@ def main() -> None:
             cells.append(f"{row[f'step_b{b}_ms']:>9.2f}{extra:>9.2f}"
                          f"{(extra / hops if hops else 0.0):>8.2f}")
         print(f"{row['decode_stages']:>7}" + "".join(cells))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from checkpoints import SERVE, bench_checkpoint
+from recording import write_results
 
 SYSTEM_TOKENS = {"shared": 1024, "chat": 512}
 SUFFIX_TOKENS = (32, 64)
@@ -200,9 +201,7 @@ def main() -> None:
         results["workloads"][workload] = {name: summarize(runs, rounds["cache off"])
                                           for name, runs in rounds.items()}
     report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 def summarize(runs: list[dict], baseline: list[dict]) -> dict:

@@ -15,9 +15,7 @@ puts first, so an older tree can be measured by the same script.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,8 @@ import time
 from pathlib import Path
 
 from checkpoints import SMALL, bench_checkpoint
+from goodput_bench import free_port
+from recording import write_results
 
 from kv_transfer.buffers import Buffer
 from kv_transfer.grpc_transport import KVSender
@@ -37,9 +37,7 @@ TRANSPORTS = {"grpc": False, "shm": True}  # name: shared memory allowed
 
 
 def start_decode_worker(model: Path, secret: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     worker = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "decode-worker", "--model", str(model),
          "--host", "127.0.0.1", "--port", str(port)],
@@ -119,9 +117,7 @@ def main() -> None:
         worker.terminate()
         worker.wait(timeout=30)
     print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 def print_table(results: dict) -> None:

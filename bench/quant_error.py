@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from checkpoints import OLMO_1B, bench_checkpoint
+from recording import write_results
 
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.quantization import MODEL_DTYPES
@@ -85,9 +86,7 @@ def main() -> None:
             print(f"{name:<10}{dtype:<9}{r['prefill_rel_error']:>12.4f}"
                   f"{r['decode_rel_error_median']:>16.4f}{r['decode_rel_error_max']:>16.4f}"
                   f"{r['greedy_agreement']:>14.2f}{r['free_running_shared_prefix']:>17}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from checkpoints import SERVE, bench_checkpoint
 from clients import GrpcTarget, HttpTarget
+from recording import write_results
 from slo import percentiles
 
 from cluster.local_cluster import start_local_cluster
@@ -177,9 +178,7 @@ def main() -> None:
                "disaggregated": bench_mode(model, False, args, vocab),
                "aggregated": bench_mode(model, True, args, vocab)}
     print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 def print_table(results: dict) -> None:

@@ -15,7 +15,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
@@ -23,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from checkpoints import SERVE, bench_checkpoint
+from recording import write_results
 
 from cluster.local_cluster import start_local_cluster
 from decode_worker.engine import DecodeEngine
@@ -118,9 +118,7 @@ def main() -> None:
     for row in results["batches"]:
         print(f"{row['batch']:>6}{row['steps']:>7}{row['step_ms']:>9.2f}{row['runner_ms']:>11.2f}"
               f"{row['outside_runner_us']:>12.0f}{row['period_ms']:>11.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":
