@@ -8,7 +8,9 @@ falls on both alike. The added TTFT is the handoff's cost: the ratio of the medi
 ``--repeats`` each, and the median of the paired differences. Transports: every push
 inline over gRPC, or through same-host shared memory (the default between workers on
 one host). A prompt longer than a chunk streams: each chunk's K/V is pushed while the
-next computes; the ``-whole`` modes push it all after the last chunk instead. Workers
+next computes; the ``-whole`` modes push it all after the last chunk instead. Within a
+pass, the K/V of each of ``--layer-groups`` groups of layers is pushed while the next
+group computes (1: the pass's K/V in one push). Workers
 are Ray actors in their own processes (``--in-process`` puts them in this one). Per
 push, each handoff step (export, encode, the whole push, assemble, install) and the
 push's bandwidth come from the workers' own Stats.
@@ -16,6 +18,7 @@ push's bandwidth come from the workers' own Stats.
     python3 bench/handoff_bench.py [--models DIR ...] [--olmo-1b] [--dtype float16]
                                    [--lengths 512 2040] [--chunk-tokens 2048 512]
                                    [--modes grpc shm grpc-whole shm-whole] [--repeats 5]
+                                   [--layer-groups 1 2 4 8]
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ ALWAYS_LOCAL = 1 << 30
 
 
 def bench_mode(model: Path, mode: str, lengths: list[int], repeats: int, use_ray: bool,
-               vocab: int, dtype: str, chunk_tokens: int) -> dict:
-    cluster, address, stats = start_cluster(model, False, use_ray, MODES[mode], dtype,
+               vocab: int, dtype: str, chunk_tokens: int, layer_groups: int) -> dict:
+    options = dataclasses.replace(MODES[mode], kv_layer_groups=layer_groups)
+    cluster, address, stats = start_cluster(model, False, use_ray, options, dtype,
                                             chunk_tokens)
     router = cluster.router
     pushed = router.options  # every prompt pushed (local_prefill_below 0)
@@ -95,6 +99,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["grpc", "shm"], choices=list(MODES))
     parser.add_argument("--chunk-tokens", type=int, nargs="+", default=[2048],
                         help="prefill chunk sizes to sweep (prompt tokens per pass)")
+    parser.add_argument("--layer-groups", type=int, nargs="+", default=[4],
+                        help="groups of layers a prefill pass pushes one by one, to sweep "
+                             "(1: the pass's K/V in one push)")
     parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     parser.add_argument("--olmo-1b", action="store_true",
                         help="also the random OLMo-1B-shaped checkpoint (made on first use)")
@@ -111,8 +118,10 @@ def main() -> None:
     for model in models:
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         results["models"][str(model)] = {
-            str(chunk): {mode: bench_mode(model, mode, args.lengths, args.repeats,
-                                          not args.in_process, vocab, args.dtype, chunk)
+            str(chunk): {mode: {str(groups): bench_mode(model, mode, args.lengths, args.repeats,
+                                                        not args.in_process, vocab, args.dtype,
+                                                        chunk, groups)
+                                for groups in args.layer_groups}
                          for mode in args.modes}
             for chunk in args.chunk_tokens}
     print_tables(results)
@@ -120,33 +129,37 @@ def main() -> None:
 
 
 def each_run(results: dict):
-    """(model name, chunk, mode, tokens, run) for every measured case, in run order."""
+    """(model name, chunk, mode, layer groups, tokens, run) for every measured case, in
+    run order."""
     for model, chunks in results["models"].items():
         for chunk, modes in chunks.items():
-            for mode, runs in modes.items():
-                for length, run in runs.items():
-                    yield Path(model).name, chunk, mode, length, run
+            for mode, sweep in modes.items():
+                for groups, runs in sweep.items():
+                    for length, run in runs.items():
+                        yield Path(model).name, chunk, mode, groups, length, run
 
 
 def print_tables(results: dict) -> None:
     print(f"\nTTFT of a lone prompt, median of {results['repeats']} each ({results['workers']}, "
           f"{results['dtype']}): the decode worker prefilling it (aggregated) against the "
           "prefill worker pushing it, alternating")
-    print(f"{'model':<16}{'chunk':>6}{'tokens':>7}{'via':>11}{'aggregated':>12}"
+    print(f"{'model':<16}{'chunk':>6}{'tokens':>7}{'via':>11}{'groups':>7}{'aggregated':>12}"
           f"{'disaggregated':>15}{'added':>8}{'paired':>10}")
-    for model, chunk, mode, length, r in each_run(results):
-        print(f"{model:<16}{chunk:>6}{length:>7}{mode:>11}"
+    for model, chunk, mode, groups, length, r in each_run(results):
+        print(f"{model:<16}{chunk:>6}{length:>7}{mode:>11}{groups:>7}"
               f"{1e3 * r['aggregated_ttft_s']:>10.1f}ms{1e3 * r['ttft_s']:>13.1f}ms"
               f"{100 * r['added']:>+7.1f}%{1e3 * r['paired_added_s']:>+8.1f}ms")
     print("\nPer push (ms; 'push' is the whole push as the sender waits for it, the steps "
-          "inside it overlap; a streamed prompt makes a push per chunk; install: per prompt)")
-    print(f"{'model':<16}{'chunk':>6}{'tokens':>7}{'via':>11}{'pushes':>7}{'MiB':>7}"
-          f"{'export':>8}{'encode':>8}{'push':>8}{'assemble':>10}{'install':>9}{'MiB/s':>8}")
-    for model, chunk, mode, length, run in each_run(results):
+          "inside it overlap; a prompt makes a push per chunk and layer group; install: per "
+          "prompt)")
+    print(f"{'model':<16}{'chunk':>6}{'tokens':>7}{'via':>11}{'groups':>7}{'pushes':>7}"
+          f"{'MiB':>7}{'export':>8}{'encode':>8}{'push':>8}{'assemble':>10}{'install':>9}"
+          f"{'MiB/s':>8}")
+    for model, chunk, mode, groups, length, run in each_run(results):
         s = run["steps"]
         pushes = max(1, s["pushes"])
         mib = s["kv_bytes"] / pushes / 2**20
-        print(f"{model:<16}{chunk:>6}{length:>7}{mode:>11}"
+        print(f"{model:<16}{chunk:>6}{length:>7}{mode:>11}{groups:>7}"
               f"{pushes / results['repeats']:>7.0f}{mib:>7.1f}"
               f"{s['export_ms'] / pushes:>8.1f}{s['encode_ms'] / pushes:>8.1f}"
               f"{s['transfer_ms'] / pushes:>8.1f}{s['assemble_ms'] / pushes:>10.1f}"

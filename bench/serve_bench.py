@@ -14,6 +14,7 @@ generator can be compared against the same server).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import threading
@@ -112,9 +113,8 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool,
                                local_prefill_below_tokens=0,
                                mode="aggregated" if aggregated else "disaggregated",
                                prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5),
-                               prefix_cache=worker_options.prefix_cache,
-                               kv_shared_memory=worker_options.kv_shared_memory,
-                               kv_streaming=worker_options.kv_streaming)
+                               # the cluster's names for the worker options are theirs
+                               **dataclasses.asdict(worker_options))
         cluster = start_ray_cluster(config)
         scheduler = cluster.manager.scheduler
         return cluster, cluster.address, {role: [w.stub.Stats for w in scheduler.workers(role)]

@@ -44,6 +44,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kv-streaming", dest="kv_streaming", action="store_false",
                         default=None, help="push a prompt's K/V after its last prefill chunk "
                                            "instead of each chunk's as it is computed")
+    parser.add_argument("--kv-layer-groups", type=int, default=None,
+                        help="a prefill pass pushes the K/V of each of this many groups of "
+                             "layers while the next group computes; 1: after the pass "
+                             "(default 4)")
 
 
 def _routing_flags(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +92,7 @@ def _model_overrides(args: argparse.Namespace) -> dict:
              "max_sequences": args.max_sequences, "max_total_tokens": args.max_total_tokens,
              "prefill_chunk_tokens": args.prefill_chunk_tokens,
              "prefix_cache": args.prefix_cache, "kv_shared_memory": args.kv_shared_memory,
-             "kv_streaming": args.kv_streaming}
+             "kv_streaming": args.kv_streaming, "kv_layer_groups": args.kv_layer_groups}
     return {k: v for k, v in given.items() if v is not None}
 
 

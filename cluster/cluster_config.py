@@ -82,6 +82,9 @@ class ClusterConfig:
     # A prompt longer than prefill_chunk_tokens has each chunk's K/V pushed while the
     # next chunk computes (off: all of it after the last chunk).
     kv_streaming: bool = True
+    # Within one prefill pass, each of this many groups of layers pushes its K/V while
+    # the next group computes (1: after the pass).
+    kv_layer_groups: int = 4
     kv_weight: float | None = None
     local_prefill_below_tokens: int | None = None
     # What happens to a request whose decode worker dies mid-stream.
@@ -143,7 +146,8 @@ class ClusterConfig:
             raise ClusterConfigError("kv_weight must be >= 0")
         if self.local_prefill_below_tokens is not None and self.local_prefill_below_tokens < 0:
             raise ClusterConfigError("local_prefill_below_tokens must be >= 0")
-        for name in ("max_sequences", "max_total_tokens", "prefill_chunk_tokens"):
+        for name in ("max_sequences", "max_total_tokens", "prefill_chunk_tokens",
+                     "kv_layer_groups"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ClusterConfigError(f"{name} must be >= 1")
@@ -191,7 +195,7 @@ class ClusterConfig:
                                    self.prefill_chunk_tokens)
         return WorkerSpec.of(self.model, self.dtype, self.target, limits,
                              WorkerOptions(self.prefix_cache, self.kv_shared_memory,
-                                           self.kv_streaming))
+                                           self.kv_streaming, self.kv_layer_groups))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ClusterConfig:

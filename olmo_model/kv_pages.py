@@ -103,6 +103,7 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = device
         self._page_tensors: dict[int, Any] = {}
+        self._export_layers: range | None = None  # the layers an export reads (None: all)
         self._real_debug_kernel = library.get_function(_DEBUG_KERNEL)
         sizes = {
             "max_batch_size": limits.max_num_sequences,
@@ -144,12 +145,34 @@ class PagedKVCache:
 
     # --- page transfer ----------------------------------------------------------------
 
+    @property
+    def on_host(self) -> bool:
+        """Whether the pages are host memory that numpy reads without a copy."""
+        return bool(self.pages) and isinstance(self.pages[0], np.ndarray)
+
     def export_sequence(self, seq_id: int, num_tokens: int, begin: int = 0,
-                        out: tuple[np.ndarray, np.ndarray] | None = None) -> KVSnapshot:
+                        out: tuple[np.ndarray, np.ndarray] | None = None,
+                        layers: range | None = None) -> KVSnapshot:
         """Read a sequence's K/V of positions [begin, num_tokens), all of this cache's
         layers; into ``out`` (keys, values: C-contiguous, 64-byte aligned, shaped as
-        ``snapshot_shape``) when given, else into new arrays."""
-        host = bool(self.pages) and isinstance(self.pages[0], np.ndarray)
+        ``snapshot_shape``) when given, else into new arrays.
+
+        With ``layers`` (local indices; host pages and ``out`` only), only those layers
+        of ``out`` are written, and the snapshot holds just them: a group of layers whose
+        K/V a forward pass still running has written already.
+        """
+        host = self.on_host
+        if layers is not None:
+            if out is None or not host:
+                raise ValueError("a layer range is exported from host pages into `out` only")
+            self._export_layers = layers
+            try:
+                self._read(seq_id, begin, num_tokens, *(tvm.runtime.from_dlpack(a) for a in out))
+            finally:
+                self._export_layers = None
+            return KVSnapshot(self.layer_begin + layers.start, self.layer_begin + layers.stop,
+                              out[0][layers.start:layers.stop], out[1][layers.start:layers.stop],
+                              begin)
         if out is not None and host:  # the kernel writes straight into the caller's memory
             self._read(seq_id, begin, num_tokens, *(tvm.runtime.from_dlpack(a) for a in out))
             keys, values = out
@@ -237,6 +260,8 @@ class PagedKVCache:
             return
         # On the host, numpy's gather through the captured views is several times faster
         # than TVM's unscheduled debug kernel, and this read is the KV export path.
+        if self._export_layers is not None and layer not in self._export_layers:
+            return
         page, offset = np.divmod(np.from_dlpack(slot_map), self.limits.page_size)
         np.from_dlpack(k_out)[layer] = views[layer][page, 0, :, offset, :]
         np.from_dlpack(v_out)[layer] = views[layer][page, 1, :, offset, :]

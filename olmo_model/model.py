@@ -9,6 +9,7 @@ layer and the embedding hold group-quantized weights instead (quantized_layers.p
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from tvm import relax as rx
@@ -20,7 +21,7 @@ from tvm.target import Target
 
 from .config import OLMoConfig
 from .quantized_layers import Quantization, QuantizedEmbedding, QuantizedLinear
-from .stages import StageSpec
+from .stages import StageSpec, prefill_layer_function
 
 LAYER_NORM_EPS = 1e-5
 
@@ -128,11 +129,15 @@ class OLMoModel(nn.Module):
                 else QuantizedEmbedding(config.vocab_size, config.hidden_size, quant))
         self.layers = nn.ModuleList([OLMoDecoderLayer(config, quant) for _ in stage.layers])
 
-    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache,
+                layers: range | None = None) -> Tensor:
+        """Run ``layers`` (local indices; all of them by default), and the final norm if
+        they end the model."""
+        layers = layers or range(len(self.layers))
         # The stage-local cache numbers its layers from 0.
-        for cache_layer, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, paged_kv_cache, cache_layer)
-        if self.stage.is_last:
+        for cache_layer in layers:
+            hidden_states = self.layers[cache_layer](hidden_states, paged_kv_cache, cache_layer)
+        if self.stage.is_last and layers.stop == len(self.layers):
             hidden_states = _layer_norm(hidden_states)
         return hidden_states
 
@@ -152,6 +157,12 @@ class OLMoForCausalLM(nn.Module):
                                      out_dtype="float32"))
         self.dtype = "float32"
         self.target: Target | None = None
+        # One prefill function per layer, so that a prefill worker can ship each group of
+        # layers' K/V while the next group computes. The kernels are those of the whole
+        # stage's functions, so they cost almost no compile time.
+        for layer in range(self.stage.num_local_layers):
+            setattr(self, prefill_layer_function(layer),
+                    functools.partial(self._prefill_layer, layer))
 
     def to(self, dtype: str | None = None) -> None:
         super().to(dtype=dtype)
@@ -194,6 +205,11 @@ class OLMoForCausalLM(nn.Module):
 
     def batch_forward_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
         return self._forward(input_embeds, paged_kv_cache)
+
+    def _prefill_layer(self, layer: int, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        """``batch_prefill_to_last_hidden_states`` for one local layer (the stage's last
+        one also final-norms on the last stage)."""
+        return self.model(input_embeds, paged_kv_cache, range(layer, layer + 1)), paged_kv_cache
 
     # --- forward passes that end in logits (full model only) --------------------------
 
@@ -283,6 +299,9 @@ class OLMoForCausalLM(nn.Module):
         ):
             arg = "input_embed" if name.startswith(("prefill", "decode")) else "input_embeds"
             spec[name] = {arg: embeds(*shape), "paged_kv_cache": cache, **packed}
+        for layer in range(self.stage.num_local_layers):
+            spec[prefill_layer_function(layer)] = {"input_embeds": embeds(1, "seq_len"),
+                                                   "paged_kv_cache": cache, **packed}
         if self.stage.is_last:
             spec["get_logits"] = {"hidden_states": embeds("seq_len"), **packed}
             spec["batch_select_last_hidden_states"] = {

@@ -7,7 +7,7 @@ logits; a pipeline stage runner turns the previous stage's hidden states into it
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from .config import OLMoConfig
 from .kv_pages import CacheLimits, KVSnapshot, PagedKVCache
 from .loader import load_stage_params
 from .quantization import activation_dtype
-from .stages import StageSpec
+from .stages import StageSpec, layer_partition, prefill_layer_function
 from .threads import use_every_cpu
 
 _reshape = tvm.get_global_func("vm.builtin.reshape")
@@ -148,12 +148,18 @@ class ModelRunner:
         return self.vm["embed"](ids, self.params)
 
     def forward(self, seq_ids: Sequence[int], lengths: Sequence[int],
-                hidden: tvm.runtime.Tensor | np.ndarray, decode: bool = False
+                hidden: tvm.runtime.Tensor | np.ndarray, decode: bool = False,
+                layer_groups: Sequence[range] = (),
+                after_group: Callable[[range], None] = lambda layers: None
                 ) -> tvm.runtime.Tensor:
         """Run this stage's layers over a ragged batch; returns hidden states ``[total, hidden]``.
 
         ``hidden`` is ``[total, hidden]``: embeddings on the first stage, the previous
         stage's output elsewhere. The last stage's output is final-normed.
+
+        A prefill given several ``layer_groups`` (see ``layer_groups``) runs them one by
+        one and calls ``after_group`` with each but the last once its layers have run:
+        their K/V of this pass is in the cache then, and ``export_kv`` may read it.
         """
         h = self.config.hidden_size
         if isinstance(hidden, np.ndarray):
@@ -164,12 +170,27 @@ class ModelRunner:
             if decode:
                 out, _ = self.vm["batch_decode_to_last_hidden_states"](
                     _reshape(hidden, ShapeTuple([total, 1, h])), self.kv.handle, self.params)
+            elif len(layer_groups) > 1:
+                out = _reshape(hidden, ShapeTuple([1, total, h]))
+                for group in layer_groups:
+                    for layer in group:
+                        out, _ = self.vm[prefill_layer_function(layer)](
+                            out, self.kv.handle, self.params)
+                    if group.stop < self.stage.num_local_layers:
+                        after_group(group)
             else:
                 out, _ = self.vm["batch_prefill_to_last_hidden_states"](
                     _reshape(hidden, ShapeTuple([1, total, h])), self.kv.handle, self.params)
         finally:
             self.kv.end_forward()
         return _reshape(out, ShapeTuple([total, h]))
+
+    def layer_groups(self, count: int) -> list[range]:
+        """The stage's local layers in ``count`` contiguous groups (fewer if it has fewer
+        layers), for ``forward``'s ``layer_groups``."""
+        bounds = layer_partition(self.stage.num_local_layers,
+                                 max(1, min(count, self.stage.num_local_layers)))
+        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
     def select_last(self, hidden: tvm.runtime.Tensor, lengths: Sequence[int]) -> tvm.runtime.Tensor:
         """The hidden state of each sequence's last token, ``[batch, hidden]``."""

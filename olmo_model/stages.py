@@ -67,5 +67,10 @@ class StageSpec:
         return cls.of(num_layers, 1, 0)
 
 
+def prefill_layer_function(local_layer: int) -> str:
+    """The compiled function that prefills one of a stage's layers (its local index)."""
+    return f"batch_prefill_layer{local_layer}_to_hidden_states"
+
+
 def stage_specs(num_layers: int, num_stages: int) -> list[StageSpec]:
     return [StageSpec.of(num_layers, num_stages, s) for s in range(num_stages)]

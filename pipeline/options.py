@@ -14,6 +14,9 @@ class WorkerOptions:
     # A prompt prefilled in several chunks sends each chunk's K/V as soon as it is
     # computed, while the next chunk runs; off: all of it after the last chunk.
     kv_streaming: bool = True
+    # Within one forward pass, a prefill stage runs its layers in this many groups and
+    # pushes each group's K/V while the next computes (1: once the pass is done).
+    kv_layer_groups: int = 4
 
 
 DEFAULT_OPTIONS = WorkerOptions()

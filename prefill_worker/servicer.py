@@ -33,7 +33,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
                  options: WorkerOptions = DEFAULT_OPTIONS):
         self.secret = secret
         self.stage = PrefillStage(runner, secret, share_memory=options.kv_shared_memory,
-                                  streaming=options.kv_streaming)
+                                  streaming=options.kv_streaming,
+                                  layer_groups=options.kv_layer_groups)
         self.engine = PrefillEngine(self.stage, prefix_cache=options.prefix_cache)
         self._jobs: dict[str, PrefillJob] = {}
         self._lock = threading.Lock()

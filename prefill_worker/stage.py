@@ -1,12 +1,14 @@
 """This worker's stage of a prefill instance: its layers, and the K/V it ships.
 
-Every stage runs its layers over a batch, then pushes the K/V the pass computed straight
-to the decode stage(s) owning those layers. A prompt prefilled in several chunks streams:
-each chunk's K/V leaves as one piece while the next chunk computes, the pieces of one
-sequence one after another, so that a failed piece stops the rest (``KVStream``). With the
-prompt's last piece, the last stage sends its last hidden state to the decode stage that
-owns the LM head, and the pass waits for the sequence's pieces to be answered. A
-sequence's K/V stays after it is shipped, as a cached prefix, until the leader releases it.
+Every stage runs its layers over a batch and pushes the K/V the pass computes straight
+to the decode stage(s) owning those layers, as it goes: the stage's layers run in groups,
+and each group's K/V leaves while the next group computes. A prompt prefilled in several
+chunks streams the same way across passes: each chunk's K/V leaves while the next chunk
+computes. The pieces of one sequence go one after another, so that a failed piece stops
+the rest (``KVStream``). With the prompt's last piece, the last stage sends its last
+hidden state to the decode stage that owns the LM head, and the pass waits for the
+sequence's pieces to be answered. A sequence's K/V stays after it is shipped, as a cached
+prefix, until the leader releases it.
 """
 
 from __future__ import annotations
@@ -42,14 +44,31 @@ class KVStream:
     last: Future | None = None   # the latest piece's push; it waits for the one before
 
 
+@dataclasses.dataclass
+class OutgoingKV:
+    """The K/V one pass computed for one stream, read into a buffer and pushed by layer
+    group as the pass goes."""
+
+    slice: SequenceSlice
+    stream: KVStream
+    token_begin: int
+    buffer: Buffer
+    keys: np.ndarray    # [stage layers, tokens, kv_heads, head_dim], filled as sent
+    values: np.ndarray
+    layers_sent: int = 0  # local layers [0, layers_sent) are exported and queued
+
+
 class PrefillStage:
     def __init__(self, runner: ModelRunner, secret: str | None = None, push_threads: int = 4,
-                 share_memory: bool = True, streaming: bool = True):
+                 share_memory: bool = True, streaming: bool = True, layer_groups: int = 4):
         self.runner = runner
         self.spec = runner.stage
         self._layout = model_layout(runner)
         self.sender = KVSender(self._layout, secret, share_memory=share_memory)
         self.streaming = streaming  # push each chunk's K/V as it is computed
+        # Within a pass, push each of this many groups of layers' K/V once it has run
+        # (host pages only: the export reads them while the pass goes on).
+        self.layer_groups = layer_groups
         self.sequences: set[int] = set()
         self._streams: dict[int, KVStream] = {}  # by sequence, while its prompt is prefilled
         self.export_seconds = 0.0  # reading shipped K/V out of the pages
@@ -64,34 +83,36 @@ class PrefillStage:
 
         A slice that ``starts_sequence`` adds it to the cache (a fork of a cached one, or
         empty) and opens its stream, from ``push_from`` on; each later slice sends what
-        it computed (streaming), or the one that ``ends_prompt`` sends it all. Returns
-        the hidden states for the next stage and, by request id, why a sequence's K/V
-        did not all arrive (for the prompts that ended).
+        it computed (streaming), or the one that ``ends_prompt`` sends it all. Within the
+        pass, each group of layers' K/V leaves as soon as the group has run. Returns the
+        hidden states for the next stage and, by request id, why a sequence's K/V did not
+        all arrive (for the prompts that ended).
         """
         seq_ids = [s.seq_id for s in batch.slices]
         lengths = [s.length for s in batch.slices]
-        pieces: list[tuple[SequenceSlice, KVSnapshot, Buffer]] = []
+        outgoing: list[OutgoingKV] = []
         with self._lock:
             self._add_new(batch)
             try:
-                embeds = embed_checked(self.runner, inputs) if self.spec.is_first else inputs
-                out = self.runner.forward(seq_ids, lengths, embeds)
-                last = (self.runner.select_last(out, lengths).numpy()
-                        if self.spec.is_last else None)
-                start = time.perf_counter()
                 for s in batch.slices:
                     if self._piece_due(s):
-                        pieces.append((s, *self._export(s)))
-                self.export_seconds += time.perf_counter() - start
+                        outgoing.append(self._open_piece(s))
+                groups = (self.runner.layer_groups(self.layer_groups)
+                          if outgoing and self.runner.kv.on_host else [])
+                embeds = embed_checked(self.runner, inputs) if self.spec.is_first else inputs
+                out = self.runner.forward(
+                    seq_ids, lengths, embeds, layer_groups=groups,
+                    after_group=lambda layers: self._send_layers(outgoing, layers.stop))
+                if outgoing:
+                    last = (self.runner.select_last(out, lengths).numpy()
+                            if self.spec.is_last else None)
+                    rows = {s.seq_id: i for i, s in enumerate(batch.slices)}
+                    self._send_layers(outgoing, self.spec.num_local_layers, last, rows)
             except Exception:
-                for _, _, buffer in pieces:
-                    self.sender.buffers.give(buffer)
+                for piece in outgoing:
+                    self._abandon(piece)
                 self._remove(seq_ids)
                 raise
-            rows = {s.seq_id: i for i, s in enumerate(batch.slices)}
-            for s, snapshot, buffer in pieces:
-                hidden = last[rows[s.seq_id]] if last is not None and s.ends_prompt else None
-                self._send_piece(self._streams[s.seq_id], snapshot, buffer, hidden)
             ending = [(s.request_id, self._streams.pop(s.seq_id)) for s in batch.slices
                       if s.ends_prompt and s.seq_id in self._streams]
         failures = {}
@@ -142,28 +163,61 @@ class PrefillStage:
             return False
         return self.streaming or s.ends_prompt
 
-    def _export(self, s: SequenceSlice) -> tuple[KVSnapshot, Buffer]:
-        """The sequence's K/V not sent yet, in one of the sender's buffers (shared memory
-        that this host's decode workers may read the push from)."""
+    def _open_piece(self, s: SequenceSlice) -> OutgoingKV:
+        """The sequence's K/V not sent yet, to be read into one of the sender's buffers
+        (shared memory that this host's decode workers may read the push from)."""
         stream = self._streams[s.seq_id]
         shape = self.runner.kv.snapshot_shape(s.total_tokens - stream.pushed_to)
         buffer = self.sender.buffers.take(Buffer.bytes_for(shape, self.runner.dtype))
-        try:
-            out = buffer.arrays(shape, self.runner.dtype)
-            snapshot = self.runner.export_kv(s.seq_id, s.total_tokens, stream.pushed_to, out)
-        except Exception:
-            self.sender.buffers.give(buffer)
-            raise
+        keys, values = buffer.arrays(shape, self.runner.dtype)
+        piece = OutgoingKV(s, stream, stream.pushed_to, buffer, keys, values)
         stream.pushed_to = s.total_tokens
-        return snapshot, buffer
+        return piece
+
+    def _send_layers(self, outgoing: list[OutgoingKV], layer_end: int,
+                     last: np.ndarray | None = None, rows: dict[int, int] | None = None
+                     ) -> None:
+        """Export and queue each piece's layers [sent, ``layer_end``) (local indices); the
+        pieces that end their prompt carry its row of ``last``, the final hidden states,
+        with their stage's last layers."""
+        start = time.perf_counter()
+        for piece in outgoing:
+            layers = range(piece.layers_sent, layer_end)
+            s = piece.slice
+            if len(layers) == self.spec.num_local_layers:  # all at once: any device
+                snapshot = self.runner.export_kv(s.seq_id, s.total_tokens, piece.token_begin,
+                                                 (piece.keys, piece.values))
+            else:
+                snapshot = self.runner.kv.export_sequence(
+                    s.seq_id, s.total_tokens, piece.token_begin, (piece.keys, piece.values),
+                    layers=layers)
+            done = layer_end == self.spec.num_local_layers
+            hidden = last[rows[s.seq_id]] if done and last is not None and s.ends_prompt else None
+            self._send_piece(piece.stream, snapshot, piece.buffer, hidden)
+            piece.layers_sent = layer_end  # queued: the buffer now waits for this push
+            if done:
+                self._give_back_after(piece)
+        self.export_seconds += time.perf_counter() - start
+
+    def _abandon(self, piece: OutgoingKV) -> None:
+        """A pass failed before the piece was all sent: its buffer comes back once what
+        was sent of it has been answered."""
+        if piece.layers_sent < self.spec.num_local_layers:
+            self._give_back_after(piece)
+
+    def _give_back_after(self, piece: OutgoingKV) -> None:
+        """The piece's buffer comes back once the receivers have answered its last push
+        (which waits for those before it), so that no receiver reads it after."""
+        if piece.stream.last is None or piece.layers_sent == 0:
+            self.sender.buffers.give(piece.buffer)
+        else:
+            piece.stream.last.add_done_callback(lambda _: self.sender.buffers.give(piece.buffer))
 
     def _send_piece(self, stream: KVStream, snapshot: KVSnapshot, buffer: Buffer,
                     hidden: np.ndarray | None) -> None:
-        """Queue a piece behind the stream's previous one; its buffer comes back once the
-        receivers have answered (so no receiver reads it after)."""
+        """Queue a piece behind the stream's previous one."""
         stream.last = self._pushers.submit(self._ship, stream, stream.last, snapshot, buffer,
                                            hidden)
-        stream.last.add_done_callback(lambda _: self.sender.buffers.give(buffer))
 
     def _ship(self, stream: KVStream, previous: Future | None, snapshot: KVSnapshot,
               buffer: Buffer, hidden: np.ndarray | None) -> None:

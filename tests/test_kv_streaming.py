@@ -1,4 +1,5 @@
-"""Streamed KV handoff: a prompt prefilled in chunks sends each chunk's K/V as a piece.
+"""Streamed KV handoff: a prompt prefilled in chunks sends each chunk's K/V as a piece,
+and within a pass each group of layers' K/V goes as its own piece.
 
 The output is transformers' whether the K/V streams or goes in one push, in every stage
 layout. At the wire, a decode worker takes pieces of any layer and token range of a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from itertools import pairwise
 
 import grpc
 import numpy as np
@@ -23,6 +25,7 @@ from cluster.local_cluster import start_local_cluster
 from kv_transfer.codec import encode_push
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from olmo_model.stages import layer_partition
 from pipeline.options import WorkerOptions
 from protos import worker_pb2
 from router.client import GenerationClient, generate_request
@@ -48,25 +51,29 @@ def served(cluster, prompts) -> list[list[int]]:
         client.close()
 
 
-@pytest.mark.parametrize("prefill_stages, decode_stages, streaming",
-                         [(1, 1, True), (2, 3, True), (1, 1, False)])
+@pytest.mark.parametrize("prefill_stages, decode_stages, streaming, layer_groups",
+                         [(1, 1, True, 4), (2, 3, True, 2), (1, 1, False, 1)])
 def test_streamed_pieces_give_transformers_output(expected, prefill_stages, decode_stages,
-                                                  streaming):
+                                                  streaming, layer_groups):
     cluster = start_local_cluster(
         DEMO_MODEL_DIR, limits=LIMITS, prefill_stages=prefill_stages,
         decode_stages=decode_stages, options=DISAGGREGATED,
-        worker_options=WorkerOptions(prefix_cache=False, kv_streaming=streaming))
+        worker_options=WorkerOptions(prefix_cache=False, kv_streaming=streaming,
+                                     kv_layer_groups=layer_groups))
     try:
         assert served(cluster, PROMPTS) == expected
-        # Each prefill stage pushes to the decode stages its layers overlap: one push per
-        # chunk streaming, one per prompt otherwise.
-        pieces = sum(-(-len(p) // CHUNK) for p in PROMPTS) if streaming else len(PROMPTS)
+        # A pass pushes each group of a prefill stage's layers to the decode stages it
+        # overlaps: every chunk's pass streaming, the last one otherwise.
+        passes = sum(-(-len(p) // CHUNK) for p in PROMPTS) if streaming else len(PROMPTS)
         scheduler = cluster.router.scheduler
-        overlaps = sum(p.layer_begin < d.layer_end and d.layer_begin < p.layer_end
-                       for p in scheduler.workers("prefill")[0].stages
-                       for d in scheduler.workers("decode")[0].stages)
+        groups = [range(p.layer_begin + a, p.layer_begin + b)
+                  for p in scheduler.workers("prefill")[0].stages
+                  for a, b in pairwise(layer_partition(p.layer_end - p.layer_begin,
+                                                       layer_groups))]
+        overlaps = sum(g.start < d.layer_end and d.layer_begin < g.stop
+                       for g in groups for d in scheduler.workers("decode")[0].stages)
         received = sum(s.pushes for s in leader_stats(cluster.decode))
-        assert received == pieces * overlaps
+        assert received == passes * overlaps
         wait_until_cluster_idle(cluster)
     finally:
         cluster.stop()
@@ -229,7 +236,9 @@ def test_a_receiver_gone_mid_stream_fails_the_request_and_frees_the_prefill_side
         server = next(s for s in cluster.servers if s.port == port)
 
         def first_piece_then_gone(chunks):
-            if receiver.pushes:  # the decode worker's server stops on the second piece
+            # The decode worker's server stops on the second piece: the second of the
+            # first pass's four layer groups, so the stream breaks while the pass runs.
+            if receiver.pushes:
                 threading.Thread(target=server.stop, args=(0,)).start()
                 raise RuntimeError("the decode worker is gone")
             return take(chunks)

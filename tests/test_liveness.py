@@ -152,13 +152,14 @@ def test_a_draining_decode_worker_finishes_its_stream_uncut(cluster):
     try:
         assert [w.address for w in scheduler.workers("decode")] == [other.address]
         assert client.complete(generate_request(PROMPT, max_tokens=4), timeout=30)[0]
-        assert stats(other).pushes == pushes + 1  # the new request went to the other one
+        after = stats(other).pushes  # a piece per layer group
+        assert after > pushes  # the new request went to the other one
         time.sleep(scheduler.STALE_SECONDS + 0.5)  # polled all along: still alive
         assert scheduler.alive(busy[0].address)
         for response in call:
             tokens += list(response.token_ids)
         assert len(tokens) == 400
-        assert stats(other).pushes == pushes + 1  # not resumed there
+        assert stats(other).pushes == after  # not resumed there
     finally:
         scheduler.add(busy[0].address, "decode")
     client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kv_transfer.buffers import Buffer, HostBuffer
 from olmo_model.compiler import compile_model
 from olmo_model.config import OLMoConfig
 from olmo_model.demo import DEMO_MODEL_DIR
@@ -64,6 +65,41 @@ def test_three_uneven_stages_equal_one_stage(five_layer_checkpoint, tied):
             hidden = runner.forward([0, 1], [1, 1], hidden, decode=True)
         np.testing.assert_allclose(stages[-1].logits(hidden), expected, rtol=1e-5, atol=1e-5)
         tokens = [int(t) for t in np.argmax(expected, axis=-1)]
+
+
+def test_layer_groups_run_the_same_pass_and_export_each_group_midway(five_layer_checkpoint):
+    """A prefill pass run group by group (as a prefill worker streams it) gives the whole
+    pass's output, and each group's K/V, read while the later groups have yet to run,
+    is what the cache holds at the end."""
+    runner = ModelRunner.from_checkpoint(five_layer_checkpoint[0])
+    groups = runner.layer_groups(3)
+    assert groups == [range(0, 2), range(2, 4), range(4, 5)]
+    assert runner.layer_groups(9) == [range(i, i + 1) for i in range(5)]
+    prompts = [list(range(3, 40)), [5, 6, 7]]
+    lengths = [len(p) for p in prompts]
+    tokens = np.concatenate(prompts)
+    for seq_id in (0, 1, 2, 3):
+        runner.add_sequence(seq_id)
+    whole = runner.logits(runner.forward([0, 1], lengths, runner.embed(tokens)))
+
+    shape = runner.kv.snapshot_shape(lengths[0])
+    out = HostBuffer(Buffer.bytes_for(shape, "float32")).arrays(shape, "float32")
+    exported = []
+
+    def after(layers):
+        assert layers != groups[-1]  # the last group ends the pass: the caller sends it
+        exported.append(runner.kv.export_sequence(2, lengths[0], 0, out, layers=layers))
+
+    grouped = runner.logits(runner.forward([2, 3], lengths, runner.embed(tokens),
+                                           layer_groups=groups, after_group=after))
+    np.testing.assert_allclose(grouped, whole, rtol=1e-6, atol=1e-6)
+    final = runner.export_kv(0, lengths[0])
+    assert [(s.layer_begin, s.layer_end) for s in exported] == [(0, 2), (2, 4)]
+    for snapshot in exported:
+        layers = slice(snapshot.layer_begin, snapshot.layer_end)
+        np.testing.assert_allclose(snapshot.keys, final.keys[layers], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(snapshot.values, final.values[layers], rtol=1e-6,
+                                   atol=1e-6)
 
 
 def test_kv_import_beside_a_live_sequence_decodes_identically(tiny_checkpoint):
