@@ -97,6 +97,13 @@ def handoff_since(stats_calls: dict, before: dict[str, float]) -> dict[str, floa
     return {name: after[name] - before[name] for name in after}
 
 
+# A lone OLMo-1B prompt of 512 tokens prefills for 15-40 s on half a CPU: more than the
+# router's default 30 s before a first token (after which it is cut and retried) and
+# than the default 30 s lease within which a decode reservation's K/V must come.
+FIRST_TOKEN_TIMEOUT_S = 300.0
+LEASE_MS = 300_000
+
+
 def start_cluster(model: Path, aggregated: bool, use_ray: bool,
                   worker_options: WorkerOptions | None = None, dtype: str | None = None,
                   chunk_tokens: int = 2048):
@@ -113,6 +120,7 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool,
                                local_prefill_below_tokens=0,
                                mode="aggregated" if aggregated else "disaggregated",
                                prefill=RoleConfig(cpus=0.5), decode=RoleConfig(cpus=0.5),
+                               first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S, lease_ms=LEASE_MS,
                                # the cluster's names for the worker options are theirs
                                **dataclasses.asdict(worker_options))
         cluster = start_ray_cluster(config)
@@ -124,7 +132,9 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool,
     cluster = start_local_cluster(model, num_prefill=1, num_decode=1, aggregated=aggregated,
                                   dtype=dtype, limits=limits, http_port=0,
                                   # every prompt pushed, as in the recorded runs
-                                  options=RouterOptions(local_prefill_below=0),
+                                  options=RouterOptions(
+                                      local_prefill_below=0, lease_ms=LEASE_MS,
+                                      first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S),
                                   worker_options=worker_options)
     return cluster, cluster.router_address, {
         role: [lambda request, s=s: s.Stats(request, None) for s in servicers]

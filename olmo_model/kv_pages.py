@@ -258,10 +258,10 @@ class PagedKVCache:
         if not views or not isinstance(views[0], np.ndarray):
             self._real_debug_kernel(pages, slot_map, k_out, v_out, layer)
             return
-        # On the host, numpy's gather through the captured views is several times faster
-        # than TVM's unscheduled debug kernel, and this read is the KV export path.
         if self._export_layers is not None and layer not in self._export_layers:
             return
+        # On the host, numpy's gather through the captured views is several times faster
+        # than TVM's unscheduled debug kernel, and this read is the KV export path.
         page, offset = np.divmod(np.from_dlpack(slot_map), self.limits.page_size)
         np.from_dlpack(k_out)[layer] = views[layer][page, 0, :, offset, :]
         np.from_dlpack(v_out)[layer] = views[layer][page, 1, :, offset, :]

@@ -241,8 +241,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         remaining = call.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         blame = Blame()
+        last_error = ""
         for _ in range(self.max_attempts):
-            attempt = self._start(progress, sampling, deadline, blame, call)
+            try:
+                attempt = self._start(progress, sampling, deadline, blame, call)
+            except ServingError as exc:
+                if last_error:  # a retry found no one: the client learns why it retried
+                    raise ServingError(exc.code, f"{exc.message} (after: {last_error})"
+                                       ) from exc
+                raise
             finished = threading.Event()
             if not call.add_callback(
                     lambda a=attempt, f=finished: None if f.is_set() else a.cancel(
