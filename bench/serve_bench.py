@@ -97,7 +97,7 @@ def handoff_since(stats_calls: dict, before: dict[str, float]) -> dict[str, floa
     return {name: after[name] - before[name] for name in after}
 
 
-# A lone OLMo-1B prompt of 512 tokens prefills for 15-40 s on half a CPU: more than the
+# A lone OLMo-1B prompt of 512 tokens prefills for 15-60 s on half a CPU: more than the
 # router's default 30 s before a first token (after which it is cut and retried) and
 # than the default 30 s lease within which a decode reservation's K/V must come.
 FIRST_TOKEN_TIMEOUT_S = 300.0
