@@ -184,13 +184,10 @@ class PrefillStage:
         for piece in outgoing:
             layers = range(piece.layers_sent, layer_end)
             s = piece.slice
-            if len(layers) == self.spec.num_local_layers:  # all at once: any device
-                snapshot = self.runner.export_kv(s.seq_id, s.total_tokens, piece.token_begin,
-                                                 (piece.keys, piece.values))
-            else:
-                snapshot = self.runner.kv.export_sequence(
-                    s.seq_id, s.total_tokens, piece.token_begin, (piece.keys, piece.values),
-                    layers=layers)
+            snapshot = self.runner.kv.export_sequence(
+                s.seq_id, s.total_tokens, piece.token_begin, (piece.keys, piece.values),
+                # all at once reads any device's pages; a group, host pages only
+                layers=None if len(layers) == self.spec.num_local_layers else layers)
             done = layer_end == self.spec.num_local_layers
             hidden = last[rows[s.seq_id]] if done and last is not None and s.ends_prompt else None
             self._send_piece(piece.stream, snapshot, piece.buffer, hidden)
@@ -208,7 +205,7 @@ class PrefillStage:
     def _give_back_after(self, piece: OutgoingKV) -> None:
         """The piece's buffer comes back once the receivers have answered its last push
         (which waits for those before it), so that no receiver reads it after."""
-        if piece.stream.last is None or piece.layers_sent == 0:
+        if piece.layers_sent == 0:  # nothing of it queued
             self.sender.buffers.give(piece.buffer)
         else:
             piece.stream.last.add_done_callback(lambda _: self.sender.buffers.give(piece.buffer))
