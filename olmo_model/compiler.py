@@ -28,7 +28,7 @@ from .config import OLMoConfig
 from .cpu_schedules import cpu_pipeline
 from .model import OLMoForCausalLM
 from .quantization import MODEL_DTYPES, activation_dtype, weight_format
-from .quantized_kernels import has_integer_dot_kernels
+from .quantized_kernels import integer_dot_isa
 from .quantized_layers import Quantization
 from .stages import StageSpec
 from .threads import use_every_cpu
@@ -50,12 +50,18 @@ def host_llvm_cpu() -> str:
     flags = _cpu_flags()
     if not flags:
         return cpu
-    for feature in ("avx512f", "avx2", "fma", "f16c"):
-        model = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
-        implied = codegen.llvm_cpu_has_features(feature, model)
-        if implied and feature not in flags:
+    model = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+    for feature, flag in _KERNEL_FEATURES:
+        if codegen.llvm_cpu_has_features(feature, model) and flag not in flags:
+            if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
+                return "x86-64-v4"
             return "x86-64-v3" if {"avx2", "fma", "f16c"} <= flags else "x86-64-v2"
     return cpu
+
+
+# The LLVM features our kernels are chosen by, and their names in /proc/cpuinfo.
+_KERNEL_FEATURES = (("avx512vnni", "avx512_vnni"), ("avx512f", "avx512f"), ("avx2", "avx2"),
+                    ("fma", "fma"), ("f16c", "f16c"))
 
 
 def _cpu_flags() -> set[str]:
@@ -95,7 +101,7 @@ def compile_model(
         f"{tvm_target.kind.name} ({dtype}) ...")
     start = time.perf_counter()
     fmt = weight_format(dtype)
-    quant = Quantization(fmt, has_integer_dot_kernels(tvm_target)) if fmt else None
+    quant = Quantization(fmt, integer_dot_isa(tvm_target)) if fmt else None
     model = OLMoForCausalLM(config, stage, quant)
     model.to(activation_dtype(dtype))
     model.target = tvm_target

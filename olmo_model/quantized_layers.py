@@ -2,9 +2,9 @@
 
 Their parameters are the stored weights and scales of quantization.py, named
 ``q_weight`` and ``q_scale`` after the float weight they replace (the loader quantizes
-that weight into them). On an x86 CPU with AVX2 every matmul, decode or prefill, takes
-the integer-dot ``quantized_matmul`` (quantized_kernels.py); other targets dequantize W
-and let TVM schedule a dense matmul.
+that weight into them). On an x86 CPU with AVX-512 VNNI or AVX2 every matmul, decode or
+prefill, takes the integer-dot ``quantized_matmul`` (quantized_kernels.py); other targets
+dequantize W and let TVM schedule a dense matmul.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from .quantization import WeightFormat
 
 @dataclasses.dataclass(frozen=True)
 class Quantization:
-    """How a model's weights are quantized, and whether its target has ``quantized_matmul``."""
+    """How a model's weights are quantized, and the instruction set of its target's
+    ``quantized_matmul`` (None: the target has none)."""
 
     fmt: WeightFormat
-    integer_dot: bool
+    integer_dot: str | None
 
 
 class _QuantizedWeight(nn.Module):
@@ -43,12 +44,12 @@ class _QuantizedWeight(nn.Module):
     def matmul(self, x: Tensor, out_dtype: str) -> Tensor:
         """``x @ W.T`` for x of shape ``[..., in_features]``."""
         *lead, k = x.shape
-        if self.quant.integer_dot:  # an x86 CPU with AVX2: our kernel, any number of rows
+        if self.quant.integer_dot:  # an x86 CPU: our kernel, any number of rows
             rows = 1
             for extent in lead:
                 rows = rows * extent
             func = kernels.quantized_matmul(self.quant.fmt, self.out_features, k, x.dtype,
-                                            out_dtype)
+                                            out_dtype, self.quant.integer_dot)
             y = op.tensor_ir_op(func, "quantized_matmul",
                                 [op.reshape(x, (rows, k)), self.q_weight, self.q_scale],
                                 Tensor.placeholder((rows, self.out_features), out_dtype))

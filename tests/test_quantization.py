@@ -17,7 +17,13 @@ from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits
 from olmo_model.loader import load_stage_params
 from olmo_model.quantization import FORMATS, MODEL_DTYPES, TILE_ROWS, dequantize, quantize
-from olmo_model.quantized_kernels import has_integer_dot_kernels, quantized_matmul
+from olmo_model.quantized_kernels import (
+    AVX2,
+    AVX512_VNNI,
+    INSTRUCTION_SETS,
+    integer_dot_isa,
+    quantized_matmul,
+)
 from olmo_model.runtime import ModelRunner
 from olmo_model.stages import StageSpec
 from protos import worker_pb2
@@ -25,7 +31,7 @@ from router.service import RouterOptions
 
 FORMAT_NAMES = list(FORMATS)
 # Logits against transformers on the same (dequantized) weights, relative to the largest:
-# float16 activations (float16 weights alone give 1e-3 here), and on AVX2 every matmul
+# float16 activations (float16 weights alone give 1e-3 here), and on x86 every matmul
 # quantizes its rows of activations to int8 per group of 32, as llama.cpp's dot products
 # do: 0.5-3.7% on this small random model.
 LOGIT_RTOL = 5e-2
@@ -151,21 +157,31 @@ def emulate_quantized_matmul(x: np.ndarray, stored: np.ndarray, scale: np.ndarra
     return (dots * w_scale[None] * x_scale[:, None, :]).sum(axis=-1)
 
 
-@pytest.mark.skipif(not has_integer_dot_kernels(resolve_target("llvm")),
-                    reason="the integer-dot kernels need an x86 CPU with AVX2")
+def host_runs(isa: str) -> bool:
+    """Whether this machine's CPU runs ``quantized_matmul`` built for ``isa``."""
+    best = integer_dot_isa(resolve_target("llvm"))
+    return best is not None and INSTRUCTION_SETS.index(best) <= INSTRUCTION_SETS.index(isa)
+
+
+@pytest.mark.parametrize("isa", INSTRUCTION_SETS)
 @pytest.mark.parametrize("name", FORMAT_NAMES)
-def test_quantized_matmul_kernel_equals_its_integer_arithmetic(name):
+def test_quantized_matmul_kernel_equals_its_integer_arithmetic(name, isa):
+    # Both instruction sets wherever the CPU runs them (an AVX-512 VNNI CPU runs the
+    # AVX2 kernel too), so the one a CPU without VNNI takes is checked here as well.
+    if not host_runs(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernel (see the test that builds it)")
     fmt = FORMATS[name]
     n, k = TILE_ROWS * 9, 256
     rng = np.random.default_rng(2)
     stored, scale = quantize(awkward_weight(n, k, seed=3), fmt)
-    target = resolve_target("llvm")
-    lib = tvm.compile(tvm.IRModule({"main": quantized_matmul(fmt, n, k, "float16", "float32")
-                                    .with_attr("global_symbol", "main")}), target=target)
+    lib = tvm.compile(tvm.IRModule({"main": quantized_matmul(fmt, n, k, "float16", "float32", isa)
+                                    .with_attr("global_symbol", "main")}),
+                      target=resolve_target("llvm"))
     dev = tvm.cpu()
-    for m in (1, 9, 14):  # one row; blocks of ROW_BLOCK rows with pairs and singles left
+    for m in (1, 9, 15):  # one row; blocks of row_block rows with pairs and singles left
         x = rng.standard_normal((m, k)).astype(np.float16)
         x[0, :32] = 0  # an all-zero activation group
+        x[-1, 32:64] = -x[-1, 32:64].max()  # a group whose peak is negative: int8 -127
         out = tvm.runtime.empty((m, n), "float32", dev)
         lib(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(stored, dev),
             tvm.runtime.tensor(scale, dev), out)
@@ -173,6 +189,21 @@ def test_quantized_matmul_kernel_equals_its_integer_arithmetic(name):
         # Same integers, so only the float32 order of additions differs.
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5,
                                    atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_each_instruction_set_builds_for_a_cpu_that_has_it(name):
+    # A CPU without AVX-512 cannot run the VNNI kernel, but it can still build it: the
+    # instructions each kernel is made of are there, whatever this machine runs.
+    fmt = FORMATS[name]
+    for isa, mcpu, instruction in ((AVX512_VNNI, "znver4", "vpdpbusd"),
+                                   (AVX2, "haswell", "vpmaddubsw")):
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+        assert integer_dot_isa(target) == isa
+        lib = tvm.compile(tvm.IRModule({"main": quantized_matmul(fmt, 64, 128, "float16",
+                                                                 "float16", isa)
+                                        .with_attr("global_symbol", "main")}), target=target)
+        assert instruction in lib.mod.inspect_source("asm")
 
 
 # --- the compiled model, against transformers on the same weights ----------------------
