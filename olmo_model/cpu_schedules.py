@@ -40,11 +40,37 @@ from .cpu_attention import VECTOR_LANES, ParallelAttention, static_extent
 # This file's version is artifact.CPU_SCHEDULE_SET (in the cache key and every artifact's
 # meta): bump it there on any schedule change.
 
-# Register tile of the matmul kernel: TILE_ROWS rows of x times TILE_COLS rows of W,
-# each accumulating VECTOR_LANES partial sums: 3 x 4 = 12 of the 16 ymm registers,
-# fed by 3 + 4 loads per 12 FMAs, so the loop is FMA-bound rather than load-bound.
-TILE_ROWS = 3
-TILE_COLS = 4
+
+@dataclasses.dataclass(frozen=True)
+class MatmulTiles:
+    """The dot-product kernel's register tile, and from how many rows a prefill-shaped
+    matmul takes the outer-product kernel instead, for one register file."""
+
+    rows: int  # rows of x per tile
+    cols: int  # rows of W per tile: rows x cols accumulators of VECTOR_LANES partial sums
+    pack_min_rows: dict[int, int]  # by bytes per weight (4: float32, 2: float16)
+
+
+# AVX2's 16 ymm registers: 3 x 4 = 12 accumulators, fed by 3 + 4 loads per 12 FMAs, so
+# the loop is FMA-bound rather than load-bound. On OLMo-1B shapes (a Zen 2-class EPYC)
+# the two kernels cost the same at 32 to 64 rows; at 7 rows the repacking made a forward
+# 150 ms slower, at 512 the outer products 1.6 s faster.
+AVX2_TILES = MatmulTiles(rows=3, cols=4, pack_min_rows={4: 48, 2: 48})
+# AVX-512 (the same ymm code, encoded to reach 32 registers): 4 x 4 = 16 accumulators, so
+# a batch of 8 needs no padded ninth row. Measured on a Zen 4 EPYC, OLMo-1B shapes, two
+# threads: a batch-8 float16 step 13-17% faster than 3 x 4; at 128 rows 205-211 GFLOP/s,
+# against 197-203 for 3 x 4 and 178 for the outer products (whose repacking of W the
+# rows no longer pay for), which win again only at 512 rows in float16 (205 against 194
+# on the 2048 x 8192 down projection) and from about 128 in float32.
+AVX512_TILES = MatmulTiles(rows=4, cols=4, pack_min_rows={4: 128, 2: 384})
+
+
+def matmul_tiles(target: Target) -> MatmulTiles:
+    """The tiles for ``target``'s register file (32 vector registers with AVX-512)."""
+    has_avx512 = tvm.target.codegen.llvm_cpu_has_features("avx512f", target)
+    return AVX512_TILES if has_avx512 else AVX2_TILES
+
+
 # Weight rows one thread works through for all x rows before moving on: sized so the
 # block of W (rows x K) stays in the per-core L2 (1 MiB on this EPYC, 512 KiB on Zen 3)
 # while every tile of x streams past.
@@ -53,11 +79,7 @@ WEIGHT_BLOCK_BYTES = 256 * 1024
 # 6 x 2 vectors = 12 accumulators, fed per step of k by 6 broadcasts and 2 loads of W.
 PACKED_ROWS = 6
 PACKED_COLS = 2 * 8
-# From this many rows on, a prefill-shaped matmul repacks W and takes the outer-product
-# kernel: on OLMo-1B shapes the two kernels cost the same at 32 to 64 rows; at 7 rows the
-# repacking made a forward 150 ms slower, at 512 the outer products 1.6 s faster.
-PACK_MIN_ROWS = 48
-# Decode-shaped matmuls prefetch W this many tiles (TILE_COLS rows) ahead; 1 to 3 measured
+# Decode-shaped matmuls prefetch W this many tiles (of MatmulTiles.cols rows) ahead; 1 to 3 measured
 # alike on OLMo-1B shapes, 4 and more worse (prefetched lines evicted before use).
 PREFETCH_TILES_AHEAD = 2
 # A static row count up to this is decode-shaped (see _MatmulShape.few_rows).
@@ -223,7 +245,8 @@ def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sc
     Decode-shaped calls (a row per running sequence) take the dot-product kernel with
     software prefetch: W is read once, from memory, and that is the cost. Prefill-shaped
     calls (a row per token) are compute-bound once there are enough rows: at
-    PACK_MIN_ROWS rows or more they take the outer-product kernel, which repacks each
+    ``matmul_tiles(target).pack_min_rows`` rows or more (by weight dtype) they take the
+    outer-product kernel, which repacks each
     block of W first and then runs near the FMA peak; below that the repacking costs
     more than it saves, and they take the dot-product kernel too (as do matmuls whose W
     does not split into whole panels). The row count is symbolic, so that choice is a
@@ -240,9 +263,10 @@ def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sc
     small = _dot_product_kernel(func, target, prefetch=False)
     large = _outer_product_kernel(func, target)
     rows = shape.row_extent
+    pack_min_rows = matmul_tiles(target).pack_min_rows[shape.weight_bytes]
     if static_extent(rows) is not None:
-        return large if static_extent(rows) >= PACK_MIN_ROWS else small
-    return _branch_on(func, rows >= tirx.const(PACK_MIN_ROWS, str(rows.ty)), large, small)
+        return large if static_extent(rows) >= pack_min_rows else small
+    return _branch_on(func, rows >= tirx.const(pack_min_rows, str(rows.ty)), large, small)
 
 
 def _the_matmul(sch: s_tir.Schedule) -> tuple | None:
@@ -285,18 +309,19 @@ def _prepare(func: tirx.PrimFunc, tile_rows: int) -> tuple:
 
 def _dot_product_kernel(func: tirx.PrimFunc, target: Target, prefetch: bool
                         ) -> s_tir.Schedule:
-    """TILE_ROWS rows of x times TILE_COLS rows of W, each a dot product along k.
+    """A tile of rows of x times rows of W (``matmul_tiles``), each a dot product along k.
 
     The reduction is split into VECTOR_LANES-wide partial sums (``rfactor`` onto the last
     axis, so W and x are both read contiguously along k, as they lie in memory), summed
     across lanes when the tile is done. Every W vector loaded serves several rows of x
     and every x vector several rows of W. Threads split W's rows into blocks. The row
-    count of x is padded up to a multiple of TILE_ROWS (a copy of x, small next to W) so
+    count of x is padded up to a multiple of the tile's rows (a copy of x, small next to W) so
     the tile needs no bounds checks; the epilogue (residual add, cast) runs in the same
     parallel iteration while the results are still in registers.
     """
-    sch, matmul, shape, epilogue, tile_rows = _prepare(func, TILE_ROWS)
-    tile_cols = _largest_divisor(shape.n, 1, TILE_COLS)
+    tiles = matmul_tiles(target)
+    sch, matmul, shape, epilogue, tile_rows = _prepare(func, tiles.rows)
+    tile_cols = _largest_divisor(shape.n, 1, tiles.cols)
     block_cols = _largest_divisor(shape.n, tile_cols, _block_cols_limit(shape, target))
     *lead, _, k = sch.get_loops(matmul)
     _, lanes = sch.split(k, [None, VECTOR_LANES])
@@ -305,9 +330,8 @@ def _dot_product_kernel(func: tirx.PrimFunc, target: Target, prefetch: bool
     m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     m_outer, m_inner = sch.split(m, [None, tile_rows])
     n_block, n_tile, n_inner = sch.split(n, [None, block_cols // tile_cols, tile_cols])
-    # Inside a tile, W's rows are outside x's rows: one W vector and the tile's three x
-    # vectors are live at a time, which with the 12 accumulators is exactly the 16 ymm
-    # registers.
+    # Inside a tile, W's rows are outside x's rows: one W vector and the tile's x vectors
+    # are live at a time besides the accumulators (3 + 1 + 12: AVX2's 16 ymm registers).
     if shape.few_rows:
         # Decode: every tile of x's rows meets a tile of W's rows while it is in L1, so W
         # is read from memory once and at an even pace.
@@ -478,7 +502,7 @@ def _block_cols_limit(shape: _MatmulShape, target: Target) -> int:
     """Rows of W per parallel task: what fits WEIGHT_BLOCK_BYTES, yet 4+ tasks per core."""
     cores = int(target.attrs.get("num-cores", 1) or 1)
     fits = WEIGHT_BLOCK_BYTES // (shape.k * shape.weight_bytes)
-    return max(TILE_COLS, min(fits, shape.n // (4 * cores)))
+    return max(matmul_tiles(target).cols, min(fits, shape.n // (4 * cores)))
 
 
 def _epilogue_chain(sch: s_tir.Schedule, blocks: list, matmul: s_tir.schedule.SBlockRV

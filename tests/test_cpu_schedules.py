@@ -19,14 +19,22 @@ from olmo_model.cpu_attention import (
     prefill_ragged_attention,
 )
 from olmo_model.cpu_schedules import (
-    PACK_MIN_ROWS,
+    AVX2_TILES,
+    AVX512_TILES,
     HalfMatmulAccumulateInFloat32,
     cpu_pipeline,
     matmul_rule,
+    matmul_tiles,
 )
 from olmo_model.runtime import ModelRunner
 
 TARGET = resolve_target("llvm")
+# The host's own tiles, and where the host runs AVX-512, AVX2's as well: the tiles of a CPU
+# without it (16 registers) are checked here too.
+AVX2_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3",
+                                 "num-cores": TARGET.attrs.get("num-cores", 1)})
+TARGETS = [TARGET] + ([AVX2_TARGET] if matmul_tiles(TARGET) != AVX2_TILES else [])
+TARGET_IDS = [str(matmul_tiles(t).rows) + "x" + str(matmul_tiles(t).cols) for t in TARGETS]
 
 
 def _linear_module(k: int, n: int, dtype: str, residual: bool,
@@ -50,31 +58,34 @@ def _linear_module(k: int, n: int, dtype: str, residual: bool,
     return bb.get()
 
 
-def _run(mod: tvm.IRModule, *arrays: np.ndarray) -> np.ndarray:
-    with TARGET:
-        executable = tvm.compile(mod, TARGET, relax_pipeline=cpu_pipeline(TARGET))
+def _run(mod: tvm.IRModule, *arrays: np.ndarray, target: tvm.target.Target = TARGET
+         ) -> np.ndarray:
+    with target:
+        executable = tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
 
 
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
 @pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize(("k", "n", "residual"), [(64, 96, True), (96, 320, False),
                                                    (4096, 8, True), (6144, 48, False),
                                                    (128, 40, True)])
-def test_matmul_matches_numpy_for_any_row_count(k, n, residual, decode):
-    # Rows 1..8 cover decode, 3 and 6 the tile exactly, 5 and 7 the padding; from 48 on
-    # (PACK_MIN_ROWS) a prefill takes the outer-product kernel, whose tile is 6 rows (49
-    # pads); k = 4096 is a long reduction with N smaller than one block, k = 6144 one
-    # that is not a power of two; N = 8 and 40 are not whole panels of 16.
+def test_matmul_matches_numpy_for_any_row_count(k, n, residual, decode, target):
+    # Rows 1..9 cover decode, the tiles (3 or 4 rows) exactly and the padding; from
+    # pack_min_rows on a prefill takes the outer-product kernel, whose tile is 6 rows (so
+    # one past it pads); k = 4096 is a long reduction with N smaller than one block,
+    # k = 6144 one that is not a power of two; N = 8 and 40 are not whole panels of 16.
     rng = np.random.default_rng(0)
     mod = _linear_module(k, n, "float32", residual, decode=decode)
     w = rng.standard_normal((n, k), dtype=np.float32)
-    for m in (1, 2, 3, 5, 6, 7, 8, 47, 48, 49, 130):
+    pack_min_rows = matmul_tiles(target).pack_min_rows[4]
+    for m in (*range(1, 10), pack_min_rows - 1, pack_min_rows, pack_min_rows + 1):
         shape = (m, 1) if decode else (1, m)
         x = rng.standard_normal((*shape, k), dtype=np.float32)
         r = rng.standard_normal((*shape, n), dtype=np.float32)
         expected = x @ w.T + (r if residual else 0)
-        ours = _run(mod, x, w, r)
+        ours = _run(mod, x, w, r, target=target)
         np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
@@ -88,34 +99,47 @@ def test_matmul_with_a_static_row_count(rows):
     np.testing.assert_allclose(ours, x @ w.T + r, rtol=1e-4, atol=1e-3)
 
 
-def _scheduled_linear(k: int, n: int, decode: bool, dtype: str = "float32") -> str:
+def _scheduled_linear(k: int, n: int, decode: bool, dtype: str = "float32",
+                      target: tvm.target.Target = TARGET) -> str:
     mod = relax.transform.LegalizeOps()(relax.transform.FuseTransposeMatmul()(
         _linear_module(k, n, dtype, False, decode=decode)))
     kernels = [f for g, f in mod.functions_items() if g.name_hint.startswith("NT_matmul")]
     assert len(kernels) == 1
-    schedule = matmul_rule.apply(kernels[0], TARGET, False)
+    schedule = matmul_rule.apply(kernels[0], target, False)
     assert schedule is not None
     return schedule.mod.script()
 
 
-def test_each_matmul_shape_gets_its_kernel():
-    decode = _scheduled_linear(64, 96, decode=True)
-    prefill = _scheduled_linear(64, 96, decode=False)
-    unpanelled = _scheduled_linear(64, 40, decode=False)  # 40 rows of W: not whole panels
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_each_matmul_shape_gets_its_kernel(dtype, target):
+    decode = _scheduled_linear(64, 96, True, dtype, target)
+    prefill = _scheduled_linear(64, 96, False, dtype, target)
+    unpanelled = _scheduled_linear(64, 40, False, dtype, target)  # not whole panels
     # Decode: the dot-product kernel with prefetches; W is never repacked.
     assert "prefetch" in decode and "w_global" not in decode
     # Prefill: W repacked into panels (w_global) for the outer products from
-    # PACK_MIN_ROWS rows on, the dot-product kernel below.
-    assert f"if m >= T.int64({PACK_MIN_ROWS})" in prefill and "w_global" in prefill
+    # pack_min_rows rows on (by weight dtype), the dot-product kernel below.
+    pack_min_rows = matmul_tiles(target).pack_min_rows[np.dtype(dtype).itemsize]
+    assert f"if m >= T.int64({pack_min_rows})" in prefill and "w_global" in prefill
     assert "prefetch" not in prefill
     assert "w_global" not in unpanelled and "if m >=" not in unpanelled
 
 
-@pytest.mark.parametrize("m", [3, 60])  # the dot-product and the outer-product kernel
-def test_float16_matmul_accumulates_in_float32(m):
+def test_targets_with_avx512_get_the_larger_register_tile():
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert matmul_tiles(avx512) == AVX512_TILES and matmul_tiles(AVX2_TARGET) == AVX2_TILES
+    # Accumulators, the tile's x vectors and a W vector fit the register file.
+    for tiles, registers in ((AVX512_TILES, 32), (AVX2_TILES, 16)):
+        assert tiles.rows * tiles.cols + tiles.rows + 1 <= registers
+
+
+@pytest.mark.parametrize("kernel", ["dot product", "outer product"])
+def test_float16_matmul_accumulates_in_float32(kernel):
     # A float16 running sum of 4096 products would be off by far more than 1e-3.
     rng = np.random.default_rng(1)
     k, n = 4096, 16
+    m = 3 if kernel == "dot product" else matmul_tiles(TARGET).pack_min_rows[2] + 1
     x = rng.uniform(0.5, 1.0, (1, m, k)).astype(np.float16)
     w = rng.uniform(0.5, 1.0, (n, k)).astype(np.float16)
     mod = _linear_module(k, n, "float16", False)

@@ -28,8 +28,9 @@ VARIANTS = {
 }
 
 # The long prompt alone (60 tokens) and the ragged batch (68) are past the row count at
-# which prefill matmuls switch kernels (cpu_schedules.PACK_MIN_ROWS); greedy decoding's
-# 8-token prompt is below it.
+# which prefill matmuls switch kernels on AVX2 CPUs (cpu_schedules.AVX2_TILES; with
+# AVX-512 they switch later, and tests/test_cpu_schedules.py checks both kernels on
+# both); greedy decoding's 8-token prompt is below it.
 PROMPTS = [[5, 17, 42, 9, 3, 250, 11], list(range(30, 90)), [7]]
 
 
