@@ -10,9 +10,12 @@ writes JSON. Medians of several runs; the machine is shared, so compare within a
     python3 bench/model_bench.py [--small] [--dtype float16 q8f16 q4f16] [--repeats 3]
                                  [--out bench/results/model_bench.json]
 
-``q4f16``/``q8f16`` quantize the weights as they load (README, "Quantized weights");
-with float16 in the same run the table also sets our quantized/float16 decode ratios
-beside llama.cpp's, recorded on this machine (LLAMA_CPP_RECORDED).
+``q4f16``/``q8f16`` quantize the weights as they load (README, "Quantized weights").
+Where a llama.cpp build is at hand (``--llama-cpp DIR``, ``$LLAMA_CPP_BIN`` or
+``llama-bench`` on the PATH), llama.cpp runs the same checkpoint in the same run, each
+of our dtypes in its weight type (F32, F16, Q8_0, Q4_0: bench/llama_cpp.py), and the
+table sets the two side by side; otherwise, with float16 in the run, it sets our
+quantized/float16 decode ratios beside llama.cpp's recorded ones (LLAMA_CPP_RECORDED).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from checkpoints import OLMO_1B, SMALL, make_checkpoint
+from llama_cpp import LLAMA_TYPES, find_llama_cpp, gguf_files, median_of_rounds, run_llama_bench
 from read_bandwidth import kernel_read_bandwidth
 from recording import write_results
 
@@ -70,7 +75,11 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_steps: int,
-               dtype: str = "float32") -> dict:
+               dtype: str = "float32", between_rounds: Callable[[], None] = lambda: None
+               ) -> dict:
+    """Our model in ``dtype``: compile and load, then ``repeats`` rounds of prefills and
+    decode steps; figures are medians over the rounds. ``between_rounds`` runs after each
+    round (llama.cpp's turn, so that both see the same minutes of this shared machine)."""
     from olmo_model.compiler import compile_model
     from olmo_model.config import OLMoConfig
     from olmo_model.kv_pages import CacheLimits
@@ -96,28 +105,39 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
            "weight_bytes": sum(p.nbytes for p in params),
            "schedule_set": artifact.schedule_set, "tvm_threads": tvm.runtime.num_threads()}
     rng = np.random.default_rng(1)
-    for n in prefill_lengths:
-        prompt = rng.integers(0, config.vocab_size, n).tolist()
+    prompts = {n: rng.integers(0, config.vocab_size, n).tolist() for n in prefill_lengths}
 
-        def prefill(prompt=prompt):
-            runner.add_sequence(0)
-            runner.prefill([0], [prompt])
-            runner.remove_sequence(0)
+    def prefill(prompt: list[int]) -> float:
+        t = time.perf_counter()
+        runner.add_sequence(0)
+        runner.prefill([0], [prompt])
+        runner.remove_sequence(0)
+        return time.perf_counter() - t
 
-        out[f"prefill_{n}_s"] = timed(prefill, repeats)
-    for batch in (1, 8):
+    def decode_ms(batch: int, steps: int) -> float:
         ids = list(range(batch))
         for seq_id in ids:
             runner.add_sequence(seq_id)
         runner.prefill(ids, [[1, 2, 3, 4]] * batch)
-        steps = []
-        for _ in range(decode_steps):
+        samples = []
+        for _ in range(steps):
             t = time.perf_counter()
             runner.decode(ids, [5] * batch)
-            steps.append(time.perf_counter() - t)
+            samples.append(time.perf_counter() - t)
         for seq_id in ids:
             runner.remove_sequence(seq_id)
-        out[f"decode_b{batch}_ms"] = 1000 * statistics.median(steps)
+        return 1000 * statistics.median(samples)
+
+    prefill(prompts[min(prefill_lengths)])  # warm: the cache's pages touched, code loaded
+    decode_ms(1, 2)
+    rounds = []
+    for _ in range(repeats):
+        figures = {f"prefill_{n}_s": prefill(prompt) for n, prompt in prompts.items()}
+        rounds.append({**figures, **{f"decode_b{batch}_ms": decode_ms(batch, decode_steps)
+                                     for batch in (1, 8)}})
+        between_rounds()
+    out.update({key: statistics.median(r[key] for r in rounds) for key in rounds[0]})
+    out["rounds"] = rounds
     return out
 
 
@@ -159,6 +179,9 @@ def main() -> None:
                              "(transformers stays float32); q4f16/q8f16 quantize the "
                              "weights as they load")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--llama-cpp", type=Path, help="folder with llama-bench and "
+                        "llama-quantize, to run llama.cpp on the same checkpoint (default: "
+                        "$LLAMA_CPP_BIN, then the PATH; skipped if none)")
     parser.add_argument("--checkpoint-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "olmo-bench-checkpoints")
     parser.add_argument("--out", type=Path, default=Path("bench/results/model_bench.json"))
@@ -169,14 +192,29 @@ def main() -> None:
     folder = make_checkpoint(args.checkpoint_dir / name, shape)
     weight_bytes = (folder / "model.safetensors").stat().st_size  # float32
     bandwidth = {**memory_bandwidth(), **kernel_read_bandwidth()}
-    by_dtype = {}
+    llama_tools = find_llama_cpp(args.llama_cpp)
+    llama_models = gguf_files(llama_tools, folder, args.dtype) if llama_tools else {}
+    threads = len(os.sched_getaffinity(0))
+    by_dtype, llama = {}, {}
     for dtype in args.dtype:
-        ours = bench_ours(folder, args.repeats, args.prefill, args.decode_steps, dtype)
+        theirs: list[dict] = []
+        model = llama_models.get(dtype)
+
+        def llama_round(model=model, theirs=theirs) -> None:
+            if model is not None:
+                theirs.append(run_llama_bench(llama_tools, model, threads, 1, args.prefill))
+
+        ours = bench_ours(folder, args.repeats, args.prefill, args.decode_steps, dtype,
+                          between_rounds=llama_round)
         # What a decode step reads: the parameters as loaded (quantized ones with scales).
         ours["decode_floor_ms"] = 1000 * ours["weight_bytes"] / (
             bandwidth["read_kernel_gbps"] * 1e9)
         ours["decode_b1_weight_gbps"] = ours["weight_bytes"] / ours["decode_b1_ms"] / 1e6
         by_dtype[dtype] = ours
+        if theirs:
+            llama[dtype] = {"type": LLAMA_TYPES[dtype], **median_of_rounds(theirs),
+                            "rounds": theirs,
+                            "ours_over_theirs": paired_ratios(ours["rounds"], theirs)}
     first = by_dtype[args.dtype[0]]
     results = {
         "shape": name, "weight_bytes": weight_bytes, "dtype": args.dtype[0],
@@ -184,13 +222,21 @@ def main() -> None:
         "decode_floor_ms": first["decode_floor_ms"], "ours": first, "ours_by_dtype": by_dtype,
         "tvm_num_threads": first["tvm_threads"],
     }
-    if name == "olmo-1b":
+    if llama:
+        results["llama_cpp"] = llama
+    elif name == "olmo-1b":
         results["llama_cpp_recorded"] = LLAMA_CPP_RECORDED
     if not args.skip_transformers:
         results["transformers"] = bench_transformers(folder, args.repeats, args.prefill,
                                                      args.decode_steps)
     print_table(results, args.prefill)
     write_results(args.out, results)
+
+
+def paired_ratios(ours: list[dict], theirs: list[dict]) -> dict:
+    """Median over rounds of ours / llama.cpp's figure of the same round."""
+    return {key: statistics.median(o[key] / t[key] for o, t in zip(ours, theirs))
+            for key in theirs[0] if key in ours[0]}
 
 
 # llama.cpp on this machine (issue 18: 2 threads, an OLMo-1B-shaped random checkpoint
@@ -236,6 +282,8 @@ def print_table(results: dict, prefill_lengths: list[int]) -> None:
         print(f"{label:<28}" + "".join(f"{c:>15.3f}" if c is not None else f"{'-':>15}"
                                        for c in cells)
               + (f"{theirs:>14.3f}" if theirs else f"{'-':>14}"))
+    if results.get("llama_cpp"):
+        print_llama_cpp_table(by_dtype, results["llama_cpp"], prefill_lengths)
     llama = results.get("llama_cpp_recorded")
     if llama and "float16" in by_dtype:
         print("\nagainst float16 in this run (ours) and llama.cpp's recorded F16 (theirs):")
@@ -244,6 +292,27 @@ def print_table(results: dict, prefill_lengths: list[int]) -> None:
                 ours = by_dtype[d]["decode_b1_ms"] / by_dtype["float16"]["decode_b1_ms"]
                 theirs = llama[d]["decode_b1_ms"] / llama["float16"]["decode_b1_ms"]
                 print(f"  decode b1 {d} / float16: ours {ours:.2f}, llama.cpp {theirs:.2f}")
+
+
+
+def print_llama_cpp_table(by_dtype: dict, llama: dict, prefill_lengths: list[int]) -> None:
+    """Ours against llama.cpp per dtype: each one's median, and the median of the rounds'
+    ratios (ours / llama.cpp; below 1, ours is faster)."""
+    some = next(iter(llama.values()))
+    print(f"\nagainst llama.cpp in this run (build {some.get('build_commit')}, "
+          f"{some.get('threads')} threads, the same checkpoint, rounds interleaved); each "
+          "cell: llama.cpp, ours, ours / llama.cpp (median of the rounds' ratios)")
+    metrics = [(f"prefill {n} (s)", f"prefill_{n}_s") for n in prefill_lengths]
+    metrics.append(("decode b1 (ms)", "decode_b1_ms"))
+    print(f"{'dtype':<9}{'llama.cpp':>10}" + "".join(f"{label:>30}" for label, _ in metrics))
+    for dtype, theirs in llama.items():
+        cells = []
+        for _, key in metrics:
+            ours, their = by_dtype[dtype].get(key), theirs.get(key)
+            ratio = theirs.get("ours_over_theirs", {}).get(key)
+            cells.append(f"{their:>9.3f} {ours:>9.3f} {ratio:>8.2f}x"
+                         if ours and their and ratio else f"{'-':>30}")
+        print(f"{dtype:<9}{theirs['type']:>10}" + "".join(f"{c:>30}" for c in cells))
 
 
 if __name__ == "__main__":
