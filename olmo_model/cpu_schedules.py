@@ -79,8 +79,8 @@ WEIGHT_BLOCK_BYTES = 256 * 1024
 # 6 x 2 vectors = 12 accumulators, fed per step of k by 6 broadcasts and 2 loads of W.
 PACKED_ROWS = 6
 PACKED_COLS = 2 * 8
-# Decode-shaped matmuls prefetch W this many tiles (of MatmulTiles.cols rows) ahead; 1 to 3 measured
-# alike on OLMo-1B shapes, 4 and more worse (prefetched lines evicted before use).
+# Decode-shaped matmuls prefetch W this many tiles (of MatmulTiles.cols rows) ahead; 1 to
+# 3 measured alike on OLMo-1B shapes, 4 and more worse (prefetched lines evicted first).
 PREFETCH_TILES_AHEAD = 2
 # A static row count up to this is decode-shaped (see _MatmulShape.few_rows).
 FEW_ROWS = 16
@@ -246,11 +246,10 @@ def matmul_rule(func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Sc
     software prefetch: W is read once, from memory, and that is the cost. Prefill-shaped
     calls (a row per token) are compute-bound once there are enough rows: at
     ``matmul_tiles(target).pack_min_rows`` rows or more (by weight dtype) they take the
-    outer-product kernel, which repacks each
-    block of W first and then runs near the FMA peak; below that the repacking costs
-    more than it saves, and they take the dot-product kernel too (as do matmuls whose W
-    does not split into whole panels). The row count is symbolic, so that choice is a
-    branch inside the kernel.
+    outer-product kernel, which repacks each block of W first and then runs near the
+    FMA peak; below that the repacking costs more than it saves, and they take the
+    dot-product kernel too (as do matmuls whose W does not split into whole panels). The
+    row count is symbolic, so that choice is a branch inside the kernel.
     """
     if target.kind.name != "llvm":
         return None
@@ -315,8 +314,8 @@ def _dot_product_kernel(func: tirx.PrimFunc, target: Target, prefetch: bool
     axis, so W and x are both read contiguously along k, as they lie in memory), summed
     across lanes when the tile is done. Every W vector loaded serves several rows of x
     and every x vector several rows of W. Threads split W's rows into blocks. The row
-    count of x is padded up to a multiple of the tile's rows (a copy of x, small next to W) so
-    the tile needs no bounds checks; the epilogue (residual add, cast) runs in the same
+    count of x is padded up to a multiple of the tile's rows (a copy of x, small next to
+    W) so the tile needs no bounds checks; the epilogue (residual add, cast) runs in the same
     parallel iteration while the results are still in registers.
     """
     tiles = matmul_tiles(target)

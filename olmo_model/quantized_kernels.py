@@ -7,13 +7,13 @@
   activation bytes per instruction, and one conversion and FMA per group apply weight
   scale x activation scale. The 8 vector lanes are the 8 rows of a tile, so nothing is
   summed across lanes and a group's 8 scales are one vector; rows of x come in blocks
-  (``row_block``) that share each unpacked vector of weights. Two instruction sets:
+  (``ROW_BLOCK``) that share each unpacked vector of weights. Two instruction sets:
 
   - AVX-512 VNNI (where the CPU shows avx512_vnni): ``vpdpbusd`` multiplies 4 unsigned
     weight bytes by 4 signed activation bytes and adds all four into an int32 lane, in
     one instruction; on 256-bit registers (AVX-512VL), which Zen 4 runs at the same
     bytes per cycle as 512-bit ones with the weight layout unchanged. AVX-512's 32
-    registers hold twice the rows per block.
+    registers hold 8-bit blocks of 8 rows (AVX2: 4).
   - AVX2: ``vpmaddubsw`` multiplies and adds neighbouring pairs into int16, a
     ``vpmaddwd`` per group widens them to int32.
 
@@ -52,7 +52,9 @@ INSTRUCTION_SETS = (AVX512_VNNI, AVX2)
 # Rows of x that share each vector of unpacked weights (prefill, batched decode), by
 # instruction set and weight bits. AVX2 (16 registers), OLMo-1B's layer matmuls over 128
 # rows, in 4-bit: 2.19 / 1.31 / 1.36 / 1.15 / 1.27 s with 1 / 2 / 4 / 6 / 8 rows; in
-# 8-bit (more registers per row): 2.68 / 1.61 / 2.94 s with 2 / 4 / 6.
+# 8-bit (more registers per row): 2.68 / 1.61 / 2.94 s with 2 / 4 / 6. VNNI (Zen 4, 8 to
+# 512 rows): 6 the best of 4 to 12 in 4-bit; in 8-bit 8 the best at 8 rows (a whole
+# batch), 6 and 8 alike at 512.
 ROW_BLOCK = {(AVX2, 4): 6, (AVX2, 8): 4, (AVX512_VNNI, 4): 6, (AVX512_VNNI, 8): 8}
 assert all(rows % 2 == 0 for rows in ROW_BLOCK.values()), "rows left over go in pairs"
 
@@ -143,8 +145,8 @@ def quantized_matmul(fmt: WeightFormat, n: int, k: int, in_dtype: str, out_dtype
 
     Each vector lane is one output row of a tile, so a group's partial sums need no
     reduction across lanes and its scale is one vector of the tile's scales. Per 32-byte
-    vector of weights the inner loop is, with VNNI, a nibble unpack (4-bit) or a sign
-    flip (8-bit) and one or two vpdpbusd per row; with AVX2, an unpack and one or two
+    vector of weights the inner loop is, with VNNI, a nibble unpack (4-bit) or a flip
+    of the top bit (8-bit) and one or two vpdpbusd per row; with AVX2, an unpack and one or two
     vpmaddubsw and an add per row. Per group and row: (AVX2: one vpmaddwd,) a
     conversion and an FMA.
     """

@@ -117,8 +117,8 @@ def test_each_matmul_shape_gets_its_kernel(dtype, target):
     prefill = _scheduled_linear(64, 96, False, dtype, target)
     unpanelled = _scheduled_linear(64, 40, False, dtype, target)  # not whole panels
     # Decode: the dot-product kernel with prefetches, as many lines per step of k as it
-    # reads (a tile of 4 rows of W: one line in float16, two in float32, with AVX-512's
-    # tiles); W is never repacked.
+    # reads (a tile of 4 rows of W, 8 lanes: one line in float16, two in float32); W is
+    # never repacked.
     assert "w_global" not in decode
     lines = matmul_tiles(target).cols * 8 * np.dtype(dtype).itemsize // 64
     assert decode.count("T.prefetch(") == max(1, lines)
