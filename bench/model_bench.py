@@ -136,7 +136,7 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
         rounds.append({**figures, **{f"decode_b{batch}_ms": decode_ms(batch, decode_steps)
                                      for batch in (1, 8)}})
         between_rounds()
-    out.update({key: statistics.median(r[key] for r in rounds) for key in rounds[0]})
+    out.update(median_of_rounds(rounds))
     out["rounds"] = rounds
     return out
 

@@ -162,12 +162,10 @@ def quantized_matmul(fmt: WeightFormat, n: int, k: int, in_dtype: str, out_dtype
     weight_shape = fmt.weight_shape(n, k)
 
     @T.macro
-    def dot_rows(x8, y, weight, scale, registers, first, count, tile):
+    def dot_rows(x8, y, weight, scale, acc, pairs, sums, first, count, tile):
         """Rows first..first + count of y over one tile: count (a Python int) rows of x
-        share each vector of unpacked weights. x8: (xq, xs, excess); registers: the
-        block's accumulators and partial sums."""
+        share each vector of unpacked weights. x8: (xq, xs, excess)."""
         xq, xs, excess = x8
-        acc, pairs, sums = registers
         for r in T.unroll(count):
             acc[r, T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
         for g in T.serial(groups):
@@ -283,18 +281,18 @@ def quantized_matmul(fmt: WeightFormat, n: int, k: int, in_dtype: str, out_dtype
                 # Rows of x in blocks, each block against all of the task's tiles: the
                 # task's weights stay in L2 and a block of x in L1 while they meet. What
                 # is left over goes in pairs, then alone.
-                x8, registers = (xq, xs, excess), (acc, pairs, sums)
                 for block in T.serial(m // block_rows):
                     for t in T.serial(per_task):
-                        dot_rows(x8, y, weight, scale, registers, block * block_rows,
-                                 block_rows, task * per_task + t)
+                        dot_rows((xq, xs, excess), y, weight, scale, acc, pairs, sums,
+                                 block * block_rows, block_rows, task * per_task + t)
                 for pair in T.serial(m % block_rows // 2):
                     for t in T.serial(per_task):
-                        dot_rows(x8, y, weight, scale, registers,
+                        dot_rows((xq, xs, excess), y, weight, scale, acc, pairs, sums,
                                  m // block_rows * block_rows + pair * 2, 2, task * per_task + t)
                 for row in T.serial(m - m % 2, m):  # (block_rows is even)
                     for t in T.serial(per_task):
-                        dot_rows(x8, y, weight, scale, registers, row, 1, task * per_task + t)
+                        dot_rows((xq, xs, excess), y, weight, scale, acc, pairs, sums, row, 1,
+                                 task * per_task + t)
 
     return kernel
 

@@ -178,7 +178,7 @@ def test_quantized_matmul_kernel_equals_its_integer_arithmetic(name, isa):
                                     .with_attr("global_symbol", "main")}),
                       target=resolve_target("llvm"))
     dev = tvm.cpu()
-    for m in (1, 9, 15):  # one row; blocks of row_block rows with pairs and singles left
+    for m in (1, 9, 15):  # one row; blocks of ROW_BLOCK rows with pairs and singles left
         x = rng.standard_normal((m, k)).astype(np.float16)
         x[0, :32] = 0  # an all-zero activation group
         x[-1, 32:64] = -x[-1, 32:64].max()  # a group whose peak is negative: int8 -127
