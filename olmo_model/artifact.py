@@ -22,10 +22,11 @@ from .quantized_cache import cache_root
 from .stages import StageSpec
 
 MODEL_SOURCES = ("model.py", "compiler.py", "cpu_schedules.py", "cpu_attention.py",
-                 "quantization.py", "quantized_kernels.py", "quantized_layers.py")
+                 "cpu_activations.py", "cpu_rope.py", "vector_math.py", "quantization.py",
+                 "quantized_kernels.py", "quantized_layers.py")
 # Our hand-written CPU schedules (cpu_schedules.py), by version: recorded in the cache key
 # and the artifact; bump on any schedule change.
-CPU_SCHEDULE_SET = "olmo-cpu-v4"
+CPU_SCHEDULE_SET = "olmo-cpu-v5"
 # Limits every CUDA GPU since Volta meets, so that no GPU is needed to build.
 CUDA_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
                "thread_warp_size": 32}

@@ -109,7 +109,8 @@ def compile_model(
     recipe = kv_cache_recipe(mod["create_paged_kv_cache"])
     log(f"  exported Relax module in {time.perf_counter() - start:.1f}s; building ...")
     with tvm_target:
-        executable = tvm.compile(mod, tvm_target, relax_pipeline=_relax_pipeline(tvm_target))
+        executable = tvm.compile(mod, tvm_target,
+                                 relax_pipeline=_relax_pipeline(tvm_target, config))
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"model.{os.getpid()}.so"
     executable.export_library(str(tmp))
@@ -132,10 +133,10 @@ def compile_model(
     return artifact(lib_path, config, stage, dtype, meta, from_cache=False)
 
 
-def _relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def _relax_pipeline(target: tvm.target.Target, config: OLMoConfig) -> tvm.transform.Pass:
     if target.kind.name == "llvm":
         # TVM's default CPU code is scalar and single-threaded; see cpu_schedules.py.
-        return cpu_pipeline(target)
+        return cpu_pipeline(target, config)
     # nn.Linear transposes its weight on every call unless this pass folds the transpose
     # into the matmul (8x on decode, measured on the CPU).
     return tvm.transform.Sequential(

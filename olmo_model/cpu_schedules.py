@@ -16,10 +16,12 @@ These rules rewrite the model's kernels with TVM's own scheduling primitives
   multiply, reshapes, casts): parallel outside, vectorized inside.
 * dlight's shipped ``cpu.Reduction`` for LayerNorm (parallel rows, vectorized normalize).
 
-Two Relax-level passes run first: float16 matmuls accumulate in float32
-(``HalfMatmulAccumulateInFloat32``), and the paged KV cache's single-threaded reference
+Three Relax-level passes run first: float16 matmuls accumulate in float32
+(``HalfMatmulAccumulateInFloat32``), SiLU and sigmoid take an exponential that vectorizes
+(``cpu_activations.VectorizedActivations``), and the paged KV cache's single-threaded reference
 CPU kernels for prefill and decode attention are swapped for parallel ones with the same
-contract (``cpu_attention.ParallelAttention``). Its RoPE kernel gets a small schedule
+contract (``cpu_attention.ParallelAttention``). Its RoPE kernel is swapped for ours
+(``cpu_rope.ParallelRope``) when the model's config is given, else gets a small schedule
 (``rope_rule``); its other kernels (page copies) are used as TVM ships them.
 """
 
@@ -35,7 +37,10 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 
+from .config import OLMoConfig
+from .cpu_activations import VectorizedActivations
 from .cpu_attention import VECTOR_LANES, ParallelAttention, static_extent
+from .cpu_rope import ParallelRope
 
 # This file's version is artifact.CPU_SCHEDULE_SET (in the cache key and every artifact's
 # meta): bump it there on any schedule change.
@@ -84,16 +89,22 @@ PACKED_COLS = 2 * 8
 PREFETCH_TILES_AHEAD = 2
 # A static row count up to this is decode-shaped (see _MatmulShape.few_rows).
 FEW_ROWS = 16
+# Elements per parallel task of an elementwise kernel whose rows divide into them: a
+# decode step's 8192-wide activation is 8 tasks.
+ELEMENTWISE_CHUNK = 1024
 # Bytes per cache line: a prefetch brings in one.
 CACHE_LINE_BYTES = 64
 
 
-def cpu_pipeline(target: Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with our schedules applied between fusion and lowering."""
+def cpu_pipeline(target: Target, config: OLMoConfig | None = None) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with our schedules applied between fusion and lowering; with
+    the model's ``config``, the KV cache's RoPE kernel is swapped for ours too."""
     return tvm.transform.Sequential(
         [
             HalfMatmulAccumulateInFloat32(),
+            VectorizedActivations(),
             ParallelAttention(),
+            *([ParallelRope(config)] if config is not None else []),
             # nn.Linear transposes its weight on every call unless this pass folds the
             # transpose into the matmul (8x on decode, measured on the CPU).
             relax.transform.FuseTransposeMatmul(),
@@ -597,6 +608,13 @@ def elementwise_rule(func: tirx.PrimFunc, target: Target, _tunable: bool
     block = infos[-1].block_rv
     loops = sch.get_loops(block)
     inner_extent = static_extent(sch.get(loops[-1]).extent)
+    if inner_extent is not None and inner_extent % ELEMENTWISE_CHUNK == 0:
+        # Chunks of rows in parallel, so that a decode step's few rows use every thread.
+        chunks, _, lanes = sch.split(loops[-1], [None, ELEMENTWISE_CHUNK // VECTOR_LANES,
+                                                 VECTOR_LANES])
+        sch.parallel(sch.fuse(*loops[:-1], chunks))
+        sch.vectorize(lanes)
+        return sch
     if len(loops) > 1:
         outer = sch.fuse(*loops[:-1])
         sch.parallel(outer)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax, tirx
+from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
 from olmo_model import artifact
 from olmo_model.compiler import resolve_target
@@ -18,6 +19,7 @@ from olmo_model.cpu_attention import (
     paged_prefill_attention,
     prefill_ragged_attention,
 )
+from olmo_model.cpu_rope import rope_kernel
 from olmo_model.cpu_schedules import (
     AVX2_TILES,
     AVX512_TILES,
@@ -175,10 +177,12 @@ def _reference_attention(q, k, v, q_indptr, kv_indptr, causal):
 
 
 @pytest.mark.parametrize("causal", [1, 0])
-@pytest.mark.parametrize(("h_q", "h_kv"), [(4, 4), (8, 2)])
-def test_prefill_attention_matches_reference(causal, h_q, h_kv):
-    # Three sequences, two with cached tokens before their new ones (kv longer than q).
-    d, new, cached = 32, [5, 37, 1], [0, 4, 9]
+@pytest.mark.parametrize(("h_q", "h_kv", "d"), [(4, 4, 32), (8, 2, 32), (4, 2, 24)])
+def test_prefill_attention_matches_reference(causal, h_q, h_kv, d):
+    # Three sequences, two with cached tokens before their new ones (kv longer than q);
+    # token counts that leave 5 and 1 rows past the kernel's blocks of 6, and a head size
+    # of an odd number of vectors.
+    new, cached = [5, 37, 1], [0, 4, 9]
     rng = np.random.default_rng(2)
     q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
     kv_indptr = np.concatenate([[0], np.cumsum(np.add(new, cached))]).astype(np.int32)
@@ -198,6 +202,71 @@ def test_prefill_attention_matches_reference(causal, h_q, h_kv):
     np.testing.assert_allclose(lse.numpy(), expected_lse, atol=1e-5)
     with pytest.raises(Exception, match="RoPE"):
         kernel["main"](*args, positions, offsets, out, lse, causal, 1, 1.0, 1e4, d**-0.5)
+
+
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(("scaling", "scale"), [({}, 1.0), ({}, 0.25), (_LLAMA3, 1.0)],
+                         ids=["plain", "linear", "llama3"])
+def test_rope_kernel_matches_tvms(dtype, scaling, scale):
+    # Same outputs as the kernel it replaces, to a rounding (FMA contraction may differ),
+    # for scattered positions, with and without the rotation applied.
+    h_q, h_kv, d, n = 8, 2, 32, 37
+    ours = tvm.compile(tvm.IRModule({"main": rope_kernel(h_q, h_kv, d, dtype, 5e5, scale,
+                                                         scaling)}), TARGET)["main"]
+    tvms = tvm.compile(tvm.IRModule({"main": llama_rope_with_position_map(
+        5e5, scale, d, h_q, h_kv, dtype, scaling)}), TARGET)["main"]
+    rng = np.random.default_rng(0)
+    qkv = tvm.runtime.tensor(rng.standard_normal((n, h_q + 2 * h_kv, d)).astype(dtype))
+    positions = tvm.runtime.tensor(rng.integers(0, 5000, n).astype(np.int32))
+    for apply_rope in (1, 0):
+        outputs = []
+        for kernel in (ours, tvms):
+            q, k, v = (tvm.runtime.tensor(np.zeros((n, h, d), dtype)) for h in (h_q, h_kv, h_kv))
+            kernel(qkv, positions, q, k, v, apply_rope)
+            outputs.append([q.numpy(), k.numpy(), v.numpy()])
+        for got, want in zip(*outputs):
+            np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == "float32" else 1e-3,
+                                       atol=1e-6)
+
+
+def _gated_activation_module(width: int, dtype: str, activation: str) -> tvm.IRModule:
+    """``act(gate) * up`` over ``[m, 1, 2 x width]`` split in halves, as the FFN emits it."""
+    m = tirx.Var("m", "int64")
+    x = relax.Var("x", relax.TensorType((m, 1, 2 * width), dtype))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            halves = bb.emit(relax.op.split(x, 2, axis=-1))
+            gate = bb.emit(relax.TupleGetItem(halves, 0))
+            up = bb.emit(relax.TupleGetItem(halves, 1))
+            act = relax.op.nn.silu(gate) if activation == "silu" else relax.op.sigmoid(gate)
+            out = bb.emit_output(relax.op.multiply(bb.emit(act), up))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(("rows", "width"), [(1, 2048), (3, 2048), (2, 40)])
+def test_gated_activation_matches_numpy(activation, dtype, rows, width):
+    # Widths that divide into ELEMENTWISE_CHUNK run in chunks; 40 does not. The gate spans
+    # the exponential's whole range and past its clamps (+-100).
+    rng = np.random.default_rng(rows * width)
+    x = rng.standard_normal((rows, 1, 2 * width)) * 4
+    x[0, 0, :41] = np.linspace(-100, 100, 41)
+    x = x.astype(dtype)
+    got = _run(_gated_activation_module(width, dtype, activation), x).astype(np.float64)
+    gate, up = np.split(x.astype(np.float64), 2, axis=-1)
+    sigmoid = 1 / (1 + np.exp(-gate))
+    want = (gate * sigmoid if activation == "silu" else sigmoid) * up
+    # float32: a few roundings; float16: its own rounding of the activation and of the
+    # product. Past the clamps, sigmoid is below 1e-38 instead of smaller still.
+    rtol = 4e-6 if dtype == "float32" else 2e-3
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
 
 
 def test_compiled_artifact_records_its_schedules(tiny_checkpoint):

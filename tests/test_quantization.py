@@ -33,8 +33,10 @@ FORMAT_NAMES = list(FORMATS)
 # Logits against transformers on the same (dequantized) weights, relative to the largest:
 # float16 activations (float16 weights alone give 1e-3 here), and on x86 every matmul
 # quantizes its rows of activations to int8 per group of 32, as llama.cpp's dot products
-# do: 0.5-3.7% on this small random model.
-LOGIT_RTOL = 5e-2
+# do: 1.5-5.2% over a q8 prompt and 16 decode steps on this small random model (where
+# float16 gives 0.1-0.4% and float32 agrees to 1e-4), moving by a point or so with any
+# change in how the float parts round.
+LOGIT_RTOL = 7e-2
 
 
 # --- the format, against a reference written group by group -----------------------------
