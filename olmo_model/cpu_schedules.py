@@ -14,7 +14,8 @@ These rules rewrite the model's kernels with TVM's own scheduling primitives
   FMA peak once there are enough rows to pay for the repacking.
 * ``elementwise_rule``: the model's fused injective kernels (gate split + activation +
   multiply, reshapes, casts): parallel outside, vectorized inside.
-* dlight's shipped ``cpu.Reduction`` for LayerNorm (parallel rows, vectorized normalize).
+* ``row_reduction_rule``: LayerNorm (and any other row-wise reductions with elementwise
+  work around them): rows in parallel, each sum as 8-lane partial sums.
 
 Three Relax-level passes run first: float16 matmuls accumulate in float32
 (``HalfMatmulAccumulateInFloat32``), SiLU and sigmoid take an exponential that vectorizes
@@ -119,7 +120,7 @@ def cpu_pipeline(target: Target, config: OLMoConfig | None = None) -> tvm.transf
 
 def schedule_rules() -> list[dl.ScheduleRule]:
     """First match wins, per PrimFunc; a PrimFunc no rule matches keeps TVM's default."""
-    return [matmul_rule, dl.cpu.Reduction(), elementwise_rule, rope_rule]
+    return [matmul_rule, row_reduction_rule, dl.cpu.Reduction(), elementwise_rule, rope_rule]
 
 
 # --- float16: accumulate in float32 ------------------------------------------------------
@@ -582,6 +583,63 @@ def _schedule_padded_copies(sch: s_tir.Schedule, matmul: s_tir.schedule.SBlockRV
 
 
 # --- elementwise kernels -----------------------------------------------------------------
+
+
+@dl.ScheduleRule.from_callable("olmo.cpu.RowReduction")
+def row_reduction_rule(func: tirx.PrimFunc, target: Target, _tunable: bool
+                       ) -> s_tir.Schedule | None:
+    """Reductions along each row with elementwise work around them (LayerNorm: the sum,
+    the mean, the sum of squares, the normalize and its casts), rows in parallel.
+
+    dlight's ``cpu.Reduction`` leaves each row's sums as one scalar chain, an add or FMA
+    per element waiting on the last: 4 us a row for OLMo-1B's LayerNorm. Here each
+    reduction is first split into VECTOR_LANES interleaved partial sums (``rfactor``
+    before anything moves, which the primitive needs), summed across lanes once per row:
+    a 512-row float32 LayerNorm 1.3 ms -> 0.24 ms, a decode row 7 -> 3.5 us (Zen 4).
+    """
+    if target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if (not infos or len(infos) < 2 or not infos[-1].is_injective()
+            or all(info.is_injective() for info in infos)):
+        return None
+    lead = len(infos[-1].dom_kind()) - 1  # the row dimensions, then the row
+    for info in infos:
+        # Per row: maps over the row or of its scalars (the mean), one reduction along it.
+        kinds = info.dom_kind()
+        allowed = ("S" * lead, "S" * (lead + 1)) if info.is_injective() else ("S" * lead + "R",)
+        if kinds not in allowed:
+            return None
+    injective = [info.block_rv for info in infos if info.is_injective()]
+    partials = []
+    for info in infos:
+        if info.is_injective():
+            continue
+        k = sch.get_loops(info.block_rv)[-1]
+        extent = static_extent(sch.get(k).extent)
+        if extent is None or extent % VECTOR_LANES:
+            return None
+        _, lanes = sch.split(k, [None, VECTOR_LANES])
+        partials.append(sch.rfactor(lanes, factor_axis=lead + 1))
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    loops = sch.get_loops(blocks[-1])
+    row = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+    sch.parallel(row)
+    for block in reversed(blocks[:-1]):
+        sch.compute_at(block, row, preserve_unit_loops=False)
+    for block in blocks:
+        if any(_same(sch, block, partial) for partial in partials):
+            lanes, k_outer = sch.get_loops(block)[-2:]
+            sch.reorder(k_outer, lanes)  # a vector of partial sums per step along the row
+            sch.vectorize(lanes)
+        elif any(_same(sch, block, other) for other in injective):
+            inner = sch.get_loops(block)[-1]
+            extent = static_extent(sch.get(inner).extent)
+            if extent is not None and extent > VECTOR_LANES and extent % VECTOR_LANES == 0:
+                _, vector = sch.split(inner, [None, VECTOR_LANES])
+                sch.vectorize(vector)
+    return sch
 
 
 @dl.ScheduleRule.from_callable("olmo.cpu.Elementwise")

@@ -204,6 +204,34 @@ def test_prefill_attention_matches_reference(causal, h_q, h_kv, d):
         kernel["main"](*args, positions, offsets, out, lse, causal, 1, 1.0, 1e4, d**-0.5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("width", [2048, 40, 36])
+def test_layer_norm_matches_numpy(dtype, decode, width):
+    # Rows of 2048 and 40 take row_reduction_rule's 8-lane partial sums; 36 (not a
+    # multiple of 8) is left to dlight's rule. Rows as prefill ([1, m, k]) or decode.
+    from tvm.relax.frontend import nn
+
+    from olmo_model.model import _layer_norm
+
+    class Norm(nn.Module):
+        def forward(self, x):
+            return _layer_norm(x)
+
+    shape = ["m", 1, width] if decode else [1, "m", width]
+    mod, _ = Norm().export_tvm(spec={"forward": {"x": nn.spec.Tensor(shape, dtype)}})
+    with TARGET:
+        executable = tvm.compile(mod, TARGET, relax_pipeline=cpu_pipeline(TARGET))
+    norm = relax.VirtualMachine(executable, tvm.cpu())["forward"]
+    for rows in (1, 3, 8):
+        x = (np.random.default_rng(rows).standard_normal(
+            [rows if d == "m" else d for d in shape]) * 3 + 1).astype(dtype)
+        wide = x.astype(np.float64)
+        want = (wide - wide.mean(-1, keepdims=True)) / np.sqrt(wide.var(-1, keepdims=True) + 1e-5)
+        got = norm(tvm.runtime.tensor(x)).numpy().astype(np.float64)
+        np.testing.assert_allclose(got, want, atol=2e-6 if dtype == "float32" else 4e-3)
+
+
 _LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
