@@ -23,6 +23,7 @@ from olmo_model.cpu_rope import rope_kernel
 from olmo_model.cpu_schedules import (
     AVX2_TILES,
     AVX512_TILES,
+    ONE_ROW_TILES,
     HalfMatmulAccumulateInFloat32,
     cpu_pipeline,
     matmul_rule,
@@ -119,11 +120,13 @@ def test_each_matmul_shape_gets_its_kernel(dtype, target):
     prefill = _scheduled_linear(64, 96, False, dtype, target)
     unpanelled = _scheduled_linear(64, 40, False, dtype, target)  # not whole panels
     # Decode: the dot-product kernel with prefetches, as many lines per step of k as it
-    # reads (a tile of 4 rows of W, 8 lanes: one line in float16, two in float32); W is
-    # never repacked.
+    # reads (a tile of 4 rows of W, 8 lanes: one line in float16, two in float32; of 2
+    # rows, on ONE_ROW_TILES for one or two rows of x, one line); W is never repacked.
     assert "w_global" not in decode
-    lines = matmul_tiles(target).cols * 8 * np.dtype(dtype).itemsize // 64
-    assert decode.count("T.prefetch(") == max(1, lines)
+    assert f"if m <= T.int64({ONE_ROW_TILES.rows})" in decode
+    lines = [tiles.cols * 8 * np.dtype(dtype).itemsize // 64
+             for tiles in (ONE_ROW_TILES, matmul_tiles(target))]
+    assert decode.count("T.prefetch(") == sum(max(1, n) for n in lines)
     # Prefill: W repacked into panels (w_global) for the outer products from
     # pack_min_rows rows on (by weight dtype), the dot-product kernel below.
     pack_min_rows = matmul_tiles(target).pack_min_rows[np.dtype(dtype).itemsize]
