@@ -646,6 +646,8 @@ def row_reduction_rule(func: tirx.PrimFunc, target: Target, _tunable: bool
             or all(info.is_injective() for info in infos)):
         return None
     lead = len(infos[-1].dom_kind()) - 1  # the row dimensions, then the row
+    if lead < 1:
+        return None  # one reduction over everything: no rows to run in parallel
     for info in infos:
         # Per row: maps over the row or of its scalars (the mean), one reduction along it.
         kinds = info.dom_kind()
