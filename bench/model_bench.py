@@ -294,7 +294,6 @@ def print_table(results: dict, prefill_lengths: list[int]) -> None:
                 print(f"  decode b1 {d} / float16: ours {ours:.2f}, llama.cpp {theirs:.2f}")
 
 
-
 def print_llama_cpp_table(by_dtype: dict, llama: dict, prefill_lengths: list[int]) -> None:
     """Ours against llama.cpp per dtype: each one's median, and the median of the rounds'
     ratios (ours / llama.cpp; below 1, ours is faster)."""
