@@ -50,7 +50,8 @@ class DecodeEngine:
         runner = stage.runner
         self.stage = stage
         self.chunk_size = runner.limits.prefill_chunk_size
-        self.cache = PrefixCache(runner.limits.page_size, enabled=prefix_cache)
+        self.cache = PrefixCache(runner.limits.page_size, enabled=prefix_cache,
+                                 shares_pages=runner.forks_share_pages)
         self.scheduler = DecodeScheduler(
             # One page is kept back: TVM's cache needs a spare page at a page boundary.
             total_pages=runner.kv.total_pages - 1,

@@ -137,8 +137,7 @@ class DecodeScheduler:
 
     def pages_needed(self, prompt_tokens: int, sampling: SamplingConfig, cached: Hit) -> int:
         """Pages a request may take beyond those it shares with its cached prefix."""
-        return (-(-(prompt_tokens + sampling.max_tokens) // self.page_size)
-                - cached.tokens // self.page_size)
+        return -(-(prompt_tokens + sampling.max_tokens) // self.page_size) - cached.shared_pages
 
     def reserve(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
                 sampling: SamplingConfig, lease_seconds: float, local: bool,

@@ -43,6 +43,8 @@ _RAGGED_PREFILL_PARAMS = ("q", "q_indptr", "k", "v", "kv_indptr", "q_rope_positi
                           "k_rope_pos_offset", "output", "lse", "causal", "rotary_mode",
                           "rope_scale", "rope_theta", "sm_scale")
 _PAGED_PREFILL = "batch_prefill_paged_kv_cpu"
+# The kernels TVM's cache calls for ``mha_sliding`` layers carry this suffix.
+_SLIDING = "_sliding_window"
 _PAGED_PREFILL_PARAMS = ("q", "q_indptr", "pages", "page_indptr", "page_values",
                          "length_info", "k_rope_pos_offset", "q_rope_position", "output",
                          "lse", "causal", "rotary_mode", "rope_scale", "rope_theta", "sm_scale")
@@ -55,23 +57,32 @@ _PAGED_DECODE_PARAMS = ("Q", "pages", "page_table_indptr", "page_table_values", 
 @tvm.transform.module_pass(opt_level=0, name="ParallelAttention")
 class ParallelAttention:
     """Swap the paged KV cache's CPU prefill (new tokens, and new tokens over cached
-    pages) and decode attention for ours (see above).
+    pages) and decode attention for ours (see above), the sliding-window layers' kernels
+    too (``sliding_window``: the model's window, 0 for none).
 
     Anything it does not recognize (another signature, head sizes that are not a
     multiple of the vector width) is left as TVM wrote it.
     """
+
+    def __init__(self, sliding_window: int = 0):
+        self.window = sliding_window
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext
                          ) -> tvm.IRModule:
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
-            if gvar.name_hint == _RAGGED_PREFILL:
+            name = gvar.name_hint
+            window = self.window if name.endswith(_SLIDING) else 0
+            name = name.removesuffix(_SLIDING)
+            if window == 0 and name != gvar.name_hint:
+                continue  # a sliding kernel of a model without sliding layers: never called
+            if name == _RAGGED_PREFILL and not window:
                 replacement = _ragged_prefill_replacement(func)
-            elif gvar.name_hint == _PAGED_PREFILL:
-                replacement = _paged_prefill_replacement(func)
-            elif gvar.name_hint == _PAGED_DECODE:
-                replacement = _paged_decode_replacement(func)
+            elif name == _PAGED_PREFILL:
+                replacement = _paged_prefill_replacement(func, window)
+            elif name == _PAGED_DECODE:
+                replacement = _paged_decode_replacement(func, window)
             else:
                 continue
             if replacement is not None:
@@ -99,7 +110,7 @@ def _ragged_prefill_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return None if shapes is None else prefill_ragged_attention(*shapes, str(q.dtype))
 
 
-def _paged_prefill_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+def _paged_prefill_replacement(func: tirx.PrimFunc, window: int) -> tirx.PrimFunc | None:
     if tuple(p.name for p in func.params) != _PAGED_PREFILL_PARAMS:
         return None
     q, pages = func.params[0].ty, func.params[2].ty
@@ -108,10 +119,11 @@ def _paged_prefill_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     shapes = _head_shapes(q, pages.shape[2], pages.shape[4])
     if shapes is None:
         return None
-    return paged_prefill_attention(*shapes, static_extent(pages.shape[3]), str(q.dtype))
+    return paged_prefill_attention(*shapes, static_extent(pages.shape[3]), str(q.dtype),
+                                   window=window)
 
 
-def _paged_decode_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+def _paged_decode_replacement(func: tirx.PrimFunc, window: int) -> tirx.PrimFunc | None:
     if tuple(p.name for p in func.params) != _PAGED_DECODE_PARAMS:
         return None
     q, pages = func.params[0].ty, func.params[1].ty
@@ -120,7 +132,8 @@ def _paged_decode_replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     shapes = _head_shapes(q, pages.shape[2], pages.shape[4])
     if shapes is None:
         return None
-    return paged_decode_attention(*shapes, static_extent(pages.shape[3]), str(q.dtype))
+    return paged_decode_attention(*shapes, static_extent(pages.shape[3]), str(q.dtype),
+                                  sliding=window > 0)
 
 
 def prefill_ragged_attention(h_kv: int, h_q: int, d: int, dtype: str,
@@ -286,9 +299,15 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d: int, dtype: str,
 
 
 def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: str,
-                            rows_per_task: int = 8) -> tirx.PrimFunc:
-    """New tokens attending over their sequences' pages: TVM's ``batch_prefill_paged_kv_cpu``
-    (without sliding window), for a prefill whose sequence already holds K/V.
+                            rows_per_task: int = 8, window: int = 0) -> tirx.PrimFunc:
+    """New tokens attending over their sequences' pages: TVM's ``batch_prefill_paged_kv_cpu``,
+    for a prefill whose sequence already holds K/V.
+
+    With a ``window``, TVM's ``..._sliding_window`` variant for ``mha_sliding`` layers:
+    the cache hands over only the pages that hold the last ``window`` keys, the first of
+    them ``length_info[1, b]`` slots into the first page (no attention sink), and token
+    ``row`` sees only the last ``window - row - 1`` of those keys (itself and the tokens
+    before it in the pass make up the rest of its window).
 
     One parallel task per (query head, block of ``rows_per_task`` new tokens) of each
     sequence, walking only the sequence's own pages (TVM's walks the whole pool). Each
@@ -299,6 +318,7 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
     the first ``kv_len - rows + row + 1`` keys.
     """
     group = h_q // h_kv
+    sliding = window > 0
     lanes = VECTOR_LANES
     chunks = d // lanes
     block = rows_per_task
@@ -331,8 +351,8 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
                                      elem_offset=indptr_offset)
         page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32",
                                      elem_offset=values_offset)
-        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32",
-                                       elem_offset=length_offset)
+        length_info = T.match_buffer(var_length_info, (3, batch_size) if sliding else
+                                     (batch_size,), "int32", elem_offset=length_offset)
         T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
         T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
         output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
@@ -343,15 +363,17 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
             for task in T.parallel(h_q * ((q_indptr[b + 1] - q_indptr[b] + block - 1) // block)):
                 with T.sblock("attn"):
                     T.reads(q_indptr[b:b + 2], page_indptr[b:b + 2], page_values[0:nnz_pages],
-                            last_page_len[b], q[0:total_len, 0:h_q, 0:d],
+                            length_info[b] if not sliding else length_info[0:3, b],
+                            q[0:total_len, 0:h_q, 0:d],
                             pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d])
                     T.writes(output[0:total_len, 0:h_q, 0:d], lse[0:total_len, 0:h_q])
                     query = T.sblock_alloc_buffer((block, d), "float32")
                     partial = T.sblock_alloc_buffer((page_size, lanes), "float32")
                     scores = T.sblock_alloc_buffer((block, page_size), "float32")
                     acc = T.sblock_alloc_buffer((block, d), "float32")
-                    # per token: running max, running sum, new max, keys it sees
-                    stats = T.sblock_alloc_buffer((block, 4), "float32")
+                    # per token: running max, running sum, new max, and the slots it sees
+                    # (from, to) counted from the start of its first page
+                    stats = T.sblock_alloc_buffer((block, 5), "float32")
                     rows: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                     blocks: T.let[T.int32] = (rows + block - 1) // block
                     h: T.let[T.int32] = task // blocks
@@ -360,8 +382,11 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
                     hk: T.let[T.int32] = h // group
                     first: T.let[T.int32] = page_indptr[b]
                     num_pages: T.let[T.int32] = page_indptr[b + 1] - first
+                    # The first key's slot in the first page, and the keys there are.
+                    skip: T.let[T.int32] = length_info[1, b] if sliding else 0
                     kv_len: T.let[T.int32] = T.if_then_else(
-                        num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
+                        num_pages > 0, (num_pages - 1) * page_size - skip
+                        + (length_info[0, b] if sliding else length_info[b]), 0)
                     for r in T.serial(count):
                         for c in T.serial(d):
                             query[r, c] = T.Cast("float32", q[q_indptr[b] + row0 + r, h, c]) * (
@@ -370,16 +395,25 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
                             acc[r, c] = T.float32(0)
                         stats[r, 0] = T.float32(_MASKED)
                         stats[r, 1] = T.float32(1)
-                        stats[r, 3] = T.Cast("float32", T.if_then_else(
-                            causal > 0, T.max(T.min(kv_len - rows + row0 + r + 1, kv_len), 0),
-                            kv_len))
-                    # The block's last token sees the most keys.
-                    seen: T.let[T.int32] = T.Cast("int32", stats[count - 1, 3])
+                        if sliding:
+                            stats[r, 3] = T.Cast("float32", skip + T.if_then_else(
+                                causal > 0,
+                                T.max(kv_len - T.max(window - row0 - r - 1, 0), 0), 0))
+                            stats[r, 4] = T.Cast("float32", skip + kv_len)
+                        else:
+                            stats[r, 3] = T.float32(0)
+                            stats[r, 4] = T.Cast("float32", T.if_then_else(
+                                causal > 0,
+                                T.max(T.min(kv_len - rows + row0 + r + 1, kv_len), 0), kv_len))
+                    # The block's last token sees up to the furthest slot.
+                    seen: T.let[T.int32] = T.Cast("int32", stats[count - 1, 4])
                     for p in T.serial((seen + page_size - 1) // page_size):
                         page: T.let[T.int32] = page_values[first + p]
                         for r in T.serial(count):
-                            used: T.let[T.int32] = T.max(T.min(
+                            start: T.let[T.int32] = T.max(T.min(
                                 T.Cast("int32", stats[r, 3]) - p * page_size, page_size), 0)
+                            used: T.let[T.int32] = T.max(T.min(
+                                T.Cast("int32", stats[r, 4]) - p * page_size, page_size), 0)
                             for j in T.unroll(page_size):
                                 for lane in T.vectorized(lanes):
                                     partial[j, lane] = T.float32(0)
@@ -394,7 +428,7 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
                             stats[r, 2] = stats[r, 0]
                             for j in T.unroll(page_size):
                                 scores[r, j] = T.float32(_MASKED)
-                                if j < used:
+                                if start <= j and j < used:
                                     scores[r, j] = T.float32(0)
                                     for lane in T.unroll(lanes):
                                         scores[r, j] = scores[r, j] + partial[j, lane]
@@ -405,7 +439,8 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
                             stats[r, 0] = stats[r, 2]
                             for j in T.vectorized(page_size):
                                 scores[r, j] = T.if_then_else(
-                                    j < used, exp2(scores[r, j] - stats[r, 0]), T.float32(0))
+                                    start <= j and j < used, exp2(scores[r, j] - stats[r, 0]),
+                                    T.float32(0))
                             for j in T.unroll(page_size):
                                 stats[r, 1] = stats[r, 1] + scores[r, j]
                             for j in T.serial(used):
@@ -421,9 +456,12 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
     return batch_prefill_paged_kv_cpu
 
 
-def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: str
-                           ) -> tirx.PrimFunc:
+def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: str,
+                           sliding: bool = False) -> tirx.PrimFunc:
     """One new token per sequence attending over its pages: TVM's ``batch_decode_paged_kv_cpu``.
+
+    ``sliding``: its ``..._sliding_window`` variant, whose pages hold the token's window,
+    the first key ``length_info[1, b]`` slots into the first page (no attention sink).
 
     One parallel task per (sequence, query head). Keys are taken a page at a time (a
     page holds ``page_size`` consecutive keys of one head, contiguous in memory): their
@@ -458,8 +496,8 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: s
                                      elem_offset=indptr_offset)
         page_values = T.match_buffer(var_page_table_values, (nnz_pages,), "int32",
                                      elem_offset=values_offset)
-        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32",
-                                       elem_offset=length_offset)
+        length_info = T.match_buffer(var_length_info, (3, batch_size) if sliding else
+                                     (batch_size,), "int32", elem_offset=length_offset)
         T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
         T.match_buffer(var_q_rope_position, (batch_size,), "int32", elem_offset=q_rope_offset)
         output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
@@ -469,7 +507,8 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: s
         for bh in T.parallel(batch_size * h_q):
             with T.sblock("attn"):
                 T.reads(page_indptr[0:batch_size + 1], page_values[0:nnz_pages],
-                        last_page_len[0:batch_size], q[0:batch_size, 0:h_q, 0:d],
+                        length_info[0:3, 0:batch_size] if sliding else length_info[0:batch_size],
+                        q[0:batch_size, 0:h_q, 0:d],
                         pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d])
                 T.writes(output[0:batch_size, 0:h_q, 0:d], lse[0:batch_size, 0:h_q])
                 query = T.sblock_alloc_buffer((d,), "float32")
@@ -490,8 +529,11 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: s
                 stats[1] = T.float32(1)
                 for p in T.serial(num_pages):
                     page: T.let[T.int32] = page_values[first + p]
-                    used: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
-                                                           last_page_len[b], page_size)
+                    used: T.let[T.int32] = T.if_then_else(
+                        p == num_pages - 1, length_info[0, b] if sliding else length_info[b],
+                        page_size)
+                    start: T.let[T.int32] = T.if_then_else(
+                        p == 0, length_info[1, b] if sliding else 0, 0)
                     for j in T.unroll(page_size):
                         for lane in T.vectorized(lanes):
                             partial[j, lane] = T.float32(0)
@@ -502,7 +544,7 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: s
                                     ch * lanes + lane] * T.Cast(
                                     "float32", pages[page, 0, hk, j, ch * lanes + lane])
                     stats[2] = stats[0]
-                    for j in T.serial(used):
+                    for j in T.serial(start, used):
                         scores[j] = T.float32(0)
                         for lane in T.unroll(lanes):
                             scores[j] = scores[j] + partial[j, lane]
@@ -512,7 +554,7 @@ def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: s
                     for c in T.vectorized(d):
                         acc[c] = acc[c] * T.exp2(stats[0] - stats[2])
                     stats[0] = stats[2]
-                    for j in T.serial(used):
+                    for j in T.serial(start, used):
                         scores[j] = T.exp2(scores[j] - stats[0])
                         stats[1] = stats[1] + scores[j]
                         for c in T.vectorized(d):

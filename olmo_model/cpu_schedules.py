@@ -113,7 +113,7 @@ def cpu_pipeline(target: Target, config: OLMoConfig | None = None) -> tvm.transf
         [
             HalfMatmulAccumulateInFloat32(),
             VectorizedActivations(),
-            ParallelAttention(),
+            ParallelAttention(config.sliding_window if config is not None else 0),
             *([ParallelRope(config)] if config is not None else []),
             # nn.Linear transposes its weight on every call unless this pass folds the
             # transpose into the matmul (8x on decode, measured on the CPU).

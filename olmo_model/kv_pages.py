@@ -1,14 +1,21 @@
 """TVM's paged KV cache, created from Python so that its page memory is reachable.
 
 TVM's cache keeps its page tensors private. It is built by
-``vm.builtin.paged_attention_kv_cache_create`` from a list of compiled kernels, one of
-which (``debug_get_kv``) is handed each layer's page tensor when asked to read a
-sequence. We build the cache ourselves from the same argument list the compiled
-``create_paged_kv_cache`` uses (recorded at compile time as a recipe), with that one
-kernel wrapped: a single read at start-up hands us every layer's page tensor, as a
-zero-copy numpy view. Exporting a sequence reads its K/V through the cache's own
-kernel; importing reserves slots with ``kv_cache_disagg_prepare_recv`` and writes the
-received K/V straight into those slots of the page tensors.
+``vm.builtin.paged_attention_kv_cache_create`` from a list of compiled kernels; we build
+it ourselves from the same argument list the compiled ``create_paged_kv_cache`` uses
+(recorded at compile time as a recipe), with two kernels wrapped in Python:
+
+- ``copy_single_page`` is handed every layer's page tensor when a fork copies a partial
+  page: one such fork at start-up captures all of them, as zero-copy views.
+- ``debug_get_kv`` is handed, with cache layer 0's pages, the slot of every position
+  asked for. The wrapper reads the K/V of every layer it needs through the captured
+  views at once, then stops TVM's walk over the layers (which would refuse the first
+  sliding-window layer, and calls Python once per layer). A cache whose first layer
+  would be a sliding one gets an extra full-attention layer in front that no attention
+  uses (``stages.cache_layer_offset``), so that layer 0 always answers.
+
+Importing reserves slots with ``kv_cache_disagg_prepare_recv`` and writes the received
+K/V straight into those slots of the page tensors.
 
 Page layout (TVM 0.27): ``[num_pages, 2, kv_heads, page_size, head_dim]``, K at 0 and V
 at 1, K stored after RoPE; a token's slot is ``page * page_size + offset``.
@@ -35,7 +42,12 @@ _prepare_recv = tvm.get_global_func("vm.builtin.kv_cache_disagg_prepare_recv")
 _create = tvm.get_global_func("vm.builtin.paged_attention_kv_cache_create")
 
 _DEBUG_KERNEL = "tir_kv_cache_debug_get_kv"
-_CAPTURE_SEQ_ID = 2**31 - 2  # never handed out to requests
+_COPY_PAGE_KERNEL = "copy_single_page"  # in the symbol on every target
+_CAPTURE_SEQ_IDS = (2**31 - 3, 2**31 - 2)  # never handed out to requests
+
+
+class _ReadDone(Exception):
+    """Raised by the debug-read wrapper once it has read every layer (see module doc)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +72,16 @@ class CacheLimits:
         tokens = max_total_tokens or default.max_total_tokens
         chunk = prefill_chunk_size or default.prefill_chunk_size
         return cls(sequences, tokens, min(chunk, tokens))
+
+    def within_window(self, sliding_window: int) -> CacheLimits:
+        """These limits, with prefill chunks no longer than a sliding window (0: none).
+
+        TVM's attention over a pass's new tokens knows no window; it is exact for sliding
+        layers only while no token of a chunk is a window or more past another.
+        """
+        if not sliding_window or self.prefill_chunk_size <= sliding_window:
+            return self
+        return dataclasses.replace(self, prefill_chunk_size=sliding_window)
 
     @classmethod
     def for_model(cls, config: Any) -> CacheLimits:
@@ -94,17 +116,21 @@ class PagedKVCache:
 
     def __init__(self, library: tvm.runtime.Module, recipe: Sequence[Any], limits: CacheLimits,
                  layer_begin: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: str, device: tvm.runtime.Device):
+                 dtype: str, device: tvm.runtime.Device, layer_offset: int = 0):
         self.limits = limits
         self.layer_begin = layer_begin
         self.num_layers = num_layers
+        self.layer_offset = layer_offset  # cache layers in front of the model's (0 or 1)
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
         self._page_tensors: dict[int, Any] = {}
         self._export_layers: range | None = None  # the layers an export reads (None: all)
+        self._read_done = False
+        self._targets: tuple[Any, Any] | None = None
         self._real_debug_kernel = library.get_function(_DEBUG_KERNEL)
+        self._real_copy_kernel = None
         sizes = {
             "max_batch_size": limits.max_num_sequences,
             "max_total_seq_len": limits.max_total_tokens,
@@ -226,14 +252,19 @@ class PagedKVCache:
     # --- internals --------------------------------------------------------------------
 
     def _capture_pages(self) -> list[np.ndarray]:
-        # One read of a one-token sequence makes the wrapped kernel see every layer's pages.
-        _add_sequence(self.handle, _CAPTURE_SEQ_ID)
+        # Forking a one-token sequence copies its partial page, layer by layer, through
+        # the wrapped copy kernel, which so sees every layer's page tensor.
+        parent, child = _CAPTURE_SEQ_IDS
+        _add_sequence(self.handle, parent)
         try:
-            _prepare_recv(self.handle, _CAPTURE_SEQ_ID, 1)
-            self._read(_CAPTURE_SEQ_ID, 0, 1)
+            _prepare_recv(self.handle, parent, 1)
+            _end_forward(self.handle)
+            _fork_sequence(self.handle, parent, child, 1)
+            _remove_sequence(self.handle, child)
         finally:
-            _remove_sequence(self.handle, _CAPTURE_SEQ_ID)
-        tensors = [self._page_tensors[layer] for layer in range(self.num_layers)]
+            _remove_sequence(self.handle, parent)
+        tensors = [self._page_tensors[self.layer_offset + layer]
+                   for layer in range(self.num_layers)]
         if self.device.dlpack_device_type() == 1:  # kDLCPU
             return [np.from_dlpack(t) for t in tensors]
         try:  # GPU pages: zero-copy torch views, written with device-side indexing
@@ -248,23 +279,48 @@ class PagedKVCache:
             shape = self.snapshot_shape(end - begin)
             keys = tvm.runtime.empty(shape, self.dtype, self.device)
             values = tvm.runtime.empty(shape, self.dtype, self.device)
-        _debug_get_kv(self.handle, seq_id, begin, end, keys, values)
+        self._targets = (keys, values)
+        if self.layer_offset:
+            # TVM checks the buffers against its own layer count; the wrapper writes into
+            # ``keys``/``values`` instead, so these stay untouched (never paged in).
+            shape = (self.layer_offset + self.num_layers, end - begin, self.num_kv_heads,
+                     self.head_dim)
+            keys, values = (tvm.runtime.empty(shape, self.dtype, self.device) for _ in "kv")
+        self._read_done = False
+        try:
+            _debug_get_kv(self.handle, seq_id, begin, end, keys, values)
+        except Exception:
+            if not self._read_done:
+                raise
+        finally:
+            keys, values = self._targets
+            self._targets = None
         return keys, values
 
     def _debug_kernel(self, pages: Any, slot_map: Any, k_out: Any, v_out: Any, layer: Any) -> None:
-        layer = int(layer)
-        self._page_tensors[layer] = pages
-        views = getattr(self, "pages", None)
-        if not views or not isinstance(views[0], np.ndarray):
-            self._real_debug_kernel(pages, slot_map, k_out, v_out, layer)
-            return
-        if self._export_layers is not None and layer not in self._export_layers:
-            return
-        # On the host, numpy's gather through the captured views is several times faster
-        # than TVM's unscheduled debug kernel, and this read is the KV export path.
-        page, offset = np.divmod(np.from_dlpack(slot_map), self.limits.page_size)
-        np.from_dlpack(k_out)[layer] = views[layer][page, 0, :, offset, :]
-        np.from_dlpack(v_out)[layer] = views[layer][page, 1, :, offset, :]
+        """TVM's debug read calls this with cache layer 0 first: read every layer of the
+        model into ``_targets``, then stop TVM's walk."""
+        keys, values = self._targets
+        layers = self._export_layers or range(self.num_layers)
+        if isinstance(self.pages[0], np.ndarray):
+            # On the host, numpy's gather through the captured views is several times
+            # faster than TVM's unscheduled debug kernel, and this read is the KV export.
+            page, offset = np.divmod(np.from_dlpack(slot_map), self.limits.page_size)
+            keys, values = np.from_dlpack(keys), np.from_dlpack(values)
+            for layer in layers:
+                keys[layer] = self.pages[layer][page, 0, :, offset, :]
+                values[layer] = self.pages[layer][page, 1, :, offset, :]
+        else:
+            for layer in layers:
+                self._real_debug_kernel(self._page_tensors[self.layer_offset + layer], slot_map,
+                                        keys, values, layer)
+        self._read_done = True
+        raise _ReadDone
+
+    def _copy_kernel(self, pages: Any, source: Any, target: Any, length: Any) -> None:
+        """TVM's copy of a forked partial page, once per layer: seen to capture pages."""
+        self._page_tensors[len(self._page_tensors)] = pages
+        self._real_copy_kernel(pages, source, target, length)
 
     def _materialize(self, item: Any, library: tvm.runtime.Module, sizes: dict[str, int]) -> Any:
         if isinstance(item, int):
@@ -272,6 +328,9 @@ class PagedKVCache:
         if "kernel" in item:
             if item["kernel"] == _DEBUG_KERNEL:
                 return self._debug_kernel
+            if _COPY_PAGE_KERNEL in item["kernel"]:
+                self._real_copy_kernel = library.get_function(item["kernel"])
+                return self._copy_kernel
             return library.get_function(item["kernel"])
         if "shape" in item:
             dims = item["shape"]

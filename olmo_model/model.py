@@ -1,4 +1,10 @@
-"""AI2's OLMo-1 architecture in TVM Relax's ``nn`` frontend, shaped like MLC LLM's model files.
+"""AI2's OLMo architectures in TVM Relax's ``nn`` frontend, shaped like MLC LLM's model files.
+
+OLMo-1 norms each block's inputs with a non-affine LayerNorm and lets the KV cache apply
+RoPE. OLMo-2 norms each block's outputs with RMSNorm (``h + norm(attn(h))``), norms the
+whole q and k projections with RMSNorm before RoPE, and so applies RoPE itself
+(rope.py); OLMo-3 adds sliding-window attention on the layers ``layer_types`` marks,
+which the KV cache runs as ``mha_sliding`` layers, and RoPE per layer type.
 
 One ``OLMoForCausalLM`` is one compiled module. With a full-model ``StageSpec`` it has
 the whole function suite; a pipeline stage owns a layer range, its own KV cache over
@@ -19,9 +25,10 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from .config import OLMoConfig
+from .config import LayerType, OLMoConfig
 from .quantized_layers import Quantization, QuantizedEmbedding, QuantizedLinear
-from .stages import StageSpec, prefill_layer_function
+from .rope import RopeTable, rotate
+from .stages import StageSpec, cache_layer_offset, prefill_layer_function
 
 LAYER_NORM_EPS = 1e-5
 
@@ -47,6 +54,26 @@ def _layer_norm(x: Tensor) -> Tensor:
     return y.astype(dtype) if dtype != "float32" else y
 
 
+class RMSNorm(nn.Module):
+    """OLMo-2/3's RMSNorm with a weight, computed in float32 as the reference does."""
+
+    def __init__(self, size: int, eps: float):
+        self.weight = nn.Parameter((size,))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        weight = self.weight
+        if dtype != "float32":
+            x, weight = x.astype("float32"), weight.astype("float32")
+        y = op.rms_norm(x, weight, axes=-1, epsilon=self.eps)
+        return y.astype(dtype) if dtype != "float32" else y
+
+
+# A pass's RoPE tables (cos, sin), by layer type; empty when the KV cache applies RoPE.
+RopeTables = dict[LayerType, tuple[Tensor, Tensor]]
+
+
 def _linear(in_features: int, out_features: int, quant: Quantization | None,
             bias: bool = False) -> nn.Module:
     if quant is None:
@@ -64,11 +91,16 @@ class OLMoEmbedding(nn.Embedding):
 class OLMoAttention(nn.Module):
     """Fused-QKV GQA attention through the paged KV cache, with OLMo's optional clamp."""
 
-    def __init__(self, config: OLMoConfig, quant: Quantization | None):
+    def __init__(self, config: OLMoConfig, quant: Quantization | None,
+                 layer_type: LayerType = LayerType.FULL):
         self.head_dim = config.head_dim
         self.num_q_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.clip_qkv = config.clip_qkv
+        self.layer_type = layer_type
+        if config.family.post_norm:
+            self.q_norm = RMSNorm(self.num_q_heads * self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
         self.qkv_proj = _linear(
             config.hidden_size,
             (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim,
@@ -78,12 +110,18 @@ class OLMoAttention(nn.Module):
         self.o_proj = _linear(self.num_q_heads * self.head_dim, config.hidden_size, quant,
                               bias=config.attention_bias)
 
-    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int):
+    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int,
+                rope: RopeTables):
         d, h_q, h_kv = self.head_dim, self.num_q_heads, self.num_kv_heads
         b, s, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states)
         if self.clip_qkv is not None:
             qkv = qkv.maximum(-self.clip_qkv).minimum(self.clip_qkv)
+        if rope:
+            q, k, v = op.split(qkv, [h_q * d, (h_q + h_kv) * d], axis=-1)
+            qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+            cos, sin = rope[self.layer_type]
+            qkv = rotate(op.reshape(qkv, (b * s, h_q + 2 * h_kv, d)), cos, sin, h_q + h_kv)
         qkv = op.reshape(qkv, (b, s, h_q + 2 * h_kv, d))
         out = paged_kv_cache.attention_with_fused_qkv(cache_layer, qkv, h_q, sm_scale=d**-0.5)
         return self.o_proj(op.reshape(out, (b, s, h_q * d)))
@@ -105,17 +143,36 @@ class OLMoFFN(nn.Module):
 
 
 class OLMoDecoderLayer(nn.Module):
-    """Pre-norm transformer block with non-affine LayerNorms."""
+    """OLMo-1's pre-norm transformer block with non-affine LayerNorms."""
 
-    def __init__(self, config: OLMoConfig, quant: Quantization | None):
+    def __init__(self, config: OLMoConfig, quant: Quantization | None,
+                 layer_type: LayerType = LayerType.FULL):
         self.self_attn = OLMoAttention(config, quant)
         self.mlp = OLMoFFN(config, quant)
 
-    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int):
+    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int,
+                rope: RopeTables):
         hidden_states = hidden_states + self.self_attn(
-            _layer_norm(hidden_states), paged_kv_cache, cache_layer
+            _layer_norm(hidden_states), paged_kv_cache, cache_layer, rope
         )
         return hidden_states + self.mlp(_layer_norm(hidden_states))
+
+
+class OLMo2DecoderLayer(nn.Module):
+    """OLMo-2/3's block: RMSNorm on the attention and MLP outputs, before the residual."""
+
+    def __init__(self, config: OLMoConfig, quant: Quantization | None,
+                 layer_type: LayerType = LayerType.FULL):
+        self.self_attn = OLMoAttention(config, quant, layer_type)
+        self.mlp = OLMoFFN(config, quant)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache, cache_layer: int,
+                rope: RopeTables):
+        attn = self.self_attn(hidden_states, paged_kv_cache, cache_layer, rope)
+        hidden_states = hidden_states + self.post_attention_layernorm(attn)
+        return hidden_states + self.post_feedforward_layernorm(self.mlp(hidden_states))
 
 
 class OLMoModel(nn.Module):
@@ -127,19 +184,46 @@ class OLMoModel(nn.Module):
             self.embed_tokens = (
                 OLMoEmbedding(config.vocab_size, config.hidden_size) if quant is None
                 else QuantizedEmbedding(config.vocab_size, config.hidden_size, quant))
-        self.layers = nn.ModuleList([OLMoDecoderLayer(config, quant) for _ in stage.layers])
+        block = OLMo2DecoderLayer if config.family.post_norm else OLMoDecoderLayer
+        types = stage_layer_types(config, stage)
+        self.layers = nn.ModuleList([block(config, quant, t) for t in types])
+        if config.family.post_norm and stage.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # One RoPE table per distinct RoPE among this stage's layers (none: the cache's).
+        self.rope: dict[LayerType, RopeTable] = {}
+        if not config.rope_in_cache:
+            for t in dict.fromkeys(types):
+                layer = stage.layer_begin + types.index(t)
+                self.rope[t] = RopeTable(*config.layer_rope(layer), config.head_dim,
+                                         config.max_position_embeddings)
+
+    def final_norm(self, hidden_states: Tensor) -> Tensor:
+        return self.norm(hidden_states) if hasattr(self, "norm") else _layer_norm(hidden_states)
 
     def forward(self, hidden_states: Tensor, paged_kv_cache: PagedKVCache,
                 layers: range | None = None) -> Tensor:
         """Run ``layers`` (local indices; all of them by default), and the final norm if
         they end the model."""
         layers = layers or range(len(self.layers))
-        # The stage-local cache numbers its layers from 0.
-        for cache_layer in layers:
-            hidden_states = self.layers[cache_layer](hidden_states, paged_kv_cache, cache_layer)
+        offset = cache_layer_offset(self.layers[0].self_attn.layer_type is LayerType.SLIDING)
+        rope: RopeTables = {}
+        if self.rope:
+            b, s, _ = hidden_states.shape
+            positions = paged_kv_cache.get_query_positions(b * s)
+            rope = {t: table(positions) for t, table in self.rope.items()}
+        # The stage-local cache numbers its layers from 0 (or 1: see cache_layer_offset).
+        for layer in layers:
+            hidden_states = self.layers[layer](hidden_states, paged_kv_cache, offset + layer,
+                                               rope)
         if self.stage.is_last and layers.stop == len(self.layers):
-            hidden_states = _layer_norm(hidden_states)
+            hidden_states = self.final_norm(hidden_states)
         return hidden_states
+
+
+def stage_layer_types(config: OLMoConfig, stage: StageSpec) -> list[LayerType]:
+    """Each of a stage's layers' attention (all full but for OLMo-3's sliding layers)."""
+    return [config.layer_types[i] if config.layer_types else LayerType.FULL
+            for i in stage.layers]
 
 
 class OLMoForCausalLM(nn.Module):
@@ -250,8 +334,17 @@ class OLMoForCausalLM(nn.Module):
     ) -> PagedKVCache:
         c = self.config
         n = self.stage.num_local_layers
+        types = stage_layer_types(c, self.stage)
+        sliding = LayerType.SLIDING in types
+        offset = cache_layer_offset(types[0] is LayerType.SLIDING)
+        n += offset
         return TIRPagedKVCache(
-            attn_kind="mha",
+            # TVM's per-layer sliding window: a sliding layer's attention reads only the
+            # last ``sliding_window`` positions of a sequence.
+            attn_kind=(["mha"] * offset
+                       + ["mha_sliding" if t is LayerType.SLIDING else "mha" for t in types]
+                       if sliding else "mha"),
+            layer_sliding_window_size=c.sliding_window if sliding else 1024,
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
@@ -265,7 +358,7 @@ class OLMoForCausalLM(nn.Module):
             v_head_dim=c.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
+            rope_mode=RopeMode.NORMAL if c.rope_in_cache else RopeMode.NONE,
             rope_scale=c.rope_scale,
             rope_theta=c.rope_theta,
             rope_scaling=c.tvm_rope_scaling,

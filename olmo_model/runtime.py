@@ -20,7 +20,7 @@ from .config import OLMoConfig
 from .kv_pages import CacheLimits, KVSnapshot, PagedKVCache
 from .loader import load_stage_params
 from .quantization import activation_dtype
-from .stages import StageSpec, layer_partition, prefill_layer_function
+from .stages import StageSpec, cache_layer_offset, layer_partition, prefill_layer_function
 from .threads import use_every_cpu
 
 _reshape = tvm.get_global_func("vm.builtin.reshape")
@@ -91,7 +91,8 @@ class ModelRunner:
         # Hidden states and the KV cache: float16 for quantized weights.
         self.dtype = activation_dtype(artifact.dtype)
         self.device = tvm.device(device)
-        self.limits = limits or CacheLimits.for_model(self.config)
+        self.limits = (limits or CacheLimits.for_model(self.config)).within_window(
+            self.config.sliding_window)
         use_every_cpu()  # before the first kernel runs: TVM sizes its thread pool then
         library = tvm.runtime.load_module(str(artifact.library_path))
         self.vm = VirtualMachine(library, self.device)
@@ -101,6 +102,7 @@ class ModelRunner:
             layer_begin=self.stage.layer_begin, num_layers=self.stage.num_local_layers,
             num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,
             dtype=self.dtype, device=self.device,
+            layer_offset=cache_layer_offset(self.stage.layer_begin in self.config.sliding_layers),
         )
 
     @classmethod
@@ -126,8 +128,28 @@ class ModelRunner:
     def available_pages(self) -> int:
         return self.kv.available_pages()
 
+    @property
+    def forks_share_pages(self) -> bool:
+        """Whether a fork shares its parent's whole pages (see ``fork_sequence``)."""
+        return not self.config.sliding_layers
+
     def fork_sequence(self, parent: int, child: int, position: int) -> None:
-        self.kv.fork_sequence(parent, child, position)
+        """Start ``child`` holding ``parent``'s first ``position`` tokens.
+
+        TVM's cache windows a sliding layer's pages block by block, and a fork makes the
+        child two blocks (the shared prefix, its own): each would be windowed on its own,
+        letting the child see up to twice the window. So with sliding layers the child
+        gets a copy of the prefix's K/V, one block, and shares no page.
+        """
+        if self.forks_share_pages:
+            self.kv.fork_sequence(parent, child, position)
+            return
+        self.kv.add_sequence(child)
+        try:
+            self.kv.import_sequence(child, self.kv.export_sequence(parent, position))
+        except BaseException:
+            self.kv.remove_sequence(child)
+            raise
 
     def export_kv(self, seq_id: int, num_tokens: int, begin: int = 0,
                   out: tuple[np.ndarray, np.ndarray] | None = None) -> KVSnapshot:

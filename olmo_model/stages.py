@@ -74,3 +74,11 @@ def prefill_layer_function(local_layer: int) -> str:
 
 def stage_specs(num_layers: int, num_stages: int) -> list[StageSpec]:
     return [StageSpec.of(num_layers, num_stages, s) for s in range(num_stages)]
+
+
+def cache_layer_offset(first_layer_slides: bool) -> int:
+    """Layers in front of a stage's own in its KV cache: one unused full-attention layer
+    when the stage's first layer is a sliding-window one, since reading K/V back out of
+    TVM's cache starts at cache layer 0 and works on full-attention layers only
+    (kv_pages.py)."""
+    return 1 if first_layer_slides else 0

@@ -27,10 +27,12 @@ MAX_CACHED_SEQUENCES = 1024
 @dataclasses.dataclass(frozen=True)
 class Hit:
     """Where a new prompt starts: forked from cached ``seq_id``'s first ``tokens``
-    tokens, or (``seq_id`` None) from nothing."""
+    tokens, or (``seq_id`` None) from nothing; sharing ``shared_pages`` of its pages
+    (the whole pages before the fork, or none where forks copy: see ``PrefixCache``)."""
 
     seq_id: int | None = None
     tokens: int = 0
+    shared_pages: int = 0
 
 
 MISS = Hit()
@@ -38,9 +40,13 @@ MISS = Hit()
 
 class PrefixCache:
     def __init__(self, page_size: int, enabled: bool = True,
-                 max_sequences: int = MAX_CACHED_SEQUENCES):
+                 max_sequences: int = MAX_CACHED_SEQUENCES, shares_pages: bool = True):
+        """``shares_pages``: whether a fork shares its prefix's whole pages
+        (``ModelRunner.forks_share_pages``); where it copies them, a fork's pages are all
+        its own and counted as such."""
         self.page_size = page_size
         self.enabled = enabled
+        self.shares_pages = shares_pages
         self.max_sequences = max_sequences
         self._index = PrefixIndex(page_size)
         self._tokens: dict[int, tuple[int, ...]] = {}  # each cached sequence's tokens
@@ -64,7 +70,9 @@ class PrefixCache:
                 return MISS
             seq_id, length = self._longest(tokens)
             usable = min(length, len(tokens) - 1)
-            return Hit(seq_id, usable) if seq_id is not None and usable > 0 else MISS
+            if seq_id is None or usable <= 0:
+                return MISS
+            return Hit(seq_id, usable, usable // self.page_size if self.shares_pages else 0)
 
     def count(self, query_tokens: int, hit_tokens: int) -> None:
         """Record a lookup that was used (one whose request was then taken)."""
@@ -73,12 +81,11 @@ class PrefixCache:
             self.hit_tokens += hit_tokens
 
     def start(self, seq_id: int, hit: Hit = MISS) -> None:
-        """A new sequence: forked at ``hit`` (it shares the whole pages before the fork),
-        or empty."""
+        """A new sequence: forked at ``hit`` (sharing ``hit.shared_pages``), or empty."""
         with self._lock:
             parent = self._pages.get(hit.seq_id, ()) if hit.seq_id is not None else ()
             self._drop(seq_id)
-            self._hold(seq_id, parent[:hit.tokens // self.page_size])
+            self._hold(seq_id, parent[:hit.shared_pages])
 
     def finish(self, seq_id: int, tokens: Sequence[int] | None) -> list[int]:
         """A sequence stopped running, its K/V holding ``tokens`` (None: do not keep it,

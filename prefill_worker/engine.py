@@ -28,7 +28,8 @@ class PrefillEngine:
                  prefix_cache: bool = True):
         limits = stage.runner.limits
         self.stage = stage
-        self.cache = PrefixCache(limits.page_size, enabled=prefix_cache)
+        self.cache = PrefixCache(limits.page_size, enabled=prefix_cache,
+                                 shares_pages=stage.runner.forks_share_pages)
         self.chain: StageChain | None = None  # set when this worker leads an instance
         self.chunk_size = limits.prefill_chunk_size
         self.batcher = PromptBatcher(token_budget or limits.prefill_chunk_size,

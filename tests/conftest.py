@@ -43,12 +43,22 @@ TINY = dict(
 )
 
 
-def write_checkpoint(folder: Path, seed: int = 0, **overrides: Any):
-    """Create and save a random transformers OlmoForCausalLM; returns the torch model."""
+# transformers' config and model class per model_type.
+FAMILIES = {
+    "olmo": ("OlmoConfig", "OlmoForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
+}
+
+
+def write_checkpoint(folder: Path, seed: int = 0, family: str = "olmo", **overrides: Any):
+    """Create and save a random transformers OlmoForCausalLM (Olmo2ForCausalLM,
+    Olmo3ForCausalLM for ``family`` olmo2, olmo3); returns the torch model."""
     fields = {**TINY, **overrides}
     torch.manual_seed(seed)
-    config = transformers.OlmoConfig(**fields)
-    model = transformers.OlmoForCausalLM(config).eval()
+    config_class, model_class = (getattr(transformers, name) for name in FAMILIES[family])
+    config = config_class(**fields)
+    model = model_class(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     return model

@@ -31,8 +31,13 @@ def write_config(tmp_path, **changes):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"model_type": "olmo2"}, "OLMo-1"),
-        ({"model_type": "olmoe"}, "'olmoe'"),
+        ({"model_type": "gpt2"}, "'olmo', 'olmo2', 'olmo3'"),
+        ({"model_type": "olmoe"}, "'olmoe'.*mixture of experts"),
+        ({"model_type": "olmo3", "layer_types": ["full_attention"]}, "names 1 layers"),
+        ({"model_type": "olmo3", "layer_types": ["full_attention", "local"]}, "layer_types"),
+        ({"model_type": "olmo3", "sliding_window": 0}, "sliding_window must be a positive"),
+        ({"model_type": "olmo2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+         "original_max_position_embeddings"),
         ({"rope_theta": None}, "rope_theta"),
         ({"hidden_act": "mish"}, "hidden_act 'mish'"),
         ({"clip_qkv": 0}, "clip_qkv must be > 0"),
