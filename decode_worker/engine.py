@@ -49,9 +49,11 @@ class DecodeEngine:
     def __init__(self, stage: DecodeStage, idle_wait: float = 0.02, prefix_cache: bool = True):
         runner = stage.runner
         self.stage = stage
+        self.config = runner.config
         self.chunk_size = runner.limits.prefill_chunk_size
         self.cache = PrefixCache(runner.limits.page_size, enabled=prefix_cache,
-                                 shares_pages=runner.forks_share_pages)
+                                 shares_pages=runner.forks_share_pages,
+                                 sliding_window=runner.config.sliding_window)
         self.scheduler = DecodeScheduler(
             # One page is kept back: TVM's cache needs a spare page at a page boundary.
             total_pages=runner.kv.total_pages - 1,
@@ -76,6 +78,12 @@ class DecodeEngine:
             chain.release(Release(reset=True))
             self.chain = chain
 
+    def _pushed_kept_from(self, prompt_tokens: int) -> int:
+        """The first position a pushed prompt's sliding layers hold (pushes send only what
+        they read again)."""
+        return max((self.config.kv_kept_from(layer, prompt_tokens)
+                    for layer in self.config.sliding_layers), default=0)
+
     # --- called from gRPC handlers ----------------------------------------------------
 
     def reserve(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
@@ -95,7 +103,8 @@ class DecodeEngine:
                             keep=cached.seq_id)
             request = self.scheduler.reserve(request_id, prompt_tokens, prompt_ids, sampling,
                                              lease_seconds, local, cached)
-            self.cache.start(request.seq_id, cached)
+            self.cache.start(request.seq_id, cached,
+                             0 if local else self._pushed_kept_from(prompt_tokens))
             try:
                 chain.expect([Expectation(request_id, prompt_tokens - cached.tokens, sampling,
                                           local, request.seq_id, cached.seq_id,

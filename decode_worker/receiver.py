@@ -5,8 +5,9 @@ prefill instance's stages need not line up with ours) and a range of the reserve
 tokens (a prefill worker sends each chunk's K/V while it computes the next). Every piece
 is written straight into the request's assembly, one buffer the shape of all its K/V on
 this stage, and counts only once its push has been verified whole. The request is ready
-when verified pieces cover every layer and token exactly once and, on the stage that owns
-the LM head, the last hidden state has come. Nothing of a push that fails any check
+when verified pieces cover every layer and token exactly once (of a sliding-window layer,
+the positions it reads again: ``kept_from``) and, on the stage that owns the LM head, the
+last hidden state has come. Nothing of a push that fails any check
 counts. A piece from a later try of the prefill leg starts the assembly over; one from an
 earlier try is refused.
 """
@@ -40,6 +41,7 @@ class Assembly:
     values: np.ndarray
     filled: np.ndarray   # bool [layers, tokens]: verified
     claimed: np.ndarray  # bool [layers, tokens]: a push is writing there
+    needed_from: tuple[int, ...]  # per layer, the first of the tokens it reads again
     writers: int = 0
     retired: bool = False  # no longer wanted: the buffer goes back once no one writes
 
@@ -67,9 +69,13 @@ class Piece:
 
 class KVReceiver:
     def __init__(self, layout: worker_pb2.ModelLayout, spec: StageSpec,
-                 on_arrival: Callable[[], None] = lambda: None, accepts_shared: bool = True):
+                 on_arrival: Callable[[], None] = lambda: None, accepts_shared: bool = True,
+                 kept_from: Callable[[int, int], int] = lambda layer, prompt_tokens: 0):
+        """``kept_from(layer, prompt_tokens)``: the first position of a prompt that a
+        layer needs (``OLMoConfig.kv_kept_from``); pushes need not carry the others."""
         self.layout = layout
         self.spec = spec
+        self.kept_from = kept_from
         self.on_arrival = on_arrival  # wakes the engine's step loop
         self.accepts_shared = accepts_shared  # pushes naming a same-host sender's buffer
         self._pending: dict[str, PendingKV] = {}
@@ -145,7 +151,8 @@ class KVReceiver:
     def snapshot(self, pending: PendingKV) -> KVSnapshot:
         """A complete request's K/V (see ``take``): all of the stage's layers."""
         return KVSnapshot(self.spec.layer_begin, self.spec.layer_end, pending.assembly.keys,
-                          pending.assembly.values, pending.token_begin)
+                          pending.assembly.values, pending.token_begin,
+                          tuple(pending.token_begin + n for n in pending.assembly.needed_from))
 
     def recycle(self, pending: PendingKV) -> None:
         """Its K/V is installed (or no longer wanted): its buffer serves the next pushes."""
@@ -244,9 +251,13 @@ class KVReceiver:
         shape = (layers, pending.prompt_tokens, self.layout.num_kv_heads, self.layout.head_dim)
         buffer = self.buffers.take(Buffer.bytes_for(shape, self.layout.dtype))
         keys, values = buffer.arrays(shape, self.layout.dtype)
+        end = pending.token_begin + pending.prompt_tokens
+        needed_from = tuple(max(0, self.kept_from(layer, end) - pending.token_begin)
+                            for layer in self.spec.layers)
         return Assembly(buffer, keys, values,
                         filled=np.zeros((layers, pending.prompt_tokens), bool),
-                        claimed=np.zeros((layers, pending.prompt_tokens), bool))
+                        claimed=np.zeros((layers, pending.prompt_tokens), bool),
+                        needed_from=needed_from)
 
     def _retire(self, pending: PendingKV | None) -> None:
         """Let go of the request's assembly (with the lock held): its buffer is reused
@@ -260,6 +271,8 @@ class KVReceiver:
 
     def _complete(self, request_id: str) -> bool:
         pending = self._pending[request_id]
-        if pending.assembly is None or not pending.assembly.filled.all():
+        assembly = pending.assembly
+        if assembly is None or not all(assembly.filled[layer, first:].all()
+                                       for layer, first in enumerate(assembly.needed_from)):
             return False
         return pending.hidden is not None or not self.spec.is_last

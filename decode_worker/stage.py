@@ -31,7 +31,8 @@ class DecodeStage:
         self.runner = runner
         self.spec = runner.stage
         self._layout = model_layout(runner)
-        self.receiver = KVReceiver(self._layout, self.spec, accepts_shared=accepts_shared)
+        self.receiver = KVReceiver(self._layout, self.spec, accepts_shared=accepts_shared,
+                                   kept_from=runner.config.kv_kept_from)
         self.samplers: dict[int, Sampler] = {}  # by sequence id (the last stage only)
         self.sequences: set[int] = set()  # running, reserved or cached
         self._seq_of_request: dict[str, int] = {}

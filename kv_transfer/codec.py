@@ -77,8 +77,9 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
         yield _header(request_id, header_layout, snapshot, 1, attempt)
         yield worker_pb2.KVChunk(shared=worker_pb2.SharedKV(
             pid=shared.pid, fd=shared.fd, keys_offset=shared.offset_of(snapshot.keys),
-            values_offset=shared.offset_of(snapshot.values)))
-        crc = zlib.crc32(snapshot.values, zlib.crc32(snapshot.keys))
+            values_offset=shared.offset_of(snapshot.values),
+            layer_stride=snapshot.keys.strides[0]))
+        crc = _crc32(snapshot.values, _crc32(snapshot.keys, 0))
     else:
         tokens_per_block = max(1, BLOCK_BYTES // (2 * snapshot.keys[0, 0].nbytes))
         blocks = [(layer, begin) for layer in range(snapshot.keys.shape[0])
@@ -224,8 +225,13 @@ class KVAssembler:
             raise SharedUnreadable("this worker takes K/V only inline")
         if self._blocks_seen:
             raise PushRefused("shared K/V arrived after other K/V")
-        layer_bytes = self._keys[0].nbytes  # each layer's tokens lie together on both ends
-        parts = [(offset + layer * layer_bytes, array[layer])
+        # Each layer's tokens lie together on both ends; the sender's layers lie
+        # ``layer_stride`` apart (some of its tokens may not be pushed).
+        stride = shared.layer_stride or self._keys[0].nbytes
+        if stride < self._keys[0].nbytes:
+            raise PushRefused(f"shared K/V layers {stride} bytes apart hold "
+                              f"{self._keys[0].nbytes} bytes each")
+        parts = [(offset + layer * stride, array[layer])
                  for offset, array in ((shared.keys_offset, self._keys),
                                        (shared.values_offset, self._values))
                  for layer in range(array.shape[0])]

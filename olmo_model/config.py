@@ -177,6 +177,14 @@ class OLMoConfig:
         """The layers that attend to the last ``sliding_window`` tokens only."""
         return tuple(i for i, t in enumerate(self.layer_types) if t is LayerType.SLIDING)
 
+    def kv_kept_from(self, layer: int, prompt_tokens: int) -> int:
+        """The first position of a prompt of ``prompt_tokens`` tokens whose K/V ``layer``
+        reads again once the prompt is prefilled: 0, or a sliding layer's window start
+        (the first decode step looks back ``sliding_window - 1`` positions)."""
+        if layer not in self.sliding_layers:
+            return 0
+        return max(0, prompt_tokens - self.sliding_window)
+
     def layer_rope(self, layer: int) -> tuple[float, dict[str, Any] | None]:
         """The RoPE base and scaling of one layer."""
         if layer in self.sliding_layers:

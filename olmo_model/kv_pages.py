@@ -95,13 +95,15 @@ class CacheLimits:
 @dataclasses.dataclass
 class KVSnapshot:
     """One sequence's K/V for a layer range, as ``[layers, tokens, kv_heads, head_dim]``,
-    of its positions from ``token_begin`` on."""
+    of its positions from ``token_begin`` on; with ``kept_from`` (a position per layer),
+    each layer's K/V only from there on (sliding-window layers: what they read again)."""
 
     layer_begin: int
     layer_end: int
     keys: np.ndarray
     values: np.ndarray
     token_begin: int = 0
+    kept_from: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -245,9 +247,13 @@ class PagedKVCache:
                             torch.from_numpy(offset).to(device))
             keys, values = (torch.from_numpy(keys).to(device),
                             torch.from_numpy(values).to(device))
+        kept = snapshot.kept_from or (snapshot.token_begin,) * self.num_layers
         for layer, view in enumerate(self.pages):
-            view[page, 0, :, offset, :] = keys[layer]
-            view[page, 1, :, offset, :] = values[layer]
+            # A position a sliding layer never reads again stays as it is: its slot's
+            # bytes were not sent.
+            skip = max(0, kept[layer] - snapshot.token_begin)
+            view[page[skip:], 0, :, offset[skip:], :] = keys[layer, skip:]
+            view[page[skip:], 1, :, offset[skip:], :] = values[layer, skip:]
 
     # --- internals --------------------------------------------------------------------
 

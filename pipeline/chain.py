@@ -135,7 +135,8 @@ class StageChain:
                              ends_prompt=piece.ends,
                              request_id=prompt.request_id, kv_targets=prompt.kv_targets,
                              fork_from=prompt.fork_from, fork_pos=prompt.fork_pos,
-                             push_from=prompt.push_from, push_attempt=prompt.push_attempt)
+                             push_from=prompt.push_from, push_attempt=prompt.push_attempt,
+                             prompt_tokens=prompt.fork_pos + len(prompt.token_ids))
 
     def release(self, release: Release) -> None:
         """Every stage frees what it can: a stage that is gone must not keep the others

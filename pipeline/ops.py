@@ -84,6 +84,7 @@ class SequenceSlice:
     fork_pos: int = 0
     push_from: int = 0          # prefill: push the K/V of positions from here on
     push_attempt: int = 0       # prefill: the leg's try, which its pushes carry
+    prompt_tokens: int = 0      # prefill: the whole prompt's length (0: not known)
 
     @property
     def starts_sequence(self) -> bool:

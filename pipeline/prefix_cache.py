@@ -40,13 +40,18 @@ MISS = Hit()
 
 class PrefixCache:
     def __init__(self, page_size: int, enabled: bool = True,
-                 max_sequences: int = MAX_CACHED_SEQUENCES, shares_pages: bool = True):
+                 max_sequences: int = MAX_CACHED_SEQUENCES, shares_pages: bool = True,
+                 sliding_window: int = 0):
         """``shares_pages``: whether a fork shares its prefix's whole pages
         (``ModelRunner.forks_share_pages``); where it copies them, a fork's pages are all
-        its own and counted as such."""
+        its own and counted as such. ``sliding_window``: the model's (0: none); a
+        sequence whose sliding layers lack early positions (see ``start``) is forked only
+        where the fork's window finds all it needs."""
         self.page_size = page_size
         self.enabled = enabled
         self.shares_pages = shares_pages
+        self.window = sliding_window
+        self._kept_from: dict[int, int] = {}  # sliding layers' first position held
         self.max_sequences = max_sequences
         self._index = PrefixIndex(page_size)
         self._tokens: dict[int, tuple[int, ...]] = {}  # each cached sequence's tokens
@@ -72,6 +77,9 @@ class PrefixCache:
             usable = min(length, len(tokens) - 1)
             if seq_id is None or usable <= 0:
                 return MISS
+            # The fork's first new token looks back window - 1 positions.
+            if self.window and self._kept_from.get(seq_id, 0) > usable - self.window + 1:
+                return MISS
             return Hit(seq_id, usable, usable // self.page_size if self.shares_pages else 0)
 
     def count(self, query_tokens: int, hit_tokens: int) -> None:
@@ -80,12 +88,17 @@ class PrefixCache:
             self.query_tokens += query_tokens
             self.hit_tokens += hit_tokens
 
-    def start(self, seq_id: int, hit: Hit = MISS) -> None:
-        """A new sequence: forked at ``hit`` (sharing ``hit.shared_pages``), or empty."""
+    def start(self, seq_id: int, hit: Hit = MISS, kept_from: int = 0) -> None:
+        """A new sequence: forked at ``hit`` (sharing ``hit.shared_pages``), or empty.
+        ``kept_from``: its sliding layers hold no K/V before this position (a push sent
+        only their window)."""
         with self._lock:
             parent = self._pages.get(hit.seq_id, ()) if hit.seq_id is not None else ()
             self._drop(seq_id)
             self._hold(seq_id, parent[:hit.shared_pages])
+            inherited = self._kept_from.get(hit.seq_id, 0) if hit.seq_id is not None else 0
+            if max(inherited, kept_from):
+                self._kept_from[seq_id] = max(inherited, kept_from)
 
     def finish(self, seq_id: int, tokens: Sequence[int] | None) -> list[int]:
         """A sequence stopped running, its K/V holding ``tokens`` (None: do not keep it,
@@ -167,6 +180,7 @@ class PrefixCache:
             self._pages.clear()
             self._holders.clear()
             self._tokens.clear()
+            self._kept_from.clear()
             return cached
 
     def cached_ids(self) -> set[int]:
@@ -199,6 +213,7 @@ class PrefixCache:
         self._holders.update(pages)
 
     def _drop(self, seq_id: int) -> None:
+        self._kept_from.pop(seq_id, None)
         for page in self._pages.pop(seq_id, ()):
             self._holders[page] -= 1
             if not self._holders[page]:

@@ -87,7 +87,7 @@ def forward_to_proto(batch: ForwardBatch, inputs: np.ndarray) -> stage_pb2.Forwa
             total_tokens=s.total_tokens, ends_prompt=s.ends_prompt,
             kv_targets=[address_to_proto(t) for t in s.kv_targets],
             fork_from=s.fork_from or 0, fork_pos=s.fork_pos, push_from=s.push_from,
-            push_attempt=s.push_attempt)
+            push_attempt=s.push_attempt, prompt_tokens=s.prompt_tokens)
             for s in batch.slices])
 
 
@@ -99,7 +99,7 @@ def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
             ends_prompt=s.ends_prompt, request_id=s.request_id,
             kv_targets=tuple(address_from_proto(t) for t in s.kv_targets),
             fork_from=s.fork_from or None, fork_pos=s.fork_pos, push_from=s.push_from,
-            push_attempt=s.push_attempt)
+            push_attempt=s.push_attempt, prompt_tokens=s.prompt_tokens)
             for s in request.slices))
 
 

@@ -7,8 +7,10 @@ chunks streams the same way across passes: each chunk's K/V leaves while the nex
 computes. The pieces of one sequence go one after another, so that a failed piece stops
 the rest (``KVStream``). With the prompt's last piece, the last stage sends its last
 hidden state to the decode stage that owns the LM head, and the pass waits for the
-sequence's pieces to be answered. A sequence's K/V stays after it is shipped, as a cached
-prefix, until the leader releases it.
+sequence's pieces to be answered. Of a sliding-window layer, only the positions it reads
+again go: the prompt's last ``sliding_window`` (``OLMoConfig.kv_kept_from``). A
+sequence's K/V stays after it is shipped, as a cached prefix, until the leader releases
+it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class KVStream:
     targets: tuple[StageAddress, ...]
     attempt: int
     pushed_to: int               # positions before this are sent, or held there already
+    prompt_tokens: int = 0       # the whole prompt (0: not known, so every position goes)
     last: Future | None = None   # the latest piece's push; it waits for the one before
 
 
@@ -146,7 +149,8 @@ class PrefillStage:
                 start_sequence(self.runner, self.sequences, s.seq_id, s.fork_from, s.fork_pos)
             if s.starts_sequence and s.kv_targets:
                 self._streams[s.seq_id] = KVStream(s.request_id, s.kv_targets,
-                                                   s.push_attempt, s.push_from)
+                                                   s.push_attempt, s.push_from,
+                                                   s.prompt_tokens)
 
     def _remove(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
@@ -223,13 +227,35 @@ class PrefillStage:
         failed: this piece fails as it did."""
         if previous is not None:
             previous.result()  # submitted first, so running or done: no pool deadlock
-        for index, target in enumerate(stream.targets):
-            overlap = target.overlap(snapshot.layer_begin, snapshot.layer_end)
-            if overlap is None:
-                continue
-            lo, hi = (layer - snapshot.layer_begin for layer in overlap)
-            part = KVSnapshot(overlap[0], overlap[1], snapshot.keys[lo:hi],
-                              snapshot.values[lo:hi], snapshot.token_begin)
-            carries_hidden = hidden is not None and index == len(stream.targets) - 1
-            self.sender.push(target.address, stream.request_id, part,
+        parts = [(index, part) for index, target in enumerate(stream.targets)
+                 for part in self._parts(stream, snapshot, target)]
+        for index, part in parts:
+            carries_hidden = (hidden is not None and index == len(stream.targets) - 1
+                              and part is parts[-1][1])
+            self.sender.push(stream.targets[index].address, stream.request_id, part,
                              hidden if carries_hidden else None, buffer, stream.attempt)
+
+    def _parts(self, stream: KVStream, snapshot: KVSnapshot, target: StageAddress
+               ) -> list[KVSnapshot]:
+        """What of ``snapshot`` goes to ``target``: the layers it owns, in runs of layers
+        that keep the same positions, each from the first position it keeps (none of a
+        run that keeps none of these)."""
+        overlap = target.overlap(snapshot.layer_begin, snapshot.layer_end)
+        if overlap is None:
+            return []
+        prompt = stream.prompt_tokens
+        config = self.runner.config
+        kept = [config.kv_kept_from(layer, prompt) if prompt else 0 for layer in range(*overlap)]
+        end = snapshot.token_begin + snapshot.num_tokens
+        parts, run = [], overlap[0]
+        for layer in range(*overlap):
+            if layer + 1 < overlap[1] and kept[layer + 1 - overlap[0]] == kept[run - overlap[0]]:
+                continue
+            begin = max(snapshot.token_begin, kept[run - overlap[0]])
+            if begin < end:
+                lo, hi = run - snapshot.layer_begin, layer + 1 - snapshot.layer_begin
+                skip = begin - snapshot.token_begin
+                parts.append(KVSnapshot(run, layer + 1, snapshot.keys[lo:hi, skip:],
+                                        snapshot.values[lo:hi, skip:], begin))
+            run = layer + 1
+        return parts

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceSlice(_message.Message):
-    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from", "push_attempt")
+    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from", "push_attempt", "prompt_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class SequenceSlice(_message.Message):
     FORK_POS_FIELD_NUMBER: _ClassVar[int]
     PUSH_FROM_FIELD_NUMBER: _ClassVar[int]
     PUSH_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seq_id: int
     length: int
@@ -30,7 +31,8 @@ class SequenceSlice(_message.Message):
     fork_pos: int
     push_from: int
     push_attempt: int
-    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ..., push_attempt: _Optional[int] = ...) -> None: ...
+    prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ..., push_attempt: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("slices", "decode", "hidden")

@@ -230,16 +230,18 @@ class HiddenState(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class SharedKV(_message.Message):
-    __slots__ = ("pid", "fd", "keys_offset", "values_offset")
+    __slots__ = ("pid", "fd", "keys_offset", "values_offset", "layer_stride")
     PID_FIELD_NUMBER: _ClassVar[int]
     FD_FIELD_NUMBER: _ClassVar[int]
     KEYS_OFFSET_FIELD_NUMBER: _ClassVar[int]
     VALUES_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STRIDE_FIELD_NUMBER: _ClassVar[int]
     pid: int
     fd: int
     keys_offset: int
     values_offset: int
-    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., keys_offset: _Optional[int] = ..., values_offset: _Optional[int] = ...) -> None: ...
+    layer_stride: int
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., keys_offset: _Optional[int] = ..., values_offset: _Optional[int] = ..., layer_stride: _Optional[int] = ...) -> None: ...
 
 class KVTrailer(_message.Message):
     __slots__ = ("crc32",)

@@ -1,6 +1,7 @@
 """OLMo-2 and OLMo-3 through the cluster: aggregated, disaggregated, staged with
 different prefill and decode stage counts, and forked from the prefix cache past the
-sliding window, every greedy output what transformers gives."""
+sliding window, every greedy output what transformers gives; pushes carry only the
+window of a sliding layer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from conftest import greedy_outputs, hf_greedy, wait_until_cluster_idle
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
+from pipeline.options import WorkerOptions
+from protos.layout import kv_bytes_per_token
 from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
@@ -43,16 +46,55 @@ def expected(checkpoint_factory, family: str) -> tuple[object, list[list[int]]]:
     return folder, [hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
 
 
+def hits(servicers) -> int:
+    """Prompt tokens an instance's leader found in its prefix cache."""
+    leader = next(s for s in servicers if s.engine.chain is not None)
+    return leader.engine.cache.stats()["prefix_hit_tokens"]
+
+
 @pytest.mark.parametrize("family, layout", CASES)
 def test_greedy_output_equals_transformers(checkpoint_factory, family, layout):
     folder, want = expected(checkpoint_factory, family)
     cluster = start_local_cluster(folder, limits=LIMITS, **LAYOUTS[layout])
     try:
         assert greedy_outputs(cluster, PROMPTS[:1], NEW_TOKENS) == want[:1]
-        # The others fork from the first's cached 50 tokens, on every stage.
+        # A chat's next turn forks from the whole last turn, on the decode side too: a
+        # pushed prompt's sliding layers lack what lies before their window, which the
+        # next turn never reads.
+        turn = PROMPTS[0] + want[0] + [5, 6]
+        _, reference = checkpoint_factory(family=family, seed=3, **MODELS[family])
+        assert greedy_outputs(cluster, [turn], NEW_TOKENS) == [
+            hf_greedy(reference, turn, NEW_TOKENS)]
+        assert hits(cluster.decode) >= len(PROMPTS[0]) + NEW_TOKENS - 1
+        # The others fork from the cached 50 tokens of the system prompt on every stage
+        # of the instance that computes them.
+        before = hits(cluster.decode if layout == "aggregated" else cluster.prefill)
         assert greedy_outputs(cluster, PROMPTS[1:], NEW_TOKENS) == want[1:]
-        leader = next(s for s in cluster.decode if s.engine.chain is not None)
-        assert leader.engine.cache.stats()["prefix_hit_tokens"] >= 2 * len(SYSTEM)
+        after = hits(cluster.decode if layout == "aggregated" else cluster.prefill)
+        assert after - before >= 2 * len(SYSTEM)
+        wait_until_cluster_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "inline"])
+def test_a_push_carries_only_the_window_of_sliding_layers(checkpoint_factory, shared_memory):
+    """Three sliding layers of four and a prompt four windows long, streamed in chunks
+    of one window: the pushes carry (1 + 3 x 1/4) / 4 = 0.4375 of every position's K/V,
+    and the output is unchanged."""
+    folder, reference = checkpoint_factory(family="olmo3", seed=3, **MODELS["olmo3"])
+    prompt = list(range(100, 100 + 4 * WINDOW))
+    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
+                                  worker_options=WorkerOptions(
+                                      prefix_cache=False, kv_shared_memory=shared_memory))
+    try:
+        receiver = cluster.decode[0].stage.receiver
+        assert greedy_outputs(cluster, [prompt], NEW_TOKENS) == [
+            hf_greedy(reference, prompt, NEW_TOKENS)]
+        every_position = kv_bytes_per_token(cluster.decode[0].layout) * len(prompt)
+        assert receiver.bytes_received / every_position == pytest.approx(0.4375)
+        # (The first push goes inline: it tells the sender that they share the host.)
+        assert bool(receiver.shared_pushes) == shared_memory
         wait_until_cluster_idle(cluster)
     finally:
         cluster.stop()
