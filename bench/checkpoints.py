@@ -14,6 +14,27 @@ OLMO_1B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_h
 SMALL = dict(vocab_size=50304, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
              tie_word_embeddings=True)
+# allenai/OLMo-2-0425-1B's shape: OLMo-1B's blocks with RMSNorm after attention and MLP,
+# QK-norm, an untied LM head over OLMo-2's padded 100352-token vocabulary.
+OLMO2_1B = dict(model_type="olmo2", architectures=["Olmo2ForCausalLM"], vocab_size=100352,
+                hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+                rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+# allenai/Olmo-3-1025-7B's shape: 3 sliding-window layers (4096 tokens) to 1 full, YaRN on
+# the full ones for a 65K context. Stored in float16 (14 GB instead of 28).
+OLMO3_7B = dict(model_type="olmo3", architectures=["Olmo3ForCausalLM"], vocab_size=100352,
+                hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=65536,
+                rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                sliding_window=4096,
+                layer_types=["full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
+                             for i in range(32)],
+                rope_scaling={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32,
+                              "beta_slow": 1, "original_max_position_embeddings": 8192,
+                              "attention_factor": 1.2079441541679836})
+STORED_IN = {"olmo3-7b": np.float16}
+# A shard of a checkpoint written in several files holds about this many bytes.
+SHARD_BYTES = 2 * 2**30
 
 
 # Where the benchmarks keep their checkpoints, across runs.
@@ -25,32 +46,71 @@ def bench_checkpoint(name: str, shape: dict) -> Path:
     return make_checkpoint(BENCH_CHECKPOINTS / name, shape)
 
 
-def make_checkpoint(folder: Path, shape: dict, std: float = 0.02) -> Path:
-    """A random fp32 checkpoint in Hugging Face layout (std 0.02, as OLMo initializes; a
-    larger std gives peaked logits, whose greedy choices no rounding difference flips)."""
-    if (folder / "model.safetensors").is_file():
+def make_checkpoint(folder: Path, shape: dict, std: float = 0.02,
+                    dtype: type = np.float32) -> Path:
+    """A random checkpoint in Hugging Face layout (std 0.02, as OLMo initializes; a
+    larger std gives peaked logits, whose greedy choices no rounding difference flips),
+    OLMo-1 or, by ``shape``'s model_type, OLMo-2/3; in shards of about SHARD_BYTES, with
+    their index, when it is larger than one."""
+    if (folder / "model.safetensors").is_file() or (folder / INDEX).is_file():
         return folder
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, np.ndarray] = {}
+
+    def write(name: str) -> None:
+        save_file(shard, str(folder / name))
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    for name, tensor in _random_tensors(shape, std, dtype):
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > SHARD_BYTES:
+            write(f"shard-{len(set(weight_map.values())) + 1:05d}.safetensors")
+        shard[name] = tensor
+    if not weight_map:
+        write("model.safetensors")
+    else:
+        write(f"shard-{len(set(weight_map.values())) + 1:05d}.safetensors")
+        (folder / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    write_config(folder, shape)
+    return folder
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _random_tensors(shape: dict, std: float, dtype: type):
+    """(name, tensor) of every weight of a checkpoint of ``shape``, one at a time."""
     rng = np.random.default_rng(0)
     h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    post_norm = shape.get("model_type", "olmo") != "olmo"
 
     def w(*dims):
-        return (rng.standard_normal(dims, dtype=np.float32) * std)
+        return (rng.standard_normal(dims, dtype=np.float32) * std).astype(dtype)
 
-    tensors = {"model.embed_tokens.weight": w(v, h)}
+    def norm(size):
+        return (1 + rng.standard_normal(size, dtype=np.float32) * 0.1).astype(dtype)
+
+    yield "model.embed_tokens.weight", w(v, h)
     for layer in range(shape["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
         for name, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
-            tensors[p + f"self_attn.{name}.weight"] = w(rows, h)
-        tensors[p + "mlp.gate_proj.weight"] = w(i, h)
-        tensors[p + "mlp.up_proj.weight"] = w(i, h)
-        tensors[p + "mlp.down_proj.weight"] = w(h, i)
-    save_file(tensors, str(folder / "model.safetensors"))
-    write_config(folder, shape)
-    return folder
+            yield p + f"self_attn.{name}.weight", w(rows, h)
+        yield p + "mlp.gate_proj.weight", w(i, h)
+        yield p + "mlp.up_proj.weight", w(i, h)
+        yield p + "mlp.down_proj.weight", w(h, i)
+        if post_norm:
+            yield p + "self_attn.q_norm.weight", norm(h)
+            yield p + "self_attn.k_norm.weight", norm(kv)
+            yield p + "post_attention_layernorm.weight", norm(h)
+            yield p + "post_feedforward_layernorm.weight", norm(h)
+    if post_norm:
+        yield "model.norm.weight", norm(h)
+    if not shape.get("tie_word_embeddings", False):
+        yield "lm_head.weight", w(v, h)
 
 
 def write_config(folder: Path, shape: dict) -> Path:

@@ -1,14 +1,18 @@
 """Compile, prefill and decode timings of the compiled OLMo beside transformers, in one run.
 
-Builds (once, cached) a random OLMo-1B-shaped checkpoint, then measures on it, for each
-``--dtype`` in turn: compile time, prefill of 128 and 512 tokens, decode ms/step at
+Builds (once, cached) a random checkpoint of each ``--shape`` (OLMo-1B by default;
+OLMo-2-1B, OLMo-3-7B, or a small OLMo-1), then measures on it, for each ``--dtype`` in
+turn: compile time, prefill of 128 and 512 tokens, decode ms/step at
 batch 1 and 8; the same for transformers' OlmoForCausalLM (float32) on the CPU; and the
 machine's read bandwidth with the decode floor it implies (bytes of the loaded weights /
 what read_bandwidth.py's kernel reads per second on every CPU). Prints a table and
 writes JSON. Medians of several runs; the machine is shared, so compare within a run.
 
-    python3 bench/model_bench.py [--small] [--dtype float16 q8f16 q4f16] [--repeats 3]
-                                 [--out bench/results/model_bench.json]
+    python3 bench/model_bench.py [--shape olmo-1b olmo2-1b] [--dtype float16 q8f16 q4f16]
+                                 [--repeats 3] [--out bench/results/model_bench.json]
+
+Several shapes are measured one after another and printed side by side at the end.
+transformers is not run on OLMo-3-7B (its float32 weights would not fit in memory).
 
 ``q4f16``/``q8f16`` quantize the weights as they load (README, "Quantized weights").
 Where a llama.cpp build is at hand (``--llama-cpp DIR``, ``$LLAMA_CPP_BIN`` or
@@ -30,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from checkpoints import OLMO_1B, SMALL, make_checkpoint
+from checkpoints import OLMO2_1B, OLMO3_7B, OLMO_1B, SMALL, STORED_IN, make_checkpoint
 from llama_cpp import LLAMA_TYPES, find_llama_cpp, gguf_files, median_of_rounds, run_llama_bench
 from read_bandwidth import kernel_read_bandwidth
 from recording import write_results
@@ -144,10 +148,10 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
 def bench_transformers(folder: Path, repeats: int, prefill_lengths: list[int],
                        decode_steps: int) -> dict:
     import torch
-    from transformers import OlmoForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = OlmoForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = {"torch_threads": torch.get_num_threads()}
     rng = np.random.default_rng(1)
     with torch.inference_mode():
@@ -168,9 +172,15 @@ def bench_transformers(folder: Path, repeats: int, prefill_lengths: list[int],
     return out
 
 
+SHAPES = {"olmo-1b": OLMO_1B, "small": SMALL, "olmo2-1b": OLMO2_1B, "olmo3-7b": OLMO3_7B}
+# Shapes whose float32 weights do not fit this machine's memory beside ours.
+TOO_LARGE_FOR_TRANSFORMERS = {"olmo3-7b"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="hidden-512, 8-layer shape")
+    parser.add_argument("--shape", choices=SHAPES, nargs="+", default=["olmo-1b"],
+                        help="checkpoint shapes, each measured in this run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
@@ -181,18 +191,30 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--llama-cpp", type=Path, help="folder with llama-bench and "
                         "llama-quantize, to run llama.cpp on the same checkpoint (default: "
-                        "$LLAMA_CPP_BIN, then the PATH; skipped if none)")
+                        "$LLAMA_CPP_BIN, then the PATH; skipped if none; OLMo-1 shapes only)")
     parser.add_argument("--checkpoint-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "olmo-bench-checkpoints")
     parser.add_argument("--out", type=Path, default=Path("bench/results/model_bench.json"))
     args = parser.parse_args()
 
-    shape = SMALL if args.small else OLMO_1B
-    name = "small" if args.small else "olmo-1b"
-    folder = make_checkpoint(args.checkpoint_dir / name, shape)
-    weight_bytes = (folder / "model.safetensors").stat().st_size  # float32
     bandwidth = {**memory_bandwidth(), **kernel_read_bandwidth()}
-    llama_tools = find_llama_cpp(args.llama_cpp)
+    by_shape = {name: bench_shape(name, args, bandwidth) for name in args.shape}
+    for results in by_shape.values():
+        print_table(results, args.prefill)
+    if len(by_shape) > 1:
+        print_shapes_table(by_shape, args.prefill)
+    write_results(args.out, next(iter(by_shape.values())) if len(by_shape) == 1
+                  else {"by_shape": by_shape, "bandwidth": bandwidth})
+
+
+def bench_shape(name: str, args: argparse.Namespace, bandwidth: dict) -> dict:
+    """Every dtype of one shape (and llama.cpp, transformers beside them)."""
+    shape = SHAPES[name]
+    folder = make_checkpoint(args.checkpoint_dir / name, shape,
+                             dtype=STORED_IN.get(name, np.float32))
+    weight_bytes = float32_bytes(folder)
+    olmo1 = shape.get("model_type", "olmo") == "olmo"
+    llama_tools = find_llama_cpp(args.llama_cpp) if olmo1 else None
     llama_models = gguf_files(llama_tools, folder, args.dtype) if llama_tools else {}
     threads = len(os.sched_getaffinity(0))
     by_dtype, llama = {}, {}
@@ -226,11 +248,36 @@ def main() -> None:
         results["llama_cpp"] = llama
     elif name == "olmo-1b":
         results["llama_cpp_recorded"] = LLAMA_CPP_RECORDED
-    if not args.skip_transformers:
+    if not args.skip_transformers and name not in TOO_LARGE_FOR_TRANSFORMERS:
         results["transformers"] = bench_transformers(folder, args.repeats, args.prefill,
                                                      args.decode_steps)
-    print_table(results, args.prefill)
-    write_results(args.out, results)
+    return results
+
+
+def float32_bytes(folder: Path) -> int:
+    """What a checkpoint's tensors take in float32, from its safetensors headers."""
+    from safetensors import safe_open
+
+    from olmo_model.loader import SafetensorsCheckpoint
+
+    elements = 0
+    for file in sorted(set(SafetensorsCheckpoint(folder).files.values())):
+        with safe_open(str(file), framework="numpy") as f:
+            elements += sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+    return 4 * elements
+
+
+def print_shapes_table(by_shape: dict, prefill_lengths: list[int]) -> None:
+    """Every shape's prefill and decode per dtype, side by side (this run)."""
+    dtypes = list(next(iter(by_shape.values()))["ours_by_dtype"])
+    keys = [f"prefill_{n}_s" for n in prefill_lengths] + ["decode_b1_ms", "decode_b8_ms"]
+    print("\nshapes side by side (ours; prefill in s, decode in ms per step)")
+    print(f"{'shape':<10}{'dtype':<9}{'weights GB':>11}" + "".join(f"{k:>16}" for k in keys))
+    for name, results in by_shape.items():
+        for dtype in dtypes:
+            ours = results["ours_by_dtype"][dtype]
+            print(f"{name:<10}{dtype:<9}{ours['weight_bytes'] / 1e9:>11.2f}"
+                  + "".join(f"{ours[k]:>16.3f}" for k in keys))
 
 
 def paired_ratios(ours: list[dict], theirs: list[dict]) -> dict:
