@@ -32,9 +32,21 @@ OLMO3_7B = dict(model_type="olmo3", architectures=["Olmo3ForCausalLM"], vocab_si
                 rope_scaling={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32,
                               "beta_slow": 1, "original_max_position_embeddings": 8192,
                               "attention_factor": 1.2079441541679836})
+# The small shape's OLMo-2 and OLMo-3 twins (a window of 256 tokens, 3 sliding layers to
+# 1 full): what the sliding-window handoff saves, beside a model that has none.
+SMALL_OLMO2 = dict(SMALL, model_type="olmo2", architectures=["Olmo2ForCausalLM"],
+                   rope_theta=500000.0, rms_norm_eps=1e-6)
+SMALL_OLMO3 = dict(SMALL_OLMO2, model_type="olmo3", architectures=["Olmo3ForCausalLM"],
+                   sliding_window=256,
+                   layer_types=["full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
+                                for i in range(SMALL["num_hidden_layers"])])
+# The shapes benchmarks take by name (``--shape``).
+SHAPES = {"olmo-1b": OLMO_1B, "small": SMALL, "olmo2-1b": OLMO2_1B, "olmo3-7b": OLMO3_7B,
+          "small-olmo2": SMALL_OLMO2, "small-olmo3": SMALL_OLMO3}
 STORED_IN = {"olmo3-7b": np.float16}
-# A shard of a checkpoint written in several files holds about this many bytes.
-SHARD_BYTES = 2 * 2**30
+# A shard of a checkpoint written in several files holds at most this many bytes (the
+# 1B shapes fit one file, as llama.cpp's converter and our older runs had them).
+SHARD_BYTES = 8 * 2**30
 
 
 # Where the benchmarks keep their checkpoints, across runs.
@@ -73,7 +85,9 @@ def make_checkpoint(folder: Path, shape: dict, std: float = 0.02,
         write("model.safetensors")
     else:
         write(f"shard-{len(set(weight_map.values())) + 1:05d}.safetensors")
-        (folder / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+        total = sum((folder / name).stat().st_size for name in set(weight_map.values()))
+        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                "weight_map": weight_map}))
     write_config(folder, shape)
     return folder
 

@@ -15,7 +15,8 @@ are Ray actors in their own processes (``--in-process`` puts them in this one). 
 push, each handoff step (export, encode, the whole push, assemble, install) and the
 push's bandwidth come from the workers' own Stats.
 
-    python3 bench/handoff_bench.py [--models DIR ...] [--olmo-1b] [--dtype float16]
+    python3 bench/handoff_bench.py [--models DIR ...] [--shape olmo-1b small-olmo3 ...]
+                                   [--dtype float16]
                                    [--lengths 512 2040] [--chunk-tokens 2048 512]
                                    [--modes grpc shm grpc-whole shm-whole] [--repeats 5]
                                    [--layer-groups 1 2 4 8]
@@ -30,7 +31,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-from checkpoints import OLMO_1B, SMALL, bench_checkpoint
+from checkpoints import SHAPES, SMALL, bench_checkpoint
 from clients import GrpcTarget
 from recording import write_results
 from serve_bench import handoff_since, handoff_totals, start_cluster
@@ -103,15 +104,15 @@ def main() -> None:
                         help="groups of layers a prefill pass pushes one by one, to sweep "
                              "(1: the pass's K/V in one push)")
     parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
-    parser.add_argument("--olmo-1b", action="store_true",
-                        help="also the random OLMo-1B-shaped checkpoint (made on first use)")
+    parser.add_argument("--shape", choices=SHAPES, nargs="+", default=[],
+                        help="also random checkpoints of these shapes (made on first use): "
+                             "olmo-1b; small-olmo2 and small-olmo3 for the sliding window")
     parser.add_argument("--in-process", action="store_true",
                         help="workers in this process (default: Ray actors)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/handoff_bench.json"))
     args = parser.parse_args()
     models = list(args.models or [])
-    if args.olmo_1b:
-        models.append(bench_checkpoint("olmo-1b", OLMO_1B))
+    models += [bench_checkpoint(name, SHAPES[name]) for name in args.shape]
     models = models or [bench_checkpoint("small", SMALL)]
     results = {"workers": "one process" if args.in_process else "ray actors",
                "repeats": args.repeats, "dtype": args.dtype, "models": {}}

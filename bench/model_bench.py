@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from checkpoints import OLMO2_1B, OLMO3_7B, OLMO_1B, SMALL, STORED_IN, make_checkpoint
+from checkpoints import SHAPES, STORED_IN, make_checkpoint
 from llama_cpp import LLAMA_TYPES, find_llama_cpp, gguf_files, median_of_rounds, run_llama_bench
 from read_bandwidth import kernel_read_bandwidth
 from recording import write_results
@@ -172,7 +172,6 @@ def bench_transformers(folder: Path, repeats: int, prefill_lengths: list[int],
     return out
 
 
-SHAPES = {"olmo-1b": OLMO_1B, "small": SMALL, "olmo2-1b": OLMO2_1B, "olmo3-7b": OLMO3_7B}
 # Shapes whose float32 weights do not fit this machine's memory beside ours.
 TOO_LARGE_FOR_TRANSFORMERS = {"olmo3-7b"}
 

@@ -98,7 +98,8 @@ class OLMoAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.clip_qkv = config.clip_qkv
         self.layer_type = layer_type
-        if config.family.post_norm:
+        self.qk_norm = config.family.post_norm
+        if self.qk_norm:
             self.q_norm = RMSNorm(self.num_q_heads * self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
         self.qkv_proj = _linear(
@@ -117,9 +118,10 @@ class OLMoAttention(nn.Module):
         qkv = self.qkv_proj(hidden_states)
         if self.clip_qkv is not None:
             qkv = qkv.maximum(-self.clip_qkv).minimum(self.clip_qkv)
-        if rope:
+        if self.qk_norm:  # over all heads of q, and of k, together
             q, k, v = op.split(qkv, [h_q * d, (h_q + h_kv) * d], axis=-1)
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        if rope:
             cos, sin = rope[self.layer_type]
             qkv = rotate(op.reshape(qkv, (b * s, h_q + 2 * h_kv, d)), cos, sin, h_q + h_kv)
         qkv = op.reshape(qkv, (b, s, h_q + 2 * h_kv, d))

@@ -12,10 +12,15 @@ from olmo_model.config import OLMoConfig
 
 @pytest.mark.skipif(shutil.which("nvcc") is None,
                     reason="nvcc (the CUDA toolkit) is not installed, so CUDA code cannot be built")
-@pytest.mark.parametrize("dtype", ["float32", "q4f16"])
-def test_cuda_sm90_library_builds(tmp_path, tiny_checkpoint, dtype):
+@pytest.mark.parametrize("family, dtype", [("olmo", "float32"), ("olmo", "q4f16"),
+                                           ("olmo3", "float16")])
+def test_cuda_sm90_library_builds(tmp_path, checkpoint_factory, family, dtype):
     # q4f16 on CUDA: TVM's own schedules over the dequantize + matmul (no AVX2 kernels).
-    folder, _ = tiny_checkpoint
+    # OLMo-3: RoPE tables and rotation in the model, TVM's GPU sliding-window kernels.
+    overrides = (dict(num_key_value_heads=2, sliding_window=16,
+                      layer_types=["sliding_attention", "full_attention"])
+                 if family == "olmo3" else {})
+    folder, _ = checkpoint_factory(family=family, **overrides)
     artifact = compile_model(OLMoConfig.from_file(folder), dtype=dtype, target="cuda",
                              cache_dir=tmp_path)
     assert artifact.library_path.stat().st_size > 0

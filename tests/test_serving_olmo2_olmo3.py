@@ -98,3 +98,46 @@ def test_a_push_carries_only_the_window_of_sliding_layers(checkpoint_factory, sh
         wait_until_cluster_idle(cluster)
     finally:
         cluster.stop()
+
+
+def test_openai_chat_on_olmo3_equals_grpc_and_transformers(checkpoint_factory, tmp_path):
+    """The OpenAI-compatible API on an OLMo-3 model with the demo model's tokenizer and
+    chat template: a chat reply is what the gRPC API gives the rendered prompt, whose
+    greedy tokens are transformers'."""
+    import shutil
+
+    import openai
+    from tokenizers import Tokenizer
+
+    from olmo_model.demo import DEMO_MODEL_DIR
+    from router.chat_template import ChatTemplate
+    from router.client import GenerationClient, generate_request
+
+    source, reference = checkpoint_factory(family="olmo3", seed=3, vocab_size=2048,
+                                           **MODELS["olmo3"])
+    folder = tmp_path / "olmo3-chat"
+    shutil.copytree(source, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_MODEL_DIR / name, folder / name)
+    messages = [{"role": "system", "content": "You explain Python."},
+                {"role": "user", "content": "What is a class?"}]
+    prompt = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(
+        ChatTemplate.of_model(folder).render(messages)).ids
+    assert len(prompt) > 2 * WINDOW
+    cluster = start_local_cluster(folder, limits=LIMITS, http_port=0, options=PUSH)
+    client = GenerationClient(cluster.router_address)
+    try:
+        tokens, text, _ = client.complete(generate_request(prompt, max_tokens=NEW_TOKENS,
+                                                           ignore_eos=True), timeout=60)
+        assert tokens == hf_greedy(reference, prompt, NEW_TOKENS)
+        api = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused",
+                            max_retries=0)
+        reply = api.chat.completions.create(model=folder.name, messages=messages,
+                                            max_tokens=NEW_TOKENS, temperature=0,
+                                            extra_body={"ignore_eos": True})
+        assert reply.choices[0].message.content == text
+        assert reply.usage.prompt_tokens == len(prompt)
+        wait_until_cluster_idle(cluster)
+    finally:
+        client.close()
+        cluster.stop()
