@@ -308,7 +308,7 @@ class PagedKVCache:
         model into ``_targets``, then stop TVM's walk."""
         keys, values = self._targets
         layers = self._export_layers or range(self.num_layers)
-        if isinstance(self.pages[0], np.ndarray):
+        if self.pages and isinstance(self.pages[0], np.ndarray):
             # On the host, numpy's gather through the captured views is several times
             # faster than TVM's unscheduled debug kernel, and this read is the KV export.
             page, offset = np.divmod(np.from_dlpack(slot_map), self.limits.page_size)
@@ -324,8 +324,10 @@ class PagedKVCache:
         raise _ReadDone
 
     def _copy_kernel(self, pages: Any, source: Any, target: Any, length: Any) -> None:
-        """TVM's copy of a forked partial page, once per layer: seen to capture pages."""
-        self._page_tensors[len(self._page_tensors)] = pages
+        """TVM's copy of a forked partial page, once per layer: the start-up fork's
+        calls capture the page tensors, in layer order."""
+        if not hasattr(self, "pages"):
+            self._page_tensors[len(self._page_tensors)] = pages
         self._real_copy_kernel(pages, source, target, length)
 
     def _materialize(self, item: Any, library: tvm.runtime.Module, sizes: dict[str, int]) -> Any:
