@@ -16,6 +16,7 @@ it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -243,19 +244,18 @@ class PrefillStage:
         overlap = target.overlap(snapshot.layer_begin, snapshot.layer_end)
         if overlap is None:
             return []
-        prompt = stream.prompt_tokens
-        config = self.runner.config
-        kept = [config.kv_kept_from(layer, prompt) if prompt else 0 for layer in range(*overlap)]
+        prompt, config = stream.prompt_tokens, self.runner.config
         end = snapshot.token_begin + snapshot.num_tokens
-        parts, run = [], overlap[0]
-        for layer in range(*overlap):
-            if layer + 1 < overlap[1] and kept[layer + 1 - overlap[0]] == kept[run - overlap[0]]:
+        parts = []
+        # (A prompt of unknown length, 0, keeps everything.)
+        for kept, run in itertools.groupby(range(*overlap),
+                                           key=lambda layer: config.kv_kept_from(layer, prompt)):
+            layers = list(run)
+            begin = max(snapshot.token_begin, kept)
+            if begin >= end:
                 continue
-            begin = max(snapshot.token_begin, kept[run - overlap[0]])
-            if begin < end:
-                lo, hi = run - snapshot.layer_begin, layer + 1 - snapshot.layer_begin
-                skip = begin - snapshot.token_begin
-                parts.append(KVSnapshot(run, layer + 1, snapshot.keys[lo:hi, skip:],
-                                        snapshot.values[lo:hi, skip:], begin))
-            run = layer + 1
+            lo, hi = layers[0] - snapshot.layer_begin, layers[-1] + 1 - snapshot.layer_begin
+            skip = begin - snapshot.token_begin
+            parts.append(KVSnapshot(layers[0], layers[-1] + 1, snapshot.keys[lo:hi, skip:],
+                                    snapshot.values[lo:hi, skip:], begin))
         return parts

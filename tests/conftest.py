@@ -43,6 +43,17 @@ TINY = dict(
 )
 
 
+# The OLMo-2 and OLMo-3 models most tests share (compiled artifacts are keyed by config
+# and layer range, not weights, so tests that differ only in seed share compiles): OLMo-3
+# with three sliding layers (a 16-token window) and a full one, GQA, YaRN on the full
+# layer, and the demo model's vocabulary size, so that its tokenizer fits.
+OLMO2_TINY = dict(family="olmo2")
+OLMO3_TINY = dict(family="olmo3", num_hidden_layers=4, num_key_value_heads=2,
+                  vocab_size=2048, sliding_window=16,
+                  layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                  rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 64})
+
 # transformers' config and model class per model_type.
 FAMILIES = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import OLMO3_TINY
 
 from olmo_model.compiler import compile_model
 from olmo_model.config import OLMoConfig
@@ -17,10 +18,7 @@ from olmo_model.config import OLMoConfig
 def test_cuda_sm90_library_builds(tmp_path, checkpoint_factory, family, dtype):
     # q4f16 on CUDA: TVM's own schedules over the dequantize + matmul (no AVX2 kernels).
     # OLMo-3: RoPE tables and rotation in the model, TVM's GPU sliding-window kernels.
-    overrides = (dict(num_key_value_heads=2, sliding_window=16,
-                      layer_types=["sliding_attention", "full_attention"])
-                 if family == "olmo3" else {})
-    folder, _ = checkpoint_factory(family=family, **overrides)
+    folder, _ = checkpoint_factory(**(OLMO3_TINY if family == "olmo3" else {}))
     artifact = compile_model(OLMoConfig.from_file(folder), dtype=dtype, target="cuda",
                              cache_dir=tmp_path)
     assert artifact.library_path.stat().st_size > 0

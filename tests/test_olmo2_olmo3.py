@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import hf_greedy, reference_logits
+from conftest import OLMO2_TINY, OLMO3_TINY, hf_greedy, reference_logits
 
 from olmo_model.config import LayerType, ModelFamily, OLMoConfig
 from olmo_model.generate import greedy_generate
@@ -17,24 +17,20 @@ from olmo_model.runtime import ModelRunner
 from olmo_model.stages import StageSpec
 
 RTOL = 1e-4
-WINDOW = 16
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+WINDOW = OLMO3_TINY["sliding_window"]
+YARN = OLMO3_TINY["rope_scaling"]
 
-# Each variant covers several axes at once, so that every axis is covered with few compiles.
+# Each variant covers several axes at once, so that every axis is covered with few compiles
+# (the RoPE scalings all take the same path, rope.py's tables: test_rope_frequencies_...
+# covers each).
 VARIANTS = {
-    "olmo2-mha-untied": ("olmo2", dict()),
-    "olmo2-gqa-tied-llama3": ("olmo2", dict(
-        num_key_value_heads=1, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "olmo2-mha-untied": OLMO2_TINY,
     # Three sliding layers and a full one, a window smaller than every long prompt, YaRN
     # on the full layer only (transformers' reading of rope_scaling for OLMo-3).
-    "olmo3-gqa-window-yarn": ("olmo3", dict(
-        num_hidden_layers=4, num_key_value_heads=2, sliding_window=WINDOW,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], rope_scaling=YARN)),
-    "olmo3-mha-tied-full-first": ("olmo3", dict(
-        num_hidden_layers=3, sliding_window=WINDOW, tie_word_embeddings=True,
-        layer_types=["full_attention", "sliding_attention", "sliding_attention"])),
+    "olmo3-gqa-window-yarn": OLMO3_TINY,
+    "olmo3-mha-tied-full-first": dict(
+        family="olmo3", num_hidden_layers=3, sliding_window=WINDOW, tie_word_embeddings=True,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
 }
 PROMPTS = [[5, 17, 42, 9, 3, 250, 11], list(range(30, 90)), [7]]
 
@@ -45,8 +41,7 @@ def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
 def variant(request, checkpoint_factory):
-    family, overrides = VARIANTS[request.param]
-    folder, reference = checkpoint_factory(family=family, **overrides)
+    folder, reference = checkpoint_factory(**VARIANTS[request.param])
     return ModelRunner.from_checkpoint(folder), reference
 
 
@@ -109,8 +104,7 @@ def test_fork_past_the_window_then_decode(variant):
 
 
 def test_greedy_generation_matches_transformers(checkpoint_factory):
-    family, overrides = VARIANTS["olmo3-gqa-window-yarn"]
-    folder, reference = checkpoint_factory(family=family, **overrides)
+    folder, reference = checkpoint_factory(**OLMO3_TINY)
     runner = ModelRunner.from_checkpoint(folder)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     assert greedy_generate(runner, prompt, max_new_tokens=40).tokens == \
@@ -120,8 +114,7 @@ def test_greedy_generation_matches_transformers(checkpoint_factory):
 def test_stages_split_inside_the_sliding_pattern(checkpoint_factory):
     """A three-stage split whose middle stage starts on a sliding layer: its K/V export
     and import round-trip and its hidden states are the whole model's."""
-    family, overrides = VARIANTS["olmo3-gqa-window-yarn"]
-    folder, reference = checkpoint_factory(family=family, **overrides)
+    folder, reference = checkpoint_factory(**OLMO3_TINY)
     config = OLMoConfig.from_file(folder)
     runners = [ModelRunner.from_checkpoint(folder, StageSpec.of(4, 3, s), config=config)
                for s in range(3)]
@@ -174,8 +167,7 @@ def test_rope_frequencies_equal_transformers(scaling):
 
 
 def test_olmo3_config_as_transformers_saves_it(checkpoint_factory):
-    family, overrides = VARIANTS["olmo3-gqa-window-yarn"]
-    folder, reference = checkpoint_factory(family=family, **overrides)
+    folder, reference = checkpoint_factory(**OLMO3_TINY)
     config = OLMoConfig.from_file(folder)
     assert config.family is ModelFamily.OLMO3
     assert config.layer_types == (LayerType.SLIDING,) * 3 + (LayerType.FULL,)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from conftest import greedy_outputs, hf_greedy, wait_until_cluster_idle
+from conftest import OLMO2_TINY, OLMO3_TINY, greedy_outputs, hf_greedy, wait_until_cluster_idle
 
 from cluster.local_cluster import start_local_cluster
 from olmo_model.kv_pages import CacheLimits
@@ -18,19 +18,12 @@ from router.service import RouterOptions
 
 LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
 NEW_TOKENS = 8
-WINDOW = 16
+WINDOW = OLMO3_TINY["sliding_window"]
 SYSTEM = list(range(10, 60))  # 50 tokens: past the window three times
 PROMPTS = [SYSTEM + [100 + i, 7, 100 + 2 * i] for i in range(3)]
 PUSH = RouterOptions(local_prefill_below=0)  # every prompt goes through a prefill instance
-MODELS = {
-    "olmo2": dict(num_hidden_layers=3, num_key_value_heads=2),
-    # A sliding layer first, a full one in the middle: stage boundaries fall on both.
-    "olmo3": dict(num_hidden_layers=4, num_key_value_heads=2, sliding_window=WINDOW,
-                  layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                               "sliding_attention"],
-                  rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                "original_max_position_embeddings": 64}),
-}
+# Split 2 and 3 ways, OLMo-3's stages start on a sliding layer and on the full one.
+MODELS = {"olmo2": OLMO2_TINY, "olmo3": OLMO3_TINY}
 LAYOUTS = {
     "aggregated": dict(aggregated=True),
     "disaggregated": dict(options=PUSH),
@@ -42,7 +35,7 @@ CASES = [("olmo3", layout) for layout in LAYOUTS] + [("olmo2", "disaggregated")]
 
 @functools.cache
 def expected(checkpoint_factory, family: str) -> tuple[object, list[list[int]]]:
-    folder, reference = checkpoint_factory(family=family, seed=3, **MODELS[family])
+    folder, reference = checkpoint_factory(seed=3, **MODELS[family])
     return folder, [hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
 
 
@@ -62,7 +55,7 @@ def test_greedy_output_equals_transformers(checkpoint_factory, family, layout):
         # pushed prompt's sliding layers lack what lies before their window, which the
         # next turn never reads.
         turn = PROMPTS[0] + want[0] + [5, 6]
-        _, reference = checkpoint_factory(family=family, seed=3, **MODELS[family])
+        _, reference = checkpoint_factory(seed=3, **MODELS[family])
         assert greedy_outputs(cluster, [turn], NEW_TOKENS) == [
             hf_greedy(reference, turn, NEW_TOKENS)]
         assert hits(cluster.decode) >= len(PROMPTS[0]) + NEW_TOKENS - 1
@@ -82,7 +75,7 @@ def test_a_push_carries_only_the_window_of_sliding_layers(checkpoint_factory, sh
     """Three sliding layers of four and a prompt four windows long, streamed in chunks
     of one window: the pushes carry (1 + 3 x 1/4) / 4 = 0.4375 of every position's K/V,
     and the output is unchanged."""
-    folder, reference = checkpoint_factory(family="olmo3", seed=3, **MODELS["olmo3"])
+    folder, reference = checkpoint_factory(seed=3, **OLMO3_TINY)
     prompt = list(range(100, 100 + 4 * WINDOW))
     cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
                                   worker_options=WorkerOptions(
@@ -113,8 +106,7 @@ def test_openai_chat_on_olmo3_equals_grpc_and_transformers(checkpoint_factory, t
     from router.chat_template import ChatTemplate
     from router.client import GenerationClient, generate_request
 
-    source, reference = checkpoint_factory(family="olmo3", seed=3, vocab_size=2048,
-                                           **MODELS["olmo3"])
+    source, reference = checkpoint_factory(seed=3, **OLMO3_TINY)
     folder = tmp_path / "olmo3-chat"
     shutil.copytree(source, folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
