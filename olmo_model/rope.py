@@ -109,10 +109,13 @@ class RopeTable(nn.Module):
                 lambda t, i: fn(pos[t].astype("float32") * freq[i]) * factor,
                 name="rope_table")
 
+        # Opaque to operator fusion: fused into each layer's rotation, the table would be
+        # recomputed there, a cosine and a sine for every element of q and k.
+        opaque = {"op_pattern": 8}
         cos = op.tensor_expr_op(lambda p, f: table(p, f, te.cos), "rope_cos",
-                                args=[positions, inv_freq])
+                                args=[positions, inv_freq], attrs=opaque)
         sin = op.tensor_expr_op(lambda p, f: table(p, f, te.sin), "rope_sin",
-                                args=[positions, inv_freq])
+                                args=[positions, inv_freq], attrs=opaque)
         return cos, sin
 
 
