@@ -55,7 +55,6 @@ MODEL_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REFUSED_MODEL_TYPES = {
     "olmoe": "OLMoE (mixture of experts) is not served: its routed experts need a kernel "
              "and a loader this server does not have yet",
-    "olmo_hybrid": "OLMo hybrid (linear-attention) models are not served",
 }
 
 
