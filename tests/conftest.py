@@ -131,6 +131,18 @@ def greedy_outputs(cluster, prompts: list, max_tokens: int) -> list[list[int]]:
         client.close()
 
 
+# Parity prompts: a short one, one of 60 tokens, and one of a single token. The long one
+# alone (60 tokens) and the ragged batch (68) are past the row count at which prefill
+# matmuls switch kernels on AVX2 CPUs (cpu_schedules.AVX2_TILES; with AVX-512 they switch
+# later, and tests/test_cpu_schedules.py checks both kernels on both).
+PARITY_PROMPTS = [[5, 17, 42, 9, 3, 250, 11], list(range(30, 90)), [7]]
+
+
+def relative_error(ours, ref) -> float:
+    """The largest difference from the reference, relative to its largest magnitude."""
+    return float(abs(ours - ref).max() / abs(ref).max())
+
+
 def reference_logits(model, tokens: list[int]):
     """All-position logits from transformers, ``[len(tokens), vocab]``."""
     with torch.no_grad():

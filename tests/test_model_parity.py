@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import reference_logits
+from conftest import PARITY_PROMPTS, reference_logits, relative_error
 
 from olmo_model.generate import greedy_generate
 from olmo_model.runtime import ModelRunner
@@ -27,15 +27,9 @@ VARIANTS = {
     "gelu_pytorch_tanh": dict(hidden_act="gelu_pytorch_tanh", clip_qkv=8.0),
 }
 
-# The long prompt alone (60 tokens) and the ragged batch (68) are past the row count at
-# which prefill matmuls switch kernels on AVX2 CPUs (cpu_schedules.AVX2_TILES; with
-# AVX-512 they switch later, and tests/test_cpu_schedules.py checks both kernels on
-# both); greedy decoding's 8-token prompt is below it.
-PROMPTS = [[5, 17, 42, 9, 3, 250, 11], list(range(30, 90)), [7]]
-
-
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+# Greedy decoding's 8-token prompt is below the row count where prefill matmuls switch
+# kernels; PARITY_PROMPTS' long ones are past it (see conftest).
+PROMPTS = PARITY_PROMPTS
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))

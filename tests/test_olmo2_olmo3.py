@@ -8,7 +8,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import OLMO2_TINY, OLMO3_TINY, hf_greedy, reference_logits
+from conftest import (
+    OLMO2_TINY,
+    OLMO3_TINY,
+    PARITY_PROMPTS,
+    hf_greedy,
+    reference_logits,
+    relative_error,
+)
 
 from olmo_model.config import LayerType, ModelFamily, OLMoConfig
 from olmo_model.generate import greedy_generate
@@ -32,11 +39,7 @@ VARIANTS = {
         family="olmo3", num_hidden_layers=3, sliding_window=WINDOW, tie_word_embeddings=True,
         layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
 }
-PROMPTS = [[5, 17, 42, 9, 3, 250, 11], list(range(30, 90)), [7]]
-
-
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+PROMPTS = PARITY_PROMPTS
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
