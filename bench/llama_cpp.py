@@ -8,7 +8,7 @@ feeds random token ids anyway), makes the F16, Q8_0 and Q4_0 files with
 128 and 512 tokens and batch-1 decode, per weight format. Nothing is downloaded or built
 here; without the tools the bench says so and is skipped.
 
-    python3 bench/llama_cpp.py --llama-cpp ~/llama.cpp/build/bin [--small] [--dtype ...]
+    python3 bench/llama_cpp.py --llama-cpp ~/llama.cpp/build/bin [--shape small] [--dtype ...]
 
 ``bench/model_bench.py --llama-cpp DIR`` runs it beside our model in the same run, a
 repetition of llama-bench after each round of ours, so that both see the same minutes of
@@ -148,12 +148,14 @@ def bench_llama_cpp(tools: Path, checkpoint: Path, dtypes: list[str], threads: i
 
 
 def main() -> None:
-    from checkpoints import OLMO_1B, SMALL, bench_checkpoint
+    from checkpoints import SHAPES, bench_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", type=Path, help="folder with llama-bench and "
                         "llama-quantize (default: $LLAMA_CPP_BIN, then the PATH)")
-    parser.add_argument("--small", action="store_true", help="hidden-512, 8-layer shape")
+    parser.add_argument("--shape", choices=["olmo-1b", "small"], default="olmo-1b",
+                        help="the checkpoint's shape (OLMo-1 shapes: GGUF files of OLMo-1 "
+                             "only are written)")
     parser.add_argument("--dtype", nargs="+", choices=list(LLAMA_TYPES), default=list(LLAMA_TYPES))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repetitions", type=int, default=3)
@@ -162,8 +164,7 @@ def main() -> None:
     if tools is None:
         raise SystemExit("no llama.cpp build found (llama-bench and llama-quantize): pass "
                          "--llama-cpp or set LLAMA_CPP_BIN")
-    checkpoint = bench_checkpoint("small" if args.small else "olmo-1b",
-                                  SMALL if args.small else OLMO_1B)
+    checkpoint = bench_checkpoint(args.shape, SHAPES[args.shape])
     print(json.dumps(bench_llama_cpp(tools, checkpoint, args.dtype, args.threads,
                                      args.repetitions), indent=2))
 
