@@ -53,9 +53,10 @@ SHARD_BYTES = 8 * 2**30
 BENCH_CHECKPOINTS = Path(tempfile.gettempdir()) / "olmo-bench-checkpoints"
 
 
-def bench_checkpoint(name: str, shape: dict) -> Path:
-    """The benchmarks' random checkpoint ``name`` of ``shape``, made on first use."""
-    return make_checkpoint(BENCH_CHECKPOINTS / name, shape)
+def bench_checkpoint(name: str, shape: dict, root: Path = BENCH_CHECKPOINTS) -> Path:
+    """The benchmarks' random checkpoint ``name`` of ``shape`` under ``root``, made on
+    first use (stored as ``STORED_IN`` says for its name)."""
+    return make_checkpoint(root / name, shape, dtype=STORED_IN.get(name, np.float32))
 
 
 def make_checkpoint(folder: Path, shape: dict, std: float = 0.02,

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from checkpoints import SHAPES, STORED_IN, make_checkpoint
+from checkpoints import SHAPES, bench_checkpoint
 from llama_cpp import LLAMA_TYPES, find_llama_cpp, gguf_files, median_of_rounds, run_llama_bench
 from read_bandwidth import kernel_read_bandwidth
 from recording import write_results
@@ -209,8 +209,7 @@ def main() -> None:
 def bench_shape(name: str, args: argparse.Namespace, bandwidth: dict) -> dict:
     """Every dtype of one shape (and llama.cpp, transformers beside them)."""
     shape = SHAPES[name]
-    folder = make_checkpoint(args.checkpoint_dir / name, shape,
-                             dtype=STORED_IN.get(name, np.float32))
+    folder = bench_checkpoint(name, shape, args.checkpoint_dir)
     weight_bytes = float32_bytes(folder)
     olmo1 = shape.get("model_type", "olmo") == "olmo"
     llama_tools = find_llama_cpp(args.llama_cpp) if olmo1 else None

@@ -186,6 +186,7 @@ class OLMoModel(nn.Module):
             self.embed_tokens = (
                 OLMoEmbedding(config.vocab_size, config.hidden_size) if quant is None
                 else QuantizedEmbedding(config.vocab_size, config.hidden_size, quant))
+        self.cache_offset = cache_layer_offset(config, stage)
         block = OLMo2DecoderLayer if config.family.post_norm else OLMoDecoderLayer
         types = stage_layer_types(config, stage)
         self.layers = nn.ModuleList([block(config, quant, t) for t in types])
@@ -207,7 +208,6 @@ class OLMoModel(nn.Module):
         """Run ``layers`` (local indices; all of them by default), and the final norm if
         they end the model."""
         layers = layers or range(len(self.layers))
-        offset = cache_layer_offset(self.layers[0].self_attn.layer_type is LayerType.SLIDING)
         rope: RopeTables = {}
         if self.rope:
             b, s, _ = hidden_states.shape
@@ -215,8 +215,8 @@ class OLMoModel(nn.Module):
             rope = {t: table(positions) for t, table in self.rope.items()}
         # The stage-local cache numbers its layers from 0 (or 1: see cache_layer_offset).
         for layer in layers:
-            hidden_states = self.layers[layer](hidden_states, paged_kv_cache, offset + layer,
-                                               rope)
+            hidden_states = self.layers[layer](hidden_states, paged_kv_cache,
+                                               self.cache_offset + layer, rope)
         if self.stage.is_last and layers.stop == len(self.layers):
             hidden_states = self.final_norm(hidden_states)
         return hidden_states
@@ -338,7 +338,7 @@ class OLMoForCausalLM(nn.Module):
         n = self.stage.num_local_layers
         types = stage_layer_types(c, self.stage)
         sliding = LayerType.SLIDING in types
-        offset = cache_layer_offset(types[0] is LayerType.SLIDING)
+        offset = cache_layer_offset(c, self.stage)
         n += offset
         return TIRPagedKVCache(
             # TVM's per-layer sliding window: a sliding layer's attention reads only the

@@ -102,7 +102,7 @@ class ModelRunner:
             layer_begin=self.stage.layer_begin, num_layers=self.stage.num_local_layers,
             num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,
             dtype=self.dtype, device=self.device,
-            layer_offset=cache_layer_offset(self.stage.layer_begin in self.config.sliding_layers),
+            layer_offset=cache_layer_offset(self.config, self.stage),
         )
 
     @classmethod

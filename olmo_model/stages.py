@@ -8,6 +8,10 @@ disagree when the layers do not divide evenly; here both come from ``layer_parti
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import OLMoConfig
 
 
 def layer_partition(num_layers: int, num_stages: int) -> list[int]:
@@ -76,9 +80,9 @@ def stage_specs(num_layers: int, num_stages: int) -> list[StageSpec]:
     return [StageSpec.of(num_layers, num_stages, s) for s in range(num_stages)]
 
 
-def cache_layer_offset(first_layer_slides: bool) -> int:
+def cache_layer_offset(config: OLMoConfig, stage: StageSpec) -> int:
     """Layers in front of a stage's own in its KV cache: one unused full-attention layer
     when the stage's first layer is a sliding-window one, since reading K/V back out of
     TVM's cache starts at cache layer 0 and works on full-attention layers only
     (kv_pages.py)."""
-    return 1 if first_layer_slides else 0
+    return 1 if stage.layer_begin in config.sliding_layers else 0

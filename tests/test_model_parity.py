@@ -27,10 +27,6 @@ VARIANTS = {
     "gelu_pytorch_tanh": dict(hidden_act="gelu_pytorch_tanh", clip_qkv=8.0),
 }
 
-# Greedy decoding's 8-token prompt is below the row count where prefill matmuls switch
-# kernels; PARITY_PROMPTS' long ones are past it (see conftest).
-PROMPTS = PARITY_PROMPTS
-
 
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
 def variant(request, checkpoint_factory):
@@ -40,7 +36,7 @@ def variant(request, checkpoint_factory):
 
 def test_full_prefill_logits_at_every_position(variant):
     runner, reference = variant
-    prompt = PROMPTS[1]
+    prompt = PARITY_PROMPTS[1]
     runner.add_sequence(0)
     try:
         hidden = runner.forward([0], [len(prompt)], runner.embed(np.array(prompt)))
@@ -55,17 +51,17 @@ def test_ragged_batch_of_three_prompts(variant):
     for seq_id in range(3):
         runner.add_sequence(seq_id)
     try:
-        ours = runner.logits(runner.prefill([0, 1, 2], PROMPTS))
+        ours = runner.logits(runner.prefill([0, 1, 2], PARITY_PROMPTS))
     finally:
         for seq_id in range(3):
             runner.remove_sequence(seq_id)
-    for row, prompt in enumerate(PROMPTS):
+    for row, prompt in enumerate(PARITY_PROMPTS):
         assert relative_error(ours[row], reference_logits(reference, prompt)[-1]) < RTOL
 
 
 def test_sixteen_batched_decode_steps(variant):
     runner, reference = variant
-    histories = [list(p) for p in PROMPTS[:2]]
+    histories = [list(p) for p in PARITY_PROMPTS[:2]]
     for seq_id in (0, 1):
         runner.add_sequence(seq_id)
     try:
@@ -84,6 +80,8 @@ def test_sixteen_batched_decode_steps(variant):
 def test_greedy_generation_matches_transformers_generate(tiny_checkpoint):
     folder, reference = tiny_checkpoint
     runner = ModelRunner.from_checkpoint(folder)
+    # Below the row count where prefill matmuls switch kernels (PARITY_PROMPTS' long ones
+    # are past it: see conftest).
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     ours = greedy_generate(runner, prompt, max_new_tokens=32).tokens
     with torch.no_grad():

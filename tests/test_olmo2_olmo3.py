@@ -39,9 +39,6 @@ VARIANTS = {
         family="olmo3", num_hidden_layers=3, sliding_window=WINDOW, tie_word_embeddings=True,
         layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
 }
-PROMPTS = PARITY_PROMPTS
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
 def variant(request, checkpoint_factory):
     folder, reference = checkpoint_factory(**VARIANTS[request.param])
@@ -50,7 +47,7 @@ def variant(request, checkpoint_factory):
 
 def test_ragged_prefill_then_batched_decode_match_transformers(variant):
     runner, reference = variant
-    histories = [list(p) for p in PROMPTS]
+    histories = [list(p) for p in PARITY_PROMPTS]
     for seq_id in range(3):
         runner.add_sequence(seq_id)
     try:
@@ -70,7 +67,7 @@ def test_ragged_prefill_then_batched_decode_match_transformers(variant):
 
 def test_every_prefill_position_matches(variant):
     runner, reference = variant
-    prompt = PROMPTS[1]
+    prompt = PARITY_PROMPTS[1]
     runner.add_sequence(0)
     try:
         # One pass of at most the window (the runner's chunk limit with sliding layers).
@@ -89,7 +86,7 @@ def test_fork_past_the_window_then_decode(variant):
     """A prompt forked from a cached sequence past the window continues as transformers
     does (with sliding layers the fork copies its prefix: see ModelRunner.fork_sequence)."""
     runner, reference = variant
-    prompt = PROMPTS[1]
+    prompt = PARITY_PROMPTS[1]
     runner.add_sequence(0)
     try:
         runner.prefill([0], [prompt[:40]])
@@ -121,7 +118,7 @@ def test_stages_split_inside_the_sliding_pattern(checkpoint_factory):
     config = OLMoConfig.from_file(folder)
     runners = [ModelRunner.from_checkpoint(folder, StageSpec.of(4, 3, s), config=config)
                for s in range(3)]
-    prompt = PROMPTS[1]
+    prompt = PARITY_PROMPTS[1]
     hidden = None
     for stage, runner in enumerate(runners):
         runner.add_sequence(0)
