@@ -57,4 +57,4 @@ EXPOSE 50051 8000 50061 50071 6379 10001 8265 8080 52365
 
 # The manifests give every container its own command; alone, the image runs the local
 # cluster on the demo model: docker run -p 50051:50051 olmo-disagg:0.1.0
-CMD ["olmo-serve", "up", "--serve", "--host", "0.0.0.0"]
+CMD ["olmo-serve", "up", "--serve", "--router-host", "0.0.0.0"]

@@ -49,6 +49,7 @@ from clients import GrpcTarget, HttpTarget
 from slo import Slo, goodput, summarize
 
 from olmo_model.quantization import MODEL_DTYPES
+from protos.vocabulary import Mode, Role
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = ("disagg", "agg-per-core", "agg-all-cores")
@@ -57,7 +58,7 @@ START_SECONDS = 900  # a worker's first start may compile its model
 
 @dataclasses.dataclass(frozen=True)
 class WorkerPlan:
-    role: str               # "prefill" or "decode"
+    role: Role
     cpus: tuple[int, ...]
 
 
@@ -74,11 +75,12 @@ class Layout:
 def layouts(cpus: list[int]) -> dict[str, Layout]:
     half = len(cpus) // 2
     return {
-        "disagg": Layout("disagg", False, (WorkerPlan("prefill", tuple(cpus[:half])),
-                                           WorkerPlan("decode", tuple(cpus[half:])))),
+        "disagg": Layout("disagg", False, (WorkerPlan(Role.PREFILL, tuple(cpus[:half])),
+                                           WorkerPlan(Role.DECODE, tuple(cpus[half:])))),
         "agg-per-core": Layout("agg-per-core", True,
-                               tuple(WorkerPlan("decode", (c,)) for c in cpus)),
-        "agg-all-cores": Layout("agg-all-cores", True, (WorkerPlan("decode", tuple(cpus)),)),
+                               tuple(WorkerPlan(Role.DECODE, (c,)) for c in cpus)),
+        "agg-all-cores": Layout("agg-all-cores", True,
+                                (WorkerPlan(Role.DECODE, tuple(cpus)),)),
     }
 
 
@@ -125,20 +127,21 @@ class Deployment:
 
     def __enter__(self) -> Deployment:
         try:
-            addresses = {"prefill": [], "decode": []}
+            addresses: dict[Role, list[str]] = {role: [] for role in Role}
             for i, plan in enumerate(self.layout.workers):
                 port = free_port()
                 self._spawn(f"{plan.role}{i}", [
                     "taskset", "-c", ",".join(map(str, plan.cpus)), sys.executable, "-m",
-                    "cluster.cli", f"{plan.role}-worker", "--port", str(port),
+                    "cluster.cli", f"{plan.role}-worker", f"--{plan.role}-port", str(port),
                     *self._model_flags()])
                 addresses[plan.role].append(f"127.0.0.1:{port}")
-            for address in addresses["prefill"] + addresses["decode"]:
+            for address in addresses[Role.PREFILL] + addresses[Role.DECODE]:
                 self._wait_serving(address)
             self._spawn("router", [
                 sys.executable, "-m", "cluster.cli", "router", "--model", str(self.args.model),
-                "--port", str(self.router_port), "--http-port", str(self.http_port),
-                *(["--aggregated"] if self.layout.aggregated else []),
+                "--router-port", str(self.router_port),
+                "--router-http-port", str(self.http_port),
+                *(["--mode", Mode.AGGREGATED] if self.layout.aggregated else []),
                 *[f"--{role}={a}" for role, found in addresses.items() for a in found]])
             self._wait_serving(f"127.0.0.1:{self.router_port}")
             return self
@@ -163,9 +166,9 @@ class Deployment:
 
     def _model_flags(self) -> list[str]:
         a = self.args
-        return ["--model", str(a.model), "--dtype", a.dtype, "--max-sequences",
-                str(a.max_sequences), "--max-total-tokens", str(a.max_total_tokens),
-                "--prefill-chunk-tokens", str(a.prefill_chunk_tokens)]
+        return ["--model", str(a.model), "--dtype", a.dtype, "--cache-max-sequences",
+                str(a.max_sequences), "--cache-max-total-tokens", str(a.max_total_tokens),
+                "--cache-prefill-chunk-tokens", str(a.prefill_chunk_tokens)]
 
     def _spawn(self, name: str, command: list[str]) -> None:
         with open(self.log_dir / f"{self.layout.name}-{name}.log", "w") as log:

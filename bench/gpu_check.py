@@ -65,13 +65,15 @@ def load_references(folder: Path) -> dict:
 
 def greedy_tokens(folder: Path, target) -> list[list[int]]:
     """Greedy continuations of GREEDY_PROMPTS by a disaggregated local cluster."""
-    from cluster.local_cluster import start_local_cluster
+    from cluster.cluster_config import ClusterConfig
+    from cluster.local_cluster import on_loopback, start_local_cluster
     from router.client import GenerationClient, generate_request
-    from router.service import RouterOptions
+    from router.options import RouterOptions
 
     # Every prompt goes through the prefill worker: the push is what is checked.
-    cluster = start_local_cluster(folder, target=target,
-                                  options=RouterOptions(local_prefill_below=0))
+    config = ClusterConfig(model=folder, target=target,
+                           router=RouterOptions(local_prefill_below_tokens=0))
+    cluster = start_local_cluster(on_loopback(config))
     try:
         client = GenerationClient(cluster.router_address)
         out = [client.complete(generate_request(p, max_tokens=GREEDY_TOKENS,
@@ -109,8 +111,8 @@ def disaggregated_equals_cpu(folder: Path, references: dict, target) -> dict:
 def nccl_round_trip(folder: Path) -> dict:
     import torch
 
+    from kv_transfer.nccl import Nccl
     from olmo_model.kv_pages import KVSnapshot
-    from olmo_model.nccl import Nccl
     from olmo_model.runtime import ModelRunner
 
     sender = ModelRunner.from_checkpoint(folder, target="cuda")

@@ -57,7 +57,7 @@ def bench_mode(model: Path, mode: str, lengths: list[int], repeats: int, use_ray
                                             chunk_tokens)
     router = cluster.router
     pushed = router.options  # every prompt pushed (local_prefill_below 0)
-    local = dataclasses.replace(pushed, local_prefill_below=ALWAYS_LOCAL)
+    local = dataclasses.replace(pushed, local_prefill_below_tokens=ALWAYS_LOCAL)
     target = GrpcTarget(address)
     rng = np.random.default_rng(7)
 

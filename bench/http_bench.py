@@ -77,14 +77,16 @@ def main() -> None:
         client_main(args)
         return
 
-    from cluster.local_cluster import start_local_cluster
+    from cluster.cluster_config import ClusterConfig
+    from cluster.local_cluster import on_loopback, start_local_cluster
     from olmo_model.kv_pages import CacheLimits
-    from router.service import RouterOptions
+    from router.options import RouterOptions
 
     model = bench_checkpoint("serve", SERVE)
     vocab = SERVE["vocab_size"]
-    cluster = start_local_cluster(model, limits=CacheLimits(32, 8192, 1024), http_port=0,
-                                  options=RouterOptions(local_prefill_below=0))
+    config = ClusterConfig(model=model, cache=CacheLimits(32, 8192, 1024),
+                           router=RouterOptions(local_prefill_below_tokens=0))
+    cluster = start_local_cluster(on_loopback(config, http=True))
     try:
         done = subprocess.run(
             [sys.executable, __file__, "--client", "--grpc", cluster.router_address,

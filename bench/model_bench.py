@@ -100,9 +100,9 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
                                    artifact.stage, config.tie_word_embeddings, dtype,
                                    keep_quantized=False)
         load_s = time.perf_counter() - t  # reading, and quantizing for q4f16/q8f16
-        runner = ModelRunner(artifact, params, CacheLimits(max_num_sequences=8,
+        runner = ModelRunner(artifact, params, CacheLimits(max_sequences=8,
                                                            max_total_tokens=8192,
-                                                           prefill_chunk_size=1024))
+                                                           prefill_chunk_tokens=1024))
     import tvm
 
     out = {"compile_s": compile_s, "load_s": load_s, "target": artifact.target, "dtype": dtype,

@@ -19,10 +19,11 @@ from pathlib import Path
 from checkpoints import SERVE, bench_checkpoint
 from recording import write_results
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import ClusterConfig, RoleConfig
+from cluster.local_cluster import on_loopback, start_local_cluster
 from olmo_model.kv_pages import CacheLimits
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
 
 def step_times(client: GenerationClient, batch: int, tokens: int) -> list[float]:
@@ -48,11 +49,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline_bench.json"))
     args = parser.parse_args()
     model = bench_checkpoint("serve", SERVE)
-    limits = CacheLimits(max_num_sequences=16, max_total_tokens=4096, prefill_chunk_size=1024)
+    limits = CacheLimits(max_sequences=16, max_total_tokens=4096, prefill_chunk_tokens=1024)
     results = {"model": str(model), "layouts": []}
     for stages in args.stages:
-        cluster = start_local_cluster(model, limits=limits, decode_stages=stages,
-                                      options=RouterOptions(local_prefill_below=0))
+        config = ClusterConfig(model=model, cache=limits, decode=RoleConfig(stages=stages),
+                               router=RouterOptions(local_prefill_below_tokens=0))
+        cluster = start_local_cluster(on_loopback(config))
         client = GenerationClient(cluster.router_address)
         try:
             step_times(client, 1, 4)  # warm up

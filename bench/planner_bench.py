@@ -31,6 +31,8 @@ import numpy as np
 from checkpoints import SMALL, bench_checkpoint
 from clients import GrpcTarget
 
+from protos.vocabulary import Role
+
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "tests" / "planner_traces"
 
@@ -117,7 +119,7 @@ def record_traces(args) -> None:
             ray.shutdown()
         header = {"workload": name, "phases": WORKLOADS[name],
                   "planner": dataclasses.asdict(planner) | {"trace_file": None},
-                  "bounds": {"prefill": [1, 3], "decode": [1, 3]},
+                  "bounds": {role: [1, 3] for role in Role},
                   "requests": len(served), "failed": sum("error" in r for r in served)}
         lines = [json.dumps(header)] + trace.read_text().splitlines()
         (TRACES / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
@@ -134,8 +136,8 @@ def print_trace(lines: list[dict]) -> None:
         s = line["snapshot"]
         decided = "; ".join(f"{d['role']} -> {d['instances']} ({d['reason']})"
                             for d in line["decisions"])
-        print(f"{s['at']:6.1f} {s['instances'].get('prefill', 0):2d} "
-              f"{s['instances']['decode']:2d} {s['requests']:4d} {fmt(s['ttft_p90'], '9.3f')} "
+        print(f"{s['at']:6.1f} {s['instances'].get(Role.PREFILL, 0):2d} "
+              f"{s['instances'][Role.DECODE]:2d} {s['requests']:4d} {fmt(s['ttft_p90'], '9.3f')} "
               f"{fmt(s['itl_p90'], '8.3f')} {fmt(s['prefill_p90'], '11.3f')} "
               f"{s['decode_full']:4d} {s['prefill_queued_tokens']:10d} {s['kv_used']:5.0%} "
               f"{s['running']:4d} {s['reserved']:4d}  {decided}")
@@ -149,7 +151,6 @@ def load_main(args) -> None:
 
 
 def step_main(args) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))  # the multi-node tests' hosts
     import netns
     from ray_hosts import RayHosts
 
@@ -230,7 +231,7 @@ def plot(run: dict, path: Path) -> None:
         return [a for a, _ in kept], [v for _, v in kept]
 
     fig, (top, mid, itl, low) = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
-    for role, style in (("prefill", "-"), ("decode", "--")):
+    for role, style in ((Role.PREFILL, "-"), (Role.DECODE, "--")):
         top.step(t, [s["instances"][role] for s in snaps], style, where="post", label=role)
     top.set_ylabel("instances")
     top.legend(loc="upper left")

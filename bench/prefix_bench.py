@@ -36,12 +36,14 @@ import numpy as np
 from checkpoints import SERVE, bench_checkpoint
 from recording import write_results
 
+from protos.vocabulary import Role
+
 SYSTEM_TOKENS = {"shared": 1024, "chat": 512}
 SUFFIX_TOKENS = (32, 64)
 OUTPUT_TOKENS = {"shared": 16, "chat": 32}
 TURNS = 4
 CONFIGS = {
-    "cache off": dict(prefix_cache=False, kv_weight=0.0, local_prefill_below=0),
+    "cache off": dict(prefix_cache=False, kv_weight=0.0, local_prefill_below_tokens=0),
     "cache, load-only routing": dict(prefix_cache=True, kv_weight=0.0),
 }  # and KV-aware routing at each of --kv-weights
 
@@ -110,27 +112,29 @@ def counters(cluster) -> dict:
     decode = [s for s in cluster.decode if s.engine.chain is not None]
     prefill = [s for s in cluster.prefill if s.engine.chain is not None]
     total = {"kv_bytes": sum(s.stage.receiver.bytes_received for s in decode),
-             "prefilled": sum(s.engine.prefilled_tokens for s in [*decode, *prefill])}
-    for role, servicers in (("decode", decode), ("prefill", prefill)):
+             "prefilled": sum(s.engine.counters.prefilled_tokens for s in [*decode, *prefill])}
+    for role, servicers in ((Role.DECODE, decode), (Role.PREFILL, prefill)):
         stats = [s.engine.cache.stats() for s in servicers]
-        total[f"{role}_query"] = sum(s["prefix_query_tokens"] for s in stats)
-        total[f"{role}_hit"] = sum(s["prefix_hit_tokens"] for s in stats)
+        total[f"{role}_query"] = sum(s.query_tokens for s in stats)
+        total[f"{role}_hit"] = sum(s.hit_tokens for s in stats)
     total["local_prefills"] = cluster.router.metrics.registry.get_sample_value(
         "olmo_local_prefills_total") or 0
     return total
 
 
 def run_config(model: Path, vocab: int, workload: str, config: dict, args) -> dict:
-    from cluster.local_cluster import start_local_cluster
+    from cluster.cluster_config import ClusterConfig, RoleConfig
+    from cluster.local_cluster import on_loopback, start_local_cluster
     from olmo_model.kv_pages import CacheLimits
     from pipeline.options import WorkerOptions
-    from router.service import RouterOptions
+    from router.options import RouterOptions
 
     options = RouterOptions(kv_weight=config["kv_weight"],
-                            local_prefill_below=config.get("local_prefill_below", 64))
-    cluster = start_local_cluster(model, num_prefill=2, num_decode=2,
-                                  limits=CacheLimits(16, 32768, 2048), options=options,
-                                  worker_options=WorkerOptions(config["prefix_cache"]))
+                            local_prefill_below_tokens=config.get("local_prefill_below", 64))
+    cluster = start_local_cluster(on_loopback(ClusterConfig(
+        model=model, cache=CacheLimits(16, 32768, 2048), router=options,
+        worker=WorkerOptions(config["prefix_cache"]), prefill=RoleConfig(instances=2),
+        decode=RoleConfig(instances=2))))
     try:
         done = subprocess.run(
             [sys.executable, __file__, "--client", "--address", cluster.router_address,

@@ -40,7 +40,7 @@ def start_decode_worker(model: Path, secret: str) -> tuple[subprocess.Popen, str
     port = free_port()
     worker = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "decode-worker", "--model", str(model),
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--worker-host", "127.0.0.1", "--decode-port", str(port)],
         env={**os.environ, SECRET_ENV: secret}, stdout=subprocess.DEVNULL)
     return worker, f"127.0.0.1:{port}"
 

@@ -28,11 +28,12 @@ from clients import GrpcTarget, HttpTarget
 from recording import write_results
 from slo import percentiles
 
-from cluster.local_cluster import start_local_cluster
+from cluster.local_cluster import on_loopback, start_local_cluster
 from olmo_model.kv_pages import CacheLimits
 from pipeline.options import WorkerOptions
 from protos import worker_pb2
-from router.service import RouterOptions
+from protos.vocabulary import Mode, Role
+from router.options import RouterOptions
 
 PROMPT_LENGTHS = (32, 128, 512)
 OUTPUT_LENGTHS = (16, 64)
@@ -77,12 +78,13 @@ def handoff_probe(target, vocab: int, repeats: int) -> float:
 
 
 # The handoff's totals, summed over the workers of each role: (role, field) by name.
-HANDOFF_FIELDS = {"kv_bytes": ("prefill", "kv_bytes_sent"), "pushes": ("prefill", "pushes"),
-                  "export_ms": ("prefill", "kv_export_ms"),
-                  "encode_ms": ("prefill", "kv_encode_ms"),
-                  "transfer_ms": ("prefill", "kv_transfer_ms"),
-                  "assemble_ms": ("decode", "kv_assemble_ms"),
-                  "install_ms": ("decode", "kv_install_ms")}
+HANDOFF_FIELDS = {"kv_bytes": (Role.PREFILL, "kv_bytes_sent"),
+                  "pushes": (Role.PREFILL, "pushes"),
+                  "export_ms": (Role.PREFILL, "kv_export_ms"),
+                  "encode_ms": (Role.PREFILL, "kv_encode_ms"),
+                  "transfer_ms": (Role.PREFILL, "kv_transfer_ms"),
+                  "assemble_ms": (Role.DECODE, "kv_assemble_ms"),
+                  "install_ms": (Role.DECODE, "kv_install_ms")}
 
 
 def handoff_totals(stats_calls: dict) -> dict[str, float]:
@@ -126,19 +128,19 @@ def start_cluster(model: Path, aggregated: bool, use_ray: bool,
         cluster = start_ray_cluster(config)
         scheduler = cluster.manager.scheduler
         return cluster, cluster.address, {role: [w.stub.Stats for w in scheduler.workers(role)]
-                                          for role in ("prefill", "decode")}
-    limits = CacheLimits(max_num_sequences=32, max_total_tokens=32768,
-                         prefill_chunk_size=chunk_tokens)
-    cluster = start_local_cluster(model, num_prefill=1, num_decode=1, aggregated=aggregated,
-                                  dtype=dtype, limits=limits, http_port=0,
-                                  # every prompt pushed, as in the recorded runs
-                                  options=RouterOptions(
-                                      local_prefill_below=0, lease_ms=LEASE_MS,
-                                      first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S),
-                                  worker_options=worker_options)
+                                          for role in Role}
+    limits = CacheLimits(max_sequences=32, max_total_tokens=32768,
+                         prefill_chunk_tokens=chunk_tokens)
+    config = ClusterConfig(
+        model=model, mode=Mode.AGGREGATED if aggregated else Mode.DISAGGREGATED, dtype=dtype,
+        cache=limits, worker=worker_options,
+        # every prompt pushed, as in the recorded runs
+        router=RouterOptions(local_prefill_below_tokens=0, lease_ms=LEASE_MS,
+                             first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S))
+    cluster = start_local_cluster(on_loopback(config, http=True))
     return cluster, cluster.router_address, {
         role: [lambda request, s=s: s.Stats(request, None) for s in servicers]
-        for role, servicers in (("prefill", cluster.prefill), ("decode", cluster.decode))}
+        for role, servicers in ((Role.PREFILL, cluster.prefill), (Role.DECODE, cluster.decode))}
 
 
 def bench_mode(model: Path, aggregated: bool, args, vocab: int) -> dict:

@@ -24,12 +24,13 @@ from pathlib import Path
 from checkpoints import SERVE, bench_checkpoint
 from recording import write_results
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import ClusterConfig
+from cluster.local_cluster import on_loopback, start_local_cluster
 from decode_worker.engine import DecodeEngine
 from olmo_model.kv_pages import CacheLimits
 from olmo_model.runtime import ModelRunner
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
 RUNNER_KERNELS = ("embed", "forward", "select_last", "logits")
 
@@ -91,8 +92,9 @@ def main() -> None:
     model = bench_checkpoint("serve", SERVE)
     timer = StepTimer()
     timer.install()
-    cluster = start_local_cluster(model, limits=CacheLimits(16, 4096, 1024),
-                                  options=RouterOptions(local_prefill_below=0))
+    config = ClusterConfig(model=model, cache=CacheLimits(16, 4096, 1024),
+                           router=RouterOptions(local_prefill_below_tokens=0))
+    cluster = start_local_cluster(on_loopback(config))
     client = GenerationClient(cluster.router_address)
     results = {"model": str(model), "batches": []}
     try:

@@ -7,62 +7,91 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from olmo_model.quantization import MODEL_DTYPES
 from protos.auth import API_KEY_ENV, SECRET_ENV
+from protos.vocabulary import Mode, Role
+
+from .cluster_config import read_yaml
+from .settings import ConfigError, Setting, add_flags, given, settings
 
 # Where `olmo-serve up/serve` keep the cluster secret they make, and where `status` and
 # `scale` read it (on the same machine, as the same user).
 DEFAULT_TOKEN_FILE = Path("~/.config/olmo-serve/cluster-token").expanduser()
 
 
-def _model_flags(parser: argparse.ArgumentParser) -> None:
-    """The model and KV cache flags; left out, each takes the cluster config's default."""
-    parser.add_argument("--model", default=None,
-                        help="folder with config.json, *.safetensors, tokenizer.json "
-                             "(default: the built-in tiny demo model)")
-    parser.add_argument("--dtype", default=None, choices=MODEL_DTYPES,
-                        help="weights and KV cache dtype (default float32); q4f16/q8f16: "
-                             "4-/8-bit group-quantized weights, float16 activations and KV")
-    parser.add_argument("--target", default=None,
-                        help="llvm (this CPU, the default), cuda or cuda:sm_XX")
-    parser.add_argument("--max-sequences", type=int, default=None,
-                        help="sequences one worker's KV cache holds at once (default 16)")
-    parser.add_argument("--max-total-tokens", type=int, default=None,
-                        help="tokens one worker's KV cache holds in all (default 8192)")
-    parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
-                        help="prompt tokens per forward pass; a decode worker prefilling "
-                             "locally runs one chunk between decode steps (default 2048)")
-    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
-                        default=None, help="free every sequence when it finishes instead of "
-                                           "keeping it for prompts that begin alike")
-    parser.add_argument("--no-kv-shared-memory", dest="kv_shared_memory", action="store_false",
-                        default=None, help="send every KV push inline over gRPC, also between "
-                                           "workers on one host")
-    parser.add_argument("--no-kv-streaming", dest="kv_streaming", action="store_false",
-                        default=None, help="push a prompt's K/V after its last prefill chunk "
-                                           "instead of each chunk's as it is computed")
-    parser.add_argument("--kv-layer-groups", type=int, default=None,
-                        help="a prefill pass pushes the K/V of each of this many groups of "
-                             "layers while the next group computes; 1: after the pass "
-                             "(default 4)")
+def _settings_flags(parser: argparse.ArgumentParser,
+                    select: Callable[[Setting], bool] = lambda s: True,
+                    renamed: dict[str, tuple[str, Any]] | None = None) -> None:
+    """``--config`` and a flag for each selected setting of the cluster config (left out,
+    each takes the file's value or its default), plus the flags of the last release,
+    hidden, that still set them."""
+    from .cluster_config import ClusterConfig
+
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="cluster config file; flags override it")
+    add_flags(parser, ClusterConfig, select)
+    by_key = {s.key: s for s in settings(ClusterConfig)}
+    for old, (key, value) in {**RENAMED_FLAGS, **(renamed or {})}.items():
+        setting = by_key[key]
+        new_flag = ("--no-" + setting.flag[2:] if value is False
+                    else setting.flag if value is None else f"{setting.flag} {value}")
+        parser.add_argument(old, dest=key, action=_RenamedFlag, new_flag=new_flag,
+                            value=value, type=None if value is not None else _flag_type(setting),
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def _routing_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kv-weight", type=float, default=None,
-                        help="KV-aware routing: tokens of load a cached prompt token is worth "
-                             "(default 4; 0 routes by load alone)")
-    parser.add_argument("--local-prefill-below", type=int, default=None, metavar="TOKENS",
-                        help="a decode worker prefills a prompt itself when at most this many "
-                             "of its tokens are not cached there (default 64; 0: never)")
+# Flags of the last release, read for one more: the setting each sets now, and the value
+# a switch (no argument) gives it.
+RENAMED_FLAGS: dict[str, tuple[str, Any]] = {
+    "--max-sequences": ("cache.max_sequences", None),
+    "--max-total-tokens": ("cache.max_total_tokens", None),
+    "--prefill-chunk-tokens": ("cache.prefill_chunk_tokens", None),
+    "--no-prefix-cache": ("worker.prefix_cache", False),
+    "--no-kv-shared-memory": ("worker.kv_shared_memory", False),
+    "--no-kv-streaming": ("worker.kv_streaming", False),
+    "--kv-layer-groups": ("worker.kv_layer_groups", None),
+    "--kv-weight": ("router.kv_weight", None),
+    "--local-prefill-below": ("router.local_prefill_below_tokens", None),
+    "--lease-ms": ("router.lease_ms", None),
+    "--aggregated": ("mode", Mode.AGGREGATED.value),
+}
+ROUTER_BIND_RENAMED = {"--host": ("router.host", None), "--port": ("router.port", None),
+                       "--http-port": ("router.http_port", None)}
 
 
-def _bind_flags(parser: argparse.ArgumentParser, port: int) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default loopback; 0.0.0.0 to serve a network)")
-    parser.add_argument("--port", type=int, default=port, help="0 picks a free port")
+class _RenamedFlag(argparse.Action):
+    """An old flag: warns, naming the new one, and sets the setting it sets now."""
+
+    def __init__(self, option_strings, dest, new_flag: str, value: Any = None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0 if value is not None else None,
+                         **kwargs)
+        self.new_flag, self.value = new_flag, value
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn(f"{option_string} is now {self.new_flag}; the old flag is read for one "
+                      "more release", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, self.value if self.value is not None else values)
+
+
+def _flag_type(setting: Setting):
+    return float if setting.kind is float else int if setting.kind is int else str
+
+
+def _worker_settings(role: Role) -> Callable[[Setting], bool]:
+    """What a one-role worker process reads: the model, its cache and options, its port."""
+    return lambda s: (s.key in ("model", "dtype", "target", "token_file", f"{role}.port")
+                      or s.path[0] in ("cache", "worker"))
+
+
+def _router_settings(s: Setting) -> bool:
+    return s.path[0] in ("router", "mode", "model") or s.key in PUBLIC_API_KEYS
+
+
+PUBLIC_API_KEYS = ("token_file", "api_key_file", "tls_cert", "tls_key")
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -74,26 +103,20 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _worker_spec(args: argparse.Namespace):
-    """The model a one-role command serves, from the model flags alone."""
+def _load_config(args: argparse.Namespace):
+    """The cluster config of a command: its file, if given, with its flags laid over."""
     from .cluster_config import ClusterConfig
 
-    return ClusterConfig(**_model_overrides(args)).worker_spec()
+    try:
+        return ClusterConfig.from_mapping(read_yaml(args.config) if args.config else {},
+                                          args.config or "flags", given(args, ClusterConfig))
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
-def _routing_overrides(args: argparse.Namespace) -> dict:
-    given = {"kv_weight": args.kv_weight,
-             "local_prefill_below_tokens": args.local_prefill_below}
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def _model_overrides(args: argparse.Namespace) -> dict:
-    given = {"model": args.model, "dtype": args.dtype, "target": args.target,
-             "max_sequences": args.max_sequences, "max_total_tokens": args.max_total_tokens,
-             "prefill_chunk_tokens": args.prefill_chunk_tokens,
-             "prefix_cache": args.prefix_cache, "kv_shared_memory": args.kv_shared_memory,
-             "kv_streaming": args.kv_streaming, "kv_layer_groups": args.kv_layer_groups}
-    return {k: v for k, v in given.items() if v is not None}
+def _worker_host(config) -> str:
+    """A one-role process has no Ray node: "node" means loopback."""
+    return "127.0.0.1" if config.worker.host == "node" else config.worker.host
 
 
 def _wait_for_signal(servers) -> int:
@@ -106,35 +129,29 @@ def _wait_for_signal(servers) -> int:
     return 0
 
 
-def _required_secret(args: argparse.Namespace) -> str:
+def _required_secret(config) -> str:
     """A one-role process takes the cluster's secret, never makes its own: its peers
     must hold the same one."""
-    from protos.auth import SECRET_ENV, cluster_secret
+    from protos.auth import cluster_secret
 
-    secret = cluster_secret(args.token_file)
+    secret = cluster_secret(config.token_file)
     if not secret:
         raise SystemExit(f"error: give this process the cluster secret: set {SECRET_ENV} or "
                          "pass --token-file (the same secret on every worker and the router)")
     return secret
 
 
-def _prefill_worker(args: argparse.Namespace) -> int:
+def _one_role_worker(args: argparse.Namespace) -> int:
+    from decode_worker.servicer import serve_decode
     from prefill_worker.servicer import serve_prefill
 
-    secret = _required_secret(args)
-    spec = _worker_spec(args)
-    server, _ = serve_prefill(spec.runner(), args.host, args.port, secret, spec.options)
-    print(f"prefill worker serving on {args.host}:{server.port}", flush=True)
-    return _wait_for_signal([server])
-
-
-def _decode_worker(args: argparse.Namespace) -> int:
-    from decode_worker.servicer import serve_decode
-
-    secret = _required_secret(args)
-    spec = _worker_spec(args)
-    server, _ = serve_decode(spec.runner(), args.host, args.port, secret, spec.options)
-    print(f"decode worker serving on {args.host}:{server.port}", flush=True)
+    role = Role(args.role)
+    serve = serve_prefill if role is Role.PREFILL else serve_decode
+    config = _load_config(args)
+    secret = _required_secret(config)
+    spec, host = config.worker_spec(), _worker_host(config)
+    server, _ = serve(spec.runner(), host, getattr(config, role).port, secret, spec.options)
+    print(f"{role} worker serving on {host}:{server.port}", flush=True)
     return _wait_for_signal([server])
 
 
@@ -142,38 +159,33 @@ def _router(args: argparse.Namespace) -> int:
     from olmo_model.demo import resolve_model_dir
     from router.server import serve_router, static_scheduler
 
-    from .cluster_config import ClusterConfig
-
-    config = ClusterConfig(mode="aggregated" if args.aggregated else "disaggregated",
-                           prefill={"instances": 0 if args.aggregated else 1},
-                           lease_ms=args.lease_ms, api_key_file=args.api_key_file,
-                           tls_cert=args.tls_cert, tls_key=args.tls_key,
-                           **_routing_overrides(args))
-    scheduler = static_scheduler([] if args.aggregated else args.prefill, args.decode,
-                                 _required_secret(args))
-    model_dir = resolve_model_dir(args.model)
-    server, router = serve_router(model_dir, scheduler, config.router_options(), args.host,
-                                  args.port, config.api_key(), config.tls())
+    config = _load_config(args)
+    options = config.router
+    scheduler = static_scheduler([] if config.aggregated else args.prefill, args.decode,
+                                 _required_secret(config), options.kv_weight)
+    model_dir = resolve_model_dir(config.model)
+    server, router = serve_router(model_dir, scheduler, options, options.host, options.port,
+                                  config.api_key(), config.tls())
     servers = [server]
-    if args.http_port >= 0:
+    if options.http_port >= 0:
         from router.openai_api import serve_openai
 
-        servers.append(serve_openai(router, model_dir, args.host, args.http_port,
+        servers.append(serve_openai(router, model_dir, options.host, options.http_port,
                                     config.api_key(), config.tls()))
         print(f"router serving the OpenAI-compatible API on {servers[-1].url}/v1", flush=True)
-    print(f"router serving olmo.generation.v1.Generation on {args.host}:{server.port}",
+    print(f"router serving olmo.generation.v1.Generation on {options.host}:{server.port}",
           flush=True)
     return _wait_for_signal(servers)
 
 
-def _stream_to_terminal(address: str, args: argparse.Namespace, prompt: str) -> int:
+def _stream_to_terminal(address: str, args: argparse.Namespace, api_key_file: str | None,
+                        tls_ca: str | None) -> int:
     from protos.auth import api_key
-    from protos.generation_pb2 import FinishReason
+    from protos.vocabulary import FinishReason
     from router.client import GenerationClient, generate_request
 
-    # `up` trusts the certificate it serves with; `generate` takes --tls-ca.
-    tls_ca = getattr(args, "tls_ca", None) or getattr(args, "tls_cert", None)
-    client = GenerationClient(address, api_key(args.api_key_file), _read(tls_ca))
+    prompt = args.prompt
+    client = GenerationClient(address, api_key(api_key_file), _read(tls_ca))
     request = generate_request(prompt, args.max_tokens, args.temperature, args.top_p, args.top_k,
                                args.seed, args.stop)
     start = time.perf_counter()
@@ -187,7 +199,7 @@ def _stream_to_terminal(address: str, args: argparse.Namespace, prompt: str) -> 
     total = time.perf_counter() - start
     usage = last.usage
     tpot = (total - (first - start)) / max(1, usage.completion_tokens - 1) if first else 0.0
-    reason = FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+    reason = FinishReason(last.finish_reason).label
     print(f"\n\n[{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated, "
           f"finish: {reason}; TTFT {usage.time_to_first_token_ms:.1f} ms, "
           f"TPOT {1000 * tpot:.1f} ms, total {1000 * total:.0f} ms]", file=sys.stderr)
@@ -196,29 +208,11 @@ def _stream_to_terminal(address: str, args: argparse.Namespace, prompt: str) -> 
 
 
 def _generate(args: argparse.Namespace) -> int:
-    return _stream_to_terminal(args.address, args, args.prompt)
+    return _stream_to_terminal(args.address, args, args.api_key_file, args.tls_ca)
 
 
 def _cluster_config(args: argparse.Namespace):
-    from .cluster_config import ClusterConfig
-
-    overrides = {**_model_overrides(args), **_routing_overrides(args),
-                 "host": args.host, "port": args.port, "http_port": args.http_port,
-                 "worker_host": args.worker_host,
-                 "token_file": args.token_file, "api_key_file": args.api_key_file,
-                 "tls_cert": args.tls_cert, "tls_key": args.tls_key}
-    if args.aggregated:
-        overrides["mode"] = "aggregated"
-    config = (ClusterConfig.from_yaml(args.config, **overrides) if args.config
-              else ClusterConfig(**{k: v for k, v in overrides.items() if v is not None}))
-    if args.prefill_instances is not None:
-        config.prefill.instances = args.prefill_instances
-    if args.decode_instances is not None:
-        config.decode.instances = args.decode_instances
-    if args.prefill_stages is not None:
-        config.prefill.stages = args.prefill_stages
-    if args.decode_stages is not None:
-        config.decode.stages = args.decode_stages
+    config = _load_config(args)
     if config.token_file is None:  # kept where `olmo-serve status` and `scale` find it
         config.token_file = str(DEFAULT_TOKEN_FILE)
     return config
@@ -230,13 +224,7 @@ def _start_cluster(args: argparse.Namespace):
     if args.no_ray:
         from .local_cluster import start_local_cluster
 
-        spec = config.worker_spec()
-        cluster = start_local_cluster(
-            spec.model_dir, config.prefill.instances, config.decode.instances,
-            config.aggregated, spec.dtype, spec.target, spec.limits, config.host, config.port,
-            config.prefill.stages, config.decode.stages, config.router_options(),
-            config.cluster_secret(), config.api_key(), config.tls(),
-            config.http_port if config.http_port >= 0 else None, spec.options)
+        cluster = start_local_cluster(config)
         how, address = "in-process", cluster.router_address
     else:
         from .ray_cluster import start_ray_cluster
@@ -249,12 +237,12 @@ def _start_cluster(args: argparse.Namespace):
 def _up(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cluster, address, how, config = _start_cluster(args)
-    mode = "aggregated" if args.aggregated else "disaggregated"
-    print(f"{mode} cluster up on {how} in {time.perf_counter() - start:.1f}s; Generate API "
+    print(f"{config.mode} cluster up on {how} in {time.perf_counter() - start:.1f}s; Generate API "
           f"(olmo.generation.v1.Generation) on {address}", file=sys.stderr, flush=True)
     _print_http(cluster.http_url, config)
     try:
-        _stream_to_terminal(address, args, args.prompt)
+        # `up` trusts the certificate it serves with.
+        _stream_to_terminal(address, args, config.api_key_file, config.tls_cert)
         if args.serve:
             print(f"serving; try: olmo-serve generate --address {address} \"Your prompt\""
                   "  (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -320,39 +308,21 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="olmo-serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="olmo-serve", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, allow_abbrev=False, **kwargs)
 
     for name, helptext, func in (
             ("up", "start a cluster, answer a sample request, optionally keep serving", _up),
             ("serve", "start a cluster and serve until stopped", _serve)):
-        cmd = sub.add_parser(name, help=helptext)
-        cmd.add_argument("--config", default=None, help="cluster config YAML")
-        _model_flags(cmd)
-        cmd.add_argument("--host", default=None, help="router bind address (default 127.0.0.1)")
-        cmd.add_argument("--port", type=int, default=None, help="router port (default 50051)")
-        cmd.add_argument("--http-port", type=int, default=None,
-                         help="OpenAI-compatible API and /metrics (default 8000; 0 picks a "
-                              "free port, -1 serves none)")
-        cmd.add_argument("--worker-host", default=None,
-                         help="where Ray worker actors bind: node (the address Ray knows "
-                              "their node by; the default), 0.0.0.0, or an address")
-        cmd.add_argument("--prefill-instances", type=int, default=None)
-        cmd.add_argument("--decode-instances", type=int, default=None)
-        cmd.add_argument("--prefill-stages", type=int, default=None,
-                         help="pipeline stages per prefill instance")
-        cmd.add_argument("--decode-stages", type=int, default=None,
-                         help="pipeline stages per decode instance")
-        cmd.add_argument("--aggregated", action="store_true",
-                         help="decode workers prefill locally; no KV transfer")
-        _routing_flags(cmd)
+        cmd = command(name, help=helptext)
+        _settings_flags(cmd, renamed=ROUTER_BIND_RENAMED)
         cmd.add_argument("--ray-address", default=None,
                          help="join this Ray cluster (e.g. auto); default: start one")
         cmd.add_argument("--no-ray", action="store_true",
                          help="run every role in this process instead of as Ray actors")
-        _secret_flag(cmd, f"the cluster secret's file, made if missing (default "
-                          f"{DEFAULT_TOKEN_FILE}; ${SECRET_ENV} wins)")
-        _public_api_flags(cmd)
         cmd.set_defaults(func=func)
         if name == "up":
             _sampling_flags(cmd)
@@ -360,20 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--serve", action="store_true",
                              help="keep serving after the sample request")
 
-    status = sub.add_parser("status", help="list a Ray-managed cluster's instances")
+    status = command("status", help="list a Ray-managed cluster's instances")
     status.add_argument("--router", default="127.0.0.1:50051", metavar="HOST:PORT")
-    scale = sub.add_parser("scale", help="add or drain instances of a role")
-    scale.add_argument("role", choices=["prefill", "decode"])
+    scale = command("scale", help="add or drain instances of a role")
+    scale.add_argument("role", choices=[role.value for role in Role])
     scale.add_argument("instances", type=int)
     scale.add_argument("--router", default="127.0.0.1:50051", metavar="HOST:PORT")
     scale.add_argument("--drain-timeout", type=float, default=60.0, help="seconds")
     for cmd, func in ((status, _status), (scale, _scale)):
-        _secret_flag(cmd, f"the cluster secret's file (default {DEFAULT_TOKEN_FILE}; "
-                          f"${SECRET_ENV} wins)")
+        cmd.add_argument("--token-file", default=None,
+                         help=f"the cluster secret's file (default {DEFAULT_TOKEN_FILE}; "
+                              f"${SECRET_ENV} wins)")
         cmd.add_argument("--tls-ca", default=None, help="CA certificate (PEM) of a TLS router")
         cmd.set_defaults(func=func)
 
-    gen = sub.add_parser("generate", help="stream a completion from a running router")
+    gen = command("generate", help="stream a completion from a running router")
     gen.add_argument("prompt")
     gen.add_argument("--address", default="127.0.0.1:50051")
     gen.add_argument("--api-key-file", default=None,
@@ -382,41 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(gen)
     gen.set_defaults(func=_generate)
 
-    for name, func, port in (("prefill-worker", _prefill_worker, 50061),
-                             ("decode-worker", _decode_worker, 50071)):
-        role = sub.add_parser(name, help=f"serve one {name.replace('-', ' ')}")
-        _model_flags(role)
-        _bind_flags(role, port)
-        _secret_flag(role, f"file holding the cluster secret (or set ${SECRET_ENV})")
-        role.set_defaults(func=func)
+    for role, port in ((Role.PREFILL, 50061), (Role.DECODE, 50071)):
+        cmd = command(f"{role}-worker", help=f"serve one {role} worker (no Ray)")
+        _settings_flags(cmd, _worker_settings(role),
+                        renamed={"--host": ("worker.host", None), "--port": (f"{role}.port", None)})
+        # Its role's well-known port, so that `router --prefill/--decode` find it.
+        cmd.set_defaults(func=_one_role_worker, role=role.value, **{f"{role}.port": port})
 
-    router = sub.add_parser("router", help="serve the Generate API over running workers")
-    router.add_argument("--model", default=None,
-                        help="model folder, for its tokenizer (default: the demo model)")
+    router = command("router", help="serve the Generate API over running workers")
     router.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT")
     router.add_argument("--decode", action="append", default=[], metavar="HOST:PORT")
-    router.add_argument("--aggregated", action="store_true")
-    router.add_argument("--lease-ms", type=int, default=30_000)
-    _routing_flags(router)
-    router.add_argument("--http-port", type=int, default=8000,
-                        help="OpenAI-compatible API and /metrics (0 picks a free port, -1 none)")
-    _bind_flags(router, 50051)
-    _secret_flag(router, f"file holding the cluster secret (or set ${SECRET_ENV})")
-    _public_api_flags(router)
+    _settings_flags(router, _router_settings, renamed=ROUTER_BIND_RENAMED)
     router.set_defaults(func=_router)
     return parser
-
-
-def _secret_flag(parser: argparse.ArgumentParser, helptext: str) -> None:
-    parser.add_argument("--token-file", default=None, help=helptext)
-
-
-def _public_api_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api-key-file", default=None,
-                        help=f"require this API key on Generate (${API_KEY_ENV} wins)")
-    parser.add_argument("--tls-cert", default=None, help="serve the API over TLS: certificate "
-                                                         "chain (PEM)")
-    parser.add_argument("--tls-key", default=None, help="... and its private key (PEM)")
 
 
 def _read(path: str | None) -> bytes | None:

@@ -1,8 +1,19 @@
-"""The cluster config file (YAML): model, instances per role, placement and policies."""
+"""The cluster config: one typed, nested model of every setting, read from YAML and flags.
+
+Its sections are the objects the code runs with, not copies mapped into them: ``cache``
+is each worker's ``CacheLimits``, ``worker`` its ``WorkerOptions``, ``router`` the
+router's ``RouterOptions``, ``planner`` the planner's ``PlannerConfig``, ``prefill`` and
+``decode`` how many instances of each role run and what each asks Ray for. The model
+settings (``model``, ``dtype``, ``target``), the serving ``mode`` and the security
+settings sit at the top. cluster/settings.py derives every YAML key and flag from it.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,36 +23,47 @@ from olmo_model.kv_pages import CacheLimits
 from olmo_model.quantization import MODEL_DTYPES
 from pipeline.options import WorkerOptions
 from protos.auth import api_key, cluster_secret, new_secret
-from router.service import RouterOptions
+from protos.setting import setting
+from protos.vocabulary import Mode, Role
+from router.options import RouterOptions
 
 from .planner import Bounds, PlannerConfig
+from .settings import ConfigError, build, merge, value_of
 from .worker_spec import DEFAULT_DTYPE, DEFAULT_TARGET, WorkerSpec
 
-
-class ClusterConfigError(ValueError):
-    pass
+# The flat keys of the release before sections: read for one more release, with a
+# warning naming the new key.
+RENAMED_KEYS = {
+    **{key: f"cache.{key}" for key in ("max_sequences", "max_total_tokens",
+                                        "prefill_chunk_tokens")},
+    **{key: f"worker.{key}" for key in ("prefix_cache", "kv_shared_memory", "kv_streaming",
+                                         "kv_layer_groups")},
+    "worker_host": "worker.host",
+    **{key: f"router.{key}" for key in (
+        "host", "port", "http_port", "lease_ms", "on_decode_failure", "kv_weight",
+        "local_prefill_below_tokens", "max_waiting_requests", "max_queue_wait_s",
+        "first_token_timeout_s", "token_timeout_s")},
+    "max_prompt_bytes": "router.limits.max_prompt_bytes",
+}
 
 
 @dataclasses.dataclass
 class RoleConfig:
     """How many instances of one role to run and what each asks Ray for."""
 
-    instances: int = 1
-    # Pipeline-parallel stages per instance: each a worker over a contiguous layer range,
-    # placed together (one placement-group bundle each). Prefill and decode may differ.
-    stages: int = 1
-    # The port each instance's gRPC server binds; 0 picks a free one. A fixed port suits
-    # one instance per node (Kubernetes pods, with probes on that port).
-    port: int = 0
-    cpus: float = 1.0
-    gpus: float = 0.0
-    # Custom Ray resources, e.g. {"decode": 1} so that only nodes started with
-    # `--resources '{"decode": 4}'` host decode workers.
-    resources: dict[str, float] = dataclasses.field(default_factory=dict)
-    # The planner keeps the role within these (None: ``instances``, so it only adds
-    # instances where a maximum is given).
-    min_instances: int = 1
-    max_instances: int | None = None
+    instances: int = setting(1, "instances of this role")
+    # Each stage is a worker over a contiguous layer range, placed together (one
+    # placement-group bundle each). Prefill and decode may differ.
+    stages: int = setting(1, "pipeline-parallel stages per instance")
+    # A fixed port suits one instance per node (Kubernetes pods, with probes on it).
+    port: int = setting(0, "the port each instance's gRPC server binds (0: a free one)")
+    cpus: float = setting(1.0, "CPUs each stage asks Ray for")
+    gpus: float = setting(0.0, "GPUs each stage asks Ray for")
+    resources: dict[str, float] = dataclasses.field(default_factory=dict, metadata={
+        "help": 'custom Ray resources, e.g. {"decode": 1}: only nodes started with that '
+                "resource host this role"})
+    min_instances: int = setting(1, "the planner keeps the role at least this large")
+    max_instances: int | None = setting(None, "... and at most this large (null: instances)")
 
     def bounds(self) -> Bounds:
         return Bounds(self.min_instances,
@@ -50,127 +72,63 @@ class RoleConfig:
 
 @dataclasses.dataclass
 class ClusterConfig:
-    model: str | None = None          # None: the built-in demo model
-    dtype: str = DEFAULT_DTYPE
-    target: str = DEFAULT_TARGET
-    mode: str = "disaggregated"       # or "aggregated": decode workers prefill locally
-    host: str = "127.0.0.1"           # where the router's public APIs bind
-    port: int = 50051                 # the gRPC Generate API
-    http_port: int = 8000             # the OpenAI-compatible API and /metrics; -1: none
-    # Where workers bind: "node" the address Ray knows their node by (127.0.0.1 in a local
-    # cluster), "0.0.0.0" every interface (advertising the node's address), or an address.
-    worker_host: str = "node"
+    model: str | None = setting(None, "folder with config.json, *.safetensors and tokenizer.json "
+                                "(null: the built-in demo model)")
+    dtype: str = setting(DEFAULT_DTYPE, "weights and KV cache dtype; q4f16/q8f16: 4-/8-bit "
+                                         "group-quantized weights, float16 KV",
+                          choices=MODEL_DTYPES)
+    target: str = setting(DEFAULT_TARGET, "llvm (this CPU), cuda or cuda:sm_XX")
+    mode: Mode = setting(Mode.DISAGGREGATED, "aggregated: decode workers prefill locally, no "
+                         "prefill workers, no K/V transfer")
+    cache: CacheLimits = dataclasses.field(default_factory=CacheLimits)
+    worker: WorkerOptions = dataclasses.field(default_factory=WorkerOptions)
+    router: RouterOptions = dataclasses.field(default_factory=RouterOptions)
     prefill: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     decode: RoleConfig = dataclasses.field(default_factory=RoleConfig)
-    # Each worker's KV cache: sequences and tokens it holds at once (None: CacheLimits').
-    max_sequences: int | None = None
-    max_total_tokens: int | None = None
-    # Prompt tokens per forward pass. A decode worker prefilling locally (aggregated
-    # mode, short uncached prompts) runs one such chunk between decode steps, so this
-    # bounds how long a new prompt pauses the streams already running there.
-    prefill_chunk_tokens: int | None = None
-    lease_ms: int = 30_000
-    health_interval_s: float = 1.0
-    # Prefix caching: workers keep finished sequences, and a prompt forks from the longest
-    # cached prefix (computing and shipping only the rest). The router weighs a worker's
-    # likely cached prefix of a prompt against its load (kv_weight tokens of load per
-    # cached token; 0: load alone), and a decode worker prefills a prompt itself when at
-    # most local_prefill_below_tokens of it are not cached (0: never).
-    prefix_cache: bool = True
-    # K/V pushes between workers on one host go through shared memory, not the stream.
-    kv_shared_memory: bool = True
-    # A prompt longer than prefill_chunk_tokens has each chunk's K/V pushed while the
-    # next chunk computes (off: all of it after the last chunk).
-    kv_streaming: bool = True
-    # Within one prefill pass, each of this many groups of layers pushes its K/V while
-    # the next group computes (1: after the pass).
-    kv_layer_groups: int = 4
-    kv_weight: float | None = None
-    local_prefill_below_tokens: int | None = None
-    # What happens to a request whose decode worker dies mid-stream.
-    on_decode_failure: str = "resume"  # or "fail"
-    # The router's admission and liveness bounds (None: RouterOptions' defaults). Requests
-    # no decode worker can take yet wait in line, at most max_waiting_requests of them,
-    # each at most max_queue_wait_s; a token stream silent for first_token_timeout_s
-    # (before its first token) or token_timeout_s (after) is cut and resumed elsewhere.
-    max_waiting_requests: int | None = None
-    max_queue_wait_s: float | None = None
-    first_token_timeout_s: float | None = None
-    token_timeout_s: float | None = None
-    max_prompt_bytes: int | None = None
-    # Security. Internal calls and the admin API carry the cluster secret: from
-    # $OLMO_CLUSTER_TOKEN, else token_file (created with a new secret when missing), else
-    # a new one for this cluster's life. api_key_file: Generate requires this key;
-    # tls_cert/tls_key (PEM): the public API serves TLS.
-    token_file: str | None = None
-    api_key_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    # Scales prefill and decode instances to keep TTFT and inter-token latency on target
-    # (cluster/planner.py; off by default).
     planner: PlannerConfig = dataclasses.field(default_factory=PlannerConfig)
+    health_interval_s: float = setting(1.0, "how often the Ray manager checks each worker's "
+                                       "health")
+    # Internal calls and the admin API carry the cluster secret: from $OLMO_CLUSTER_TOKEN,
+    # else token_file (made with a new secret when missing), else a new one for this
+    # cluster's life.
+    token_file: str | None = setting(None, "the cluster secret's file, made if missing "
+                                     "($OLMO_CLUSTER_TOKEN wins)")
+    api_key_file: str | None = setting(None, "Generate requires the API key in this file "
+                                       "($OLMO_API_KEY wins)")
+    tls_cert: str | None = setting(None, "serve the public API over TLS: certificate chain (PEM)")
+    tls_key: str | None = setting(None, "... and its private key (PEM)")
 
     def __post_init__(self) -> None:
-        if self.mode not in ("disaggregated", "aggregated"):
-            raise ClusterConfigError(f"mode must be 'disaggregated' or 'aggregated', got "
-                                     f"{self.mode!r}")
-        if self.dtype not in MODEL_DTYPES:
-            raise ClusterConfigError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got "
-                                     f"{self.dtype!r}")
-        if self.on_decode_failure not in ("resume", "fail"):
-            raise ClusterConfigError("on_decode_failure must be 'resume' or 'fail'")
-        for role in ("prefill", "decode"):
-            value = getattr(self, role)
-            if isinstance(value, dict):
-                value = _build(RoleConfig, value, role)
-                setattr(self, role, value)
-            if value.instances < 0:
-                raise ClusterConfigError(f"{role}.instances must be >= 0")
-            if value.stages < 1:
-                raise ClusterConfigError(f"{role}.stages must be >= 1")
-            if role == "prefill" and self.mode == "aggregated":
-                continue  # runs none
-            if min(value.instances, value.min_instances) < 1:
-                raise ClusterConfigError("at least one decode instance is needed"
-                                         if role == "decode" else
-                                         "disaggregated mode needs at least one prefill "
-                                         "instance")
-            bounds = value.bounds()
-            if not 0 <= bounds.low <= value.instances <= bounds.high:
-                raise ClusterConfigError(
-                    f"{role}: need min_instances <= instances <= max_instances, got "
-                    f"{bounds.low} <= {value.instances} <= {bounds.high}")
-        if isinstance(self.planner, dict):
-            self.planner = _build(PlannerConfig, self.planner, "planner")
-        if self.kv_weight is not None and self.kv_weight < 0:
-            raise ClusterConfigError("kv_weight must be >= 0")
-        if self.local_prefill_below_tokens is not None and self.local_prefill_below_tokens < 0:
-            raise ClusterConfigError("local_prefill_below_tokens must be >= 0")
-        for name in ("max_sequences", "max_total_tokens", "prefill_chunk_tokens",
-                     "kv_layer_groups"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ClusterConfigError(f"{name} must be >= 1")
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, value_of(hints[field.name], field,
+                                               getattr(self, field.name), field.name))
+        if self.health_interval_s <= 0:
+            raise ConfigError("health_interval_s must be > 0")
+        # The router's view of the mode follows the cluster's.
+        self.router = dataclasses.replace(self.router, aggregated=self.aggregated)
+        for role in Role:
+            self._check_role(role)
+
+    def _check_role(self, role: Role) -> None:
+        spec: RoleConfig = getattr(self, role)
+        if spec.instances < 0:
+            raise ConfigError(f"{role}.instances must be >= 0")
+        if spec.stages < 1:
+            raise ConfigError(f"{role}.stages must be >= 1")
+        if role is Role.PREFILL and self.aggregated:
+            return  # runs none
+        if min(spec.instances, spec.min_instances) < 1:
+            raise ConfigError("at least one decode instance is needed" if role is Role.DECODE
+                              else "disaggregated mode needs at least one prefill instance")
+        bounds = spec.bounds()
+        if not 0 <= bounds.low <= spec.instances <= bounds.high:
+            raise ConfigError(f"{role}: need min_instances <= instances <= max_instances, "
+                              f"got {bounds.low} <= {spec.instances} <= {bounds.high}")
 
     @property
     def aggregated(self) -> bool:
-        return self.mode == "aggregated"
-
-    def router_options(self) -> RouterOptions:
-        defaults = RouterOptions()
-        limits = defaults.limits
-        if self.max_prompt_bytes is not None:
-            limits = dataclasses.replace(limits, max_prompt_bytes=self.max_prompt_bytes)
-        given = {"max_waiting": self.max_waiting_requests,
-                 "max_queue_wait_s": self.max_queue_wait_s,
-                 "first_token_timeout_s": self.first_token_timeout_s,
-                 "token_timeout_s": self.token_timeout_s,
-                 "kv_weight": self.kv_weight,
-                 "local_prefill_below": self.local_prefill_below_tokens}
-        return dataclasses.replace(
-            defaults, aggregated=self.aggregated, lease_ms=self.lease_ms, limits=limits,
-            resume_on_decode_failure=self.on_decode_failure == "resume",
-            **{k: v for k, v in given.items() if v is not None})
+        return self.mode is Mode.AGGREGATED
 
     def cluster_secret(self) -> str:
         return cluster_secret(self.token_file, create=True) or new_secret()
@@ -181,43 +139,55 @@ class ClusterConfig:
     def tls(self) -> tuple[bytes, bytes] | None:
         """(private key, certificate chain) for the public API, or None."""
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ClusterConfigError("tls_cert and tls_key go together")
+            raise ConfigError("tls_cert and tls_key go together")
         if not self.tls_cert:
             return None
         try:
             return Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes()
         except OSError as exc:
-            raise ClusterConfigError(f"cannot read the TLS key or certificate: {exc}") from exc
+            raise ConfigError(f"cannot read the TLS key or certificate: {exc}") from exc
 
     def worker_spec(self) -> WorkerSpec:
         """What every worker of this cluster builds its runner from."""
-        limits = CacheLimits.sized(self.max_sequences, self.max_total_tokens,
-                                   self.prefill_chunk_tokens)
-        return WorkerSpec.of(self.model, self.dtype, self.target, limits,
-                             WorkerOptions(self.prefix_cache, self.kv_shared_memory,
-                                           self.kv_streaming, self.kv_layer_groups))
+        return WorkerSpec.of(self.model, self.dtype, self.target, self.cache, self.worker)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> ClusterConfig:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ClusterConfigError(f"cannot read cluster config {path}: {exc}") from exc
+    def from_mapping(cls, raw: Any, where: str = "config",
+                     overrides: dict[str, Any] | None = None) -> ClusterConfig:
+        """A config from a YAML-shaped mapping with ``overrides`` (the same shape, e.g. from
+        flags) laid over it; flat keys of the last release move to their sections with a
+        warning."""
         if not isinstance(raw, dict):
-            raise ClusterConfigError(f"{path} must hold a mapping")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        return _build(cls, raw, str(path))
+            raise ConfigError(f"{where} must hold a mapping")
+        return build(cls, merge(migrate(raw, where), overrides or {}))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None
+                  ) -> ClusterConfig:
+        return cls.from_mapping(read_yaml(path), str(path), overrides)
 
 
-def _build(kind: type, raw: dict[str, Any], where: str):
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ClusterConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(sorted(known))}")
+def read_yaml(path: str | Path) -> Any:
     try:
-        return kind(**raw)
-    except ValueError as exc:  # a nested config's own check
-        if isinstance(exc, ClusterConfigError):
-            raise
-        raise ClusterConfigError(f"{where}: {exc}") from exc
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read cluster config {path}: {exc}") from exc
+
+
+def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``raw`` with each renamed flat key moved to where it lives now."""
+    moved = copy.deepcopy({k: v for k, v in raw.items() if k not in RENAMED_KEYS})
+    for old in [k for k in raw if k in RENAMED_KEYS]:
+        new = RENAMED_KEYS[old]
+        warnings.warn(f"{where}: config key {old!r} is now {new!r}; the old key is read "
+                      "for one more release", FutureWarning, stacklevel=3)
+        *sections, leaf = new.split(".")
+        node = moved
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: {section} must be a mapping")
+        if leaf in node:
+            raise ConfigError(f"{where}: both {old!r} and {new!r} are given; keep {new!r}")
+        node[leaf] = raw[old]
+    return moved

@@ -9,19 +9,17 @@ benchmarks and the tests.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from decode_worker.servicer import DecodeServicer, serve_decode
-from olmo_model.kv_pages import CacheLimits
-from pipeline.options import WorkerOptions
 from prefill_worker.servicer import PrefillServicer, serve_prefill
 from protos.auth import new_secret
 from protos.grpc_server import Server
+from protos.vocabulary import Role
 from router.server import serve_router, static_scheduler
-from router.service import GenerationServicer, RouterOptions
+from router.service import GenerationServicer
 
-from .worker_spec import WorkerSpec
+from .cluster_config import ClusterConfig
 
 if TYPE_CHECKING:
     from router.http_server import HttpServer
@@ -51,49 +49,53 @@ class LocalCluster:
         self.router.close()
 
 
-def start_local_cluster(model_dir: str | Path | None = None, num_prefill: int = 1,
-                        num_decode: int = 1, aggregated: bool = False, dtype: str | None = None,
-                        target: str | None = None, limits: CacheLimits | None = None,
-                        host: str = "127.0.0.1", router_port: int = 0,
-                        prefill_stages: int = 1, decode_stages: int = 1,
-                        options: RouterOptions | None = None, secret: str | None = None,
-                        api_key: str | None = None, tls: tuple[bytes, bytes] | None = None,
-                        http_port: int | None = None,
-                        worker_options: WorkerOptions | None = None) -> LocalCluster:
-    """Start the workers and the router; ``None`` for model, dtype, target or limits means
-    the same default every cluster uses (``WorkerSpec``), for ``secret`` a new one. With an
-    ``http_port`` (0: any free one) the router serves the OpenAI-compatible API too.
-    ``worker_options``: prefix caching and shared-memory pushes (default: both on)."""
-    spec = WorkerSpec.of(model_dir, dtype, target, limits, worker_options)
+def start_local_cluster(config: ClusterConfig, secret: str | None = None) -> LocalCluster:
+    """Start the workers and the router of ``config`` in this process (``secret``: the one
+    internal calls carry; None: a new one). Workers bind ``worker.host`` ("node":
+    loopback) on free ports; the router binds ``router.host``/``port`` and, unless
+    ``http_port`` is -1, serves the OpenAI-compatible API too."""
+    spec = config.worker_spec()
     secret = secret or new_secret()
+    worker_host = "127.0.0.1" if config.worker.host == "node" else config.worker.host
     servers: list[Server] = []
-    servicers: dict[str, list] = {"prefill": [], "decode": []}
-    leaders: dict[str, list[str]] = {"prefill": [], "decode": []}
-    plan = [("decode", num_decode, decode_stages, serve_decode)]
-    if not aggregated:
-        plan.insert(0, ("prefill", num_prefill, prefill_stages, serve_prefill))
-    for role, instances, stages, serve in plan:
-        for _ in range(instances):
+    servicers: dict[Role, list] = {Role.PREFILL: [], Role.DECODE: []}
+    leaders: dict[Role, list[str]] = {Role.PREFILL: [], Role.DECODE: []}
+    plan = [(Role.DECODE, serve_decode)]
+    if not config.aggregated:
+        plan.insert(0, (Role.PREFILL, serve_prefill))
+    for role, serve in plan:
+        stages = getattr(config, role).stages
+        for _ in range(getattr(config, role).instances):
             addresses, members = [], []
             for stage in range(stages):
-                server, servicer = serve(spec.runner(stage, stages), host, secret=secret,
-                                         options=spec.options)
+                server, servicer = serve(spec.runner(stage, stages), worker_host,
+                                         secret=secret, options=spec.options)
                 servers.append(server)
                 members.append(servicer)
-                addresses.append(f"{host}:{server.port}")
+                addresses.append(f"{worker_host}:{server.port}")
             if stages > 1:
                 members[0].lead(addresses[0], addresses[1:])
             servicers[role] += members
             leaders[role].append(addresses[0])
-    scheduler = static_scheduler(leaders["prefill"], leaders["decode"], secret)
-    options = dataclasses.replace(options or RouterOptions(), aggregated=aggregated)
-    router_server, router = serve_router(spec.model_dir, scheduler, options, host, router_port,
-                                         api_key, tls)
+    options, api_key, tls = config.router, config.api_key(), config.tls()
+    scheduler = static_scheduler(leaders[Role.PREFILL], leaders[Role.DECODE], secret,
+                                 options.kv_weight)
+    router_server, router = serve_router(spec.model_dir, scheduler, options, options.host,
+                                         options.port, api_key, tls)
     servers.append(router_server)
     http = None
-    if http_port is not None:  # imported here: FastAPI is not needed without HTTP
+    if options.http_port >= 0:  # imported here: FastAPI is not needed without HTTP
         from router.openai_api import serve_openai
 
-        http = serve_openai(router, spec.model_dir, host, http_port, api_key, tls)
-    return LocalCluster(f"{host}:{router_server.port}", servers, servicers["prefill"],
-                        servicers["decode"], router, secret, http)
+        http = serve_openai(router, spec.model_dir, options.host, options.http_port, api_key,
+                            tls)
+    return LocalCluster(f"{options.host}:{router_server.port}", servers,
+                        servicers[Role.PREFILL], servicers[Role.DECODE], router, secret, http)
+
+
+def on_loopback(config: ClusterConfig, http: bool = False) -> ClusterConfig:
+    """``config`` with the router on a free loopback port (and the OpenAI-compatible API on
+    another, or none): how tests and benchmarks run clusters side by side."""
+    router = dataclasses.replace(config.router, host="127.0.0.1", port=0,
+                                 http_port=0 if http else -1)
+    return dataclasses.replace(config, router=router)

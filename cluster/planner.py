@@ -37,25 +37,27 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-log = logging.getLogger(__name__)
+from protos.setting import setting
+from protos.vocabulary import Role
 
-ROLES = ("prefill", "decode")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class PlannerConfig:
-    enabled: bool = False
-    dry_run: bool = False           # decide and log, but scale nothing
-    interval_s: float = 10.0        # how often it looks, at the interval since the last look
-    ttft_target_s: float = 2.0      # p90 time to first token
-    itl_target_s: float = 0.1       # p90 inter-token latency
-    kv_high: float = 0.85           # decode KV committed (running + reserved) that is short
-    scale_up_after: int = 2         # short intervals in a row before a role grows
-    scale_down_after: int = 6       # idle intervals in a row before it shrinks
-    scale_down_below: float = 0.5   # idle: every signal below this fraction of its target
-    cooldown_s: float = 60.0        # after changing a role, leave it alone this long
-    drain_timeout_s: float = 60.0   # a drained instance's requests get this long to finish
-    trace_file: str | None = None   # append every snapshot and decision here (JSON lines)
+    enabled: bool = setting(False, "scale prefill and decode instances to keep p90 TTFT and "
+                            "inter-token latency on target")
+    dry_run: bool = setting(False, "decide and log, but scale nothing")
+    interval_s: float = setting(10.0, "how often it looks, at the interval since the last look")
+    ttft_target_s: float = setting(2.0, "p90 time to first token")
+    itl_target_s: float = setting(0.1, "p90 inter-token latency")
+    kv_high: float = setting(0.85, "decode KV committed (running + reserved) that is short")
+    scale_up_after: int = setting(2, "short intervals in a row before a role grows")
+    scale_down_after: int = setting(6, "idle intervals in a row before it shrinks")
+    scale_down_below: float = setting(0.5, "idle: every signal below this fraction of its target")
+    cooldown_s: float = setting(60.0, "after changing a role, leave it alone this long")
+    drain_timeout_s: float = setting(60.0, "a drained instance's requests get this long to finish")
+    trace_file: str | None = setting(None, "append every snapshot and decision here (JSON lines)")
 
     def __post_init__(self) -> None:
         for name in ("interval_s", "ttft_target_s", "itl_target_s", "drain_timeout_s"):
@@ -76,8 +78,8 @@ class Snapshot:
     """What the planner sees of one interval (latencies in seconds; None: no sample)."""
 
     at: float                            # seconds since the planner started
-    instances: dict[str, int]            # per role, starting ones included, draining not
-    starting: dict[str, int]             # per role, launched but not serving yet
+    instances: dict[Role, int]           # per role, starting ones included, draining not
+    starting: dict[Role, int]            # per role, launched but not serving yet
     requests: int = 0                    # first tokens in the interval
     ttft_p90: float | None = None
     itl_p90: float | None = None
@@ -95,12 +97,14 @@ class Snapshot:
 
     @classmethod
     def from_json(cls, raw: dict) -> Snapshot:
-        return cls(**raw)
+        per_role = {key: {Role(role): count for role, count in raw[key].items()}
+                    for key in ("instances", "starting")}
+        return cls(**{**raw, **per_role})
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    role: str
+    role: Role
     instances: int  # what the role should have
     reason: str
 
@@ -114,17 +118,17 @@ class Bounds:
 class Policy:
     """Decisions from snapshots, nothing else: replayable on a recorded trace."""
 
-    def __init__(self, config: PlannerConfig, bounds: dict[str, Bounds]):
+    def __init__(self, config: PlannerConfig, bounds: dict[Role, Bounds]):
         self.config = config
         self.bounds = bounds
-        self._short = dict.fromkeys(ROLES, 0)  # consecutive intervals short of the role
-        self._idle = dict.fromkeys(ROLES, 0)
-        self._why = dict.fromkeys(ROLES, "")  # the last short interval's reason
-        self._quiet_until = dict.fromkeys(ROLES, float("-inf"))
+        self._short = dict.fromkeys(Role, 0)  # consecutive intervals short of the role
+        self._idle = dict.fromkeys(Role, 0)
+        self._why = dict.fromkeys(Role, "")  # the last short interval's reason
+        self._quiet_until = dict.fromkeys(Role, float("-inf"))
 
     def decide(self, snap: Snapshot) -> list[Decision]:
         decisions = []
-        for role in ROLES:
+        for role in Role:
             if role not in snap.instances:
                 continue  # aggregated: no prefill instances to scale
             short, idle = self._short_of(role, snap), self._idle_of(role, snap)
@@ -141,7 +145,7 @@ class Policy:
                 self._quiet_until[role] = snap.at + self.config.cooldown_s
         return decisions
 
-    def _step(self, role: str, snap: Snapshot) -> Decision | None:
+    def _step(self, role: Role, snap: Snapshot) -> Decision | None:
         have, bounds = snap.instances[role], self.bounds[role]
         if snap.at < self._quiet_until[role]:
             return None
@@ -153,10 +157,10 @@ class Policy:
             return Decision(role, have - 1, f"idle for {self._idle[role]} intervals")
         return None
 
-    def _short_of(self, role: str, s: Snapshot) -> str | None:
+    def _short_of(self, role: Role, s: Snapshot) -> str | None:
         """Why the role is short of capacity in this interval, or None."""
         c = self.config
-        if role == "prefill":
+        if role is Role.PREFILL:
             if _over(s.prefill_p90, c.ttft_target_s):
                 return f"prefill p90 {s.prefill_p90:.3f}s > TTFT target {c.ttft_target_s}s"
             # Waits for decode capacity make TTFT long too: they are decode's fault.
@@ -175,18 +179,18 @@ class Policy:
             return f"every decode worker full {s.decode_full} times"
         return None
 
-    def _idle_of(self, role: str, s: Snapshot) -> bool:
+    def _idle_of(self, role: Role, s: Snapshot) -> bool:
         c, low = self.config, self.config.scale_down_below
-        if role == "prefill":
+        if role is Role.PREFILL:
             return (s.prefill_queued_tokens == 0 and not _over(s.ttft_p90, low * c.ttft_target_s)
                     and not _over(s.prefill_p90, low * c.ttft_target_s))
         return (not s.decode_full and s.waiting == 0 and s.kv_used <= low * c.kv_high
                 and not _over(s.itl_p90, low * c.itl_target_s))
 
 
-def _unmeasured(role: str, s: Snapshot) -> bool:
+def _unmeasured(role: Role, s: Snapshot) -> bool:
     """The role has work in flight but no latency sample from this interval."""
-    if role == "prefill":
+    if role is Role.PREFILL:
         return s.prefill_p90 is None and bool(s.prefill_queued_tokens or s.reserved)
     return s.itl_p90 is None and bool(s.running or s.waiting)
 
@@ -201,7 +205,7 @@ def _over(value: float | None, limit: float) -> bool:
     return value is not None and value > limit
 
 
-def replay(config: PlannerConfig, bounds: dict[str, Bounds], snapshots: list[Snapshot]
+def replay(config: PlannerConfig, bounds: dict[Role, Bounds], snapshots: list[Snapshot]
            ) -> list[tuple[float, Decision]]:
     """The decisions a fresh policy makes over a recorded trace, with their times."""
     policy = Policy(config, bounds)
@@ -266,7 +270,7 @@ class Cluster(Protocol):
 
     def status(self) -> list: ...
 
-    def scale(self, role: str, wanted: int, drain_timeout: float = ...,
+    def scale(self, role: Role, wanted: int, drain_timeout: float = ...,
               ready_timeout: float | None = ...) -> None: ...
 
 
@@ -274,7 +278,7 @@ class Planner:
     """The policy on a thread: samples the router each interval and scales through the
     cluster manager. ``history`` keeps the latest snapshots and decisions."""
 
-    def __init__(self, config: PlannerConfig, bounds: dict[str, Bounds], cluster: Cluster,
+    def __init__(self, config: PlannerConfig, bounds: dict[Role, Bounds], cluster: Cluster,
                  router, clock: Callable[[], float] = time.monotonic):
         from prometheus_client import Counter, Gauge
 
@@ -306,11 +310,11 @@ class Planner:
         self._thread.join(timeout=self.config.drain_timeout_s + 5)
 
     def sample(self) -> Snapshot:
-        instances: dict[str, int] = {}
-        starting: dict[str, int] = {}
+        instances: dict[Role, int] = {}
+        starting: dict[Role, int] = {}
         status = self.cluster.status()
-        for role in ROLES:
-            if role == "prefill" and self.router.options.aggregated:
+        for role in Role:
+            if role is Role.PREFILL and self.router.options.aggregated:
                 continue
             mine = [i for i in status if i.role == role and i.state != "draining"]
             instances[role] = len(mine)
@@ -320,10 +324,10 @@ class Planner:
         _, prefill = self._windows["prefill_time"].take()
         _, queue = self._windows["queue_time"].take()
         scheduler = self.router.scheduler
-        stats = [w.stats for w in scheduler.workers("decode") if w.stats is not None]
+        stats = [w.stats for w in scheduler.workers(Role.DECODE) if w.stats is not None]
         total = sum(s.total_pages for s in stats)
         held = sum(s.total_pages - s.free_pages - s.cached_pages for s in stats)
-        queued = sum(w.stats.queued_tokens for w in scheduler.workers("prefill")
+        queued = sum(w.stats.queued_tokens for w in scheduler.workers(Role.PREFILL)
                      if w.stats is not None)
         return Snapshot(
             round(self.clock() - self._started, 3), instances, starting, requests=requests,

@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from protos.grpc_server import Server
+from protos.vocabulary import Role
 from router.server import serve_router
 from router.service import GenerationServicer
 
@@ -53,22 +54,24 @@ def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
     model_dir = manager.worker_spec.model_dir
     try:
         server, router = serve_router(
-            model_dir, manager.scheduler, config.router_options(), config.host, config.port,
-            config.api_key(), config.tls(), extra=[(admin.register, ADMIN_SERVICE)])
+            model_dir, manager.scheduler, config.router, config.router.host,
+            config.router.port, config.api_key(), config.tls(),
+            extra=[(admin.register, ADMIN_SERVICE)])
     except Exception:
         manager.stop()
         raise
-    cluster = RayCluster(manager, server, router, f"{config.host}:{server.port}")
+    cluster = RayCluster(manager, server, router, f"{config.router.host}:{server.port}")
     if config.planner.enabled:
-        bounds = {role: getattr(config, role).bounds() for role in ("prefill", "decode")}
+        bounds = {role: getattr(config, role).bounds() for role in Role}
         cluster.planner = Planner(config.planner, bounds, manager, router)
         cluster.planner.start()
-    if config.http_port >= 0:
+    if config.router.http_port >= 0:
         from router.openai_api import serve_openai
 
         try:
-            cluster.http = serve_openai(router, model_dir, config.host, config.http_port,
-                                        config.api_key(), config.tls())
+            cluster.http = serve_openai(router, model_dir, config.router.host,
+                                        config.router.http_port, config.api_key(),
+                                        config.tls())
         except Exception:
             cluster.stop()
             raise

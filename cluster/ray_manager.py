@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from protos.vocabulary import Role
 from router.scheduler import Scheduler
 
 from .cluster_config import ClusterConfig, RoleConfig
@@ -35,11 +36,10 @@ from .worker_actor import fingerprint
 
 log = logging.getLogger(__name__)
 
-ROLES = ("prefill", "decode")
 NAMESPACE = "olmo-serve"  # the Ray namespace of every worker actor
 # A stage's actor name: instance, stage, stage count ("decode-3/0/2").
 _ACTOR_NAME = re.compile(
-    r"^(?P<role>prefill|decode)-(?P<index>\d+)/(?P<stage>\d+)/(?P<stages>\d+)$")
+    rf"^(?P<role>{'|'.join(Role)})-(?P<index>\d+)/(?P<stage>\d+)/(?P<stages>\d+)$")
 
 
 def connect_ray(address: str | None = None, num_cpus: float | None = None) -> None:
@@ -93,7 +93,7 @@ def _raylet_log_tail(lines: int = 20) -> str:
 @dataclasses.dataclass
 class Instance:
     name: str
-    role: str
+    role: Role
     actors: list  # one per stage, the leader first
     placement_group: object
     address: str = ""  # the leader's
@@ -119,9 +119,9 @@ class RayClusterManager:
         self.fingerprint = fingerprint(self.worker_spec, secret)
         # Whether workers outlive this process (see the module docstring).
         self.detached = detached
-        self.scheduler = Scheduler(secret)
+        self.scheduler = Scheduler(secret, config.router.kv_weight)
         self.instances: dict[str, Instance] = {}
-        self._next_index = dict.fromkeys(ROLES, 0)
+        self._next_index = dict.fromkeys(Role, 0)
         self._lock = threading.RLock()
         self._stopped = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="ray-health", daemon=True)
@@ -132,8 +132,8 @@ class RayClusterManager:
         if self.detached and self._adopt():
             self._poll_round()  # schedules those that answer, stops those of another model
         self._monitor.start()
-        for role in ROLES:
-            if role == "prefill" and self.config.aggregated:
+        for role in Role:
+            if role is Role.PREFILL and self.config.aggregated:
                 continue
             self._launch(role, self._role(role).instances - self.count(role))
         self._await_ready(self.status(), ready_timeout)
@@ -158,20 +158,19 @@ class RayClusterManager:
         with self._lock:
             return sorted(self.instances.values(), key=lambda i: (i.role, i.name))
 
-    def count(self, role: str) -> int:
+    def count(self, role: Role) -> int:
         """The role's instances, starting ones included, draining ones not."""
         return sum(1 for i in self.status() if i.role == role and i.state != "draining")
 
-    def scale(self, role: str, wanted: int, drain_timeout: float = 60.0,
+    def scale(self, role: Role, wanted: int, drain_timeout: float = 60.0,
               ready_timeout: float | None = 900.0) -> None:
         """Start or drain instances until ``wanted`` of ``role`` remain. New instances are
         waited for up to ``ready_timeout`` (None: not at all; they join once Ray places
         and starts them)."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        if role == "decode" and wanted < 1:
+        role = Role(role)  # ValueError on a role no worker plays
+        if role is Role.DECODE and wanted < 1:
             raise ValueError("at least one decode instance must remain")
-        if role == "prefill" and self.config.aggregated:
+        if role is Role.PREFILL and self.config.aggregated:
             raise ValueError("aggregated mode runs no prefill instances")
         current = [i for i in self.status() if i.role == role and i.state != "draining"]
         # Keep healthy instances; drain the others first.
@@ -185,10 +184,10 @@ class RayClusterManager:
 
     # --- internals --------------------------------------------------------------------
 
-    def _role(self, role: str) -> RoleConfig:
+    def _role(self, role: Role) -> RoleConfig:
         return getattr(self.config, role)
 
-    def _launch(self, role: str, count: int) -> list[Instance]:
+    def _launch(self, role: Role, count: int) -> list[Instance]:
         import ray
         from ray.util import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -215,7 +214,7 @@ class RayClusterManager:
                     num_gpus=spec.gpus, resources=spec.resources or None,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         group, placement_group_bundle_index=stage),
-                ).remote(role, self.worker_spec, self.secret, self.config.worker_host,
+                ).remote(role, self.worker_spec, self.secret, self.config.worker.host,
                          spec.port, stage, spec.stages)
                 for stage in range(spec.stages)]
             instance = Instance(name, role, actors, group)
@@ -241,7 +240,8 @@ class RayClusterManager:
                 declared.setdefault(name, set()).add(int(match["stages"]))
         adopted = []
         for name, members in sorted(stages_of.items()):
-            role, index = name.rsplit("-", 1)
+            word, index = name.rsplit("-", 1)
+            role = Role(word)  # the name pattern admits only roles
             try:
                 group = get_placement_group(name)
             except ValueError:
@@ -249,7 +249,7 @@ class RayClusterManager:
             instance = Instance(name, role, [ray.get_actor(members[s]) for s in sorted(members)],
                                 group)
             stages = self._role(role).stages
-            fits = (not (role == "prefill" and self.config.aggregated)
+            fits = (not (role is Role.PREFILL and self.config.aggregated)
                     and declared[name] == {stages} and sorted(members) == list(range(stages)))
             if not fits:
                 log.warning("stopping instance %s left by an earlier router: this config "

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 
+from protos.vocabulary import Role
+
 from .worker_spec import WorkerSpec
 
 NODE_HOST = "node"
@@ -25,14 +27,13 @@ def fingerprint(spec: WorkerSpec, secret: str) -> str:
 
 
 class WorkerActor:
-    def __init__(self, role: str, spec: WorkerSpec, secret: str, host: str, port: int = 0,
+    def __init__(self, role: Role, spec: WorkerSpec, secret: str, host: str, port: int = 0,
                  stage: int = 0, num_stages: int = 1):
-        if role == "prefill":
+        role = Role(role)  # ValueError on a role no worker plays
+        if role is Role.PREFILL:
             from prefill_worker.servicer import serve_prefill as serve
-        elif role == "decode":
-            from decode_worker.servicer import serve_decode as serve
         else:
-            raise ValueError(f"unknown role {role!r}")
+            from decode_worker.servicer import serve_decode as serve
         runner = spec.runner(stage, num_stages)
         self.role = role
         self.fingerprint = fingerprint(spec, secret)

@@ -32,10 +32,13 @@ from pipeline.ops import (
     TokenLogprobs,
 )
 from pipeline.prefix_cache import MISS, PrefixCache
+from pipeline.stats import EngineCounters, EngineStats
 from protos.errors import ServingError
+from protos.vocabulary import FinishReason
 
 from .scheduler import DecodeScheduler, Request, TokenOut
 from .stage import DecodeStage
+from .stats import DecodeStats, kv_received
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,21 +53,22 @@ class DecodeEngine:
         runner = stage.runner
         self.stage = stage
         self.config = runner.config
-        self.chunk_size = runner.limits.prefill_chunk_size
+        self.chunk_size = runner.limits.prefill_chunk_tokens
         self.cache = PrefixCache(runner.limits.page_size, enabled=prefix_cache,
                                  shares_pages=runner.forks_share_pages,
                                  sliding_window=runner.config.sliding_window)
         self.scheduler = DecodeScheduler(
-            # One page is kept back: TVM's cache needs a spare page at a page boundary.
-            total_pages=runner.kv.total_pages - 1,
-            max_sequences=runner.limits.max_num_sequences, page_size=runner.limits.page_size,
+            total_pages=runner.kv.total_pages,
+            max_sequences=runner.limits.max_sequences, page_size=runner.limits.page_size,
             context_window=runner.config.context_window_size,
             vocab_size=runner.config.vocab_size, eos_ids=runner.config.eos_token_id,
             cached_pages=self.cache.held_pages)
         # Held while the cache and the stages' sequences change together: a reservation
-        # picking (and forking) its prefix, a finished request joining the cache.
-        self._cache_lock = threading.RLock()
-        self.prefilled_tokens = 0  # prompt tokens prefilled here (not found cached)
+        # picking (and forking) its prefix until it is announced, a request finishing
+        # (and maybe joining the cache). So no request finishes between its stages
+        # learning of it and its announcement.
+        self._cache_lock = threading.Lock()
+        self.counters = EngineCounters()
         stage.receiver.on_arrival = self.scheduler.kv_arrived
         self.chain: StageChain | None = None  # set when this worker leads an instance
         self.idle_wait = idle_wait
@@ -110,32 +114,22 @@ class DecodeEngine:
                                           local, request.seq_id, cached.seq_id,
                                           cached.tokens)])
             except ServingError as exc:
-                self.scheduler.withdraw(request_id)
+                self.scheduler.withdraw(request)
                 self.cache.forget(request.seq_id)
                 chain.release(Release((request.seq_id,), (request_id,)))
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "a pipeline stage refused "
                                    f"the request: {exc.message}") from exc
             self.cache.count(len(prompt_ids), cached.tokens)
-        self.scheduler.announce(request)
+            self.scheduler.announce(request)
         return Reservation(request.reserved_pages, cached.tokens, local)
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         return self.scheduler.abort(request_id, reason)
 
-    def stats(self) -> dict[str, float]:
-        runner = self.stage.runner
+    def stats(self) -> DecodeStats:
         cache = self.cache.stats()
-        held = runner.kv.total_pages - runner.available_pages()
-        return {**self.scheduler.stats(), **cache,
-                "used_pages": max(0, held - cache["cached_pages"]),
-                "prefilled_tokens": self.prefilled_tokens,
-                "kv_bytes_received": self.stage.receiver.bytes_received,
-                "pushes_refused": self.stage.receiver.pushes_refused,
-                "pushes": self.stage.receiver.pushes,
-                "kv_assemble_ms": 1000 * self.stage.receiver.assemble_seconds,
-                "kv_install_ms": 1000 * self.stage.install_seconds,
-                "shared_memory_pushes": self.stage.receiver.shared_pushes,
-                "shared_memory_bytes": self.stage.receiver.shared_bytes}
+        return DecodeStats(self.scheduler.stats(), cache, kv_received(self.stage),
+                           EngineStats.of(self.stage.runner, cache, self.counters))
 
     def stop(self) -> None:
         self.scheduler.stop()
@@ -153,13 +147,12 @@ class DecodeEngine:
 
     def _loop(self) -> None:
         while True:
-            chain = self.chain
-            work = self.scheduler.next_work(self.idle_wait,
-                                            poll_reserved=chain is not None and chain.staged)
+            work = self.scheduler.next_work(self.idle_wait)
             if work is None:
                 return
-            for request_id, reason in work.aborts.items():
-                self._finish(request_id, TokenOut(None, "abort", reason))
+            for request in work.aborts:
+                self._finish(request.request_id,
+                             TokenOut(None, FinishReason.ABORT, request.abort_reason))
             try:
                 self._admit(work.waiting)
                 self._step()
@@ -186,8 +179,8 @@ class DecodeEngine:
                        for r in local]
             outcome = self.chain.prefill(prompts, self.chunk_size, max_passes=1)
             for request, computed in zip(local, outcome.computed):
-                request.prefilled += computed
-            self.prefilled_tokens += sum(outcome.computed)
+                self.scheduler.prefill_chunk(request, computed)
+            self.counters.prefilled_tokens += sum(outcome.computed)
             ended = [i for i, (r, p) in enumerate(zip(local, prompts))
                      if r.prefilled == len(p.token_ids)]
             self._emit([local[i] for i in ended], [outcome.first_tokens[i] for i in ended],
@@ -207,12 +200,15 @@ class DecodeEngine:
     def _emit(self, requests: Sequence[Request], tokens: Sequence[int],
               failed: dict[int, str], logprobs: dict[int, TokenLogprobs]) -> None:
         """Each request's new token; one that could not be sampled ends alone, with INTERNAL."""
+        sampled = []
         for request, token in zip(requests, tokens):
             if request.seq_id in failed:
-                self._finish(request.request_id, TokenOut(None, "error", failed[request.seq_id],
-                                                          grpc.StatusCode.INTERNAL))
-                continue
-            reason = self.scheduler.append(request, token)
+                self._finish(request.request_id,
+                             TokenOut(None, FinishReason.ERROR, failed[request.seq_id],
+                                      grpc.StatusCode.INTERNAL))
+            else:
+                sampled.append((request, token))
+        for (request, token), reason in zip(sampled, self.scheduler.append(sampled)):
             event = TokenOut(token, reason, logprobs=logprobs.get(request.seq_id))
             if reason:
                 self._finish(request.request_id, event)
@@ -222,23 +218,24 @@ class DecodeEngine:
     def _finish(self, request_id: str, event: TokenOut) -> None:
         """Free the request on every stage (its sequence may stay, cached), then send its
         final event."""
-        request = self.scheduler.finish(request_id)
-        if request is None:
-            return
-        try:
-            # A failed request's K/V may be incomplete: it is never cached.
-            tokens = None if event.finish_reason == "error" else request.kv_tokens()
-            with self._cache_lock:
+        with self._cache_lock:
+            request = self.scheduler.finish(request_id)
+            if request is None:
+                return
+            try:
+                # A failed request's K/V may be incomplete: it is never cached.
+                tokens = (None if event.finish_reason is FinishReason.ERROR
+                          else request.kv_tokens())
                 freed = self.cache.finish(request.seq_id, tokens)
                 self.chain.release(Release(tuple(freed), (request.request_id,)))
-        finally:
-            request.events.put(event)
+            finally:
+                request.events.put(event)
 
     def _make_room(self, pages: int, keep: int | None) -> None:
         """Evict cached prefixes (least recently used first, never ``keep``) until
         ``pages`` pages are free, or none is left to evict."""
-        shortfall = pages - self.scheduler.free_pages()
-        if shortfall > 0:
+        shortfall = self.scheduler.shortfall(pages)
+        if shortfall:
             evicted = self.cache.evict(shortfall, keep=(keep,))
             if evicted:
                 self.chain.release(Release(tuple(evicted)))
@@ -246,7 +243,7 @@ class DecodeEngine:
     def _fail_all(self, message: str) -> None:
         for request_id in self.scheduler.request_ids():
             try:
-                self._finish(request_id, TokenOut(None, "error", message))
+                self._finish(request_id, TokenOut(None, FinishReason.ERROR, message))
             except Exception:  # a stage may be gone; still tell every client
                 pass
         with self._cache_lock:  # what a failed step left cached is not to be trusted

@@ -10,23 +10,30 @@ the positions it reads again: ``kept_from``) and, on the stage that owns the LM 
 last hidden state has come. Nothing of a push that fails any check
 counts. A piece from a later try of the prefill leg starts the assembly over; one from an
 earlier try is refused.
+
+The receiver is a ``PieceSink`` (kv_transfer/transport.py): transports ``claim`` a piece
+from its header, write it, and ``commit`` or ``release`` it; it never sees their wire.
+``receive`` takes a gRPC push's chunks (inline or shared memory), ``receive_piece`` plain
+arrays (the loopback transport of unit tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
 
 from kv_transfer.buffers import Buffer, BufferPool
-from kv_transfer.codec import KVAssembler
+from kv_transfer.codec import check_hidden, receive_push
+from kv_transfer.shared_memory import host_identity
+from kv_transfer.transport import Accepts, KVPiece, PieceHeader, Received, Transport, deliver
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.stages import StageSpec
 from protos import worker_pb2
+from protos.clock import MONOTONIC, Clock
 from protos.errors import ServingError
 
 
@@ -59,25 +66,32 @@ class PendingKV:
 
 @dataclasses.dataclass
 class Piece:
-    """The part of a request's assembly one push writes: local layers and tokens."""
+    """The part of a request's assembly one push writes (a transport's ``Claim``): local
+    layers and tokens, and views of them to write into."""
 
     request_id: str
     assembly: Assembly | None  # None once it counts
     layers: slice
     tokens: slice
+    keys: np.ndarray
+    values: np.ndarray
 
 
 class KVReceiver:
     def __init__(self, layout: worker_pb2.ModelLayout, spec: StageSpec,
                  on_arrival: Callable[[], None] = lambda: None, accepts_shared: bool = True,
-                 kept_from: Callable[[int, int], int] = lambda layer, prompt_tokens: 0):
+                 kept_from: Callable[[int, int], int] = lambda layer, prompt_tokens: 0,
+                 clock: Clock = MONOTONIC):
         """``kept_from(layer, prompt_tokens)``: the first position of a prompt that a
-        layer needs (``OLMoConfig.kv_kept_from``); pushes need not carry the others."""
+        layer needs (``OLMoConfig.kv_kept_from``); pushes need not carry the others.
+        ``clock``: what handling a push is timed by."""
         self.layout = layout
         self.spec = spec
         self.kept_from = kept_from
         self.on_arrival = on_arrival  # wakes the engine's step loop
         self.accepts_shared = accepts_shared  # pushes naming a same-host sender's buffer
+        self.clock = clock
+        self._host = host_identity()
         self._pending: dict[str, PendingKV] = {}
         self._lock = threading.Lock()
         self.bytes_received = 0
@@ -93,48 +107,41 @@ class KVReceiver:
             self._retire(self._pending.pop(request_id, None))
             self._pending[request_id] = PendingKV(prompt_tokens, token_begin)
 
+    def accepts(self) -> Accepts:
+        """What this receiver takes, as its every answer says (the senders' negotiation)."""
+        return Accepts(self._host if self.accepts_shared else "")
+
     def receive(self, chunks: Iterable[worker_pb2.KVChunk]) -> int:
-        """Take one push: assemble and verify it into its request; returns its bytes.
+        """Take one push off a gRPC stream: assemble and verify it into its request;
+        returns its bytes.
 
         Raises ServingError (and counts nothing of it) when any check fails; the
         reservation stays open until its lease ends, so that the prefill leg can be
         retried.
         """
-        pieces: list[Piece] = []  # the one this push claims, once its header is checked
+        return self._take(lambda: receive_push(chunks, self, self.layout, self.accepts_shared,
+                                               self.clock))
 
-        def admit(header: worker_pb2.KVHeader) -> tuple[np.ndarray, np.ndarray]:
-            pieces.append(self._claim(header))
-            piece = pieces[0]
-            return (piece.assembly.keys[piece.layers, piece.tokens],
-                    piece.assembly.values[piece.layers, piece.tokens])
+    def receive_piece(self, piece: KVPiece) -> int:
+        """Take one push of plain arrays (the loopback transport), as ``receive`` does."""
+        return self._take(lambda: deliver(piece, self, self.clock))
 
-        assembler = KVAssembler(self.layout, accepts_hidden=self.spec.is_last, admit=admit,
-                                accepts_shared=self.accepts_shared)
-        busy = 0.0
+    def _take(self, receive: Callable[[], Received]) -> int:
         try:
-            for chunk in chunks:
-                start = time.perf_counter()
-                assembler.add(chunk)
-                busy += time.perf_counter() - start
-            assembler.snapshot()  # raises unless the push was whole and intact
-            if pieces:
-                self._commit(pieces[0], assembler.hidden)
-        except BaseException as exc:  # a refusal, or the stream broke: nothing counts
-            if pieces:
-                self._unclaim(pieces[0])
-            if isinstance(exc, ServingError):
-                with self._lock:
-                    self.pushes_refused += 1
+            received = receive()
+        except ServingError:
+            with self._lock:
+                self.pushes_refused += 1
             raise
         with self._lock:
             self.pushes += 1
-            self.assemble_seconds += busy
-            self.bytes_received += assembler.bytes_received
-            if assembler.shared:
+            self.assemble_seconds += received.seconds
+            self.bytes_received += received.bytes
+            if received.transport is Transport.SHARED_MEMORY:
                 self.shared_pushes += 1
-                self.shared_bytes += assembler.bytes_received
+                self.shared_bytes += received.bytes
         self.on_arrival()
-        return assembler.bytes_received
+        return received.bytes
 
     def ready(self, request_ids: Sequence[str]) -> list[str]:
         with self._lock:
@@ -174,13 +181,19 @@ class KVReceiver:
         with self._lock:
             return len(self._pending)
 
-    # --- pieces -----------------------------------------------------------------------
+    # --- pieces (the PieceSink a transport delivers into) ------------------------------
 
-    def _claim(self, header: worker_pb2.KVHeader) -> Piece:
+    def claim(self, header: PieceHeader) -> Piece:
         """Check a push's header against its request; the part of the assembly it may
         write (allocated with the request's first piece). Raises ServingError."""
         request_id = header.request_id
         begin, count = header.token_begin, header.num_tokens
+        if not self.spec.layer_begin <= header.layer_begin < header.layer_end \
+                <= self.spec.layer_end:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"push carries layers [{header.layer_begin}, "
+                               f"{header.layer_end}) but this worker owns "
+                               f"[{self.spec.layer_begin}, {self.spec.layer_end})")
         with self._lock:
             pending = self._pending.get(request_id)
             if pending is None:
@@ -202,21 +215,25 @@ class KVReceiver:
             if pending.assembly is None:
                 pending.assembly = self._assemble(pending)
             assembly = pending.assembly
-            layers = slice(header.layout.layer_begin - self.spec.layer_begin,
-                           header.layout.layer_end - self.spec.layer_begin)
+            layers = slice(header.layer_begin - self.spec.layer_begin,
+                           header.layer_end - self.spec.layer_begin)
             tokens = slice(begin - pending.token_begin, begin - pending.token_begin + count)
             region = (layers, tokens)
             if assembly.filled[region].any() or assembly.claimed[region].any():
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"layers [{header.layout.layer_begin}, "
-                                   f"{header.layout.layer_end}) of tokens [{begin}, "
-                                   f"{begin + count}) of {request_id!r} arrived twice")
+                                   f"layers [{header.layer_begin}, {header.layer_end}) of "
+                                   f"tokens [{begin}, {begin + count}) of {request_id!r} "
+                                   "arrived twice")
             assembly.claimed[region] = True
             assembly.writers += 1
-            return Piece(request_id, assembly, layers, tokens)
+            return Piece(request_id, assembly, layers, tokens, assembly.keys[region],
+                         assembly.values[region])
 
-    def _commit(self, piece: Piece, hidden: np.ndarray | None) -> None:
-        """A verified piece counts (if its request and try still want it)."""
+    def commit(self, piece: Piece, hidden: np.ndarray | None) -> None:
+        """A verified piece counts (if its request and try still want it). Raises
+        ServingError, and the piece stays claimed for ``release``."""
+        if hidden is not None:
+            check_hidden(hidden, self.layout, accepts_hidden=self.spec.is_last)
         with self._lock:
             pending = self._pending.get(piece.request_id)
             if pending is None or pending.assembly is not piece.assembly:
@@ -232,15 +249,15 @@ class KVReceiver:
             piece.assembly.writers -= 1
             if hidden is not None:
                 pending.hidden = hidden
-            piece.assembly = None  # done with it: nothing for _unclaim to undo
+            piece.assembly = None  # done with it: nothing for release to undo
 
-    def _unclaim(self, piece: Piece) -> None:
+    def release(self, piece: Piece) -> None:
         """A push that failed: its part of the assembly is free again (or, the assembly
         retired meanwhile, the buffer goes back once no push writes into it)."""
-        assembly = piece.assembly
-        if assembly is None:  # committed already
-            return
         with self._lock:
+            assembly, piece.assembly = piece.assembly, None
+            if assembly is None:  # committed or released already
+                return
             assembly.claimed[piece.layers, piece.tokens] = False
             assembly.writers -= 1
             if assembly.retired and not assembly.writers:

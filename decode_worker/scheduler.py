@@ -1,9 +1,27 @@
-"""Which requests a decode instance holds, in which phase, and the KV pages they reserve.
+"""Which requests a decode instance holds, where each is in its life, and their KV pages.
 
-A request's life: reserved (pages held, lease running; announced once every stage knows
-it) -> running (its K/V installed, or prefilled here; one token per step) -> finished
-(its final event sent). The scheduler is shared by the gRPC handlers and the step loop,
-so every method takes its lock; the loop waits on it for work.
+A request is in one ``RequestState`` at a time and moves only by a named ``Transition``,
+each taken under the scheduler's one lock; any other move raises ``IllegalTransition``::
+
+    transition     from                                     to
+    reserve        (new)                                    RESERVED    pages held, lease on
+    announce       RESERVED                                 WAITING
+    withdraw       RESERVED, ABORTING                       FINISHED    a stage refused it
+    prefill chunk  WAITING, PREFILLING (local only)         PREFILLING
+    run            WAITING (pushed), PREFILLING (local)     RUNNING     first token sampled
+    step           RUNNING                                  RUNNING
+    abort          any but FINISHED                         ABORTING
+    expire         RESERVED, WAITING (the lease ran out)    ABORTING
+    finish         WAITING, PREFILLING, RUNNING, ABORTING   FINISHED    final event sent
+
+``local`` (prefilled here: no push comes) is a property of the request, fixed at reserve,
+not a state: it decides whether WAITING leads to ``run`` (pushed) or ``prefill chunk``.
+An abort only marks the request; the step loop finishes it at its next turn, between
+steps. Work begun before the abort (an announcement, a chunk, a token) may still land:
+it is recorded, and the request stays ABORTING.
+
+The gRPC handlers reserve, announce, withdraw and abort; the step loop does the rest,
+and waits on the lock (a bounded wait, through the injected clock) for work.
 """
 
 from __future__ import annotations
@@ -12,14 +30,18 @@ import dataclasses
 import enum
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 
 from pipeline.ops import MAX_REQUEST_ID_CHARS, SamplingConfig, TokenLogprobs
+from pipeline.pages import PageBudget
 from pipeline.prefix_cache import MISS, Hit
+from protos.clock import MONOTONIC, Clock
 from protos.errors import ServingError
+from protos.vocabulary import FinishReason
+
+from .stats import SchedulerStats
 
 # Final events of requests that finished before their token stream was opened are kept
 # this long for the stream to collect.
@@ -27,12 +49,63 @@ UNCLAIMED_SECONDS = 60.0
 # A reservation holds its pages at most this long without its K/V: a longer lease
 # would let one caller squat the cache.
 MAX_LEASE_SECONDS = 300.0
+LEASE_EXPIRED = "lease expired: no KV pages arrived in time"
 
 
-class Phase(enum.Enum):
-    RESERVED = "reserved"    # waiting for its KV (or its local prefill)
-    RUNNING = "running"
-    FINISHED = "finished"
+class RequestState(enum.Enum):
+    RESERVED = "reserved"      # pages held, lease running; its stages are being told
+    WAITING = "waiting"        # announced: waits for its pushed K/V or its first chunk
+    PREFILLING = "prefilling"  # local: part of its prompt computed (the lease stops)
+    RUNNING = "running"        # first token sampled; one more each step
+    ABORTING = "aborting"      # given up: the step loop finishes it at its next turn
+    FINISHED = "finished"      # final event sent, pages free; no longer held
+
+
+S = RequestState
+LIVE = frozenset(set(S) - {S.FINISHED})
+
+
+class Transition(enum.Enum):
+    ANNOUNCE = enum.auto()        # every stage knows it: admission may begin
+    WITHDRAW = enum.auto()        # a stage refused it before it was announced
+    PREFILL_CHUNK = enum.auto()   # local: one more chunk of its prompt computed
+    RUN = enum.auto()             # its K/V is complete: its first token is sampled
+    STEP = enum.auto()            # one more token
+    ABORT = enum.auto()           # the client, the router or a stage gave it up
+    EXPIRE = enum.auto()          # its lease ran out before its K/V came
+    FINISH = enum.auto()          # its final event is sent, its pages freed
+
+    @property
+    def verb(self) -> str:
+        return self.name.lower().replace("_", " ")
+
+
+# Each transition: the states it leaves from, and the state it leads to.
+RULES: dict[Transition, tuple[frozenset[RequestState], RequestState]] = {
+    Transition.ANNOUNCE: (frozenset({S.RESERVED}), S.WAITING),
+    Transition.WITHDRAW: (frozenset({S.RESERVED, S.ABORTING}), S.FINISHED),
+    Transition.PREFILL_CHUNK: (frozenset({S.WAITING, S.PREFILLING}), S.PREFILLING),
+    Transition.RUN: (frozenset({S.WAITING, S.PREFILLING}), S.RUNNING),
+    Transition.STEP: (frozenset({S.RUNNING}), S.RUNNING),
+    Transition.ABORT: (LIVE, S.ABORTING),
+    Transition.EXPIRE: (frozenset({S.RESERVED, S.WAITING}), S.ABORTING),
+    Transition.FINISH: (frozenset({S.WAITING, S.PREFILLING, S.RUNNING, S.ABORTING}),
+                        S.FINISHED),
+}
+# Results of work begun before an abort: recorded on an ABORTING request, which stays so.
+LATE = frozenset({Transition.ANNOUNCE, Transition.PREFILL_CHUNK, Transition.RUN,
+                  Transition.STEP})
+
+
+class IllegalTransition(RuntimeError):
+    """A move the request's state (or kind) does not allow: a bug in the caller."""
+
+    def __init__(self, request_id: str, state: RequestState, transition: Transition,
+                 why: str = ""):
+        super().__init__(f"request {request_id!r} cannot {transition.verb} while "
+                         f"{state.value}{': ' + why if why else ''}")
+        self.state = state
+        self.transition = transition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +113,13 @@ class TokenOut:
     """One event on a request's token stream."""
 
     token: int | None
-    finish_reason: str = ""  # "", "stop", "length", "abort", "error"
+    finish_reason: FinishReason = FinishReason.NONE
     error: str = ""
-    code: grpc.StatusCode | None = None  # "abort"/"error": the status that fits
+    code: grpc.StatusCode | None = None  # ABORT/ERROR: the status that fits
     logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Request:
     request_id: str
     prompt_tokens: int
@@ -57,16 +130,21 @@ class Request:
     seq_id: int
     local: bool = False       # prefilled here: no push comes
     cached: Hit = MISS        # the cached prefix its sequence forks from
-    phase: Phase = Phase.RESERVED
+    state: RequestState = RequestState.RESERVED
+    abort_reason: str = ""    # ABORTING: why
     generated: list[int] = dataclasses.field(default_factory=list)
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     stream_attached: bool = False
-    announced: bool = False  # every stage knows it: admission may begin
-    prefilled: int = 0       # local: prompt tokens (after the cached ones) computed so far
+    prefilled: int = 0        # local: prompt tokens (after the cached ones) computed so far
 
     @property
     def cached_tokens(self) -> int:
         return self.cached.tokens
+
+    @property
+    def to_prefill(self) -> int:
+        """Local: the prompt tokens it computes here (those after its cached prefix)."""
+        return len(self.prompt_ids) - self.cached_tokens
 
     def kv_tokens(self) -> list[int] | None:
         """The tokens its K/V holds, once it has run (the last token generated was never
@@ -80,30 +158,33 @@ class Request:
 class Work:
     """What the step loop does next."""
 
-    aborts: dict[str, str]    # request id -> reason
-    waiting: list[Request]    # announced reservations: admit them if their KV is here
+    aborts: list[Request]     # ABORTING: finish them first
+    waiting: list[Request]    # WAITING or PREFILLING: admit them if their KV is here
 
 
 class DecodeScheduler:
     def __init__(self, total_pages: int, max_sequences: int, page_size: int,
                  context_window: int, vocab_size: int, eos_ids: Iterable[int],
-                 cached_pages: Callable[[], int] = lambda: 0):
-        self.total_pages = total_pages
-        # Pages of cached prefixes, and those running forks share with them: no
-        # reservation counts them.
-        self.cached_pages = cached_pages
+                 cached_pages: Callable[[], int] = lambda: 0, clock: Clock = MONOTONIC):
+        """``total_pages``: all the cache has (the spare page is kept back here);
+        ``cached_pages``: those cached prefixes hold, and running forks share with them."""
+        self.pages = PageBudget(total_pages, page_size, cached_pages)
         self.max_sequences = max_sequences
-        self.page_size = page_size
         self.context_window = context_window
         self.vocab_size = vocab_size
         self.eos_ids = frozenset(eos_ids)
+        self._clock = clock
         self._lock = threading.Condition()
         self._requests: dict[str, Request] = {}
-        self._aborts: dict[str, str] = {}
         self._unclaimed: dict[str, tuple[float, queue.Queue]] = {}
         self._next_seq_id = 0
         self._kv_arrived = False
         self._stopped = False
+
+    @property
+    def total_pages(self) -> int:
+        """Pages reservations may be promised (the cache's, less the spare)."""
+        return self.pages.total_pages
 
     # --- from the gRPC handlers -------------------------------------------------------
 
@@ -137,13 +218,13 @@ class DecodeScheduler:
 
     def pages_needed(self, prompt_tokens: int, sampling: SamplingConfig, cached: Hit) -> int:
         """Pages a request may take beyond those it shares with its cached prefix."""
-        return -(-(prompt_tokens + sampling.max_tokens) // self.page_size) - cached.shared_pages
+        return self.pages.new_pages(prompt_tokens + sampling.max_tokens, cached.shared_pages)
 
     def reserve(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
                 sampling: SamplingConfig, lease_seconds: float, local: bool,
                 cached: Hit = MISS) -> Request:
-        """Admit a checked request and hold the pages it may need; it is not scheduled
-        until ``announce``. Raises ServingError when it cannot be taken now."""
+        """Admit a checked request (RESERVED) and hold the pages it may need; it is not
+        scheduled until ``announce``. Raises ServingError when it cannot be taken now."""
         pages = self.pages_needed(prompt_tokens, sampling, cached)
         with self._lock:
             if request_id in self._requests:
@@ -153,14 +234,10 @@ class DecodeScheduler:
                 raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"decode worker holds its maximum of {self.max_sequences} "
                                    "sequences; retry later")
-            free = self._free_pages_locked()
-            if pages > free:
-                raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"request needs {pages} KV pages but only {free} are free; "
-                                   "retry later or lower max_tokens")
+            self.pages.reserve(request_id, pages)
             self._next_seq_id += 1
             request = Request(request_id, prompt_tokens, prompt_ids, sampling, pages,
-                              time.monotonic() + lease_seconds, self._next_seq_id, local,
+                              self._clock.now() + lease_seconds, self._next_seq_id, local,
                               cached)
             self._requests[request_id] = request
             return request
@@ -168,17 +245,24 @@ class DecodeScheduler:
     def free_pages(self) -> int:
         """Pages neither reserved nor held by (or shared with) cached prefixes."""
         with self._lock:
-            return self._free_pages_locked()
+            return self.pages.free()
+
+    def shortfall(self, pages: int) -> int:
+        """Pages to evict from the prefix cache before ``pages`` could be reserved."""
+        with self._lock:
+            return self.pages.shortfall(pages)
 
     def announce(self, request: Request) -> None:
+        """RESERVED -> WAITING: every stage knows it; the step loop may admit it."""
         with self._lock:
-            request.announced = True
+            self._move(request, Transition.ANNOUNCE)
             self._lock.notify()
 
-    def withdraw(self, request_id: str) -> None:
-        """Forget a reservation that was never announced."""
+    def withdraw(self, request: Request) -> None:
+        """RESERVED -> FINISHED, silently: a reservation its stages refused."""
         with self._lock:
-            self._requests.pop(request_id, None)
+            self._move(request, Transition.WITHDRAW)
+            self._remove_locked(request)
 
     def kv_arrived(self) -> None:
         with self._lock:
@@ -186,10 +270,13 @@ class DecodeScheduler:
             self._lock.notify()
 
     def abort(self, request_id: str, reason: str) -> bool:
+        """Give a request up (-> ABORTING; the first reason stays); False if not held."""
         with self._lock:
-            if request_id not in self._requests:
+            request = self._requests.get(request_id)
+            if request is None:
                 return False
-            self._aborts[request_id] = reason
+            self._move(request, Transition.ABORT)
+            request.abort_reason = request.abort_reason or reason
             self._lock.notify()
             return True
 
@@ -204,13 +291,13 @@ class DecodeScheduler:
             request.stream_attached = True
             return request.events
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> SchedulerStats:
         with self._lock:
-            phases = [r.phase for r in self._requests.values()]
-            return {"running_sequences": phases.count(Phase.RUNNING),
-                    "reservations": phases.count(Phase.RESERVED),
-                    "total_pages": self.total_pages,
-                    "free_pages": self._free_pages_locked()}
+            states = [r.state for r in self._requests.values()]
+            return SchedulerStats(
+                running_sequences=states.count(S.RUNNING),
+                reservations=sum(s in (S.RESERVED, S.WAITING, S.PREFILLING) for s in states),
+                total_pages=self.pages.total_pages, free_pages=self.pages.free())
 
     def stop(self) -> None:
         with self._lock:
@@ -219,33 +306,28 @@ class DecodeScheduler:
 
     # --- from the step loop -----------------------------------------------------------
 
-    def next_work(self, idle_wait: float, poll_reserved: bool) -> Work | None:
-        """Wait until there is something to do; None once stopped.
+    def next_work(self, idle_wait: float) -> Work | None:
+        """What to do now, after waiting at most ``idle_wait`` for work; None once stopped.
 
-        ``poll_reserved``: pushes to other stages of the instance do not wake this loop,
-        so while reservations wait it looks every ``idle_wait``.
+        The work may be empty: pushes to other stages of a staged instance do not wake
+        this loop, so it looks again every ``idle_wait`` anyway.
         """
         with self._lock:
-            while not self._stopped and not self._has_work_locked():
-                self._lock.wait(timeout=idle_wait)
-                self._expire_leases_locked()
-                if poll_reserved and any(r.phase is Phase.RESERVED
-                                         for r in self._requests.values()):
-                    break
+            if not self._stopped and not self._has_work_locked():
+                self._clock.wait(self._lock, idle_wait)
             if self._stopped:
                 return None
-            self._expire_leases_locked()
+            self._expire_locked()
             self._kv_arrived = False
-            aborts, self._aborts = self._aborts, {}
-            # An aborted request is finished first: admitting it too would start (or, mid
-            # prefill, continue) a sequence on stages that have just freed it.
-            waiting = [r for r in self._requests.values()
-                       if r.phase is Phase.RESERVED and r.announced and r.request_id not in aborts]
-            return Work(aborts, waiting)
+            held = self._requests.values()
+            # ABORTING ones are only finished: admitting them too would start (or, mid
+            # prefill, continue) a sequence on stages about to free it.
+            return Work([r for r in held if r.state is S.ABORTING],
+                        [r for r in held if r.state in (S.WAITING, S.PREFILLING)])
 
     def running(self) -> list[Request]:
         with self._lock:
-            return [r for r in self._requests.values() if r.phase is Phase.RUNNING]
+            return [r for r in self._requests.values() if r.state is S.RUNNING]
 
     def request_ids(self) -> list[str]:
         with self._lock:
@@ -256,53 +338,97 @@ class DecodeScheduler:
         with self._lock:
             return list(self._requests.values())
 
-    def append(self, request: Request, token: int) -> str:
-        """Record a generated token; returns why the request finishes with it, or ""."""
-        request.phase = Phase.RUNNING
-        request.generated.append(token)
-        s = request.sampling
-        if token in s.stop_token_ids or (token in self.eos_ids and not s.ignore_eos):
-            return "stop"
-        if (len(request.generated) >= s.max_tokens
-                or request.prompt_tokens + len(request.generated) >= self.context_window):
-            return "length"
-        return ""
+    def prefill_chunk(self, request: Request, computed: int) -> None:
+        """WAITING/PREFILLING -> PREFILLING: ``computed`` more prompt tokens of a local
+        request are in its K/V (none: the pass had no room for it, nothing changes)."""
+        if not computed:
+            return
+        with self._lock:
+            self._move(request, Transition.PREFILL_CHUNK, computed)
+            request.prefilled += computed
+
+    def append(self, sampled: Sequence[tuple[Request, int]]) -> list[FinishReason]:
+        """Record each request's new token (one lock for the whole step): its first (run)
+        or its next (step). Returns why each finishes with it, or NONE."""
+        reasons = []
+        with self._lock:
+            for request, token in sampled:
+                # A step of a running request changes no state: the hot path skips the
+                # rules (every other move goes through them).
+                if request.state is not S.RUNNING:
+                    self._move(request, Transition.STEP if request.generated else Transition.RUN)
+                request.generated.append(token)
+                reasons.append(self._finish_reason(request, token))
+        return reasons
 
     def finish(self, request_id: str) -> Request | None:
-        """Take a request out (its pages are free again); None if it already left.
-
-        Its events stay claimable for a while if its stream was never opened.
-        """
+        """-> FINISHED: take a request out (its pages are free again); None if it already
+        left. Its events stay claimable for a while if its stream was never opened."""
         with self._lock:
-            request = self._requests.pop(request_id, None)
-            self._aborts.pop(request_id, None)
+            request = self._requests.get(request_id)
             if request is None:
                 return None
+            self._move(request, Transition.FINISH)
+            self._remove_locked(request)
             if not request.stream_attached:
-                self._unclaimed[request_id] = (time.monotonic(), request.events)
-            request.phase = Phase.FINISHED
+                self._unclaimed[request_id] = (self._clock.now(), request.events)
             return request
 
     # --- internals --------------------------------------------------------------------
 
-    def _free_pages_locked(self) -> int:
-        return (self.total_pages - sum(r.reserved_pages for r in self._requests.values())
-                - self.cached_pages())
+    def _move(self, request: Request, transition: Transition, computed: int = 0) -> None:
+        """Take ``transition`` (the lock held), or raise IllegalTransition."""
+        sources, target = RULES[transition]
+        late = request.state is S.ABORTING and transition in LATE
+        if request.state not in sources and not late:
+            raise IllegalTransition(request.request_id, request.state, transition)
+        why = self._guard(request, transition, computed)
+        if why:
+            raise IllegalTransition(request.request_id, request.state, transition, why)
+        if not late:
+            request.state = target
+
+    @staticmethod
+    def _guard(request: Request, transition: Transition, computed: int) -> str:
+        """What besides its state forbids the move: a pushed request is never prefilled
+        here, a local one runs only once its whole prompt is computed."""
+        if transition is Transition.PREFILL_CHUNK:
+            if not request.local:
+                return "its K/V is pushed, not prefilled here"
+            if request.prefilled + computed > request.to_prefill:
+                return (f"{computed} more tokens would pass its {request.to_prefill} "
+                        "to prefill")
+        if transition is Transition.RUN and request.local:
+            if request.prefilled != request.to_prefill:
+                return f"{request.prefilled} of its {request.to_prefill} tokens prefilled"
+        return ""
+
+    def _finish_reason(self, request: Request, token: int) -> FinishReason:
+        s = request.sampling
+        if token in s.stop_token_ids or (token in self.eos_ids and not s.ignore_eos):
+            return FinishReason.STOP
+        if (len(request.generated) >= s.max_tokens
+                or request.prompt_tokens + len(request.generated) >= self.context_window):
+            return FinishReason.LENGTH
+        return FinishReason.NONE
+
+    def _remove_locked(self, request: Request) -> None:
+        del self._requests[request.request_id]
+        self.pages.release(request.request_id)
 
     def _has_work_locked(self) -> bool:
-        return bool(self._aborts) or self._kv_arrived or any(
-            r.phase is Phase.RUNNING
-            or (r.phase is Phase.RESERVED and r.announced and r.local)
+        return self._kv_arrived or any(
+            r.state in (S.RUNNING, S.ABORTING, S.PREFILLING)
+            or (r.state is S.WAITING and r.local)
             for r in self._requests.values())
 
-    def _expire_leases_locked(self) -> None:
-        now = time.monotonic()
+    def _expire_locked(self) -> None:
+        now = self._clock.now()
         for request_id, (finished_at, _) in list(self._unclaimed.items()):
             if now - finished_at > UNCLAIMED_SECONDS:
                 del self._unclaimed[request_id]
         for request in self._requests.values():
-            # A local prefill under way is not waiting for anything.
-            if (request.phase is Phase.RESERVED and not request.prefilled
-                    and now > request.lease_deadline):
-                self._aborts.setdefault(
-                    request.request_id, "lease expired: no KV pages arrived in time")
+            # A local prefill under way (PREFILLING) is not waiting for anything.
+            if request.state in RULES[Transition.EXPIRE][0] and now > request.lease_deadline:
+                self._move(request, Transition.EXPIRE)
+                request.abort_reason = LEASE_EXPIRED

@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from kv_transfer.grpc_transport import PUSH_METHOD
+from kv_transfer.grpc_transport import PUSH_METHOD, push_response
 from kv_transfer.shared_memory import host_identity
 from kv_transfer.transports import GRPC, worker_transports
 from kv_transfer.wire_blocks import BlockViewsRegistration
@@ -17,6 +17,7 @@ from pipeline.wire import logprobs_to_proto, sampling_from_proto, stage_infos
 from protos import worker_pb2, worker_pb2_grpc
 from protos.errors import ServingError, aborts_on_error, status_number
 from protos.grpc_server import Server, time_remaining
+from protos.vocabulary import Role
 
 from .engine import DecodeEngine
 from .stage import DecodeStage
@@ -59,8 +60,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
             timer.start()
         try:
             received = self.stage.receiver.receive(request_iterator)
-            return worker_pb2.PushResponse(bytes=received,
-                                           shared_memory_host=self.shared_memory_host)
+            # It says what it accepts: the senders' negotiation of the next pushes.
+            return push_response(received, self.stage.receiver.accepts())
         finally:
             if timer is not None:
                 timer.cancel()
@@ -83,7 +84,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
                 continue
             message = worker_pb2.TokenEvent(
                 token_id=event.token or 0, has_token=event.token is not None,
-                finish_reason=event.finish_reason, error=event.error,
+                finish_reason=event.finish_reason.value, error=event.error,
                 code=status_number(event.code) if event.code else 0)
             if event.logprobs is not None:
                 message.logprobs.CopyFrom(logprobs_to_proto(event.logprobs))
@@ -96,11 +97,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
             found=self.engine.abort(request.request_id, request.reason or "aborted"))
 
     def Stats(self, request, context):
-        return worker_pb2.WorkerStats(role="decode", layout=self.layout, transport=GRPC,
-                                      transports=self.transports,
-                                      transport_note=self.transport_note,
-                                      stages=stage_infos(self.engine.chain),
-                                      **self.engine.stats())
+        message = self.engine.stats().to_proto()
+        message.MergeFrom(worker_pb2.WorkerStats(
+            role=Role.DECODE, layout=self.layout, transport=GRPC, transports=self.transports,
+            transport_note=self.transport_note, stages=stage_infos(self.engine.chain)))
+        return message
 
 
 def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,

@@ -6,14 +6,15 @@ state into a header, K/V blocks each under the size budget (or, on one host, a r
 to the shared buffer the snapshot lives in), the hidden state and a CRC32 trailer.
 Receiver side: ``KVAssembler`` checks each chunk as it arrives, writing the K/V where the
 receiver's ``admit`` says, and is complete only when the stream was whole, in order and
-intact; anything else raises ``PushRefused``.
+intact; anything else raises ``PushRefused``. ``receive_push`` drives it over one push's
+chunks into a ``PieceSink`` (kv_transfer/transport.py), which sees plain pieces only.
 """
 
 from __future__ import annotations
 
 import enum
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -21,10 +22,12 @@ import numpy as np
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
 from protos import worker_pb2
+from protos.clock import MONOTONIC, Clock
 from protos.errors import ServingError
 from protos.layout import layout_mismatch
 
 from .shared_memory import SharedBuffer, read_shared
+from .transport import Claim, PieceHeader, PieceSink, Received, Transport
 from .wire_blocks import BlockChunk
 
 BLOCK_BYTES = 2 * 2**20  # per block, keys and values together
@@ -122,15 +125,14 @@ class KVAssembler:
     """Receives one push into the arrays its receiver gives, verifying as it goes.
 
     A push may carry any part of the receiver's layer range (pipeline stages of the two
-    instances need not line up) and any range of the reserved tokens; only a receiver that
-    owns the LM head accepts a hidden state.
+    instances need not line up) and any range of the reserved tokens; whether the
+    receiver takes that part, and a hidden state, is the receiver's to check.
     """
 
-    def __init__(self, layout: worker_pb2.ModelLayout, accepts_hidden: bool,
-                 admit: Callable[[worker_pb2.KVHeader], tuple[np.ndarray, np.ndarray]],
+    def __init__(self, layout: worker_pb2.ModelLayout,
+                 admit: Callable[[PieceHeader], tuple[np.ndarray, np.ndarray]],
                  accepts_shared: bool = True):
         self.layout = layout
-        self.accepts_hidden = accepts_hidden
         self.accepts_shared = accepts_shared  # K/V from a buffer of a same-host sender
         # Asked with the checked header before any K/V arrives: where to write it, as
         # keys and values shaped [layers, tokens, kv_heads, head_dim] (views of the
@@ -181,10 +183,6 @@ class KVAssembler:
         if reason:
             raise PushRefused(f"incompatible peer: {reason}")
         begin, end = header.layout.layer_begin, header.layout.layer_end
-        if not self.layout.layer_begin <= begin < end <= self.layout.layer_end:
-            raise PushRefused(
-                f"push carries layers [{begin}, {end}) but this worker owns "
-                f"[{self.layout.layer_begin}, {self.layout.layer_end})")
         self.layer_begin, self.layer_end = begin, end
         if not 0 < header.num_tokens <= self.layout.context_window - header.token_begin:
             raise PushRefused(f"push announces {header.num_tokens} tokens from position "
@@ -194,7 +192,9 @@ class KVAssembler:
         self.request_id = header.request_id
         self.num_tokens = header.num_tokens
         self.num_blocks = header.num_blocks
-        self._keys, self._values = self.admit(header)
+        self._keys, self._values = self.admit(PieceHeader(
+            header.request_id, header.attempt, begin, end, header.token_begin,
+            header.num_tokens))
         self._filled = np.zeros((end - begin, header.num_tokens), dtype=bool)
         self.state = PushState.RECEIVING
 
@@ -248,16 +248,14 @@ class KVAssembler:
         self.shared = True
 
     def _on_hidden(self, hidden: worker_pb2.HiddenState) -> None:
-        if not self.accepts_hidden:
-            raise PushRefused("this worker does not own the LM head but received a hidden state")
+        # Whether this worker takes a hidden state, and this one, the receiver checks
+        # (check_hidden) when the push is committed.
         if self.hidden is not None:
             raise PushRefused("a second hidden state arrived")
         if len(hidden.data) != 4 * self.layout.hidden_size:
             raise PushRefused(f"hidden state has {len(hidden.data)} bytes, expected "
                               f"{4 * self.layout.hidden_size}")
         self.hidden = np.frombuffer(hidden.data, np.float32).copy()
-        if not np.isfinite(self.hidden).all():
-            raise PushRefused("the hidden state holds non-finite values")
         self._crc = zlib.crc32(hidden.data, self._crc)
 
     def _on_trailer(self, trailer: worker_pb2.KVTrailer) -> None:
@@ -268,6 +266,48 @@ class KVAssembler:
             raise PushRefused(f"checksum mismatch: trailer says {trailer.crc32:#010x}, "
                               f"data gives {self._crc:#010x}")
         self.state = PushState.COMPLETE
+
+
+def receive_push(chunks: Iterable[worker_pb2.KVChunk], sink: PieceSink,
+                 layout: worker_pb2.ModelLayout, accepts_shared: bool = True,
+                 clock: Clock = MONOTONIC) -> Received:
+    """Assemble and verify one push's chunks (a gRPC stream's) into ``sink``: claimed
+    with its header, committed once whole and intact, released on any failure (a
+    refusal, or the stream breaking) so that nothing of it counts. Raises ServingError
+    when a check fails."""
+    claims: list[Claim] = []
+
+    def admit(header: PieceHeader) -> tuple[np.ndarray, np.ndarray]:
+        claims.append(sink.claim(header))
+        return claims[0].keys, claims[0].values
+
+    assembler = KVAssembler(layout, admit, accepts_shared)
+    busy = 0.0
+    try:
+        for chunk in chunks:
+            start = clock.now()
+            assembler.add(chunk)
+            busy += clock.now() - start
+        assembler.snapshot()  # raises unless the push was whole and intact
+        sink.commit(claims[0], assembler.hidden)
+    except BaseException:
+        if claims:
+            sink.release(claims[0])
+        raise
+    transport = Transport.SHARED_MEMORY if assembler.shared else Transport.INLINE
+    return Received(assembler.bytes_received, transport, busy)
+
+
+def check_hidden(hidden: np.ndarray, layout: worker_pb2.ModelLayout, accepts_hidden: bool
+                 ) -> None:
+    """Refuse a pushed last hidden state that the receiver cannot use. Raises PushRefused."""
+    if not accepts_hidden:
+        raise PushRefused("this worker does not own the LM head but received a hidden state")
+    if hidden.shape != (layout.hidden_size,) or hidden.dtype != np.float32:
+        raise PushRefused(f"hidden state is {hidden.dtype} {hidden.shape}, expected float32 "
+                          f"({layout.hidden_size},)")
+    if not np.isfinite(hidden).all():
+        raise PushRefused("the hidden state holds non-finite values")
 
 
 def _crc32(array: np.ndarray, crc: int) -> int:

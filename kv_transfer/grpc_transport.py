@@ -1,7 +1,14 @@
-"""The KV push over gRPC: a client stream to the decode worker's PushKV, one per sequence part.
+"""The KV push over gRPC: a client stream to the decode worker's PushKV, one per piece.
 
-Toward a receiver on this host the stream names a shared buffer instead of carrying the
-K/V (kv_transfer/shared_memory.py); everything else about the push stays the same.
+Two transports share the stream and differ in how the K/V rides it: ``InlineChannel``
+carries it as blocks, which every receiver takes; ``SharedMemoryChannel`` names the
+sender's shared buffer instead (kv_transfer/shared_memory.py), which only a receiver on
+this host can read. ``KVSender`` picks one per push by negotiation: every answer says
+what its receiver ``Accepts``, ``Peers`` remembers it per address, and a receiver not
+heard from yet gets inline pushes. Should a receiver that advertised shared memory still
+fail to read it (UNIMPLEMENTED: ptrace rules can close another process's
+/proc/<pid>/fd), that push goes again inline and the peer is not offered shared memory
+again.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from protos.grpc_server import shared_channel
 from .buffers import Buffer, BufferPool, HostBuffer
 from .codec import encode_push
 from .shared_memory import SharedBuffer, host_identity
+from .transport import Accepts, KVTransfer, Transport, choose_transport
 from .wire_blocks import serialize_chunk
 
 PUSH_METHOD = "/olmo.worker.v1.DecodeWorker/PushKV"
@@ -30,6 +38,75 @@ PUSH_METHOD = "/olmo.worker.v1.DecodeWorker/PushKV"
 # back is a refusal of this push, which another prefill attempt may not repeat.
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 TOTALS_KEPT = 4096
+
+
+def push_response(received: int, accepts: Accepts) -> worker_pb2.PushResponse:
+    """A receiver's answer: the push's bytes, and what it takes from now on."""
+    return worker_pb2.PushResponse(bytes=received,
+                                   shared_memory_host=accepts.shared_memory_host)
+
+
+class InlineChannel:
+    """K/V as blocks in the stream."""
+
+    transport = Transport.INLINE
+
+    def __init__(self, secret: str | None, timeout: float):
+        self.secret = secret
+        self.timeout = timeout
+
+    def send(self, address: str, request_id: str, layout: worker_pb2.ModelLayout,
+             snapshot: KVSnapshot, hidden: np.ndarray | None, buffer: Buffer | None,
+             attempt: int, encoding: list[float]) -> worker_pb2.PushResponse:
+        """One push; the time spent making its chunks is added to ``encoding[0]``.
+        Raises grpc.RpcError."""
+        chunks = _timed(encode_push(request_id, layout, snapshot, hidden, self._shared(buffer),
+                                    attempt, block_views=True), encoding)
+        # Not the generated stub: its serializer takes messages only, not BlockChunks.
+        push = shared_channel(address, self.secret).stream_unary(
+            PUSH_METHOD, request_serializer=serialize_chunk,
+            response_deserializer=worker_pb2.PushResponse.FromString)
+        return push(chunks, timeout=self.timeout)
+
+    def _shared(self, buffer: Buffer | None) -> SharedBuffer | None:
+        return None
+
+
+class SharedMemoryChannel(InlineChannel):
+    """The stream names the shared buffer the snapshot lives in; the sender keeps the
+    buffer untouched until the answer."""
+
+    transport = Transport.SHARED_MEMORY
+
+    def _shared(self, buffer: Buffer | None) -> SharedBuffer | None:
+        return buffer
+
+
+class Peers:
+    """What each receiver said it accepts in its last answer, less the transports that
+    failed it since (for good: the answer of a receiver that cannot read our memory
+    still names our host)."""
+
+    def __init__(self, host: str):
+        self.host = host  # this sender's (empty: it offers no shared memory)
+        self._lock = threading.Lock()
+        self._accepts: dict[str, tuple[Transport, ...]] = {}
+        self._failed: set[tuple[str, Transport]] = set()
+
+    def accepts(self, address: str) -> tuple[Transport, ...]:
+        with self._lock:
+            return self._accepts.get(address, (Transport.INLINE,))
+
+    def learn(self, address: str, accepts: Accepts) -> None:
+        with self._lock:
+            self._accepts[address] = tuple(t for t in accepts.transports(self.host)
+                                           if (address, t) not in self._failed)
+
+    def fail(self, address: str, transport: Transport) -> None:
+        with self._lock:
+            self._failed.add((address, transport))
+            self._accepts[address] = tuple(t for t in self._accepts.get(address, ())
+                                           if t is not transport) or (Transport.INLINE,)
 
 
 class KVSender:
@@ -44,9 +121,10 @@ class KVSender:
         # Where snapshots are exported to: shared memory, so that a same-host push can
         # name them, where this host has it.
         self.buffers = BufferPool(SharedBuffer if self.host else HostBuffer)
+        self.peers = Peers(self.host)
+        self.channels = {c.transport: c for c in (InlineChannel(secret, timeout),
+                                                  SharedMemoryChannel(secret, timeout))}
         self._lock = threading.Lock()
-        self._peer_hosts: dict[str, str] = {}  # address -> host its last answer named
-        self._inline_only: set[str] = set()    # addresses that refused a shared push
         self.bytes_sent = 0
         self.pushes = 0
         self.transfer_seconds = 0.0
@@ -59,10 +137,11 @@ class KVSender:
         self._by_request: collections.OrderedDict[str, tuple[int, float]] = (
             collections.OrderedDict())
 
+    def open(self, address: str, request_id: str, attempt: int) -> KVTransfer:
+        return KVTransfer(self, address, request_id, attempt)
+
     def shares_memory_with(self, address: str) -> bool:
-        with self._lock:
-            return (bool(self.host) and self._peer_hosts.get(address) == self.host
-                    and address not in self._inline_only)
+        return Transport.SHARED_MEMORY in self.peers.accepts(address)
 
     def push(self, address: str, request_id: str, snapshot: KVSnapshot,
              hidden: np.ndarray | None, buffer: Buffer | None = None, attempt: int = 0) -> int:
@@ -76,36 +155,24 @@ class KVSender:
         """
         start = time.perf_counter()
         encoding = [0.0]
-        shared = (buffer if isinstance(buffer, SharedBuffer) and self.shares_memory_with(address)
-                  else None)
+        offers = ((Transport.SHARED_MEMORY, Transport.INLINE)
+                  if isinstance(buffer, SharedBuffer) else (Transport.INLINE,))
+        transport = choose_transport(offers, self.peers.accepts(address))
+        args = (address, request_id, self.layout, snapshot, hidden, buffer, attempt, encoding)
         try:
-            reply = self._send(address, request_id, snapshot, hidden, shared, attempt, encoding)
+            reply = self.channels[transport].send(*args)
         except grpc.RpcError as exc:
-            if shared is None or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            if transport is Transport.INLINE or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise self._push_error(exc, request_id, address) from exc
-            with self._lock:  # it cannot read our memory: inline from now on
-                self._inline_only.add(address)
-            shared = None
+            self.peers.fail(address, transport)  # it advertised what it cannot read
+            transport = Transport.INLINE
             try:
-                reply = self._send(address, request_id, snapshot, hidden, None, attempt,
-                                   encoding)
+                reply = self.channels[transport].send(*args)
             except grpc.RpcError as exc2:
                 raise self._push_error(exc2, request_id, address) from exc2
-        seconds = time.perf_counter() - start
-        with self._lock:
-            self._peer_hosts[address] = reply.shared_memory_host
-            self.bytes_sent += reply.bytes
-            self.pushes += 1
-            self.transfer_seconds += seconds
-            self.encode_seconds += encoding[0]
-            if shared is not None:
-                self.shared_pushes += 1
-                self.shared_bytes += reply.bytes
-                self.shared_seconds += seconds
-            sent, took = self._by_request.pop(request_id, (0, 0.0))
-            self._by_request[request_id] = (sent + reply.bytes, took + seconds)
-            while len(self._by_request) > TOTALS_KEPT:
-                self._by_request.popitem(last=False)
+        self.peers.learn(address, Accepts(reply.shared_memory_host))
+        self._count(request_id, transport, reply.bytes, time.perf_counter() - start,
+                    encoding[0])
         return reply.bytes
 
     def take_totals(self, request_id: str) -> tuple[int, float]:
@@ -116,16 +183,21 @@ class KVSender:
     def close(self) -> None:
         self.buffers.close()
 
-    def _send(self, address: str, request_id: str, snapshot: KVSnapshot,
-              hidden: np.ndarray | None, shared: SharedBuffer | None, attempt: int,
-              encoding: list[float]) -> worker_pb2.PushResponse:
-        chunks = _timed(encode_push(request_id, self.layout, snapshot, hidden, shared, attempt,
-                                    block_views=True), encoding)
-        # Not the generated stub: its serializer takes messages only, not BlockChunks.
-        push = shared_channel(address, self.secret).stream_unary(
-            PUSH_METHOD, request_serializer=serialize_chunk,
-            response_deserializer=worker_pb2.PushResponse.FromString)
-        return push(chunks, timeout=self.timeout)
+    def _count(self, request_id: str, transport: Transport, sent: int, seconds: float,
+               encoding: float) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.pushes += 1
+            self.transfer_seconds += seconds
+            self.encode_seconds += encoding
+            if transport is Transport.SHARED_MEMORY:
+                self.shared_pushes += 1
+                self.shared_bytes += sent
+                self.shared_seconds += seconds
+            so_far, took = self._by_request.pop(request_id, (0, 0.0))
+            self._by_request[request_id] = (so_far + sent, took + seconds)
+            while len(self._by_request) > TOTALS_KEPT:
+                self._by_request.popitem(last=False)
 
     @staticmethod
     def _push_error(exc: grpc.RpcError, request_id: str, address: str) -> ServingError:

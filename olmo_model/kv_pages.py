@@ -52,26 +52,32 @@ class _ReadDone(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class CacheLimits:
-    """Sizes the cache is created with; together they fix how many pages exist.
+    """Sizes each worker's KV cache is created with; together they fix how many pages exist.
 
-    The defaults are a serving worker's; ``sized`` and ``for_model`` derive the rest.
+    The cluster config's ``cache`` section. A prefill chunk longer than the whole cache
+    is cut to it.
     """
 
-    max_num_sequences: int = 16
-    max_total_tokens: int = 8192
-    prefill_chunk_size: int = 2048
-    page_size: int = 16
+    max_sequences: int = dataclasses.field(default=16, metadata={
+        "help": "sequences one worker's KV cache holds at once"})
+    max_total_tokens: int = dataclasses.field(default=8192, metadata={
+        "help": "tokens one worker's KV cache holds in all"})
+    # A decode worker prefilling locally (aggregated mode, short uncached prompts) runs one
+    # chunk between decode steps, so this bounds how long a new prompt pauses the streams
+    # already running there.
+    prefill_chunk_tokens: int = dataclasses.field(default=2048, metadata={
+        "help": "prompt tokens per forward pass; local prefills interleave with decode "
+                "steps by chunk"})
+    page_size: int = dataclasses.field(default=16, metadata={
+        "help": "tokens per KV page"})
 
-    @classmethod
-    def sized(cls, max_num_sequences: int | None = None, max_total_tokens: int | None = None,
-              prefill_chunk_size: int | None = None) -> CacheLimits:
-        """A cache for this many sequences and tokens, and prompt tokens per forward pass
-        (None: the default), its prefill chunk no larger than the whole cache."""
-        default = cls()
-        sequences = max_num_sequences or default.max_num_sequences
-        tokens = max_total_tokens or default.max_total_tokens
-        chunk = prefill_chunk_size or default.prefill_chunk_size
-        return cls(sequences, tokens, min(chunk, tokens))
+    def __post_init__(self) -> None:
+        for name in ("max_sequences", "max_total_tokens", "prefill_chunk_tokens",
+                     "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cache.{name} must be >= 1")
+        if self.prefill_chunk_tokens > self.max_total_tokens:
+            object.__setattr__(self, "prefill_chunk_tokens", self.max_total_tokens)
 
     def within_window(self, sliding_window: int) -> CacheLimits:
         """These limits, with prefill chunks no longer than a sliding window (0: none).
@@ -79,17 +85,17 @@ class CacheLimits:
         TVM's attention over a pass's new tokens knows no window; it is exact for sliding
         layers only while no token of a chunk is a window or more past another.
         """
-        if not sliding_window or self.prefill_chunk_size <= sliding_window:
+        if not sliding_window or self.prefill_chunk_tokens <= sliding_window:
             return self
-        return dataclasses.replace(self, prefill_chunk_size=sliding_window)
+        return dataclasses.replace(self, prefill_chunk_tokens=sliding_window)
 
     @classmethod
     def for_model(cls, config: Any) -> CacheLimits:
         """The defaults, grown to hold one whole context window (``config``: OLMoConfig)."""
-        tokens = max(cls().max_total_tokens, config.context_window_size)
-        return dataclasses.replace(
-            cls.sized(max_total_tokens=tokens),
-            prefill_chunk_size=min(cls().prefill_chunk_size, config.prefill_chunk_size))
+        default = cls()
+        return cls(max_total_tokens=max(default.max_total_tokens, config.context_window_size),
+                   prefill_chunk_tokens=min(default.prefill_chunk_tokens,
+                                            config.prefill_chunk_size))
 
 
 @dataclasses.dataclass
@@ -134,9 +140,9 @@ class PagedKVCache:
         self._real_debug_kernel = library.get_function(_DEBUG_KERNEL)
         self._real_copy_kernel = None
         sizes = {
-            "max_batch_size": limits.max_num_sequences,
+            "max_batch_size": limits.max_sequences,
             "max_total_seq_len": limits.max_total_tokens,
-            "prefill_chunk_size": limits.prefill_chunk_size,
+            "prefill_chunk_size": limits.prefill_chunk_tokens,
             "page_size": limits.page_size,
             "support_sliding_window": 0,
         }
@@ -167,9 +173,6 @@ class PagedKVCache:
 
     def available_pages(self) -> int:
         return int(_available_pages(self.handle))
-
-    def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.limits.page_size)
 
     # --- page transfer ----------------------------------------------------------------
 

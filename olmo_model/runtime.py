@@ -235,7 +235,7 @@ class ModelRunner:
         """
         self._require_full_model("prefill")
         last = [None] * len(prompts)
-        for chunk in plan_chunks(prompts, self.limits.prefill_chunk_size):
+        for chunk in plan_chunks(prompts, self.limits.prefill_chunk_tokens):
             hidden = self.forward([seq_ids[p.index] for p in chunk.pieces], chunk.lengths,
                                   self.embed(chunk.token_ids))
             selected = self.select_last(hidden, chunk.lengths).numpy()

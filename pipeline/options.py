@@ -1,22 +1,33 @@
-"""What a worker's operator may switch, the same for both roles."""
+"""What a worker's operator may switch, the same for both roles: the cluster config's
+``worker`` section."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from protos.setting import setting
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkerOptions:
-    prefix_cache: bool = True      # keep finished sequences for prompts that begin alike
-    # K/V pushes to a worker on the same host name a shared buffer instead of carrying
-    # the bytes (kv_transfer/shared_memory.py); off: every push goes inline over gRPC.
-    kv_shared_memory: bool = True
-    # A prompt prefilled in several chunks sends each chunk's K/V as soon as it is
-    # computed, while the next chunk runs; off: all of it after the last chunk.
-    kv_streaming: bool = True
-    # Within one forward pass, a prefill stage runs its layers in this many groups and
-    # pushes each group's K/V while the next computes (1: once the pass is done).
-    kv_layer_groups: int = 4
+    prefix_cache: bool = setting(True, "keep finished sequences for prompts that begin alike")
+    # Pushes to a worker on the same host name a shared buffer instead of carrying the
+    # bytes (kv_transfer/shared_memory.py).
+    kv_shared_memory: bool = setting(True, "K/V pushes between workers on one host go through "
+                                     "shared memory (off: inline over gRPC)")
+    kv_streaming: bool = setting(True, "a prompt prefilled in several chunks pushes each chunk's "
+                                 "K/V while the next computes (off: after the last chunk)")
+    kv_layer_groups: int = setting(4, "a prefill pass pushes the K/V of each of this many groups "
+                                   "of layers while the next group computes (1: after the pass)")
+    # Where workers bind: "node" the address Ray knows their node by (127.0.0.1 for a
+    # one-process cluster or a one-role command), "0.0.0.0" every interface (advertising
+    # the node's address), or an address.
+    host: str = setting("node", "where workers bind: node (the address Ray knows their node by), "
+                        "0.0.0.0, or an address")
+
+    def __post_init__(self) -> None:
+        if self.kv_layer_groups < 1:
+            raise ValueError("worker.kv_layer_groups must be >= 1")
 
 
 DEFAULT_OPTIONS = WorkerOptions()

@@ -17,7 +17,10 @@ import itertools
 import threading
 from collections.abc import Collection, Sequence
 
+from protos import worker_pb2
 from protos.prefix_index import PrefixIndex
+
+from .pages import pages_for, whole_pages
 
 # Beyond this many cached sequences the least recently used one goes, pages or not:
 # it bounds the bookkeeping of a cache of many tiny sequences.
@@ -36,6 +39,27 @@ class Hit:
 
 
 MISS = Hit()
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixCacheStats:
+    cached_sequences: int
+    cached_pages: int   # pages only cached sequences hold (freed on demand)
+    query_tokens: int   # prompt tokens looked up
+    hit_tokens: int     # of which found cached
+
+    def to_proto(self) -> worker_pb2.WorkerStats:
+        return worker_pb2.WorkerStats(
+            cached_sequences=self.cached_sequences, cached_pages=self.cached_pages,
+            prefix_query_tokens=self.query_tokens, prefix_hit_tokens=self.hit_tokens)
+
+
+@dataclasses.dataclass
+class _Lookups:
+    """Lookups that were used, as running totals (under the cache's lock)."""
+
+    query_tokens: int = 0
+    hit_tokens: int = 0
 
 
 class PrefixCache:
@@ -62,8 +86,7 @@ class PrefixCache:
         self._holders: collections.Counter[int] = collections.Counter()  # page id -> sequences
         self._page_ids = itertools.count()
         self._lock = threading.RLock()
-        self.query_tokens = 0  # prompt tokens looked up
-        self.hit_tokens = 0    # of which found cached
+        self._lookups = _Lookups()
 
     # --- a request's life -------------------------------------------------------------
 
@@ -80,13 +103,14 @@ class PrefixCache:
             # The fork's first new token looks back window - 1 positions.
             if self.window and self._kept_from.get(seq_id, 0) > usable - self.window + 1:
                 return MISS
-            return Hit(seq_id, usable, usable // self.page_size if self.shares_pages else 0)
+            shared = whole_pages(usable, self.page_size) if self.shares_pages else 0
+            return Hit(seq_id, usable, shared)
 
     def count(self, query_tokens: int, hit_tokens: int) -> None:
         """Record a lookup that was used (one whose request was then taken)."""
         with self._lock:
-            self.query_tokens += query_tokens
-            self.hit_tokens += hit_tokens
+            self._lookups.query_tokens += query_tokens
+            self._lookups.hit_tokens += hit_tokens
 
     def start(self, seq_id: int, hit: Hit = MISS, kept_from: int = 0) -> None:
         """A new sequence: forked at ``hit`` (sharing ``hit.shared_pages``), or empty.
@@ -112,7 +136,7 @@ class PrefixCache:
                 self._drop(seq_id)
                 return [seq_id]
             shared = self._pages.get(seq_id, ())
-            own = -(-len(tokens) // self.page_size) - len(shared)
+            own = pages_for(len(tokens), self.page_size) - len(shared)
             self._hold(seq_id, tuple(itertools.islice(self._page_ids, own)))
             self._tokens[seq_id] = tuple(tokens)
             self._index.add(seq_id, tokens)
@@ -187,11 +211,10 @@ class PrefixCache:
         with self._lock:
             return set(self._index.keys())
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> PrefixCacheStats:
         with self._lock:
-            return {"cached_sequences": len(self._index), "cached_pages": self.cached_pages(),
-                    "prefix_query_tokens": self.query_tokens,
-                    "prefix_hit_tokens": self.hit_tokens}
+            return PrefixCacheStats(len(self._index), self.cached_pages(),
+                                    self._lookups.query_tokens, self._lookups.hit_tokens)
 
     # --- internals --------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from concurrent.futures import Future, InvalidStateError
 import grpc
 
 from pipeline.ops import StageAddress
+from protos.clock import MONOTONIC, Clock
 from protos.errors import ServingError
 
 
@@ -53,9 +54,10 @@ class PromptBatcher:
     A prompt longer than the budget still goes, alone: the runner splits it into chunks.
     """
 
-    def __init__(self, token_budget: int, max_batch: int):
+    def __init__(self, token_budget: int, max_batch: int, clock: Clock = MONOTONIC):
         self.token_budget = token_budget
         self.max_batch = max_batch
+        self.clock = clock
         self._jobs: collections.deque[PrefillJob] = collections.deque()
         self._ready = threading.Condition()
 
@@ -73,9 +75,10 @@ class PromptBatcher:
         return False
 
     def next_batch(self, timeout: float) -> list[PrefillJob]:
+        """The next batch, waiting up to ``timeout`` for a first job; [] if none came."""
         with self._ready:
             if not self._jobs:
-                self._ready.wait(timeout)
+                self.clock.wait(self._ready, timeout)
             batch: list[PrefillJob] = []
             tokens = 0
             while self._jobs and len(batch) < self.max_batch:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 import grpc
 
 from pipeline.chain import PromptToPrefill, StageChain
 from pipeline.ops import Release
+from pipeline.pages import PageBudget
 from pipeline.prefix_cache import PrefixCache
+from pipeline.stats import EngineCounters
 from protos.errors import ServingError
 
 from .batcher import PrefillJob, PromptBatcher
@@ -30,12 +33,13 @@ class PrefillEngine:
         self.stage = stage
         self.cache = PrefixCache(limits.page_size, enabled=prefix_cache,
                                  shares_pages=stage.runner.forks_share_pages)
+        self.pages = PageBudget(stage.runner.kv.total_pages, limits.page_size)
         self.chain: StageChain | None = None  # set when this worker leads an instance
-        self.chunk_size = limits.prefill_chunk_size
-        self.batcher = PromptBatcher(token_budget or limits.prefill_chunk_size,
-                                     limits.max_num_sequences)
+        self.chunk_size = limits.prefill_chunk_tokens
+        self.batcher = PromptBatcher(token_budget or limits.prefill_chunk_tokens,
+                                     limits.max_sequences)
         self._next_seq_id = 0
-        self.prefilled_tokens = 0  # prompt tokens computed (not found cached)
+        self.counters = EngineCounters()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
         self._thread.start()
@@ -69,9 +73,9 @@ class PrefillEngine:
 
     def _run(self, batch: list[PrefillJob]) -> None:
         start = time.perf_counter()
-        prompts = [self._plan(job) for job in batch]
+        prompts, pages = zip(*(self._plan(job) for job in batch))
         try:
-            self._make_room(prompts)
+            self._make_room(prompts, sum(pages))
             outcome = self.chain.prefill(prompts, self.chunk_size)
         except Exception as exc:
             # Free what the failed pass left on every stage that is still there.
@@ -84,7 +88,7 @@ class PrefillEngine:
                 job.fail(exc)
             return
         seconds = time.perf_counter() - start
-        self.prefilled_tokens += sum(len(p.token_ids) for p in prompts)
+        self.counters.prefilled_tokens += sum(len(p.token_ids) for p in prompts)
         freed = []
         for job, prompt in zip(batch, prompts):
             freed += self.cache.finish(prompt.seq_id, job.token_ids)
@@ -97,26 +101,24 @@ class PrefillEngine:
             else:
                 job.finish(seconds)
 
-    def _plan(self, job: PrefillJob) -> PromptToPrefill:
-        """The job's sequence: forked from its longest cached prefix, computing the rest."""
+    def _plan(self, job: PrefillJob) -> tuple[PromptToPrefill, int]:
+        """The job's sequence (forked from its longest cached prefix, computing the rest)
+        and the pages it takes beyond those it shares with that prefix."""
         self._next_seq_id += 1
         cached = self.cache.lookup(job.token_ids)
         self.cache.start(self._next_seq_id, cached)
         self.cache.count(len(job.token_ids), cached.tokens)
         job.cached_tokens = cached.tokens
-        return PromptToPrefill(self._next_seq_id, job.token_ids[cached.tokens:], job.request_id,
-                               job.kv_targets, cached.seq_id, cached.tokens, job.skip_tokens,
-                               push_attempt=job.attempt)
+        prompt = PromptToPrefill(self._next_seq_id, job.token_ids[cached.tokens:],
+                                 job.request_id, job.kv_targets, cached.seq_id, cached.tokens,
+                                 job.skip_tokens, push_attempt=job.attempt)
+        return prompt, self.pages.new_pages(len(job.token_ids), cached.shared_pages)
 
-    def _make_room(self, prompts: list[PromptToPrefill]) -> None:
+    def _make_room(self, prompts: Sequence[PromptToPrefill], pages: int) -> None:
         """Evict cached prefixes (least recently used first, never one a prompt forks)
-        until the batch's new pages fit this stage's cache, or none is left."""
-        page = self.stage.runner.limits.page_size
-        # One spare page: TVM's cache takes one at a page boundary.
-        need = 1 + sum(-(-(p.fork_pos + len(p.token_ids)) // page) - p.fork_pos // page
-                       for p in prompts)
+        until the batch's ``pages`` new pages fit this stage's cache, or none is left."""
         parents = {p.fork_from for p in prompts}
-        while self.stage.runner.available_pages() < need:
+        while self.pages.missing(self.stage.runner.available_pages(), pages):
             evicted = self.cache.evict_oldest(keep=parents)
             if evicted is None:
                 return

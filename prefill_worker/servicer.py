@@ -14,14 +14,17 @@ from pipeline.chain import check_coverage
 from pipeline.ops import MAX_REQUEST_ID_CHARS, StageAddress
 from pipeline.options import DEFAULT_OPTIONS, WorkerOptions
 from pipeline.remote import InstanceLeader, start_worker_server
+from pipeline.stats import EngineStats
 from pipeline.wire import address_from_proto, stage_infos
 from protos import worker_pb2, worker_pb2_grpc
 from protos.errors import ServingError, aborts_on_error
 from protos.grpc_server import Server, time_remaining
+from protos.vocabulary import Role
 
 from .batcher import PrefillJob
 from .engine import PrefillEngine
 from .stage import PrefillStage
+from .stats import LoadStats, PrefillStats, kv_sent
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
 # However long a caller is willing to wait, a prefill call answers within this.
@@ -112,24 +115,21 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
         return worker_pb2.AbortResponse(found=job is not None)
 
     def Stats(self, request, context):
+        message = self.stats().to_proto()
+        message.MergeFrom(worker_pb2.WorkerStats(
+            role=Role.PREFILL, layout=self.layout, transport=GRPC, transports=self.transports,
+            transport_note=self.transport_note, stages=stage_infos(self.engine.chain)))
+        return message
+
+    def stats(self) -> PrefillStats:
         queued, tokens = self.engine.batcher.queued()
-        runner, sender = self.stage.runner, self.stage.sender
+        runner = self.stage.runner
         cache = self.engine.cache.stats()
-        held = runner.kv.total_pages - runner.available_pages()
-        return worker_pb2.WorkerStats(
-            role="prefill", layout=self.layout, queued_requests=queued,
-            running_sequences=len(self._jobs), queued_tokens=tokens,
-            total_pages=runner.kv.total_pages, free_pages=runner.available_pages(),
-            used_pages=max(0, held - cache["cached_pages"]), **cache,
-            prefilled_tokens=self.engine.prefilled_tokens,
-            kv_bytes_sent=sender.bytes_sent, pushes=sender.pushes,
-            kv_transfer_ms=1000 * sender.transfer_seconds,
-            kv_export_ms=1000 * self.stage.export_seconds,
-            kv_encode_ms=1000 * sender.encode_seconds, transport=GRPC,
-            shared_memory_pushes=sender.shared_pushes, shared_memory_bytes=sender.shared_bytes,
-            shared_memory_ms=1000 * sender.shared_seconds,
-            transports=self.transports, transport_note=self.transport_note,
-            stages=stage_infos(self.engine.chain))
+        with self._lock:
+            running = len(self._jobs)
+        load = LoadStats(queued, tokens, running, runner.kv.total_pages, runner.available_pages())
+        return PrefillStats(load, cache, kv_sent(self.stage),
+                            EngineStats.of(runner, cache, self.engine.counters))
 
 
 def serve_prefill(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,

@@ -5,7 +5,9 @@ to the decode stage(s) owning those layers, as it goes: the stage's layers run i
 and each group's K/V leaves while the next group computes. A prompt prefilled in several
 chunks streams the same way across passes: each chunk's K/V leaves while the next chunk
 computes. The pieces of one sequence go one after another, so that a failed piece stops
-the rest (``KVStream``). With the prompt's last piece, the last stage sends its last
+the rest (``KVStream``, one ``KVTransfer`` per decode stage it goes to: opened with the
+sequence, finished once its last piece is answered, aborted when the sequence goes
+first). With the prompt's last piece, the last stage sends its last
 hidden state to the decode stage that owns the LM head, and the pass waits for the
 sequence's pieces to be answered. Of a sliding-window layer, only the positions it reads
 again go: the prompt's last ``sliding_window`` (``OLMoConfig.kv_kept_from``). A
@@ -28,6 +30,7 @@ import numpy as np
 from kv_transfer.buffers import Buffer
 from kv_transfer.codec import model_layout
 from kv_transfer.grpc_transport import KVSender
+from kv_transfer.transport import KVTransfer, PushSender
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
 from pipeline.ops import ForwardBatch, ForwardResult, Release, SequenceSlice, StageAddress
@@ -42,10 +45,19 @@ class KVStream:
 
     request_id: str
     targets: tuple[StageAddress, ...]
-    attempt: int
+    transfers: tuple[KVTransfer, ...]  # one per target
     pushed_to: int               # positions before this are sent, or held there already
     prompt_tokens: int = 0       # the whole prompt (0: not known, so every position goes)
     last: Future | None = None   # the latest piece's push; it waits for the one before
+
+    def close(self, error: ServingError | None, reason: str = "") -> None:
+        """Its pieces are all answered (``error``: how one failed), or, with ``reason``,
+        it ends before they are: no more of them go."""
+        for transfer in self.transfers:
+            if error is None and not reason:
+                transfer.finish()
+            else:
+                transfer.abort(reason or str(error))
 
 
 @dataclasses.dataclass
@@ -64,11 +76,14 @@ class OutgoingKV:
 
 class PrefillStage:
     def __init__(self, runner: ModelRunner, secret: str | None = None, push_threads: int = 4,
-                 share_memory: bool = True, streaming: bool = True, layer_groups: int = 4):
+                 share_memory: bool = True, streaming: bool = True, layer_groups: int = 4,
+                 sender: PushSender | None = None):
+        """``sender``: what pushes the K/V (default: over gRPC, through shared memory to
+        decode workers on this host where ``share_memory``)."""
         self.runner = runner
         self.spec = runner.stage
         self._layout = model_layout(runner)
-        self.sender = KVSender(self._layout, secret, share_memory=share_memory)
+        self.sender = sender or KVSender(self._layout, secret, share_memory=share_memory)
         self.streaming = streaming  # push each chunk's K/V as it is computed
         # Within a pass, push each of this many groups of layers' K/V once it has run
         # (host pages only: the export reads them while the pass goes on).
@@ -125,6 +140,7 @@ class PrefillStage:
                 stream.last.result()
             except ServingError as exc:
                 failures[request_id] = exc
+            stream.close(failures.get(request_id))
         return ForwardResult(hidden=None if self.spec.is_last else out.numpy(),
                              push_failures=failures)
 
@@ -149,13 +165,16 @@ class PrefillStage:
             else:
                 start_sequence(self.runner, self.sequences, s.seq_id, s.fork_from, s.fork_pos)
             if s.starts_sequence and s.kv_targets:
-                self._streams[s.seq_id] = KVStream(s.request_id, s.kv_targets,
-                                                   s.push_attempt, s.push_from,
-                                                   s.prompt_tokens)
+                transfers = tuple(self.sender.open(t.address, s.request_id, s.push_attempt)
+                                  for t in s.kv_targets)
+                self._streams[s.seq_id] = KVStream(s.request_id, s.kv_targets, transfers,
+                                                   s.push_from, s.prompt_tokens)
 
     def _remove(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
-            self._streams.pop(seq_id, None)  # pieces on their way still end by themselves
+            stream = self._streams.pop(seq_id, None)
+            if stream is not None:  # a piece on its way still ends by itself
+                stream.close(None, f"sequence {seq_id} left the prefill stage")
             if seq_id in self.sequences:
                 self.sequences.discard(seq_id)
                 self.runner.remove_sequence(seq_id)
@@ -233,8 +252,7 @@ class PrefillStage:
         for index, part in parts:
             carries_hidden = (hidden is not None and index == len(stream.targets) - 1
                               and part is parts[-1][1])
-            self.sender.push(stream.targets[index].address, stream.request_id, part,
-                             hidden if carries_hidden else None, buffer, stream.attempt)
+            stream.transfers[index].push(part, hidden if carries_hidden else None, buffer)
 
     def _parts(self, stream: KVStream, snapshot: KVSnapshot, target: StageAddress
                ) -> list[KVSnapshot]:

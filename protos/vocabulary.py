@@ -1,4 +1,5 @@
-"""The words every layer shares: the roles a worker plays and why a request finished.
+"""The words every layer shares: the roles a worker plays, how a cluster serves, and why a
+request finished.
 
 Inside a process these enums are what code passes around; at the wire a ``FinishReason``
 is its proto enum number (both contracts, generation.proto and worker.proto, carry the one
@@ -17,6 +18,14 @@ class Role(enum.StrEnum):
 
     PREFILL = "prefill"
     DECODE = "decode"
+
+
+class Mode(enum.StrEnum):
+    """How a cluster serves: prefill and decode on separate workers, or both on each decode
+    worker (no prefill workers, no K/V transfer)."""
+
+    DISAGGREGATED = "disaggregated"
+    AGGREGATED = "aggregated"
 
 
 class FinishReason(enum.IntEnum):

@@ -287,11 +287,11 @@ class TokenEvent(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     has_token: bool
-    finish_reason: str
+    finish_reason: _generation_pb2.FinishReason
     error: str
     code: int
     logprobs: _generation_pb2.TokenLogprobs
-    def __init__(self, token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., code: _Optional[int] = ..., logprobs: _Optional[_Union[_generation_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
+    def __init__(self, token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., code: _Optional[int] = ..., logprobs: _Optional[_Union[_generation_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "reason")

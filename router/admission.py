@@ -4,19 +4,19 @@ order of arrival, for capacity to free up.
 Only the request at the head asks the decode workers, so a burst drains in order and a
 large request is not starved by small ones behind it. The line is bounded in length
 (a request that finds it full is refused at once) and in time (a request gives up after
-``max_wait`` seconds, its deadline, or its client leaving).
+``max_queue_wait_s`` seconds, its deadline, or its client leaving).
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
 
+from protos.clock import MONOTONIC, Clock
 from protos.errors import ServingError
 
 T = TypeVar("T")
@@ -24,9 +24,11 @@ POLL_SECONDS = 0.05  # capacity can also free up where this router cannot see it
 
 
 class AdmissionQueue:
-    def __init__(self, max_waiting: int, max_wait: float):
-        self.max_waiting = max_waiting
-        self.max_wait = max_wait
+    def __init__(self, max_waiting_requests: int, max_queue_wait_s: float,
+                 clock: Clock = MONOTONIC):
+        self.max_waiting_requests = max_waiting_requests
+        self.max_queue_wait_s = max_queue_wait_s
+        self.clock = clock  # ``deadline``s given to ``admit`` are on its scale
         self._line: collections.deque[object] = collections.deque()
         self._changed = threading.Condition()
 
@@ -41,12 +43,12 @@ class AdmissionQueue:
         """
         ticket = object()
         with self._changed:
-            if len(self._line) >= self.max_waiting + 1:  # the head is not waiting yet
+            if len(self._line) >= self.max_waiting_requests + 1:  # the head is not waiting yet
                 raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"the router's waiting line is full ({self.max_waiting} "
-                                   "requests); retry later")
+                                   "the router's waiting line is full "
+                                   f"({self.max_waiting_requests} requests); retry later")
             self._line.append(ticket)
-        give_up = time.monotonic() + self.max_wait
+        give_up = self.clock.now() + self.max_queue_wait_s
         try:
             while True:
                 with self._changed:
@@ -73,14 +75,14 @@ class AdmissionQueue:
 
     def _wait(self, give_up: float, deadline: float | None,
               still_wanted: Callable[[], bool]) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         if deadline is not None and now >= deadline:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                "the deadline passed while waiting for decode capacity")
         if now >= give_up:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"no decode capacity freed up within {self.max_wait:.0f} s; "
+                               f"no decode capacity freed up within {self.max_queue_wait_s:.0f} s; "
                                "retry later")
         if not still_wanted():
             raise ServingError(grpc.StatusCode.CANCELLED, "the client left while waiting")
-        self._changed.wait(POLL_SECONDS)
+        self.clock.wait(self._changed, POLL_SECONDS)

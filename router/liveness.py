@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Callable
 
 import grpc
+
+from protos.clock import MONOTONIC, Clock
 
 CHECK_SECONDS = 0.1
 
@@ -24,48 +25,60 @@ CHECK_SECONDS = 0.1
 class Watch:
     call: grpc.Call
     address: str            # the decode worker sending the stream
-    due: float              # monotonic time by which the next token must arrive
+    due: float              # the monitor's clock time by which the next token must arrive
     expired: str = ""       # why the monitor cancelled the call, once it has
 
 
 class StallMonitor:
+    """Cuts streams past their due time, or whose worker stopped answering.
+
+    ``background``: a thread calls ``check_once`` every ``CHECK_SECONDS``; without it the
+    caller does (unit tests, with a fake ``clock``).
+    """
+
     def __init__(self, first_token: float, between_tokens: float,
-                 alive: Callable[[str], bool]):
+                 alive: Callable[[str], bool], clock: Clock = MONOTONIC,
+                 background: bool = True):
         self.first_token = first_token
         self.between_tokens = between_tokens
         self.alive = alive
+        self.clock = clock
         self._watches: set[Watch] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stall-monitor", daemon=True)
-        self._thread.start()
+        if background:
+            threading.Thread(target=self._run, name="stall-monitor", daemon=True).start()
 
     def stop(self) -> None:
         self._stopped.set()
 
     def watch(self, call: grpc.Call, address: str) -> Watch:
-        watch = Watch(call, address, time.monotonic() + self.first_token)
+        watch = Watch(call, address, self.clock.now() + self.first_token)
         with self._lock:
             self._watches.add(watch)
         return watch
 
     def saw_token(self, watch: Watch) -> None:
-        watch.due = time.monotonic() + self.between_tokens
+        watch.due = self.clock.now() + self.between_tokens
 
     def unwatch(self, watch: Watch) -> None:
         with self._lock:
             self._watches.discard(watch)
 
+    def check_once(self) -> None:
+        """Cut every watched stream that is overdue or whose worker is not alive."""
+        now = self.clock.now()
+        with self._lock:
+            watches = list(self._watches)
+        for watch in watches:
+            if watch.due < now:
+                self._cut(watch, "sent nothing in time")
+            elif not self.alive(watch.address):
+                self._cut(watch, "stopped answering")
+
     def _run(self) -> None:
         while not self._stopped.wait(CHECK_SECONDS):
-            now = time.monotonic()
-            with self._lock:
-                watches = list(self._watches)
-            for watch in watches:
-                if watch.due < now:
-                    self._cut(watch, "sent nothing in time")
-                elif not self.alive(watch.address):
-                    self._cut(watch, "stopped answering")
+            self.check_once()
 
     def _cut(self, watch: Watch, why: str) -> None:
         with self._lock:

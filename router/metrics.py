@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from protos import worker_pb2
 from protos.layout import kv_bytes_per_token
+from protos.vocabulary import FinishReason, Role
 
 from .scheduler import Scheduler
 
@@ -43,8 +44,9 @@ class RouterMetrics:
         disable_created_metrics()  # no *_created series beside every counter and histogram
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("olmo_requests", "Requests finished, by finish reason "
-                                "(stop, length, abort, error)", ["finish_reason"], registry=r)
+        self.requests = Counter("olmo_requests", "Requests finished, by finish reason ("
+                                + ", ".join(reason.label for reason in FinishReason if reason)
+                                + ")", ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("olmo_prompt_tokens", "Prompt tokens of finished requests",
                                      registry=r)
         self.generation_tokens = Counter("olmo_generation_tokens",
@@ -93,15 +95,15 @@ class RouterMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def finished(self, reason: str, prompt_tokens: int, seconds: float) -> None:
-        self.requests.labels(reason or "error").inc()
+    def finished(self, reason: FinishReason, prompt_tokens: int, seconds: float) -> None:
+        self.requests.labels((reason or FinishReason.ERROR).label).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.e2e.observe(seconds)
 
     def reserved(self, response: worker_pb2.ReserveResponse, prompt_tokens: int,
                  layout: worker_pb2.ModelLayout, aggregated: bool) -> None:
-        self.prefix_queries.labels("decode").inc(prompt_tokens)
-        self.prefix_hits.labels("decode").inc(response.cached_tokens)
+        self.prefix_queries.labels(Role.DECODE).inc(prompt_tokens)
+        self.prefix_hits.labels(Role.DECODE).inc(response.cached_tokens)
         if not aggregated:
             self.kv_bytes_saved.inc(response.cached_tokens * kv_bytes_per_token(layout))
             if response.prefill_locally:
@@ -109,8 +111,8 @@ class RouterMetrics:
 
     def prefilled(self, request: worker_pb2.PrefillRequest,
                   response: worker_pb2.PrefillResponse) -> None:
-        self.prefix_queries.labels("prefill").inc(len(request.token_ids))
-        self.prefix_hits.labels("prefill").inc(response.cached_tokens)
+        self.prefix_queries.labels(Role.PREFILL).inc(len(request.token_ids))
+        self.prefix_hits.labels(Role.PREFILL).inc(response.cached_tokens)
         self.prefill_time.observe(response.prefill_ms / 1000)
         self.kv_seconds.observe(response.kv_transfer_ms / 1000)
         self.kv_bytes.observe(response.kv_bytes)
@@ -142,7 +144,7 @@ class _WorkerCollector:
         self.scheduler = scheduler
 
     def collect(self):
-        workers = [w for role in ("prefill", "decode") for w in self.scheduler.workers(role)]
+        workers = [w for role in Role for w in self.scheduler.workers(role)]
         up = GaugeMetricFamily("olmo_worker_up", "1 while the worker answers the router's "
                                "polls", labels=["role", "instance"])
         families = {name: GaugeMetricFamily(f"olmo_{name}", text, labels=["role", "instance"])

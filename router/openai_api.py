@@ -27,9 +27,10 @@ from tokenizers import Tokenizer
 
 from protos import generation_pb2
 from protos.errors import ServingError
+from protos.vocabulary import FinishReason, Role
 
 from .chat_template import ChatTemplate
-from .service import FINISH_NAMES, GenerationServicer, Prepared
+from .service import GenerationServicer, Prepared
 
 MAX_CHOICES = 8  # n times the number of prompts
 HTTP_STATUS = {
@@ -105,7 +106,7 @@ class Choice:
     index: int
     text: list[str] = dataclasses.field(default_factory=list)
     logprobs: list[generation_pb2.TokenLogprobs] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason = FinishReason.NONE
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -160,7 +161,7 @@ class OpenAIServer:
     async def health(self) -> Response:
         """Ready when some decode worker (and, disaggregated, some prefill worker) answers."""
         scheduler = self.servicer.scheduler
-        roles = ["decode"] if self.servicer.options.aggregated else ["prefill", "decode"]
+        roles = [Role.DECODE] if self.servicer.options.aggregated else list(Role)
         missing = [role for role in roles
                    if not any(scheduler.alive(w.address) for w in scheduler.workers(role))]
         if missing:
@@ -394,7 +395,7 @@ class OpenAIServer:
         choice.text.append(response.text)
         choice.logprobs.extend(response.logprobs)
         if response.finish_reason:
-            choice.finish_reason = FINISH_NAMES[response.finish_reason]
+            choice.finish_reason = FinishReason(response.finish_reason)
             choice.prompt_tokens = response.usage.prompt_tokens
             choice.completion_tokens = response.usage.completion_tokens
         elif response.token_ids:
@@ -405,13 +406,13 @@ class OpenAIServer:
         logprobs = self._logprobs(job, choice.logprobs) if job.logprobs else None
         if job.kind == "chat":
             return {"index": choice.index, "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs, "finish_reason": choice.finish_reason}
+                    "logprobs": logprobs, "finish_reason": _label(choice.finish_reason)}
         return {"index": choice.index, "text": text, "logprobs": logprobs,
-                "finish_reason": choice.finish_reason}
+                "finish_reason": _label(choice.finish_reason)}
 
     def _chunk(self, job: Job, choice: Choice, response: generation_pb2.GenerateResponse,
                first_of_choice: bool) -> dict | None:
-        finish = FINISH_NAMES[response.finish_reason] if response.finish_reason else None
+        finish = _label(FinishReason(response.finish_reason))
         logprobs = (self._logprobs(job, list(response.logprobs))
                     if job.logprobs and response.logprobs else None)
         if not (response.text or finish or logprobs or first_of_choice):
@@ -540,6 +541,11 @@ def _bool(body: dict, name: str) -> bool:
     if not isinstance(value, bool) and value is not None:
         raise BadRequest(f"{name} must be true or false", name)
     return bool(value)
+
+
+def _label(reason: FinishReason) -> str | None:
+    """OpenAI's word for why a choice ended (the reason's label); None while it runs."""
+    return reason.label if reason else None
 
 
 def _new_id(kind: str) -> str:

@@ -14,6 +14,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from protos.errors import ServingError
 from protos.grpc_server import shared_channel
 from protos.layout import layout_mismatch
+from protos.vocabulary import Role
 
 from .cache_map import CacheMap
 
@@ -21,7 +22,7 @@ from .cache_map import CacheMap
 @dataclasses.dataclass
 class Worker:
     address: str
-    role: str
+    role: Role
     stub: object
     layout: worker_pb2.ModelLayout | None = None
     stages: list = dataclasses.field(default_factory=list)  # the instance's StageInfos
@@ -59,8 +60,7 @@ class Scheduler:
     # to the others once that one holds 16 more requests (the first one there caches it).
     SEQUENCE_LOAD_TOKENS = 256
 
-    def __init__(self, secret: str | None = None, stats_timeout: float = 2.0,
-                 kv_weight: float = 4.0):
+    def __init__(self, secret: str | None, kv_weight: float, stats_timeout: float = 2.0):
         self.secret = secret  # the cluster's: every call to a worker carries it
         self.stats_timeout = stats_timeout
         self.kv_weight = kv_weight
@@ -82,12 +82,12 @@ class Scheduler:
             worker = self._workers.get(address)
         return worker is not None and time.monotonic() - worker.seen <= self.STALE_SECONDS
 
-    def stub_for(self, address: str, role: str):
-        stub_type = (worker_pb2_grpc.DecodeWorkerStub if role == "decode"
+    def stub_for(self, address: str, role: Role):
+        stub_type = (worker_pb2_grpc.DecodeWorkerStub if role == Role.DECODE
                      else worker_pb2_grpc.PrefillWorkerStub)
         return stub_type(shared_channel(address, self.secret))
 
-    def add(self, address: str, role: str) -> Worker:
+    def add(self, address: str, role: Role) -> Worker:
         """Handshake with a worker and keep it; refuses a worker of another model layout."""
         worker = Worker(address, role, self.stub_for(address, role))
         stats = worker.stub.Stats(worker_pb2.StatsRequest(), timeout=30)
@@ -128,7 +128,7 @@ class Scheduler:
         if self.kv_weight:
             self.cache_map.record(address, key, tokens)
 
-    def workers(self, role: str) -> list[Worker]:
+    def workers(self, role: Role) -> list[Worker]:
         """The role's workers that may be picked (not draining)."""
         with self._lock:
             return [w for w in self._workers.values() if w.role == role and not w.draining]
@@ -136,7 +136,7 @@ class Scheduler:
     def could_ever_fit(self, num_tokens: int) -> bool:
         """Whether some decode worker's whole cache, empty, would hold this many tokens (as
         its last stats said; True while none has reported)."""
-        sizes = [(w.stats.total_pages, w.layout.page_size) for w in self.workers("decode")
+        sizes = [(w.stats.total_pages, w.layout.page_size) for w in self.workers(Role.DECODE)
                  if w.stats is not None]
         return not sizes or any(-(-num_tokens // page) <= pages for pages, page in sizes)
 
@@ -147,16 +147,16 @@ class Scheduler:
         def cost(worker: Worker, stats: worker_pb2.WorkerStats, hit: int) -> tuple:
             load = (stats.running_sequences + stats.reservations) * self.SEQUENCE_LOAD_TOKENS
             return (load - self.kv_weight * hit, -(stats.free_pages + stats.cached_pages))
-        return self._rank("decode", exclude, tokens, cost)
+        return self._rank(Role.DECODE, exclude, tokens, cost)
 
     def pick_prefill(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = ()
                      ) -> Worker:
         """The reachable prefill worker with the fewest queued prompt tokens, less the
         weighted prefix of ``tokens`` cached there."""
-        return self._rank("prefill", exclude, tokens, lambda worker, stats, hit: (
+        return self._rank(Role.PREFILL, exclude, tokens, lambda worker, stats, hit: (
             stats.queued_tokens - self.kv_weight * hit,))[0]
 
-    def _rank(self, role: str, exclude: set[str], tokens: Sequence[int],
+    def _rank(self, role: Role, exclude: set[str], tokens: Sequence[int],
               cost: Callable[[Worker, worker_pb2.WorkerStats, int], tuple]) -> list[Worker]:
         candidates = [w for w in self.workers(role)
                       if w.address not in exclude and self.alive(w.address)]

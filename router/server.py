@@ -12,9 +12,11 @@ from tokenizers import Tokenizer
 from protos import generation_pb2
 from protos.auth import RequireSecret
 from protos.grpc_server import Server, start_server
+from protos.vocabulary import Role
 
+from .options import RouterOptions
 from .scheduler import Scheduler
-from .service import UNPARSABLE, GenerationServicer, RouterOptions
+from .service import UNPARSABLE, GenerationServicer
 from .validation import ModelFacts
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -61,7 +63,7 @@ def serve_router(model_dir: Path, scheduler: Scheduler, options: RouterOptions |
     server = start_server(
         [lambda s: _add_generation(servicer, s), *[register for register, _ in extra]],
         [SERVICE_NAME, *[name for _, name in extra]], host, port,
-        max_workers=RUNNING_CALLS + options.max_waiting,
+        max_workers=RUNNING_CALLS + options.max_waiting_requests,
         interceptors=[RequireSecret(guarded)] if guarded else [], tls=tls,
         max_message_bytes=max(4 * 2**20, 2 * options.limits.max_prompt_bytes))
     return server, servicer
@@ -77,12 +79,13 @@ def _add_generation(servicer: GenerationServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def static_scheduler(prefill: Sequence[str], decode: Sequence[str],
-                     secret: str | None = None) -> Scheduler:
-    """A scheduler over fixed worker addresses (handshakes with each)."""
-    scheduler = Scheduler(secret)
+def static_scheduler(prefill: Sequence[str], decode: Sequence[str], secret: str | None,
+                     kv_weight: float) -> Scheduler:
+    """A scheduler over fixed worker addresses (handshakes with each); ``kv_weight``: the
+    router's (``RouterOptions.kv_weight``)."""
+    scheduler = Scheduler(secret, kv_weight)
     for address in decode:
-        scheduler.add(address, "decode")
+        scheduler.add(address, Role.DECODE)
     for address in prefill:
-        scheduler.add(address, "prefill")
+        scheduler.add(address, Role.PREFILL)
     return scheduler

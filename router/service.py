@@ -26,25 +26,19 @@ from tokenizers import Tokenizer
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2
 from protos.errors import ServingError, status_code
 from protos.grpc_server import time_remaining
+from protos.vocabulary import FinishReason
 
 from .admission import AdmissionQueue
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
 from .liveness import StallMonitor
 from .metrics import RouterMetrics
+from .options import RouterOptions
 from .prefill_leg import PrefillLeg
 from .scheduler import Scheduler, Worker, abort_quietly
-from .validation import ModelFacts, RequestLimits, check_limits, invalid, validate
+from .validation import ModelFacts, check_limits, invalid, validate
 
 # What the request parser gives for bytes that are not a GenerateRequest.
 UNPARSABLE = object()
-
-FINISH = {
-    "stop": generation_pb2.FINISH_REASON_STOP,
-    "length": generation_pb2.FINISH_REASON_LENGTH,
-    "abort": generation_pb2.FINISH_REASON_ABORT,
-    "error": generation_pb2.FINISH_REASON_ERROR,
-}
-FINISH_NAMES = {code: name for name, code in FINISH.items()}
 
 
 class CallContext(Protocol):
@@ -84,30 +78,6 @@ class Prepared:
     prompt_ids: list[int]
     sampling: worker_pb2.Sampling
     arrived: float  # perf_counter time it came in: TTFT and latency count from here
-
-
-@dataclasses.dataclass(frozen=True)
-class RouterOptions:
-    """How the router admits, bounds and places requests."""
-
-    aggregated: bool = False        # decode workers prefill locally; no prefill workers
-    lease_ms: int = 30_000          # a reservation is freed if its K/V has not arrived
-    resume_on_decode_failure: bool = True
-    limits: RequestLimits = RequestLimits()
-    max_waiting: int = 128          # requests waiting for decode capacity, at most
-    max_queue_wait_s: float = 30.0  # how long one waits before RESOURCE_EXHAUSTED
-    # A token stream silent for longer than this is cut, and the request resumed on
-    # another decode worker (or failed UNAVAILABLE): before its first token (prefill and
-    # queueing at the workers included) and between tokens. In aggregated mode the
-    # second must exceed the longest local prefill, which pauses every stream.
-    first_token_timeout_s: float = 30.0
-    token_timeout_s: float = 10.0
-    # KV-aware routing: a prompt token thought cached on a worker counts as this many
-    # tokens of load off it; 0 routes by load alone.
-    kv_weight: float = 4.0
-    # Conditional disaggregation: a decode worker prefills a prompt itself when at most
-    # this many of its tokens are not in its prefix cache (0: never).
-    local_prefill_below: int = 64
 
 
 class DecodeLost(Exception):
@@ -168,8 +138,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.facts = facts
         self.options = options = options or RouterOptions()
         self.max_attempts = 2 if options.resume_on_decode_failure else 1
-        scheduler.kv_weight = options.kv_weight
-        self.admission = AdmissionQueue(options.max_waiting, options.max_queue_wait_s)
+        self.admission = AdmissionQueue(options.max_waiting_requests, options.max_queue_wait_s)
         self.stalls = StallMonitor(options.first_token_timeout_s, options.token_timeout_s,
                                    scheduler.alive)
         self._client_ids: set[str] = set()  # ids clients chose, of requests in flight
@@ -213,14 +182,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """Serve a prepared request, one response per token; raises ServingError. Closing
         the iterator early (the client left) cancels the request on every worker."""
         self.metrics.running.inc()
-        reason = "abort"
+        reason = FinishReason.ABORT  # unless it ends otherwise: the client left
         try:
             for response in self._generate(prepared, call):
                 if response.finish_reason:
-                    reason = FINISH_NAMES[response.finish_reason]
+                    reason = FinishReason(response.finish_reason)
                 yield response
         except ServingError:
-            reason = "error"
+            reason = FinishReason.ERROR
             raise
         finally:
             self.metrics.running.dec()
@@ -294,7 +263,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request_id=attempt_id, prompt_tokens=len(tokens), sampling=todo,
             lease_ms=self.options.lease_ms, prompt_token_ids=tokens,
             prefill_locally=self.options.aggregated,
-            local_prefill_below=self.options.local_prefill_below)
+            local_prefill_below=self.options.local_prefill_below_tokens)
         waited = time.perf_counter()
         decode, reserved = self.admission.admit(
             lambda: self._try_reserve(reserve, blame.decode), deadline, call.is_active)
@@ -345,7 +314,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             for event in attempt.stream:
                 self.stalls.saw_token(watch)
-                if event.finish_reason in ("error", "abort"):
+                if FinishReason(event.finish_reason).failed:
                     # The router aborts only after it stops reading, so an abort seen here
                     # came from the worker side: a failed prefill leg, an expired lease.
                     leg = attempt.leg
@@ -399,14 +368,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             self._observe_token(progress)
             if progress.detok is not None and event.token_id not in progress.stop_ids:
                 text = progress.stops.feed(progress.detok.add(event.token_id))
-        reason = event.finish_reason
+        reason = FinishReason(event.finish_reason)
         if progress.stops.stopped and not reason:
-            reason = "stop"
+            reason = FinishReason.STOP
             abort_quietly(attempt.decode, attempt.request_id, "stop string")
         if reason and not progress.stops.stopped:
             text += progress.stops.flush()
         response = generation_pb2.GenerateResponse(
-            request_id=client_id, token_ids=ids, text=text, finish_reason=FINISH.get(reason, 0))
+            request_id=client_id, token_ids=ids, text=text, finish_reason=reason)
         if event.HasField("logprobs"):
             response.logprobs.append(event.logprobs)
         if reason:

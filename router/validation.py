@@ -10,6 +10,7 @@ import grpc
 
 from protos import generation_pb2, worker_pb2
 from protos.errors import ServingError
+from protos.setting import setting
 
 DEFAULT_MAX_TOKENS = 16
 MAX_TOP_LOGPROBS = 20
@@ -19,10 +20,11 @@ MAX_TOP_LOGPROBS = 20
 class RequestLimits:
     """Bounds checked before any expensive work (tokenizing, scheduling)."""
 
-    max_prompt_bytes: int = 256 * 1024   # a text prompt, as UTF-8
-    max_stop_strings: int = 16
-    max_stop_chars: int = 256             # each stop string
-    max_request_id_chars: int = 256
+    max_prompt_bytes: int = setting(256 * 1024, "a text prompt's UTF-8 bytes, checked before "
+                                    "tokenizing")
+    max_stop_strings: int = setting(16, "stop strings one request may give")
+    max_stop_chars: int = setting(256, "characters in each stop string")
+    max_request_id_chars: int = setting(256, "characters in a client's request id")
 
 
 @dataclasses.dataclass(frozen=True)

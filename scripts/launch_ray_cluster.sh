@@ -91,8 +91,8 @@ cmd_head() {
   say "starting the router (log: $STATE/router.log)"
   # The cluster secret (made on first start, mode 0600) authenticates every internal
   # call and the admin API; `status` reads it from the same file.
-  nohup olmo-serve serve --ray-address "$(cat "$STATE/ray.address")" --host "$NODE_IP" \
-    --port "$ROUTER_PORT" --http-port "$HTTP_PORT" --token-file "$STATE/cluster.token" \
+  nohup olmo-serve serve --ray-address "$(cat "$STATE/ray.address")" --router-host "$NODE_IP" \
+    --router-port "$ROUTER_PORT" --router-http-port "$HTTP_PORT" --token-file "$STATE/cluster.token" \
     "${config[@]}" \
     >"$STATE/router.log" 2>&1 &
   echo $! >"$STATE/router.pid"

@@ -181,7 +181,7 @@ def describe_busy(worker) -> str:
     parts = [type(worker).__name__]
     if hasattr(worker, "engine") and hasattr(worker.engine, "scheduler"):
         requests = worker.engine.scheduler.requests()
-        parts += [f"{r.request_id[:8]}: {r.phase.value}, stream "
+        parts += [f"{r.request_id[:8]}: {r.state.value}, stream "
                   f"{'attached' if r.stream_attached else 'never opened'}, "
                   f"{'local' if r.local else 'pushed'}, "
                   f"lease ends in {r.lease_deadline - now:.1f}s" for r in requests]
@@ -210,7 +210,7 @@ def wait_until_cluster_idle(cluster, timeout: float = 15.0) -> None:
         busy = [w for w in workers if not w.stage.sequences <= cached]
         busy += [s for s in cluster.decode if s.engine.scheduler.request_ids()
                  or s.stage.receiver.waiting()
-                 or (s.engine.chain is not None and s.engine.stats()["used_pages"])]
+                 or (s.engine.chain is not None and s.engine.stats().engine.used_pages)]
         busy += [p for p in cluster.prefill if p._jobs]
         # Every K/V buffer is back in its pool: the sender's exports once answered, the
         # receiver's assemblies once installed or dropped.
@@ -226,3 +226,23 @@ def wait_until_cluster_idle(cluster, timeout: float = 15.0) -> None:
             raise AssertionError(f"still busy after {timeout}s: "
                                  + "; ".join(describe_busy(w) for w in busy))
         time.sleep(0.05)
+
+
+def local_cluster(model: str | Path | None = None, http: bool = False,
+                  api_key: str | None = None, tls: tuple[Path, Path] | None = None,
+                  **fields: Any):
+    """A whole cluster in this process, the router on free loopback ports (``http``: the
+    OpenAI-compatible API on one too): ``fields`` are ClusterConfig's; ``api_key`` is
+    written to a file the config names; ``tls``: (certificate, key) files."""
+    import tempfile
+
+    from cluster.cluster_config import ClusterConfig
+    from cluster.local_cluster import on_loopback, start_local_cluster
+
+    if api_key is not None:
+        key_file = Path(tempfile.mkdtemp(prefix="olmo-api-key-")) / "key"
+        key_file.write_text(api_key)
+        fields["api_key_file"] = str(key_file)
+    if tls is not None:
+        fields["tls_cert"], fields["tls_key"] = map(str, tls)
+    return start_local_cluster(on_loopback(ClusterConfig(model=model, **fields), http))

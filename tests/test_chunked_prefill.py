@@ -8,22 +8,24 @@ import threading
 import time
 
 import pytest
-from conftest import hf_greedy, wait_until_cluster_idle
+from conftest import hf_greedy, local_cluster, wait_until_cluster_idle
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits
+from protos.vocabulary import Mode
 from router.client import generate_request
 
 CHUNK = 32
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=CHUNK)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=4096, prefill_chunk_tokens=CHUNK)
 RUNNING = list(range(40, 48))                      # decoding when the long prompt arrives
 LONG = [(7 * i) % 1900 + 50 for i in range(320)]   # ten chunks
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, num_decode=1, aggregated=True, limits=LIMITS)
+    c = local_cluster(DEMO_MODEL_DIR, mode=Mode.AGGREGATED, cache=LIMITS,
+                      decode=RoleConfig(instances=1))
     yield c
     c.stop()
 

@@ -15,27 +15,29 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import decode_worker_stub, wait_until_cluster_idle
+from conftest import decode_worker_stub, local_cluster, wait_until_cluster_idle
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from protos import generation_pb2, stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
+from protos.vocabulary import FinishReason
 from router.client import GenerationClient, generate_request
 from router.detokenizer import StopStringFilter
+from router.options import RouterOptions
 from router.scheduler import abort_quietly
-from router.service import RouterOptions
 
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=4096, prefill_chunk_tokens=512)
 PROMPT = "The Python interpreter"
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, num_prefill=1, num_decode=1, limits=LIMITS,
-                            options=RouterOptions(local_prefill_below=0))
+    c = local_cluster(DEMO_MODEL_DIR, cache=LIMITS,
+                      router=RouterOptions(local_prefill_below_tokens=0),
+                      prefill=RoleConfig(instances=1), decode=RoleConfig(instances=1))
     yield c
     c.stop()
 
@@ -150,7 +152,7 @@ def test_a_sequence_with_non_finite_state_fails_alone(cluster, client):
     bad_push(cluster, stub, "nan-keys", float("nan"), 1.0)
     bad = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="nan-keys"),
                                  timeout=30))
-    assert bad[-1].finish_reason == "error" and "non-finite" in bad[-1].error
+    assert bad[-1].finish_reason == FinishReason.ERROR and "non-finite" in bad[-1].error
     assert grpc.StatusCode.INTERNAL.value[0] == bad[-1].code
     assert tokens_of([first, *good]) == expected
     wait_until_cluster_idle(cluster)
@@ -198,7 +200,7 @@ def test_aborts_sent_without_waiting_all_arrive(cluster):
     """The router aborts without waiting for the answer; each abort must still arrive,
     or a cancelled request's reservation holds its pages until the lease ends."""
     stub = decode_worker_stub(cluster)
-    ids = [f"forgotten-{i}" for i in range(LIMITS.max_num_sequences)]
+    ids = [f"forgotten-{i}" for i in range(LIMITS.max_sequences)]
     for request_id in ids:
         stub.Reserve(worker_pb2.ReserveRequest(
             request_id=request_id, prompt_tokens=8, lease_ms=60_000,
@@ -293,7 +295,7 @@ def test_oversized_prompts_are_refused_before_tokenizing(cluster, client):
 # 7. A burst waits in line instead of being refused ------------------------------------------
 
 def test_a_burst_larger_than_the_cache_waits_in_line_and_all_finish():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=CacheLimits(4, 1024, 512))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=CacheLimits(4, 1024, 512))
     client = GenerationClient(cluster.router_address)
     try:
         requests = [generate_request([10 + i, 11, 12], max_tokens=6, ignore_eos=True)
@@ -308,8 +310,8 @@ def test_a_burst_larger_than_the_cache_waits_in_line_and_all_finish():
 
 
 def test_a_full_waiting_line_refuses_with_resource_exhausted():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=CacheLimits(2, 1024, 512),
-                                  options=RouterOptions(max_waiting=2))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=CacheLimits(2, 1024, 512),
+                            router=RouterOptions(max_waiting_requests=2))
     client = GenerationClient(cluster.router_address)
     outcomes: list[object] = []
 
@@ -338,7 +340,7 @@ def test_a_full_waiting_line_refuses_with_resource_exhausted():
 
 
 def test_a_request_that_could_never_fit_is_refused_at_once():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=CacheLimits(2, 128, 128))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=CacheLimits(2, 128, 128))
     client = GenerationClient(cluster.router_address)
     try:
         error = expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, client.complete,

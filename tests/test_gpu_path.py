@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import local_cluster
 
+from kv_transfer.nccl import Nccl, NcclUnavailable, cuda_device_count, library_path, nccl_status
 from kv_transfer.transports import GRPC, NCCL, SHM, choose_transport, worker_transports
-from olmo_model.nccl import Nccl, NcclUnavailable, cuda_device_count, library_path, nccl_status
 from protos import worker_pb2
 
 needs_nccl = pytest.mark.skipif(library_path() is None,
@@ -37,7 +38,7 @@ def test_without_a_gpu_nccl_says_why():
     # the attempt runs in its own process, which leaves without tearing down.
     probe = (
         "import os\n"
-        "from olmo_model.nccl import Nccl, NcclUnavailable\n"
+        "from kv_transfer.nccl import Nccl, NcclUnavailable\n"
         "nccl = Nccl()\n"
         "try:\n"
         "    nccl.communicator(nccl.unique_id(), 1, 0)\n"
@@ -63,10 +64,9 @@ def test_transport_selection_falls_back_to_grpc():
 
 
 def test_workers_report_their_transport_in_stats(tiny_checkpoint):
-    from cluster.local_cluster import start_local_cluster
 
     folder, _ = tiny_checkpoint
-    cluster = start_local_cluster(folder)
+    cluster = local_cluster(folder)
     try:
         for servicer in [*cluster.prefill, *cluster.decode]:
             stats = servicer.Stats(worker_pb2.StatsRequest(), None)

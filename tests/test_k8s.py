@@ -351,11 +351,11 @@ def test_router_command_is_accepted_by_the_cli(target, tmp_path):
     assert "port" not in head_spec.get("rayStartParams", {}), "the GCS port stays KubeRay's"
     ray_head = template["spec"]["containers"][0]
     assert port_of(ray_head, "gcs-server") == KUBERAY_GCS_PORT
-    assert config.host == "0.0.0.0" and config.port == args.port
-    assert port_of(router, "api") == args.port
-    assert port_of(router, "http") == config.http_port > 0
+    assert config.router.host == "0.0.0.0" and config.router.port == config.router.port
+    assert port_of(router, "api") == config.router.port
+    assert port_of(router, "http") == config.router.http_port > 0
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert port_of(router, router[probe]["grpc"]["port"]) == args.port, probe
+        assert port_of(router, router[probe]["grpc"]["port"]) == config.router.port, probe
     # A driver attaches to the raylet it can see and to its sockets under Ray's temp dir.
     assert template["spec"].get("shareProcessNamespace") is True
     shared = mount_covering(template, router, RAY_TMP)["name"]
@@ -364,13 +364,13 @@ def test_router_command_is_accepted_by_the_cli(target, tmp_path):
     # The public Service reaches the router's two ports on the head pod only.
     service = the(objs, "Service", "olmo-api")
     assert [port_of(router, p["targetPort"]) for p in service["spec"]["ports"]] == [
-        args.port, config.http_port]
+        config.router.port, config.router.http_port]
     labels = {g: pod_labels(cluster, g, t) for g, _, t in pod_templates(cluster)}
     assert [g for g in labels if selects({"matchLabels": service["spec"]["selector"]},
                                          labels[g])] == ["headgroup"]
 
     # Workers: one actor per pod, on the role's fixed port, where the probes look.
-    assert config.worker_host == "0.0.0.0"
+    assert config.worker.host == "0.0.0.0"
     assert config.mode == "disaggregated"
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
     assert sorted(groups) == sorted(ROLES)
@@ -562,7 +562,7 @@ def test_network_policy_opens_only_the_api_and_metrics(target, tmp_path):
         for rule in policy["spec"].get("ingress", []):
             sources = rule.get("from")
             if not sources:  # anyone, inside or outside the cluster
-                assert ports(rule) == sorted([args.port, config.http_port]), policy
+                assert ports(rule) == sorted([config.router.port, config.router.http_port]), policy
                 assert targets == ["headgroup"], policy
                 continue
             for source in sources:
@@ -631,7 +631,7 @@ def exported_metric_names() -> set[str]:
     from router.metrics import RouterMetrics
     from router.scheduler import Scheduler
 
-    scheduler = Scheduler()
+    scheduler = Scheduler(None, kv_weight=0.0)
     try:
         names = set()
         for family in RouterMetrics(scheduler, lambda: 0).registry.collect():

@@ -3,8 +3,9 @@
 Workers on one host (every test cluster here) push K/V by naming a buffer of the
 sender's shared memory once the receiver has said it shares the host. These tests show
 that output does not change, that a shared push is checked as strictly as an inline one
-(and a refused one leaves nothing reserved or used), and that a sender whose receiver
-cannot read its memory goes back to inline pushes by itself.
+(and a refused one leaves nothing reserved or used), that a sender offers shared memory
+only to receivers whose answers accept it, and that one whose receiver cannot read its
+memory after all goes back to inline pushes by itself.
 """
 
 from __future__ import annotations
@@ -15,9 +16,16 @@ import tempfile
 import grpc
 import numpy as np
 import pytest
-from conftest import decode_worker_stub, greedy_outputs, leader_stats, wait_until_cluster_idle
+from conftest import (
+    decode_worker_stub,
+    greedy_outputs,
+    leader_stats,
+    local_cluster,
+    wait_until_cluster_idle,
+)
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
+from kv_transfer import codec
 from kv_transfer.buffers import Buffer, BufferPool
 from kv_transfer.codec import encode_push
 from kv_transfer.grpc_transport import KVSender
@@ -26,18 +34,18 @@ from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from pipeline.options import WorkerOptions
 from protos import worker_pb2
-from router.service import RouterOptions
+from protos.vocabulary import FinishReason
+from router.options import RouterOptions
 
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=4096, prefill_chunk_tokens=512)
 PROMPTS = [list(range(3, 60)), list(range(100, 400, 3)), [7] * 90]
 
 
 @pytest.fixture(scope="module")
 def inline_outputs():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS,
-                                  options=RouterOptions(local_prefill_below=0),
-                                  worker_options=WorkerOptions(prefix_cache=False,
-                                                               kv_shared_memory=False))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS,
+                            router=RouterOptions(local_prefill_below_tokens=0),
+                            worker=WorkerOptions(prefix_cache=False, kv_shared_memory=False))
     try:
         outputs = greedy_outputs(cluster, PROMPTS, 12)
         for stats in leader_stats(cluster.prefill + cluster.decode):
@@ -50,10 +58,11 @@ def inline_outputs():
 @pytest.mark.parametrize("prefill_stages, decode_stages", [(1, 1), (2, 3)])
 def test_shared_memory_pushes_give_the_inline_output(inline_outputs, prefill_stages,
                                                      decode_stages):
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS,
-                                  prefill_stages=prefill_stages, decode_stages=decode_stages,
-                                  options=RouterOptions(local_prefill_below=0),
-                                  worker_options=WorkerOptions(prefix_cache=False))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS,
+                            router=RouterOptions(local_prefill_below_tokens=0),
+                            worker=WorkerOptions(prefix_cache=False),
+                            prefill=RoleConfig(stages=prefill_stages),
+                            decode=RoleConfig(stages=decode_stages))
     try:
         assert greedy_outputs(cluster, PROMPTS, 12) == inline_outputs
         # A sender learns its receiver's host from the first answer: the first push to
@@ -76,8 +85,8 @@ def test_shared_memory_pushes_give_the_inline_output(inline_outputs, prefill_sta
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS,
-                            options=RouterOptions(local_prefill_below=0))
+    c = local_cluster(DEMO_MODEL_DIR, cache=LIMITS,
+                      router=RouterOptions(local_prefill_below_tokens=0))
     yield c
     c.stop()
 
@@ -169,36 +178,68 @@ def test_a_good_shared_push_decodes(cluster, stub):
     assert push_shared(stub, cluster, "shared-good").bytes > 0
     events = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="shared-good"),
                                     timeout=30))
-    assert events[-1].finish_reason == "length" and sum(e.has_token for e in events) == 4
+    assert events[-1].finish_reason == FinishReason.LENGTH and sum(e.has_token for e in events) == 4
     wait_until_cluster_idle(cluster)
 
 
-def test_a_sender_goes_inline_when_its_receiver_cannot_read_shared_memory(cluster, stub):
+def push_three(cluster, stub, sender: KVSender, name: str) -> None:
+    """Three pushes of hand-made K/V from ``sender``, each decoded."""
+    servicer = cluster.decode[0]
+    address = cluster.router.scheduler.workers("decode")[0].address
+    for n in range(3):
+        request_id = f"{name}-{n}"
+        stub.Reserve(worker_pb2.ReserveRequest(
+            request_id=request_id, prompt_tokens=5, lease_ms=60_000,
+            sampling=worker_pb2.Sampling(max_tokens=1)), timeout=5)
+        snapshot, buffer = shared_snapshot(servicer.layout)
+        try:
+            sender.push(address, request_id, snapshot,
+                        np.zeros(servicer.layout.hidden_size, np.float32), buffer)
+        finally:
+            buffer.close()
+        list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=request_id),
+                               timeout=30))
+
+
+def test_a_receiver_that_takes_no_shared_memory_is_never_offered_any(cluster, stub):
     servicer = cluster.decode[0]
     address = cluster.router.scheduler.workers("decode")[0].address
     sender = KVSender(servicer.layout, cluster.secret)
     receiver = servicer.stage.receiver
-    receiver.accepts_shared = False  # it still says it shares our host: as across namespaces
+    refused = receiver.pushes_refused
+    receiver.accepts_shared = False  # its answers now name no host
     try:
-        for n in range(3):
-            request_id = f"fallback-{n}"
-            stub.Reserve(worker_pb2.ReserveRequest(
-                request_id=request_id, prompt_tokens=5, lease_ms=60_000,
-                sampling=worker_pb2.Sampling(max_tokens=1)), timeout=5)
-            snapshot, buffer = shared_snapshot(servicer.layout)
-            try:
-                sender.push(address, request_id, snapshot,
-                            np.zeros(servicer.layout.hidden_size, np.float32), buffer)
-            finally:
-                buffer.close()
-            list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=request_id),
-                                   timeout=30))
-        # The second push tried shared memory, was refused UNIMPLEMENTED and went again
-        # inline; the third went inline at once.
+        push_three(cluster, stub, sender, "inline-only")
         assert sender.pushes == 3 and sender.shared_pushes == 0
+        assert receiver.pushes_refused == refused  # negotiated: nothing was tried and refused
         assert not sender.shares_memory_with(address)
     finally:
         receiver.accepts_shared = True
+        sender.close()
+    wait_until_cluster_idle(cluster)
+
+
+def test_a_sender_goes_inline_when_its_receiver_cannot_read_what_it_advertised(
+        cluster, stub, monkeypatch):
+    servicer = cluster.decode[0]
+    address = cluster.router.scheduler.workers("decode")[0].address
+    sender = KVSender(servicer.layout, cluster.secret)
+    refused = servicer.stage.receiver.pushes_refused
+
+    def closed_to_us(pid, fd, parts):  # as ptrace rules can close /proc/<pid>/fd
+        raise PermissionError(f"/proc/{pid}/fd/{fd}: permission denied")
+
+    # It still says it shares our host: as when its /proc is closed to it.
+    monkeypatch.setattr(codec, "read_shared", closed_to_us)
+    try:
+        push_three(cluster, stub, sender, "fallback")
+        # The first push went inline (the receiver not heard from yet); the second tried
+        # shared memory, was refused UNIMPLEMENTED and went again inline; the third went
+        # inline at once.
+        assert sender.pushes == 3 and sender.shared_pushes == 0
+        assert servicer.stage.receiver.pushes_refused == refused + 1
+        assert not sender.shares_memory_with(address)
+    finally:
         sender.close()
     wait_until_cluster_idle(cluster)
 

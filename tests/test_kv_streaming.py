@@ -19,22 +19,29 @@ from itertools import pairwise
 import grpc
 import numpy as np
 import pytest
-from conftest import decode_worker_stub, hf_greedy, leader_stats, wait_until_cluster_idle
+from conftest import (
+    decode_worker_stub,
+    hf_greedy,
+    leader_stats,
+    local_cluster,
+    wait_until_cluster_idle,
+)
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from olmo_model.stages import layer_partition
 from pipeline.options import WorkerOptions
 from protos import worker_pb2
+from protos.vocabulary import FinishReason, Mode
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
 CHUNK = 16
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=CHUNK)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=4096, prefill_chunk_tokens=CHUNK)
 PROMPTS = [list(range(3, 60)), list(range(100, 400, 3)), [7] * 40]  # 4, 7 and 3 chunks
-DISAGGREGATED = RouterOptions(local_prefill_below=0)
+DISAGGREGATED = RouterOptions(local_prefill_below_tokens=0)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +62,11 @@ def served(cluster, prompts) -> list[list[int]]:
                          [(1, 1, True, 4), (2, 3, True, 2), (1, 1, False, 1)])
 def test_streamed_pieces_give_transformers_output(expected, prefill_stages, decode_stages,
                                                   streaming, layer_groups):
-    cluster = start_local_cluster(
-        DEMO_MODEL_DIR, limits=LIMITS, prefill_stages=prefill_stages,
-        decode_stages=decode_stages, options=DISAGGREGATED,
-        worker_options=WorkerOptions(prefix_cache=False, kv_streaming=streaming,
-                                     kv_layer_groups=layer_groups))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, router=DISAGGREGATED,
+                            worker=WorkerOptions(prefix_cache=False, kv_streaming=streaming,
+                                                 kv_layer_groups=layer_groups),
+                            prefill=RoleConfig(stages=prefill_stages),
+                            decode=RoleConfig(stages=decode_stages))
     try:
         assert served(cluster, PROMPTS) == expected
         # A pass pushes each group of a prefill stage's layers to the decode stages it
@@ -80,7 +87,7 @@ def test_streamed_pieces_give_transformers_output(expected, prefill_stages, deco
 
 
 def test_streamed_output_equals_aggregated(expected):
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, aggregated=True)
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, mode=Mode.AGGREGATED)
     try:
         assert served(cluster, PROMPTS) == expected
     finally:
@@ -94,7 +101,7 @@ TOKENS = 40  # reserved per request: three pieces of 16, 16 and 8 tokens
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, options=DISAGGREGATED)
+    c = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, router=DISAGGREGATED)
     yield c
     c.stop()
 
@@ -152,7 +159,7 @@ def test_pieces_in_any_order_decode_once_all_are_here(cluster, stub):
     push(stub, piece(cluster, "pieces", 0, 16))
     events = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="pieces"),
                                     timeout=30))
-    assert sum(e.has_token for e in events) == 4 and events[-1].finish_reason == "length"
+    assert sum(e.has_token for e in events) == 4 and events[-1].finish_reason == FinishReason.LENGTH
     wait_until_cluster_idle(cluster)
 
 
@@ -171,7 +178,7 @@ def test_a_stream_cut_after_some_pieces_leaves_nothing_behind(cluster, stub):
     # What the broken push wrote does not count: its tokens can come again, whole.
     push(stub, piece(cluster, "cut", 16, 32))
     assert list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="cut"),
-                                  timeout=30))[-1].finish_reason == "length"
+                                  timeout=30))[-1].finish_reason == FinishReason.LENGTH
     wait_until_cluster_idle(cluster)
     reserve(stub, "cut-for-good")
     push(stub, piece(cluster, "cut-for-good", 0, 16))
@@ -220,15 +227,15 @@ def test_a_retry_replaces_what_the_earlier_try_sent(cluster, stub):
     assert running(cluster) == 0
     push(stub, piece(cluster, "retry", 32, TOKENS, attempt=1))
     assert list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="retry"),
-                                  timeout=30))[-1].finish_reason == "length"
+                                  timeout=30))[-1].finish_reason == FinishReason.LENGTH
     wait_until_cluster_idle(cluster)
 
 
 # --- a receiver gone mid-stream -----------------------------------------------------------
 
 def test_a_receiver_gone_mid_stream_fails_the_request_and_frees_the_prefill_side():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, options=DISAGGREGATED,
-                                  worker_options=WorkerOptions(prefix_cache=False))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, router=DISAGGREGATED,
+                            worker=WorkerOptions(prefix_cache=False))
     try:
         receiver = cluster.decode[0].stage.receiver
         take = receiver.receive

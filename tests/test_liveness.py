@@ -23,11 +23,11 @@ from prefill_worker.servicer import serve_prefill
 from protos import worker_pb2
 from protos.auth import SECRET_ENV, new_secret
 from router.client import GenerationClient, generate_request
+from router.options import RouterOptions
 from router.server import serve_router, static_scheduler
-from router.service import RouterOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ["--max-sequences", "8", "--max-total-tokens", "4096"]
+CACHE = ["--cache-max-sequences", "8", "--cache-max-total-tokens", "4096"]
 PROMPT = "The Python interpreter"
 TOKEN_TIMEOUT = 1.5
 
@@ -37,7 +37,8 @@ class WorkerProcess:
 
     def __init__(self, role: str, secret: str):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", role, "--port", "0", *CACHE],
+            [sys.executable, "-m", "cluster.cli", role,
+             f"--{role.removesuffix('-worker')}-port", "0", *CACHE],
             cwd=ROOT, env={**os.environ, SECRET_ENV: secret}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         lines: queue.Queue[str] = queue.Queue()
@@ -86,10 +87,11 @@ def cluster():
         runner = WorkerSpec.of(DEMO_MODEL_DIR).runner()
         local_server, _ = serve_prefill(runner, secret=secret)
         local = f"127.0.0.1:{local_server.port}"
-        scheduler = static_scheduler([workers["prefill"][0].address, local],
-                                     [w.address for w in workers["decode"]], secret)
         options = RouterOptions(token_timeout_s=TOKEN_TIMEOUT, first_token_timeout_s=20,
-                                local_prefill_below=0)
+                                local_prefill_below_tokens=0)
+        scheduler = static_scheduler([workers["prefill"][0].address, local],
+                                     [w.address for w in workers["decode"]], secret,
+                                     options.kv_weight)
         server, router = serve_router(DEMO_MODEL_DIR, scheduler, options)
         yield {"router": router, "address": f"127.0.0.1:{server.port}", **workers}
         server.stop(grace=0.5)

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
+from pathlib import Path
 
-import netns
 import pytest
-from ray_hosts import RayHosts, results, wait_for_tokens
+from conftest import local_cluster
 
-from cluster.local_cluster import start_local_cluster
 from olmo_model.demo import DEMO_MODEL_DIR
 from router.client import GenerationClient, generate_request
+
+# The hosts live in bench/, which planner_bench.py drives too (bench/ never imports tests/).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import netns  # noqa: E402
+from ray_hosts import RayHosts, results, wait_for_tokens  # noqa: E402
 
 why_not = netns.unavailable()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=why_not or "")
@@ -57,7 +62,7 @@ def request(prompt: str, max_tokens: int = 24) -> dict:
 @pytest.fixture(scope="module")
 def reference() -> dict[tuple[str, int], list[int]]:
     """Greedy ids of every prompt used here, from a one-node (in-process) cluster."""
-    cluster = start_local_cluster(DEMO_MODEL_DIR)
+    cluster = local_cluster(DEMO_MODEL_DIR)
     client = GenerationClient(cluster.router_address)
     try:
         wanted = [request(p) for p in PROMPTS] + LONG

@@ -71,7 +71,7 @@ def test_every_prefill_position_matches(variant):
     runner.add_sequence(0)
     try:
         # One pass of at most the window (the runner's chunk limit with sliding layers).
-        chunk = runner.limits.prefill_chunk_size
+        chunk = runner.limits.prefill_chunk_tokens
         ours = []
         for begin in range(0, len(prompt), chunk):
             piece = prompt[begin:begin + chunk]
@@ -122,7 +122,7 @@ def test_stages_split_inside_the_sliding_pattern(checkpoint_factory):
     hidden = None
     for stage, runner in enumerate(runners):
         runner.add_sequence(0)
-        chunk = runner.limits.prefill_chunk_size
+        chunk = runner.limits.prefill_chunk_tokens
         outputs = []
         for begin in range(0, len(prompt), chunk):
             n = min(chunk, len(prompt) - begin)

@@ -13,19 +13,19 @@ import numpy as np
 import openai
 import pytest
 import torch
-from conftest import wait_until_cluster_idle
+from conftest import local_cluster, wait_until_cluster_idle
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 from transformers import OlmoForCausalLM
 
-from cluster.local_cluster import start_local_cluster
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits
+from protos.vocabulary import Mode
 from router.chat_template import ChatTemplate
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=4096, prefill_chunk_size=512)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=4096, prefill_chunk_tokens=512)
 MODEL = DEMO_MODEL_DIR.name
 PROMPT = "The Python interpreter"
 MESSAGES = [{"role": "system", "content": "You explain Python."},
@@ -34,9 +34,9 @@ MESSAGES = [{"role": "system", "content": "You explain Python."},
 
 @pytest.fixture(scope="module", params=["disaggregated", "aggregated"])
 def cluster(request):
-    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, http_port=0,
-                            aggregated=request.param == "aggregated",
-                            options=RouterOptions(local_prefill_below=0))
+    c = local_cluster(DEMO_MODEL_DIR, cache=LIMITS,
+                      mode=Mode.AGGREGATED if request.param == "aggregated" else Mode.DISAGGREGATED,
+                      router=RouterOptions(local_prefill_below_tokens=0), http=True)
     yield c
     c.stop()
 
@@ -144,7 +144,7 @@ def test_closing_a_stream_cancels_the_request_everywhere(cluster, api):
                                     stream=True, extra_body={"ignore_eos": True})
     for _, _ in zip(range(3), stream):
         pass
-    assert cluster.decode[0].engine.stats()["used_pages"] > 0
+    assert cluster.decode[0].engine.stats().engine.used_pages > 0
     stream.close()
     wait_until_cluster_idle(cluster)
 
@@ -233,7 +233,7 @@ def summed(values: dict[str, float], name: str, *labels: str) -> float:
 
 
 def test_api_key_and_unavailable_workers_get_401_and_503():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, http_port=0, api_key="k")
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, api_key="k", http=True)
     try:
         anonymous = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="wrong",
                                   max_retries=0)
@@ -259,8 +259,8 @@ def test_api_key_and_unavailable_workers_get_401_and_503():
 
 
 def test_a_full_waiting_line_is_429():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=CacheLimits(1, 1024, 512), http_port=0,
-                                  options=RouterOptions(max_waiting=0))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=CacheLimits(1, 1024, 512),
+                            router=RouterOptions(max_waiting_requests=0), http=True)
     try:
         grpc_client = GenerationClient(cluster.router_address)
         busy = grpc_client.stream(generate_request(PROMPT, max_tokens=300, ignore_eos=True),

@@ -10,20 +10,20 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import wait_until_cluster_idle
+from conftest import local_cluster, wait_until_cluster_idle
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
 from olmo_model.kv_pages import CacheLimits
 from protos import stage_pb2, stage_pb2_grpc, worker_pb2
 from protos.errors import ServingError
 from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=2048, prefill_chunk_tokens=64)
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], list(range(20, 120)), [42], list(range(200, 231))]
 NEW_TOKENS = 12
-PUSH = RouterOptions(local_prefill_below=0)  # every prompt goes through a prefill instance
+PUSH = RouterOptions(local_prefill_below_tokens=0)  # every prompt goes through a prefill instance
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,9 @@ def run_concurrently(address: str, prompts) -> list[list[int]]:
 def test_staged_greedy_output_equals_transformers(five_layers, expected, prefill_stages,
                                                   decode_stages):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
-                                  prefill_stages=prefill_stages,
-                                  decode_stages=decode_stages)
+    cluster = local_cluster(folder, cache=LIMITS, router=PUSH,
+                            prefill=RoleConfig(stages=prefill_stages),
+                            decode=RoleConfig(stages=decode_stages))
     try:
         assert run_concurrently(cluster.router_address, PROMPTS) == expected
         wait_until_cluster_idle(cluster)  # every stage freed its pages
@@ -72,7 +72,7 @@ def _idle(servicer, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = servicer.engine.stats()
-        if stats["used_pages"] == 0 and not servicer.stage.receiver.waiting():
+        if stats.engine.used_pages == 0 and not servicer.stage.receiver.waiting():
             return True
         time.sleep(0.05)
     return False
@@ -80,15 +80,15 @@ def _idle(servicer, timeout: float = 10.0) -> bool:
 
 def test_a_killed_decode_stage_fails_requests_cleanly_and_frees_other_stages(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
-                                  prefill_stages=1, decode_stages=3)
+    cluster = local_cluster(folder, cache=LIMITS, router=PUSH, prefill=RoleConfig(stages=1),
+                            decode=RoleConfig(stages=3))
     try:
         client = GenerationClient(cluster.router_address)
         call = client.stream(generate_request([5, 6, 7], max_tokens=200, ignore_eos=True),
                              timeout=60)
         next(call)
         leader, middle, last = cluster.decode
-        assert leader.engine.stats()["used_pages"] > 0
+        assert leader.engine.stats().engine.used_pages > 0
         victim = next(s for s in cluster.servers
                       if f"127.0.0.1:{s.port}" == leader.engine.chain.addresses[1].address)
         victim.stop(grace=0)  # the middle stage goes away mid-stream
@@ -107,8 +107,8 @@ def test_a_killed_decode_stage_fails_requests_cleanly_and_frees_other_stages(fiv
 
 def test_stage_chain_must_cover_every_layer(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
-                                  prefill_stages=1, decode_stages=3)
+    cluster = local_cluster(folder, cache=LIMITS, router=PUSH, prefill=RoleConfig(stages=1),
+                            decode=RoleConfig(stages=3))
     try:
         leader = cluster.decode[0]
         stages = leader.engine.chain.addresses
@@ -121,7 +121,7 @@ def test_stage_chain_must_cover_every_layer(five_layers):
 
 def test_a_one_stage_instance_calls_its_own_stage_directly(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH)
+    cluster = local_cluster(folder, cache=LIMITS, router=PUSH)
     try:
         for servicer in [*cluster.prefill, *cluster.decode]:
             assert servicer.engine.chain.stages == [servicer.stage]
@@ -131,8 +131,8 @@ def test_a_one_stage_instance_calls_its_own_stage_directly(five_layers):
 
 def test_a_member_stage_refuses_malformed_calls(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
-                                  prefill_stages=1, decode_stages=2)
+    cluster = local_cluster(folder, cache=LIMITS, router=PUSH, prefill=RoleConfig(stages=1),
+                            decode=RoleConfig(stages=2))
     try:
         leader, member = cluster.decode
         addresses = leader.engine.chain.addresses
@@ -159,8 +159,8 @@ def test_a_member_stage_refuses_malformed_calls(five_layers):
 
 def test_a_prefill_whose_member_stage_died_frees_the_leader(five_layers):
     folder, _ = five_layers
-    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
-                                  prefill_stages=2, decode_stages=1)
+    cluster = local_cluster(folder, cache=LIMITS, router=PUSH, prefill=RoleConfig(stages=2),
+                            decode=RoleConfig(stages=1))
     try:
         leader = cluster.prefill[0]
         member_address = leader.engine.chain.addresses[1].address

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import local_cluster
 from prometheus_client import CollectorRegistry, Histogram
 
-from cluster.cluster_config import ClusterConfig, ClusterConfigError
+from cluster.cluster_config import ClusterConfig
 from cluster.planner import (
     Bounds,
     Decision,
@@ -21,6 +22,7 @@ from cluster.planner import (
     _Window,
     replay,
 )
+from cluster.settings import ConfigError
 
 TRACES = Path(__file__).parent / "planner_traces"
 BOUNDS = {"prefill": Bounds(1, 3), "decode": Bounds(1, 3)}
@@ -195,9 +197,9 @@ def test_the_cluster_config_validates_the_planner():
     assert config.planner.ttft_target_s == 0.5
     assert config.prefill.bounds() == Bounds(1, 4) and config.decode.bounds() == Bounds(1, 1)
     for bad, message in (({"planner": {"interval_s": 0}}, "planner.interval_s"),
-                         ({"planner": {"target": 1}}, "unknown key"),
+                         ({"planner": {"target": 1}}, "unknown config key"),
                          ({"decode": {"instances": 3, "max_instances": 2}}, "max_instances")):
-        with pytest.raises(ClusterConfigError, match=message):
+        with pytest.raises(ConfigError, match=message):
             ClusterConfig(**bad)
 
 
@@ -223,11 +225,10 @@ class RecordingCluster:
 
 
 def test_the_planner_samples_the_router_and_scales_through_the_cluster(tmp_path):
-    from cluster.local_cluster import start_local_cluster
     from router.client import GenerationClient, generate_request
-    from router.service import RouterOptions
+    from router.options import RouterOptions
 
-    cluster = start_local_cluster(options=RouterOptions(local_prefill_below=0))
+    cluster = local_cluster(router=RouterOptions(local_prefill_below_tokens=0))
     client = GenerationClient(cluster.router_address)
     trace = tmp_path / "trace.jsonl"
     try:

@@ -9,27 +9,28 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import greedy_outputs, reference_logits, wait_until_cluster_idle
+from conftest import greedy_outputs, local_cluster, reference_logits, wait_until_cluster_idle
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from olmo_model.runtime import ModelRunner
 from pipeline.options import WorkerOptions
-from pipeline.prefix_cache import PrefixCache
+from pipeline.prefix_cache import PrefixCache, PrefixCacheStats
 from protos import worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
 from protos.layout import kv_bytes_per_token
 from protos.prefix_index import PrefixIndex
+from protos.vocabulary import Mode
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=2048, prefill_chunk_tokens=64)
 NEW_TOKENS = 8
 SYSTEM = list(range(10, 80))  # 70 tokens: four whole pages and a part
 SHARED = [SYSTEM + [100 + i, 7, 100 + 2 * i, 9, 3 + i] for i in range(4)]
 USER_TURNS = [[200, 201, 202, 203], [210, 211], [220, 221, 222, 223, 224, 225]]
-PUSH = dict(local_prefill_below=0)  # every prompt goes through a prefill instance
+PUSH = dict(local_prefill_below_tokens=0)  # every prompt goes through a prefill instance
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def serve_concurrently(cluster, prompts: list[list[int]], n: int = NEW_TOKENS
     return results
 
 
-def leader_stats(servicers) -> list[dict[str, int]]:
+def leader_stats(servicers) -> list[PrefixCacheStats]:
     return [s.engine.cache.stats() for s in servicers if s.engine.chain is not None]
 
 
@@ -126,7 +127,7 @@ def test_the_cache_keeps_what_is_new_and_evicts_the_least_recently_used():
     cache.lookup([7] * 9)  # 4 becomes the most recently used
     assert cache.evict(1) == [2]
     assert cache.evict(10, keep={4}) == []
-    assert cache.stats()["cached_sequences"] == 1 and cache.clear() == [4]
+    assert cache.stats().cached_sequences == 1 and cache.clear() == [4]
 
 
 def test_a_disabled_cache_keeps_nothing():
@@ -166,10 +167,11 @@ def test_forked_sequences_never_see_each_others_later_tokens(model):
 # --- end to end -------------------------------------------------------------------------
 
 LAYOUTS = {
-    "aggregated": dict(aggregated=True),
-    "disaggregated": dict(options=RouterOptions(**PUSH)),
-    "conditional": dict(options=RouterOptions(local_prefill_below=16)),
-    "staged": dict(prefill_stages=2, decode_stages=2, options=RouterOptions(**PUSH)),
+    "aggregated": dict(mode=Mode.AGGREGATED),
+    "disaggregated": dict(router=RouterOptions(**PUSH)),
+    "conditional": dict(router=RouterOptions(local_prefill_below_tokens=16)),
+    "staged": dict(prefill=RoleConfig(stages=2), decode=RoleConfig(stages=2),
+                   router=RouterOptions(**PUSH)),
 }
 
 
@@ -177,7 +179,7 @@ LAYOUTS = {
 def test_cached_output_equals_transformers_in_every_layout(model, expected, layout):
     folder, _ = model
     shared, chat = expected
-    cluster = start_local_cluster(folder, limits=LIMITS, **LAYOUTS[layout])
+    cluster = local_cluster(folder, cache=LIMITS, **LAYOUTS[layout])
     try:
         assert serve(cluster, SHARED[:1]) == [shared[tuple(SHARED[0])]]  # warms the caches
         assert serve_concurrently(cluster, SHARED) == [shared[tuple(p)] for p in SHARED]
@@ -186,9 +188,9 @@ def test_cached_output_equals_transformers_in_every_layout(model, expected, layo
         # Every SHARED prompt after the first forks from the cached SYSTEM; each chat turn
         # from the whole previous turn (all but its answer's last token).
         previous_turns = sum(len(p) + NEW_TOKENS - 1 for p, _ in chat[:-1])
-        assert decode["prefix_hit_tokens"] >= 4 * len(SYSTEM) + previous_turns
+        assert decode.hit_tokens >= 4 * len(SYSTEM) + previous_turns
         if not cluster.router.options.aggregated and layout != "conditional":
-            assert leader_stats(cluster.prefill)[0]["prefix_hit_tokens"] >= 4 * len(SYSTEM)
+            assert leader_stats(cluster.prefill)[0].hit_tokens >= 4 * len(SYSTEM)
         wait_until_cluster_idle(cluster)
     finally:
         cluster.stop()
@@ -197,13 +199,13 @@ def test_cached_output_equals_transformers_in_every_layout(model, expected, layo
 def test_cache_off_gives_the_same_output_and_computes_everything(model, expected):
     folder, _ = model
     shared, chat = expected
-    cluster = start_local_cluster(folder, limits=LIMITS, options=RouterOptions(**PUSH),
-                                  worker_options=WorkerOptions(prefix_cache=False))
+    cluster = local_cluster(folder, cache=LIMITS, router=RouterOptions(**PUSH),
+                            worker=WorkerOptions(prefix_cache=False))
     try:
         assert serve_concurrently(cluster, SHARED) == [shared[tuple(p)] for p in SHARED]
         assert chat_prompts(lambda p: serve(cluster, [p])[0]) == chat
         for stats in leader_stats(cluster.decode) + leader_stats(cluster.prefill):
-            assert stats["prefix_hit_tokens"] == 0 and stats["cached_sequences"] == 0
+            assert stats.hit_tokens == 0 and stats.cached_sequences == 0
         wait_until_cluster_idle(cluster)
     finally:
         cluster.stop()
@@ -212,7 +214,7 @@ def test_cache_off_gives_the_same_output_and_computes_everything(model, expected
 def test_only_the_uncached_k_v_is_pushed(model, expected):
     folder, _ = model
     shared, _ = expected
-    cluster = start_local_cluster(folder, limits=LIMITS, options=RouterOptions(**PUSH))
+    cluster = local_cluster(folder, cache=LIMITS, router=RouterOptions(**PUSH))
     try:
         receiver = cluster.decode[0].stage.receiver
         per_token = kv_bytes_per_token(cluster.decode[0].layout) // 2  # K and V
@@ -230,7 +232,7 @@ def test_only_the_uncached_k_v_is_pushed(model, expected):
 def test_a_push_that_ignores_the_cached_prefix_is_refused(model, expected):
     folder, _ = model
     shared, _ = expected
-    cluster = start_local_cluster(folder, limits=LIMITS, options=RouterOptions(**PUSH))
+    cluster = local_cluster(folder, cache=LIMITS, router=RouterOptions(**PUSH))
     try:
         serve(cluster, SHARED[:1])
         servicer = cluster.decode[0]
@@ -263,8 +265,8 @@ def test_eviction_under_pressure_never_corrupts_a_running_sequence(model):
     next prompt fits only once that prefix is evicted; distinct prompts then push each
     other out while the long request runs."""
     folder, reference = model
-    small = CacheLimits(max_num_sequences=4, max_total_tokens=256, prefill_chunk_size=64)
-    cluster = start_local_cluster(folder, limits=small, aggregated=True)
+    small = CacheLimits(max_sequences=4, max_total_tokens=256, prefill_chunk_tokens=64)
+    cluster = local_cluster(folder, cache=small, mode=Mode.AGGREGATED)
     try:
         base = list(range(100, 148))  # three whole pages
         long_prompt = base + [5, 6, 7, 8, 9]
@@ -284,7 +286,7 @@ def test_eviction_under_pressure_never_corrupts_a_running_sequence(model):
         client.close()
         wait_until_cluster_idle(cluster)
         stats = leader.stats()
-        assert stats["free_pages"] + stats["cached_pages"] == stats["total_pages"]
+        assert stats.load.free_pages + stats.cache.cached_pages == stats.load.total_pages
     finally:
         cluster.stop()
 
@@ -294,11 +296,12 @@ def test_kv_aware_routing_keeps_a_chat_on_the_worker_that_holds_it(model, expect
     _, chat = expected
     hits = {}
     for weight in (0.0, 1.0):
-        cluster = start_local_cluster(folder, num_decode=2, limits=LIMITS,
-                                      options=RouterOptions(kv_weight=weight, **PUSH))
+        cluster = local_cluster(folder, cache=LIMITS,
+                                router=RouterOptions(kv_weight=weight, **PUSH),
+                                decode=RoleConfig(instances=2))
         try:
             assert chat_prompts(lambda p, c=cluster: serve(c, [p])[0]) == chat
-            hits[weight] = sum(s["prefix_hit_tokens"] for s in leader_stats(cluster.decode))
+            hits[weight] = sum(s.hit_tokens for s in leader_stats(cluster.decode))
         finally:
             cluster.stop()
     # Routed by load alone the turns alternate between the two workers; KV-aware, every

@@ -7,10 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 import tvm
-from conftest import greedy_outputs, reference_logits
+from conftest import greedy_outputs, local_cluster, reference_logits
 from safetensors.numpy import load_file, save_file
 
-from cluster.local_cluster import start_local_cluster
 from olmo_model import loader
 from olmo_model.compiler import resolve_target
 from olmo_model.demo import DEMO_MODEL_DIR
@@ -27,7 +26,8 @@ from olmo_model.quantized_kernels import (
 from olmo_model.runtime import ModelRunner
 from olmo_model.stages import StageSpec
 from protos import worker_pb2
-from router.service import RouterOptions
+from protos.vocabulary import Mode
+from router.options import RouterOptions
 
 FORMAT_NAMES = list(FORMATS)
 # Logits against transformers on the same (dequantized) weights, relative to the largest:
@@ -275,22 +275,21 @@ def test_weight_format_is_part_of_the_fingerprint(quantized):
 
 # --- serving in q4: disaggregated equals aggregated -------------------------------------
 
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=512)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=2048, prefill_chunk_tokens=512)
 PROMPTS = ["The Python interpreter", "Once upon a time", "def main():\n    return"]
 
 
 def test_q4_disaggregated_greedy_equals_aggregated():
     # Every prompt takes the prefill worker and a KV push (no local prefill).
-    disaggregated = start_local_cluster(DEMO_MODEL_DIR, dtype="q4f16", limits=LIMITS,
-                                        options=RouterOptions(local_prefill_below=0))
+    disaggregated = local_cluster(DEMO_MODEL_DIR, dtype="q4f16", cache=LIMITS,
+                                  router=RouterOptions(local_prefill_below_tokens=0))
     try:
         split = greedy_outputs(disaggregated, PROMPTS, 24)
         decode = disaggregated.router.scheduler.workers("decode")[0]
         pushes = decode.stub.Stats(worker_pb2.StatsRequest(), timeout=5).pushes
     finally:
         disaggregated.stop()
-    aggregated = start_local_cluster(DEMO_MODEL_DIR, dtype="q4f16", aggregated=True,
-                                     limits=LIMITS)
+    aggregated = local_cluster(DEMO_MODEL_DIR, dtype="q4f16", mode=Mode.AGGREGATED, cache=LIMITS)
     try:
         together = greedy_outputs(aggregated, PROMPTS, 24)
     finally:

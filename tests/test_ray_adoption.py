@@ -8,6 +8,7 @@ import pytest
 
 from cluster.cluster_config import ClusterConfig, RoleConfig
 from cluster.ray_manager import RayClusterManager, connect_ray
+from router.options import RouterOptions
 
 ray = pytest.importorskip("ray")
 
@@ -20,7 +21,8 @@ def private_ray():
 
 
 def manager(secret: str) -> RayClusterManager:
-    config = ClusterConfig(port=0, http_port=-1, prefill=RoleConfig(instances=1, cpus=0.4),
+    config = ClusterConfig(router=RouterOptions(port=0, http_port=-1),
+                           prefill=RoleConfig(instances=1, cpus=0.4),
                            decode=RoleConfig(instances=1, cpus=0.4), health_interval_s=0.5)
     return RayClusterManager(config, secret, detached=True)
 

@@ -12,6 +12,7 @@ import pytest
 from cluster.cluster_config import ClusterConfig, RoleConfig
 from protos import worker_pb2
 from router.client import GenerationClient, generate_request
+from router.options import RouterOptions
 
 ray = pytest.importorskip("ray")
 
@@ -24,9 +25,9 @@ def cluster():
 
     # Every prompt goes through a prefill worker (local_prefill_below_tokens=0): the pushes
     # show which decode workers served.
-    config = ClusterConfig(port=0, http_port=0, prefill=RoleConfig(instances=2, cpus=0.4),
-                           decode=RoleConfig(instances=2, cpus=0.4), health_interval_s=0.5,
-                           local_prefill_below_tokens=0)
+    config = ClusterConfig(router=RouterOptions(port=0, http_port=0, local_prefill_below_tokens=0),
+                           prefill=RoleConfig(instances=2, cpus=0.4),
+                           decode=RoleConfig(instances=2, cpus=0.4), health_interval_s=0.5)
     c = start_ray_cluster(config, num_cpus=2)
     yield c
     c.stop()

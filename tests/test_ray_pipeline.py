@@ -12,6 +12,7 @@ from transformers import OlmoForCausalLM
 from cluster.cluster_config import ClusterConfig, RoleConfig
 from olmo_model.demo import DEMO_MODEL_DIR
 from router.client import GenerationClient, generate_request
+from router.options import RouterOptions
 
 ray = pytest.importorskip("ray")
 
@@ -20,10 +21,10 @@ ray = pytest.importorskip("ray")
 def cluster():
     from cluster.ray_cluster import start_ray_cluster
 
-    config = ClusterConfig(port=0, http_port=-1,
+    config = ClusterConfig(router=RouterOptions(port=0, http_port=-1, local_prefill_below_tokens=0),
                            prefill=RoleConfig(instances=1, stages=2, cpus=0.25),
                            decode=RoleConfig(instances=1, stages=2, cpus=0.25),
-                           health_interval_s=0.5, local_prefill_below_tokens=0)
+                           health_interval_s=0.5)
     c = start_ray_cluster(config, num_cpus=2)
     yield c
     c.stop()

@@ -11,25 +11,25 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import local_cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.local_cluster import start_local_cluster
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits
 from protos import stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.auth import SECRET_ENV
 from protos.grpc_server import channel
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
-LIMITS = CacheLimits(max_num_sequences=4, max_total_tokens=2048, prefill_chunk_size=512)
+LIMITS = CacheLimits(max_sequences=4, max_total_tokens=2048, prefill_chunk_tokens=512)
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS, api_key="the-key",
-                            options=RouterOptions(local_prefill_below=0))
+    c = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, api_key="the-key",
+                      router=RouterOptions(local_prefill_below_tokens=0))
     yield c
     c.stop()
 
@@ -111,8 +111,7 @@ def test_the_public_api_serves_tls(tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    cluster = start_local_cluster(DEMO_MODEL_DIR, limits=LIMITS,
-                                  tls=(key.read_bytes(), cert.read_bytes()))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, tls=(cert, key))
     try:
         client = GenerationClient(cluster.router_address, tls_ca=cert.read_bytes())
         ids, _, _ = client.complete(generate_request("Hello", max_tokens=3, ignore_eos=True),
@@ -130,7 +129,8 @@ def test_the_public_api_serves_tls(tmp_path):
 
 def test_a_one_role_worker_will_not_start_without_the_secret():
     env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "decode-worker", "--port", "0"],
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "decode-worker", "--decode-port",
+                           "0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert SECRET_ENV in done.stderr

@@ -9,35 +9,38 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import decode_worker_stub
+from conftest import decode_worker_stub, local_cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits, KVSnapshot
 from protos import generation_pb2, worker_pb2
 from protos.grpc_server import channel
+from protos.vocabulary import FinishReason, Mode
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
-LIMITS = CacheLimits(max_num_sequences=16, max_total_tokens=4096, prefill_chunk_size=1024)
+LIMITS = CacheLimits(max_sequences=16, max_total_tokens=4096, prefill_chunk_tokens=1024)
 PROMPT = "The Python interpreter"
 STOP, LENGTH = generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_LENGTH
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = start_local_cluster(DEMO_MODEL_DIR, num_prefill=2, num_decode=1, limits=LIMITS,
-                            options=RouterOptions(local_prefill_below=0))
+    c = local_cluster(DEMO_MODEL_DIR, cache=LIMITS,
+                      router=RouterOptions(local_prefill_below_tokens=0),
+                      prefill=RoleConfig(instances=2), decode=RoleConfig(instances=1))
     yield c
     c.stop()
 
 
 @pytest.fixture(scope="module")
 def aggregated():
-    c = start_local_cluster(DEMO_MODEL_DIR, num_decode=1, aggregated=True, limits=LIMITS)
+    c = local_cluster(DEMO_MODEL_DIR, mode=Mode.AGGREGATED, cache=LIMITS,
+                      decode=RoleConfig(instances=1))
     yield c
     c.stop()
 
@@ -223,7 +226,7 @@ def test_reservation_without_push_expires(decode_stub):
     assert decode_stats(decode_stub).free_pages < total
     events = list(decode_stub.StreamTokens(
         worker_pb2.StreamTokensRequest(request_id="never-pushed"), timeout=10))
-    assert events[-1].finish_reason == "abort" and "lease expired" in events[-1].error
+    assert events[-1].finish_reason == FinishReason.ABORT and "lease expired" in events[-1].error
     assert not any(e.has_token for e in events)
     assert decode_stats(decode_stub).free_pages == total
 

@@ -8,26 +8,34 @@ from __future__ import annotations
 import functools
 
 import pytest
-from conftest import OLMO2_TINY, OLMO3_TINY, greedy_outputs, hf_greedy, wait_until_cluster_idle
+from conftest import (
+    OLMO2_TINY,
+    OLMO3_TINY,
+    greedy_outputs,
+    hf_greedy,
+    local_cluster,
+    wait_until_cluster_idle,
+)
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
 from olmo_model.kv_pages import CacheLimits
 from pipeline.options import WorkerOptions
 from protos.layout import kv_bytes_per_token
-from router.service import RouterOptions
+from protos.vocabulary import Mode
+from router.options import RouterOptions
 
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=64)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=2048, prefill_chunk_tokens=64)
 NEW_TOKENS = 8
 WINDOW = OLMO3_TINY["sliding_window"]
 SYSTEM = list(range(10, 60))  # 50 tokens: past the window three times
 PROMPTS = [SYSTEM + [100 + i, 7, 100 + 2 * i] for i in range(3)]
-PUSH = RouterOptions(local_prefill_below=0)  # every prompt goes through a prefill instance
+PUSH = RouterOptions(local_prefill_below_tokens=0)  # every prompt goes through a prefill instance
 # Split 2 and 3 ways, OLMo-3's stages start on a sliding layer and on the full one.
 MODELS = {"olmo2": OLMO2_TINY, "olmo3": OLMO3_TINY}
 LAYOUTS = {
-    "aggregated": dict(aggregated=True),
-    "disaggregated": dict(options=PUSH),
-    "staged-2to3": dict(prefill_stages=2, decode_stages=3, options=PUSH),
+    "aggregated": dict(mode=Mode.AGGREGATED),
+    "disaggregated": dict(router=PUSH),
+    "staged-2to3": dict(prefill=RoleConfig(stages=2), decode=RoleConfig(stages=3), router=PUSH),
 }
 # OLMo-2 takes the same serving path as OLMo-3 without the window: one layout covers it.
 CASES = [("olmo3", layout) for layout in LAYOUTS] + [("olmo2", "disaggregated")]
@@ -42,13 +50,13 @@ def expected(checkpoint_factory, family: str) -> tuple[object, list[list[int]]]:
 def hits(servicers) -> int:
     """Prompt tokens an instance's leader found in its prefix cache."""
     leader = next(s for s in servicers if s.engine.chain is not None)
-    return leader.engine.cache.stats()["prefix_hit_tokens"]
+    return leader.engine.cache.stats().hit_tokens
 
 
 @pytest.mark.parametrize("family, layout", CASES)
 def test_greedy_output_equals_transformers(checkpoint_factory, family, layout):
     folder, want = expected(checkpoint_factory, family)
-    cluster = start_local_cluster(folder, limits=LIMITS, **LAYOUTS[layout])
+    cluster = local_cluster(folder, cache=LIMITS, **LAYOUTS[layout])
     try:
         assert greedy_outputs(cluster, PROMPTS[:1], NEW_TOKENS) == want[:1]
         # A chat's next turn forks from the whole last turn, on the decode side too: a
@@ -77,8 +85,7 @@ def test_a_push_carries_only_the_window_of_sliding_layers(checkpoint_factory, sh
     and the output is unchanged."""
     folder, reference = checkpoint_factory(seed=3, **OLMO3_TINY)
     prompt = list(range(100, 100 + 4 * WINDOW))
-    cluster = start_local_cluster(folder, limits=LIMITS, options=PUSH,
-                                  worker_options=WorkerOptions(
+    cluster = local_cluster(folder, cache=LIMITS, router=PUSH, worker=WorkerOptions(
                                       prefix_cache=False, kv_shared_memory=shared_memory))
     try:
         receiver = cluster.decode[0].stage.receiver
@@ -116,7 +123,7 @@ def test_openai_chat_on_olmo3_equals_grpc_and_transformers(checkpoint_factory, t
     prompt = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(
         ChatTemplate.of_model(folder).render(messages)).ids
     assert len(prompt) > 2 * WINDOW
-    cluster = start_local_cluster(folder, limits=LIMITS, http_port=0, options=PUSH)
+    cluster = local_cluster(folder, cache=LIMITS, router=PUSH, http=True)
     client = GenerationClient(cluster.router_address)
     try:
         tokens, text, _ = client.complete(generate_request(prompt, max_tokens=NEW_TOKENS,

@@ -11,18 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-from conftest import wait_until_cluster_idle
+from conftest import local_cluster, wait_until_cluster_idle
 
-from cluster.local_cluster import start_local_cluster
+from cluster.cluster_config import RoleConfig
 from cluster.worker_spec import WorkerSpec
 from decode_worker.servicer import serve_decode
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import CacheLimits
 from router.client import GenerationClient, generate_request
-from router.service import RouterOptions
+from router.options import RouterOptions
 
 REQUESTS = 240
-LIMITS = CacheLimits(max_num_sequences=8, max_total_tokens=2048, prefill_chunk_size=512)
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=2048, prefill_chunk_tokens=512)
 EXPECTED_FAILURES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -32,8 +32,9 @@ def rss_mib() -> float:
 
 
 def test_mixed_traffic_with_cancellations_and_a_lost_worker_leaves_nothing_behind():
-    cluster = start_local_cluster(DEMO_MODEL_DIR, num_prefill=1, num_decode=2, limits=LIMITS,
-                                  options=RouterOptions(local_prefill_below=0))
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS,
+                            router=RouterOptions(local_prefill_below_tokens=0),
+                            prefill=RoleConfig(instances=1), decode=RoleConfig(instances=2))
     client = GenerationClient(cluster.router_address)
     scheduler = cluster.router.scheduler
     outcomes: list[object] = []

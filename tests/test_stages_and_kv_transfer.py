@@ -150,7 +150,7 @@ def test_prompt_longer_than_prefill_chunk_is_split(tiny_checkpoint):
 
     from olmo_model.kv_pages import CacheLimits
 
-    runner = ModelRunner.from_checkpoint(folder, limits=CacheLimits(prefill_chunk_size=16))
+    runner = ModelRunner.from_checkpoint(folder, limits=CacheLimits(prefill_chunk_tokens=16))
     prompts = [list(range(10, 50)), list(range(60, 73))]
     for seq_id in (0, 1):
         runner.add_sequence(seq_id)

@@ -1,7 +1,7 @@
 """A load client that runs inside a test host (``ip netns exec``): the test process lives
 in the root namespace and cannot dial the hosts' addresses itself.
 
-    python3 tests/netns_client.py ROUTER_ADDRESS < job.json
+    python3 bench/netns_client.py ROUTER_ADDRESS < job.json
 
 The job: ``{"requests": [{"prompt": str | [ids], "max_tokens": n, "ignore_eos": bool}],
 "concurrency": n, "timeout": seconds}``. Prints JSON lines as it goes:

@@ -3,7 +3,8 @@ tells a user: ``launch_ray_cluster.sh head`` on the first host (Ray head and rou
 ``launch_ray_cluster.sh worker --address ... --node-ip ... --resources ...`` on the
 others. Each host keeps its state (``OLMO_RAY_STATE``: Ray's temp dir, the router's
 log and pid, the cluster secret) in a folder of its own. Used by the multi-node tests
-and by bench/planner_bench.py.
+(tests/test_multinode.py) and by planner_bench.py; it lives here because bench/ never
+imports tests/.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """A thin ctypes binding over NCCL (``libnccl.so.2`` from the ``nvidia-nccl-cu12`` wheel).
 
-Only what moving KV pages between two GPUs needs: a unique id, a communicator, grouped
-send/receive of device buffers. Loading never touches a GPU; ``unique_id`` and
-``communicator`` do, and raise ``NcclUnavailable`` with NCCL's own reason where there
-is none.
+Only a binding, not a transport: no ``PushSender`` sends over it and no receiver accepts
+it (``Transport.NCCL`` is declared in kv_transfer/transport.py so that
+``choose_transport`` and the workers' stats can name it). What it holds is what moving KV
+pages between two GPUs needs: a unique id, a communicator, grouped send/receive of device
+buffers, checked on a GPU by bench/gpu_check.py's round trip. Loading never touches a GPU;
+``unique_id`` and ``communicator`` do, and raise ``NcclUnavailable`` with NCCL's own
+reason where there is none.
 """
 
 from __future__ import annotations
