@@ -6,6 +6,13 @@ import numpy as np
 
 from pipeline.ops import SamplingConfig, TokenLogprobs
 
+NON_FINITE = "the model produced non-finite logits for this sequence"
+
+
+def finite_rows(logits: np.ndarray) -> np.ndarray:
+    """Which rows of ``[batch, vocab]`` logits are all finite: one pass for the batch."""
+    return np.isfinite(logits).all(axis=1)
+
 
 class Sampler:
     """Owns one request's randomness, so a seeded request replays exactly."""
@@ -14,12 +21,14 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
+    @property
+    def greedy(self) -> bool:
+        return self.config.temperature <= 0.0
+
     def sample(self, logits: np.ndarray) -> int:
-        """One token from a row of logits; ValueError if the row is not all finite."""
-        if not np.isfinite(logits).all():
-            raise ValueError("the model produced non-finite logits for this sequence")
+        """One token from a row of finite logits (the caller checks: see ``finite_rows``)."""
         c = self.config
-        if c.temperature <= 0.0:
+        if self.greedy:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / c.temperature
         order = np.argsort(-scaled, kind="stable")

@@ -9,7 +9,7 @@ each taken under the scheduler's one lock; any other move raises ``IllegalTransi
     withdraw       RESERVED, ABORTING                       FINISHED    a stage refused it
     prefill chunk  WAITING, PREFILLING (local only)         PREFILLING
     run            WAITING (pushed), PREFILLING (local)     RUNNING     first token sampled
-    step           RUNNING                                  RUNNING
+    step           RUNNING                                  RUNNING     no move: no lock
     abort          any but FINISHED                         ABORTING
     expire         RESERVED, WAITING (the lease ran out)    ABORTING
     finish         WAITING, PREFILLING, RUNNING, ABORTING   FINISHED    final event sent
@@ -348,17 +348,24 @@ class DecodeScheduler:
             request.prefilled += computed
 
     def append(self, sampled: Sequence[tuple[Request, int]]) -> list[FinishReason]:
-        """Record each request's new token (one lock for the whole step): its first (run)
-        or its next (step). Returns why each finishes with it, or NONE."""
+        """Record each request's new token: its first (run) or its next (step). Returns why
+        each finishes with it, or NONE.
+
+        Moves take the lock. A step of a running request is no move (RUNNING stays
+        RUNNING, and only the step loop touches ``generated``), so a batch of running
+        requests, every decode step, records its tokens without it; an abort racing it
+        finds the request RUNNING or leaves it ABORTING with one late token, both allowed.
+        """
+        if any(request.state is not S.RUNNING for request, _ in sampled):
+            with self._lock:
+                for request, _ in sampled:
+                    if request.state is not S.RUNNING:
+                        self._move(request,
+                                   Transition.STEP if request.generated else Transition.RUN)
         reasons = []
-        with self._lock:
-            for request, token in sampled:
-                # A step of a running request changes no state: the hot path skips the
-                # rules (every other move goes through them).
-                if request.state is not S.RUNNING:
-                    self._move(request, Transition.STEP if request.generated else Transition.RUN)
-                request.generated.append(token)
-                reasons.append(self._finish_reason(request, token))
+        for request, token in sampled:
+            request.generated.append(token)
+            reasons.append(self._finish_reason(request, token))
         return reasons
 
     def finish(self, request_id: str) -> Request | None:

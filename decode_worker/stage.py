@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -23,7 +24,10 @@ from protos import worker_pb2
 from protos.errors import ServingError
 
 from .receiver import KVReceiver
-from .sampler import Sampler
+from .sampler import NON_FINITE, Sampler, finite_rows
+
+if TYPE_CHECKING:
+    import tvm
 
 
 class DecodeStage:
@@ -110,27 +114,38 @@ class DecodeStage:
             if unknown:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"sequences {sorted(unknown)} are not on this stage")
+            if batch.decode and any(n != 1 for n in lengths):
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "a decode step is one token per sequence")
             hidden = embed_checked(self.runner, inputs) if self.spec.is_first else inputs
             out = self.runner.forward(seq_ids, lengths, hidden, decode=batch.decode)
             if not self.spec.is_last:
                 return ForwardResult(hidden=out.numpy())
+            if batch.decode:
+                # One token per sequence, each its last: the output is already the last
+                # hidden states, and stays on the device for the logits.
+                return self._sample(seq_ids, out)
             last = self.runner.select_last(out, lengths).numpy()
             rows = [i for i, s in enumerate(batch.slices) if s.ends_prompt]
             return self._sample([seq_ids[i] for i in rows], last[rows])
 
-    def _sample(self, seq_ids: Sequence[int], hidden: np.ndarray) -> ForwardResult:
+    def _sample(self, seq_ids: Sequence[int], hidden: np.ndarray | tvm.runtime.Tensor
+                ) -> ForwardResult:
         """One token per sequence; a sequence that cannot be sampled fails alone."""
         if not seq_ids:
             return ForwardResult()
         result = ForwardResult()
-        for seq_id, row in zip(seq_ids, self.runner.logits(hidden)):
+        logits = self.runner.logits(hidden)
+        # The checks and the greedy choices of the whole batch, each in one numpy pass.
+        finite = finite_rows(logits).tolist()
+        greedy = np.argmax(logits, axis=1).tolist()
+        for i, (seq_id, row) in enumerate(zip(seq_ids, logits)):
             sampler = self.samplers[seq_id]
-            try:
-                token = sampler.sample(row)
-            except ValueError as exc:
+            if not finite[i]:
                 result.tokens.append(0)
-                result.failed[seq_id] = str(exc)
+                result.failed[seq_id] = NON_FINITE
                 continue
+            token = greedy[i] if sampler.greedy else sampler.sample(row)
             result.tokens.append(token)
             logprobs = sampler.logprobs(row, token)
             if logprobs is not None:
