@@ -79,7 +79,7 @@ def main() -> None:
 
     from cluster.cluster_config import ClusterConfig
     from cluster.local_cluster import on_loopback, start_local_cluster
-    from olmo_model.kv_pages import CacheLimits
+    from olmo_model.cache_limits import CacheLimits
     from router.options import RouterOptions
 
     model = bench_checkpoint("serve", SERVE)

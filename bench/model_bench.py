@@ -84,9 +84,9 @@ def bench_ours(folder: Path, repeats: int, prefill_lengths: list[int], decode_st
     """Our model in ``dtype``: compile and load, then ``repeats`` rounds of prefills and
     decode steps; figures are medians over the rounds. ``between_rounds`` runs after each
     round (llama.cpp's turn, so that both see the same minutes of this shared machine)."""
+    from olmo_model.cache_limits import CacheLimits
     from olmo_model.compiler import compile_model
     from olmo_model.config import OLMoConfig
-    from olmo_model.kv_pages import CacheLimits
     from olmo_model.loader import load_stage_params
     from olmo_model.runtime import ModelRunner
 

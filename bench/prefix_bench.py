@@ -125,7 +125,7 @@ def counters(cluster) -> dict:
 def run_config(model: Path, vocab: int, workload: str, config: dict, args) -> dict:
     from cluster.cluster_config import ClusterConfig, RoleConfig
     from cluster.local_cluster import on_loopback, start_local_cluster
-    from olmo_model.kv_pages import CacheLimits
+    from olmo_model.cache_limits import CacheLimits
     from pipeline.options import WorkerOptions
     from router.options import RouterOptions
 

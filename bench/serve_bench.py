@@ -29,7 +29,7 @@ from recording import write_results
 from slo import percentiles
 
 from cluster.local_cluster import on_loopback, start_local_cluster
-from olmo_model.kv_pages import CacheLimits
+from olmo_model.cache_limits import CacheLimits
 from pipeline.options import WorkerOptions
 from protos import worker_pb2
 from protos.vocabulary import Mode, Role

@@ -27,7 +27,7 @@ from recording import write_results
 from cluster.cluster_config import ClusterConfig
 from cluster.local_cluster import on_loopback, start_local_cluster
 from decode_worker.engine import DecodeEngine
-from olmo_model.kv_pages import CacheLimits
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.runtime import ModelRunner
 from router.client import GenerationClient, generate_request
 from router.options import RouterOptions

@@ -15,8 +15,8 @@ from typing import Any
 from protos.auth import API_KEY_ENV, SECRET_ENV
 from protos.vocabulary import Mode, Role
 
-from .cluster_config import read_yaml
-from .settings import ConfigError, Setting, add_flags, given, settings
+from .cluster_config import ClusterConfig, read_yaml
+from .settings import ConfigError, Setting, add_flags, flag_parser, given, settings
 
 # Where `olmo-serve up/serve` keep the cluster secret they make, and where `status` and
 # `scale` read it (on the same machine, as the same user).
@@ -29,8 +29,6 @@ def _settings_flags(parser: argparse.ArgumentParser,
     """``--config`` and a flag for each selected setting of the cluster config (left out,
     each takes the file's value or its default), plus the flags of the last release,
     hidden, that still set them."""
-    from .cluster_config import ClusterConfig
-
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="cluster config file; flags override it")
     add_flags(parser, ClusterConfig, select)
@@ -40,7 +38,7 @@ def _settings_flags(parser: argparse.ArgumentParser,
         new_flag = ("--no-" + setting.flag[2:] if value is False
                     else setting.flag if value is None else f"{setting.flag} {value}")
         parser.add_argument(old, dest=key, action=_RenamedFlag, new_flag=new_flag,
-                            value=value, type=None if value is not None else _flag_type(setting),
+                            value=value, type=None if value is not None else flag_parser(setting),
                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
@@ -77,10 +75,6 @@ class _RenamedFlag(argparse.Action):
         setattr(namespace, self.dest, self.value if self.value is not None else values)
 
 
-def _flag_type(setting: Setting):
-    return float if setting.kind is float else int if setting.kind is int else str
-
-
 def _worker_settings(role: Role) -> Callable[[Setting], bool]:
     """What a one-role worker process reads: the model, its cache and options, its port."""
     return lambda s: (s.key in ("model", "dtype", "target", "token_file", f"{role}.port")
@@ -103,10 +97,8 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _load_config(args: argparse.Namespace):
+def _load_config(args: argparse.Namespace) -> ClusterConfig:
     """The cluster config of a command: its file, if given, with its flags laid over."""
-    from .cluster_config import ClusterConfig
-
     try:
         return ClusterConfig.from_mapping(read_yaml(args.config) if args.config else {},
                                           args.config or "flags", given(args, ClusterConfig))

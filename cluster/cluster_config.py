@@ -15,11 +15,11 @@ import dataclasses
 import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from olmo_model.kv_pages import CacheLimits
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.quantization import MODEL_DTYPES
 from pipeline.options import WorkerOptions
 from protos.auth import api_key, cluster_secret, new_secret
@@ -29,7 +29,12 @@ from router.options import RouterOptions
 
 from .planner import Bounds, PlannerConfig
 from .settings import ConfigError, build, merge, value_of
-from .worker_spec import DEFAULT_DTYPE, DEFAULT_TARGET, WorkerSpec
+
+if TYPE_CHECKING:
+    from .worker_spec import WorkerSpec
+
+DEFAULT_DTYPE = "float32"
+DEFAULT_TARGET = "llvm"
 
 # The flat keys of the release before sections: read for one more release, with a
 # warning naming the new key.
@@ -149,6 +154,8 @@ class ClusterConfig:
 
     def worker_spec(self) -> WorkerSpec:
         """What every worker of this cluster builds its runner from."""
+        from .worker_spec import WorkerSpec  # loads TVM: the command line need not
+
         return WorkerSpec.of(self.model, self.dtype, self.target, self.cache, self.worker)
 
     @classmethod

@@ -112,7 +112,7 @@ def add_flags(parser: argparse.ArgumentParser, kind: type,
         if s.kind is bool:
             parser.add_argument(s.flag, action=argparse.BooleanOptionalAction, **common)
         else:
-            parser.add_argument(s.flag, type=_parser(s), choices=s.choices or None,
+            parser.add_argument(s.flag, type=flag_parser(s), choices=s.choices or None,
                                 metavar=None if s.choices else s.path[-1].upper(), **common)
 
 
@@ -176,7 +176,8 @@ def value_of(hint: Any, field: dataclasses.Field, value: Any, key: str) -> Any:
     return value
 
 
-def _parser(s: Setting) -> Callable[[str], Any]:
+def flag_parser(s: Setting) -> Callable[[str], Any]:
+    """What turns a flag's text into the setting's value (YAML's null as none)."""
     convert: Callable[[str], Any] = json.loads if s.kind is dict else s.kind
     if _is_enum(s.kind):
         convert = str

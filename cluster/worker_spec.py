@@ -6,15 +6,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.config import OLMoConfig
 from olmo_model.demo import resolve_model_dir
-from olmo_model.kv_pages import CacheLimits
 from olmo_model.runtime import ModelRunner
 from olmo_model.stages import StageSpec
 from pipeline.options import WorkerOptions
 
-DEFAULT_DTYPE = "float32"
-DEFAULT_TARGET = "llvm"
+from .cluster_config import DEFAULT_DTYPE, DEFAULT_TARGET
 
 
 @dataclasses.dataclass(frozen=True)

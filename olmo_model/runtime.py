@@ -16,8 +16,9 @@ from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
 from .artifact import CompiledModel, load_or_compile
+from .cache_limits import CacheLimits
 from .config import OLMoConfig
-from .kv_pages import CacheLimits, KVSnapshot, PagedKVCache
+from .kv_pages import KVSnapshot, PagedKVCache
 from .loader import load_stage_params
 from .quantization import activation_dtype
 from .stages import StageSpec, cache_layer_offset, layer_partition, prefill_layer_function

@@ -11,8 +11,8 @@ import pytest
 from conftest import hf_greedy, local_cluster, wait_until_cluster_idle
 
 from cluster.cluster_config import RoleConfig
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits
 from protos.vocabulary import Mode
 from router.client import generate_request
 

@@ -19,8 +19,9 @@ from conftest import decode_worker_stub, local_cluster, wait_until_cluster_idle
 
 from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from olmo_model.kv_pages import KVSnapshot
 from protos import generation_pb2, stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
 from protos.vocabulary import FinishReason

@@ -30,8 +30,9 @@ from kv_transfer.buffers import Buffer, BufferPool
 from kv_transfer.codec import encode_push
 from kv_transfer.grpc_transport import KVSender
 from kv_transfer.shared_memory import SharedBuffer
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from olmo_model.kv_pages import KVSnapshot
 from pipeline.options import WorkerOptions
 from protos import worker_pb2
 from protos.vocabulary import FinishReason

@@ -29,8 +29,9 @@ from conftest import (
 
 from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from olmo_model.kv_pages import KVSnapshot
 from olmo_model.stages import layer_partition
 from pipeline.options import WorkerOptions
 from protos import worker_pb2

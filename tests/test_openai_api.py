@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 from transformers import OlmoForCausalLM
 
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits
 from protos.vocabulary import Mode
 from router.chat_template import ChatTemplate
 from router.client import GenerationClient, generate_request

@@ -13,7 +13,7 @@ import torch
 from conftest import local_cluster, wait_until_cluster_idle
 
 from cluster.cluster_config import RoleConfig
-from olmo_model.kv_pages import CacheLimits
+from olmo_model.cache_limits import CacheLimits
 from protos import stage_pb2, stage_pb2_grpc, worker_pb2
 from protos.errors import ServingError
 from protos.grpc_server import channel

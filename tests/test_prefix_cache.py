@@ -13,7 +13,8 @@ from conftest import greedy_outputs, local_cluster, reference_logits, wait_until
 
 from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
-from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from olmo_model.cache_limits import CacheLimits
+from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
 from pipeline.options import WorkerOptions
 from pipeline.prefix_cache import PrefixCache, PrefixCacheStats

@@ -11,9 +11,9 @@ from conftest import greedy_outputs, local_cluster, reference_logits
 from safetensors.numpy import load_file, save_file
 
 from olmo_model import loader
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.compiler import resolve_target
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits
 from olmo_model.loader import load_stage_params
 from olmo_model.quantization import FORMATS, MODEL_DTYPES, TILE_ROWS, dequantize, quantize
 from olmo_model.quantized_kernels import (

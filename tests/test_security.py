@@ -14,8 +14,8 @@ import pytest
 from conftest import local_cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits
 from protos import stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.auth import SECRET_ENV
 from protos.grpc_server import channel

@@ -15,8 +15,9 @@ from tokenizers import Tokenizer
 
 from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits, KVSnapshot
+from olmo_model.kv_pages import KVSnapshot
 from protos import generation_pb2, worker_pb2
 from protos.grpc_server import channel
 from protos.vocabulary import FinishReason, Mode

@@ -18,7 +18,7 @@ from conftest import (
 )
 
 from cluster.cluster_config import RoleConfig
-from olmo_model.kv_pages import CacheLimits
+from olmo_model.cache_limits import CacheLimits
 from pipeline.options import WorkerOptions
 from protos.layout import kv_bytes_per_token
 from protos.vocabulary import Mode

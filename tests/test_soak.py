@@ -16,8 +16,8 @@ from conftest import local_cluster, wait_until_cluster_idle
 from cluster.cluster_config import RoleConfig
 from cluster.worker_spec import WorkerSpec
 from decode_worker.servicer import serve_decode
+from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
-from olmo_model.kv_pages import CacheLimits
 from router.client import GenerationClient, generate_request
 from router.options import RouterOptions
 

@@ -148,7 +148,7 @@ def test_prompt_longer_than_prefill_chunk_is_split(tiny_checkpoint):
     folder, reference = tiny_checkpoint
     from conftest import reference_logits
 
-    from olmo_model.kv_pages import CacheLimits
+    from olmo_model.cache_limits import CacheLimits
 
     runner = ModelRunner.from_checkpoint(folder, limits=CacheLimits(prefill_chunk_tokens=16))
     prompts = [list(range(10, 50)), list(range(60, 73))]
