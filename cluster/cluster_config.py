@@ -78,13 +78,13 @@ class RoleConfig:
 @dataclasses.dataclass
 class ClusterConfig:
     model: str | None = setting(None, "folder with config.json, *.safetensors and tokenizer.json "
-                                "(null: the built-in demo model)")
+                                      "(null: the built-in demo model)")
     dtype: str = setting(DEFAULT_DTYPE, "weights and KV cache dtype; q4f16/q8f16: 4-/8-bit "
                                          "group-quantized weights, float16 KV",
                           choices=MODEL_DTYPES)
     target: str = setting(DEFAULT_TARGET, "llvm (this CPU), cuda or cuda:sm_XX")
     mode: Mode = setting(Mode.DISAGGREGATED, "aggregated: decode workers prefill locally, no "
-                         "prefill workers, no K/V transfer")
+                                             "prefill workers, no K/V transfer")
     cache: CacheLimits = dataclasses.field(default_factory=CacheLimits)
     worker: WorkerOptions = dataclasses.field(default_factory=WorkerOptions)
     router: RouterOptions = dataclasses.field(default_factory=RouterOptions)
@@ -92,14 +92,14 @@ class ClusterConfig:
     decode: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     planner: PlannerConfig = dataclasses.field(default_factory=PlannerConfig)
     health_interval_s: float = setting(1.0, "how often the Ray manager checks each worker's "
-                                       "health")
+                                            "health")
     # Internal calls and the admin API carry the cluster secret: from $OLMO_CLUSTER_TOKEN,
     # else token_file (made with a new secret when missing), else a new one for this
     # cluster's life.
     token_file: str | None = setting(None, "the cluster secret's file, made if missing "
-                                     "($OLMO_CLUSTER_TOKEN wins)")
+                                           "($OLMO_CLUSTER_TOKEN wins)")
     api_key_file: str | None = setting(None, "Generate requires the API key in this file "
-                                       "($OLMO_API_KEY wins)")
+                                             "($OLMO_API_KEY wins)")
     tls_cert: str | None = setting(None, "serve the public API over TLS: certificate chain (PEM)")
     tls_key: str | None = setting(None, "... and its private key (PEM)")
 

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class PlannerConfig:
     enabled: bool = setting(False, "scale prefill and decode instances to keep p90 TTFT and "
-                            "inter-token latency on target")
+                                   "inter-token latency on target")
     dry_run: bool = setting(False, "decide and log, but scale nothing")
     interval_s: float = setting(10.0, "how often it looks, at the interval since the last look")
     ttft_target_s: float = setting(2.0, "p90 time to first token")

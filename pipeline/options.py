@@ -14,16 +14,17 @@ class WorkerOptions:
     # Pushes to a worker on the same host name a shared buffer instead of carrying the
     # bytes (kv_transfer/shared_memory.py).
     kv_shared_memory: bool = setting(True, "K/V pushes between workers on one host go through "
-                                     "shared memory (off: inline over gRPC)")
+                                           "shared memory (off: inline over gRPC)")
     kv_streaming: bool = setting(True, "a prompt prefilled in several chunks pushes each chunk's "
-                                 "K/V while the next computes (off: after the last chunk)")
+                                       "K/V while the next computes (off: after the last chunk)")
     kv_layer_groups: int = setting(4, "a prefill pass pushes the K/V of each of this many groups "
-                                   "of layers while the next group computes (1: after the pass)")
+                                      "of layers while the next group computes (1: after the "
+                                      "pass)")
     # Where workers bind: "node" the address Ray knows their node by (127.0.0.1 for a
     # one-process cluster or a one-role command), "0.0.0.0" every interface (advertising
     # the node's address), or an address.
     host: str = setting("node", "where workers bind: node (the address Ray knows their node by), "
-                        "0.0.0.0, or an address")
+                                "0.0.0.0, or an address")
 
     def __post_init__(self) -> None:
         if self.kv_layer_groups < 1:

@@ -20,33 +20,30 @@ class DecodeFailurePolicy(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class RouterOptions:
-    host: str = setting("127.0.0.1", "where the router's public APIs bind (0.0.0.0: every "
-                        "interface)")
+    host: str = setting("127.0.0.1", "where the public APIs bind (0.0.0.0: every interface)")
     port: int = setting(50051, "the gRPC Generate API's port (0: any free one)")
-    http_port: int = setting(8000, "the OpenAI-compatible API and /metrics (0: any free port; -1: "
-                             "none)")
-    lease_ms: int = setting(30_000, "a decode reservation is freed if its K/V has not arrived by "
-                            "then")
+    http_port: int = setting(8000, "the OpenAI-compatible API and /metrics (0: any free "
+                                   "port; -1: none)")
+    lease_ms: int = setting(30_000, "a reservation is freed if its K/V has not come by then")
     on_decode_failure: DecodeFailurePolicy = setting(
-        DecodeFailurePolicy.RESUME, "a request whose decode worker dies mid-stream: resume it "
-                                    "elsewhere, or fail it")
+        DecodeFailurePolicy.RESUME, "a request whose decode worker dies mid-stream: resume "
+                                    "it elsewhere, or fail it")
     limits: RequestLimits = RequestLimits()
-    max_waiting_requests: int = setting(128, "requests waiting for decode capacity; more get "
-                                        "RESOURCE_EXHAUSTED")
-    max_queue_wait_s: float = setting(30.0, "how long one request waits in that line at most")
+    max_waiting_requests: int = setting(128, "requests waiting for decode capacity; more are "
+                                             "refused RESOURCE_EXHAUSTED")
+    max_queue_wait_s: float = setting(30.0, "how long one waits in that line, at most")
     # A token stream silent for longer than this is cut, and the request resumed on
     # another decode worker (or failed UNAVAILABLE): before its first token (prefill and
     # queueing at the workers included) and between tokens. In aggregated mode the
     # second must exceed the longest local prefill, which pauses every stream.
-    first_token_timeout_s: float = setting(30.0, "a stream silent this long before its first "
-                                           "token is cut and resumed")
-    token_timeout_s: float = setting(10.0, "... or this long between tokens (aggregated: more "
-                                     "than the longest prefill)")
-    kv_weight: float = setting(4.0, "KV-aware routing: tokens of load one cached prompt token is "
-                               "worth (0: route by load alone)")
-    local_prefill_below_tokens: int = setting(64, "a decode worker prefills a prompt itself when "
-                                              "at most this many of its tokens are not cached "
-                                              "there (0: never)")
+    first_token_timeout_s: float = setting(30.0, "a stream silent this long before its "
+                                                 "first token is cut and resumed")
+    token_timeout_s: float = setting(10.0, "... or this long between tokens")
+    kv_weight: float = setting(4.0, "KV-aware routing: tokens of load one cached prompt "
+                                    "token is worth (0: route by load alone)")
+    local_prefill_below_tokens: int = setting(
+        64, "a decode worker prefills a prompt itself when at most this many of its tokens "
+            "are not cached there (0: never)")
     # Set from the cluster's mode, not a setting of its own.
     aggregated: bool = dataclasses.field(default=False, metadata={"derived": True})
 

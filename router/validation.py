@@ -21,7 +21,7 @@ class RequestLimits:
     """Bounds checked before any expensive work (tokenizing, scheduling)."""
 
     max_prompt_bytes: int = setting(256 * 1024, "a text prompt's UTF-8 bytes, checked before "
-                                    "tokenizing")
+                                                "tokenizing")
     max_stop_strings: int = setting(16, "stop strings one request may give")
     max_stop_chars: int = setting(256, "characters in each stop string")
     max_request_id_chars: int = setting(256, "characters in a client's request id")
