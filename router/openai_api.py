@@ -33,6 +33,7 @@ from .chat_template import ChatTemplate
 from .service import GenerationServicer, Prepared
 
 MAX_CHOICES = 8  # n times the number of prompts
+MAX_WIRE_INT = 2**31 - 1  # the largest count or token id any request field carries
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -179,6 +180,8 @@ class OpenAIServer:
             return refused
         try:
             body = await request.json()
+        except RecursionError:
+            return error_response(BadRequest("the body's JSON is nested too deeply"))
         except ValueError:
             return error_response(BadRequest("the body is not JSON"))
         if not isinstance(body, dict):
@@ -188,6 +191,8 @@ class OpenAIServer:
             job = await asyncio.to_thread(parse, body)
         except ServingError as exc:
             return error_response(exc)
+        except (ValueError, OverflowError) as exc:  # a value the wire cannot carry
+            return error_response(BadRequest(f"the request cannot be sent on: {exc}"))
         events = self._run(job, request)
         first = await anext(events)
         if first[2] is not None:  # refused before any token: a plain error response
@@ -306,13 +311,15 @@ class OpenAIServer:
     def _completion_job(self, body: dict) -> Job:
         self._check_common(body)
         prompts = _prompts(body.get("prompt"))
-        top = body.get("logprobs")
-        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
-            raise BadRequest("logprobs must be a non-negative integer", "logprobs")
+        top = _int(body, "logprobs", None, minimum=0)
         max_tokens = _int(body, "max_tokens", 16, minimum=1)
+        n = _n(body)
+        if len(prompts) * n > MAX_CHOICES:  # counted before any choice is built
+            raise BadRequest(f"{len(prompts) * n} choices (n times prompts); at most "
+                             f"{MAX_CHOICES}", "n")
         requests = []
         for prompt in prompts:
-            for i in range(_n(body)):
+            for i in range(n):
                 request = generation_pb2.GenerateRequest(
                     sampling=self._sampling(body, i, max_tokens, top is not None, top or 0))
                 if isinstance(prompt, str):
@@ -470,18 +477,42 @@ def serve_openai(servicer: GenerationServicer, model_dir: Path, host: str = "127
 # --- small parsers, each refusing with the parameter's name ---------------------------------
 
 def _prompts(prompt) -> list:
+    """The request's prompts, each a string or a list of token ids. A list of prompts is
+    counted before it is looked at, and token ids must fit the wire (the vocabulary is
+    checked later, against the model)."""
     if isinstance(prompt, str):
-        return [prompt]
+        return [_text(prompt, "prompt")]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [prompt]
+        if all(_is_int(t) for t in prompt):
+            return [_token_ids(prompt)]
+        if len(prompt) > MAX_CHOICES:
+            raise BadRequest(f"{len(prompt)} prompts; at most {MAX_CHOICES}", "prompt")
         if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
-               for p in prompt):
-            return list(prompt)
+            return [_text(p, "prompt") for p in prompt]
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return [_token_ids(p) for p in prompt]
     raise BadRequest("prompt must be a string, a list of token ids, or a list of either",
                      "prompt")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids(ids: list[int]) -> list[int]:
+    if not all(0 <= t <= MAX_WIRE_INT for t in ids):
+        raise BadRequest(f"token ids must be in [0, {MAX_WIRE_INT}]", "prompt")
+    return ids
+
+
+def _text(text: str, param: str) -> str:
+    """``text``, if it is valid Unicode all through (a lone surrogate is not)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(f"{param} is not valid Unicode text (a lone surrogate?)",
+                         param) from None
+    return text
 
 
 def _messages(messages) -> list[dict]:
@@ -491,6 +522,7 @@ def _messages(messages) -> list[dict]:
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("each message needs a role and content", "messages")
+        _text(message["role"], "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -498,7 +530,7 @@ def _messages(messages) -> list[dict]:
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise BadRequest("message content must be a string or text parts", "messages")
-        out.append({"role": message["role"], "content": content})
+        out.append({"role": message["role"], "content": _text(content, "messages")})
     return out
 
 
@@ -506,24 +538,29 @@ def _stops(stop) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
+        return [_text(stop, "stop")]
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return stop
+        return [_text(s, "stop") for s in stop]
     raise BadRequest("stop must be a string or a list of strings", "stop")
 
 
 def _n(body: dict) -> int:
-    return _int(body, "n", 1, minimum=1)
+    return _int(body, "n", 1, minimum=1, maximum=MAX_CHOICES)
 
 
-def _int(body: dict, name: str, default, minimum: int | None = None):
+def _int(body: dict, name: str, default, minimum: int | None = None,
+         maximum: int = MAX_WIRE_INT):
+    """An integer field; at most ``maximum`` (by default what the wire's fields hold:
+    the model's own limits are checked later, with their reasons)."""
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not _is_int(value):
         raise BadRequest(f"{name} must be an integer", name)
     if minimum is not None and value < minimum:
         raise BadRequest(f"{name} must be at least {minimum}", name)
+    if value > maximum:
+        raise BadRequest(f"{name} must be at most {maximum}", name)
     return value
 
 

@@ -24,6 +24,9 @@ class RequestLimits:
                                                 "tokenizing")
     max_stop_strings: int = setting(16, "stop strings one request may give")
     max_stop_chars: int = setting(256, "characters in each stop string")
+    # Every decode step compares each new token with them: many would slow the streams
+    # beside the request on its worker.
+    max_stop_token_ids: int = setting(64, "stop token ids one request may give")
     max_request_id_chars: int = setting(256, "characters in a client's request id")
 
 
@@ -60,6 +63,9 @@ def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
         raise invalid(f"{len(stops)} stop strings; at most {limits.max_stop_strings}")
     if any(len(stop) > limits.max_stop_chars for stop in stops):
         raise invalid(f"a stop string has more than {limits.max_stop_chars} characters")
+    stop_ids = len(request.sampling.stop_token_ids)
+    if stop_ids > limits.max_stop_token_ids:
+        raise invalid(f"{stop_ids} stop token ids; at most {limits.max_stop_token_ids}")
 
 
 def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],

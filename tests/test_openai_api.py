@@ -290,3 +290,61 @@ def test_grpc_errors_keep_their_codes_beside_http(grpc_client):
     with pytest.raises(grpc.RpcError) as err:
         grpc_client.complete(generate_request(PROMPT, temperature=-1), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def post_raw(cluster, path: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{cluster.http_url}{path}", method="POST", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+BIG = 2**32
+# Bodies a client may send that no field can carry: each a 400 naming the field, none a 500.
+HOSTILE = {
+    "n in the millions": ({"prompt": "abc", "n": 10**6, "max_tokens": 2}, "n"),
+    "a million prompts": ({"prompt": ["abc"] * 10**6, "max_tokens": 2}, "prompt"),
+    "n times prompts": ({"prompt": ["a", "b", "c"], "n": 3, "max_tokens": 2}, "n"),
+    "lone surrogate in the prompt": ('{"prompt": "ab\\ud800c", "max_tokens": 2}', "prompt"),
+    "lone surrogate in a stop": ('{"prompt": "abc", "stop": ["\\udfff"], "max_tokens": 2}',
+                                 "stop"),
+    "max_tokens past 2^32": ({"prompt": "abc", "max_tokens": BIG}, "max_tokens"),
+    "logprobs past 2^32": ({"prompt": "abc", "max_tokens": 2, "logprobs": BIG}, "logprobs"),
+    "top_k past 2^32": ({"prompt": "abc", "max_tokens": 2, "top_k": BIG}, "top_k"),
+    "token id -1": ({"prompt": [1, -1, 2], "max_tokens": 2}, "prompt"),
+    "token id 2^32": ({"prompt": [[1, BIG]], "max_tokens": 2}, "prompt"),
+    "JSON nested 5000 deep": ('{"prompt": ' + "[" * 5000 + "]" * 5000 + "}", None),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_completion_bodies_are_refused_400_naming_the_field(cluster, name):
+    body, param = HOSTILE[name]
+    data = (body if isinstance(body, str) else json.dumps({"model": MODEL, **body})).encode()
+    start = time.monotonic()
+    status, reply = post_raw(cluster, "/v1/completions", data)
+    assert status == 400, reply
+    assert param is None or reply["error"]["param"] == param
+    assert time.monotonic() - start < 5.0  # refused before any choice is built
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": "hi \ud800"},
+    {"role": "us\udc00er", "content": "hi"},
+])
+def test_chat_messages_with_lone_surrogates_are_400(cluster, message):
+    data = json.dumps({"model": MODEL, "messages": [message], "max_tokens": 2}).encode()
+    status, reply = post_raw(cluster, "/v1/chat/completions", data)
+    assert status == 400 and reply["error"]["param"] == "messages"
+
+
+def test_too_many_stop_token_ids_are_refused_before_any_worker(grpc_client):
+    request = generate_request(PROMPT, max_tokens=2)
+    request.sampling.stop_token_ids.extend(range(65))
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_client.complete(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stop token ids" in err.value.details()
