@@ -22,6 +22,7 @@ class ChatTemplate:
                                             extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent)
         env.globals["raise_exception"] = _raise
+        self.source = source
         self.template = env.from_string(source)
         self.special_tokens = special_tokens
 

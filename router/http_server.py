@@ -14,8 +14,9 @@ import uvicorn
 
 class HttpServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0,
-                 tls: tuple[bytes, bytes] | None = None):
-        """Serve ``app`` on host:port; ``tls`` is (private key, certificate chain) in PEM."""
+                 tls: tuple[bytes, bytes] | None = None, max_connections: int | None = None):
+        """Serve ``app`` on host:port; ``tls`` is (private key, certificate chain) in PEM;
+        past ``max_connections`` open connections uvicorn answers 503."""
         # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets
         # that say they are TCP, and with Nagle on each streamed token waits for the
         # client's delayed ACK (40 ms here).
@@ -34,7 +35,8 @@ class HttpServer:
             cert.write_bytes(tls[1])
             options = {"ssl_keyfile": str(key), "ssl_certfile": str(cert)}
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, **options)
+                                timeout_graceful_shutdown=2, limit_concurrency=max_connections,
+                                **options)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run,
                                         kwargs={"sockets": [self._socket]},

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import re
 import threading
 import time
 import uuid
@@ -34,6 +35,9 @@ from .service import GenerationServicer, Prepared
 
 MAX_CHOICES = 8  # n times the number of prompts
 MAX_WIRE_INT = 2**31 - 1  # the largest count or token id any request field carries
+JSON_ESCAPE_BYTES = 6  # the most JSON bytes one byte of text can take (\uXXXX)
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -133,6 +137,12 @@ class OpenAIServer:
         self.chat = chat
         self._expected = f"Bearer {api_key}".encode() if api_key else None
         self.created = int(time.time())
+        limits = servicer.options.limits
+        # Enough for the largest request: every choice's prompt at the byte limit, each
+        # byte escaped in JSON at the most (\uXXXX), and the other fields.
+        self.max_body_bytes = MAX_CHOICES * JSON_ESCAPE_BYTES * limits.max_prompt_bytes + 65536
+        self.max_chat_bytes = limits.max_prompt_bytes
+        self.markers = chat_markers(tokenizer, chat)
         self.app = self._build()
 
     # --- routes -----------------------------------------------------------------------
@@ -179,7 +189,9 @@ class OpenAIServer:
         if (refused := self._refuse_unauthenticated(request)) is not None:
             return refused
         try:
-            body = await request.json()
+            body = json.loads(await self._read_body(request))
+        except ServingError as exc:
+            return error_response(exc)
         except RecursionError:
             return error_response(BadRequest("the body's JSON is nested too deeply"))
         except ValueError:
@@ -202,6 +214,21 @@ class OpenAIServer:
             return StreamingResponse(self._sse(job, first, events),
                                      media_type="text/event-stream")
         return await self._collect(job, first, events)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused by its declared length before any of it is read, and by what
+        arrives once that passes the limit (a body sent in chunks declares none)."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BadRequest(f"the body has {declared} bytes; at most {limit}")
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise BadRequest(f"the body has more than {limit} bytes")
+            parts.append(part)
+        return b"".join(parts)
 
     def _refuse_unauthenticated(self, request: Request) -> Response | None:
         if self._expected is None:
@@ -337,7 +364,8 @@ class OpenAIServer:
         if self.tokenizer is None:
             raise BadRequest("this model has no tokenizer.json; use /v1/completions with "
                              "token ids", "messages")
-        prompt = self.tokenizer.encode(self.chat.render(_messages(body.get("messages")))).ids
+        messages = _messages(body.get("messages"), self.max_chat_bytes, self.markers)
+        prompt = self.tokenizer.encode(self.chat.render(messages)).ids
         logprobs = _bool(body, "logprobs")
         top = _int(body, "top_logprobs", 0, minimum=0)
         if top and not logprobs:
@@ -471,7 +499,7 @@ def serve_openai(servicer: GenerationServicer, model_dir: Path, host: str = "127
 
     api = OpenAIServer(servicer, servicer.tokenizer, model_name or Path(model_dir).name,
                        ChatTemplate.of_model(model_dir), api_key)
-    return HttpServer(api.app, host, port, tls)
+    return HttpServer(api.app, host, port, tls, servicer.options.max_http_connections)
 
 
 # --- small parsers, each refusing with the parameter's name ---------------------------------
@@ -515,23 +543,49 @@ def _text(text: str, param: str) -> str:
     return text
 
 
-def _messages(messages) -> list[dict]:
+def _messages(messages, max_bytes: int, markers: frozenset[str]) -> list[dict]:
+    """The messages as the template takes them, each checked before any is rendered: a
+    known role (``developer`` is ``system``), text content, at most ``max_bytes`` in all,
+    and none of the ``markers`` that give a rendered prompt its structure."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
-    out = []
+    out, chars, size = [], 0, 0
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("each message needs a role and content", "messages")
-        _text(message["role"], "messages")
+        role = ROLE_ALIASES.get(message["role"], message["role"])
+        if role not in CHAT_ROLES:
+            raise BadRequest(f"unknown role {message['role'][:32]!r}; roles are "
+                             f"{', '.join(sorted({*CHAT_ROLES, *ROLE_ALIASES}))}", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str)
+                       and p.get("type") == "text" for p in content):
                 raise BadRequest("only text content parts are supported", "messages")
-            content = "".join(str(p.get("text", "")) for p in content)
+            content = "".join(p.get("text", "") for p in content)
         if not isinstance(content, str):
             raise BadRequest("message content must be a string or text parts", "messages")
-        out.append({"role": message["role"], "content": _text(content, "messages")})
+        chars += len(content)  # characters first: never more than bytes
+        if chars > max_bytes or (size := size + len(_text(content, "messages").encode())
+                                 ) > max_bytes:
+            raise BadRequest(f"the messages have more than {max_bytes} bytes", "messages")
+        found = next((m for m in markers if m in content), None)
+        if found is not None:
+            raise BadRequest(f"message content may not contain {found!r}: the chat "
+                             "template's own markers and special tokens give the prompt "
+                             "its structure", "messages")
+        out.append({"role": role, "content": content})
     return out
+
+
+def chat_markers(tokenizer: Tokenizer | None, chat: ChatTemplate | None) -> frozenset[str]:
+    """The strings a client's message may not carry: the tokenizer's special tokens and
+    the ``<|...|>`` markers the chat template writes."""
+    found = set(re.findall(r"<\|[^|<>\s]{1,32}\|>", chat.source)) if chat else set()
+    if tokenizer is not None:
+        found |= {t.content for t in tokenizer.get_added_tokens_decoder().values()
+                  if t.special and t.content}
+    return frozenset(found)
 
 
 def _stops(stop) -> list[str]:

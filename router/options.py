@@ -24,6 +24,9 @@ class RouterOptions:
     port: int = setting(50051, "the gRPC Generate API's port (0: any free one)")
     http_port: int = setting(8000, "the OpenAI-compatible API and /metrics (0: any free "
                                    "port; -1: none)")
+    # uvicorn answers connections past it 503, so idle ones cannot use up the router's
+    # file descriptors.
+    max_http_connections: int = setting(512, "open HTTP connections at most; more get 503")
     lease_ms: int = setting(30_000, "a reservation is freed if its K/V has not come by then")
     on_decode_failure: DecodeFailurePolicy = setting(
         DecodeFailurePolicy.RESUME, "a request whose decode worker dies mid-stream: resume "
@@ -54,6 +57,8 @@ class RouterOptions:
                 raise ValueError(f"router.{name} must be > 0")
         if self.kv_weight < 0:
             raise ValueError("router.kv_weight must be >= 0")
+        if self.max_http_connections < 1:
+            raise ValueError("router.max_http_connections must be >= 1")
         for name in ("max_waiting_requests", "local_prefill_below_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name} must be >= 0")
