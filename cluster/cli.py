@@ -124,13 +124,20 @@ def _wait_for_signal(servers) -> int:
 def _required_secret(config) -> str:
     """A one-role process takes the cluster's secret, never makes its own: its peers
     must hold the same one."""
-    from protos.auth import cluster_secret
-
-    secret = cluster_secret(config.token_file)
+    secret = _read_secret(config.token_file)
     if not secret:
         raise SystemExit(f"error: give this process the cluster secret: set {SECRET_ENV} or "
                          "pass --token-file (the same secret on every worker and the router)")
     return secret
+
+
+def _read_secret(token_file: str | Path | None) -> str | None:
+    from protos.auth import cluster_secret
+
+    try:
+        return cluster_secret(token_file)
+    except (ValueError, OSError) as exc:  # too short, or a file others may read
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _one_role_worker(args: argparse.Namespace) -> int:
@@ -268,10 +275,9 @@ def _print_http(url: str | None, config) -> None:
 
 def _admin_stub(args: argparse.Namespace):
     from protos import admin_pb2_grpc
-    from protos.auth import cluster_secret
     from protos.grpc_server import channel
 
-    secret = cluster_secret(args.token_file or DEFAULT_TOKEN_FILE)
+    secret = _read_secret(args.token_file or DEFAULT_TOKEN_FILE)
     return admin_pb2_grpc.ClusterAdminStub(channel(args.router, secret,
                                                    _read(args.tls_ca)))
 
@@ -373,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:  # a client command the server refused: say why, briefly
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # a setting, a secret or a file that cannot be used
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

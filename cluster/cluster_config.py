@@ -136,7 +136,10 @@ class ClusterConfig:
         return self.mode is Mode.AGGREGATED
 
     def cluster_secret(self) -> str:
-        return cluster_secret(self.token_file, create=True) or new_secret()
+        try:
+            return cluster_secret(self.token_file, create=True) or new_secret()
+        except (ValueError, OSError) as exc:  # too short, or a file others may read
+            raise ConfigError(str(exc)) from exc
 
     def api_key(self) -> str | None:
         return api_key(self.api_key_file)

@@ -37,6 +37,9 @@ from .worker_actor import fingerprint
 log = logging.getLogger(__name__)
 
 NAMESPACE = "olmo-serve"  # the Ray namespace of every worker actor
+# What `olmo-serve scale` may ask of a role whose max_instances the config leaves unset:
+# enough for any cluster this runs, not enough to start actors without end.
+MAX_SCALE_INSTANCES = 64
 # A stage's actor name: instance, stage, stage count ("decode-3/0/2").
 _ACTOR_NAME = re.compile(
     rf"^(?P<role>{'|'.join(Role)})-(?P<index>\d+)/(?P<stage>\d+)/(?P<stages>\d+)$")
@@ -170,6 +173,10 @@ class RayClusterManager:
         role = Role(role)  # ValueError on a role no worker plays
         if role is Role.DECODE and wanted < 1:
             raise ValueError("at least one decode instance must remain")
+        most = self._role(role).max_instances or MAX_SCALE_INSTANCES
+        if wanted > most:
+            raise ValueError(f"at most {most} {role} instances ({role}.max_instances"
+                             f"{'' if self._role(role).max_instances else ' is unset'})")
         if role is Role.PREFILL and self.config.aggregated:
             raise ValueError("aggregated mode runs no prefill instances")
         current = [i for i in self.status() if i.role == role and i.state != "draining"]

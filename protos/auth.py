@@ -22,23 +22,32 @@ API_KEY_ENV = "OLMO_API_KEY"
 _HEADER = "authorization"
 
 
+# 128 bits as base64url (a hex secret needs 32 characters for as much).
+MIN_SECRET_CHARS = 22
+MAKE_ONE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
 def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
 def cluster_secret(token_file: str | Path | None = None, create: bool = False) -> str | None:
     """The cluster secret: $OLMO_CLUSTER_TOKEN, else the first line of ``token_file``; with
-    ``create``, a missing file is made (mode 0600) with a new secret. None if none of these."""
+    ``create``, a missing file is made (mode 0600) with a new secret. None if none of these.
+
+    Refused (ValueError, PermissionError) rather than used: a secret shorter than 128 bits,
+    a token file another user owns or that others may read or write."""
     if os.environ.get(SECRET_ENV):
-        return os.environ[SECRET_ENV].strip()
+        return _strong(os.environ[SECRET_ENV].strip(), f"${SECRET_ENV}")
     if token_file is None:
         return None
     path = Path(token_file).expanduser()
     if path.is_file():
+        _private(path)
         secret = path.read_text().strip()
         if not secret:
             raise ValueError(f"{path} is empty; put the cluster secret in it")
-        return secret
+        return _strong(secret, str(path))
     if not create:
         raise FileNotFoundError(f"no cluster secret at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +56,25 @@ def cluster_secret(token_file: str | Path | None = None, create: bool = False) -
     with os.fdopen(fd, "w") as out:
         out.write(secret + "\n")
     return secret
+
+
+def _strong(secret: str, source: str) -> str:
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ValueError(f"the cluster secret in {source} has {len(secret)} characters; it "
+                         f"needs at least {MIN_SECRET_CHARS} (128 bits). Make one with: "
+                         f"{MAKE_ONE}")
+    return secret
+
+
+def _private(path: Path) -> None:
+    """A token file only its owner, this user, can read or change."""
+    status = path.stat()
+    if status.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to user {status.st_uid}, not to this one "
+                              f"({os.getuid()}); a cluster secret must be the user's own")
+    if status.st_mode & 0o077:
+        raise PermissionError(f"{path} may be read or written by others (mode "
+                              f"{status.st_mode & 0o777:o}); chmod 600 {path}")
 
 
 def api_key(key_file: str | Path | None = None) -> str | None:

@@ -27,7 +27,8 @@ def cluster():
     # show which decode workers served.
     config = ClusterConfig(router=RouterOptions(port=0, http_port=0, local_prefill_below_tokens=0),
                            prefill=RoleConfig(instances=2, cpus=0.4),
-                           decode=RoleConfig(instances=2, cpus=0.4), health_interval_s=0.5)
+                           decode=RoleConfig(instances=2, cpus=0.4, max_instances=4),
+                           health_interval_s=0.5)
     c = start_ray_cluster(config, num_cpus=2)
     yield c
     c.stop()
@@ -182,6 +183,11 @@ def test_the_admin_api_needs_the_cluster_secret(cluster):
     stub = admin_pb2_grpc.ClusterAdminStub(channel(cluster.address, cluster.manager.secret))
     status = stub.Status(admin_pb2.StatusRequest(), timeout=10)
     assert {i.role for i in status.instances} == {"prefill", "decode"}
+    # Scale is bounded (max_instances, or MAX_SCALE_INSTANCES where the config sets none).
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Scale(admin_pb2.ScaleRequest(role="decode", instances=41), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 4 decode instances" in err.value.details()
 
 
 def test_the_openai_api_serves_from_the_ray_cluster(cluster):

@@ -134,3 +134,30 @@ def test_a_one_role_worker_will_not_start_without_the_secret():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert SECRET_ENV in done.stderr
+
+
+def test_a_weak_secret_is_refused_naming_how_to_make_one(monkeypatch):
+    from protos.auth import MIN_SECRET_CHARS, cluster_secret
+
+    monkeypatch.setenv(SECRET_ENV, "x")
+    with pytest.raises(ValueError, match=f"at least {MIN_SECRET_CHARS}.*token_urlsafe"):
+        cluster_secret()
+    monkeypatch.setenv(SECRET_ENV, "y" * MIN_SECRET_CHARS)
+    assert cluster_secret() == "y" * MIN_SECRET_CHARS
+
+
+def test_a_token_file_others_may_read_or_another_user_owns_is_refused(tmp_path, monkeypatch):
+    from protos.auth import cluster_secret
+
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    made = tmp_path / "token"
+    secret = cluster_secret(made, create=True)  # made 0600: this user's alone
+    assert cluster_secret(made) == secret
+    made.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        cluster_secret(made)
+    made.chmod(0o600)
+    if os.getuid() == 0:  # root may hand the file to someone else (CI runs as root)
+        os.chown(made, 65534, 65534)
+        with pytest.raises(PermissionError, match="belongs to user 65534"):
+            cluster_secret(made)
