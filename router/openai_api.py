@@ -34,6 +34,8 @@ from .chat_template import ChatTemplate
 from .service import GenerationServicer, Prepared
 
 MAX_CHOICES = 8  # n times the number of prompts
+DISCONNECT_CHECK_S = 0.1  # how soon a request stops once its client has left
+CLIENT_CLOSED = 499  # the client closed the connection (nginx's word for it); none reads it
 MAX_WIRE_INT = 2**31 - 1  # the largest count or token id any request field carries
 JSON_ESCAPE_BYTES = 6  # the most JSON bytes one byte of text can take (\uXXXX)
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
@@ -206,7 +208,10 @@ class OpenAIServer:
         except (ValueError, OverflowError) as exc:  # a value the wire cannot carry
             return error_response(BadRequest(f"the request cannot be sent on: {exc}"))
         events = self._run(job, request)
-        first = await anext(events)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:  # the client left before anything came
+            return Response(status_code=CLIENT_CLOSED)
         if first[2] is not None:  # refused before any token: a plain error response
             await events.aclose()
             return error_response(first[2])
@@ -266,13 +271,20 @@ class OpenAIServer:
             threading.Thread(target=produce, args=(index, prepared, call), daemon=True,
                              name="http-choice").start()
         running = len(calls)
+        check_at = loop.time() + DISCONNECT_CHECK_S
         try:
             while running:
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    item = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
+                    item = None
+                # Tokens flowing or not: a client that left (a non-streaming one sees
+                # nothing until the end) stops its request within a check.
+                if item is None or loop.time() >= check_at:
                     if await request.is_disconnected():
                         return
+                    check_at = loop.time() + DISCONNECT_CHECK_S
+                if item is None:
                     continue
                 if item[1] is None:
                     running -= 1

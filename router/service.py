@@ -189,7 +189,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     reason = FinishReason(response.finish_reason)
                 yield response
         except ServingError:
-            reason = FinishReason.ERROR
+            # A request whose client left ends as aborted, not as an error of ours.
+            reason = FinishReason.ERROR if call.is_active() else FinishReason.ABORT
             raise
         finally:
             self.metrics.running.dec()

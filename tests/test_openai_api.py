@@ -389,3 +389,24 @@ def test_a_body_declared_too_large_is_refused_before_it_is_read(cluster):
         assert "at most" in json.loads(reply.read())["error"]["message"]
     finally:
         connection.close()
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_request_at_once(cluster):
+    """It is aborted (and counted so) within a disconnect check, not run to its end."""
+    import socket
+
+    aborted = cluster.router.metrics.requests.labels(finish_reason="abort")
+    before = aborted._value.get()
+    host, port = cluster.http_url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 480,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/json\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while not cluster.decode[0].engine.scheduler.running():  # decoding
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    wait_until_cluster_idle(cluster, timeout=10)
+    assert aborted._value.get() == before + 1
