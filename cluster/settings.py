@@ -88,13 +88,13 @@ def build(kind: type, raw: Any, where: str = "") -> Any:
 def unknown_key(key: str, kind: type, where: str) -> str:
     """The refusal of an unknown key, with the closest valid one when there is one."""
     here = [s.key for s in settings(kind, tuple(where.split(".")) if where else ())]
+    by_leaf = {}  # each leaf name's first full key, e.g. "kv_weight": "router.kv_weight"
+    for full in here:
+        by_leaf.setdefault(full.rsplit(".", 1)[-1], full)
     leaf = key.rsplit(".", 1)[-1]
     close = (difflib.get_close_matches(key, here, n=1, cutoff=0.6)
-             or [k for k in here if k.rsplit(".", 1)[-1] == leaf][:1]
-             or difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in here], n=1,
-                                          cutoff=0.6))
-    if close and "." not in close[0] and where:
-        close = [_join(where, close[0])]
+             or difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6))
+    close = [by_leaf.get(close[0], close[0])] if close else []
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown config key {key!r}{hint}"
 
@@ -151,6 +151,8 @@ def reference(kind: type) -> str:
 
 
 def value_of(hint: Any, field: dataclasses.Field, value: Any, key: str) -> Any:
+    """``value`` as the field of type ``hint`` holds it (a section built, an enum from its
+    name, an int as a float); ConfigError naming ``key`` when it cannot be one."""
     base, optional = _unwrap(hint)
     if value is None:
         if optional:

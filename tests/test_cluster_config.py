@@ -84,7 +84,10 @@ def test_shipped_configs_parse_without_deprecated_keys(path):
                               "'decode.instances'"),
     ("router: {kv_wieght: 2}", "did you mean 'router.kv_weight'"),
     ("cache: {max_sequence: 2}", "did you mean 'cache.max_sequences'"),
-    ("kv_layer_group: 2", "unknown config key 'kv_layer_group'"),
+    ("kv_layer_group: 2", "unknown config key 'kv_layer_group'; did you mean "
+                          "'worker.kv_layer_groups'"),
+    ("router: {limits: {max_prompt_byte: 9}}", "did you mean 'router.limits.max_prompt_bytes'"),
+    ("max_prompt_byte: 9", "did you mean 'router.limits.max_prompt_bytes'"),
     ("mode: sideways", "mode must be one of disaggregated, aggregated"),
     ("router: {on_decode_failure: retry}", "on_decode_failure must be one of resume, fail"),
     ("decode: {instances: 0}", "at least one decode"),
