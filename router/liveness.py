@@ -26,7 +26,9 @@ class Watch:
     call: grpc.Call
     address: str            # the decode worker sending the stream
     due: float              # the monitor's clock time by which the next token must arrive
-    expired: str = ""       # why the monitor cancelled the call, once it has
+    bound: float            # the silence allowed now: before the first token, or between
+    expired: str = ""       # why the monitor cancelled the call, once it has (the bound
+                            # that fired, quoted)
 
 
 class StallMonitor:
@@ -53,13 +55,14 @@ class StallMonitor:
         self._stopped.set()
 
     def watch(self, call: grpc.Call, address: str) -> Watch:
-        watch = Watch(call, address, self.clock.now() + self.first_token)
+        watch = Watch(call, address, self.clock.now() + self.first_token, self.first_token)
         with self._lock:
             self._watches.add(watch)
         return watch
 
     def saw_token(self, watch: Watch) -> None:
         watch.due = self.clock.now() + self.between_tokens
+        watch.bound = self.between_tokens
 
     def unwatch(self, watch: Watch) -> None:
         with self._lock:
@@ -72,9 +75,9 @@ class StallMonitor:
             watches = list(self._watches)
         for watch in watches:
             if watch.due < now:
-                self._cut(watch, "sent nothing in time")
+                self._cut(watch, f"sent nothing for {watch.bound:g} s")
             elif not self.alive(watch.address):
-                self._cut(watch, "stopped answering")
+                self._cut(watch, "stopped answering the router's stats polls")
 
     def _run(self) -> None:
         while not self._stopped.wait(CHECK_SECONDS):

@@ -328,7 +328,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     return
         except grpc.RpcError as exc:
             if watch.expired:
-                raise self._lost_to_silence(attempt, progress, blame, watch.expired) from exc
+                raise self._lost_to_silence(attempt, blame, watch.expired) from exc
             if exc.code() == grpc.StatusCode.CANCELLED and not call.is_active():
                 return
             abort_quietly(attempt.decode, attempt.request_id, "router lost the token stream")
@@ -343,11 +343,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         blame.decode.add(attempt.decode.address)
         raise DecodeLost(f"decode worker {attempt.decode.address} closed the stream early")
 
-    def _lost_to_silence(self, attempt: Attempt, progress: Progress, blame: Blame,
-                         why: str) -> DecodeLost:
-        """A stream the stall monitor cut: drop the attempt on both workers and blame the
-        one that was silent (the prefill worker, if its leg had not finished and its
-        decode worker still answers)."""
+    def _lost_to_silence(self, attempt: Attempt, blame: Blame, why: str) -> DecodeLost:
+        """A stream the stall monitor cut (``why``: the bound that fired): drop the attempt
+        on both workers and blame the one that was silent (the prefill worker, if its leg
+        had not finished and its decode worker still answers)."""
         attempt.cancel("the token stream went silent")
         leg = attempt.leg
         decode = attempt.decode.address
@@ -356,9 +355,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             blame.prefill.add(leg.worker.address)
             return DecodeLost(f"prefill worker {leg.worker.address} did not finish in time")
         blame.decode.add(decode)
-        bound = (self.options.token_timeout_s if progress.generated
-                 else self.options.first_token_timeout_s)
-        return DecodeLost(f"decode worker {decode} {why} (bound {bound:g} s)")
+        return DecodeLost(f"decode worker {decode} {why}")
 
     def _response(self, client_id: str, event: worker_pb2.TokenEvent, attempt: Attempt,
                   progress: Progress) -> generation_pb2.GenerateResponse:

@@ -34,7 +34,7 @@ def assert_cut_once_silent_for(seconds: float, stalls: StallMonitor, clock: Fake
     assert not call.cancelled and watch.expired == ""
     clock.advance(0.01)
     stalls.check_once()
-    assert call.cancelled and watch.expired == "sent nothing in time"
+    assert call.cancelled and watch.expired == f"sent nothing for {seconds:g} s"
 
 
 def test_a_stream_has_first_token_seconds_for_its_first_token():
@@ -69,7 +69,8 @@ def test_a_stream_from_a_worker_that_stopped_answering_is_cut_before_it_is_due()
     watches = {address: stalls.watch(call, address) for address, call in calls.items()}
     dead.add("decode-1")
     stalls.check_once()
-    assert calls["decode-1"].cancelled and watches["decode-1"].expired == "stopped answering"
+    assert calls["decode-1"].cancelled
+    assert watches["decode-1"].expired.startswith("stopped answering")
     assert not calls["decode-0"].cancelled  # its neighbour's worker is alive
 
 
