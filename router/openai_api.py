@@ -578,8 +578,9 @@ def _messages(messages, max_bytes: int, markers: frozenset[str]) -> list[dict]:
         if not isinstance(content, str):
             raise BadRequest("message content must be a string or text parts", "messages")
         chars += len(content)  # characters first: never more than bytes
-        if chars > max_bytes or (size := size + len(_text(content, "messages").encode())
-                                 ) > max_bytes:
+        if chars <= max_bytes:
+            size += len(_text(content, "messages").encode())
+        if max(chars, size) > max_bytes:
             raise BadRequest(f"the messages have more than {max_bytes} bytes", "messages")
         found = next((m for m in markers if m in content), None)
         if found is not None:
