@@ -106,11 +106,6 @@ def _load_config(args: argparse.Namespace) -> ClusterConfig:
         raise SystemExit(f"error: {exc}") from None
 
 
-def _worker_host(config) -> str:
-    """A one-role process has no Ray node: "node" means loopback."""
-    return "127.0.0.1" if config.worker.host == "node" else config.worker.host
-
-
 def _wait_for_signal(servers) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -148,7 +143,7 @@ def _one_role_worker(args: argparse.Namespace) -> int:
     serve = serve_prefill if role is Role.PREFILL else serve_decode
     config = _load_config(args)
     secret = _required_secret(config)
-    spec, host = config.worker_spec(), _worker_host(config)
+    spec, host = config.worker_spec(), config.worker.host_outside_ray
     server, _ = serve(spec.runner(), host, getattr(config, role).port, secret, spec.options)
     print(f"{role} worker serving on {host}:{server.port}", flush=True)
     return _wait_for_signal([server])

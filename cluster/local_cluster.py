@@ -56,7 +56,7 @@ def start_local_cluster(config: ClusterConfig, secret: str | None = None) -> Loc
     ``http_port`` is -1, serves the OpenAI-compatible API too."""
     spec = config.worker_spec()
     secret = secret or new_secret()
-    worker_host = "127.0.0.1" if config.worker.host == "node" else config.worker.host
+    worker_host = config.worker.host_outside_ray
     servers: list[Server] = []
     servicers: dict[Role, list] = {Role.PREFILL: [], Role.DECODE: []}
     leaders: dict[Role, list[str]] = {Role.PREFILL: [], Role.DECODE: []}

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 
+from pipeline.options import NODE_HOST
 from protos.vocabulary import Role
 
 from .worker_spec import WorkerSpec
-
-NODE_HOST = "node"
 
 
 def fingerprint(spec: WorkerSpec, secret: str) -> str:

@@ -7,6 +7,8 @@ import dataclasses
 
 from protos.setting import setting
 
+NODE_HOST = "node"  # bind the address Ray knows the worker's node by
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkerOptions:
@@ -23,12 +25,18 @@ class WorkerOptions:
     # Where workers bind: "node" the address Ray knows their node by (127.0.0.1 for a
     # one-process cluster or a one-role command), "0.0.0.0" every interface (advertising
     # the node's address), or an address.
-    host: str = setting("node", "where workers bind: node (the address Ray knows their node by), "
-                                "0.0.0.0, or an address")
+    host: str = setting(NODE_HOST, "where workers bind: node (the address Ray knows their "
+                                   "node by), 0.0.0.0, or an address")
 
     def __post_init__(self) -> None:
         if self.kv_layer_groups < 1:
             raise ValueError("worker.kv_layer_groups must be >= 1")
+
+    @property
+    def host_outside_ray(self) -> str:
+        """Where a worker binds with no Ray node to name (a one-role process, a cluster in
+        one process): ``node`` means loopback."""
+        return "127.0.0.1" if self.host == NODE_HOST else self.host
 
 
 DEFAULT_OPTIONS = WorkerOptions()

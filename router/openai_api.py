@@ -393,9 +393,7 @@ class OpenAIServer:
         return self._job("chat", body, requests, logprobs, 1)
 
     def _job(self, kind: str, body: dict, requests: list, logprobs: bool, prompts: int) -> Job:
-        if len(requests) > MAX_CHOICES:
-            raise BadRequest(f"{len(requests)} choices (n times prompts); at most "
-                             f"{MAX_CHOICES}", "n")
+        """``requests``: at most MAX_CHOICES, counted before they were built."""
         stream = _bool(body, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):

@@ -315,14 +315,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             for event in attempt.stream:
                 self.stalls.saw_token(watch)
-                if FinishReason(event.finish_reason).failed:
+                reason = FinishReason(event.finish_reason)
+                if reason.failed:
                     # The router aborts only after it stops reading, so an abort seen here
                     # came from the worker side: a failed prefill leg, an expired lease.
                     leg = attempt.leg
                     raise ServingError(
                         status_code(event.code) if event.code else grpc.StatusCode.UNAVAILABLE,
                         leg.error if leg is not None and leg.error else event.error)
-                response = self._response(client_id, event, attempt, progress)
+                response = self._response(client_id, event, reason, attempt, progress)
                 yield response
                 if response.finish_reason:
                     return
@@ -357,8 +358,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         blame.decode.add(decode)
         return DecodeLost(f"decode worker {decode} {why}")
 
-    def _response(self, client_id: str, event: worker_pb2.TokenEvent, attempt: Attempt,
-                  progress: Progress) -> generation_pb2.GenerateResponse:
+    def _response(self, client_id: str, event: worker_pb2.TokenEvent, reason: FinishReason,
+                  attempt: Attempt, progress: Progress) -> generation_pb2.GenerateResponse:
+        """The client's response to one worker event (``reason``: the event's, read once)."""
         text, ids = "", []
         if event.has_token:
             ids = [event.token_id]
@@ -366,7 +368,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             self._observe_token(progress)
             if progress.detok is not None and event.token_id not in progress.stop_ids:
                 text = progress.stops.feed(progress.detok.add(event.token_id))
-        reason = FinishReason(event.finish_reason)
         if progress.stops.stopped and not reason:
             reason = FinishReason.STOP
             abort_quietly(attempt.decode, attempt.request_id, "stop string")
