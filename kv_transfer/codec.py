@@ -263,8 +263,10 @@ class KVAssembler:
             raise PushRefused(f"push is incomplete: {self._blocks_seen} of {self.num_blocks} "
                               "blocks arrived")
         if trailer.crc32 != self._crc:
-            raise PushRefused(f"checksum mismatch: trailer says {trailer.crc32:#010x}, "
-                              f"data gives {self._crc:#010x}")
+            # Neither checksum in the message: it would tell a pusher about memory it
+            # pointed the receiver at.
+            raise PushRefused("checksum mismatch: the K/V or hidden state is not what the "
+                              "sender checksummed")
         self.state = PushState.COMPLETE
 
 

@@ -10,8 +10,10 @@ memory after all goes back to inline pushes by itself.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+import time
 
 import grpc
 import numpy as np
@@ -25,7 +27,7 @@ from conftest import (
 )
 
 from cluster.cluster_config import RoleConfig
-from kv_transfer import codec
+from kv_transfer import codec, shared_memory
 from kv_transfer.buffers import Buffer, BufferPool
 from kv_transfer.codec import encode_push
 from kv_transfer.grpc_transport import KVSender
@@ -138,6 +140,47 @@ def point_at_a_plain_file(chunks, buffer):
     return chunks
 
 
+def attacker_memfd(nbytes: int, sealed: bool) -> int:
+    """A memfd of the buffers' name that a same-user process made to look like one."""
+    fd = os.memfd_create(shared_memory.NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, nbytes)
+    if sealed:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, shared_memory.SEALS)
+    _OPEN_FDS.append(fd)
+    return fd
+
+
+_OPEN_FDS = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def close_attacker_files():
+    yield
+    for fd in _OPEN_FDS:
+        os.close(fd)
+    for plain in _OPEN_FILES:
+        plain.close()
+
+
+def point_at_an_unsealed_memfd(chunks, buffer):
+    # Unsealed, it could shrink while read: a mapping of it would fault (SIGBUS).
+    chunks[1].shared.fd = attacker_memfd(buffer.nbytes, sealed=False)
+    return chunks
+
+
+SPARSE_BYTES = 2**30
+
+
+def point_into_a_sparse_memfd(chunks, buffer):
+    """A 1 GiB memfd with nothing in it, the K/V named near its end."""
+    fd = attacker_memfd(SPARSE_BYTES, sealed=True)
+    shared = chunks[1].shared
+    shared.keys_offset, shared.values_offset = (SPARSE_BYTES - buffer.nbytes + shared.keys_offset,
+                                                SPARSE_BYTES - buffer.nbytes + shared.values_offset)
+    shared.fd = fd
+    return chunks
+
+
 def point_past_the_end(chunks, buffer):
     chunks[1].shared.values_offset = buffer.nbytes - 8
     return chunks
@@ -159,6 +202,8 @@ def name_a_gone_process(chunks, buffer):
 @pytest.mark.parametrize("tamper, code, message", [
     (corrupt_after_checksum, grpc.StatusCode.INVALID_ARGUMENT, "checksum mismatch"),
     (point_at_a_plain_file, grpc.StatusCode.INVALID_ARGUMENT, "is not a KV buffer"),
+    (point_at_an_unsealed_memfd, grpc.StatusCode.INVALID_ARGUMENT, "not sealed"),
+    (point_into_a_sparse_memfd, grpc.StatusCode.INVALID_ARGUMENT, "checksum mismatch"),
     (point_past_the_end, grpc.StatusCode.INVALID_ARGUMENT, "outside"),
     (follow_a_block, grpc.StatusCode.INVALID_ARGUMENT, "after other K/V"),
     (name_a_gone_process, grpc.StatusCode.UNIMPLEMENTED, "unreadable"),
@@ -173,6 +218,47 @@ def test_a_bad_shared_push_is_refused_and_frees_everything(cluster, stub, tamper
     assert cluster.decode[0].stage.receiver.pushes_refused == refused + 1
     stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5)
     wait_until_cluster_idle(cluster)
+    if tamper is point_into_a_sparse_memfd:  # read as zeros, not backed with memory
+        assert os.fstat(_OPEN_FDS[-1]).st_blocks * 512 < 2**20
+
+
+def test_a_descriptor_swapped_for_a_fifo_after_its_name_was_checked_is_refused_at_once(
+        cluster, stub, monkeypatch, tmp_path):
+    """Between the receiver's look at /proc/<pid>/fd/<fd> and its open, the sender puts a
+    FIFO there: an open that blocked would wait for a writer for ever."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    real_open = shared_memory._open
+
+    def swap_then_open(path):
+        fd = int(path.rsplit("/", 1)[1])
+        swapped = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        os.dup2(swapped, fd)
+        os.close(swapped)
+        return real_open(path)
+
+    monkeypatch.setattr(shared_memory, "_open", swap_then_open)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        push_shared(stub, cluster, "shared-fifo")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a KV buffer" in err.value.details() and time.monotonic() - start < 5
+    monkeypatch.undo()
+    stub.Abort(worker_pb2.AbortRequest(request_id="shared-fifo"), timeout=5)
+    wait_until_cluster_idle(cluster)
+    test_a_good_shared_push_decodes(cluster, stub)  # still serving
+
+
+def test_a_buffer_cannot_change_size_once_made():
+    buffer = SharedBuffer(2**20)
+    try:
+        for size in (0, 2**21):
+            with pytest.raises(PermissionError):
+                os.ftruncate(buffer.fd, size)
+        with pytest.raises(PermissionError):  # nor can its seals be lifted or added to
+            fcntl.fcntl(buffer.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+    finally:
+        buffer.close()
 
 
 def test_a_good_shared_push_decodes(cluster, stub):
