@@ -96,7 +96,12 @@ class ModelRunner:
             self.config.sliding_window)
         use_every_cpu()  # before the first kernel runs: TVM sizes its thread pool then
         library = tvm.runtime.load_module(str(artifact.library_path))
-        self.vm = VirtualMachine(library, self.device)
+        # TVM's default pooled allocator keeps a buffer of every size it ever allocated: a
+        # prefill worker grew by megabytes per new prompt length, for good. On the CPU a
+        # fresh allocation costs nothing next to the kernels (docs/benchmarks.md: Memory).
+        # (On a GPU the pool stays: there every allocation is a cudaMalloc.)
+        self.vm = VirtualMachine(library, self.device,
+                                 memory_cfg="naive" if device == "cpu" else None)
         self.params = [tvm.runtime.tensor(p, self.device) for p in params]
         self.kv = PagedKVCache(
             library.imports[0], artifact.kv_cache_recipe, self.limits,
