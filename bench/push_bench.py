@@ -28,6 +28,7 @@ from recording import write_results
 
 from kv_transfer.buffers import Buffer
 from kv_transfer.grpc_transport import KVSender
+from kv_transfer.transport import PushGrant
 from olmo_model.kv_pages import KVSnapshot
 from protos import worker_pb2, worker_pb2_grpc
 from protos.auth import SECRET_ENV, new_secret
@@ -67,13 +68,14 @@ def bench_push(stub, address: str, sender: KVSender, layout, tokens: int, repeat
     seconds, encode, assemble = [], [], []
     for i in range(repeats + 1):  # the first warms up (and learns the receiver's host)
         request_id = f"push-{tokens}-{i}"
-        stub.Reserve(worker_pb2.ReserveRequest(
+        reserved = stub.Reserve(worker_pb2.ReserveRequest(
             request_id=request_id, prompt_tokens=tokens, lease_ms=60_000,
             sampling=worker_pb2.Sampling(max_tokens=1)), timeout=10)
         encoded = sender.encode_seconds
         assembled = stub.Stats(worker_pb2.StatsRequest(), timeout=10).kv_assemble_ms
         start = time.perf_counter()
-        sender.push(address, request_id, snapshot, None, buffer)
+        sender.push(address, PushGrant(request_id, token=reserved.push_token), snapshot, None,
+                    buffer)
         took = time.perf_counter() - start
         stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)
         if i:
@@ -108,7 +110,7 @@ def main() -> None:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel(address, secret))
         layout = wait_for_layout(stub, worker)
         for transport in args.transports:
-            sender = KVSender(layout, secret, share_memory=TRANSPORTS[transport])
+            sender = KVSender(layout, share_memory=TRANSPORTS[transport])
             results["transports"][transport] = {
                 str(tokens): bench_push(stub, address, sender, layout, tokens, args.repeats)
                 for tokens in args.tokens}

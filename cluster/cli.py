@@ -156,7 +156,7 @@ def _router(args: argparse.Namespace) -> int:
     config = _load_config(args)
     options = config.router
     scheduler = static_scheduler([] if config.aggregated else args.prefill, args.decode,
-                                 _required_secret(config), options.kv_weight)
+                                 _required_secret(config), options)
     model_dir = resolve_model_dir(config.model)
     server, router = serve_router(model_dir, scheduler, options, options.host, options.port,
                                   config.api_key(), config.tls())

@@ -79,7 +79,7 @@ def start_local_cluster(config: ClusterConfig, secret: str | None = None) -> Loc
             leaders[role].append(addresses[0])
     options, api_key, tls = config.router, config.api_key(), config.tls()
     scheduler = static_scheduler(leaders[Role.PREFILL], leaders[Role.DECODE], secret,
-                                 options.kv_weight)
+                                 options)
     router_server, router = serve_router(spec.model_dir, scheduler, options, options.host,
                                          options.port, api_key, tls)
     servers.append(router_server)

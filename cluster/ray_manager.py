@@ -37,6 +37,7 @@ from .worker_actor import fingerprint
 log = logging.getLogger(__name__)
 
 NAMESPACE = "olmo-serve"  # the Ray namespace of every worker actor
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet a local Ray starts
 # What `olmo-serve scale` may ask of a role whose max_instances the config leaves unset:
 # enough for any cluster this runs, not enough to start actors without end.
 MAX_SCALE_INSTANCES = 64
@@ -48,6 +49,9 @@ _ACTOR_NAME = re.compile(
 def connect_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     """Join a running Ray cluster, or start a private one on loopback."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts worker processes at nice 15 by default; ours serve requests beside a
+    # router at 0, and a starved decode worker only looks dead to it (README: Ray).
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     if address is None:
         # Ray's local-only switch: bind to loopback, not every interface. Ray reads it when
         # first imported: imported earlier without it, a local Ray registers its node on
@@ -122,7 +126,8 @@ class RayClusterManager:
         self.fingerprint = fingerprint(self.worker_spec, secret)
         # Whether workers outlive this process (see the module docstring).
         self.detached = detached
-        self.scheduler = Scheduler(secret, config.router.kv_weight)
+        self.scheduler = Scheduler(secret, config.router.kv_weight,
+                                   config.router.worker_gone_s)
         self.instances: dict[str, Instance] = {}
         self._next_index = dict.fromkeys(Role, 0)
         self._lock = threading.RLock()

@@ -15,6 +15,7 @@ prefills locally when the rest is short; a finished sequence stays cached.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import threading
 from collections.abc import Sequence
 
@@ -40,12 +41,14 @@ from .scheduler import DecodeScheduler, Request, TokenOut
 from .stage import DecodeStage
 from .stats import DecodeStats, kv_received
 
+PUSH_TOKEN_BYTES = 16  # 128 bits: not guessed within a reservation's lease
 
 @dataclasses.dataclass(frozen=True)
 class Reservation:
     pages: int            # held for it, beyond the cached pages it shares
     cached_tokens: int    # the prompt's first tokens it forks from the prefix cache
     local: bool           # prefilled here: no push comes
+    push_token: bytes     # what pushes for it must carry (empty when local)
 
 
 class DecodeEngine:
@@ -109,10 +112,11 @@ class DecodeEngine:
                                              lease_seconds, local, cached)
             self.cache.start(request.seq_id, cached,
                              0 if local else self._pushed_kept_from(prompt_tokens))
+            token = b"" if local else secrets.token_bytes(PUSH_TOKEN_BYTES)
             try:
                 chain.expect([Expectation(request_id, prompt_tokens - cached.tokens, sampling,
                                           local, request.seq_id, cached.seq_id,
-                                          cached.tokens)])
+                                          cached.tokens, token)])
             except ServingError as exc:
                 self.scheduler.withdraw(request)
                 self.cache.forget(request.seq_id)
@@ -121,7 +125,7 @@ class DecodeEngine:
                                    f"the request: {exc.message}") from exc
             self.cache.count(len(prompt_ids), cached.tokens)
             self.scheduler.announce(request)
-        return Reservation(request.reserved_pages, cached.tokens, local)
+        return Reservation(request.reserved_pages, cached.tokens, local, token)
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         return self.scheduler.abort(request_id, reason)

@@ -9,7 +9,8 @@ when verified pieces cover every layer and token exactly once (of a sliding-wind
 the positions it reads again: ``kept_from``) and, on the stage that owns the LM head, the
 last hidden state has come. Nothing of a push that fails any check
 counts. A piece from a later try of the prefill leg starts the assembly over; one from an
-earlier try is refused.
+earlier try is refused, and so is any piece once the request is complete (the engine may
+be installing it).
 
 The receiver is a ``PieceSink`` (kv_transfer/transport.py): transports ``claim`` a piece
 from its header, write it, and ``commit`` or ``release`` it; it never sees their wire.
@@ -20,6 +21,7 @@ arrays (the loopback transport of unit tests).
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
@@ -59,6 +61,7 @@ class PendingKV:
 
     prompt_tokens: int      # the tokens pushes carry: the prompt's from token_begin on
     token_begin: int = 0    # the prompt's first tokens before it are in the cache already
+    push_token: bytes = b""  # what its pushes carry: the reservation's (PushGrant.token)
     attempt: int = 0        # the prefill leg's try that the assembly holds
     assembly: Assembly | None = None
     hidden: np.ndarray | None = None
@@ -102,10 +105,15 @@ class KVReceiver:
         self.shared_bytes = 0
         self.buffers = BufferPool()  # assemblies, until installed
 
-    def expect(self, request_id: str, prompt_tokens: int, token_begin: int = 0) -> None:
+    def expect(self, request_id: str, prompt_tokens: int, token_begin: int,
+               push_token: bytes) -> None:
+        """Take pushes for ``request_id`` that carry ``push_token`` (which must not be
+        empty: that would let in pushes that carry none)."""
+        if not push_token:
+            raise ValueError(f"no push token for {request_id!r}")
         with self._lock:
             self._retire(self._pending.pop(request_id, None))
-            self._pending[request_id] = PendingKV(prompt_tokens, token_begin)
+            self._pending[request_id] = PendingKV(prompt_tokens, token_begin, push_token)
 
     def accepts(self) -> Accepts:
         """What this receiver takes, as its every answer says (the senders' negotiation)."""
@@ -185,20 +193,24 @@ class KVReceiver:
 
     def claim(self, header: PieceHeader) -> Piece:
         """Check a push's header against its request; the part of the assembly it may
-        write (allocated with the request's first piece). Raises ServingError."""
+        write (allocated with the request's first piece). Raises ServingError: first of
+        all UNAUTHENTICATED, telling nothing more, unless the header carries the push
+        token of an open reservation of the request it names."""
         request_id = header.request_id
         begin, count = header.token_begin, header.num_tokens
-        if not self.spec.layer_begin <= header.layer_begin < header.layer_end \
-                <= self.spec.layer_end:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"push carries layers [{header.layer_begin}, "
-                               f"{header.layer_end}) but this worker owns "
-                               f"[{self.spec.layer_begin}, {self.spec.layer_end})")
         with self._lock:
             pending = self._pending.get(request_id)
-            if pending is None:
-                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"no open reservation for request {request_id!r} on this stage")
+            if pending is None or not hmac.compare_digest(header.push_token,
+                                                          pending.push_token):
+                raise ServingError(grpc.StatusCode.UNAUTHENTICATED,
+                                   "no open reservation takes this push (unknown request, "
+                                   "or not its push token)")
+            if not self.spec.layer_begin <= header.layer_begin < header.layer_end \
+                    <= self.spec.layer_end:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"push carries layers [{header.layer_begin}, "
+                                   f"{header.layer_end}) but this worker owns "
+                                   f"[{self.spec.layer_begin}, {self.spec.layer_end})")
             reserved_end = pending.token_begin + pending.prompt_tokens
             if not pending.token_begin <= begin < begin + count <= reserved_end:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -209,6 +221,11 @@ class KVReceiver:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"push for {request_id!r} is from prefill try "
                                    f"{header.attempt}; try {pending.attempt} replaced it")
+            if self._complete(request_id):
+                # Verified whole, so ready to install (perhaps between ready and take):
+                # a later try's push must not void it under the installer's feet.
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"request {request_id!r} has all its K/V already")
             if header.attempt > pending.attempt:  # a retry: what the last try sent is void
                 self._retire(pending)
                 pending.attempt, pending.hidden = header.attempt, None

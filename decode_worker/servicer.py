@@ -1,4 +1,5 @@
-"""The decode worker's gRPC face: Reserve, PushKV, StreamTokens, Abort, Stats."""
+"""The decode worker's gRPC face: Reserve, StreamTokens, Abort, Stats behind the cluster
+secret; PushKV (the KVPush service) let in by each reservation's push token."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from kv_transfer.grpc_transport import PUSH_METHOD, push_response
+from kv_transfer.grpc_transport import PUSH_METHOD, PUSH_SERVICE, push_response
 from kv_transfer.shared_memory import host_identity
 from kv_transfer.transports import GRPC, worker_transports
 from kv_transfer.wire_blocks import BlockViewsRegistration
@@ -27,7 +28,8 @@ DEFAULT_LEASE_MS = 30_000
 MAX_PUSH_SECONDS = 120.0
 
 
-class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
+class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPushServicer,
+                     InstanceLeader):
     def __init__(self, runner: ModelRunner, secret: str | None = None,
                  options: WorkerOptions = DEFAULT_OPTIONS):
         self.secret = secret
@@ -47,7 +49,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, InstanceLeader):
                                    request.prefill_locally, request.local_prefill_below)
         return worker_pb2.ReserveResponse(reserved_pages=held.pages, layout=self.layout,
                                           cached_tokens=held.cached_tokens,
-                                          prefill_locally=held.local)
+                                          prefill_locally=held.local,
+                                          push_token=held.push_token)
 
     @aborts_on_error
     def PushKV(self, request_iterator: Iterator[worker_pb2.KVChunk], context):
@@ -110,11 +113,14 @@ def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
     """Serve a decode worker (refusing calls without ``secret``, when given); a full-model
     worker leads its own one-stage instance."""
     servicer = DecodeServicer(runner, secret, options)
-    server = start_worker_server(
+    def register(server):
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
         # Pushes' blocks are read as views of the received bytes, not parsed into copies.
-        lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(
-            servicer, BlockViewsRegistration(s, PUSH_METHOD)),
-        SERVICE_NAME, servicer, True, host, port, secret)
+        worker_pb2_grpc.add_KVPushServicer_to_server(
+            servicer, BlockViewsRegistration(server, PUSH_METHOD))
+
+    server = start_worker_server(register, SERVICE_NAME, servicer, True, host, port, secret,
+                                 self_authenticating=[PUSH_SERVICE])
     if runner.stage.is_full_model:
         servicer.lead(f"{host}:{server.port}")
     return server, servicer

@@ -23,7 +23,7 @@ from pipeline.stage import embed_checked, start_sequence
 from protos import worker_pb2
 from protos.errors import ServingError
 
-from .receiver import KVReceiver
+from .receiver import KVReceiver, PendingKV
 from .sampler import NON_FINITE, Sampler, finite_rows
 
 if TYPE_CHECKING:
@@ -59,31 +59,50 @@ class DecodeStage:
                 if self.spec.is_last:
                     self.samplers[e.seq_id] = Sampler(e.sampling)
                 if not e.local:
-                    self.receiver.expect(e.request_id, e.prompt_tokens, e.fork_pos)
+                    self.receiver.expect(e.request_id, e.prompt_tokens, e.fork_pos,
+                                         e.push_token)
 
     def ready(self, request_ids: Sequence[str]) -> list[str]:
         return self.receiver.ready(request_ids)
 
     def install(self, admissions: Sequence[Admission]) -> ForwardResult:
-        """Install each request's K/V as its sequence; the last stage samples first tokens."""
-        hidden = []
+        """Install each request's K/V as its sequence; the last stage samples first tokens
+        (one per admission, in order). One that cannot be installed fails alone, in the
+        result's ``failed``: the others are installed and sampled all the same."""
+        failed: dict[int, str] = {}
+        installed, hidden = [], []
         with self._lock:
             for a in admissions:
-                if a.seq_id not in self.sequences:
-                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       f"sequence {a.seq_id} was never expected here")
-                pending = self.receiver.take(a.request_id)
-                start = time.perf_counter()
                 try:
-                    self.runner.import_kv(a.seq_id, self.receiver.snapshot(pending))
-                finally:
-                    self.receiver.recycle(pending)
-                self.install_seconds += time.perf_counter() - start
-                if self.spec.is_last:
-                    hidden.append(pending.hidden)
-            if not hidden:
-                return ForwardResult()
-            return self._sample([a.seq_id for a in admissions], np.stack(hidden))
+                    pending = self._install(a)
+                except Exception as exc:  # its K/V gone, no page for it: it alone fails
+                    failed[a.seq_id] = f"installing its K/V failed: {exc}"
+                    continue
+                installed.append(a.seq_id)
+                hidden.append(pending.hidden)
+            if not self.spec.is_last:
+                return ForwardResult(failed=failed)
+            sampled = (self._sample(installed, np.stack(hidden)) if installed
+                       else ForwardResult())
+        tokens = iter(sampled.tokens)
+        return ForwardResult(tokens=[0 if a.seq_id in failed else next(tokens)
+                                     for a in admissions],
+                             failed={**failed, **sampled.failed}, logprobs=sampled.logprobs)
+
+    def _install(self, admission: Admission) -> PendingKV:
+        """One request's received K/V into its sequence (with the lock held); what was
+        received, its buffer back in the pool."""
+        if admission.seq_id not in self.sequences:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"sequence {admission.seq_id} was never expected here")
+        pending = self.receiver.take(admission.request_id)
+        start = time.perf_counter()
+        try:
+            self.runner.import_kv(admission.seq_id, self.receiver.snapshot(pending))
+        finally:
+            self.receiver.recycle(pending)
+            self.install_seconds += time.perf_counter() - start
+        return pending
 
     def release(self, release: Release) -> None:
         with self._lock:

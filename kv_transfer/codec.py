@@ -27,7 +27,7 @@ from protos.errors import ServingError
 from protos.layout import layout_mismatch
 
 from .shared_memory import SharedBuffer, read_shared
-from .transport import Claim, PieceHeader, PieceSink, Received, Transport
+from .transport import Claim, PieceHeader, PieceSink, PushGrant, Received, Transport
 from .wire_blocks import BlockChunk
 
 BLOCK_BYTES = 2 * 2**20  # per block, keys and values together
@@ -60,16 +60,15 @@ class SharedUnreadable(ServingError):
         super().__init__(grpc.StatusCode.UNIMPLEMENTED, f"shared K/V unreadable here: {reason}")
 
 
-def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
+def encode_push(grant: PushGrant, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
                 hidden: np.ndarray | None, shared: SharedBuffer | None = None,
-                attempt: int = 0, block_views: bool = False
-                ) -> Iterator[worker_pb2.KVChunk | BlockChunk]:
-    """The chunks of one push. ``hidden``: the prompt's last hidden state, with its last
-    piece to the stage that owns the LM head; else None.
+                block_views: bool = False) -> Iterator[worker_pb2.KVChunk | BlockChunk]:
+    """The chunks of one push into ``grant``'s reservation. ``hidden``: the prompt's last
+    hidden state, with its last piece to the stage that owns the LM head; else None.
 
     ``shared``: the buffer ``snapshot`` lives in, when the receiver shares this host; the
     push then names it instead of carrying blocks (the caller keeps it untouched until
-    the receiver has answered). ``attempt``: the prefill leg's try. ``block_views``:
+    the receiver has answered). ``block_views``:
     blocks as ``BlockChunk`` (encoded from the arrays without protobuf's copies), for a
     call that serializes with ``wire_blocks.serialize_chunk``.
     """
@@ -77,7 +76,7 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
     header_layout.CopyFrom(layout)
     header_layout.layer_begin, header_layout.layer_end = snapshot.layer_begin, snapshot.layer_end
     if shared is not None:
-        yield _header(request_id, header_layout, snapshot, 1, attempt)
+        yield _header(grant, header_layout, snapshot, 1)
         yield worker_pb2.KVChunk(shared=worker_pb2.SharedKV(
             pid=shared.pid, fd=shared.fd, keys_offset=shared.offset_of(snapshot.keys),
             values_offset=shared.offset_of(snapshot.values),
@@ -87,7 +86,7 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
         tokens_per_block = max(1, BLOCK_BYTES // (2 * snapshot.keys[0, 0].nbytes))
         blocks = [(layer, begin) for layer in range(snapshot.keys.shape[0])
                   for begin in range(0, snapshot.num_tokens, tokens_per_block)]
-        yield _header(request_id, header_layout, snapshot, len(blocks), attempt)
+        yield _header(grant, header_layout, snapshot, len(blocks))
         crc = 0
         for layer, begin in blocks:
             end = min(begin + tokens_per_block, snapshot.num_tokens)
@@ -107,11 +106,12 @@ def encode_push(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSna
     yield worker_pb2.KVChunk(trailer=worker_pb2.KVTrailer(crc32=crc))
 
 
-def _header(request_id: str, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
-            num_blocks: int, attempt: int) -> worker_pb2.KVChunk:
+def _header(grant: PushGrant, layout: worker_pb2.ModelLayout, snapshot: KVSnapshot,
+            num_blocks: int) -> worker_pb2.KVChunk:
     return worker_pb2.KVChunk(header=worker_pb2.KVHeader(
-        request_id=request_id, layout=layout, num_tokens=snapshot.num_tokens,
-        num_blocks=num_blocks, token_begin=snapshot.token_begin, attempt=attempt))
+        request_id=grant.request_id, layout=layout, num_tokens=snapshot.num_tokens,
+        num_blocks=num_blocks, token_begin=snapshot.token_begin, attempt=grant.attempt,
+        push_token=grant.token))
 
 
 class PushState(enum.Enum):
@@ -179,11 +179,15 @@ class KVAssembler:
     def _on_header(self, header: worker_pb2.KVHeader) -> None:
         if self.state is not PushState.WAITING_FOR_HEADER:
             raise PushRefused("a second header arrived in one push")
+        begin, end = header.layout.layer_begin, header.layout.layer_end
+        self.layer_begin, self.layer_end = begin, end
+        # Admitted first: a push without its reservation's token learns nothing else.
+        self._keys, self._values = self.admit(PieceHeader(
+            header.request_id, header.attempt, begin, end, header.token_begin,
+            header.num_tokens, header.push_token))
         reason = layout_mismatch(self.layout, header.layout)
         if reason:
             raise PushRefused(f"incompatible peer: {reason}")
-        begin, end = header.layout.layer_begin, header.layout.layer_end
-        self.layer_begin, self.layer_end = begin, end
         if not 0 < header.num_tokens <= self.layout.context_window - header.token_begin:
             raise PushRefused(f"push announces {header.num_tokens} tokens from position "
                               f"{header.token_begin}; a sequence has 1 to "
@@ -192,9 +196,6 @@ class KVAssembler:
         self.request_id = header.request_id
         self.num_tokens = header.num_tokens
         self.num_blocks = header.num_blocks
-        self._keys, self._values = self.admit(PieceHeader(
-            header.request_id, header.attempt, begin, end, header.token_begin,
-            header.num_tokens))
         self._filled = np.zeros((end - begin, header.num_tokens), dtype=bool)
         self.state = PushState.RECEIVING
 

@@ -19,7 +19,7 @@ from olmo_model.kv_pages import KVSnapshot
 from protos.errors import ServingError
 
 from .buffers import Buffer, BufferPool
-from .transport import KVPiece, KVTransfer
+from .transport import KVPiece, KVTransfer, PushGrant
 
 
 class PieceReceiver(Protocol):
@@ -37,16 +37,16 @@ class FakeKVSender:
         self.bytes_sent = 0
         self._lock = threading.Lock()
 
-    def open(self, address: str, request_id: str, attempt: int) -> KVTransfer:
-        return KVTransfer(self, address, request_id, attempt)
+    def open(self, address: str, grant: PushGrant) -> KVTransfer:
+        return KVTransfer(self, address, grant)
 
-    def push(self, address: str, request_id: str, snapshot: KVSnapshot,
-             hidden: np.ndarray | None, buffer: Buffer | None = None, attempt: int = 0) -> int:
+    def push(self, address: str, grant: PushGrant, snapshot: KVSnapshot,
+             hidden: np.ndarray | None, buffer: Buffer | None = None) -> int:
         receiver = self.receivers.get(address)
         if receiver is None:  # as the gRPC sender reports an unreachable receiver
-            raise ServingError(grpc.StatusCode.UNAVAILABLE,
-                               f"KV push for {request_id} to {address}: no receiver there")
-        piece = KVPiece.of(request_id, snapshot, hidden, attempt)
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, f"KV push for "
+                               f"{grant.request_id} to {address}: no receiver there")
+        piece = KVPiece.of(grant, snapshot, hidden)
         sent = receiver.receive_piece(piece)
         with self._lock:
             self.sent.append(piece)

@@ -1,5 +1,9 @@
 """The KV push over gRPC: a client stream to the decode worker's PushKV, one per piece.
 
+A push is let in by its header's push token, the one the decode worker's Reserve gave for
+the request (``PushGrant``), not by the cluster secret: the channels carry no secret, so
+a push address named by a Prefill learns nothing it could call the cluster with.
+
 Two transports share the stream and differ in how the K/V rides it: ``InlineChannel``
 carries it as blocks, which every receiver takes; ``SharedMemoryChannel`` names the
 sender's shared buffer instead (kv_transfer/shared_memory.py), which only a receiver on
@@ -29,10 +33,11 @@ from protos.grpc_server import shared_channel
 from .buffers import Buffer, BufferPool, HostBuffer
 from .codec import encode_push
 from .shared_memory import SharedBuffer, host_identity
-from .transport import Accepts, KVTransfer, Transport, choose_transport
+from .transport import Accepts, KVTransfer, PushGrant, Transport, choose_transport
 from .wire_blocks import serialize_chunk
 
-PUSH_METHOD = "/olmo.worker.v1.DecodeWorker/PushKV"
+PUSH_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["KVPush"].full_name
+PUSH_METHOD = f"/{PUSH_SERVICE}/PushKV"
 
 # Statuses that say the receiver could not be reached in time; anything else it sent
 # back is a refusal of this push, which another prefill attempt may not repeat.
@@ -51,19 +56,18 @@ class InlineChannel:
 
     transport = Transport.INLINE
 
-    def __init__(self, secret: str | None, timeout: float):
-        self.secret = secret
+    def __init__(self, timeout: float):
         self.timeout = timeout
 
-    def send(self, address: str, request_id: str, layout: worker_pb2.ModelLayout,
+    def send(self, address: str, grant: PushGrant, layout: worker_pb2.ModelLayout,
              snapshot: KVSnapshot, hidden: np.ndarray | None, buffer: Buffer | None,
-             attempt: int, encoding: list[float]) -> worker_pb2.PushResponse:
+             encoding: list[float]) -> worker_pb2.PushResponse:
         """One push; the time spent making its chunks is added to ``encoding[0]``.
         Raises grpc.RpcError."""
-        chunks = _timed(encode_push(request_id, layout, snapshot, hidden, self._shared(buffer),
-                                    attempt, block_views=True), encoding)
+        chunks = _timed(encode_push(grant, layout, snapshot, hidden, self._shared(buffer),
+                                    block_views=True), encoding)
         # Not the generated stub: its serializer takes messages only, not BlockChunks.
-        push = shared_channel(address, self.secret).stream_unary(
+        push = shared_channel(address).stream_unary(
             PUSH_METHOD, request_serializer=serialize_chunk,
             response_deserializer=worker_pb2.PushResponse.FromString)
         return push(chunks, timeout=self.timeout)
@@ -112,18 +116,17 @@ class Peers:
 class KVSender:
     """Pushes K/V to decode workers and keeps the totals a prefill worker reports."""
 
-    def __init__(self, layout: worker_pb2.ModelLayout, secret: str | None = None,
-                 timeout: float = 60.0, share_memory: bool = True):
+    def __init__(self, layout: worker_pb2.ModelLayout, timeout: float = 60.0,
+                 share_memory: bool = True):
         self.layout = layout
-        self.secret = secret  # the cluster's: decode workers refuse pushes without it
         self.timeout = timeout
         self.host = host_identity() if share_memory else ""
         # Where snapshots are exported to: shared memory, so that a same-host push can
         # name them, where this host has it.
         self.buffers = BufferPool(SharedBuffer if self.host else HostBuffer)
         self.peers = Peers(self.host)
-        self.channels = {c.transport: c for c in (InlineChannel(secret, timeout),
-                                                  SharedMemoryChannel(secret, timeout))}
+        self.channels = {c.transport: c for c in (InlineChannel(timeout),
+                                                  SharedMemoryChannel(timeout))}
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.pushes = 0
@@ -137,18 +140,19 @@ class KVSender:
         self._by_request: collections.OrderedDict[str, tuple[int, float]] = (
             collections.OrderedDict())
 
-    def open(self, address: str, request_id: str, attempt: int) -> KVTransfer:
-        return KVTransfer(self, address, request_id, attempt)
+    def open(self, address: str, grant: PushGrant) -> KVTransfer:
+        return KVTransfer(self, address, grant)
 
     def shares_memory_with(self, address: str) -> bool:
         return Transport.SHARED_MEMORY in self.peers.accepts(address)
 
-    def push(self, address: str, request_id: str, snapshot: KVSnapshot,
-             hidden: np.ndarray | None, buffer: Buffer | None = None, attempt: int = 0) -> int:
-        """Send one push and wait for the receiver's verdict; returns the bytes it took.
+    def push(self, address: str, grant: PushGrant, snapshot: KVSnapshot,
+             hidden: np.ndarray | None, buffer: Buffer | None = None) -> int:
+        """Send one push into ``grant``'s reservation and wait for the receiver's verdict;
+        returns the bytes it took.
 
         ``buffer``: the one of ``self.buffers`` that ``snapshot`` lives in, if any; a
-        receiver on this host then reads it from there. ``attempt``: the prefill leg's try.
+        receiver on this host then reads it from there.
 
         Raises ServingError: UNAVAILABLE or DEADLINE_EXCEEDED when the receiver could not
         be reached in time, FAILED_PRECONDITION when it refused the push (its reason kept).
@@ -158,20 +162,20 @@ class KVSender:
         offers = ((Transport.SHARED_MEMORY, Transport.INLINE)
                   if isinstance(buffer, SharedBuffer) else (Transport.INLINE,))
         transport = choose_transport(offers, self.peers.accepts(address))
-        args = (address, request_id, self.layout, snapshot, hidden, buffer, attempt, encoding)
+        args = (address, grant, self.layout, snapshot, hidden, buffer, encoding)
         try:
             reply = self.channels[transport].send(*args)
         except grpc.RpcError as exc:
             if transport is Transport.INLINE or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise self._push_error(exc, request_id, address) from exc
+                raise self._push_error(exc, grant.request_id, address) from exc
             self.peers.fail(address, transport)  # it advertised what it cannot read
             transport = Transport.INLINE
             try:
                 reply = self.channels[transport].send(*args)
             except grpc.RpcError as exc2:
-                raise self._push_error(exc2, request_id, address) from exc2
+                raise self._push_error(exc2, grant.request_id, address) from exc2
         self.peers.learn(address, Accepts(reply.shared_memory_host))
-        self._count(request_id, transport, reply.bytes, time.perf_counter() - start,
+        self._count(grant.request_id, transport, reply.bytes, time.perf_counter() - start,
                     encoding[0])
         return reply.bytes
 

@@ -87,6 +87,19 @@ class TransferState(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class PushGrant:
+    """The reservation a request's pushes fill and what lets them in: the request, the
+    prefill leg's try, and the push token the decode worker's Reserve answered with.
+    Pushes carry the token instead of the cluster secret: a receiver takes a piece only
+    for the reservation that token was made for, and a sender never hands the secret to
+    whatever address a Prefill names."""
+
+    request_id: str
+    attempt: int = 0
+    token: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
 class PieceHeader:
     """What a piece is, before any of its K/V: a request's layers [layer_begin,
     layer_end) (global ids) of its tokens [token_begin, token_begin + num_tokens)."""
@@ -97,6 +110,7 @@ class PieceHeader:
     layer_end: int
     token_begin: int
     num_tokens: int
+    push_token: bytes = b""  # the reservation's (PushGrant.token)
 
 
 @dataclasses.dataclass
@@ -109,10 +123,11 @@ class KVPiece:
     hidden: np.ndarray | None = None  # the prompt's last hidden state, with its last piece
 
     @classmethod
-    def of(cls, request_id: str, snapshot: KVSnapshot, hidden: np.ndarray | None = None,
-           attempt: int = 0) -> KVPiece:
-        header = PieceHeader(request_id, attempt, snapshot.layer_begin, snapshot.layer_end,
-                             snapshot.token_begin, snapshot.num_tokens)
+    def of(cls, grant: PushGrant, snapshot: KVSnapshot, hidden: np.ndarray | None = None
+           ) -> KVPiece:
+        header = PieceHeader(grant.request_id, grant.attempt, snapshot.layer_begin,
+                             snapshot.layer_end, snapshot.token_begin, snapshot.num_tokens,
+                             grant.token)
         return cls(header, snapshot.keys, snapshot.values, hidden)
 
 
@@ -190,11 +205,11 @@ class PushSender(Protocol):
 
     buffers: BufferPool  # where snapshots are exported to (a transport may send from them)
 
-    def push(self, address: str, request_id: str, snapshot: KVSnapshot,
-             hidden: np.ndarray | None, buffer: Buffer | None = None, attempt: int = 0) -> int:
+    def push(self, address: str, grant: PushGrant, snapshot: KVSnapshot,
+             hidden: np.ndarray | None, buffer: Buffer | None = None) -> int:
         """Send one piece and wait for the verdict; its bytes. Raises ServingError."""
 
-    def open(self, address: str, request_id: str, attempt: int) -> KVTransfer:
+    def open(self, address: str, grant: PushGrant) -> KVTransfer:
         """A transfer of one request's pieces to the receiver at ``address``."""
 
 
@@ -205,11 +220,11 @@ class KVTransfer:
     thread, and stops the pushes not yet begun.
     """
 
-    def __init__(self, sender: PushSender, address: str, request_id: str, attempt: int):
+    def __init__(self, sender: PushSender, address: str, grant: PushGrant):
         self.sender = sender
         self.address = address
-        self.request_id = request_id
-        self.attempt = attempt
+        self.grant = grant
+        self.request_id = grant.request_id
         self.state = TransferState.OPEN
         self.error: ServingError | None = None  # why it failed or was aborted
         self.bytes = 0
@@ -223,8 +238,7 @@ class KVTransfer:
         if self.state is not TransferState.OPEN:
             raise self.failure_exception()
         try:
-            sent = self.sender.push(self.address, self.request_id, snapshot, hidden, buffer,
-                                    self.attempt)
+            sent = self.sender.push(self.address, self.grant, snapshot, hidden, buffer)
         except ServingError as exc:
             self.state, self.error = TransferState.FAILED, exc
             raise

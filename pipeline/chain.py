@@ -45,6 +45,7 @@ class PromptToPrefill:
     fork_pos: int = 0
     push_from: int = 0  # prefill role: the decode side holds the tokens before this
     push_attempt: int = 0  # prefill role: the leg's try, which its pushes carry
+    push_token: bytes = b""  # prefill role: the decode reservation's, which its pushes carry
     done: int = 0       # of ``token_ids``, those earlier passes computed already
 
     @property
@@ -136,6 +137,7 @@ class StageChain:
                              request_id=prompt.request_id, kv_targets=prompt.kv_targets,
                              fork_from=prompt.fork_from, fork_pos=prompt.fork_pos,
                              push_from=prompt.push_from, push_attempt=prompt.push_attempt,
+                             push_token=prompt.push_token,
                              prompt_tokens=prompt.fork_pos + len(prompt.token_ids))
 
     def release(self, release: Release) -> None:
@@ -163,10 +165,13 @@ class StageChain:
         return ready
 
     def install(self, admissions: Sequence[Admission]) -> ForwardResult:
-        """Install on every stage; the last one's sampled first tokens."""
-        result = ForwardResult()
+        """Install on every stage; the last one's sampled first tokens, and every
+        admission that failed on any stage (each fails alone)."""
+        result, failed = ForwardResult(), {}
         for stage in self._decode_stages():
             result = stage.install(admissions)
+            failed.update(result.failed)
+        result.failed = failed
         return result
 
     def _decode_stages(self) -> list[ReceivingStage]:

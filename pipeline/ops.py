@@ -84,6 +84,7 @@ class SequenceSlice:
     fork_pos: int = 0
     push_from: int = 0          # prefill: push the K/V of positions from here on
     push_attempt: int = 0       # prefill: the leg's try, which its pushes carry
+    push_token: bytes = b""     # prefill: the decode reservation's, which its pushes carry
     prompt_tokens: int = 0      # prefill: the whole prompt's length (0: not known)
 
     @property
@@ -131,6 +132,7 @@ class Expectation:
     seq_id: int = 0       # the sequence it becomes, made at once
     fork_from: int | None = None  # a cached sequence whose first fork_pos tokens it shares
     fork_pos: int = 0
+    push_token: bytes = b""  # what its pushes must carry (none when local)
 
 
 @dataclasses.dataclass(frozen=True)

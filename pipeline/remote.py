@@ -164,10 +164,13 @@ class StageServicer(stage_pb2_grpc.StageServicer, stage_pb2_grpc.DecodeStageServ
 
 def start_worker_server(register_role: Callable[[grpc.Server], None], role_service: str,
                         worker: InstanceLeader, takes_kv: bool, host: str, port: int,
-                        secret: str | None) -> Server:
-    """Serve a worker: its role's service, and its stage to whichever instance it joins
+                        secret: str | None, self_authenticating: Sequence[str] = ()
+                        ) -> Server:
+    """Serve a worker: its role's service(s), and its stage to whichever instance it joins
     (with the DecodeStage service when the stage ``takes_kv`` pushes). With a ``secret``,
-    every one of them refuses calls that do not carry it."""
+    every one of them refuses calls that do not carry it, but for the services
+    ``register_role`` adds that are named in ``self_authenticating``: those check each call
+    themselves (KVPush: by the push token of the reservation a push fills)."""
     stages = StageServicer(worker.stage, worker.leads)
     register = [register_role, lambda s: stage_pb2_grpc.add_StageServicer_to_server(stages, s)]
     names = [role_service, STAGE_SERVICE]
@@ -175,4 +178,5 @@ def start_worker_server(register_role: Callable[[grpc.Server], None], role_servi
         register.append(lambda s: stage_pb2_grpc.add_DecodeStageServicer_to_server(stages, s))
         names.append(DECODE_STAGE_SERVICE)
     interceptors = [RequireSecret(dict.fromkeys(names, secret))] if secret else []
-    return start_server(register, names, host, port, interceptors=interceptors)
+    return start_server(register, [*names, *self_authenticating], host, port,
+                        interceptors=interceptors)

@@ -87,7 +87,8 @@ def forward_to_proto(batch: ForwardBatch, inputs: np.ndarray) -> stage_pb2.Forwa
             total_tokens=s.total_tokens, ends_prompt=s.ends_prompt,
             kv_targets=[address_to_proto(t) for t in s.kv_targets],
             fork_from=s.fork_from or 0, fork_pos=s.fork_pos, push_from=s.push_from,
-            push_attempt=s.push_attempt, prompt_tokens=s.prompt_tokens)
+            push_attempt=s.push_attempt, push_token=s.push_token,
+            prompt_tokens=s.prompt_tokens)
             for s in batch.slices])
 
 
@@ -99,7 +100,8 @@ def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
             ends_prompt=s.ends_prompt, request_id=s.request_id,
             kv_targets=tuple(address_from_proto(t) for t in s.kv_targets),
             fork_from=s.fork_from or None, fork_pos=s.fork_pos, push_from=s.push_from,
-            push_attempt=s.push_attempt, prompt_tokens=s.prompt_tokens)
+            push_attempt=s.push_attempt, push_token=s.push_token,
+            prompt_tokens=s.prompt_tokens)
             for s in request.slices))
 
 
@@ -129,12 +131,13 @@ def expectations_to_proto(expectations: Sequence[Expectation]) -> stage_pb2.Expe
         stage_pb2.Expectation(request_id=e.request_id, prompt_tokens=e.prompt_tokens,
                               sampling=sampling_to_proto(e.sampling), local=e.local,
                               seq_id=e.seq_id, fork_from=e.fork_from or 0,
-                              fork_pos=e.fork_pos) for e in expectations])
+                              fork_pos=e.fork_pos, push_token=e.push_token)
+        for e in expectations])
 
 
 def expectations_from_proto(request: stage_pb2.ExpectRequest) -> list[Expectation]:
     return [Expectation(e.request_id, e.prompt_tokens, sampling_from_proto(e.sampling),
-                        e.local, e.seq_id, e.fork_from or None, e.fork_pos)
+                        e.local, e.seq_id, e.fork_from or None, e.fork_pos, e.push_token)
             for e in request.expectations]
 
 

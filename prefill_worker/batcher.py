@@ -27,6 +27,7 @@ class PrefillJob:
     kv_targets: tuple[StageAddress, ...]  # the stages of the decode instance holding its pages
     skip_tokens: int = 0    # the decode instance holds these already: push the rest
     attempt: int = 0        # the router's try of this prefill leg; its pushes carry it
+    push_token: bytes = b""  # the decode reservation's; its pushes carry it
     result: Future = dataclasses.field(default_factory=Future)
     cancelled: bool = False
     cached_tokens: int = 0  # found in this instance's prefix cache

@@ -111,7 +111,8 @@ class PrefillEngine:
         job.cached_tokens = cached.tokens
         prompt = PromptToPrefill(self._next_seq_id, job.token_ids[cached.tokens:],
                                  job.request_id, job.kv_targets, cached.seq_id, cached.tokens,
-                                 job.skip_tokens, push_attempt=job.attempt)
+                                 job.skip_tokens, push_attempt=job.attempt,
+                                 push_token=job.push_token)
         return prompt, self.pages.new_pages(len(job.token_ids), cached.shared_pages)
 
     def _make_room(self, prompts: Sequence[PromptToPrefill], pages: int) -> None:

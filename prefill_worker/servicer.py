@@ -35,7 +35,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
     def __init__(self, runner: ModelRunner, secret: str | None = None,
                  options: WorkerOptions = DEFAULT_OPTIONS):
         self.secret = secret
-        self.stage = PrefillStage(runner, secret, share_memory=options.kv_shared_memory,
+        self.stage = PrefillStage(runner, share_memory=options.kv_shared_memory,
                                   streaming=options.kv_streaming,
                                   layer_groups=options.kv_layer_groups)
         self.engine = PrefillEngine(self.stage, prefix_cache=options.prefix_cache)
@@ -48,7 +48,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
     def Prefill(self, request, context):
         job = PrefillJob(request.request_id, self._checked_tokens(request),
                          self._checked_targets(request), request.skip_tokens,
-                         request.attempt)
+                         request.attempt, request.push_token)
         with self._lock:
             if job.request_id in self._jobs:
                 raise ServingError(grpc.StatusCode.ALREADY_EXISTS,

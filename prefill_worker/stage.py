@@ -30,7 +30,7 @@ import numpy as np
 from kv_transfer.buffers import Buffer
 from kv_transfer.codec import model_layout
 from kv_transfer.grpc_transport import KVSender
-from kv_transfer.transport import KVTransfer, PushSender
+from kv_transfer.transport import KVTransfer, PushGrant, PushSender
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
 from pipeline.ops import ForwardBatch, ForwardResult, Release, SequenceSlice, StageAddress
@@ -75,7 +75,7 @@ class OutgoingKV:
 
 
 class PrefillStage:
-    def __init__(self, runner: ModelRunner, secret: str | None = None, push_threads: int = 4,
+    def __init__(self, runner: ModelRunner, push_threads: int = 4,
                  share_memory: bool = True, streaming: bool = True, layer_groups: int = 4,
                  sender: PushSender | None = None):
         """``sender``: what pushes the K/V (default: over gRPC, through shared memory to
@@ -83,7 +83,7 @@ class PrefillStage:
         self.runner = runner
         self.spec = runner.stage
         self._layout = model_layout(runner)
-        self.sender = sender or KVSender(self._layout, secret, share_memory=share_memory)
+        self.sender = sender or KVSender(self._layout, share_memory=share_memory)
         self.streaming = streaming  # push each chunk's K/V as it is computed
         # Within a pass, push each of this many groups of layers' K/V once it has run
         # (host pages only: the export reads them while the pass goes on).
@@ -165,8 +165,8 @@ class PrefillStage:
             else:
                 start_sequence(self.runner, self.sequences, s.seq_id, s.fork_from, s.fork_pos)
             if s.starts_sequence and s.kv_targets:
-                transfers = tuple(self.sender.open(t.address, s.request_id, s.push_attempt)
-                                  for t in s.kv_targets)
+                grant = PushGrant(s.request_id, s.push_attempt, s.push_token)
+                transfers = tuple(self.sender.open(t.address, grant) for t in s.kv_targets)
                 self._streams[s.seq_id] = KVStream(s.request_id, s.kv_targets, transfers,
                                                    s.push_from, s.prompt_tokens)
 

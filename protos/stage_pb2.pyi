@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceSlice(_message.Message):
-    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from", "push_attempt", "prompt_tokens")
+    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from", "push_attempt", "prompt_tokens", "push_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class SequenceSlice(_message.Message):
     PUSH_FROM_FIELD_NUMBER: _ClassVar[int]
     PUSH_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seq_id: int
     length: int
@@ -32,7 +33,8 @@ class SequenceSlice(_message.Message):
     push_from: int
     push_attempt: int
     prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ..., push_attempt: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ..., push_attempt: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("slices", "decode", "hidden")
@@ -101,7 +103,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Expectation(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "sampling", "local", "seq_id", "fork_from", "fork_pos")
+    __slots__ = ("request_id", "prompt_tokens", "sampling", "local", "seq_id", "fork_from", "fork_pos", "push_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,7 @@ class Expectation(_message.Message):
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     FORK_FROM_FIELD_NUMBER: _ClassVar[int]
     FORK_POS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     sampling: _worker_pb2.Sampling
@@ -116,7 +119,8 @@ class Expectation(_message.Message):
     seq_id: int
     fork_from: int
     fork_pos: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_worker_pb2.Sampling, _Mapping]] = ..., local: _Optional[bool] = ..., seq_id: _Optional[int] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_worker_pb2.Sampling, _Mapping]] = ..., local: _Optional[bool] = ..., seq_id: _Optional[int] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class ExpectRequest(_message.Message):
     __slots__ = ("expectations",)

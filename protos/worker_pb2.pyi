@@ -156,30 +156,34 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., lease_ms: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefill_locally: _Optional[bool] = ..., local_prefill_below: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("reserved_pages", "layout", "cached_tokens", "prefill_locally")
+    __slots__ = ("reserved_pages", "layout", "cached_tokens", "prefill_locally", "push_token")
     RESERVED_PAGES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_LOCALLY_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     reserved_pages: int
     layout: ModelLayout
     cached_tokens: int
     prefill_locally: bool
-    def __init__(self, reserved_pages: _Optional[int] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prefill_locally: _Optional[bool] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, reserved_pages: _Optional[int] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prefill_locally: _Optional[bool] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "decode_stages", "skip_tokens", "attempt")
+    __slots__ = ("request_id", "token_ids", "decode_stages", "skip_tokens", "attempt", "push_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STAGES_FIELD_NUMBER: _ClassVar[int]
     SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     decode_stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     skip_tokens: int
     attempt: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., skip_tokens: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., skip_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("kv_bytes", "prefill_ms", "kv_transfer_ms", "cached_tokens")
@@ -194,20 +198,22 @@ class PrefillResponse(_message.Message):
     def __init__(self, kv_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "layout", "num_tokens", "num_blocks", "token_begin", "attempt")
+    __slots__ = ("request_id", "layout", "num_tokens", "num_blocks", "token_begin", "attempt", "push_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BEGIN_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: ModelLayout
     num_tokens: int
     num_blocks: int
     token_begin: int
     attempt: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., token_begin: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., token_begin: _Optional[int] = ..., attempt: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class KVBlock(_message.Message):
     __slots__ = ("layer", "token_begin", "num_tokens", "keys", "values")

@@ -39,11 +39,6 @@ class DecodeWorkerStub:
                 request_serializer=protos_dot_worker__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.ReserveResponse.FromString,
                 _registered_method=True)
-        self.PushKV = channel.stream_unary(
-                '/olmo.worker.v1.DecodeWorker/PushKV',
-                request_serializer=protos_dot_worker__pb2.KVChunk.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.PushResponse.FromString,
-                _registered_method=True)
         self.StreamTokens = channel.unary_stream(
                 '/olmo.worker.v1.DecodeWorker/StreamTokens',
                 request_serializer=protos_dot_worker__pb2.StreamTokensRequest.SerializeToString,
@@ -65,12 +60,6 @@ class DecodeWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Reserve(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PushKV(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,11 +90,6 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Reserve,
                     request_deserializer=protos_dot_worker__pb2.ReserveRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.ReserveResponse.SerializeToString,
-            ),
-            'PushKV': grpc.stream_unary_rpc_method_handler(
-                    servicer.PushKV,
-                    request_deserializer=protos_dot_worker__pb2.KVChunk.FromString,
-                    response_serializer=protos_dot_worker__pb2.PushResponse.SerializeToString,
             ),
             'StreamTokens': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamTokens,
@@ -150,33 +134,6 @@ class DecodeWorker:
             '/olmo.worker.v1.DecodeWorker/Reserve',
             protos_dot_worker__pb2.ReserveRequest.SerializeToString,
             protos_dot_worker__pb2.ReserveResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PushKV(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/olmo.worker.v1.DecodeWorker/PushKV',
-            protos_dot_worker__pb2.KVChunk.SerializeToString,
-            protos_dot_worker__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -258,6 +215,84 @@ class DecodeWorker:
             '/olmo.worker.v1.DecodeWorker/Stats',
             protos_dot_worker__pb2.StatsRequest.SerializeToString,
             protos_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class KVPushStub:
+    """Served by decode workers beside DecodeWorker, but not behind the cluster secret: a push
+    is let in by its header's push_token, which only the reservation's Reserve answer gave.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PushKV = channel.stream_unary(
+                '/olmo.worker.v1.KVPush/PushKV',
+                request_serializer=protos_dot_worker__pb2.KVChunk.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.PushResponse.FromString,
+                _registered_method=True)
+
+
+class KVPushServicer:
+    """Served by decode workers beside DecodeWorker, but not behind the cluster secret: a push
+    is let in by its header's push_token, which only the reservation's Reserve answer gave.
+    """
+
+    def PushKV(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVPushServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PushKV': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushKV,
+                    request_deserializer=protos_dot_worker__pb2.KVChunk.FromString,
+                    response_serializer=protos_dot_worker__pb2.PushResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'olmo.worker.v1.KVPush', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('olmo.worker.v1.KVPush', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVPush:
+    """Served by decode workers beside DecodeWorker, but not behind the cluster secret: a push
+    is let in by its header's push_token, which only the reservation's Reserve answer gave.
+    """
+
+    @staticmethod
+    def PushKV(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/olmo.worker.v1.KVPush/PushKV',
+            protos_dot_worker__pb2.KVChunk.SerializeToString,
+            protos_dot_worker__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,10 +2,11 @@
 
 One thread watches every stream the router relays. A stream gets ``first_token`` seconds
 for its first token (prefill included) and ``between_tokens`` seconds for each one after;
-past that, or as soon as its decode worker stops answering the scheduler's polls, its
-call is cancelled, and the relay treats the worker as lost (resume elsewhere, or
-UNAVAILABLE). A worker that stops answering (hung, stopped, cut off) therefore costs its
-requests a bounded wait, never an endless one.
+past that, or once its decode worker is gone (has not answered the scheduler's polls
+for ``worker_gone_s``: a worker that is merely slow keeps its streams), its call is
+cancelled, and the relay treats the worker as lost (resume elsewhere, or UNAVAILABLE).
+A worker that stops answering (hung, stopped, cut off) therefore costs its requests a
+bounded wait, never an endless one.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ class StallMonitor:
     """
 
     def __init__(self, first_token: float, between_tokens: float,
-                 alive: Callable[[str], bool], clock: Clock = MONOTONIC,
+                 alive: Callable[[str], bool], gone_after: float, clock: Clock = MONOTONIC,
                  background: bool = True):
+        """``alive(address)``: whether a worker is not gone, that is has answered within
+        ``gone_after`` seconds (quoted when a stream is cut for it)."""
         self.first_token = first_token
         self.between_tokens = between_tokens
         self.alive = alive
+        self.gone_after = gone_after
         self.clock = clock
         self._watches: set[Watch] = set()
         self._lock = threading.Lock()
@@ -77,7 +81,8 @@ class StallMonitor:
             if watch.due < now:
                 self._cut(watch, f"sent nothing for {watch.bound:g} s")
             elif not self.alive(watch.address):
-                self._cut(watch, "stopped answering the router's stats polls")
+                self._cut(watch, f"is gone: it has not answered the router's polls for "
+                                 f"{self.gone_after:g} s")
 
     def _run(self) -> None:
         while not self._stopped.wait(CHECK_SECONDS):

@@ -42,6 +42,10 @@ class RouterOptions:
     first_token_timeout_s: float = setting(30.0, "a stream silent this long before its "
                                                  "first token is cut and resumed")
     token_timeout_s: float = setting(10.0, "... or this long between tokens")
+    # Slow is not dead: a worker that misses the polls for a couple of seconds (a
+    # CPU-starved host, a long step) is only passed over for new work; its streams go on.
+    worker_gone_s: float = setting(10.0, "a worker that has not answered the router's polls "
+                                         "this long is gone: its streams resume elsewhere")
     kv_weight: float = setting(4.0, "KV-aware routing: tokens of load one cached prompt "
                                     "token is worth (0: route by load alone)")
     local_prefill_below_tokens: int = setting(
@@ -52,7 +56,7 @@ class RouterOptions:
 
     def __post_init__(self) -> None:
         for name in ("lease_ms", "max_queue_wait_s", "first_token_timeout_s",
-                     "token_timeout_s"):
+                     "token_timeout_s", "worker_gone_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"router.{name} must be > 0")
         if self.kv_weight < 0:

@@ -11,7 +11,7 @@ import grpc
 
 from protos import worker_pb2
 
-from .scheduler import NoWorker, Scheduler, Worker, abort_quietly
+from .scheduler import NoWorker, Scheduler, Worker, abort_quietly, answer_while
 
 
 class PrefillLeg:
@@ -22,16 +22,19 @@ class PrefillLeg:
     """
 
     def __init__(self, scheduler: Scheduler, request_id: str, prompt_ids: list[int],
-                 skip_tokens: int, decode: Worker, deadline: float | None, lease_seconds: float,
+                 reserved: worker_pb2.ReserveResponse, decode: Worker, deadline: float | None,
+                 lease_seconds: float,
                  exclude: set[str], attempts: int = 2,
                  on_done: Callable[[worker_pb2.PrefillRequest, worker_pb2.PrefillResponse],
                                    None] = lambda request, response: None):
         self.scheduler = scheduler
         self.on_done = on_done  # told of a prefill that finished
-        # skip_tokens: the decode instance holds the prompt's first tokens already.
+        # skip_tokens: the decode instance holds the prompt's first tokens already; the
+        # push token lets the pushes into its reservation.
         self.request = worker_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids,
                                                  decode_stages=decode.stages,
-                                                 skip_tokens=skip_tokens)
+                                                 skip_tokens=reserved.cached_tokens,
+                                                 push_token=reserved.push_token)
         self.decode = decode
         self.give_up = time.monotonic() + lease_seconds
         if deadline is not None:
@@ -87,15 +90,10 @@ class PrefillLeg:
         abort_quietly(self.decode, self.request.request_id, self.error)
 
     def _await(self, call, worker: Worker) -> worker_pb2.PrefillResponse | None:
-        """The call's answer; None (the call cancelled) once its worker stops answering
-        the scheduler's polls, so that another worker can take the prompt."""
-        while True:
-            try:
-                return call.result(timeout=self.scheduler.POLL_SECONDS)
-            except grpc.FutureTimeoutError:
-                if not self.scheduler.alive(worker.address):
-                    call.cancel()
-                    return None
+        """The call's answer; None (the call cancelled) once its worker is too slow to
+        be picked (a prompt is cheaper to prefill again elsewhere than to wait for a
+        worker that may be gone), so that another worker can take the prompt."""
+        return answer_while(call, lambda: self.scheduler.pickable(worker.address))
 
     def cancel(self) -> None:
         self._cancelled.set()

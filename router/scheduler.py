@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from protos.clock import MONOTONIC, Clock
 from protos.errors import ServingError
 from protos.grpc_server import shared_channel
 from protos.layout import layout_mismatch
@@ -27,21 +27,33 @@ class Worker:
     layout: worker_pb2.ModelLayout | None = None
     stages: list = dataclasses.field(default_factory=list)  # the instance's StageInfos
     stats: worker_pb2.WorkerStats | None = None  # as last polled
-    seen: float = 0.0  # monotonic time of its last answer
+    seen: float = 0.0  # the scheduler's clock time of its last answer
     draining: bool = False  # finishing what it holds: never picked, still polled
+    # What this router sent it since its stats were taken (in the cost's units: queued
+    # prompt tokens, or requests held): load its next answer will show.
+    unpolled_load: float = 0.0
 
 
 class NoWorker(ServingError):
-    def __init__(self, message: str):
+    """No worker of the role may be picked now. ``for_now``: some may be later (they are
+    known but slow or silent), so a request may wait for them rather than fail."""
+
+    def __init__(self, message: str, for_now: bool = False):
         super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+        self.for_now = for_now
 
 
 class Scheduler:
     """Holds the router's view of its workers and picks one of each role per request.
 
-    A background poll asks every worker for its stats every ``POLL_SECONDS``; a worker
-    that has not answered for ``STALE_SECONDS`` is not alive: it is not picked, and the
-    router cuts the requests it holds (see ``alive``), until it answers again.
+    A background poll asks every worker for its stats every ``POLL_SECONDS``; picks read
+    the last answers (never a call of their own: one silent worker must not hold up
+    every request's pick), plus what this router sent each worker since. Slow is not
+    dead: a worker that has not answered for ``SLOW_SECONDS`` is not picked (``pickable``)
+    but keeps what it holds; only after ``gone_seconds`` is it gone (``alive`` false),
+    and the router cuts its streams to resume them elsewhere. A worker that answers
+    again after being gone, or is added anew, starts afresh: no tie-break debt, and
+    nothing of the prefixes it was thought to cache.
 
     KV-aware routing: a worker's load counts against it and the prompt tokens it is
     thought to hold cached (``CacheMap``) for it, ``kv_weight`` tokens of load per cached
@@ -52,7 +64,7 @@ class Scheduler:
     """
 
     POLL_SECONDS = 0.25
-    STALE_SECONDS = 2.0
+    SLOW_SECONDS = 2.0
     # A decode worker one request busier than another is picked only if it holds this
     # many more tokens of the prompt, over ``kv_weight``: at weight 4, 64 tokens. A
     # chat's next turn (hundreds of tokens cached) stays with its worker unless that one
@@ -60,27 +72,40 @@ class Scheduler:
     # to the others once that one holds 16 more requests (the first one there caches it).
     SEQUENCE_LOAD_TOKENS = 256
 
-    def __init__(self, secret: str | None, kv_weight: float, stats_timeout: float = 2.0):
+    def __init__(self, secret: str | None, kv_weight: float, gone_seconds: float = 10.0,
+                 stats_timeout: float = 2.0, clock: Clock = MONOTONIC, poll: bool = True):
+        """``poll``: start the background poll (unit tests, on a fake ``clock``, report
+        answers with ``heard_from`` instead)."""
         self.secret = secret  # the cluster's: every call to a worker carries it
         self.stats_timeout = stats_timeout
         self.kv_weight = kv_weight
+        self.gone_seconds = max(gone_seconds, self.SLOW_SECONDS)
+        self.clock = clock
         self.cache_map = CacheMap()
         self._workers: dict[str, Worker] = {}
         self._picks: dict[str, int] = {}  # breaks ties round-robin, so no worker idles
         self._lock = threading.Lock()
         self.layout: worker_pb2.ModelLayout | None = None
         self._stopped = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name="worker-poll", daemon=True)
-        self._poller.start()
+        if poll:
+            threading.Thread(target=self._poll, name="worker-poll", daemon=True).start()
 
     def close(self) -> None:
         self._stopped.set()
 
     def alive(self, address: str) -> bool:
-        """Whether the worker answered a stats poll lately (unknown addresses are not)."""
+        """Whether the worker is not gone: it answered a poll within ``gone_seconds``
+        (unknown addresses are not alive)."""
+        return self._silent_for(address) <= self.gone_seconds
+
+    def pickable(self, address: str) -> bool:
+        """Whether the worker may take new work: it answered within ``SLOW_SECONDS``."""
+        return self._silent_for(address) <= self.SLOW_SECONDS
+
+    def _silent_for(self, address: str) -> float:
         with self._lock:
             worker = self._workers.get(address)
-        return worker is not None and time.monotonic() - worker.seen <= self.STALE_SECONDS
+        return float("inf") if worker is None else self.clock.now() - worker.seen
 
     def stub_for(self, address: str, role: Role):
         stub_type = (worker_pb2_grpc.DecodeWorkerStub if role == Role.DECODE
@@ -96,18 +121,42 @@ class Scheduler:
         if not stats.stages or stats.stages[0].layer_begin != 0:
             raise ValueError(f"{address} does not lead an instance (it serves layers "
                              f"{stats.layout.layer_begin}-{stats.layout.layer_end - 1} only)")
+        self.adopt(worker, stats)
+        return worker
+
+    def adopt(self, worker: Worker, stats: worker_pb2.WorkerStats) -> None:
+        """Keep a worker whose handshake answered ``stats``, as a fresh one."""
         with self._lock:
             if self.layout is None:
                 self.layout = stats.layout
                 self.cache_map.page_size = stats.layout.page_size
             reason = layout_mismatch(self.layout, stats.layout)
             if reason:
-                raise ValueError(f"worker {address} serves an incompatible model: {reason}")
+                raise ValueError(f"worker {worker.address} serves an incompatible model: "
+                                 f"{reason}")
             worker.layout = stats.layout
             worker.stages = list(stats.stages)
-            worker.stats, worker.seen = stats, time.monotonic()
-            self._workers[address] = worker
-        return worker
+            worker.stats, worker.seen = stats, self.clock.now()
+            self._workers[worker.address] = worker
+            self._start_afresh(worker.address)
+        self.cache_map.forget(worker.address)
+
+    def heard_from(self, worker: Worker, stats: worker_pb2.WorkerStats) -> None:
+        """A poll's answer. A worker that was gone starts afresh (it may have restarted)."""
+        with self._lock:
+            now = self.clock.now()
+            was_gone = now - worker.seen > self.gone_seconds
+            worker.stats, worker.seen, worker.unpolled_load = stats, now, 0.0
+            if was_gone:
+                self._start_afresh(worker.address)
+        if was_gone:
+            self.cache_map.forget(worker.address)
+
+    def _start_afresh(self, address: str) -> None:
+        """No tie-break debt (with the lock held): as many picks as the least picked
+        other, so that it neither waits behind old counts nor takes every tie."""
+        others = [n for a, n in self._picks.items() if a != address]
+        self._picks[address] = min(others, default=0)
 
     def drain(self, address: str) -> None:
         """Pick the worker no more, but keep polling it: the requests it still serves
@@ -145,45 +194,37 @@ class Scheduler:
         """Decode workers best first: least load (requests held) less the weighted prefix
         of ``tokens`` cached there; then most room (free or merely cached pages)."""
         def cost(worker: Worker, stats: worker_pb2.WorkerStats, hit: int) -> tuple:
-            load = (stats.running_sequences + stats.reservations) * self.SEQUENCE_LOAD_TOKENS
+            load = ((stats.running_sequences + stats.reservations) * self.SEQUENCE_LOAD_TOKENS
+                    + worker.unpolled_load)
             return (load - self.kv_weight * hit, -(stats.free_pages + stats.cached_pages))
-        return self._rank(Role.DECODE, exclude, tokens, cost)
+        return self._rank(Role.DECODE, exclude, tokens, cost, self.SEQUENCE_LOAD_TOKENS)
 
     def pick_prefill(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = ()
                      ) -> Worker:
         """The reachable prefill worker with the fewest queued prompt tokens, less the
         weighted prefix of ``tokens`` cached there."""
         return self._rank(Role.PREFILL, exclude, tokens, lambda worker, stats, hit: (
-            stats.queued_tokens - self.kv_weight * hit,))[0]
+            stats.queued_tokens + worker.unpolled_load - self.kv_weight * hit,),
+            len(tokens))[0]
 
     def _rank(self, role: Role, exclude: set[str], tokens: Sequence[int],
-              cost: Callable[[Worker, worker_pb2.WorkerStats, int], tuple]) -> list[Worker]:
-        candidates = [w for w in self.workers(role)
-                      if w.address not in exclude and self.alive(w.address)]
+              cost: Callable[[Worker, worker_pb2.WorkerStats, int], tuple],
+              load_of_pick: float) -> list[Worker]:
+        """Pickable candidates best first, by ``cost`` of their last polled stats; the
+        first is charged ``load_of_pick`` until its next answer. Raises NoWorker."""
+        known = [w for w in self.workers(role) if w.address not in exclude]
+        candidates = [w for w in known if self.pickable(w.address) and w.stats is not None]
+        if not candidates:
+            raise NoWorker(f"no {role} worker is reachable", for_now=bool(known))
         hits = (self.cache_map.hits([w.address for w in candidates], tokens)
                 if self.kv_weight and tokens else {})
-        ranked = []
-        for worker in candidates:
-            stats = self._stats(worker)
-            if stats is not None:
-                worker.stats, worker.seen = stats, time.monotonic()
-                with self._lock:
-                    picks = self._picks.get(worker.address, 0)
-                ranked.append(((*cost(worker, stats, hits.get(worker.address, 0)), picks,
-                                worker.address), worker))
-        if not ranked:
-            raise NoWorker(f"no {role} worker is reachable")
-        ranked.sort(key=lambda item: item[0])
         with self._lock:
-            first = ranked[0][1].address
-            self._picks[first] = self._picks.get(first, 0) + 1
+            ranked = sorted(((*cost(w, w.stats, hits.get(w.address, 0)),
+                              self._picks.get(w.address, 0), w.address), w) for w in candidates)
+            first = ranked[0][1]
+            self._picks[first.address] = self._picks.get(first.address, 0) + 1
+            first.unpolled_load += load_of_pick
         return [worker for _, worker in ranked]
-
-    def _stats(self, worker: Worker) -> worker_pb2.WorkerStats | None:
-        try:
-            return worker.stub.Stats(worker_pb2.StatsRequest(), timeout=self.stats_timeout)
-        except grpc.RpcError:
-            return None
 
     def _poll(self) -> None:
         """One stats call in flight per worker, answered whenever it answers: a worker
@@ -201,7 +242,7 @@ class Scheduler:
 
     def _polled(self, worker: Worker, call, in_flight: set[str]) -> None:
         try:
-            worker.stats, worker.seen = call.result(), time.monotonic()
+            self.heard_from(worker, call.result())
         except (grpc.RpcError, grpc.FutureCancelledError):
             pass
         with self._lock:
@@ -218,6 +259,19 @@ _unawaited_lock = threading.Lock()
 def _forget(call: grpc.Future) -> None:
     with _unawaited_lock:
         _unawaited.discard(call)
+
+
+def answer_while(call: grpc.Future, still_worth_waiting: Callable[[], bool],
+                 poll_seconds: float = Scheduler.POLL_SECONDS):
+    """A call's answer; None, with the call cancelled, once ``still_worth_waiting()``
+    says no (its worker has gone slow, say). Raises what the call raises."""
+    while True:
+        try:
+            return call.result(timeout=poll_seconds)
+        except grpc.FutureTimeoutError:
+            if not still_worth_waiting():
+                call.cancel()
+                return None
 
 
 def abort_quietly(worker: Worker, request_id: str, reason: str) -> None:

@@ -80,10 +80,10 @@ def _add_generation(servicer: GenerationServicer, server: grpc.Server) -> None:
 
 
 def static_scheduler(prefill: Sequence[str], decode: Sequence[str], secret: str | None,
-                     kv_weight: float) -> Scheduler:
-    """A scheduler over fixed worker addresses (handshakes with each); ``kv_weight``: the
-    router's (``RouterOptions.kv_weight``)."""
-    scheduler = Scheduler(secret, kv_weight)
+                     options: RouterOptions) -> Scheduler:
+    """A scheduler over fixed worker addresses (handshakes with each), weighing and
+    judging them as the router's ``options`` say."""
+    scheduler = Scheduler(secret, options.kv_weight, options.worker_gone_s)
     for address in decode:
         scheduler.add(address, Role.DECODE)
     for address in prefill:

@@ -34,7 +34,7 @@ from .liveness import StallMonitor
 from .metrics import RouterMetrics
 from .options import RouterOptions
 from .prefill_leg import PrefillLeg
-from .scheduler import Scheduler, Worker, abort_quietly
+from .scheduler import NoWorker, Scheduler, Worker, abort_quietly, answer_while
 from .validation import ModelFacts, check_limits, invalid, validate
 
 # What the request parser gives for bytes that are not a GenerateRequest.
@@ -140,7 +140,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.max_attempts = 2 if options.resume_on_decode_failure else 1
         self.admission = AdmissionQueue(options.max_waiting_requests, options.max_queue_wait_s)
         self.stalls = StallMonitor(options.first_token_timeout_s, options.token_timeout_s,
-                                   scheduler.alive)
+                                   scheduler.alive, scheduler.gone_seconds)
         self._client_ids: set[str] = set()  # ids clients chose, of requests in flight
         self._lock = threading.Lock()
         self.metrics = RouterMetrics(scheduler, self.admission.waiting)
@@ -275,24 +275,36 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         stream = decode.stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=attempt_id),
                                           timeout=remaining)
         leg = None if reserved.prefill_locally else PrefillLeg(
-            self.scheduler, attempt_id, tokens, reserved.cached_tokens, decode, deadline,
+            self.scheduler, attempt_id, tokens, reserved, decode, deadline,
             self.options.lease_ms / 1000, blame.prefill, on_done=self.metrics.prefilled)
         return Attempt(attempt_id, decode, stream, leg)
 
     def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str]
                      ) -> tuple[Worker, worker_pb2.ReserveResponse] | None:
         """The decode worker that took the reservation, and its answer; None when all are
-        full for now."""
-        candidates = self.scheduler.pick_decode(exclude, reserve.prompt_token_ids)
+        full, or too slow to answer, for now."""
+        try:
+            candidates = self.scheduler.pick_decode(exclude, reserve.prompt_token_ids)
+        except NoWorker as exc:
+            if exc.for_now:  # known, but none answers: wait in line for one to
+                return None
+            raise
         needed = reserve.prompt_tokens + reserve.sampling.max_tokens
         if not self.scheduler.could_ever_fit(needed):
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{needed} tokens (prompt plus max_tokens) would not fit even an "
                                "empty decode worker's KV cache; lower max_tokens")
-        refusals, full = [], False
+        refusals, full, slow = [], False, False
         for worker in candidates:
             try:
-                return worker, worker.stub.Reserve(reserve, timeout=10)
+                # Given up on once the worker goes slow: the next one may answer at once.
+                reserved = answer_while(worker.stub.Reserve.future(reserve, timeout=10),
+                                        lambda w=worker: self.scheduler.pickable(w.address))
+                if reserved is not None:
+                    return worker, reserved
+                slow = True  # it may answer again: wait in line, as for a full one
+                abort_quietly(worker, reserve.request_id, "no answer to the reservation")
+                refusals.append(f"{worker.address}: stopped answering")
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ServingError(exc.code(), exc.details()) from None
@@ -303,6 +315,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 refusals.append(f"{worker.address}: {exc.details()}")
         if full:
             self.metrics.decode_full.inc()
+        if full or slow:
             return None  # wait in line for capacity
         raise ServingError(grpc.StatusCode.UNAVAILABLE,
                            "no decode worker can take this request: " + "; ".join(refusals))

@@ -27,6 +27,9 @@ NUM_CPUS=""
 ADDRESS=""
 RESOURCES=""
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# Ray runs worker processes at nice 15 by default; the serving actors must not lose the
+# CPU to everything else on the node (a starved worker only looks dead to the router).
+export RAY_worker_niceness=${RAY_worker_niceness:-0}
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -159,6 +159,16 @@ def decode_worker_stub(cluster, secret: bool = True):
     return worker_pb2_grpc.DecodeWorkerStub(channel(address, cluster.secret if secret else None))
 
 
+def kv_push_stub(cluster):
+    """A KVPush stub of a local cluster's first decode worker. It carries no secret:
+    a push is let in by its reservation's push token (ReserveResponse.push_token)."""
+    from protos import worker_pb2_grpc
+    from protos.grpc_server import channel
+
+    address = cluster.router.scheduler.workers("decode")[0].address
+    return worker_pb2_grpc.KVPushStub(channel(address))
+
+
 def leader_stats(servicers) -> list:
     """Each servicer's WorkerStats, asked in-process."""
     from protos import worker_pb2

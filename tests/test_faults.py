@@ -15,14 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import decode_worker_stub, local_cluster, wait_until_cluster_idle
+from conftest import decode_worker_stub, kv_push_stub, local_cluster, wait_until_cluster_idle
 
 from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
+from kv_transfer.transport import PushGrant
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import KVSnapshot
 from protos import generation_pb2, stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
+from protos.errors import ServingError
 from protos.grpc_server import channel
 from protos.vocabulary import FinishReason
 from router.client import GenerationClient, generate_request
@@ -129,12 +131,14 @@ def bad_push(cluster, stub, request_id: str, keys_value: float, hidden_value: fl
     shape = (layout.layer_end - layout.layer_begin, 5, layout.num_kv_heads, layout.head_dim)
     snapshot = KVSnapshot(0, shape[0], np.full(shape, keys_value, np.float32),
                           np.ones(shape, np.float32))
-    stub.Reserve(worker_pb2.ReserveRequest(
+    reserved = stub.Reserve(worker_pb2.ReserveRequest(
         request_id=request_id, prompt_tokens=5, lease_ms=30_000,
         sampling=worker_pb2.Sampling(max_tokens=40, temperature=1.0, ignore_eos=True)),
         timeout=5)
     hidden = np.full(layout.hidden_size, hidden_value, np.float32)
-    return stub.PushKV(iter(encode_push(request_id, layout, snapshot, hidden)), timeout=10)
+    grant = PushGrant(request_id, token=reserved.push_token)
+    return kv_push_stub(cluster).PushKV(iter(encode_push(grant, layout, snapshot, hidden)),
+                                        timeout=10)
 
 
 def test_a_sequence_with_non_finite_state_fails_alone(cluster, client):
@@ -156,6 +160,36 @@ def test_a_sequence_with_non_finite_state_fails_alone(cluster, client):
     assert bad[-1].finish_reason == FinishReason.ERROR and "non-finite" in bad[-1].error
     assert grpc.StatusCode.INTERNAL.value[0] == bad[-1].code
     assert tokens_of([first, *good]) == expected
+    wait_until_cluster_idle(cluster)
+
+
+def test_a_request_whose_kv_cannot_be_installed_fails_alone(cluster, client, monkeypatch):
+    """Its K/V gone by install time (or no page left for it): that request ends with an
+    error; the one installed beside it and the one running go on."""
+    prompt = list(range(30, 60))
+    expected = greedy(client, prompt, 60)
+    stub = decode_worker_stub(cluster)
+    running = local_request(stub, "running", prompt, 60)
+    first = next(running)
+    receiver = cluster.decode[0].stage.receiver
+    take = receiver.take
+
+    def voided(request_id):
+        if request_id == "voided":
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "its K/V was voided")
+        return take(request_id)
+
+    monkeypatch.setattr(receiver, "take", voided)
+    for request_id in ("voided", "beside"):
+        bad_push(cluster, stub, request_id, 0.5, 1.0)
+    lost = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="voided"),
+                                  timeout=30))
+    assert lost[-1].finish_reason == FinishReason.ERROR and "voided" in lost[-1].error
+    beside = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="beside"),
+                                    timeout=30))
+    assert beside[-1].finish_reason == FinishReason.LENGTH and len(tokens_of(beside)) == 40
+    assert tokens_of([first, *running]) == expected
+    monkeypatch.undo()
     wait_until_cluster_idle(cluster)
 
 
@@ -374,11 +408,17 @@ def test_invalid_utf8_is_invalid_argument(cluster):
 
 def test_an_impossible_kv_header_is_refused_before_allocating(cluster):
     layout = cluster.decode[0].layout
+    reserved = decode_worker_stub(cluster).Reserve(worker_pb2.ReserveRequest(
+        request_id="huge", prompt_tokens=5, lease_ms=30_000,
+        sampling=worker_pb2.Sampling(max_tokens=4)), timeout=5)
     header = worker_pb2.KVChunk(header=worker_pb2.KVHeader(
-        request_id="huge", layout=layout, num_tokens=2**32 - 1, num_blocks=1))
-    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, decode_worker_stub(cluster).PushKV,
+        request_id="huge", layout=layout, num_tokens=2**32 - 1, num_blocks=1,
+        push_token=reserved.push_token))
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, kv_push_stub(cluster).PushKV,
                          iter([header]), timeout=10)
-    assert "announces" in error.details()
+    assert "were reserved" in error.details()
+    decode_worker_stub(cluster).Abort(worker_pb2.AbortRequest(request_id="huge"), timeout=5)
+    wait_until_cluster_idle(cluster)
 
 
 def test_a_prefill_longer_than_the_model_is_invalid_argument(cluster):

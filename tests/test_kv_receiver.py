@@ -9,6 +9,8 @@ cut off by the servicer's per-call bound), so the clock only times the handling.
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from kv_transfer.grpc_transport import Peers
 from kv_transfer.transport import (
     Accepts,
     KVPiece,
+    PushGrant,
     TransferState,
     Transport,
     choose_transport,
@@ -39,6 +42,15 @@ LAYOUT = worker_pb2.ModelLayout(model_fingerprint="f", dtype="float32", page_siz
 ADDRESS = "decode-0"
 
 
+def token(request_id: str) -> bytes:
+    """The push token each test reservation is expected with."""
+    return f"token-of-{request_id}".encode()
+
+
+def grant(request_id: str = "r", attempt: int = 0) -> PushGrant:
+    return PushGrant(request_id, attempt, token(request_id))
+
+
 def snapshot(layers: range, begin: int, end: int, seed: int = 0) -> KVSnapshot:
     rng = np.random.default_rng(seed + begin + 100 * layers.start)
     shape = (len(layers), end - begin, HEADS, DIM)
@@ -49,7 +61,7 @@ def snapshot(layers: range, begin: int, end: int, seed: int = 0) -> KVSnapshot:
 def piece(layers: range, begin: int, end: int, attempt: int = 0, hidden: bool = False,
           request_id: str = "r", seed: int = 0) -> KVPiece:
     state = np.full(HIDDEN, 0.5, np.float32) if hidden else None
-    return KVPiece.of(request_id, snapshot(layers, begin, end, seed), state, attempt)
+    return KVPiece.of(grant(request_id, attempt), snapshot(layers, begin, end, seed), state)
 
 
 WHOLE = [(range(0, 2), 0, 16), (range(0, 2), 16, PROMPT), (range(2, 4), 0, PROMPT)]
@@ -69,7 +81,7 @@ def clock():
 @pytest.fixture
 def receiver(clock):
     receiver = KVReceiver(LAYOUT, StageSpec.full(LAYERS), clock=clock)
-    receiver.expect("r", PROMPT)
+    receiver.expect("r", PROMPT, 0, token("r"))
     return receiver
 
 
@@ -106,11 +118,11 @@ def test_the_grpc_chunks_and_a_plain_piece_land_alike():
     got = []
     for deliver in ("chunks", "piece"):
         receiver = KVReceiver(LAYOUT, StageSpec.full(LAYERS))
-        receiver.expect("r", PROMPT)
+        receiver.expect("r", PROMPT, 0, token("r"))
         sent = piece(range(0, LAYERS), 0, PROMPT, hidden=True)
         if deliver == "chunks":
             snap = KVSnapshot(0, LAYERS, sent.keys, sent.values)
-            receiver.receive(encode_push("r", LAYOUT, snap, sent.hidden))
+            receiver.receive(encode_push(grant(), LAYOUT, snap, sent.hidden))
         else:
             receiver.receive_piece(sent)
         pending = receiver.take("r")
@@ -220,9 +232,24 @@ def test_a_request_dropped_while_pieces_write_keeps_its_buffer_until_the_last_en
     assert receiver.buffers.lent == 0 and receiver.buffers.idle_bytes() > 0
 
 
+def test_once_complete_a_request_takes_no_more_pieces_of_any_try(receiver):
+    """A later try's piece arriving between ``ready`` and ``take`` (the engine about to
+    install) would void what is verified whole: it is refused instead."""
+    send_whole(receiver)
+    assert receiver.ready(["r"]) == ["r"]
+    for attempt in (0, 1):
+        refused(grpc.StatusCode.FAILED_PRECONDITION, "has all its K/V already",
+                receiver.receive_piece, piece(range(0, 2), 0, 16, attempt=attempt))
+    pending = receiver.take("r")
+    np.testing.assert_array_equal(receiver.snapshot(pending).keys[0:2, 0:16],
+                                  piece(range(0, 2), 0, 16).keys)
+    receiver.recycle(pending)
+    assert receiver.buffers.lent == 0
+
+
 def test_a_request_expected_again_while_a_piece_writes_gets_a_fresh_assembly(receiver):
     commit = write_piece(piece(range(0, 2), 0, 16), receiver)
-    receiver.expect("r", PROMPT)  # the request was reserved again (a new prefill leg)
+    receiver.expect("r", PROMPT, 0, token("r"))  # reserved again (a new prefill leg)
     send_whole(receiver, seed=3)
     refused(grpc.StatusCode.FAILED_PRECONDITION, "released or retried", commit)
     pending = receiver.take("r")
@@ -236,7 +263,7 @@ def test_a_recycled_buffer_serves_the_next_request(receiver):
     send_whole(receiver)
     receiver.recycle(receiver.take("r"))
     assert receiver.buffers.lent == 0 and receiver.buffers.idle_bytes() > 0
-    receiver.expect("s", PROMPT)
+    receiver.expect("s", PROMPT, 0, token("s"))
     receiver.receive_piece(piece(range(0, 2), 0, 16, request_id="s"))
     assert receiver.buffers.lent == 1 and receiver.buffers.idle_bytes() == 0
 
@@ -244,12 +271,19 @@ def test_a_recycled_buffer_serves_the_next_request(receiver):
 # --- what a piece may carry ------------------------------------------------------------------
 
 def test_pieces_outside_the_reservation_or_the_stage_are_refused(receiver):
-    refused(grpc.StatusCode.FAILED_PRECONDITION, "no open reservation",
+    refused(grpc.StatusCode.UNAUTHENTICATED, "no open reservation",
             receiver.receive_piece, piece(range(0, 2), 0, 16, request_id="unknown"))
+    forged = piece(range(0, 2), 0, 16)
+    for wrong in (b"", token("s"), token("r")[:-1]):
+        forged.header = dataclasses.replace(forged.header, push_token=wrong)
+        refused(grpc.StatusCode.UNAUTHENTICATED, "not its push token", receiver.receive_piece,
+                forged)
+    with pytest.raises(ValueError):  # a reservation open to pushes that carry no token
+        receiver.expect("s", PROMPT, 0, b"")
     refused(grpc.StatusCode.INVALID_ARGUMENT, "were reserved", receiver.receive_piece,
             piece(range(0, 2), 16, PROMPT + 1))
     stage = KVReceiver(LAYOUT, StageSpec.of(LAYERS, 2, 0))
-    stage.expect("r", PROMPT)
+    stage.expect("r", PROMPT, 0, token("r"))
     refused(grpc.StatusCode.INVALID_ARGUMENT, "this worker owns [0, 2)", stage.receive_piece,
             piece(range(1, 3), 0, PROMPT))
     assert stage.buffers.lent == 0
@@ -257,7 +291,7 @@ def test_pieces_outside_the_reservation_or_the_stage_are_refused(receiver):
 
 def test_a_hidden_state_is_refused_where_unusable(receiver):
     first_stage = KVReceiver(LAYOUT, StageSpec.of(LAYERS, 2, 0))
-    first_stage.expect("r", PROMPT)
+    first_stage.expect("r", PROMPT, 0, token("r"))
     refused(grpc.StatusCode.INVALID_ARGUMENT, "does not own the LM head",
             first_stage.receive_piece, piece(range(0, 2), 0, PROMPT, hidden=True))
     bad = piece(range(0, 2), 0, 16, hidden=True)
@@ -273,7 +307,7 @@ def test_a_hidden_state_is_refused_where_unusable(receiver):
 
 def test_a_transfer_finishes_after_its_pieces(receiver):
     sender = FakeKVSender({ADDRESS: receiver})
-    transfer = sender.open(ADDRESS, "r", attempt=0)
+    transfer = sender.open(ADDRESS, grant())
     for i, (layers, begin, end) in enumerate(WHOLE):
         state = np.zeros(HIDDEN, np.float32) if i == 2 else None
         transfer.push(snapshot(layers, begin, end), state)
@@ -285,7 +319,7 @@ def test_a_transfer_finishes_after_its_pieces(receiver):
 
 def test_a_refused_piece_fails_the_transfer_for_the_pieces_after_it(receiver):
     sender = FakeKVSender({ADDRESS: receiver})
-    transfer = sender.open(ADDRESS, "r", attempt=0)
+    transfer = sender.open(ADDRESS, grant())
     transfer.push(snapshot(range(0, 2), 0, 16))
     error = refused(grpc.StatusCode.FAILED_PRECONDITION, "arrived twice", transfer.push,
                     snapshot(range(0, 2), 0, 16))
@@ -297,7 +331,7 @@ def test_a_refused_piece_fails_the_transfer_for_the_pieces_after_it(receiver):
 
 def test_an_aborted_transfer_sends_nothing_more(receiver):
     sender = FakeKVSender({ADDRESS: receiver})
-    transfer = sender.open(ADDRESS, "r", attempt=0)
+    transfer = sender.open(ADDRESS, grant())
     transfer.abort("the request was cancelled")
     refused(grpc.StatusCode.CANCELLED, "cancelled", transfer.push, snapshot(range(0, 2), 0, 16))
     assert transfer.state is TransferState.ABORTED and sender.pushes == 0
@@ -305,7 +339,7 @@ def test_an_aborted_transfer_sends_nothing_more(receiver):
 
 
 def test_a_receiver_that_is_not_there_is_unavailable():
-    transfer = FakeKVSender().open("nowhere", "r", attempt=0)
+    transfer = FakeKVSender().open("nowhere", grant())
     refused(grpc.StatusCode.UNAVAILABLE, "no receiver", transfer.push,
             snapshot(range(0, 1), 0, 1))
     assert transfer.state is TransferState.FAILED

@@ -21,6 +21,7 @@ import pytest
 from conftest import (
     decode_worker_stub,
     greedy_outputs,
+    kv_push_stub,
     leader_stats,
     local_cluster,
     wait_until_cluster_idle,
@@ -32,6 +33,7 @@ from kv_transfer.buffers import Buffer, BufferPool
 from kv_transfer.codec import encode_push
 from kv_transfer.grpc_transport import KVSender
 from kv_transfer.shared_memory import SharedBuffer
+from kv_transfer.transport import PushGrant
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import KVSnapshot
@@ -112,13 +114,13 @@ def push_shared(stub, cluster, request_id: str, tamper=lambda chunks, buffer: ch
     """Reserve, then push a shared-memory stream of hand-made K/V, tampered with first."""
     layout = cluster.decode[0].layout
     snapshot, buffer = shared_snapshot(layout)
-    stub.Reserve(worker_pb2.ReserveRequest(
+    reserved = stub.Reserve(worker_pb2.ReserveRequest(
         request_id=request_id, prompt_tokens=5, lease_ms=60_000,
         sampling=worker_pb2.Sampling(max_tokens=4, ignore_eos=True)), timeout=5)
-    chunks = list(encode_push(request_id, layout, snapshot,
-                              np.zeros(layout.hidden_size, np.float32), shared=buffer))
+    chunks = list(encode_push(PushGrant(request_id, token=reserved.push_token), layout,
+                              snapshot, np.zeros(layout.hidden_size, np.float32), shared=buffer))
     try:
-        return stub.PushKV(iter(tamper(chunks, buffer)), timeout=10)
+        return kv_push_stub(cluster).PushKV(iter(tamper(chunks, buffer)), timeout=10)
     finally:
         buffer.close()
 
@@ -275,12 +277,12 @@ def push_three(cluster, stub, sender: KVSender, name: str) -> None:
     address = cluster.router.scheduler.workers("decode")[0].address
     for n in range(3):
         request_id = f"{name}-{n}"
-        stub.Reserve(worker_pb2.ReserveRequest(
+        reserved = stub.Reserve(worker_pb2.ReserveRequest(
             request_id=request_id, prompt_tokens=5, lease_ms=60_000,
             sampling=worker_pb2.Sampling(max_tokens=1)), timeout=5)
         snapshot, buffer = shared_snapshot(servicer.layout)
         try:
-            sender.push(address, request_id, snapshot,
+            sender.push(address, PushGrant(request_id, token=reserved.push_token), snapshot,
                         np.zeros(servicer.layout.hidden_size, np.float32), buffer)
         finally:
             buffer.close()
@@ -291,7 +293,7 @@ def push_three(cluster, stub, sender: KVSender, name: str) -> None:
 def test_a_receiver_that_takes_no_shared_memory_is_never_offered_any(cluster, stub):
     servicer = cluster.decode[0]
     address = cluster.router.scheduler.workers("decode")[0].address
-    sender = KVSender(servicer.layout, cluster.secret)
+    sender = KVSender(servicer.layout)
     receiver = servicer.stage.receiver
     refused = receiver.pushes_refused
     receiver.accepts_shared = False  # its answers now name no host
@@ -310,7 +312,7 @@ def test_a_sender_goes_inline_when_its_receiver_cannot_read_what_it_advertised(
         cluster, stub, monkeypatch):
     servicer = cluster.decode[0]
     address = cluster.router.scheduler.workers("decode")[0].address
-    sender = KVSender(servicer.layout, cluster.secret)
+    sender = KVSender(servicer.layout)
     refused = servicer.stage.receiver.pushes_refused
 
     def closed_to_us(pid, fd, parts):  # as ptrace rules can close /proc/<pid>/fd

@@ -22,6 +22,7 @@ import pytest
 from conftest import (
     decode_worker_stub,
     hf_greedy,
+    kv_push_stub,
     leader_stats,
     local_cluster,
     wait_until_cluster_idle,
@@ -29,6 +30,7 @@ from conftest import (
 
 from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
+from kv_transfer.transport import PushGrant
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import KVSnapshot
@@ -112,10 +114,13 @@ def stub(cluster):
     return decode_worker_stub(cluster)
 
 
+_push_tokens: dict[str, bytes] = {}  # each reservation's, as its Reserve answered
+
+
 def reserve(stub, request_id: str) -> None:
-    stub.Reserve(worker_pb2.ReserveRequest(
+    _push_tokens[request_id] = stub.Reserve(worker_pb2.ReserveRequest(
         request_id=request_id, prompt_tokens=TOKENS, lease_ms=60_000,
-        sampling=worker_pb2.Sampling(max_tokens=4, ignore_eos=True)), timeout=5)
+        sampling=worker_pb2.Sampling(max_tokens=4, ignore_eos=True)), timeout=5).push_token
 
 
 def piece(cluster, request_id: str, begin: int, end: int, attempt: int = 0
@@ -127,16 +132,17 @@ def piece(cluster, request_id: str, begin: int, end: int, attempt: int = 0
     snapshot = KVSnapshot(0, layout.num_layers, rng.standard_normal(shape, np.float32),
                           rng.standard_normal(shape, np.float32), token_begin=begin)
     hidden = np.full(layout.hidden_size, 0.1, np.float32) if end == TOKENS else None
-    return list(encode_push(request_id, layout, snapshot, hidden, attempt=attempt))
+    grant = PushGrant(request_id, attempt, _push_tokens[request_id])
+    return list(encode_push(grant, layout, snapshot, hidden))
 
 
-def push(stub, chunks) -> worker_pb2.PushResponse:
-    return stub.PushKV(iter(chunks), timeout=10)
+def push(cluster, chunks) -> worker_pb2.PushResponse:
+    return kv_push_stub(cluster).PushKV(iter(chunks), timeout=10)
 
 
-def refused(stub, chunks) -> grpc.RpcError:
+def refused(cluster, chunks) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
-        push(stub, chunks)
+        push(cluster, chunks)
     return err.value
 
 
@@ -155,9 +161,9 @@ def finish(cluster, stub, request_id: str) -> None:
 def test_pieces_in_any_order_decode_once_all_are_here(cluster, stub):
     reserve(stub, "pieces")
     for begin, end in [(16, 32), (32, TOKENS)]:
-        push(stub, piece(cluster, "pieces", begin, end))
+        push(cluster, piece(cluster, "pieces", begin, end))
     assert running(cluster) == 0  # tokens [0, 16) are missing: nothing is decoded
-    push(stub, piece(cluster, "pieces", 0, 16))
+    push(cluster, piece(cluster, "pieces", 0, 16))
     events = list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="pieces"),
                                     timeout=30))
     assert sum(e.has_token for e in events) == 4 and events[-1].finish_reason == FinishReason.LENGTH
@@ -166,67 +172,90 @@ def test_pieces_in_any_order_decode_once_all_are_here(cluster, stub):
 
 def test_a_stream_cut_after_some_pieces_leaves_nothing_behind(cluster, stub):
     reserve(stub, "cut")
-    push(stub, piece(cluster, "cut", 0, 16))
+    push(cluster, piece(cluster, "cut", 0, 16))
 
     def sender_dies(chunks):  # a header and one block, then the sender is gone
         yield from chunks[:2]
         raise RuntimeError("the prefill worker died")
 
     with pytest.raises(grpc.RpcError):
-        push(stub, sender_dies(piece(cluster, "cut", 16, 32)))
-    push(stub, piece(cluster, "cut", 32, TOKENS))
+        push(cluster, sender_dies(piece(cluster, "cut", 16, 32)))
+    push(cluster, piece(cluster, "cut", 32, TOKENS))
     assert running(cluster) == 0
     # What the broken push wrote does not count: its tokens can come again, whole.
-    push(stub, piece(cluster, "cut", 16, 32))
+    push(cluster, piece(cluster, "cut", 16, 32))
     assert list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="cut"),
                                   timeout=30))[-1].finish_reason == FinishReason.LENGTH
     wait_until_cluster_idle(cluster)
     reserve(stub, "cut-for-good")
-    push(stub, piece(cluster, "cut-for-good", 0, 16))
+    push(cluster, piece(cluster, "cut-for-good", 0, 16))
     finish(cluster, stub, "cut-for-good")
 
 
 def test_a_corrupt_piece_in_the_middle_is_refused_and_nothing_decoded(cluster, stub):
     reserve(stub, "corrupt")
-    push(stub, piece(cluster, "corrupt", 0, 16))
+    push(cluster, piece(cluster, "corrupt", 0, 16))
     bad = piece(cluster, "corrupt", 16, 32)
     bad[-1].trailer.crc32 ^= 1
-    error = refused(stub, bad)
+    error = refused(cluster, bad)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "checksum mismatch" in error.details()
-    push(stub, piece(cluster, "corrupt", 32, TOKENS))
+    push(cluster, piece(cluster, "corrupt", 32, TOKENS))
     assert running(cluster) == 0
     finish(cluster, stub, "corrupt")
 
 
 def test_overlapping_or_out_of_range_pieces_are_refused(cluster, stub):
     reserve(stub, "overlap")
-    push(stub, piece(cluster, "overlap", 0, 16))
-    error = refused(stub, piece(cluster, "overlap", 8, 24))
+    push(cluster, piece(cluster, "overlap", 0, 16))
+    error = refused(cluster, piece(cluster, "overlap", 8, 24))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "arrived twice" in error.details()
     layout = cluster.decode[0].layout
     shape = (layout.num_layers, 8, layout.num_kv_heads, layout.head_dim)
     beyond = KVSnapshot(0, layout.num_layers, np.zeros(shape, np.float32),
                         np.zeros(shape, np.float32), token_begin=TOKENS - 4)
-    error = refused(stub, encode_push("overlap", layout, beyond, None))
+    error = refused(cluster, encode_push(PushGrant("overlap", token=_push_tokens["overlap"]),
+                                      layout, beyond, None))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "were reserved" in error.details()
     finish(cluster, stub, "overlap")
 
 
+def test_only_a_push_with_its_reservations_token_is_let_in(cluster, stub):
+    """Pushes carry no cluster secret: the token Reserve answered with is what lets one
+    in, and only into that reservation. Any other is refused before a byte of K/V is
+    read, saying nothing of the reservation."""
+    reserve(stub, "token")
+    reserve(stub, "other")
+    good = piece(cluster, "token", 0, 16)
+    for token in (b"", _push_tokens["other"], bytes(len(_push_tokens["token"]))):
+        forged = [worker_pb2.KVChunk(), *good[1:]]
+        forged[0].CopyFrom(good[0])
+        forged[0].header.push_token = token
+        error = refused(cluster, forged)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "no open reservation takes this push" in error.details()
+    unknown = piece(cluster, "token", 0, 16)
+    unknown[0].header.request_id = "no-such-request"
+    assert refused(cluster, unknown).code() == grpc.StatusCode.UNAUTHENTICATED
+    push(cluster, good)  # the real one still counts
+    stub.Abort(worker_pb2.AbortRequest(request_id="other"), timeout=5)
+    finish(cluster, stub, "token")
+
+
 def test_a_retry_replaces_what_the_earlier_try_sent(cluster, stub):
     reserve(stub, "retry")
-    push(stub, piece(cluster, "retry", 0, 16, attempt=0))
-    push(stub, piece(cluster, "retry", 16, 32, attempt=0))
+    push(cluster, piece(cluster, "retry", 0, 16, attempt=0))
+    push(cluster, piece(cluster, "retry", 16, 32, attempt=0))
     # The leg's second try starts over; its pieces overlap the first try's, and count.
     for begin, end in [(0, 16), (16, 32)]:
-        push(stub, piece(cluster, "retry", begin, end, attempt=1))
-    error = refused(stub, piece(cluster, "retry", 32, TOKENS, attempt=0))  # a straggler
+        push(cluster, piece(cluster, "retry", begin, end, attempt=1))
+    error = refused(cluster, piece(cluster, "retry", 32, TOKENS, attempt=0))  # a straggler
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "replaced" in error.details()
     assert running(cluster) == 0
-    push(stub, piece(cluster, "retry", 32, TOKENS, attempt=1))
+    push(cluster, piece(cluster, "retry", 32, TOKENS, attempt=1))
     assert list(stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id="retry"),
                                   timeout=30))[-1].finish_reason == FinishReason.LENGTH
     wait_until_cluster_idle(cluster)

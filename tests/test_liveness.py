@@ -1,4 +1,7 @@
-"""A worker that stops answering (SIGSTOP: alive but silent) costs requests a bounded pause.
+"""A worker that stops answering (SIGSTOP: alive but silent) costs requests a bounded pause,
+and a worker that is only slow for a while fails nothing: it is passed over for new
+requests, its streams pause and go on, and requests wait in line for it when it is the
+only one.
 
 Workers run as their own processes (`olmo-serve decode-worker`, as an operator starts
 them), so that one can be stopped while the router, in this process, keeps serving.
@@ -90,10 +93,10 @@ def cluster():
         options = RouterOptions(token_timeout_s=TOKEN_TIMEOUT, first_token_timeout_s=20,
                                 local_prefill_below_tokens=0)
         scheduler = static_scheduler([workers["prefill"][0].address, local],
-                                     [w.address for w in workers["decode"]], secret,
-                                     options.kv_weight)
+                                     [w.address for w in workers["decode"]], secret, options)
         server, router = serve_router(DEMO_MODEL_DIR, scheduler, options)
-        yield {"router": router, "address": f"127.0.0.1:{server.port}", **workers}
+        yield {"router": router, "address": f"127.0.0.1:{server.port}", "secret": secret,
+               "local_prefill": local, **workers}
         server.stop(grace=0.5)
         router.close()
         local_server.stop(grace=0.5)
@@ -124,12 +127,13 @@ def test_a_stopped_decode_worker_costs_its_stream_a_bounded_pause(cluster):
             tokens += list(response.token_ids)
         # Cut when its worker misses the scheduler's polls (2 s) or sends nothing for
         # the token timeout, whichever comes first, then resumed on the other worker.
-        assert max(gaps) < TOKEN_TIMEOUT + scheduler.STALE_SECONDS + 3
+        assert max(gaps) < TOKEN_TIMEOUT + scheduler.SLOW_SECONDS + 3
         assert tokens == reference
-        wait_for(lambda: not scheduler.alive(busy[0].address), 10, "the stopped worker to leave")
+        wait_for(lambda: not scheduler.pickable(busy[0].address), 10,
+                 "the stopped worker to be passed over")
     finally:
         busy[0].resume()
-    wait_for(lambda: scheduler.alive(busy[0].address), 10, "the resumed worker to come back")
+    wait_for(lambda: scheduler.pickable(busy[0].address), 10, "the resumed worker to come back")
     client.close()
 
 
@@ -156,8 +160,8 @@ def test_a_draining_decode_worker_finishes_its_stream_uncut(cluster):
         assert client.complete(generate_request(PROMPT, max_tokens=4), timeout=30)[0]
         after = stats(other).pushes  # a piece per layer group
         assert after > pushes  # the new request went to the other one
-        time.sleep(scheduler.STALE_SECONDS + 0.5)  # polled all along: still alive
-        assert scheduler.alive(busy[0].address)
+        time.sleep(scheduler.SLOW_SECONDS + 0.5)  # polled all along: still pickable
+        assert scheduler.pickable(busy[0].address)
         for response in call:
             tokens += list(response.token_ids)
         assert len(tokens) == 400
@@ -188,3 +192,74 @@ def test_a_stopped_prefill_worker_is_passed_over(cluster):
     finally:
         stopped.resume()
     client.close()
+
+
+# --- slow is not dead ---------------------------------------------------------------------
+
+STOP_SECONDS = 3.0
+RATE = 6.0  # requests a second
+
+
+def router_over(cluster, decode: list[WorkerProcess]):
+    """A router with the default bounds (a stream may be silent 10 s, a worker 10 s before
+    it is gone) over these decode workers and the local prefill worker."""
+    options = RouterOptions(local_prefill_below_tokens=0, max_queue_wait_s=20)
+    scheduler = static_scheduler([cluster["local_prefill"]], [w.address for w in decode],
+                                 cluster["secret"], options)
+    server, router = serve_router(DEMO_MODEL_DIR, scheduler, options)
+    return server, router, GenerationClient(f"127.0.0.1:{server.port}")
+
+
+def load_with_a_stop(client, stopped: WorkerProcess, seconds: float = 5.0) -> list:
+    """Requests at RATE for ``seconds`` (bounded: at most RATE * seconds of them, each with
+    a deadline), with ``stopped`` stopped for STOP_SECONDS one second in; each one's
+    outcome: its tokens, or the error it got."""
+    outcomes: list = [None] * int(RATE * seconds)
+
+    def one(i: int) -> None:
+        request = generate_request([11 + i % 7] * 24, max_tokens=16, ignore_eos=True)
+        try:
+            outcomes[i] = client.complete(request, timeout=40)[0]
+        except Exception as exc:  # noqa: BLE001 - an outcome to report, not to raise
+            outcomes[i] = exc
+
+    threads = []
+    start = time.monotonic()
+    for i in range(len(outcomes)):
+        if i == int(RATE):
+            stopped.pause()
+            threading.Timer(STOP_SECONDS, stopped.resume).start()
+        time.sleep(max(0.0, start + i / RATE - time.monotonic()))
+        thread = threading.Thread(target=one, args=(i,))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join(timeout=60)
+    return outcomes
+
+
+def test_a_decode_worker_stopped_for_a_while_fails_nothing_when_another_serves(cluster):
+    server, router, client = router_over(cluster, cluster["decode"])
+    try:
+        outcomes = load_with_a_stop(client, cluster["decode"][0])
+        failed = [o for o in outcomes if not isinstance(o, list)]
+        assert not failed, failed[:3]
+        assert all(len(o) == 16 for o in outcomes)
+    finally:
+        client.close()
+        server.stop(grace=0.5)
+        router.close()
+
+
+def test_requests_wait_for_a_lone_decode_worker_that_stopped_for_a_while(cluster):
+    """Its only decode worker silent for 3 s: the router keeps new requests in line (up
+    to max_queue_wait_s) instead of answering UNAVAILABLE, and serves them after."""
+    server, router, client = router_over(cluster, cluster["decode"][:1])
+    try:
+        outcomes = load_with_a_stop(client, cluster["decode"][0])
+        failed = [o for o in outcomes if not isinstance(o, list)]
+        assert not failed, failed[:3]
+    finally:
+        client.close()
+        server.stop(grace=0.5)
+        router.close()

@@ -9,10 +9,17 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import greedy_outputs, local_cluster, reference_logits, wait_until_cluster_idle
+from conftest import (
+    greedy_outputs,
+    kv_push_stub,
+    local_cluster,
+    reference_logits,
+    wait_until_cluster_idle,
+)
 
 from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
+from kv_transfer.transport import PushGrant
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
@@ -249,8 +256,9 @@ def test_a_push_that_ignores_the_cached_prefix_is_refused(model, expected):
         whole = KVSnapshot(0, layout.num_layers, np.ones(shape, np.float32),
                            np.ones(shape, np.float32))
         with pytest.raises(grpc.RpcError) as err:
-            stub.PushKV(iter(encode_push("whole", layout, whole,
-                                         np.ones(layout.hidden_size, np.float32))), timeout=5)
+            kv_push_stub(cluster).PushKV(iter(encode_push(
+                PushGrant("whole", token=reserved.push_token), layout, whole,
+                np.ones(layout.hidden_size, np.float32))), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "from position 0" in err.value.details()
         stub.Abort(worker_pb2.AbortRequest(request_id="whole"), timeout=5)

@@ -1,5 +1,6 @@
-"""Who may call what: internal services need the cluster secret, Generate an API key when
-one is set; the public API can serve TLS. Health checks stay open for probes."""
+"""Who may call what: internal services need the cluster secret, KV pushes their
+reservation's push token (never the secret), Generate an API key when one is set; the
+public API can serve TLS. Health checks stay open for probes."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
 from protos import stage_pb2, stage_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.auth import SECRET_ENV
-from protos.grpc_server import channel
+from protos.grpc_server import channel, start_server
 from router.client import GenerationClient, generate_request
 from router.options import RouterOptions
 
@@ -46,7 +47,6 @@ def internal_calls(cluster):
         decode_stage = stage_pb2_grpc.DecodeStageStub(channel(decode, secret))
         return [
             ("Reserve", lambda: d.Reserve(worker_pb2.ReserveRequest(request_id="r"), timeout=5)),
-            ("PushKV", lambda: d.PushKV(iter([worker_pb2.KVChunk()]), timeout=5)),
             ("StreamTokens", lambda: list(d.StreamTokens(
                 worker_pb2.StreamTokensRequest(request_id="r"), timeout=5))),
             ("Abort (decode)", lambda: d.Abort(worker_pb2.AbortRequest(request_id="r"),
@@ -79,6 +79,52 @@ def test_every_internal_call_needs_the_cluster_secret(cluster, secret):
             call()
         except grpc.RpcError as exc:
             assert exc.code() != grpc.StatusCode.UNAUTHENTICATED, name
+
+
+def test_a_push_needs_its_reservations_token_and_the_secret_is_no_substitute(cluster):
+    decode = cluster.router.scheduler.workers("decode")[0].address
+    header = worker_pb2.KVChunk(header=worker_pb2.KVHeader(request_id="r", num_tokens=1))
+    for secret in (None, cluster.secret):
+        push = worker_pb2_grpc.KVPushStub(channel(decode, secret)).PushKV
+        with pytest.raises(grpc.RpcError) as err:
+            push(iter([header]), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+class PushCatcher(worker_pb2_grpc.KVPushServicer):
+    """A KV receiver at an address a Prefill names: what the pushes sent it."""
+
+    def __init__(self):
+        self.metadata: list[tuple[str, str]] = []
+
+    def PushKV(self, request_iterator, context):
+        self.metadata.extend(context.invocation_metadata())
+        for _ in request_iterator:
+            pass
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not a decode worker")
+
+
+def test_a_prefill_worker_sends_no_secret_to_the_push_address_a_prefill_names(cluster):
+    """Whoever may call Prefill picks where its K/V goes; what arrives there is the K/V
+    and the reservation's token, never the cluster secret."""
+    catcher = PushCatcher()
+    server = start_server([lambda s: worker_pb2_grpc.add_KVPushServicer_to_server(catcher, s)],
+                          ["olmo.worker.v1.KVPush"])
+    try:
+        layout = cluster.decode[0].layout
+        target = worker_pb2.StageInfo(address=f"127.0.0.1:{server.port}",
+                                      layer_begin=0, layer_end=layout.num_layers)
+        prefill = cluster.router.scheduler.workers("prefill")[0].address
+        stub = worker_pb2_grpc.PrefillWorkerStub(channel(prefill, cluster.secret))
+        with pytest.raises(grpc.RpcError):
+            stub.Prefill(worker_pb2.PrefillRequest(
+                request_id="elsewhere", token_ids=[5, 6, 7], decode_stages=[target],
+                push_token=b"t" * 16), timeout=30)
+        assert catcher.metadata, "the push never came"
+        assert not any(cluster.secret in str(value) for _, value in catcher.metadata)
+        assert all(key != "authorization" for key, _ in catcher.metadata)
+    finally:
+        server.stop(grace=None)
 
 
 def test_health_checks_need_no_credentials(cluster):

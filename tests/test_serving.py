@@ -9,12 +9,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import decode_worker_stub, local_cluster
+from conftest import decode_worker_stub, kv_push_stub, local_cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
 from cluster.cluster_config import RoleConfig
 from kv_transfer.codec import encode_push
+from kv_transfer.transport import PushGrant
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.kv_pages import KVSnapshot
@@ -171,13 +172,13 @@ def _push_with(decode_stub, cluster, request_id: str, tamper) -> grpc.RpcError:
     layers = layout.layer_end - layout.layer_begin
     shape = (layers, 5, layout.num_kv_heads, layout.head_dim)
     snapshot = KVSnapshot(0, layers, np.ones(shape, np.float32), np.ones(shape, np.float32))
-    decode_stub.Reserve(worker_pb2.ReserveRequest(
+    reserved = decode_stub.Reserve(worker_pb2.ReserveRequest(
         request_id=request_id, prompt_tokens=5, lease_ms=60_000,
         sampling=worker_pb2.Sampling(max_tokens=4)), timeout=5)
-    chunks = tamper(list(encode_push(request_id, layout, snapshot,
-                                     np.zeros(layout.hidden_size, np.float32))))
+    chunks = tamper(list(encode_push(PushGrant(request_id, token=reserved.push_token), layout,
+                                     snapshot, np.zeros(layout.hidden_size, np.float32))))
     with pytest.raises(grpc.RpcError) as err:
-        decode_stub.PushKV(iter(chunks), timeout=10)
+        kv_push_stub(cluster).PushKV(iter(chunks), timeout=10)
     return err.value
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from decode_worker.receiver import KVReceiver
 from kv_transfer.codec import encode_push
+from kv_transfer.transport import PushGrant
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.stages import StageSpec
 from pipeline.prefix_cache import PrefixCache
@@ -18,6 +19,7 @@ from protos import worker_pb2
 WINDOW = 16
 SLIDING = (0, 1, 3)  # of four layers
 PROMPT = 64
+TOKEN = b"push-token"
 LAYOUT = worker_pb2.ModelLayout(model_fingerprint="f", dtype="float32", page_size=16,
                                 num_layers=4, layer_begin=0, layer_end=4, num_kv_heads=2,
                                 head_dim=8, hidden_size=16, context_window=256,
@@ -34,13 +36,13 @@ def piece(layers: range, begin: int, end: int, hidden: bool = False):
     snapshot = KVSnapshot(layers.start, layers.stop, rng.random(shape, np.float32),
                           rng.random(shape, np.float32), begin)
     state = np.ones(16, np.float32) if hidden else None
-    return snapshot, encode_push("r", LAYOUT, snapshot, state)
+    return snapshot, encode_push(PushGrant("r", token=TOKEN), LAYOUT, snapshot, state)
 
 
 @pytest.fixture
 def receiver():
     receiver = KVReceiver(LAYOUT, StageSpec.full(4), kept_from=kept_from)
-    receiver.expect("r", PROMPT)
+    receiver.expect("r", PROMPT, 0, TOKEN)
     return receiver
 
 
