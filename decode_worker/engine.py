@@ -95,21 +95,22 @@ class DecodeEngine:
 
     def reserve(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
                 sampling: SamplingConfig, lease_seconds: float, prefill_locally: bool = False,
-                local_below: int = 0) -> Reservation:
+                local_below: int = 0, cache_salt: bytes = b"") -> Reservation:
         """Hold pages for a request and tell every stage of it. Its sequence forks from
-        the longest cached prefix of ``prompt_ids`` (when given); it is prefilled here if
-        ``prefill_locally``, or if at most ``local_below`` of its tokens are not cached."""
+        the longest prefix of ``prompt_ids`` (when given) cached under its ``cache_salt``;
+        it is prefilled here if ``prefill_locally``, or if at most ``local_below`` of its
+        tokens are not cached."""
         chain = self._leading()
         self.scheduler.check(request_id, prompt_tokens, prompt_ids, sampling, lease_seconds,
                              prefill_locally)
         with self._cache_lock:
-            cached = self.cache.lookup(prompt_ids) if prompt_ids else MISS
+            cached = self.cache.lookup(prompt_ids, cache_salt) if prompt_ids else MISS
             local = prefill_locally or (bool(prompt_ids)
                                         and prompt_tokens - cached.tokens <= local_below)
             self._make_room(self.scheduler.pages_needed(prompt_tokens, sampling, cached),
                             keep=cached.seq_id)
             request = self.scheduler.reserve(request_id, prompt_tokens, prompt_ids, sampling,
-                                             lease_seconds, local, cached)
+                                             lease_seconds, local, cached, cache_salt)
             self.cache.start(request.seq_id, cached,
                              0 if local else self._pushed_kept_from(prompt_tokens))
             token = b"" if local else secrets.token_bytes(PUSH_TOKEN_BYTES)
@@ -230,7 +231,7 @@ class DecodeEngine:
                 # A failed request's K/V may be incomplete: it is never cached.
                 tokens = (None if event.finish_reason is FinishReason.ERROR
                           else request.kv_tokens())
-                freed = self.cache.finish(request.seq_id, tokens)
+                freed = self.cache.finish(request.seq_id, tokens, request.cache_salt)
                 self.chain.release(Release(tuple(freed), (request.request_id,)))
             finally:
                 request.events.put(event)

@@ -9,8 +9,9 @@ when verified pieces cover every layer and token exactly once (of a sliding-wind
 the positions it reads again: ``kept_from``) and, on the stage that owns the LM head, the
 last hidden state has come. Nothing of a push that fails any check
 counts. A piece from a later try of the prefill leg starts the assembly over; one from an
-earlier try is refused, and so is any piece once the request is complete (the engine may
-be installing it).
+earlier try is refused. Once the request is complete, a piece of any later try is
+acknowledged and dropped (``AlreadyComplete``): the engine may be installing what is
+there, and a prompt's K/V is the same whichever try computed it.
 
 The receiver is a ``PieceSink`` (kv_transfer/transport.py): transports ``claim`` a piece
 from its header, write it, and ``commit`` or ``release`` it; it never sees their wire.
@@ -31,7 +32,15 @@ import numpy as np
 from kv_transfer.buffers import Buffer, BufferPool
 from kv_transfer.codec import check_hidden, receive_push
 from kv_transfer.shared_memory import host_identity
-from kv_transfer.transport import Accepts, KVPiece, PieceHeader, Received, Transport, deliver
+from kv_transfer.transport import (
+    Accepts,
+    AlreadyComplete,
+    KVPiece,
+    PieceHeader,
+    Received,
+    Transport,
+    deliver,
+)
 from olmo_model.kv_pages import KVSnapshot
 from olmo_model.stages import StageSpec
 from protos import worker_pb2
@@ -222,10 +231,9 @@ class KVReceiver:
                                    f"push for {request_id!r} is from prefill try "
                                    f"{header.attempt}; try {pending.attempt} replaced it")
             if self._complete(request_id):
-                # Verified whole, so ready to install (perhaps between ready and take):
-                # a later try's push must not void it under the installer's feet.
-                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"request {request_id!r} has all its K/V already")
+                # Verified whole, so ready to install (perhaps between ready and take): a
+                # later try's push must not void it under the installer's feet.
+                raise AlreadyComplete(request_id)
             if header.attempt > pending.attempt:  # a retry: what the last try sent is void
                 self._retire(pending)
                 pending.attempt, pending.hidden = header.attempt, None

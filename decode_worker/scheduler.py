@@ -130,6 +130,7 @@ class Request:
     seq_id: int
     local: bool = False       # prefilled here: no push comes
     cached: Hit = MISS        # the cached prefix its sequence forks from
+    cache_salt: bytes = b""   # its prefix cache namespace: looked up and cached under it
     state: RequestState = RequestState.RESERVED
     abort_reason: str = ""    # ABORTING: why
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -222,7 +223,7 @@ class DecodeScheduler:
 
     def reserve(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
                 sampling: SamplingConfig, lease_seconds: float, local: bool,
-                cached: Hit = MISS) -> Request:
+                cached: Hit = MISS, cache_salt: bytes = b"") -> Request:
         """Admit a checked request (RESERVED) and hold the pages it may need; it is not
         scheduled until ``announce``. Raises ServingError when it cannot be taken now."""
         pages = self.pages_needed(prompt_tokens, sampling, cached)
@@ -238,7 +239,7 @@ class DecodeScheduler:
             self._next_seq_id += 1
             request = Request(request_id, prompt_tokens, prompt_ids, sampling, pages,
                               self._clock.now() + lease_seconds, self._next_seq_id, local,
-                              cached)
+                              cached, cache_salt)
             self._requests[request_id] = request
             return request
 

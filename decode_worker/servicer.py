@@ -12,6 +12,7 @@ from kv_transfer.shared_memory import host_identity
 from kv_transfer.transports import GRPC, worker_transports
 from kv_transfer.wire_blocks import BlockViewsRegistration
 from olmo_model.runtime import ModelRunner
+from pipeline.ops import checked_cache_salt
 from pipeline.options import DEFAULT_OPTIONS, WorkerOptions
 from pipeline.remote import InstanceLeader, start_worker_server
 from pipeline.wire import logprobs_to_proto, sampling_from_proto, stage_infos
@@ -46,7 +47,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPus
         held = self.engine.reserve(request.request_id, request.prompt_tokens,
                                    list(request.prompt_token_ids),
                                    sampling_from_proto(request.sampling), lease,
-                                   request.prefill_locally, request.local_prefill_below)
+                                   request.prefill_locally, request.local_prefill_below,
+                                   checked_cache_salt(request.cache_salt))
         return worker_pb2.ReserveResponse(reserved_pages=held.pages, layout=self.layout,
                                           cached_tokens=held.cached_tokens,
                                           prefill_locally=held.local,

@@ -27,7 +27,15 @@ from protos.errors import ServingError
 from protos.layout import layout_mismatch
 
 from .shared_memory import SharedBuffer, read_shared
-from .transport import Claim, PieceHeader, PieceSink, PushGrant, Received, Transport
+from .transport import (
+    AlreadyComplete,
+    Claim,
+    PieceHeader,
+    PieceSink,
+    PushGrant,
+    Received,
+    Transport,
+)
 from .wire_blocks import BlockChunk
 
 BLOCK_BYTES = 2 * 2**20  # per block, keys and values together
@@ -276,8 +284,9 @@ def receive_push(chunks: Iterable[worker_pb2.KVChunk], sink: PieceSink,
                  clock: Clock = MONOTONIC) -> Received:
     """Assemble and verify one push's chunks (a gRPC stream's) into ``sink``: claimed
     with its header, committed once whole and intact, released on any failure (a
-    refusal, or the stream breaking) so that nothing of it counts. Raises ServingError
-    when a check fails."""
+    refusal, or the stream breaking) so that nothing of it counts. A push for a request
+    that has all its K/V is acknowledged at its header, as 0 bytes, the rest unread.
+    Raises ServingError when a check fails."""
     claims: list[Claim] = []
 
     def admit(header: PieceHeader) -> tuple[np.ndarray, np.ndarray]:
@@ -293,6 +302,8 @@ def receive_push(chunks: Iterable[worker_pb2.KVChunk], sink: PieceSink,
             busy += clock.now() - start
         assembler.snapshot()  # raises unless the push was whole and intact
         sink.commit(claims[0], assembler.hidden)
+    except AlreadyComplete:
+        return Received(0, Transport.INLINE, busy)
     except BaseException:
         if claims:
             sink.release(claims[0])

@@ -147,11 +147,19 @@ class Claim(Protocol):
     values: np.ndarray
 
 
+class AlreadyComplete(Exception):
+    """Raised by ``PieceSink.claim``: the request has all its K/V, verified (a later try
+    of its prefill leg sends it again, say). The piece is acknowledged, not written: a
+    prompt's K/V is the same whichever try computed it, and what is there may be being
+    installed already."""
+
+
 class PieceSink(Protocol):
     """The receiving end every transport delivers into (decode_worker/receiver.py)."""
 
     def claim(self, header: PieceHeader) -> Claim:
-        """Check the piece against its request; where to write it. Raises ServingError."""
+        """Check the piece against its request; where to write it. Raises ServingError,
+        or AlreadyComplete."""
 
     def commit(self, claim: Claim, hidden: np.ndarray | None) -> None:
         """The piece arrived whole and verified: it counts. Raises ServingError when its
@@ -163,9 +171,13 @@ class PieceSink(Protocol):
 
 def deliver(piece: KVPiece, sink: PieceSink, clock: Clock = MONOTONIC) -> Received:
     """Write a plain piece into ``sink`` as a transport does: claim, copy, commit; on any
-    failure the claim is released and nothing counts. Raises ServingError."""
+    failure the claim is released and nothing counts (a piece of a request that has all
+    its K/V is acknowledged, as 0 bytes). Raises ServingError."""
     start = clock.now()
-    write_piece(piece, sink)()
+    try:
+        write_piece(piece, sink)()
+    except AlreadyComplete:
+        return Received(0, Transport.LOOPBACK, clock.now() - start)
     return Received(piece.keys.nbytes + piece.values.nbytes, Transport.LOOPBACK,
                     clock.now() - start)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import grpc
 import numpy as np
 
 from protos.errors import ServingError
@@ -12,6 +13,15 @@ from protos.errors import ServingError
 # Request ids on workers are the router's (32 hex digits); anything longer is refused.
 MAX_REQUEST_ID_CHARS = 128
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
+MAX_CACHE_SALT_BYTES = 64  # the router sends a 16-byte digest of the client's salt
+
+
+def checked_cache_salt(salt: bytes) -> bytes:
+    """A request's prefix-cache salt, refused (INVALID_ARGUMENT) when too long."""
+    if len(salt) > MAX_CACHE_SALT_BYTES:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"a cache salt has at most {MAX_CACHE_SALT_BYTES} bytes")
+    return salt
 
 
 @dataclasses.dataclass(frozen=True)

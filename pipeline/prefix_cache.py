@@ -90,13 +90,14 @@ class PrefixCache:
 
     # --- a request's life -------------------------------------------------------------
 
-    def lookup(self, tokens: Sequence[int]) -> Hit:
-        """The longest cached prefix of a prompt, leaving at least its last token to
-        compute (its hidden state starts the generation)."""
+    def lookup(self, tokens: Sequence[int], salt: bytes = b"") -> Hit:
+        """The longest prefix of a prompt cached under its ``salt`` (protos/prefix_index.py),
+        leaving at least its last token to compute (its hidden state starts the
+        generation)."""
         with self._lock:
             if not self.enabled or len(tokens) < 2:
                 return MISS
-            seq_id, length = self._longest(tokens)
+            seq_id, length = self._longest(tokens, salt)
             usable = min(length, len(tokens) - 1)
             if seq_id is None or usable <= 0:
                 return MISS
@@ -124,22 +125,24 @@ class PrefixCache:
             if max(inherited, kept_from):
                 self._kept_from[seq_id] = max(inherited, kept_from)
 
-    def finish(self, seq_id: int, tokens: Sequence[int] | None) -> list[int]:
+    def finish(self, seq_id: int, tokens: Sequence[int] | None, salt: bytes = b""
+               ) -> list[int]:
         """A sequence stopped running, its K/V holding ``tokens`` (None: do not keep it,
-        e.g. its K/V may be incomplete). It stays cached unless caching is off, it holds
+        e.g. its K/V may be incomplete), cached under ``salt``: only prompts of the same
+        salt fork from it. It stays cached unless caching is off, it holds
         no whole page, or another cached sequence holds all of its tokens already.
         Returns the sequences to free: maybe itself, and cached ones it makes redundant
         (their tokens a prefix of its)."""
         with self._lock:
             if (tokens is None or not self.enabled or len(tokens) < self.page_size
-                    or self._longest(tokens)[1] == len(tokens)):
+                    or self._longest(tokens, salt)[1] == len(tokens)):
                 self._drop(seq_id)
                 return [seq_id]
             shared = self._pages.get(seq_id, ())
             own = pages_for(len(tokens), self.page_size) - len(shared)
             self._hold(seq_id, tuple(itertools.islice(self._page_ids, own)))
             self._tokens[seq_id] = tuple(tokens)
-            self._index.add(seq_id, tokens)
+            self._index.add(seq_id, tokens, salt)
             freed = [other for other in self._index.redundant(seq_id)
                      if self._tokens[other] == tuple(tokens[:len(self._tokens[other])])]
             for freed_id in freed:
@@ -218,12 +221,12 @@ class PrefixCache:
 
     # --- internals --------------------------------------------------------------------
 
-    def _longest(self, tokens: Sequence[int]) -> tuple[int | None, int]:
+    def _longest(self, tokens: Sequence[int], salt: bytes) -> tuple[int | None, int]:
         """The cached sequence sharing the longest prefix with ``tokens``, and its length.
         The index finds it in whole pages; the match then runs on token by token into
         that sequence's next page (a chat's next turn shares all of the last turn, not
         just its whole pages)."""
-        match = self._index.match(tokens)
+        match = self._index.match(tokens, salt=salt)
         if match.key is None:
             return None, 0
         cached, length = self._tokens[match.key], match.tokens

@@ -28,6 +28,7 @@ class PrefillJob:
     skip_tokens: int = 0    # the decode instance holds these already: push the rest
     attempt: int = 0        # the router's try of this prefill leg; its pushes carry it
     push_token: bytes = b""  # the decode reservation's; its pushes carry it
+    cache_salt: bytes = b""  # its prefix cache namespace: looked up and cached under it
     result: Future = dataclasses.field(default_factory=Future)
     cancelled: bool = False
     cached_tokens: int = 0  # found in this instance's prefix cache

@@ -91,7 +91,7 @@ class PrefillEngine:
         self.counters.prefilled_tokens += sum(len(p.token_ids) for p in prompts)
         freed = []
         for job, prompt in zip(batch, prompts):
-            freed += self.cache.finish(prompt.seq_id, job.token_ids)
+            freed += self.cache.finish(prompt.seq_id, job.token_ids, job.cache_salt)
         if freed:
             self.chain.release(Release(tuple(freed)))
         for job in batch:
@@ -105,7 +105,7 @@ class PrefillEngine:
         """The job's sequence (forked from its longest cached prefix, computing the rest)
         and the pages it takes beyond those it shares with that prefix."""
         self._next_seq_id += 1
-        cached = self.cache.lookup(job.token_ids)
+        cached = self.cache.lookup(job.token_ids, job.cache_salt)
         self.cache.start(self._next_seq_id, cached)
         self.cache.count(len(job.token_ids), cached.tokens)
         job.cached_tokens = cached.tokens

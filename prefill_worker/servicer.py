@@ -11,7 +11,7 @@ import grpc
 from kv_transfer.transports import GRPC, worker_transports
 from olmo_model.runtime import ModelRunner
 from pipeline.chain import check_coverage
-from pipeline.ops import MAX_REQUEST_ID_CHARS, StageAddress
+from pipeline.ops import MAX_REQUEST_ID_CHARS, StageAddress, checked_cache_salt
 from pipeline.options import DEFAULT_OPTIONS, WorkerOptions
 from pipeline.remote import InstanceLeader, start_worker_server
 from pipeline.stats import EngineStats
@@ -48,7 +48,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
     def Prefill(self, request, context):
         job = PrefillJob(request.request_id, self._checked_tokens(request),
                          self._checked_targets(request), request.skip_tokens,
-                         request.attempt, request.push_token)
+                         request.attempt, request.push_token,
+                         checked_cache_salt(request.cache_salt))
         with self._lock:
             if job.request_id in self._jobs:
                 raise ServingError(grpc.StatusCode.ALREADY_EXISTS,

@@ -5,7 +5,9 @@ tokens chained with page i-1's name, so equal names mean equal prefixes. The has
 cryptographic: with Python's own, a client could craft a prompt whose pages collide with
 another client's and fork from (and so read out) their K/V. Matching a new prompt walks
 its pages until a name is unknown: the longest cached prefix, in whole pages (the pages a
-forked sequence shares with its parent).
+forked sequence shares with its parent). A salt (a request's ``cache_salt``, digested by
+the router) starts the chain: prompts under different salts share no page name, so no
+cached prefix, and time to first token tells one client nothing of another's prompts.
 
 Workers index their prefix caches with it; the router, fed with what it sent where,
 estimates each worker's cache with the same page names. It lives here, beside the wire
@@ -47,9 +49,9 @@ class PrefixIndex:
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def pages(self, tokens: Sequence[int]) -> tuple[bytes, ...]:
-        """The names of the whole pages of ``tokens``."""
-        names, name = [], b""
+    def pages(self, tokens: Sequence[int], salt: bytes = b"") -> tuple[bytes, ...]:
+        """The names of the whole pages of ``tokens`` under ``salt``."""
+        names, name = [], hashlib.blake2b(salt, digest_size=16).digest() if salt else b""
         for begin in range(0, len(tokens) - self.page_size + 1, self.page_size):
             page = array.array("Q", tokens[begin:begin + self.page_size]).tobytes()
             name = hashlib.blake2b(name + page, digest_size=16).digest()
@@ -57,12 +59,14 @@ class PrefixIndex:
         return tuple(names)
 
     def match(self, tokens: Sequence[int], touch: bool = True,
-              names: Sequence[bytes] | None = None) -> Match:
-        """The longest cached prefix of ``tokens`` (or of the pages ``names``, when given:
-        ``pages(tokens)`` computed once for several indexes); the entry holding it becomes
-        the most recently used unless ``touch`` is False."""
+              names: Sequence[bytes] | None = None, salt: bytes = b"") -> Match:
+        """The longest cached prefix of ``tokens`` under ``salt`` (or of the pages
+        ``names``, when given: ``pages(tokens, salt)`` computed once for several indexes);
+        the entry holding it becomes the most recently used unless ``touch`` is False."""
         best = MISS
-        for count, name in enumerate(self.pages(tokens) if names is None else names, start=1):
+        if names is None:
+            names = self.pages(tokens, salt)
+        for count, name in enumerate(names, start=1):
             holders = self._holders.get(name)
             if not holders:
                 break
@@ -71,11 +75,11 @@ class PrefixIndex:
             self._entries.move_to_end(best.key)
         return best
 
-    def add(self, key: object, tokens: Sequence[int]) -> list[object]:
-        """Index ``key`` as holding ``tokens`` (whole pages only); returns the entries it
-        pushed out (``max_entries``), for the caller to free."""
+    def add(self, key: object, tokens: Sequence[int], salt: bytes = b"") -> list[object]:
+        """Index ``key`` as holding ``tokens`` under ``salt`` (whole pages only); returns
+        the entries it pushed out (``max_entries``), for the caller to free."""
         self.remove(key)
-        names = self.pages(tokens)
+        names = self.pages(tokens, salt)
         self._entries[key] = names
         for name in names:
             self._holders.setdefault(name, {})[key] = None

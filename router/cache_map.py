@@ -25,22 +25,26 @@ class CacheMap:
         self._indexes: dict[str, PrefixIndex] = {}
         self._lock = threading.Lock()
 
-    def hits(self, addresses: Iterable[str], tokens: Sequence[int]) -> dict[str, int]:
-        """How many leading tokens of ``tokens`` each worker is thought to hold."""
+    def hits(self, addresses: Iterable[str], tokens: Sequence[int], salt: bytes = b""
+             ) -> dict[str, int]:
+        """How many leading tokens of ``tokens`` each worker is thought to hold under
+        ``salt``."""
         with self._lock:
             indexes = {a: self._indexes.get(a) for a in addresses}
             known = [index for index in indexes.values() if index is not None]
-            names = known[0].pages(tokens) if known else ()
+            names = known[0].pages(tokens, salt) if known else ()
             return {address: index.match(tokens, touch=False, names=names).tokens
                     if index is not None else 0 for address, index in indexes.items()}
 
-    def record(self, address: str, key: str, tokens: Sequence[int]) -> None:
-        """The worker now holds ``tokens`` (under ``key``, replacing what it held there)."""
+    def record(self, address: str, key: str, tokens: Sequence[int], salt: bytes = b""
+               ) -> None:
+        """The worker now holds ``tokens`` under ``salt`` (as ``key``, replacing what it
+        held there)."""
         with self._lock:
             index = self._indexes.get(address)
             if index is None:
                 index = self._indexes[address] = PrefixIndex(self.page_size, self.per_worker)
-            index.add(key, tokens)
+            index.add(key, tokens, salt)
 
     def forget(self, address: str) -> None:
         with self._lock:

@@ -32,6 +32,7 @@ from protos.vocabulary import FinishReason, Role
 
 from .chat_template import ChatTemplate
 from .service import GenerationServicer, Prepared
+from .validation import MAX_CACHE_SALT_CHARS
 
 MAX_CHOICES = 8  # n times the number of prompts
 DISCONNECT_CHECK_S = 0.1  # how soon a request stops once its client has left
@@ -398,9 +399,11 @@ class OpenAIServer:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise BadRequest("stream_options must be an object", "stream_options")
+        salt = _cache_salt(body)
         prepared = []
         try:
             for request in requests:
+                request.cache_salt = salt
                 prepared.append(self.servicer.prepare(request))
         except ServingError:
             for done in prepared:
@@ -551,6 +554,20 @@ def _text(text: str, param: str) -> str:
         raise BadRequest(f"{param} is not valid Unicode text (a lone surrogate?)",
                          param) from None
     return text
+
+
+def _cache_salt(body: dict) -> str:
+    """vLLM's ``cache_salt``: prompts share cached prefixes only with those of the same
+    salt (empty: the shared cache)."""
+    salt = body.get("cache_salt")
+    if salt is None:
+        return ""
+    if not isinstance(salt, str) or not salt:
+        raise BadRequest("cache_salt must be a non-empty string", "cache_salt")
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise BadRequest(f"cache_salt has more than {MAX_CACHE_SALT_CHARS} characters",
+                         "cache_salt")
+    return _text(salt, "cache_salt")
 
 
 def _messages(messages, max_bytes: int, markers: frozenset[str]) -> list[dict]:

@@ -22,9 +22,9 @@ class PrefillLeg:
     """
 
     def __init__(self, scheduler: Scheduler, request_id: str, prompt_ids: list[int],
-                 reserved: worker_pb2.ReserveResponse, decode: Worker, deadline: float | None,
-                 lease_seconds: float,
-                 exclude: set[str], attempts: int = 2,
+                 cache_salt: bytes, reserved: worker_pb2.ReserveResponse, decode: Worker,
+                 deadline: float | None, lease_seconds: float, exclude: set[str],
+                 attempts: int = 2,
                  on_done: Callable[[worker_pb2.PrefillRequest, worker_pb2.PrefillResponse],
                                    None] = lambda request, response: None):
         self.scheduler = scheduler
@@ -34,7 +34,8 @@ class PrefillLeg:
         self.request = worker_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids,
                                                  decode_stages=decode.stages,
                                                  skip_tokens=reserved.cached_tokens,
-                                                 push_token=reserved.push_token)
+                                                 push_token=reserved.push_token,
+                                                 cache_salt=cache_salt)
         self.decode = decode
         self.give_up = time.monotonic() + lease_seconds
         if deadline is not None:
@@ -63,18 +64,21 @@ class PrefillLeg:
             # what that try still sends) once this try's first push arrives.
             self.request.attempt = attempt
             try:
-                self.worker = self.scheduler.pick_prefill(tried, self.request.token_ids)
+                self.worker = self.scheduler.pick_prefill(tried, self.request.token_ids,
+                                                          self.request.cache_salt)
             except NoWorker as exc:
                 reasons.append(exc.message)
                 break
             tried.add(self.worker.address)
+            load = len(self.request.token_ids)
+            self.scheduler.charge(self.worker, load)
             try:
                 self._call = self.worker.stub.Prefill.future(
                     self.request, timeout=max(0.0, self.give_up - time.monotonic()))
                 self.response = self._await(self._call, self.worker)
                 if self.response is not None:
                     self.scheduler.remember(self.worker.address, self.request.request_id,
-                                            self.request.token_ids)
+                                            self.request.token_ids, self.request.cache_salt)
                     self.on_done(self.request, self.response)
                     return
                 reasons.append(f"prefill worker {self.worker.address} stopped answering")
@@ -85,6 +89,8 @@ class PrefillLeg:
                                f"{exc.details()}")
                 if self._cancelled.is_set() or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     break
+            finally:
+                self.scheduler.discharge(self.worker, load)
         self.error = "prefill failed: " + "; ".join(reasons)
         # The decode worker would otherwise wait for a push until its lease ends.
         abort_quietly(self.decode, self.request.request_id, self.error)

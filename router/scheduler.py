@@ -29,14 +29,15 @@ class Worker:
     stats: worker_pb2.WorkerStats | None = None  # as last polled
     seen: float = 0.0  # the scheduler's clock time of its last answer
     draining: bool = False  # finishing what it holds: never picked, still polled
-    # What this router sent it since its stats were taken (in the cost's units: queued
-    # prompt tokens, or requests held): load its next answer will show.
-    unpolled_load: float = 0.0
+    # This router's load on it now, in the cost's units (prompt tokens being prefilled
+    # there; requests held there, times SEQUENCE_LOAD_TOKENS): exact at every pick,
+    # where polled stats lag by up to a poll.
+    in_flight: float = 0.0
 
 
 class NoWorker(ServingError):
-    """No worker of the role may be picked now. ``for_now``: some may be later (they are
-    known but slow or silent), so a request may wait for them rather than fail."""
+    """No worker of the role may be picked now. ``for_now``: one may be soon (it is slow,
+    not gone), so a request may wait for it rather than fail."""
 
     def __init__(self, message: str, for_now: bool = False):
         super().__init__(grpc.StatusCode.UNAVAILABLE, message)
@@ -47,8 +48,9 @@ class Scheduler:
     """Holds the router's view of its workers and picks one of each role per request.
 
     A background poll asks every worker for its stats every ``POLL_SECONDS``; picks read
-    the last answers (never a call of their own: one silent worker must not hold up
-    every request's pick), plus what this router sent each worker since. Slow is not
+    the last answers for room (never a call of their own: one silent worker must not hold
+    up every request's pick) and this router's own count of what each worker is serving
+    for load (``charge``/``discharge``: exact, where the polls lag). Slow is not
     dead: a worker that has not answered for ``SLOW_SECONDS`` is not picked (``pickable``)
     but keeps what it holds; only after ``gone_seconds`` is it gone (``alive`` false),
     and the router cuts its streams to resume them elsewhere. A worker that answers
@@ -57,10 +59,11 @@ class Scheduler:
 
     KV-aware routing: a worker's load counts against it and the prompt tokens it is
     thought to hold cached (``CacheMap``) for it, ``kv_weight`` tokens of load per cached
-    token; 0 routes by load alone. Load is in prompt tokens: a prefill worker's queued
-    ones; on a decode worker, ``SEQUENCE_LOAD_TOKENS`` per request it holds (running or
-    reserved), since with prefixes shared a busy worker's pages barely fill. Ties go by
-    room in the KV cache, then round-robin.
+    token; 0 routes by load alone. Load is in prompt tokens: on a prefill worker, those
+    this router has it prefill; on a decode worker, ``SEQUENCE_LOAD_TOKENS`` per request
+    this router has it serve (reserved or running), since with prefixes shared a busy
+    worker's pages barely fill. Ties go by room in the KV cache, then round-robin. (One
+    router counts all the load there is; the router is one process.)
     """
 
     POLL_SECONDS = 0.25
@@ -146,7 +149,7 @@ class Scheduler:
         with self._lock:
             now = self.clock.now()
             was_gone = now - worker.seen > self.gone_seconds
-            worker.stats, worker.seen, worker.unpolled_load = stats, now, 0.0
+            worker.stats, worker.seen = stats, now
             if was_gone:
                 self._start_afresh(worker.address)
         if was_gone:
@@ -172,10 +175,12 @@ class Scheduler:
             self._workers.pop(address, None)
         self.cache_map.forget(address)
 
-    def remember(self, address: str, key: str, tokens: Sequence[int]) -> None:
-        """The worker at ``address`` now caches ``tokens`` (for KV-aware routing)."""
+    def remember(self, address: str, key: str, tokens: Sequence[int], salt: bytes = b""
+                 ) -> None:
+        """The worker at ``address`` now caches ``tokens`` under ``salt`` (for KV-aware
+        routing)."""
         if self.kv_weight:
-            self.cache_map.record(address, key, tokens)
+            self.cache_map.record(address, key, tokens, salt)
 
     def workers(self, role: Role) -> list[Worker]:
         """The role's workers that may be picked (not draining)."""
@@ -189,41 +194,48 @@ class Scheduler:
                  if w.stats is not None]
         return not sizes or any(-(-num_tokens // page) <= pages for pages, page in sizes)
 
-    def pick_decode(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = ()
-                    ) -> list[Worker]:
+    def pick_decode(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = (),
+                    salt: bytes = b"") -> list[Worker]:
         """Decode workers best first: least load (requests held) less the weighted prefix
         of ``tokens`` cached there; then most room (free or merely cached pages)."""
         def cost(worker: Worker, stats: worker_pb2.WorkerStats, hit: int) -> tuple:
-            load = ((stats.running_sequences + stats.reservations) * self.SEQUENCE_LOAD_TOKENS
-                    + worker.unpolled_load)
-            return (load - self.kv_weight * hit, -(stats.free_pages + stats.cached_pages))
-        return self._rank(Role.DECODE, exclude, tokens, cost, self.SEQUENCE_LOAD_TOKENS)
+            return (worker.in_flight - self.kv_weight * hit,
+                    -(stats.free_pages + stats.cached_pages))
+        return self._rank(Role.DECODE, exclude, tokens, salt, cost)
 
-    def pick_prefill(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = ()
-                     ) -> Worker:
+    def pick_prefill(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = (),
+                     salt: bytes = b"") -> Worker:
         """The reachable prefill worker with the fewest queued prompt tokens, less the
         weighted prefix of ``tokens`` cached there."""
-        return self._rank(Role.PREFILL, exclude, tokens, lambda worker, stats, hit: (
-            stats.queued_tokens + worker.unpolled_load - self.kv_weight * hit,),
-            len(tokens))[0]
+        return self._rank(Role.PREFILL, exclude, tokens, salt, lambda worker, stats, hit: (
+            worker.in_flight - self.kv_weight * hit,))[0]
 
-    def _rank(self, role: Role, exclude: set[str], tokens: Sequence[int],
-              cost: Callable[[Worker, worker_pb2.WorkerStats, int], tuple],
-              load_of_pick: float) -> list[Worker]:
-        """Pickable candidates best first, by ``cost`` of their last polled stats; the
-        first is charged ``load_of_pick`` until its next answer. Raises NoWorker."""
+    def charge(self, worker: Worker, load: float) -> None:
+        """This router sent ``worker`` a request of ``load`` (see ``Worker.in_flight``)."""
+        with self._lock:
+            worker.in_flight += load
+
+    def discharge(self, worker: Worker, load: float) -> None:
+        """That request is done there."""
+        with self._lock:
+            worker.in_flight = max(0.0, worker.in_flight - load)
+
+    def _rank(self, role: Role, exclude: set[str], tokens: Sequence[int], salt: bytes,
+              cost: Callable[[Worker, worker_pb2.WorkerStats, int], tuple]) -> list[Worker]:
+        """Pickable candidates best first, by ``cost`` (of a worker, its last polled
+        stats and the prefix of ``tokens`` it is thought to cache). Raises NoWorker."""
         known = [w for w in self.workers(role) if w.address not in exclude]
         candidates = [w for w in known if self.pickable(w.address) and w.stats is not None]
-        if not candidates:
-            raise NoWorker(f"no {role} worker is reachable", for_now=bool(known))
-        hits = (self.cache_map.hits([w.address for w in candidates], tokens)
+        if not candidates:  # worth waiting for only while one is slow, not gone
+            raise NoWorker(f"no {role} worker is reachable",
+                           for_now=any(self.alive(w.address) for w in known))
+        hits = (self.cache_map.hits([w.address for w in candidates], tokens, salt)
                 if self.kv_weight and tokens else {})
         with self._lock:
             ranked = sorted(((*cost(w, w.stats, hits.get(w.address, 0)),
                               self._picks.get(w.address, 0), w.address), w) for w in candidates)
             first = ranked[0][1]
             self._picks[first.address] = self._picks.get(first.address, 0) + 1
-            first.unpolled_load += load_of_pick
         return [worker for _, worker in ranked]
 
     def _poll(self) -> None:

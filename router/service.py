@@ -35,7 +35,7 @@ from .metrics import RouterMetrics
 from .options import RouterOptions
 from .prefill_leg import PrefillLeg
 from .scheduler import NoWorker, Scheduler, Worker, abort_quietly, answer_while
-from .validation import ModelFacts, check_limits, invalid, validate
+from .validation import ModelFacts, cache_salt_digest, check_limits, invalid, validate
 
 # What the request parser gives for bytes that are not a GenerateRequest.
 UNPARSABLE = object()
@@ -93,6 +93,7 @@ class Progress:
     detok: IncrementalDetokenizer | None
     stops: StopStringFilter
     stop_ids: frozenset[int]
+    cache_salt: bytes = b""  # its prefix cache namespace on every worker (a digest)
     generated: list[int] = dataclasses.field(default_factory=list)
     ttft_ms: float = 0.0
     last_token_at: float = 0.0
@@ -207,7 +208,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                    skip_ids=() if sampling.ignore_eos else self.facts.eos_token_ids)
             if self.tokenizer else None,
-            StopStringFilter(request.sampling.stop), frozenset(sampling.stop_token_ids))
+            StopStringFilter(request.sampling.stop), frozenset(sampling.stop_token_ids),
+            cache_salt_digest(request.cache_salt))
         remaining = call.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         blame = Blame()
@@ -221,23 +223,25 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                        ) from exc
                 raise
             finished = threading.Event()
-            if not call.add_callback(
-                    lambda a=attempt, f=finished: None if f.is_set() else a.cancel(
-                        "client cancelled")):
-                attempt.cancel("client cancelled")  # it left before the callback was set
-                return
             try:
+                if not call.add_callback(
+                        lambda a=attempt, f=finished: None if f.is_set() else a.cancel(
+                            "client cancelled")):
+                    attempt.cancel("client cancelled")  # it left before the callback was set
+                    return
                 yield from self._relay(client_id, attempt, progress, blame, call)
                 # What the decode worker's cache holds now: the next turn of a chat
                 # resends it all, and should go there.
                 self.scheduler.remember(attempt.decode.address, attempt.request_id,
-                                        progress.prompt_ids + progress.generated[:-1])
+                                        progress.prompt_ids + progress.generated[:-1],
+                                        progress.cache_salt)
                 return
             except DecodeLost as lost:
                 last_error = str(lost)
             finally:
                 finished.set()
                 attempt.stream.cancel()
+                self.scheduler.discharge(attempt.decode, self.scheduler.SEQUENCE_LOAD_TOKENS)
         raise ServingError(grpc.StatusCode.UNAVAILABLE, last_error)
 
     def _claim(self, client_id: str) -> None:
@@ -264,18 +268,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request_id=attempt_id, prompt_tokens=len(tokens), sampling=todo,
             lease_ms=self.options.lease_ms, prompt_token_ids=tokens,
             prefill_locally=self.options.aggregated,
-            local_prefill_below=self.options.local_prefill_below_tokens)
+            local_prefill_below=self.options.local_prefill_below_tokens,
+            cache_salt=progress.cache_salt)
         waited = time.perf_counter()
         decode, reserved = self.admission.admit(
             lambda: self._try_reserve(reserve, blame.decode), deadline, call.is_active)
         self.metrics.queue_time.observe(time.perf_counter() - waited)
         self.metrics.reserved(reserved, len(tokens), decode.layout, self.options.aggregated)
-        self.scheduler.remember(decode.address, attempt_id, tokens)
+        self.scheduler.remember(decode.address, attempt_id, tokens, progress.cache_salt)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         stream = decode.stub.StreamTokens(worker_pb2.StreamTokensRequest(request_id=attempt_id),
                                           timeout=remaining)
+        self.scheduler.charge(decode, self.scheduler.SEQUENCE_LOAD_TOKENS)
         leg = None if reserved.prefill_locally else PrefillLeg(
-            self.scheduler, attempt_id, tokens, reserved, decode, deadline,
+            self.scheduler, attempt_id, tokens, progress.cache_salt, reserved, decode, deadline,
             self.options.lease_ms / 1000, blame.prefill, on_done=self.metrics.prefilled)
         return Attempt(attempt_id, decode, stream, leg)
 
@@ -284,9 +290,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """The decode worker that took the reservation, and its answer; None when all are
         full, or too slow to answer, for now."""
         try:
-            candidates = self.scheduler.pick_decode(exclude, reserve.prompt_token_ids)
+            candidates = self.scheduler.pick_decode(exclude, reserve.prompt_token_ids,
+                                                    reserve.cache_salt)
         except NoWorker as exc:
-            if exc.for_now:  # known, but none answers: wait in line for one to
+            if exc.for_now:  # slow, not gone: wait in line for one to answer again
                 return None
             raise
         needed = reserve.prompt_tokens + reserve.sampling.max_tokens

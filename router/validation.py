@@ -4,6 +4,7 @@ model's facts as its workers report them."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 
 import grpc
@@ -14,6 +15,7 @@ from protos.setting import setting
 
 DEFAULT_MAX_TOKENS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,14 @@ def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
     stop_ids = len(request.sampling.stop_token_ids)
     if stop_ids > limits.max_stop_token_ids:
         raise invalid(f"{stop_ids} stop token ids; at most {limits.max_stop_token_ids}")
+    if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise invalid(f"cache_salt has more than {MAX_CACHE_SALT_CHARS} characters")
+
+
+def cache_salt_digest(salt: str) -> bytes:
+    """What workers get of a request's ``cache_salt``: a fixed-size digest (never the
+    client's text), or nothing for the shared cache."""
+    return hashlib.blake2b(salt.encode(), digest_size=16).digest() if salt else b""
 
 
 def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],

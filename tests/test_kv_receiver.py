@@ -150,8 +150,8 @@ def test_the_clock_times_the_pushes_taken_and_only_those(receiver, clock):
 # --- retries ---------------------------------------------------------------------------------
 
 def test_a_newer_try_starts_the_assembly_over(receiver):
-    send_whole(receiver, attempt=0)
-    assert receiver.ready(["r"]) == ["r"]
+    for layers, begin, end in WHOLE[:2]:  # try 0 sent some of it
+        receiver.receive_piece(piece(layers, begin, end, attempt=0))
     # The prefill leg is retried: what try 0 sent no longer counts.
     receiver.receive_piece(piece(range(0, 2), 0, 16, attempt=1, seed=7))
     assert receiver.ready(["r"]) == []
@@ -232,14 +232,21 @@ def test_a_request_dropped_while_pieces_write_keeps_its_buffer_until_the_last_en
     assert receiver.buffers.lent == 0 and receiver.buffers.idle_bytes() > 0
 
 
-def test_once_complete_a_request_takes_no_more_pieces_of_any_try(receiver):
+def test_once_complete_a_request_acknowledges_later_pieces_and_keeps_its_own(receiver):
     """A later try's piece arriving between ``ready`` and ``take`` (the engine about to
-    install) would void what is verified whole: it is refused instead."""
+    install) would void what is verified whole: it is acknowledged (the sender's try
+    succeeds) and dropped."""
     send_whole(receiver)
     assert receiver.ready(["r"]) == ["r"]
+    pushes = receiver.pushes
     for attempt in (0, 1):
-        refused(grpc.StatusCode.FAILED_PRECONDITION, "has all its K/V already",
-                receiver.receive_piece, piece(range(0, 2), 0, 16, attempt=attempt))
+        assert receiver.receive_piece(piece(range(0, 2), 0, 16, attempt=attempt, seed=9)) == 0
+    chunks = iter(encode_push(grant(attempt=1), LAYOUT, snapshot(range(0, LAYERS), 0, PROMPT),
+                              np.zeros(HIDDEN, np.float32)))
+    assert receiver.receive(chunks) == 0  # off the wire: answered at the header,
+    assert next(chunks).WhichOneof("part") == "block"  # the rest left unread
+    assert receiver.pushes == pushes + 3 and receiver.pushes_refused == 0
+    assert receiver.ready(["r"]) == ["r"]
     pending = receiver.take("r")
     np.testing.assert_array_equal(receiver.snapshot(pending).keys[0:2, 0:16],
                                   piece(range(0, 2), 0, 16).keys)

@@ -69,6 +69,15 @@ def test_completions_equal_the_grpc_api_token_for_token(api, grpc_client):
         str(DEMO_MODEL_DIR / "tokenizer.json")).decode([t]) for t in ids]
 
 
+def test_a_salted_completion_is_the_unsalted_one(api):
+    """vLLM's cache_salt (an extension): it changes which cached prefixes a prompt may
+    use, never the output."""
+    replies = [api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12,
+                                      temperature=0, extra_body=extra).choices[0].text
+               for extra in ({}, {"cache_salt": "tenant-a"}, {"cache_salt": "tenant-a"})]
+    assert replies[0] == replies[1] == replies[2]
+
+
 def test_streamed_completion_equals_the_whole_one_and_reports_usage(api):
     whole = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0)
     chunks = list(api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20,
@@ -233,7 +242,8 @@ def summed(values: dict[str, float], name: str, *labels: str) -> float:
 
 
 def test_api_key_and_unavailable_workers_get_401_and_503():
-    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, api_key="k", http=True)
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, api_key="k", http=True,
+                            router=RouterOptions(worker_gone_s=3))
     try:
         anonymous = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="wrong",
                                   max_retries=0)
@@ -317,6 +327,13 @@ HOSTILE = {
     "token id -1": ({"prompt": [1, -1, 2], "max_tokens": 2}, "prompt"),
     "token id 2^32": ({"prompt": [[1, BIG]], "max_tokens": 2}, "prompt"),
     "JSON nested 5000 deep": ('{"prompt": ' + "[" * 5000 + "]" * 5000 + "}", None),
+    "cache_salt not a string": ({"prompt": "abc", "max_tokens": 2, "cache_salt": 7},
+                                "cache_salt"),
+    "cache_salt empty": ({"prompt": "abc", "max_tokens": 2, "cache_salt": ""}, "cache_salt"),
+    "cache_salt too long": ({"prompt": "abc", "max_tokens": 2, "cache_salt": "s" * 257},
+                            "cache_salt"),
+    "lone surrogate in cache_salt": ('{"prompt": "abc", "max_tokens": 2, '
+                                     '"cache_salt": "\\ud800"}', "cache_salt"),
 }
 
 

@@ -108,6 +108,22 @@ def test_pages_are_named_by_their_whole_prefix():
     assert index.match([9, 9, 9, 9]).key is None
 
 
+def test_a_salt_names_every_page_apart():
+    index = PrefixIndex(page_size=4)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert not set(index.pages(tokens)) & set(index.pages(tokens, b"tenant-a"))
+    assert index.pages(tokens, b"tenant-a") != index.pages(tokens, b"tenant-b")
+    index.add("a", tokens, b"tenant-a")
+    assert index.match(tokens, salt=b"tenant-a").key == "a"
+    assert index.match(tokens).key is None and index.match(tokens, salt=b"tenant-b").key is None
+    cache = PrefixCache(page_size=4)
+    cache.start(1)
+    cache.finish(1, tokens, b"tenant-a")
+    assert cache.lookup(tokens + [9], b"tenant-a").seq_id == 1
+    assert cache.lookup(tokens + [9], b"tenant-b").seq_id is None
+    assert cache.lookup(tokens + [9]).seq_id is None
+
+
 def test_the_cache_keeps_what_is_new_and_evicts_the_least_recently_used():
     cache = PrefixCache(page_size=4)
     cache.start(1)
@@ -216,6 +232,37 @@ def test_cache_off_gives_the_same_output_and_computes_everything(model, expected
             assert stats.hit_tokens == 0 and stats.cached_sequences == 0
         wait_until_cluster_idle(cluster)
     finally:
+        cluster.stop()
+
+
+def test_salted_prompts_share_cached_prefixes_only_with_their_own_salt(model, expected):
+    """A tenant's salt keeps its cached prefixes its own: another salt (or none) forks
+    nothing from them, on the prefill side or the decode side, and so its time to first
+    token cannot tell that they were sent. Outputs do not change."""
+    folder, _ = model
+    shared, _ = expected
+    cluster = local_cluster(folder, cache=LIMITS, router=RouterOptions(**PUSH))
+    client = GenerationClient(cluster.router_address)
+
+    def hits():
+        return sum(s.hit_tokens for s in leader_stats(cluster.decode + cluster.prefill))
+
+    def serve_salted(prompt, salt):
+        request = generate_request(prompt, max_tokens=NEW_TOKENS, ignore_eos=True)
+        request.cache_salt = salt
+        return client.complete(request, timeout=60)[0]
+
+    try:
+        assert serve_salted(SHARED[0], "tenant-a") == shared[tuple(SHARED[0])]
+        before = hits()
+        assert serve_salted(SHARED[1], "tenant-b") == shared[tuple(SHARED[1])]
+        assert serve_salted(SHARED[2], "") == shared[tuple(SHARED[2])]
+        assert hits() == before  # neither found tenant a's SYSTEM prefix
+        assert serve_salted(SHARED[3], "tenant-a") == shared[tuple(SHARED[3])]
+        assert hits() >= before + 2 * (len(SYSTEM) // 16 * 16)  # prefill and decode did
+        wait_until_cluster_idle(cluster)
+    finally:
+        client.close()
         cluster.stop()
 
 

@@ -2,9 +2,9 @@
 
 Each worker is judged by when it last answered the poll: picked while it answers within
 ``SLOW_SECONDS``, merely slow (kept, not picked) after that, gone (its streams cut) only
-after ``gone_seconds``. Picks read the polled stats and never call a worker, and charge
-the picked one for what it was sent until its next answer. A worker back from gone, or
-added anew, starts afresh. (test_liveness stops real worker processes.)
+after ``gone_seconds``. Picks never call a worker: they weigh the router's own count of
+what each one serves (exact, where polls lag), then the polled room. A worker back from
+gone, or added anew, starts afresh. (test_liveness stops real worker processes.)
 """
 
 from __future__ import annotations
@@ -73,17 +73,28 @@ def test_with_every_worker_slow_a_request_may_wait_for_one(scheduler, clock):
     assert not none.value.for_now  # none to wait for
     scheduler.heard_from(worker(scheduler, "a"), stats())
     assert scheduler.pick_decode()[0].address == "a"
+    clock.advance(GONE + 1)
+    with pytest.raises(NoWorker) as gone:
+        scheduler.pick_decode()
+    assert not gone.value.for_now  # gone, not slow: fail now rather than wait
 
 
-def test_a_burst_is_spread_before_the_next_poll(scheduler):
-    """Between polls the stats are old news: each pick charges its worker a request's
-    load, so a burst alternates instead of piling on the one that looked emptiest."""
-    firsts = [scheduler.pick_decode()[0].address for _ in range(6)]
-    assert sorted(firsts) == ["a", "a", "a", "b", "b", "b"]
+def test_load_is_what_the_router_sent_not_what_the_last_poll_said(scheduler):
+    """A burst between polls spreads (each request charges its worker at once), and a
+    chat's next turn, sent as the last one ends, finds its worker free again although
+    the last poll still showed the turn running there."""
+    served = []
+    for _ in range(6):
+        picked = scheduler.pick_decode()[0]
+        scheduler.charge(picked, Scheduler.SEQUENCE_LOAD_TOKENS)
+        served.append(picked)
+    assert sorted(w.address for w in served) == ["a", "a", "a", "b", "b", "b"]
+    for picked in served:
+        scheduler.discharge(picked, Scheduler.SEQUENCE_LOAD_TOKENS)
     a = worker(scheduler, "a")
-    assert a.unpolled_load == 3 * Scheduler.SEQUENCE_LOAD_TOKENS
-    scheduler.heard_from(a, stats(running=3))  # its answer now shows them
-    assert a.unpolled_load == 0
+    scheduler.heard_from(a, stats(running=3))  # a poll from before they ended
+    scheduler.remember("a", "turn-1", list(range(64)))
+    assert scheduler.pick_decode(tokens=list(range(70)))[0] is a
 
 
 def test_a_worker_back_from_gone_starts_afresh(scheduler, clock):
@@ -108,11 +119,12 @@ def test_a_worker_added_again_starts_afresh(scheduler):
     assert scheduler.cache_map.hits(["b"], list(range(64))) == {"b": 0}
 
 
-def test_prefill_picks_charge_the_prompt_tokens(clock):
+def test_prefill_load_is_the_prompt_tokens_sent(clock):
     scheduler = Scheduler(None, kv_weight=0.0, clock=clock, poll=False)
     for address in ("p", "q"):
         scheduler.adopt(Worker(address, Role.PREFILL, Unreachable()), stats(role=Role.PREFILL))
-    long, short = list(range(500)), list(range(10))
-    first = scheduler.pick_prefill(tokens=long)
-    assert first.unpolled_load == 500
-    assert scheduler.pick_prefill(tokens=short) is not first  # 500 tokens queued there
+    first = scheduler.pick_prefill(tokens=list(range(500)))
+    scheduler.charge(first, 500)
+    assert scheduler.pick_prefill(tokens=list(range(10))) is not first  # 500 tokens there
+    scheduler.discharge(first, 500)
+    assert first.in_flight == 0
