@@ -43,6 +43,7 @@ from .stats import DecodeStats, kv_received
 
 PUSH_TOKEN_BYTES = 16  # 128 bits: not guessed within a reservation's lease
 
+
 @dataclasses.dataclass(frozen=True)
 class Reservation:
     pages: int            # held for it, beyond the cached pages it shares

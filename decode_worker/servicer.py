@@ -115,6 +115,7 @@ def serve_decode(runner: ModelRunner, host: str = "127.0.0.1", port: int = 0,
     """Serve a decode worker (refusing calls without ``secret``, when given); a full-model
     worker leads its own one-stage instance."""
     servicer = DecodeServicer(runner, secret, options)
+
     def register(server):
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
         # Pushes' blocks are read as views of the received bytes, not parsed into copies.

@@ -196,8 +196,9 @@ class Scheduler:
 
     def pick_decode(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = (),
                     salt: bytes = b"") -> list[Worker]:
-        """Decode workers best first: least load (requests held) less the weighted prefix
-        of ``tokens`` cached there; then most room (free or merely cached pages)."""
+        """Pickable decode workers best first: least load (requests this router has them
+        serve) less the weighted prefix of ``tokens`` cached there; then most room (free
+        or merely cached pages, as last polled)."""
         def cost(worker: Worker, stats: worker_pb2.WorkerStats, hit: int) -> tuple:
             return (worker.in_flight - self.kv_weight * hit,
                     -(stats.free_pages + stats.cached_pages))
@@ -205,8 +206,8 @@ class Scheduler:
 
     def pick_prefill(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = (),
                      salt: bytes = b"") -> Worker:
-        """The reachable prefill worker with the fewest queued prompt tokens, less the
-        weighted prefix of ``tokens`` cached there."""
+        """The pickable prefill worker with the fewest prompt tokens this router has it
+        prefill, less the weighted prefix of ``tokens`` cached there."""
         return self._rank(Role.PREFILL, exclude, tokens, salt, lambda worker, stats, hit: (
             worker.in_flight - self.kv_weight * hit,))[0]
 
