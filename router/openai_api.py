@@ -39,6 +39,10 @@ DISCONNECT_CHECK_S = 0.1  # how soon a request stops once its client has left
 CLIENT_CLOSED = 499  # the client closed the connection (nginx's word for it); none reads it
 MAX_WIRE_INT = 2**31 - 1  # the largest count or token id any request field carries
 JSON_ESCAPE_BYTES = 6  # the most JSON bytes one byte of text can take (\uXXXX)
+# A body refused by its declared length is still read (and dropped) up to this size: a
+# client that sends it whole before reading (urllib, httpx) would otherwise see its
+# connection reset rather than the answer. Larger ones are refused without a byte read.
+DRAIN_BYTES = 64 * 2**20
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 HTTP_STATUS = {
@@ -140,7 +144,7 @@ class OpenAIServer:
         self.chat = chat
         self._expected = f"Bearer {api_key}".encode() if api_key else None
         self.created = int(time.time())
-        limits = servicer.options.limits
+        limits = servicer.limits
         # Enough for the largest request: every choice's prompt at the byte limit, each
         # byte escaped in JSON at the most (\uXXXX), and the other fields.
         self.max_body_bytes = MAX_CHOICES * JSON_ESCAPE_BYTES * limits.max_prompt_bytes + 65536
@@ -227,6 +231,9 @@ class OpenAIServer:
         limit = self.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
+            if int(declared) <= DRAIN_BYTES:  # read, never kept or parsed: see DRAIN_BYTES
+                async for _ in request.stream():
+                    pass
             raise BadRequest(f"the body has {declared} bytes; at most {limit}")
         parts, size = [], 0
         async for part in request.stream():

@@ -17,7 +17,7 @@ from protos.vocabulary import Role
 from .options import RouterOptions
 from .scheduler import Scheduler
 from .service import UNPARSABLE, GenerationServicer
-from .validation import ModelFacts
+from .validation import ModelFacts, max_request_bytes
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 # Each Generate call holds a thread while it waits in line or streams; past this many
@@ -65,7 +65,7 @@ def serve_router(model_dir: Path, scheduler: Scheduler, options: RouterOptions |
         [SERVICE_NAME, *[name for _, name in extra]], host, port,
         max_workers=RUNNING_CALLS + options.max_waiting_requests,
         interceptors=[RequireSecret(guarded)] if guarded else [], tls=tls,
-        max_message_bytes=max(4 * 2**20, 2 * options.limits.max_prompt_bytes))
+        max_message_bytes=max_request_bytes(servicer.limits, facts.context_window))
     return server, servicer
 
 

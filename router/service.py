@@ -35,7 +35,14 @@ from .metrics import RouterMetrics
 from .options import RouterOptions
 from .prefill_leg import PrefillLeg
 from .scheduler import NoWorker, Scheduler, Worker, abort_quietly, answer_while
-from .validation import ModelFacts, cache_salt_digest, check_limits, invalid, validate
+from .validation import (
+    ModelFacts,
+    cache_salt_digest,
+    check_limits,
+    invalid,
+    validate,
+    within_model,
+)
 
 # What the request parser gives for bytes that are not a GenerateRequest.
 UNPARSABLE = object()
@@ -138,6 +145,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.facts = facts
         self.options = options = options or RouterOptions()
+        # What requests are checked against: the options' limits, the prompt's bytes no
+        # more than the context window can hold.
+        self.limits = within_model(options.limits, tokenizer, facts.context_window)
         self.max_attempts = 2 if options.resume_on_decode_failure else 1
         self.admission = AdmissionQueue(options.max_waiting_requests, options.max_queue_wait_s)
         self.stalls = StallMonitor(options.first_token_timeout_s, options.token_timeout_s,
@@ -168,7 +178,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """Check a request (sizes before tokenizing) and claim its client id; raises
         ServingError. Every prepared request must then be ``run`` or ``discard``-ed."""
         arrived = time.perf_counter()
-        check_limits(request, self.options.limits, self.facts)
+        check_limits(request, self.limits, self.facts)
         prompt_ids = self._prompt_ids(request)
         sampling = validate(request, prompt_ids, self.facts)
         self._claim(request.request_id)

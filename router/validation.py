@@ -32,6 +32,28 @@ class RequestLimits:
     max_request_id_chars: int = setting(256, "characters in a client's request id")
 
 
+def within_model(limits: RequestLimits, tokenizer, context_window: int) -> RequestLimits:
+    """``limits`` with ``max_prompt_bytes`` no more than a prompt that fits the context
+    window can have: a token stands for at most the bytes of the vocabulary's longest,
+    and twice that, as a normalizer may compose characters (leaving fewer bytes to
+    tokenize). A longer prompt is refused by its size, without tokenizing it."""
+    if tokenizer is None:
+        return limits
+    ids = [[i] for i in range(tokenizer.get_vocab_size(with_added_tokens=True))]
+    longest = max(len(text.encode()) for text in
+                  tokenizer.decode_batch(ids, skip_special_tokens=False))
+    bound = 2 * context_window * max(1, longest)
+    if bound >= limits.max_prompt_bytes:
+        return limits
+    return dataclasses.replace(limits, max_prompt_bytes=bound)
+
+
+def max_request_bytes(limits: RequestLimits, context_window: int) -> int:
+    """The largest GenerateRequest on the wire: a prompt at the byte limit or of a context
+    window of token ids (5 bytes each at most), and room for the other fields."""
+    return max(limits.max_prompt_bytes, 5 * context_window) + 64 * 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFacts:
     vocab_size: int

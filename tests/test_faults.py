@@ -271,9 +271,15 @@ def test_client_request_ids_never_reach_the_workers(cluster, client):
 # 5. Stop strings: bounded, and matched in linear time ---------------------------------------
 
 def test_a_huge_stop_string_is_refused_at_once(client):
+    # Past the largest request the model allows (a prompt its window can hold): refused
+    # by gRPC before it is parsed. Under it, the stop string's own limit refuses it.
     start = time.monotonic()
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, client.complete,
+    expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, client.complete,
                  generate_request(PROMPT, max_tokens=4, stop=["x" * 2**20]), timeout=10)
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, client.complete,
+                         generate_request(PROMPT, max_tokens=4, stop=["x" * 2**12]),
+                         timeout=10)
+    assert "stop string" in error.details()
     assert time.monotonic() - start < 2
 
 
@@ -316,10 +322,14 @@ def rss_mib() -> float:
 def test_oversized_prompts_are_refused_before_tokenizing(cluster, client):
     before = rss_mib()
     start = time.monotonic()
+    # Past the bytes the model's window can hold (the demo model's 512 tokens: 45 KB),
+    # within what gRPC takes at all.
+    limit = cluster.router.limits.max_prompt_bytes
     for _ in range(10):
         error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, client.complete,
-                             generate_request("word " * 200_000, max_tokens=4), timeout=10)
-        assert "bytes" in error.details()
+                             generate_request("word " * (limit // 4), max_tokens=4),
+                             timeout=10)
+        assert f"more than {limit} bytes" in error.details()
     assert time.monotonic() - start < 5
     expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, client.complete,  # over gRPC's own cap
                  generate_request("word " * 1_000_000, max_tokens=4), timeout=10)
