@@ -137,16 +137,60 @@ class DecodeStage:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "a decode step is one token per sequence")
             hidden = embed_checked(self.runner, inputs) if self.spec.is_first else inputs
-            out = self.runner.forward(seq_ids, lengths, hidden, decode=batch.decode)
+            if batch.decode:
+                return self._decode_step(batch, hidden)
+            out = self.runner.forward(seq_ids, lengths, hidden)
             if not self.spec.is_last:
                 return ForwardResult(hidden=out.numpy())
-            if batch.decode:
-                # One token per sequence, each its last: the output is already the last
-                # hidden states, and stays on the device for the logits.
-                return self._sample(seq_ids, out)
             last = self.runner.select_last(out, lengths).numpy()
             rows = [i for i, s in enumerate(batch.slices) if s.ends_prompt]
             return self._sample([seq_ids[i] for i in rows], last[rows])
+
+    def _decode_step(self, batch: ForwardBatch, hidden) -> ForwardResult:
+        """One token per sequence (with the lock held). A pass that fails is undone and
+        run again a sequence at a time, so that one that cannot step (no page for it,
+        say) fails alone and the others go on."""
+        seq_ids = [s.seq_id for s in batch.slices]
+        try:
+            out = self.runner.forward(seq_ids, [1] * len(seq_ids), hidden, decode=True)
+        except Exception:
+            return self._decode_one_by_one(batch, hidden)
+        if not self.spec.is_last:
+            return ForwardResult(hidden=out.numpy())
+        # Each sequence's one token is its last: the output is already the last hidden
+        # states, and stays on the device for the logits.
+        return self._sample(seq_ids, out)
+
+    def _decode_one_by_one(self, batch: ForwardBatch, hidden) -> ForwardResult:
+        self._undo(batch.slices)
+        rows = hidden if isinstance(hidden, np.ndarray) else hidden.numpy()
+        outs: dict[int, np.ndarray] = {}
+        failed: dict[int, str] = {}
+        for i, s in enumerate(batch.slices):
+            try:
+                outs[s.seq_id] = self.runner.forward([s.seq_id], [1], rows[i:i + 1],
+                                                     decode=True).numpy()[0]
+            except Exception as exc:  # this one alone cannot step
+                self._undo([s])
+                failed[s.seq_id] = f"its decode step failed: {exc}"
+        if not self.spec.is_last:  # the next stages step the failed ones on zeros
+            out = np.zeros((len(batch.slices), self.runner.config.hidden_size), rows.dtype)
+            for i, s in enumerate(batch.slices):
+                if s.seq_id in outs:
+                    out[i] = outs[s.seq_id]
+            return ForwardResult(hidden=out, failed=failed)
+        stepped = [s.seq_id for s in batch.slices if s.seq_id in outs]
+        sampled = (self._sample(stepped, np.stack([outs[q] for q in stepped])) if stepped
+                   else ForwardResult())
+        tokens = iter(sampled.tokens)
+        return ForwardResult(tokens=[0 if s.seq_id in failed else next(tokens)
+                                     for s in batch.slices],
+                             failed={**failed, **sampled.failed}, logprobs=sampled.logprobs)
+
+    def _undo(self, slices) -> None:
+        """Take back what a failed pass may have appended to these sequences."""
+        for s in slices:
+            self.runner.truncate_sequence(s.seq_id, s.total_tokens - s.length)
 
     def _sample(self, seq_ids: Sequence[int], hidden: np.ndarray | tvm.runtime.Tensor
                 ) -> ForwardResult:

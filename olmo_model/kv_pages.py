@@ -36,6 +36,8 @@ from .cache_limits import CacheLimits
 _add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
 _remove_sequence = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
 _fork_sequence = tvm.get_global_func("vm.builtin.kv_state_fork_sequence")
+_popn = tvm.get_global_func("vm.builtin.kv_state_popn")
+_sequence_length = tvm.get_global_func("vm.builtin.attention_kv_cache_get_sequence_length")
 _begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
 _end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
 _available_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
@@ -118,6 +120,16 @@ class PagedKVCache:
         pages are shared (the parent may go, they stay while the child lives), a partial
         last page is copied."""
         _fork_sequence(self.handle, parent, child, position)
+
+    def sequence_length(self, seq_id: int) -> int:
+        return int(_sequence_length(self.handle, seq_id))
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Drop the sequence's tokens from position ``length`` on (none if it holds no
+        more): undoes a forward pass that failed after it had grown the sequence."""
+        extra = self.sequence_length(seq_id) - length
+        if extra > 0:
+            _popn(self.handle, seq_id, extra)
 
     def begin_forward(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         _begin_forward(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))

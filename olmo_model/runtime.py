@@ -134,6 +134,10 @@ class ModelRunner:
     def available_pages(self) -> int:
         return self.kv.available_pages()
 
+    def truncate_sequence(self, seq_id: int, length: int) -> None:
+        """Keep the sequence's first ``length`` tokens only (see PagedKVCache.truncate)."""
+        self.kv.truncate(seq_id, length)
+
     @property
     def forks_share_pages(self) -> bool:
         """Whether a fork shares its parent's whole pages (see ``fork_sequence``)."""

@@ -97,13 +97,16 @@ class StageChain:
     # --- every stage ------------------------------------------------------------------
 
     def forward(self, batch: ForwardBatch, inputs: np.ndarray) -> ForwardResult:
-        """Token ids in; the last stage's result out, with every stage's push failures."""
+        """Token ids in; the last stage's result out, with every stage's push failures and
+        the sequences any stage could not step (each fails alone)."""
         failures: dict[str, ServingError] = {}
+        failed: dict[int, str] = {}
         for stage in self.stages:
             result = stage.forward(batch, inputs)
             failures.update(result.push_failures)
+            failed.update(result.failed)
             inputs = result.hidden
-        result.push_failures = failures
+        result.push_failures, result.failed = failures, failed
         return result
 
     def prefill(self, prompts: Sequence[PromptToPrefill], chunk_size: int,

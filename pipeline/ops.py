@@ -122,8 +122,8 @@ class ForwardResult:
 
     hidden: np.ndarray | None = None   # stages before the last: input to the next stage
     # The last decode stage: one token per sampled sequence (per slice that ends its
-    # prompt, or per admission), and those it could not sample, by sequence id: each
-    # fails alone, and its entry in ``tokens`` is a placeholder.
+    # prompt, or per admission). Any stage: those it could not step, install or sample,
+    # by sequence id: each fails alone, and its entry in ``tokens`` is a placeholder.
     tokens: list[int] = dataclasses.field(default_factory=list)
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
     logprobs: dict[int, TokenLogprobs] = dataclasses.field(default_factory=dict)  # who asked

@@ -163,6 +163,38 @@ def test_a_sequence_with_non_finite_state_fails_alone(cluster, client):
     wait_until_cluster_idle(cluster)
 
 
+def test_a_sequence_whose_decode_step_fails_fails_alone(cluster, client, monkeypatch):
+    """A step that fails for one sequence (TVM's "No page can be allocated", say) after
+    the pass had grown every sequence: the pass is undone and run again one sequence at a
+    time. The failing one ends with an error; the others go on, token for token as if
+    nothing had happened (the undo left their K/V exactly as it was)."""
+    prompt = list(range(30, 60))
+    expected = greedy(client, prompt, 40)
+    stub = decode_worker_stub(cluster)
+    good = local_request(stub, "steps-on", prompt, 40)
+    first = next(good)
+    bad = local_request(stub, "cannot-step", list(range(80, 100)), 40)
+    next(bad)
+    engine = cluster.decode[0].engine
+    bad_seq = engine.scheduler._requests["cannot-step"].seq_id
+    runner = cluster.decode[0].stage.runner
+    forward = runner.forward
+
+    def failing(seq_ids, lengths, hidden, decode=False, **kwargs):
+        out = forward(seq_ids, lengths, hidden, decode=decode, **kwargs)  # grown, then:
+        if decode and bad_seq in seq_ids:
+            raise RuntimeError("No page can be allocated")
+        return out
+
+    monkeypatch.setattr(runner, "forward", failing)
+    lost = list(bad)
+    assert lost[-1].finish_reason == FinishReason.ERROR
+    assert "No page can be allocated" in lost[-1].error
+    assert tokens_of([first, *good]) == expected
+    monkeypatch.undo()
+    wait_until_cluster_idle(cluster)
+
+
 def test_a_request_whose_kv_cannot_be_installed_fails_alone(cluster, client, monkeypatch):
     """Its K/V gone by install time (or no page left for it): that request ends with an
     error; the one installed beside it and the one running go on."""
