@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -73,6 +74,7 @@ class DecodeEngine:
         # learning of it and its announcement.
         self._cache_lock = threading.Lock()
         self.counters = EngineCounters()
+        self._went_round = time.monotonic()  # the loop's last turn (loop_age)
         stage.receiver.on_arrival = self.scheduler.kv_arrived
         self.chain: StageChain | None = None  # set when this worker leads an instance
         self.idle_wait = idle_wait
@@ -151,9 +153,15 @@ class DecodeEngine:
                                "first stage of its instance")
         return self.chain
 
+    def loop_age(self) -> float:
+        """Seconds since the engine loop last went round: a few ms on a healthy worker,
+        growing on one whose step hangs (its gRPC threads still answer)."""
+        return time.monotonic() - self._went_round
+
     def _loop(self) -> None:
         while True:
             work = self.scheduler.next_work(self.idle_wait)
+            self._went_round = time.monotonic()
             if work is None:
                 return
             for request in work.aborts:

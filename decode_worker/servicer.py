@@ -105,7 +105,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPus
         message = self.engine.stats().to_proto()
         message.MergeFrom(worker_pb2.WorkerStats(
             role=Role.DECODE, layout=self.layout, transport=GRPC, transports=self.transports,
-            transport_note=self.transport_note, stages=stage_infos(self.engine.chain)))
+            transport_note=self.transport_note, stages=stage_infos(self.engine.chain),
+            step_loop_age_ms=1000 * self.engine.loop_age()))
         return message
 
 

@@ -40,7 +40,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens", "kv_export_ms", "kv_encode_ms", "kv_assemble_ms", "kv_install_ms", "shared_memory_pushes", "shared_memory_bytes", "shared_memory_ms")
+    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens", "kv_export_ms", "kv_encode_ms", "kv_assemble_ms", "kv_install_ms", "shared_memory_pushes", "shared_memory_bytes", "shared_memory_ms", "step_loop_age_ms")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class WorkerStats(_message.Message):
     SHARED_MEMORY_PUSHES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_LOOP_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     role: str
     layout: ModelLayout
     queued_requests: int
@@ -101,7 +102,8 @@ class WorkerStats(_message.Message):
     shared_memory_pushes: int
     shared_memory_bytes: int
     shared_memory_ms: float
-    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., kv_export_ms: _Optional[float] = ..., kv_encode_ms: _Optional[float] = ..., kv_assemble_ms: _Optional[float] = ..., kv_install_ms: _Optional[float] = ..., shared_memory_pushes: _Optional[int] = ..., shared_memory_bytes: _Optional[int] = ..., shared_memory_ms: _Optional[float] = ...) -> None: ...
+    step_loop_age_ms: float
+    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., kv_export_ms: _Optional[float] = ..., kv_encode_ms: _Optional[float] = ..., kv_assemble_ms: _Optional[float] = ..., kv_install_ms: _Optional[float] = ..., shared_memory_pushes: _Optional[int] = ..., shared_memory_bytes: _Optional[int] = ..., shared_memory_ms: _Optional[float] = ..., step_loop_age_ms: _Optional[float] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("address", "layer_begin", "layer_end")

@@ -44,8 +44,10 @@ class RouterOptions:
     token_timeout_s: float = setting(10.0, "... or this long between tokens")
     # Slow is not dead: a worker that misses the polls for a couple of seconds (a
     # CPU-starved host, a long step) is only passed over for new work; its streams go on.
+    # Like token_timeout_s, it must exceed the longest step (a local prefill chunk).
     worker_gone_s: float = setting(10.0, "a worker that has not answered the router's polls "
-                                         "this long is gone: its streams resume elsewhere")
+                                         "(or whose engine loop has not gone round) this "
+                                         "long is gone: its streams resume elsewhere")
     kv_weight: float = setting(4.0, "KV-aware routing: tokens of load one cached prompt "
                                     "token is worth (0: route by load alone)")
     local_prefill_below_tokens: int = setting(

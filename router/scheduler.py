@@ -106,9 +106,14 @@ class Scheduler:
         return self._silent_for(address) <= self.SLOW_SECONDS
 
     def _silent_for(self, address: str) -> float:
+        """Since when nothing was heard from it: its last answer, or, if its engine loop
+        had not gone round for a while by then (a hung step), that long before."""
         with self._lock:
             worker = self._workers.get(address)
-        return float("inf") if worker is None else self.clock.now() - worker.seen
+        if worker is None:
+            return float("inf")
+        stuck = worker.stats.step_loop_age_ms / 1000 if worker.stats is not None else 0.0
+        return self.clock.now() - worker.seen + stuck
 
     def stub_for(self, address: str, role: Role):
         stub_type = (worker_pb2_grpc.DecodeWorkerStub if role == Role.DECODE

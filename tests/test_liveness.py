@@ -263,3 +263,43 @@ def test_requests_wait_for_a_lone_decode_worker_that_stopped_for_a_while(cluster
         client.close()
         server.stop(grace=0.5)
         router.close()
+
+
+def test_a_decode_step_that_hangs_moves_its_stream_once_the_worker_is_gone():
+    """A worker whose engine is stuck in a step (a hung kernel, say) may still answer the
+    router's polls from its gRPC threads: its engine loop's age counts as silence, and
+    past router.worker_gone_s its stream resumes on the other decode worker, unchanged."""
+    from conftest import local_cluster
+
+    from cluster.cluster_config import RoleConfig
+    from olmo_model.cache_limits import CacheLimits
+
+    options = RouterOptions(worker_gone_s=2.5, token_timeout_s=30, local_prefill_below_tokens=0)
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=CacheLimits(8, 4096, 512), router=options,
+                            decode=RoleConfig(instances=2))
+    client = GenerationClient(cluster.router_address)
+    try:
+        request = generate_request(PROMPT, max_tokens=60, ignore_eos=True)
+        reference = client.complete(request, timeout=60)[0]
+        call = client.stream(request, timeout=60)
+        tokens = [t for _ in range(3) for t in next(call).token_ids]
+        busy = next(s for s in cluster.decode if s.engine.scheduler.running())
+        forward, hang = busy.stage.runner.forward, threading.Event()
+
+        def hung(*args, **kwargs):
+            hang.wait(timeout=8)  # bounded: the step comes back, too late
+            return forward(*args, **kwargs)
+
+        busy.stage.runner.forward = hung
+        start = time.monotonic()
+        try:
+            for response in call:
+                tokens += list(response.token_ids)
+        finally:
+            hang.set()
+            busy.stage.runner.forward = forward
+        assert tokens == reference
+        assert time.monotonic() - start < 2.5 + 4  # gone, then resumed elsewhere
+    finally:
+        client.close()
+        cluster.stop()

@@ -63,6 +63,17 @@ def test_a_silent_worker_is_slow_then_gone(scheduler, clock):
     assert not scheduler.alive("nowhere")
 
 
+def test_a_worker_whose_engine_is_stuck_is_slow_then_gone_though_it_answers(scheduler,
+                                                                             clock):
+    """Its stats are answered beside the engine loop: the loop's age counts as silence."""
+    a, b = worker(scheduler, "a"), worker(scheduler, "b")
+    for age in (0.5, Scheduler.SLOW_SECONDS + 0.5, GONE + 0.5):
+        scheduler.heard_from(a, worker_pb2.WorkerStats(step_loop_age_ms=1000 * age))
+        scheduler.heard_from(b, stats())
+        assert scheduler.pickable("a") == (age <= Scheduler.SLOW_SECONDS)
+        assert scheduler.alive("a") == (age <= GONE)
+
+
 def test_with_every_worker_slow_a_request_may_wait_for_one(scheduler, clock):
     clock.advance(Scheduler.SLOW_SECONDS + 0.1)
     with pytest.raises(NoWorker) as slow:
