@@ -1,5 +1,6 @@
 """An ASGI app served by uvicorn on a thread of its own, on a socket bound up front (so
-port 0 gives a free port that is known before serving starts)."""
+port 0 gives a free port that is known before serving starts), with a bound on how long a
+connection may take to send a request's headers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,33 @@ import time
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+HEADERS_TIMEOUT_S = 10.0  # a connection's request headers must all arrive within this
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, but a connection that has not sent a whole request's
+    headers ``HEADERS_TIMEOUT_S`` after it opened (or after its last answer) is closed.
+    uvicorn times out idle kept-alive connections only: a new one that sends nothing, or
+    headers a byte at a time, would hold one of the ``max_connections`` for ever, and
+    enough of them would leave the API answering 503 to everyone."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._expect_headers()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._expect_headers()
+
+    def _expect_headers(self) -> None:
+        self.loop.call_later(HEADERS_TIMEOUT_S, self._headers_due, self.cycle)
+
+    def _headers_due(self, cycle_then) -> None:
+        """No new request began since (uvicorn makes a cycle per request's headers)."""
+        if self.cycle is cycle_then and not self.transport.is_closing():
+            self.transport.close()
 
 
 class HttpServer:
@@ -36,7 +64,7 @@ class HttpServer:
             options = {"ssl_keyfile": str(key), "ssl_certfile": str(cert)}
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2, limit_concurrency=max_connections,
-                                **options)
+                                http=BoundedH11Protocol, **options)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run,
                                         kwargs={"sockets": [self._socket]},

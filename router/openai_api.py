@@ -43,6 +43,9 @@ JSON_ESCAPE_BYTES = 6  # the most JSON bytes one byte of text can take (\uXXXX)
 # client that sends it whole before reading (urllib, httpx) would otherwise see its
 # connection reset rather than the answer. Larger ones are refused without a byte read.
 DRAIN_BYTES = 64 * 2**20
+# A request's body must have arrived this long after its headers: one sent a byte at a
+# time would hold its connection (and one of the router's connection slots) for ever.
+BODY_TIMEOUT_S = 60.0
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 HTTP_STATUS = {
@@ -196,7 +199,13 @@ class OpenAIServer:
         if (refused := self._refuse_unauthenticated(request)) is not None:
             return refused
         try:
-            body = json.loads(await self._read_body(request))
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                data = await self._read_body(request)
+            body = json.loads(data)
+        except TimeoutError:
+            return JSONResponse(status_code=408, content={"error": {
+                "message": f"the body did not arrive within {BODY_TIMEOUT_S:g} s",
+                "type": "invalid_request_error", "param": None, "code": "request_timeout"}})
         except ServingError as exc:
             return error_response(exc)
         except RecursionError:

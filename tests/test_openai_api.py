@@ -410,6 +410,22 @@ def test_a_body_declared_too_large_is_refused_before_it_is_read(cluster):
         connection.close()
 
 
+def test_a_body_sent_too_slowly_is_answered_408(cluster, monkeypatch):
+    import socket
+
+    import router.openai_api
+
+    monkeypatch.setattr(router.openai_api, "BODY_TIMEOUT_S", 1.0)
+    host, port = cluster.http_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        start = time.monotonic()
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive" in reply
+    assert time.monotonic() - start < 5
+
+
 def test_a_non_streaming_client_that_leaves_stops_its_request_at_once(cluster):
     """It is aborted (and counted so) within a disconnect check, not run to its end."""
     import socket
@@ -429,3 +445,37 @@ def test_a_non_streaming_client_that_leaves_stops_its_request_at_once(cluster):
             time.sleep(0.005)
     wait_until_cluster_idle(cluster, timeout=10)
     assert aborted._value.get() == before + 1
+
+
+def test_idle_and_slow_connections_are_closed_and_past_the_cap_refused_503(monkeypatch):
+    """A connection that sends no whole request's headers in time is closed (it would
+    hold a slot of the cap for ever); past the cap the API answers 503, and once the
+    silent ones are gone it serves again."""
+    import socket
+
+    import router.http_server
+
+    monkeypatch.setattr(router.http_server, "HEADERS_TIMEOUT_S", 1.0)
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, http=True,
+                            router=RouterOptions(max_http_connections=4))
+    host, port = cluster.http_url.removeprefix("http://").rsplit(":", 1)
+    silent = []
+    try:
+        for i in range(4):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            if i % 2:  # headers a byte at a time, never finished
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHo")
+            silent.append(sock)
+        time.sleep(0.2)
+        with pytest.raises(urllib.error.HTTPError) as full:
+            urllib.request.urlopen(f"{cluster.http_url}/health", timeout=10)
+        assert full.value.code == 503
+        for sock in silent:  # the server closes each within the bound
+            sock.settimeout(5)
+            assert sock.recv(1024) == b""
+        with urllib.request.urlopen(f"{cluster.http_url}/health", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        for sock in silent:
+            sock.close()
+        cluster.stop()
