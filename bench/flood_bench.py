@@ -29,19 +29,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from checkpoints import SERVE, bench_checkpoint
-from recording import write_results
+from recording import rss_mib, write_results
 
 PROMPT = list(range(100, 132))
 # The flood's kinds: HTTP bodies (n, prompts, chat message, stop ids), bodies declared at
 # 300 MB and never sent, gRPC requests with 10^5 stop ids, idle connections.
 KINDS = ("http", "declared", "grpc", "idle")
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def hostile_bodies() -> list[tuple[str, str, bytes]]:

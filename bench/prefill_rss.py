@@ -25,16 +25,9 @@ from pathlib import Path
 
 import numpy as np
 from checkpoints import SMALL, bench_checkpoint
-from recording import write_results
+from recording import rss_mib, write_results
 
 ALLOCATORS = ("naive", "pooled")
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def soak(model: Path, allocator: str, requests: int, lengths: int, warmup: int) -> dict:

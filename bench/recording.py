@@ -28,6 +28,14 @@ def machine() -> dict:
             else os.cpu_count()}
 
 
+def rss_mib() -> float:
+    """This process's resident memory now, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 def write_results(path: Path, results: dict) -> None:
     """``results``, with the machine they were measured on, as indented JSON at ``path``
     (its folder made if missing), and say so."""

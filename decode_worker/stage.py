@@ -70,24 +70,16 @@ class DecodeStage:
         (one per admission, in order). One that cannot be installed fails alone, in the
         result's ``failed``: the others are installed and sampled all the same."""
         failed: dict[int, str] = {}
-        installed, hidden = [], []
+        hidden: dict[int, np.ndarray] = {}
         with self._lock:
             for a in admissions:
                 try:
-                    pending = self._install(a)
+                    hidden[a.seq_id] = self._install(a).hidden
                 except Exception as exc:  # its K/V gone, no page for it: it alone fails
                     failed[a.seq_id] = f"installing its K/V failed: {exc}"
-                    continue
-                installed.append(a.seq_id)
-                hidden.append(pending.hidden)
             if not self.spec.is_last:
                 return ForwardResult(failed=failed)
-            sampled = (self._sample(installed, np.stack(hidden)) if installed
-                       else ForwardResult())
-        tokens = iter(sampled.tokens)
-        return ForwardResult(tokens=[0 if a.seq_id in failed else next(tokens)
-                                     for a in admissions],
-                             failed={**failed, **sampled.failed}, logprobs=sampled.logprobs)
+            return self._sample_survivors([a.seq_id for a in admissions], hidden, failed)
 
     def _install(self, admission: Admission) -> PendingKV:
         """One request's received K/V into its sequence (with the lock held); what was
@@ -179,12 +171,18 @@ class DecodeStage:
                 if s.seq_id in outs:
                     out[i] = outs[s.seq_id]
             return ForwardResult(hidden=out, failed=failed)
-        stepped = [s.seq_id for s in batch.slices if s.seq_id in outs]
-        sampled = (self._sample(stepped, np.stack([outs[q] for q in stepped])) if stepped
-                   else ForwardResult())
+        return self._sample_survivors([s.seq_id for s in batch.slices], outs, failed)
+
+    def _sample_survivors(self, seq_ids: Sequence[int], hidden: dict[int, np.ndarray],
+                          failed: dict[int, str]) -> ForwardResult:
+        """A token for each of ``seq_ids`` that did not fail (sampled from its row of
+        ``hidden``), a placeholder for each that did, in order; ``failed`` joins those
+        that cannot be sampled."""
+        survivors = [q for q in seq_ids if q not in failed]
+        sampled = (self._sample(survivors, np.stack([hidden[q] for q in survivors]))
+                   if survivors else ForwardResult())
         tokens = iter(sampled.tokens)
-        return ForwardResult(tokens=[0 if s.seq_id in failed else next(tokens)
-                                     for s in batch.slices],
+        return ForwardResult(tokens=[0 if q in failed else next(tokens) for q in seq_ids],
                              failed={**failed, **sampled.failed}, logprobs=sampled.logprobs)
 
     def _undo(self, slices) -> None:
