@@ -1,14 +1,17 @@
 """A well-behaved client's TTFT while another floods the API with cheap hostile requests.
 
-Starts a one-process local cluster (serving checkpoint) with both APIs. A client process
-sends one streaming completion every ``--interval`` seconds and times its first token:
-first for ``--quiet`` seconds alone, then for ``--seconds`` while a second process
-floods from ``--threads`` threads, as fast as the server answers, with requests that
-cost little to send and once cost the server much (issue 36, findings 1-4): a million
-choices (`n`), a hundred thousand prompts, a 16 MiB chat message, a million stop token
-ids, a body declaring 300 MB, the same over gRPC, and ``--idle`` connections opened and
-left silent. The server process's RSS is sampled every second. Targets: TTFT p90
-flooded within 2x of quiet; RSS at most 2x idle.
+Three hosts on one machine (network namespaces on a private bridge, bench/netns.py; with
+``--same-host``, or without root, all three on loopback, where both clients are one
+client to the router): a one-process local cluster with both APIs (the serving
+checkpoint with the demo model's tokenizer, so that text is tokenized and chats
+rendered); a client that sends one streaming completion every ``--interval`` seconds and
+times its first token, first for ``--quiet`` seconds alone, then for ``--seconds``
+beside a flooder, which sends from ``--threads`` threads, as fast as the server answers,
+requests that cost little to send and once cost the server much (issue 36, findings
+1-4): a million choices (`n`), a hundred thousand prompts, a 16 MiB chat message, a
+million stop token ids, a body declaring 300 MB, the same over gRPC, and ``--idle``
+connections opened and left silent. The server samples its RSS every second. Targets:
+TTFT p90 flooded within 2x of quiet; RSS at most 2x idle.
 
     python3 bench/flood_bench.py [--seconds 60] [--quiet 20] [--threads 4] [--idle 256]
 """
@@ -17,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import dataclasses
 import http.client
 import json
+import select
 import socket
 import statistics
 import subprocess
@@ -28,7 +34,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from checkpoints import SERVE, bench_checkpoint
+import netns
+from checkpoints import BENCH_CHECKPOINTS, SERVE, bench_checkpoint
 from recording import rss_mib, write_results
 
 PROMPT = list(range(100, 132))
@@ -146,13 +153,110 @@ def client_main(args) -> None:
     print(json.dumps({"ttft_s": ttfts, "errors": errors}))
 
 
-def spawn(role: str, args, cluster, seconds: float) -> subprocess.Popen:
+def serve_main(args) -> None:
+    """The server host: a local cluster whose router binds ``--bind``; prints its
+    addresses, then, at each line on stdin naming a phase, notes the CPU time so far;
+    at "stop", prints its RSS samples and CPU by phase."""
+    from cluster.cluster_config import ClusterConfig
+    from cluster.local_cluster import on_loopback, start_local_cluster
+    from olmo_model.cache_limits import CacheLimits
+
+    config = on_loopback(ClusterConfig(model=str(served_model()),
+                                       cache=CacheLimits(32, 8192, 1024)), http=True)
+    config = dataclasses.replace(config, router=dataclasses.replace(config.router,
+                                                                    host=args.bind))
+    cluster = start_local_cluster(config)
+    samples: list[tuple[str, float]] = []
+    phase = ["warm-up"]
+    cpu = {"warm-up": time.process_time()}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            samples.append((phase[0], rss_mib()))
+
+    threading.Thread(target=sample, daemon=True).start()
+    print(json.dumps({"grpc": cluster.router_address, "http": cluster.http_url}), flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+            phase[0] = line.strip()
+            cpu[phase[0]] = time.process_time()
+            print(json.dumps({"rss_mib": rss_mib()}), flush=True)
+    finally:
+        stop.set()
+        cpu["end"] = time.process_time()
+        cluster.stop()
+    names = list(cpu)
+    print(json.dumps({"samples": samples, "cpu_s": {
+        name: cpu[after] - cpu[name] for name, after in zip(names, names[1:])}}), flush=True)
+
+
+def served_model() -> Path:
+    """The serving checkpoint with the demo model's tokenizer and chat template (links:
+    no copy of the weights)."""
+    from olmo_model.demo import DEMO_MODEL_DIR
+
+    weights = bench_checkpoint("serve", SERVE)
+    folder = BENCH_CHECKPOINTS / "serve-with-tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in [*weights.iterdir(), DEMO_MODEL_DIR / "tokenizer.json",
+                   DEMO_MODEL_DIR / "tokenizer_config.json"]:
+        link = folder / source.name
+        if not link.exists():
+            link.symlink_to(source.resolve())
+    return folder
+
+
+@dataclasses.dataclass
+class SameHost:
+    """A stand-in for a netns.Host: this machine's loopback."""
+
+    ip: str = "127.0.0.1"
+
+    def argv(self, *command: str) -> list[str]:
+        return list(command)
+
+
+@contextlib.contextmanager
+def three_hosts(same_host: bool):
+    """(server, client, flooder) hosts: namespaces when they can be made."""
+    why_not = "--same-host" if same_host else netns.unavailable()
+    if why_not:
+        print(f"all on loopback ({why_not}): both clients are one client to the router")
+        yield SameHost(), SameHost(), SameHost()
+        return
+    with netns.HostNetwork(3) as network:
+        yield tuple(network.hosts)
+
+
+def spawn(host, role: str, args, addresses: dict, seconds: float) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, __file__, f"--{role}", "--grpc", cluster.router_address,
-         "--http", cluster.http_url, "--seconds", str(seconds), "--threads",
-         str(args.threads), "--idle", str(args.idle), "--interval", str(args.interval),
-         "--kinds", *args.kinds],
+        host.argv(sys.executable, __file__, f"--{role}", "--grpc", addresses["grpc"],
+                  "--http", addresses["http"], "--seconds", str(seconds), "--threads",
+                  str(args.threads), "--idle", str(args.idle), "--interval",
+                  str(args.interval), "--kinds", *args.kinds),
         stdout=subprocess.PIPE, text=True)
+
+
+def last_json(process: subprocess.Popen, timeout: float) -> dict:
+    return json.loads(process.communicate(timeout=timeout)[0].splitlines()[-1])
+
+
+def read_json_line(process: subprocess.Popen, timeout: float) -> dict:
+    """The next JSON line ``process`` prints (other lines passed on), waiting at most
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([process.stdout], [], [],
+                                    max(0.0, deadline - time.monotonic()))
+        line = process.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the server printed no JSON within {timeout:.0f} s")
+        if line.startswith("{"):
+            return json.loads(line)
+        print(line, end="")
 
 
 def p90(values: list[float]) -> float:
@@ -169,6 +273,10 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
                         help="what the flood sends (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/flood_bench.json"))
+    parser.add_argument("--same-host", action="store_true",
+                        help="every process on loopback, not in hosts of their own")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bind", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--flood", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grpc", help=argparse.SUPPRESS)
@@ -180,44 +288,45 @@ def main() -> None:
     if args.flood:
         flood_main(args)
         return
+    if args.serve:
+        serve_main(args)
+        return
 
-    from cluster.cluster_config import ClusterConfig
-    from cluster.local_cluster import on_loopback, start_local_cluster
-    from olmo_model.cache_limits import CacheLimits
+    with three_hosts(args.same_host) as (server_host, client_host, flood_host):
+        server = subprocess.Popen(
+            server_host.argv(sys.executable, __file__, "--serve", "--bind", server_host.ip),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            addresses = read_json_line(server, 900)
+            last_json(spawn(client_host, "client", args, addresses, 5), 120)  # warm-up
 
-    model = bench_checkpoint("serve", SERVE)
-    config = ClusterConfig(model=model, cache=CacheLimits(32, 8192, 1024))
-    cluster = start_local_cluster(on_loopback(config, http=True))
-    samples: list[tuple[str, float]] = []
-    phase = ["warm-up"]
-    stop = threading.Event()
+            def phase(name: str) -> float:
+                server.stdin.write(name + "\n")
+                server.stdin.flush()
+                return read_json_line(server, 60)["rss_mib"]
 
-    def sample() -> None:
-        while not stop.wait(1.0):
-            samples.append((phase[0], rss_mib()))
-
-    threading.Thread(target=sample, daemon=True).start()
-    try:
-        warm = spawn("client", args, cluster, 5)
-        warm.communicate(timeout=120)
-        idle_rss = rss_mib()
-        phase[0] = "quiet"
-        quiet = json.loads(spawn("client", args, cluster, args.quiet)
-                           .communicate(timeout=args.quiet + 120)[0].splitlines()[-1])
-        quiet_cpu = time.process_time()
-        phase[0] = "flood"
-        flood = spawn("flood", args, cluster, args.seconds)
-        flooded = json.loads(spawn("client", args, cluster, args.seconds)
-                             .communicate(timeout=args.seconds + 120)[0].splitlines()[-1])
-        counts = json.loads(flood.communicate(timeout=args.seconds + 120)[0].splitlines()[-1])
-        flood_cpu = time.process_time() - quiet_cpu
-    finally:
-        stop.set()
-        cluster.stop()
-    peak = max(rss for name, rss in samples if name == "flood")
+            idle_rss = phase("quiet")
+            quiet = last_json(spawn(client_host, "client", args, addresses, args.quiet),
+                              args.quiet + 120)
+            phase("flood")
+            flood = spawn(flood_host, "flood", args, addresses, args.seconds)
+            flooded = last_json(spawn(client_host, "client", args, addresses, args.seconds),
+                                args.seconds + 120)
+            counts = last_json(flood, args.seconds + 120)
+            phase("after")
+            server.stdin.write("stop\n")
+            server.stdin.flush()
+            report = last_json(server, 120)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    peak = max(rss for name, rss in report["samples"] if name == "flood")
+    flood_cpu = report["cpu_s"]["flood"]
+    model = served_model()
     results = {
         "model": str(model), "seconds": args.seconds, "quiet_seconds": args.quiet,
-        "kinds": args.kinds,
+        "kinds": args.kinds, "hosts": "loopback" if isinstance(client_host, SameHost)
+        else "namespaces",
         "threads": args.threads, "idle_connections": args.idle,
         "ttft_ms": {name: {"p50": 1e3 * statistics.median(r["ttft_s"]),
                            "p90": 1e3 * p90(r["ttft_s"]), "requests": len(r["ttft_s"]),
@@ -225,6 +334,7 @@ def main() -> None:
                     for name, r in (("quiet", quiet), ("flood", flooded))},
         "rss_mib": {"idle": idle_rss, "flood_peak": peak},
         "server_cpu_s_during_flood": flood_cpu,
+        "server_cpu_s_quiet": report["cpu_s"]["quiet"],
         "flood_answers": counts}
     results["ttft_p90_ratio"] = (results["ttft_ms"]["flood"]["p90"]
                                  / results["ttft_ms"]["quiet"]["p90"])
@@ -239,7 +349,8 @@ def main() -> None:
     print(f"TTFT p90 ratio {results['ttft_p90_ratio']:.2f} (target <= 2); server RSS "
           f"{idle_rss:.0f} MiB idle, {peak:.0f} MiB peak ({results['rss_ratio']:.2f}x, "
           "target <= 2)")
-    print(f"server CPU during the flood: {flood_cpu:.1f} s of {args.seconds:.0f} s")
+    print(f"server CPU: {flood_cpu:.1f} s in the {args.seconds:.0f} s of the flood, "
+          f"{report['cpu_s']['quiet']:.1f} s in the {args.quiet:.0f} s before it")
     for key, n in sorted(counts.items()):
         print(f"  {key}: {n}")
     write_results(args.out, results)

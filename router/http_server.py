@@ -1,9 +1,10 @@
 """An ASGI app served by uvicorn on a thread of its own, on a socket bound up front (so
 port 0 gives a free port that is known before serving starts), with a bound on how long a
-connection may take to send a request's headers."""
+connection may take to send a request's headers and on how many one client may hold."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import tempfile
 import threading
@@ -13,19 +14,45 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .http_budget import ConnectionsByClient
+
 HEADERS_TIMEOUT_S = 10.0  # a connection's request headers must all arrive within this
-
-
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, but a connection that has not sent a whole request's
     headers ``HEADERS_TIMEOUT_S`` after it opened (or after its last answer) is closed.
     uvicorn times out idle kept-alive connections only: a new one that sends nothing, or
     headers a byte at a time, would hold one of the ``max_connections`` for ever, and
-    enough of them would leave the API answering 503 to everyone."""
+    enough of them would leave the API answering 503 to everyone. With ``connections``
+    (router/http_budget.py), one that its client may not open is answered and closed
+    unread, by its rules."""
+
+    def __init__(self, *args, connections: ConnectionsByClient | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._connections = connections
+        self._client: str | None = None
+        self._turned_away = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if self._connections is not None:
+            self._client, turned_away = self._connections.opened(
+                transport.get_extra_info("peername"))
+            if turned_away is not None:
+                self._turned_away = True  # nothing it sends is parsed, let alone served
+                transport.pause_reading()
+                turned_away(self.loop, transport)
+                return
         self._expect_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._turned_away:  # uvloop delivers data even to a paused new transport
+            super().data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if self._client is not None:
+            self._connections.closed(self._client)
+            self._client = None
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -42,9 +69,12 @@ class BoundedH11Protocol(H11Protocol):
 
 class HttpServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0,
-                 tls: tuple[bytes, bytes] | None = None, max_connections: int | None = None):
+                 tls: tuple[bytes, bytes] | None = None, max_connections: int | None = None,
+                 per_client: ConnectionsByClient | None = None):
         """Serve ``app`` on host:port; ``tls`` is (private key, certificate chain) in PEM;
-        past ``max_connections`` open connections uvicorn answers 503."""
+        past ``max_connections`` open connections uvicorn answers 503, past
+        ``per_client``'s cap for one client 429. A client is the connection's peer:
+        forwarding headers (X-Forwarded-For) are not believed, as anyone can send them."""
         # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets
         # that say they are TCP, and with Nagle on each streamed token waits for the
         # client's delayed ACK (40 ms here).
@@ -64,7 +94,9 @@ class HttpServer:
             options = {"ssl_keyfile": str(key), "ssl_certfile": str(cert)}
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2, limit_concurrency=max_connections,
-                                http=BoundedH11Protocol, **options)
+                                http=functools.partial(BoundedH11Protocol,
+                                                       connections=per_client),
+                                proxy_headers=False, **options)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run,
                                         kwargs={"sockets": [self._socket]},

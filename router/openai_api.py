@@ -31,7 +31,8 @@ from protos.errors import ServingError
 from protos.vocabulary import FinishReason, Role
 
 from .chat_template import ChatTemplate
-from .service import GenerationServicer, Prepared
+from .http_budget import BudgetMiddleware, ConnectionsByClient, client_of_scope
+from .service import GenerationServicer, Prepared, encode
 from .validation import MAX_CACHE_SALT_CHARS
 
 MAX_CHOICES = 8  # n times the number of prompts
@@ -152,8 +153,12 @@ class OpenAIServer:
         # byte escaped in JSON at the most (\uXXXX), and the other fields.
         self.max_body_bytes = MAX_CHOICES * JSON_ESCAPE_BYTES * limits.max_prompt_bytes + 65536
         self.max_chat_bytes = limits.max_prompt_bytes
+        # Enough items for the largest request: a full context window of token ids for
+        # every choice, a chat of a message per token of it (each with its strings), and
+        # the other fields.
+        self.max_json_items = (MAX_CHOICES + 10) * servicer.facts.context_window + 4096
         self.markers = chat_markers(tokenizer, chat)
-        self.app = self._build()
+        self.app = BudgetMiddleware(self._build(), servicer.budget, DRAIN_BYTES)
 
     # --- routes -----------------------------------------------------------------------
 
@@ -201,22 +206,16 @@ class OpenAIServer:
         try:
             async with asyncio.timeout(BODY_TIMEOUT_S):
                 data = await self._read_body(request)
-            body = json.loads(data)
         except TimeoutError:
             return JSONResponse(status_code=408, content={"error": {
                 "message": f"the body did not arrive within {BODY_TIMEOUT_S:g} s",
                 "type": "invalid_request_error", "param": None, "code": "request_timeout"}})
         except ServingError as exc:
             return error_response(exc)
-        except RecursionError:
-            return error_response(BadRequest("the body's JSON is nested too deeply"))
-        except ValueError:
-            return error_response(BadRequest("the body is not JSON"))
-        if not isinstance(body, dict):
-            return error_response(BadRequest("the body must be a JSON object"))
         try:
             # Off the event loop: tokenizing a long prompt must not stall other streams.
-            job = await asyncio.to_thread(parse, body)
+            job = await asyncio.to_thread(self._job_of, client_of_scope(request.scope),
+                                          parse, data)
         except ServingError as exc:
             return error_response(exc)
         except (ValueError, OverflowError) as exc:  # a value the wire cannot carry
@@ -233,6 +232,15 @@ class OpenAIServer:
             return StreamingResponse(self._sse(job, first, events),
                                      media_type="text/event-stream")
         return await self._collect(job, first, events)
+
+    def _job_of(self, client: str, parse: Callable[[dict], Job], data: bytes) -> Job:
+        """The job a body asks for; its parsing, rendering and tokenizing are charged to
+        the client's budget."""
+        started = time.thread_time()
+        try:
+            return parse(json_object(data, self.max_json_items))
+        finally:
+            self.servicer.budget.charge(client, time.thread_time() - started)
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused by its declared length before any of it is read, and by what
@@ -394,7 +402,7 @@ class OpenAIServer:
             raise BadRequest("this model has no tokenizer.json; use /v1/completions with "
                              "token ids", "messages")
         messages = _messages(body.get("messages"), self.max_chat_bytes, self.markers)
-        prompt = self.tokenizer.encode(self.chat.render(messages)).ids
+        prompt = encode(self.tokenizer, self.chat.render(messages))
         logprobs = _bool(body, "logprobs")
         top = _int(body, "top_logprobs", 0, minimum=0)
         if top and not logprobs:
@@ -528,10 +536,44 @@ def serve_openai(servicer: GenerationServicer, model_dir: Path, host: str = "127
 
     api = OpenAIServer(servicer, servicer.tokenizer, model_name or Path(model_dir).name,
                        ChatTemplate.of_model(model_dir), api_key)
-    return HttpServer(api.app, host, port, tls, servicer.options.max_http_connections)
+    options = servicer.options
+    return HttpServer(api.app, host, port, tls, options.max_http_connections,
+                      ConnectionsByClient(options.clients.max_connections))
 
 
 # --- small parsers, each refusing with the parameter's name ---------------------------------
+
+def json_items(data: bytes, stop_above: int) -> int:
+    """How many items (values, keys, strings) a JSON text holds at most, counted over its
+    bytes without parsing it: parsing costs by the item (a body of empty lists, "[[],[],
+    ...]", takes 25 times as long per byte as one long string, and 56 bytes of memory
+    for every 3 it has). Its strings are told apart as the parser does (quotes not
+    escaped); the commas, colons, brackets and braces outside them each begin at most
+    one item. Beyond ``stop_above`` strings, the rest goes uncounted."""
+    plain = data.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in data else data
+    strings = plain.count(b'"') // 2
+    if strings > stop_above:
+        return strings
+    outside = b"".join(plain.split(b'"')[0::2]) if strings else plain
+    return strings + len(outside) - len(outside.translate(None, b",:[{"))
+
+
+def json_object(data: bytes, max_items: int) -> dict:
+    """The body's JSON object, its items counted before it is parsed (``json_items``)."""
+    items = json_items(data, max_items)
+    if items > max_items:
+        raise BadRequest(f"the body's JSON has more than {max_items} items (values, keys, "
+                         "strings); at most that many fit a request to this model")
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
+    except ValueError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
 
 def _prompts(prompt) -> list:
     """The request's prompts, each a string or a list of token ids. A list of prompts is

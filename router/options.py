@@ -8,6 +8,7 @@ import enum
 
 from protos.setting import setting
 
+from .client_budget import ClientLimits
 from .validation import RequestLimits
 
 
@@ -32,6 +33,7 @@ class RouterOptions:
         DecodeFailurePolicy.RESUME, "a request whose decode worker dies mid-stream: resume "
                                     "it elsewhere, or fail it")
     limits: RequestLimits = RequestLimits()
+    clients: ClientLimits = ClientLimits()
     max_waiting_requests: int = setting(128, "requests waiting for decode capacity; more are "
                                              "refused RESOURCE_EXHAUSTED")
     max_queue_wait_s: float = setting(30.0, "how long one waits in that line, at most")

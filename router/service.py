@@ -29,6 +29,7 @@ from protos.grpc_server import time_remaining
 from protos.vocabulary import FinishReason
 
 from .admission import AdmissionQueue
+from .client_budget import BYTE_COST_S, REQUEST_COST_S, ClientBudget, OverBudget, client_of
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
 from .liveness import StallMonitor
 from .metrics import RouterMetrics
@@ -155,24 +156,46 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._client_ids: set[str] = set()  # ids clients chose, of requests in flight
         self._lock = threading.Lock()
         self.metrics = RouterMetrics(scheduler, self.admission.waiting)
+        self.budget = ClientBudget(options.clients)  # both APIs' clients, by address
 
     def close(self) -> None:
         self.stalls.stop()
         self.scheduler.close()
 
     def Generate(self, request, context):
-        """The gRPC face of ``prepare`` and ``run``."""
+        """The gRPC face of ``prepare`` and ``run``; the client pays for the preparing."""
+        client = client_of(peer_address(context.peer()))
+        self._wait_for_budget(client, request, context)
         if request is UNPARSABLE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "the request is not a GenerateRequest (strings must be UTF-8)")
+        started = time.thread_time()
         try:
             prepared = self.prepare(request)
         except ServingError as exc:
             exc.abort(context)
+        finally:
+            self.budget.charge(client, time.thread_time() - started)
         try:
             yield from self.run(prepared, GrpcCall(context))
         except ServingError as exc:
             exc.abort(context)
+
+    def _wait_for_budget(self, client: str, request, context) -> None:
+        """Start when ``client``'s budget allows (a bounded wait, on this call's thread),
+        or refuse RESOURCE_EXHAUSTED with gRPC's retry pushback."""
+        size = 0 if request is UNPARSABLE else request.ByteSize()
+        try:
+            wait = self.budget.admit(client, REQUEST_COST_S + size * BYTE_COST_S)
+        except OverBudget as exc:
+            context.set_trailing_metadata(
+                [("grpc-retry-pushback-ms", str(int(1e3 * exc.retry_after_s)))])
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if wait:
+            try:
+                time.sleep(wait)
+            finally:
+                self.budget.waited(client)
 
     def prepare(self, request: generation_pb2.GenerateRequest) -> Prepared:
         """Check a request (sizes before tokenizing) and claim its client id; raises
@@ -430,5 +453,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if kind == "text":
             if self.tokenizer is None:
                 raise invalid("this model has no tokenizer.json; send token_ids")
-            return self.tokenizer.encode(request.text).ids
+            return encode(self.tokenizer, request.text)
         raise invalid("the request has no prompt (set text or token_ids)")
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``text``'s token ids. Through ``encode_batch``, which lets go of the GIL while it
+    works (``encode`` holds it: a long prompt would stop every other thread)."""
+    return tokenizer.encode_batch([text])[0].ids
+
+
+def peer_address(peer: str) -> str:
+    """The address in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer

@@ -22,6 +22,7 @@ from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
 from protos import generation_pb2
 from router.client import GenerationClient, generate_request
+from router.openai_api import json_items
 
 MODEL = DEMO_MODEL_DIR.name
 COMPLETION = {"model": MODEL, "prompt": "The Python interpreter", "max_tokens": 2}
@@ -86,6 +87,27 @@ def test_no_body_gets_a_server_error(cluster, kind):
                                                else CHAT).encode())
     assert status == 200  # and it serves on
     wait_until_cluster_idle(cluster)
+
+
+@pytest.mark.parametrize("item", ["[]", "{}", "0", '""'])
+def test_a_body_of_many_small_items_is_refused_before_it_is_parsed(cluster, item):
+    """Within the byte limit, but ~10^5 items: each would cost the parser (and memory)
+    far more than its bytes say."""
+    body = ('{"prompt": "abc", "max_tokens": 2, "x": [' + ",".join([item] * 100_000)
+            + "]}").encode()
+    status, reply = post(cluster, "/v1/completions", body)
+    assert status == 400 and "items" in reply["error"]["message"], reply
+
+
+@pytest.mark.parametrize("text, items", [
+    (b'{"a": "x\\\\", "b": [1,2]}', 9),  # an escaped backslash ends no string
+    (b'{"a": "say \\"[1,2,3]\\""}', 4),  # nor does an escaped quote begin one
+    (b'{"prompt": "a,b:[c{d"}', 4),  # what strings hold is no item
+    (b"[" + b"[]," * 9 + b"[]]", 20),  # at most: a comma and a bracket for one list
+])
+def test_items_are_counted_outside_strings(text, items):
+    assert json_items(text, 100) == items
+    assert len(json.dumps(json.loads(text))) > 0
 
 
 def test_no_grpc_request_gets_a_server_error(cluster):
