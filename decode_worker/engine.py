@@ -195,8 +195,9 @@ class DecodeEngine:
             for request, computed in zip(local, outcome.computed):
                 self.scheduler.prefill_chunk(request, computed)
             self.counters.prefilled_tokens += sum(outcome.computed)
+            # Those whose prompt ended get their first token; those that failed end too.
             ended = [i for i, (r, p) in enumerate(zip(local, prompts))
-                     if r.prefilled == len(p.token_ids)]
+                     if r.prefilled == len(p.token_ids) or r.seq_id in outcome.failed]
             self._emit([local[i] for i in ended], [outcome.first_tokens[i] for i in ended],
                        outcome.failed, outcome.logprobs)
 

@@ -129,49 +129,49 @@ class DecodeStage:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "a decode step is one token per sequence")
             hidden = embed_checked(self.runner, inputs) if self.spec.is_first else inputs
-            if batch.decode:
-                return self._decode_step(batch, hidden)
-            out = self.runner.forward(seq_ids, lengths, hidden)
+            try:
+                out = self.runner.forward(seq_ids, lengths, hidden, decode=batch.decode)
+            except Exception:
+                return self._one_by_one(batch, hidden)
             if not self.spec.is_last:
                 return ForwardResult(hidden=out.numpy())
+            if batch.decode:
+                # Each sequence's one token is its last: the output is already the last
+                # hidden states, and stays on the device for the logits.
+                return self._sample(seq_ids, out)
             last = self.runner.select_last(out, lengths).numpy()
             rows = [i for i, s in enumerate(batch.slices) if s.ends_prompt]
             return self._sample([seq_ids[i] for i in rows], last[rows])
 
-    def _decode_step(self, batch: ForwardBatch, hidden) -> ForwardResult:
-        """One token per sequence (with the lock held). A pass that fails is undone and
-        run again a sequence at a time, so that one that cannot step (no page for it,
-        say) fails alone and the others go on."""
-        seq_ids = [s.seq_id for s in batch.slices]
-        try:
-            out = self.runner.forward(seq_ids, [1] * len(seq_ids), hidden, decode=True)
-        except Exception:
-            return self._decode_one_by_one(batch, hidden)
-        if not self.spec.is_last:
-            return ForwardResult(hidden=out.numpy())
-        # Each sequence's one token is its last: the output is already the last hidden
-        # states, and stays on the device for the logits.
-        return self._sample(seq_ids, out)
-
-    def _decode_one_by_one(self, batch: ForwardBatch, hidden) -> ForwardResult:
+    def _one_by_one(self, batch: ForwardBatch, hidden) -> ForwardResult:
+        """A pass that failed (with the lock held), undone and run again a sequence at a
+        time, so that one that cannot go on (no page for it, say) fails alone and the
+        others go on."""
         self._undo(batch.slices)
         rows = hidden if isinstance(hidden, np.ndarray) else hidden.numpy()
         outs: dict[int, np.ndarray] = {}
         failed: dict[int, str] = {}
-        for i, s in enumerate(batch.slices):
+        what = "decode step" if batch.decode else "prefill"
+        begin = 0
+        for s in batch.slices:
             try:
-                outs[s.seq_id] = self.runner.forward([s.seq_id], [1], rows[i:i + 1],
-                                                     decode=True).numpy()[0]
-            except Exception as exc:  # this one alone cannot step
+                outs[s.seq_id] = self.runner.forward(
+                    [s.seq_id], [s.length], rows[begin:begin + s.length],
+                    decode=batch.decode).numpy()
+            except Exception as exc:  # this one alone cannot go on
                 self._undo([s])
-                failed[s.seq_id] = f"its decode step failed: {exc}"
-        if not self.spec.is_last:  # the next stages step the failed ones on zeros
-            out = np.zeros((len(batch.slices), self.runner.config.hidden_size), rows.dtype)
-            for i, s in enumerate(batch.slices):
+                failed[s.seq_id] = f"its {what} failed: {exc}"
+            begin += s.length
+        if not self.spec.is_last:  # the next stages run the failed ones on zeros
+            out = np.zeros((begin, self.runner.config.hidden_size), rows.dtype)
+            begin = 0
+            for s in batch.slices:
                 if s.seq_id in outs:
-                    out[i] = outs[s.seq_id]
+                    out[begin:begin + s.length] = outs[s.seq_id]
+                begin += s.length
             return ForwardResult(hidden=out, failed=failed)
-        return self._sample_survivors([s.seq_id for s in batch.slices], outs, failed)
+        ending = [s.seq_id for s in batch.slices if s.ends_prompt]
+        return self._sample_survivors(ending, {q: out[-1] for q, out in outs.items()}, failed)
 
     def _sample_survivors(self, seq_ids: Sequence[int], hidden: dict[int, np.ndarray],
                           failed: dict[int, str]) -> ForwardResult:

@@ -94,6 +94,8 @@ class ClientBudget:
         self._clients: dict[str, _Client] = {}
         self._lock = threading.Lock()
         self._tidy_at = 1024
+        self.waits = 0     # requests made to wait for their client's budget, ever
+        self.refusals = 0  # ... and refused
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +118,7 @@ class ClientBudget:
                 entry = self._clients[client] = _Client(now)
             wait = max(0.0, entry.due - burst - now)
             if wait > burst or (wait and entry.waiting >= MAX_WAITING):
+                self.refusals += 1
                 entry.due = max(entry.due, now) + REQUEST_COST_S / self.limits.share
                 if wait > burst:
                     raise OverBudget(f"this client is over its share of the router; retry "
@@ -125,6 +128,7 @@ class ClientBudget:
             entry.due = max(entry.due, now) + cost_s / self.limits.share
             if wait:
                 entry.waiting += 1
+                self.waits += 1
             return wait
 
     def waited(self, client: str) -> None:

@@ -27,6 +27,7 @@ from protos import worker_pb2
 from protos.layout import kv_bytes_per_token
 from protos.vocabulary import FinishReason, Role
 
+from .client_budget import ClientBudget
 from .scheduler import Scheduler
 
 # vLLM's TTFT buckets, with finer steps at the low end (a CPU token is milliseconds).
@@ -40,7 +41,8 @@ BYTES_BUCKETS = tuple(2.0 ** k for k in range(10, 33, 2))  # 1 KiB .. 4 GiB
 
 
 class RouterMetrics:
-    def __init__(self, scheduler: Scheduler, waiting: Callable[[], int]):
+    def __init__(self, scheduler: Scheduler, waiting: Callable[[], int],
+                 budget: ClientBudget | None = None):
         disable_created_metrics()  # no *_created series beside every counter and histogram
         self.registry = CollectorRegistry()
         r = self.registry
@@ -91,6 +93,8 @@ class RouterMetrics:
         Gauge("olmo_num_requests_waiting", "Requests waiting in line for decode capacity",
               registry=r).set_function(waiting)
         r.register(_WorkerCollector(scheduler))
+        if budget is not None:
+            r.register(_BudgetCollector(budget))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -176,6 +180,24 @@ class _WorkerCollector:
         yield pushes
         yield shared
         yield handoff
+
+    def describe(self):
+        return []
+
+
+class _BudgetCollector:
+    """How often clients ran over their budgets of the router's time."""
+
+    def __init__(self, budget: ClientBudget):
+        self.budget = budget
+
+    def collect(self):
+        yield CounterMetricFamily("olmo_client_requests_waited", "Requests that waited for "
+                                  "their client's budget of the router's time",
+                                  value=self.budget.waits)
+        yield CounterMetricFamily("olmo_client_requests_refused", "Requests refused (HTTP 429, "
+                                  "RESOURCE_EXHAUSTED) as their client was over its budget",
+                                  value=self.budget.refusals)
 
     def describe(self):
         return []

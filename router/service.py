@@ -155,8 +155,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                    scheduler.alive, scheduler.gone_seconds)
         self._client_ids: set[str] = set()  # ids clients chose, of requests in flight
         self._lock = threading.Lock()
-        self.metrics = RouterMetrics(scheduler, self.admission.waiting)
         self.budget = ClientBudget(options.clients)  # both APIs' clients, by address
+        self.metrics = RouterMetrics(scheduler, self.admission.waiting, self.budget)
 
     def close(self) -> None:
         self.stalls.stop()

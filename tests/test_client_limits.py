@@ -94,6 +94,16 @@ def test_a_client_over_its_share_waits_then_is_refused_and_others_are_served(clu
     assert max(seconds for status, _, seconds in answers if status == 200) > 0.15
     assert [status for status, _, _ in others] == [200] * 3
     assert max(seconds for _, _, seconds in others) < 1.0, others
+    url = urlparse(cluster.http_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30,
+                                            source_address=("127.0.0.8", 0))
+    connection.request("GET", "/metrics")
+    metrics = connection.getresponse().read().decode()
+    connection.close()
+    counted = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+               if line.startswith("olmo_client_requests_")}
+    assert counted["olmo_client_requests_refused_total"] >= statuses.count(429)
+    assert counted["olmo_client_requests_waited_total"] > 0
 
 
 def test_a_forwarding_header_does_not_make_a_new_client(cluster):

@@ -195,6 +195,37 @@ def test_a_sequence_whose_decode_step_fails_fails_alone(cluster, client, monkeyp
     wait_until_cluster_idle(cluster)
 
 
+def test_a_local_prefill_that_fails_fails_alone(cluster, client, monkeypatch):
+    """A prefill chunk the decode worker runs itself fails for one prompt after the pass
+    had grown it: undone, and run again a sequence at a time. That request ends with an
+    error; a stream running beside it goes on token for token, and the next prompt is
+    prefilled as if nothing had happened."""
+    prompt = list(range(30, 60))
+    expected = greedy(client, prompt, 40)
+    stub = decode_worker_stub(cluster)
+    good = local_request(stub, "runs-on", prompt, 40)
+    first = next(good)
+    engine = cluster.decode[0].engine
+    runner = cluster.decode[0].stage.runner
+    forward = runner.forward
+
+    def failing(seq_ids, lengths, hidden, decode=False, **kwargs):
+        out = forward(seq_ids, lengths, hidden, decode=decode, **kwargs)  # grown, then:
+        bad = engine.scheduler._requests.get("cannot-prefill")
+        if not decode and bad is not None and bad.seq_id in seq_ids:
+            raise RuntimeError("No page can be allocated")
+        return out
+
+    monkeypatch.setattr(runner, "forward", failing)
+    lost = list(local_request(stub, "cannot-prefill", list(range(80, 100)), 40))
+    assert lost[-1].finish_reason == FinishReason.ERROR
+    assert "its prefill failed: No page can be allocated" in lost[-1].error
+    assert tokens_of([first, *good]) == expected
+    monkeypatch.undo()
+    assert tokens_of(local_request(stub, "after", prompt, 40)) == expected
+    wait_until_cluster_idle(cluster)
+
+
 def test_a_request_whose_kv_cannot_be_installed_fails_alone(cluster, client, monkeypatch):
     """Its K/V gone by install time (or no page left for it): that request ends with an
     error; the one installed beside it and the one running go on."""

@@ -628,13 +628,15 @@ def test_dockerfile_builds_what_the_manifests_run():
 
 def exported_metric_names() -> set[str]:
     """Every series name the router's /metrics can carry."""
+    from router.client_budget import ClientBudget, ClientLimits
     from router.metrics import RouterMetrics
     from router.scheduler import Scheduler
 
     scheduler = Scheduler(None, kv_weight=0.0)
     try:
         names = set()
-        for family in RouterMetrics(scheduler, lambda: 0).registry.collect():
+        metrics = RouterMetrics(scheduler, lambda: 0, ClientBudget(ClientLimits()))
+        for family in metrics.registry.collect():
             names.add(family.name)
             names |= {sample.name for sample in family.samples}
             if family.type == "histogram":
