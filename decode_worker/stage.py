@@ -151,7 +151,7 @@ class DecodeStage:
         rows = hidden if isinstance(hidden, np.ndarray) else hidden.numpy()
         outs: dict[int, np.ndarray] = {}
         failed: dict[int, str] = {}
-        what = "decode step" if batch.decode else "prefill"
+        what = "decode step" if batch.decode else "prefill chunk"
         begin = 0
         for s in batch.slices:
             try:

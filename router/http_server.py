@@ -17,6 +17,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .http_budget import ConnectionsByClient
 
 HEADERS_TIMEOUT_S = 10.0  # a connection's request headers must all arrive within this
+
+
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, but a connection that has not sent a whole request's
     headers ``HEADERS_TIMEOUT_S`` after it opened (or after its last answer) is closed.
@@ -49,10 +51,12 @@ class BoundedH11Protocol(H11Protocol):
             super().data_received(data)
 
     def connection_lost(self, exc) -> None:
-        super().connection_lost(exc)
-        if self._client is not None:
-            self._connections.closed(self._client)
-            self._client = None
+        try:
+            super().connection_lost(exc)
+        finally:
+            if self._client is not None:
+                self._connections.closed(self._client)
+                self._client = None
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

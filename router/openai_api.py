@@ -24,6 +24,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 from tokenizers import Tokenizer
 
 from protos import generation_pb2
@@ -212,6 +213,8 @@ class OpenAIServer:
                 "type": "invalid_request_error", "param": None, "code": "request_timeout"}})
         except ServingError as exc:
             return error_response(exc)
+        except ClientDisconnect:  # it left before its body was whole: no one to answer
+            return Response(status_code=CLIENT_CLOSED)
         try:
             # Off the event loop: tokenizing a long prompt must not stall other streams.
             job = await asyncio.to_thread(self._job_of, client_of_scope(request.scope),

@@ -10,7 +10,10 @@ their boundaries and bytes that are no GenerateRequest at all.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -87,6 +90,27 @@ def test_no_body_gets_a_server_error(cluster, kind):
                                                else CHAT).encode())
     assert status == 200  # and it serves on
     wait_until_cluster_idle(cluster)
+
+
+def test_a_client_leaving_mid_body_is_no_server_error(cluster):
+    """It is answered no one (499 in the metrics' eyes), and nothing is logged as an
+    exception of the server's."""
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    host, port = cluster.http_url.removeprefix("http://").rsplit(":", 1)
+    try:
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b'application/json\r\nContent-Length: 100\r\n\r\n{"prompt"')
+        time.sleep(0.5)
+        assert post(cluster, "/v1/completions", json.dumps(COMPLETION).encode())[0] == 200
+    finally:
+        logger.removeHandler(handler)
+    assert not errors, [e.getMessage() for e in errors]
 
 
 @pytest.mark.parametrize("item", ["[]", "{}", "0", '""'])

@@ -219,7 +219,7 @@ def test_a_local_prefill_that_fails_fails_alone(cluster, client, monkeypatch):
     monkeypatch.setattr(runner, "forward", failing)
     lost = list(local_request(stub, "cannot-prefill", list(range(80, 100)), 40))
     assert lost[-1].finish_reason == FinishReason.ERROR
-    assert "its prefill failed: No page can be allocated" in lost[-1].error
+    assert "its prefill chunk failed: No page can be allocated" in lost[-1].error
     assert tokens_of([first, *good]) == expected
     monkeypatch.undo()
     assert tokens_of(local_request(stub, "after", prompt, 40)) == expected
