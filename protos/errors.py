@@ -20,12 +20,17 @@ Handler = TypeVar("Handler", bound=Callable)
 
 
 class ServingError(Exception):
-    """A failure with the gRPC status it should reach the caller with."""
+    """A failure with the gRPC status it should reach the caller with; a refusal of one
+    field of the request may name it (``param``, the OpenAI API's word) and say why in a
+    word clients look for (``reason``, as gRPC's ErrorInfo has it: "context_length_exceeded")."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None,
+                 reason: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
+        self.reason = reason
 
     @classmethod
     def from_rpc(cls, exc: grpc.RpcError, where: str) -> ServingError:

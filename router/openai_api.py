@@ -24,6 +24,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from tokenizers import Tokenizer
 
@@ -37,6 +38,7 @@ from .service import GenerationServicer, Prepared, encode
 from .validation import MAX_CACHE_SALT_CHARS
 
 MAX_CHOICES = 8  # n times the number of prompts
+MAX_REQUEST_ID_CHARS = 128  # of a client's x-request-id, echoed back
 DISCONNECT_CHECK_S = 0.1  # how soon a request stops once its client has left
 CLIENT_CLOSED = 499  # the client closed the connection (nginx's word for it); none reads it
 MAX_WIRE_INT = 2**31 - 1  # the largest count or token id any request field carries
@@ -74,8 +76,43 @@ UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalt
 
 class BadRequest(ServingError):
     def __init__(self, message: str, param: str | None = None):
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
-        self.param = param
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message, param)
+
+
+class RequestIdMiddleware:
+    """Every answer carries ``x-request-id``: the client's own, when it sent a sane one
+    (at most MAX_REQUEST_ID_CHARS printable ASCII characters), or one made for it; what
+    a client quotes when it reports a problem."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope["headers"] if name == b"x-request-id"),
+                     b"")
+        request_id = (given if 0 < len(given) <= MAX_REQUEST_ID_CHARS
+                      and given.isascii() and given.decode().isprintable()
+                      else uuid.uuid4().hex.encode())
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                   (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """A route it does not have or a method it does not take, in OpenAI's error shape."""
+    status = exc.status_code
+    return JSONResponse(status_code=status, headers=exc.headers, content={"error": {
+        "message": f"{request.method} {request.url.path}: {exc.detail}",
+        "type": ERROR_TYPE.get(status, "invalid_request_error"), "param": None,
+        "code": str(exc.detail).lower().replace(" ", "_")}})
 
 
 def error_response(error: ServingError) -> JSONResponse:
@@ -86,7 +123,7 @@ def error_response(error: ServingError) -> JSONResponse:
 def error_body(error: ServingError) -> dict:
     status = HTTP_STATUS.get(error.code, 500)
     return {"message": error.message, "type": ERROR_TYPE.get(status, "server_error"),
-            "param": getattr(error, "param", None), "code": error.code.name.lower()}
+            "param": error.param, "code": error.reason or error.code.name.lower()}
 
 
 class HttpCall:
@@ -126,6 +163,7 @@ class Choice:
     finish_reason: FinishReason = FinishReason.NONE
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprob_chars: int = 0  # of the tokens whose logprobs have been streamed
 
 
 @dataclasses.dataclass
@@ -159,7 +197,8 @@ class OpenAIServer:
         # the other fields.
         self.max_json_items = (MAX_CHOICES + 10) * servicer.facts.context_window + 4096
         self.markers = chat_markers(tokenizer, chat)
-        self.app = BudgetMiddleware(self._build(), servicer.budget, DRAIN_BYTES)
+        self.app = RequestIdMiddleware(BudgetMiddleware(self._build(), servicer.budget,
+                                                        DRAIN_BYTES))
 
     # --- routes -----------------------------------------------------------------------
 
@@ -168,6 +207,9 @@ class OpenAIServer:
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
+        app.get("/v1/models/{model_id:path}")(self.model)
+        # Routes it does not have, methods they do not take: OpenAI's error shape too.
+        app.exception_handler(StarletteHTTPException)(http_error)
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics)
         return app
@@ -181,9 +223,23 @@ class OpenAIServer:
     async def models(self, request: Request) -> Response:
         if (refused := self._refuse_unauthenticated(request)) is not None:
             return refused
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created,
-            "owned_by": "olmo-disagg", "max_model_len": self.servicer.facts.context_window}]})
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request, model_id: str) -> Response:
+        if (refused := self._refuse_unauthenticated(request)) is not None:
+            return refused
+        if model_id != self.model_name:
+            return error_response(self._unknown_model(model_id))
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created,
+                "owned_by": "olmo-disagg", "max_model_len": self.servicer.facts.context_window}
+
+    def _unknown_model(self, model) -> ServingError:
+        return ServingError(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served here; "
+                            f"this server serves {self.model_name!r}", "model",
+                            "model_not_found")
 
     async def health(self) -> Response:
         """Ready when some decode worker (and, disaggregated, some prefill worker) answers."""
@@ -432,9 +488,11 @@ class OpenAIServer:
             for request in requests:
                 request.cache_salt = salt
                 prepared.append(self.servicer.prepare(request))
-        except ServingError:
+        except ServingError as exc:
             for done in prepared:
                 self.servicer.discard(done)
+            if kind == "chat" and exc.param == "prompt":  # a chat's prompt is its messages
+                exc.param = "messages"
             raise
         return Job(kind, prepared, stream, bool(options.get("include_usage")), logprobs,
                    prompts)
@@ -442,9 +500,7 @@ class OpenAIServer:
     def _check_common(self, body: dict) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise ServingError(grpc.StatusCode.NOT_FOUND,
-                               f"model {model!r} is not served here; this server serves "
-                               f"{self.model_name!r}")
+            raise self._unknown_model(model)
         for name, neutral in UNSUPPORTED.items():
             value = body.get(name)
             if value not in (None, neutral) and value != {} and value != []:
@@ -488,8 +544,11 @@ class OpenAIServer:
     def _chunk(self, job: Job, choice: Choice, response: generation_pb2.GenerateResponse,
                first_of_choice: bool) -> dict | None:
         finish = _label(FinishReason(response.finish_reason))
-        logprobs = (self._logprobs(job, list(response.logprobs))
-                    if job.logprobs and response.logprobs else None)
+        logprobs = None
+        if job.logprobs and response.logprobs:
+            logprobs = self._logprobs(job, list(response.logprobs), choice.logprob_chars)
+            if job.kind != "chat":
+                choice.logprob_chars = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         if not (response.text or finish or logprobs or first_of_choice):
             return None
         if job.kind == "chat":
@@ -501,7 +560,10 @@ class OpenAIServer:
         return {"index": choice.index, "text": response.text, "logprobs": logprobs,
                 "finish_reason": finish}
 
-    def _logprobs(self, job: Job, tokens: list[generation_pb2.TokenLogprobs]) -> dict:
+    def _logprobs(self, job: Job, tokens: list[generation_pb2.TokenLogprobs],
+                  offset: int = 0) -> dict:
+        """OpenAI's logprobs of ``tokens``; a completion's ``text_offset`` counts from
+        ``offset``, the characters of the tokens before them."""
         text = self._token_text
         if job.kind == "chat":
             return {"content": [{
@@ -510,7 +572,7 @@ class OpenAIServer:
                 "top_logprobs": [{"token": text(a.token_id), "logprob": a.logprob,
                                   "bytes": list(text(a.token_id).encode())} for a in t.top]}
                 for t in tokens]}
-        offsets, offset = [], 0
+        offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(text(t.token_id))
@@ -646,6 +708,8 @@ def _messages(messages, max_bytes: int, markers: frozenset[str]) -> list[dict]:
             raise BadRequest(f"unknown role {message['role'][:32]!r}; roles are "
                              f"{', '.join(sorted({*CHAT_ROLES, *ROLE_ALIASES}))}", "messages")
         content = message.get("content")
+        if content is None and role == "assistant":  # a turn of tool calls has none
+            content = ""
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str)
                        and p.get("type") == "text" for p in content):

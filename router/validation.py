@@ -65,8 +65,24 @@ class ModelFacts:
         return cls(layout.vocab_size, layout.context_window, tuple(layout.eos_token_ids))
 
 
-def invalid(message: str) -> ServingError:
-    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # the word OpenAI's clients look for
+
+
+def invalid(message: str, param: str | None = None, reason: str | None = None
+            ) -> ServingError:
+    """INVALID_ARGUMENT, naming the field (as the OpenAI API calls it)."""
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message, param, reason)
+
+
+def too_long(context_window: int, prompt_tokens: int, max_tokens: int | None = None
+             ) -> ServingError:
+    """A request the context window cannot hold, in the words clients' fallbacks (shorten,
+    summarize) look for."""
+    asked = (f"the prompt has {prompt_tokens} tokens" if max_tokens is None else
+             f"{prompt_tokens + max_tokens} tokens were asked for ({prompt_tokens} in the "
+             f"prompt, max_tokens {max_tokens})")
+    return invalid(f"This model's maximum context length is {context_window} tokens; "
+                   f"{asked}", "prompt", CONTEXT_LENGTH_EXCEEDED)
 
 
 def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
@@ -76,22 +92,26 @@ def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
     # Characters first (never more than bytes): a huge prompt is refused without encoding.
     if kind == "text" and (len(request.text) > limits.max_prompt_bytes
                            or len(request.text.encode()) > limits.max_prompt_bytes):
-        raise invalid(f"the prompt has more than {limits.max_prompt_bytes} bytes")
+        raise invalid(f"the prompt has more than {limits.max_prompt_bytes} bytes, more "
+                      "than the context window can hold", "prompt", CONTEXT_LENGTH_EXCEEDED)
     if kind == "token_ids" and len(request.token_ids.ids) > facts.context_window:
-        raise invalid(f"the prompt has {len(request.token_ids.ids)} tokens; this model's "
-                      f"context window is {facts.context_window}")
+        raise too_long(facts.context_window, len(request.token_ids.ids))
     if len(request.request_id) > limits.max_request_id_chars:
-        raise invalid(f"request_id has more than {limits.max_request_id_chars} characters")
+        raise invalid(f"request_id has more than {limits.max_request_id_chars} characters",
+                      "request_id")
     stops = request.sampling.stop
     if len(stops) > limits.max_stop_strings:
-        raise invalid(f"{len(stops)} stop strings; at most {limits.max_stop_strings}")
+        raise invalid(f"{len(stops)} stop strings; at most {limits.max_stop_strings}", "stop")
     if any(len(stop) > limits.max_stop_chars for stop in stops):
-        raise invalid(f"a stop string has more than {limits.max_stop_chars} characters")
+        raise invalid(f"a stop string has more than {limits.max_stop_chars} characters",
+                      "stop")
     stop_ids = len(request.sampling.stop_token_ids)
     if stop_ids > limits.max_stop_token_ids:
-        raise invalid(f"{stop_ids} stop token ids; at most {limits.max_stop_token_ids}")
+        raise invalid(f"{stop_ids} stop token ids; at most {limits.max_stop_token_ids}",
+                      "stop_token_ids")
     if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
-        raise invalid(f"cache_salt has more than {MAX_CACHE_SALT_CHARS} characters")
+        raise invalid(f"cache_salt has more than {MAX_CACHE_SALT_CHARS} characters",
+                      "cache_salt")
 
 
 def cache_salt_digest(salt: str) -> bytes:
@@ -108,25 +128,26 @@ def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
     """
     s = request.sampling
     if not prompt_ids:
-        raise invalid("the prompt is empty")
+        raise invalid("the prompt is empty", "prompt")
     bad = [t for t in prompt_ids if t >= facts.vocab_size]
     if bad:
-        raise invalid(f"token id {bad[0]} is outside the vocabulary of {facts.vocab_size}")
+        raise invalid(f"token id {bad[0]} is outside the vocabulary of {facts.vocab_size}",
+                      "prompt")
     max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
     if len(prompt_ids) + max_tokens > facts.context_window:
-        raise invalid(f"prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}; "
-                      f"this model's context window is {facts.context_window}")
+        raise too_long(facts.context_window, len(prompt_ids), max_tokens)
     if not math.isfinite(s.temperature) or s.temperature < 0:
-        raise invalid(f"temperature must be >= 0, got {s.temperature}")
+        raise invalid(f"temperature must be >= 0, got {s.temperature}", "temperature")
     if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
-        raise invalid(f"top_p must be in [0, 1], got {s.top_p}")
+        raise invalid(f"top_p must be in [0, 1], got {s.top_p}", "top_p")
     if any(not stop for stop in s.stop):
-        raise invalid("stop strings must not be empty")
+        raise invalid("stop strings must not be empty", "stop")
     bad = [t for t in s.stop_token_ids if t >= facts.vocab_size]
     if bad:
-        raise invalid(f"stop token id {bad[0]} is outside the vocabulary")
+        raise invalid(f"stop token id {bad[0]} is outside the vocabulary", "stop_token_ids")
     if s.top_logprobs > MAX_TOP_LOGPROBS:
-        raise invalid(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}")
+        raise invalid(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got "
+                      f"{s.top_logprobs}", "top_logprobs")
     return worker_pb2.Sampling(
         max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         has_seed=s.HasField("seed"), seed=s.seed, stop_token_ids=list(s.stop_token_ids),

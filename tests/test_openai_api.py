@@ -159,11 +159,13 @@ def test_closing_a_stream_cancels_the_request_everywhere(cluster, api):
 
 
 @pytest.mark.parametrize("kwargs, status, param", [
-    (dict(temperature=-1.0), 400, None),
+    (dict(temperature=-1.0), 400, "temperature"),
+    (dict(top_p=2.0), 400, "top_p"),
     (dict(n=100), 400, "n"),
     (dict(extra_body={"presence_penalty": 0.5}), 400, "presence_penalty"),
-    (dict(max_tokens=10_000), 400, None),
-    (dict(model="gpt-4"), 404, None),
+    (dict(max_tokens=10_000), 400, "prompt"),
+    (dict(stop=[""]), 400, "stop"),
+    (dict(model="gpt-4"), 404, "model"),
 ])
 def test_bad_requests_get_openai_errors(api, kwargs, status, param):
     kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kwargs}
@@ -172,6 +174,66 @@ def test_bad_requests_get_openai_errors(api, kwargs, status, param):
     assert err.value.status_code == status
     body = err.value.body
     assert body["message"] and body["type"] and (param is None or body["param"] == param)
+
+
+def test_a_context_overflow_says_so_in_the_words_clients_look_for(api):
+    """LangChain, LiteLLM and the like shorten or summarize on ``context_length_exceeded``
+    or a message naming the maximum context length."""
+    for create, kwargs, param in [
+            (api.completions.create, dict(prompt=PROMPT), "prompt"),
+            (api.chat.completions.create, dict(messages=MESSAGES), "messages")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            create(model=MODEL, max_tokens=10_000, **kwargs)
+        body = err.value.body
+        assert body["code"] == "context_length_exceeded" and body["param"] == param
+        assert "maximum context length is 512 tokens" in body["message"]
+
+
+def test_a_model_is_found_by_its_id(api):
+    assert api.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as err:
+        api.models.retrieve("gpt-4")
+    assert err.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/v1/nowhere", 404), ("DELETE", "/v1/models", 405),
+    ("GET", "/v1/completions", 405)])
+def test_what_is_not_here_answers_in_openais_error_shape(cluster, method, path, status):
+    request = urllib.request.Request(f"{cluster.http_url}{path}", method=method)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == status
+    error = json.loads(err.value.read())["error"]
+    assert error["message"] and error["type"] and "param" in error and error["code"]
+
+
+def test_every_answer_carries_a_request_id(api):
+    made = api.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+    assert len(made.headers["x-request-id"]) == 32
+    echoed = api.completions.with_raw_response.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, extra_headers={"x-request-id": "trace-42"})
+    assert echoed.headers["x-request-id"] == "trace-42"
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=-1,
+                               extra_headers={"x-request-id": "x" * 1000})
+    assert len(err.value.response.headers["x-request-id"]) == 32  # not one that long
+
+
+def test_an_assistant_turn_without_content_is_taken(api):
+    reply = api.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+        *MESSAGES, {"role": "assistant", "content": None}, {"role": "user", "content": "Go on"}])
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_streamed_text_offsets_are_those_of_the_whole_completion(api):
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1)
+    whole = api.completions.create(**kwargs).choices[0].logprobs
+    streamed = [chunk.choices[0].logprobs for chunk in api.completions.create(**kwargs,
+                                                                             stream=True)
+                if chunk.choices and chunk.choices[0].logprobs]
+    assert [o for lp in streamed for o in lp.text_offset] == whole.text_offset
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
 
 
 def test_models_and_health(api, cluster):

@@ -238,7 +238,7 @@ def test_reservation_without_push_expires(decode_stub):
     [
         (dict(prompt=""), "prompt is empty"),
         (dict(prompt=[]), "prompt is empty"),
-        (dict(prompt=[1] * 500, max_tokens=20), "context window is 512"),
+        (dict(prompt=[1] * 500, max_tokens=20), "maximum context length is 512 tokens"),
         (dict(prompt=PROMPT, temperature=-1.0), "temperature must be >= 0"),
         (dict(prompt=PROMPT, top_p=1.5), "top_p must be in"),
         (dict(prompt=[5, 99999]), "outside the vocabulary"),
