@@ -1,6 +1,10 @@
-"""Per-request token sampling: greedy, temperature, top-k, top-p, seeded."""
+"""Per-request token sampling: logit bias, penalties and min_tokens on the model's logits,
+then greedy or temperature, top-k, top-p, seeded."""
 
 from __future__ import annotations
+
+import collections
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -15,19 +19,64 @@ def finite_rows(logits: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    """Owns one request's randomness, so a seeded request replays exactly."""
+    """Owns one request's randomness, so a seeded request replays exactly, and what its
+    penalties count: the tokens it has generated (``record``)."""
 
-    def __init__(self, config: SamplingConfig):
-        self.config = config
+    def __init__(self, config: SamplingConfig, eos_ids: Iterable[int] = ()):
+        c = self.config = config
         self.rng = np.random.default_rng(config.seed)
+        self.adjusts = bool(c.logit_bias or c.presence_penalty or c.frequency_penalty
+                            or c.repetition_penalty != 1.0 or c.min_tokens)
+        self._bias_ids = np.array([t for t, _ in c.logit_bias], np.int64)
+        self._bias = np.array([b for _, b in c.logit_bias], np.float64)
+        # What min_tokens holds back: the stop token ids, and EOS unless it is ignored.
+        self._stops = np.array(sorted({*c.stop_token_ids,
+                                       *(() if c.ignore_eos else eos_ids)}), np.int64)
+        self.counts = collections.Counter(c.prior_output_ids)  # output tokens, each's count
+        self.seen = set(c.penalty_prompt_ids) | set(c.prior_output_ids)  # prompt or output
+        self.sampled = 0  # tokens this worker sampled (min_tokens counts from here)
 
     @property
     def greedy(self) -> bool:
         return self.config.temperature <= 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the logits as they are (the batch's one argmax serves it)."""
+        return self.greedy and not self.adjusts
+
+    def adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """The logits after logit_bias, min_tokens and the penalties, in float64: vLLM's
+        order (processors, then the repetition, frequency and presence penalties)."""
+        c = self.config
+        out = logits.astype(np.float64)
+        if self._bias_ids.size:
+            out[self._bias_ids] += self._bias
+        if self.sampled < c.min_tokens and self._stops.size:
+            out[self._stops] = -np.inf
+        if c.repetition_penalty != 1.0 and self.seen:
+            ids = np.fromiter(self.seen, np.int64, len(self.seen))
+            row = out[ids]
+            out[ids] = np.where(row > 0, row / c.repetition_penalty,
+                                row * c.repetition_penalty)
+        if (c.frequency_penalty or c.presence_penalty) and self.counts:
+            ids = np.fromiter(self.counts.keys(), np.int64, len(self.counts))
+            times = np.fromiter(self.counts.values(), np.float64, len(self.counts))
+            out[ids] -= c.frequency_penalty * times + c.presence_penalty
+        return out
+
+    def record(self, token: int) -> None:
+        """``token`` was sampled: the penalties count it from now on."""
+        self.sampled += 1
+        if self.adjusts:
+            self.counts[token] += 1
+            self.seen.add(token)
+
     def sample(self, logits: np.ndarray) -> int:
         """One token from a row of finite logits (the caller checks: see ``finite_rows``)."""
         c = self.config
+        if self.adjusts:
+            logits = self.adjusted(logits)
         if self.greedy:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / c.temperature

@@ -57,7 +57,8 @@ class DecodeStage:
                 start_sequence(self.runner, self.sequences, e.seq_id, e.fork_from, e.fork_pos)
                 self._seq_of_request[e.request_id] = e.seq_id
                 if self.spec.is_last:
-                    self.samplers[e.seq_id] = Sampler(e.sampling)
+                    self.samplers[e.seq_id] = Sampler(e.sampling,
+                                                      self.runner.config.eos_token_id)
                 if not e.local:
                     self.receiver.expect(e.request_id, e.prompt_tokens, e.fork_pos,
                                          e.push_token)
@@ -206,7 +207,8 @@ class DecodeStage:
                 result.tokens.append(0)
                 result.failed[seq_id] = NON_FINITE
                 continue
-            token = greedy[i] if sampler.greedy else sampler.sample(row)
+            token = greedy[i] if sampler.plain_greedy else sampler.sample(row)
+            sampler.record(token)
             result.tokens.append(token)
             logprobs = sampler.logprobs(row, token)
             if logprobs is not None:

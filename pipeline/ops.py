@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 
 from protos.errors import ServingError
+from protos.sampling import controls_problem
 
 # Request ids on workers are the router's (32 hex digits); anything longer is refused.
 MAX_REQUEST_ID_CHARS = 128
@@ -37,6 +38,14 @@ class SamplingConfig:
     ignore_eos: bool = False
     logprobs: bool = False      # report each sampled token's log-probability
     top_logprobs: int = 0       # ... and this many most likely alternatives
+    # generation.proto's SamplingParams says how each of these applies.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    penalty_prompt_ids: tuple[int, ...] = ()  # the prompt, for the repetition penalty
+    prior_output_ids: tuple[int, ...] = ()    # output before a resume, for the penalties
 
     def problem(self, vocab_size: int) -> str | None:
         """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""
@@ -51,7 +60,12 @@ class SamplingConfig:
             return f"stop token id {bad[0]} is outside the vocabulary of {vocab_size}"
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             return f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
-        return None
+        problem = controls_problem(self.presence_penalty, self.frequency_penalty,
+                                   self.repetition_penalty, dict(self.logit_bias),
+                                   self.min_tokens, self.max_tokens, vocab_size)
+        if problem is None and self.repetition_penalty <= 0:
+            problem = "repetition_penalty", "repetition_penalty must be > 0"
+        return problem[1] if problem else None
 
 
 @dataclasses.dataclass(frozen=True)

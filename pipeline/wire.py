@@ -28,14 +28,23 @@ def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingConfig:
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0,
         top_k=s.top_k, seed=s.seed if s.has_seed else None,
         stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
-        logprobs=s.logprobs, top_logprobs=s.top_logprobs)
+        logprobs=s.logprobs, top_logprobs=s.top_logprobs,
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty or 1.0,
+        logit_bias=tuple(sorted(s.logit_bias.items())), min_tokens=s.min_tokens,
+        penalty_prompt_ids=tuple(s.penalty_prompt_ids),
+        prior_output_ids=tuple(s.prior_output_ids))
 
 
 def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
     return worker_pb2.Sampling(
         max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
         has_seed=c.seed is not None, seed=c.seed or 0, stop_token_ids=list(c.stop_token_ids),
-        ignore_eos=c.ignore_eos, logprobs=c.logprobs, top_logprobs=c.top_logprobs)
+        ignore_eos=c.ignore_eos, logprobs=c.logprobs, top_logprobs=c.top_logprobs,
+        presence_penalty=c.presence_penalty, frequency_penalty=c.frequency_penalty,
+        repetition_penalty=c.repetition_penalty, logit_bias=dict(c.logit_bias),
+        min_tokens=c.min_tokens, penalty_prompt_ids=list(c.penalty_prompt_ids),
+        prior_output_ids=list(c.prior_output_ids))
 
 
 def logprobs_to_proto(lp: TokenLogprobs) -> generation_pb2.TokenLogprobs:

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos import generation_pb2 as protos_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x0eolmo.worker.v1\x1a\x17protos/generation.proto\"\x86\x02\n\x0bModelLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0blayer_begin\x18\x05 \x01(\r\x12\x11\n\tlayer_end\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_window\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\"\x0e\n\x0cStatsRequest\"\x8e\x06\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x15\n\rqueued_tokens\x18\x04 \x01(\x04\x12\x19\n\x11running_sequences\x18\x05 \x01(\r\x12\x13\n\x0btotal_pages\x18\x06 \x01(\r\x12\x12\n\nfree_pages\x18\x07 \x01(\r\x12\x14\n\x0creservations\x18\x08 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\n \x01(\x04\x12\x16\n\x0epushes_refused\x18\x0b \x01(\r\x12\x11\n\ttransport\x18\x0c \x01(\t\x12\x12\n\nused_pages\x18\r \x01(\r\x12\x0e\n\x06pushes\x18\x0e \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x0f \x01(\x01\x12)\n\x06stages\x18\x10 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfo\x12\x12\n\ntransports\x18\x11 \x03(\t\x12\x16\n\x0etransport_note\x18\x12 \x01(\t\x12\x18\n\x10\x63\x61\x63hed_sequences\x18\x13 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\x14 \x01(\r\x12\x1b\n\x13prefix_query_tokens\x18\x15 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x16 \x01(\x04\x12\x18\n\x10prefilled_tokens\x18\x17 \x01(\x04\x12\x14\n\x0ckv_export_ms\x18\x18 \x01(\x01\x12\x14\n\x0ckv_encode_ms\x18\x19 \x01(\x01\x12\x16\n\x0ekv_assemble_ms\x18\x1a \x01(\x01\x12\x15\n\rkv_install_ms\x18\x1b \x01(\x01\x12\x1c\n\x14shared_memory_pushes\x18\x1c \x01(\x04\x12\x1b\n\x13shared_memory_bytes\x18\x1d \x01(\x04\x12\x18\n\x10shared_memory_ms\x18\x1e \x01(\x01\x12\x18\n\x10step_loop_age_ms\x18\x1f \x01(\x01\"D\n\tStageInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0blayer_begin\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\"\xc5\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\"\xe3\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.olmo.worker.v1.Sampling\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\r\x12\x17\n\x0fprefill_locally\x18\x07 \x01(\x08\x12\x1b\n\x13local_prefill_below\x18\x08 \x01(\r\x12\x12\n\ncache_salt\x18\t \x01(\x0cJ\x04\x08\x05\x10\x06\"\x9a\x01\n\x0fReserveResponse\x12\x16\n\x0ereserved_pages\x18\x01 \x01(\r\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fprefill_locally\x18\x04 \x01(\x08\x12\x12\n\npush_token\x18\x05 \x01(\x0c\"\xbd\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rdecode_stages\x18\x03 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfo\x12\x13\n\x0bskip_tokens\x18\x05 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x12\n\npush_token\x18\x07 \x01(\x0c\x12\x12\n\ncache_salt\x18\x08 \x01(\x0cJ\x04\x08\x04\x10\x05\"f\n\x0fPrefillResponse\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x04\x12\x12\n\nprefill_ms\x18\x02 \x01(\x02\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x02\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xad\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0btoken_begin\x18\x05 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x12\n\npush_token\x18\x07 \x01(\x0c\"_\n\x07KVBlock\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0btoken_begin\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"\x1b\n\x0bHiddenState\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"e\n\x08SharedKV\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\n\n\x02\x66\x64\x18\x02 \x01(\r\x12\x13\n\x0bkeys_offset\x18\x03 \x01(\x04\x12\x15\n\rvalues_offset\x18\x04 \x01(\x04\x12\x14\n\x0clayer_stride\x18\x05 \x01(\x04\"\x1a\n\tKVTrailer\x12\r\n\x05\x63rc32\x18\x01 \x01(\x07\"\xf0\x01\n\x07KVChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.olmo.worker.v1.KVHeaderH\x00\x12(\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x17.olmo.worker.v1.KVBlockH\x00\x12-\n\x06hidden\x18\x03 \x01(\x0b\x32\x1b.olmo.worker.v1.HiddenStateH\x00\x12,\n\x07trailer\x18\x04 \x01(\x0b\x32\x19.olmo.worker.v1.KVTrailerH\x00\x12*\n\x06shared\x18\x05 \x01(\x0b\x32\x18.olmo.worker.v1.SharedKVH\x00\x42\x06\n\x04part\"9\n\x0cPushResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x1a\n\x12shared_memory_host\x18\x02 \x01(\t\")\n\x13StreamTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xc2\x01\n\nTokenEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x11\n\thas_token\x18\x02 \x01(\x08\x12\x37\n\rfinish_reason\x18\x07 \x01(\x0e\x32 .olmo.generation.v1.FinishReason\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04\x63ode\x18\x05 \x01(\r\x12\x33\n\x08logprobs\x18\x06 \x01(\x0b\x32!.olmo.generation.v1.TokenLogprobsJ\x04\x08\x03\x10\x04\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xb7\x02\n\x0c\x44\x65\x63odeWorker\x12J\n\x07Reserve\x12\x1e.olmo.worker.v1.ReserveRequest\x1a\x1f.olmo.worker.v1.ReserveResponse\x12Q\n\x0cStreamTokens\x12#.olmo.worker.v1.StreamTokensRequest\x1a\x1a.olmo.worker.v1.TokenEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.olmo.worker.v1.AbortRequest\x1a\x1d.olmo.worker.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.olmo.worker.v1.StatsRequest\x1a\x1b.olmo.worker.v1.WorkerStats2K\n\x06KVPush\x12\x41\n\x06PushKV\x12\x17.olmo.worker.v1.KVChunk\x1a\x1c.olmo.worker.v1.PushResponse(\x01\x32\xe5\x01\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1e.olmo.worker.v1.PrefillRequest\x1a\x1f.olmo.worker.v1.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.olmo.worker.v1.AbortRequest\x1a\x1d.olmo.worker.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.olmo.worker.v1.StatsRequest\x1a\x1b.olmo.worker.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x0eolmo.worker.v1\x1a\x17protos/generation.proto\"\x86\x02\n\x0bModelLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0blayer_begin\x18\x05 \x01(\r\x12\x11\n\tlayer_end\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_window\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\"\x0e\n\x0cStatsRequest\"\x8e\x06\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x15\n\rqueued_tokens\x18\x04 \x01(\x04\x12\x19\n\x11running_sequences\x18\x05 \x01(\r\x12\x13\n\x0btotal_pages\x18\x06 \x01(\r\x12\x12\n\nfree_pages\x18\x07 \x01(\r\x12\x14\n\x0creservations\x18\x08 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\n \x01(\x04\x12\x16\n\x0epushes_refused\x18\x0b \x01(\r\x12\x11\n\ttransport\x18\x0c \x01(\t\x12\x12\n\nused_pages\x18\r \x01(\r\x12\x0e\n\x06pushes\x18\x0e \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x0f \x01(\x01\x12)\n\x06stages\x18\x10 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfo\x12\x12\n\ntransports\x18\x11 \x03(\t\x12\x16\n\x0etransport_note\x18\x12 \x01(\t\x12\x18\n\x10\x63\x61\x63hed_sequences\x18\x13 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\x14 \x01(\r\x12\x1b\n\x13prefix_query_tokens\x18\x15 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x16 \x01(\x04\x12\x18\n\x10prefilled_tokens\x18\x17 \x01(\x04\x12\x14\n\x0ckv_export_ms\x18\x18 \x01(\x01\x12\x14\n\x0ckv_encode_ms\x18\x19 \x01(\x01\x12\x16\n\x0ekv_assemble_ms\x18\x1a \x01(\x01\x12\x15\n\rkv_install_ms\x18\x1b \x01(\x01\x12\x1c\n\x14shared_memory_pushes\x18\x1c \x01(\x04\x12\x1b\n\x13shared_memory_bytes\x18\x1d \x01(\x04\x12\x18\n\x10shared_memory_ms\x18\x1e \x01(\x01\x12\x18\n\x10step_loop_age_ms\x18\x1f \x01(\x01\"D\n\tStageInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0blayer_begin\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\"\xcf\x03\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12;\n\nlogit_bias\x18\x0e \x03(\x0b\x32\'.olmo.worker.v1.Sampling.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x1a\n\x12penalty_prompt_ids\x18\x10 \x03(\r\x12\x18\n\x10prior_output_ids\x18\x11 \x03(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xe3\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.olmo.worker.v1.Sampling\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\r\x12\x17\n\x0fprefill_locally\x18\x07 \x01(\x08\x12\x1b\n\x13local_prefill_below\x18\x08 \x01(\r\x12\x12\n\ncache_salt\x18\t \x01(\x0cJ\x04\x08\x05\x10\x06\"\x9a\x01\n\x0fReserveResponse\x12\x16\n\x0ereserved_pages\x18\x01 \x01(\r\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fprefill_locally\x18\x04 \x01(\x08\x12\x12\n\npush_token\x18\x05 \x01(\x0c\"\xbd\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rdecode_stages\x18\x03 \x03(\x0b\x32\x19.olmo.worker.v1.StageInfo\x12\x13\n\x0bskip_tokens\x18\x05 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x12\n\npush_token\x18\x07 \x01(\x0c\x12\x12\n\ncache_salt\x18\x08 \x01(\x0cJ\x04\x08\x04\x10\x05\"f\n\x0fPrefillResponse\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x04\x12\x12\n\nprefill_ms\x18\x02 \x01(\x02\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x02\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xad\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.olmo.worker.v1.ModelLayout\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0btoken_begin\x18\x05 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x12\n\npush_token\x18\x07 \x01(\x0c\"_\n\x07KVBlock\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0btoken_begin\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"\x1b\n\x0bHiddenState\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"e\n\x08SharedKV\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\n\n\x02\x66\x64\x18\x02 \x01(\r\x12\x13\n\x0bkeys_offset\x18\x03 \x01(\x04\x12\x15\n\rvalues_offset\x18\x04 \x01(\x04\x12\x14\n\x0clayer_stride\x18\x05 \x01(\x04\"\x1a\n\tKVTrailer\x12\r\n\x05\x63rc32\x18\x01 \x01(\x07\"\xf0\x01\n\x07KVChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.olmo.worker.v1.KVHeaderH\x00\x12(\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x17.olmo.worker.v1.KVBlockH\x00\x12-\n\x06hidden\x18\x03 \x01(\x0b\x32\x1b.olmo.worker.v1.HiddenStateH\x00\x12,\n\x07trailer\x18\x04 \x01(\x0b\x32\x19.olmo.worker.v1.KVTrailerH\x00\x12*\n\x06shared\x18\x05 \x01(\x0b\x32\x18.olmo.worker.v1.SharedKVH\x00\x42\x06\n\x04part\"9\n\x0cPushResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x1a\n\x12shared_memory_host\x18\x02 \x01(\t\")\n\x13StreamTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xc2\x01\n\nTokenEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x11\n\thas_token\x18\x02 \x01(\x08\x12\x37\n\rfinish_reason\x18\x07 \x01(\x0e\x32 .olmo.generation.v1.FinishReason\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04\x63ode\x18\x05 \x01(\r\x12\x33\n\x08logprobs\x18\x06 \x01(\x0b\x32!.olmo.generation.v1.TokenLogprobsJ\x04\x08\x03\x10\x04\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xb7\x02\n\x0c\x44\x65\x63odeWorker\x12J\n\x07Reserve\x12\x1e.olmo.worker.v1.ReserveRequest\x1a\x1f.olmo.worker.v1.ReserveResponse\x12Q\n\x0cStreamTokens\x12#.olmo.worker.v1.StreamTokensRequest\x1a\x1a.olmo.worker.v1.TokenEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.olmo.worker.v1.AbortRequest\x1a\x1d.olmo.worker.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.olmo.worker.v1.StatsRequest\x1a\x1b.olmo.worker.v1.WorkerStats2K\n\x06KVPush\x12\x41\n\x06PushKV\x12\x17.olmo.worker.v1.KVChunk\x1a\x1c.olmo.worker.v1.PushResponse(\x01\x32\xe5\x01\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1e.olmo.worker.v1.PrefillRequest\x1a\x1f.olmo.worker.v1.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.olmo.worker.v1.AbortRequest\x1a\x1d.olmo.worker.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.olmo.worker.v1.StatsRequest\x1a\x1b.olmo.worker.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLING_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_MODELLAYOUT']._serialized_start=65
   _globals['_MODELLAYOUT']._serialized_end=327
   _globals['_STATSREQUEST']._serialized_start=329
@@ -41,41 +43,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEINFO']._serialized_start=1130
   _globals['_STAGEINFO']._serialized_end=1198
   _globals['_SAMPLING']._serialized_start=1201
-  _globals['_SAMPLING']._serialized_end=1398
-  _globals['_RESERVEREQUEST']._serialized_start=1401
-  _globals['_RESERVEREQUEST']._serialized_end=1628
-  _globals['_RESERVERESPONSE']._serialized_start=1631
-  _globals['_RESERVERESPONSE']._serialized_end=1785
-  _globals['_PREFILLREQUEST']._serialized_start=1788
-  _globals['_PREFILLREQUEST']._serialized_end=1977
-  _globals['_PREFILLRESPONSE']._serialized_start=1979
-  _globals['_PREFILLRESPONSE']._serialized_end=2081
-  _globals['_KVHEADER']._serialized_start=2084
-  _globals['_KVHEADER']._serialized_end=2257
-  _globals['_KVBLOCK']._serialized_start=2259
-  _globals['_KVBLOCK']._serialized_end=2354
-  _globals['_HIDDENSTATE']._serialized_start=2356
-  _globals['_HIDDENSTATE']._serialized_end=2383
-  _globals['_SHAREDKV']._serialized_start=2385
-  _globals['_SHAREDKV']._serialized_end=2486
-  _globals['_KVTRAILER']._serialized_start=2488
-  _globals['_KVTRAILER']._serialized_end=2514
-  _globals['_KVCHUNK']._serialized_start=2517
-  _globals['_KVCHUNK']._serialized_end=2757
-  _globals['_PUSHRESPONSE']._serialized_start=2759
-  _globals['_PUSHRESPONSE']._serialized_end=2816
-  _globals['_STREAMTOKENSREQUEST']._serialized_start=2818
-  _globals['_STREAMTOKENSREQUEST']._serialized_end=2859
-  _globals['_TOKENEVENT']._serialized_start=2862
-  _globals['_TOKENEVENT']._serialized_end=3056
-  _globals['_ABORTREQUEST']._serialized_start=3058
-  _globals['_ABORTREQUEST']._serialized_end=3108
-  _globals['_ABORTRESPONSE']._serialized_start=3110
-  _globals['_ABORTRESPONSE']._serialized_end=3140
-  _globals['_DECODEWORKER']._serialized_start=3143
-  _globals['_DECODEWORKER']._serialized_end=3454
-  _globals['_KVPUSH']._serialized_start=3456
-  _globals['_KVPUSH']._serialized_end=3531
-  _globals['_PREFILLWORKER']._serialized_start=3534
-  _globals['_PREFILLWORKER']._serialized_end=3763
+  _globals['_SAMPLING']._serialized_end=1664
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_start=1616
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_end=1664
+  _globals['_RESERVEREQUEST']._serialized_start=1667
+  _globals['_RESERVEREQUEST']._serialized_end=1894
+  _globals['_RESERVERESPONSE']._serialized_start=1897
+  _globals['_RESERVERESPONSE']._serialized_end=2051
+  _globals['_PREFILLREQUEST']._serialized_start=2054
+  _globals['_PREFILLREQUEST']._serialized_end=2243
+  _globals['_PREFILLRESPONSE']._serialized_start=2245
+  _globals['_PREFILLRESPONSE']._serialized_end=2347
+  _globals['_KVHEADER']._serialized_start=2350
+  _globals['_KVHEADER']._serialized_end=2523
+  _globals['_KVBLOCK']._serialized_start=2525
+  _globals['_KVBLOCK']._serialized_end=2620
+  _globals['_HIDDENSTATE']._serialized_start=2622
+  _globals['_HIDDENSTATE']._serialized_end=2649
+  _globals['_SHAREDKV']._serialized_start=2651
+  _globals['_SHAREDKV']._serialized_end=2752
+  _globals['_KVTRAILER']._serialized_start=2754
+  _globals['_KVTRAILER']._serialized_end=2780
+  _globals['_KVCHUNK']._serialized_start=2783
+  _globals['_KVCHUNK']._serialized_end=3023
+  _globals['_PUSHRESPONSE']._serialized_start=3025
+  _globals['_PUSHRESPONSE']._serialized_end=3082
+  _globals['_STREAMTOKENSREQUEST']._serialized_start=3084
+  _globals['_STREAMTOKENSREQUEST']._serialized_end=3125
+  _globals['_TOKENEVENT']._serialized_start=3128
+  _globals['_TOKENEVENT']._serialized_end=3322
+  _globals['_ABORTREQUEST']._serialized_start=3324
+  _globals['_ABORTREQUEST']._serialized_end=3374
+  _globals['_ABORTRESPONSE']._serialized_start=3376
+  _globals['_ABORTRESPONSE']._serialized_end=3406
+  _globals['_DECODEWORKER']._serialized_start=3409
+  _globals['_DECODEWORKER']._serialized_end=3720
+  _globals['_KVPUSH']._serialized_start=3722
+  _globals['_KVPUSH']._serialized_end=3797
+  _globals['_PREFILLWORKER']._serialized_start=3800
+  _globals['_PREFILLWORKER']._serialized_end=4029
 # @@protoc_insertion_point(module_scope)

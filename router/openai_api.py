@@ -69,9 +69,8 @@ HTTP_STATUS = {
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
               404: "not_found_error", 409: "invalid_request_error", 429: "rate_limit_error"}
 # Parameters we do not implement: refused unless left at their neutral value.
-UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
-               "logit_bias": None, "echo": False, "suffix": None, "tools": None,
-               "functions": None, "response_format": None, "best_of": None}
+UNSUPPORTED = {"echo": False, "suffix": None, "tools": None, "functions": None,
+               "response_format": None, "best_of": None}
 
 
 class BadRequest(ServingError):
@@ -508,17 +507,57 @@ class OpenAIServer:
 
     def _sampling(self, body: dict, choice: int, max_tokens: int, logprobs: bool,
                   top_logprobs: int) -> generation_pb2.SamplingParams:
+        repetition = _number(body, "repetition_penalty", 1.0)
+        if repetition <= 0:
+            raise BadRequest("repetition_penalty must be > 0", "repetition_penalty")
         sampling = generation_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),
             top_p=_number(body, "top_p", 1.0), top_k=max(0, _int(body, "top_k", 0)),
             stop=_stops(body.get("stop")), ignore_eos=_bool(body, "ignore_eos"),
-            logprobs=logprobs, top_logprobs=top_logprobs)
+            logprobs=logprobs, top_logprobs=top_logprobs,
+            stop_token_ids=self._stop_token_ids(body.get("stop_token_ids")),
+            presence_penalty=_number(body, "presence_penalty", 0.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0),
+            repetition_penalty=repetition, min_tokens=_int(body, "min_tokens", 0, minimum=0),
+            logit_bias=self._logit_bias(body.get("logit_bias")))
         seed = body.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool):
                 raise BadRequest("seed must be an integer", "seed")
             sampling.seed = (seed + choice) % 2**64  # n choices, n different streams
         return sampling
+
+    def _stop_token_ids(self, ids) -> list[int]:
+        """vLLM's ``stop_token_ids``, counted before they are looked at."""
+        if ids is None:
+            return []
+        limit = self.servicer.limits.max_stop_token_ids
+        if not isinstance(ids, list) or len(ids) > limit:
+            raise BadRequest(f"stop_token_ids must be a list of at most {limit} token ids",
+                             "stop_token_ids")
+        if not all(_is_int(t) and 0 <= t <= MAX_WIRE_INT for t in ids):
+            raise BadRequest("stop_token_ids must be token ids", "stop_token_ids")
+        return ids
+
+    def _logit_bias(self, bias) -> dict[int, float]:
+        """OpenAI's ``logit_bias``: token ids (as JSON object keys, strings) to numbers,
+        counted before they are looked at."""
+        if bias is None:
+            return {}
+        limit = self.servicer.limits.max_logit_bias
+        if not isinstance(bias, dict) or len(bias) > limit:
+            raise BadRequest(f"logit_bias must be an object of at most {limit} token ids",
+                             "logit_bias")
+        out = {}
+        for token, value in bias.items():
+            if not (token.isascii() and token.isdigit() and len(token) <= 10
+                    and int(token) <= MAX_WIRE_INT):
+                raise BadRequest(f"logit_bias keys must be token ids, got {token[:32]!r}",
+                                 "logit_bias")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise BadRequest("logit_bias values must be numbers", "logit_bias")
+            out[int(token)] = float(value)
+        return out
 
     # --- response building ------------------------------------------------------------
 

@@ -297,6 +297,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         todo = worker_pb2.Sampling()
         todo.CopyFrom(sampling)
         todo.max_tokens = sampling.max_tokens - len(progress.generated)
+        todo.min_tokens = max(0, sampling.min_tokens - len(progress.generated))
+        if sampling.presence_penalty or sampling.frequency_penalty or sampling.repetition_penalty:
+            todo.prior_output_ids[:] = progress.generated  # a resume: its output so far
         reserve = worker_pb2.ReserveRequest(
             request_id=attempt_id, prompt_tokens=len(tokens), sampling=todo,
             lease_ms=self.options.lease_ms, prompt_token_ids=tokens,

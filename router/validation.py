@@ -11,6 +11,7 @@ import grpc
 
 from protos import generation_pb2, worker_pb2
 from protos.errors import ServingError
+from protos.sampling import controls_problem
 from protos.setting import setting
 
 DEFAULT_MAX_TOKENS = 16
@@ -30,6 +31,8 @@ class RequestLimits:
     # beside the request on its worker.
     max_stop_token_ids: int = setting(64, "stop token ids one request may give")
     max_request_id_chars: int = setting(256, "characters in a client's request id")
+    # Each entry is a logit to move at every step of the request.
+    max_logit_bias: int = setting(300, "logit_bias entries one request may give")
 
 
 def within_model(limits: RequestLimits, tokenizer, context_window: int) -> RequestLimits:
@@ -109,6 +112,9 @@ def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
     if stop_ids > limits.max_stop_token_ids:
         raise invalid(f"{stop_ids} stop token ids; at most {limits.max_stop_token_ids}",
                       "stop_token_ids")
+    if len(request.sampling.logit_bias) > limits.max_logit_bias:
+        raise invalid(f"{len(request.sampling.logit_bias)} logit_bias entries; at most "
+                      f"{limits.max_logit_bias}", "logit_bias")
     if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
         raise invalid(f"cache_salt has more than {MAX_CACHE_SALT_CHARS} characters",
                       "cache_salt")
@@ -148,8 +154,17 @@ def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
     if s.top_logprobs > MAX_TOP_LOGPROBS:
         raise invalid(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got "
                       f"{s.top_logprobs}", "top_logprobs")
+    problem = controls_problem(s.presence_penalty, s.frequency_penalty, s.repetition_penalty,
+                               s.logit_bias, s.min_tokens, max_tokens, facts.vocab_size)
+    if problem is not None:
+        raise invalid(problem[1], problem[0])
+    repeats = s.repetition_penalty not in (0.0, 1.0)
     return worker_pb2.Sampling(
         max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         has_seed=s.HasField("seed"), seed=s.seed, stop_token_ids=list(s.stop_token_ids),
         ignore_eos=s.ignore_eos, logprobs=s.logprobs or s.top_logprobs > 0,
-        top_logprobs=s.top_logprobs)
+        top_logprobs=s.top_logprobs, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty if repeats else 0.0,
+        logit_bias=dict(s.logit_bias), min_tokens=s.min_tokens,
+        penalty_prompt_ids=prompt_ids if repeats else [])

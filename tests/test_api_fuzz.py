@@ -33,7 +33,9 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_to
 FIELDS = {
     "completion": ["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop",
                    "seed", "logprobs", "stream", "stream_options", "ignore_eos",
-                   "cache_salt", "model", "echo", "user", "frequency_penalty"],
+                   "cache_salt", "model", "echo", "user", "frequency_penalty",
+                   "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+                   "stop_token_ids"],
     "chat": ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
              "stop", "seed", "logprobs", "top_logprobs", "stream", "cache_salt", "tools"],
 }
