@@ -28,6 +28,7 @@ ALLOWED = {
     ("olmo_model/runtime.py", "prefill"): "the compiled function a member stage lacks",
     ("olmo_model/runtime.py", "decode"): "the compiled function a member stage lacks",
     ("router/openai_api.py", "stop"): "the OpenAI request field named in a 400",
+    ("router/validation.py", "stop"): "the OpenAI request field named in a 400",
 }
 
 
