@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
@@ -37,6 +38,7 @@ from .http_budget import BudgetMiddleware, ConnectionsByClient, client_of_scope
 from .service import GenerationServicer, Prepared, encode
 from .validation import MAX_CACHE_SALT_CHARS
 
+T = TypeVar("T")
 MAX_CHOICES = 8  # n times the number of prompts
 MAX_REQUEST_ID_CHARS = 128  # of a client's x-request-id, echoed back
 DISCONNECT_CHECK_S = 0.1  # how soon a request stops once its client has left
@@ -206,6 +208,8 @@ class OpenAIServer:
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
+        app.post("/tokenize")(self.tokenize)
+        app.post("/detokenize")(self.detokenize)
         app.get("/v1/models/{model_id:path}")(self.model)
         # Routes it does not have, methods they do not take: OpenAI's error shape too.
         app.exception_handler(StarletteHTTPException)(http_error)
@@ -218,6 +222,16 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, self._chat_job)
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's: a prompt's (or a chat's, rendered) token ids, as a completion would get."""
+        answer = await self._parsed(request, self._tokenized)
+        return answer if isinstance(answer, Response) else JSONResponse(answer)
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's: the text of token ids."""
+        answer = await self._parsed(request, self._detokenized)
+        return answer if isinstance(answer, Response) else JSONResponse(answer)
 
     async def models(self, request: Request) -> Response:
         if (refused := self._refuse_unauthenticated(request)) is not None:
@@ -256,7 +270,10 @@ class OpenAIServer:
 
     # --- serving a request ------------------------------------------------------------
 
-    async def _serve(self, request: Request, parse: Callable[[dict], Job]) -> Response:
+    async def _parsed(self, request: Request, parse: Callable[[dict], T]) -> T | Response:
+        """What ``parse`` makes of the request's body, or the answer that refuses it: the
+        API key, the body's size and time, then the parsing, on a thread of its own and
+        charged to the client."""
         if (refused := self._refuse_unauthenticated(request)) is not None:
             return refused
         try:
@@ -272,12 +289,17 @@ class OpenAIServer:
             return Response(status_code=CLIENT_CLOSED)
         try:
             # Off the event loop: tokenizing a long prompt must not stall other streams.
-            job = await asyncio.to_thread(self._job_of, client_of_scope(request.scope),
-                                          parse, data)
+            return await asyncio.to_thread(self._job_of, client_of_scope(request.scope),
+                                           parse, data)
         except ServingError as exc:
             return error_response(exc)
         except (ValueError, OverflowError) as exc:  # a value the wire cannot carry
             return error_response(BadRequest(f"the request cannot be sent on: {exc}"))
+
+    async def _serve(self, request: Request, parse: Callable[[dict], Job]) -> Response:
+        job = await self._parsed(request, parse)
+        if isinstance(job, Response):
+            return job
         events = self._run(job, request)
         try:
             first = await anext(events)
@@ -291,9 +313,9 @@ class OpenAIServer:
                                      media_type="text/event-stream")
         return await self._collect(job, first, events)
 
-    def _job_of(self, client: str, parse: Callable[[dict], Job], data: bytes) -> Job:
-        """The job a body asks for; its parsing, rendering and tokenizing are charged to
-        the client's budget."""
+    def _job_of(self, client: str, parse: Callable[[dict], T], data: bytes) -> T:
+        """What a body asks for; its parsing, rendering and tokenizing are charged to the
+        client's budget."""
         started = time.thread_time()
         try:
             return parse(json_object(data, self.max_json_items))
@@ -429,6 +451,43 @@ class OpenAIServer:
             await events.aclose()
 
     # --- request parsing --------------------------------------------------------------
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise BadRequest("this model has no tokenizer.json", "model")
+        return self.tokenizer
+
+    def _tokenized(self, body: dict) -> dict:
+        self._check_common(body)
+        tokenizer = self._tokenizer()
+        if "messages" in body:
+            if self.chat is None:
+                raise BadRequest("this model has no chat template (tokenizer_config.json)",
+                                 "messages")
+            messages = _messages(body["messages"], self.max_chat_bytes, self.markers)
+            text = self.chat.render(messages, _bool_or(body, "add_generation_prompt", True))
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise BadRequest("prompt must be a string (or give messages)", "prompt")
+            limit = self.servicer.limits.max_prompt_bytes
+            if len(text) > limit or len(_text(text, "prompt").encode()) > limit:
+                raise BadRequest(f"the prompt has more than {limit} bytes", "prompt")
+        tokens = encode(tokenizer, text)
+        return {"count": len(tokens), "max_model_len": self.servicer.facts.context_window,
+                "tokens": tokens}
+
+    def _detokenized(self, body: dict) -> dict:
+        self._check_common(body)
+        tokenizer = self._tokenizer()
+        tokens = body.get("tokens")
+        window = self.servicer.facts.context_window
+        if not isinstance(tokens, list) or len(tokens) > window:
+            raise BadRequest(f"tokens must be a list of at most {window} token ids", "tokens")
+        vocab = self.servicer.facts.vocab_size
+        if not all(_is_int(t) and 0 <= t < vocab for t in tokens):
+            raise BadRequest(f"tokens must be token ids in [0, {vocab})", "tokens")
+        return {"prompt": tokenizer.decode(tokens, skip_special_tokens=False)}
 
     def _completion_job(self, body: dict) -> Job:
         self._check_common(body)
@@ -817,6 +876,10 @@ def _number(body: dict, name: str, default: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise BadRequest(f"{name} must be a number", name)
     return float(value)
+
+
+def _bool_or(body: dict, name: str, default: bool) -> bool:
+    return default if body.get(name) is None else _bool(body, name)
 
 
 def _bool(body: dict, name: str) -> bool:

@@ -244,6 +244,39 @@ def test_streamed_text_offsets_are_those_of_the_whole_completion(api):
     assert [t for lp in streamed for t in lp.tokens] == whole.tokens
 
 
+def post_json(cluster, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{cluster.http_url}{path}", method="POST",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_tokenize_and_detokenize_as_vllm_has_them(cluster, api):
+    tokenizer = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+    status, text = post_json(cluster, "/tokenize", {"model": MODEL, "prompt": PROMPT})
+    assert status == 200 and text["tokens"] == tokenizer.encode(PROMPT).ids
+    assert text["count"] == len(text["tokens"]) and text["max_model_len"] == 512
+    status, chat = post_json(cluster, "/tokenize", {"model": MODEL, "messages": MESSAGES})
+    rendered = ChatTemplate.of_model(DEMO_MODEL_DIR).render(MESSAGES)
+    assert status == 200 and chat["tokens"] == tokenizer.encode(rendered).ids
+    # What a chat completion is charged for is what /tokenize counts.
+    usage = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1).usage
+    assert usage.prompt_tokens == chat["count"]
+    status, back = post_json(cluster, "/detokenize", {"model": MODEL, "tokens": chat["tokens"]})
+    assert status == 200 and back["prompt"] == rendered
+    for path, body, param in [("/detokenize", {"tokens": [10**6]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens"),
+                              ("/tokenize", {"prompt": 5}, "prompt"),
+                              ("/tokenize", {"messages": [{"role": "x", "content": ""}]},
+                               "messages")]:
+        status, error = post_json(cluster, path, body)
+        assert status == 400 and error["error"]["param"] == param, error
+
+
 def test_models_and_health(api, cluster):
     assert [m.id for m in api.models.list().data] == [MODEL]
     with urllib.request.urlopen(f"{cluster.http_url}/health", timeout=10) as reply:
