@@ -72,7 +72,7 @@ ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "p
               404: "not_found_error", 409: "invalid_request_error", 429: "rate_limit_error"}
 # Parameters we do not implement: refused unless left at their neutral value.
 UNSUPPORTED = {"echo": False, "suffix": None, "tools": None, "functions": None,
-               "response_format": None, "best_of": None}
+               "response_format": None}
 
 
 class BadRequest(ServingError):
@@ -177,6 +177,7 @@ class Job:
     include_usage: bool
     logprobs: bool
     prompts: int                # distinct prompts (usage counts each once)
+    kept: int = 0               # choices answered per prompt: the best of them (0: all)
 
 
 class OpenAIServer:
@@ -415,7 +416,7 @@ class OpenAIServer:
         return JSONResponse({
             "id": _new_id(job.kind), "object": _object(job.kind, stream=False),
             "created": int(time.time()), "model": self.model_name,
-            "choices": [self._choice_body(job, c) for c in choices],
+            "choices": [self._choice_body(job, c) for c in _best(job, choices)],
             "usage": self._usage(job, choices)})
 
     async def _sse(self, job: Job, first: tuple, events: AsyncIterator):
@@ -495,20 +496,27 @@ class OpenAIServer:
         top = _int(body, "logprobs", None, minimum=0)
         max_tokens = _int(body, "max_tokens", 16, minimum=1)
         n = _n(body)
-        if len(prompts) * n > MAX_CHOICES:  # counted before any choice is built
-            raise BadRequest(f"{len(prompts) * n} choices (n times prompts); at most "
-                             f"{MAX_CHOICES}", "n")
+        best_of = _int(body, "best_of", n, minimum=n, maximum=MAX_CHOICES)
+        if len(prompts) * best_of > MAX_CHOICES:  # counted before any choice is built
+            raise BadRequest(f"{len(prompts) * best_of} choices (n or best_of times "
+                             f"prompts); at most {MAX_CHOICES}", "n")
+        if best_of > n and _bool(body, "stream"):
+            raise BadRequest("best_of cannot be streamed (the best are known at the end)",
+                             "best_of")
         requests = []
         for prompt in prompts:
-            for i in range(n):
-                request = generation_pb2.GenerateRequest(
-                    sampling=self._sampling(body, i, max_tokens, top is not None, top or 0))
+            for i in range(best_of):
+                # Ranking best_of choices takes their log-probabilities, asked for or not.
+                request = generation_pb2.GenerateRequest(sampling=self._sampling(
+                    body, i, max_tokens, top is not None or best_of > n, top or 0))
                 if isinstance(prompt, str):
                     request.text = prompt
                 else:
                     request.token_ids.ids.extend(prompt)
                 requests.append(request)
-        return self._job("completion", body, requests, top is not None, len(prompts))
+        job = self._job("completion", body, requests, top is not None, len(prompts))
+        job.kept = n
+        return job
 
     def _chat_job(self, body: dict) -> Job:
         self._check_common(body)
@@ -518,6 +526,8 @@ class OpenAIServer:
         if self.tokenizer is None:
             raise BadRequest("this model has no tokenizer.json; use /v1/completions with "
                              "token ids", "messages")
+        if body.get("best_of") not in (None, 1):
+            raise BadRequest("best_of is for /v1/completions", "best_of")
         messages = _messages(body.get("messages"), self.max_chat_bytes, self.markers)
         prompt = encode(self.tokenizer, self.chat.render(messages))
         logprobs = _bool(body, "logprobs")
@@ -689,6 +699,25 @@ class OpenAIServer:
         completion = sum(c.completion_tokens for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
+
+
+def _best(job: Job, choices: list[Choice]) -> list[Choice]:
+    """Each prompt's ``job.kept`` choices of highest log-probability per token (OpenAI's
+    best_of), indexed afresh; all of them, as they are, without best_of."""
+    per_prompt = len(choices) // job.prompts
+    if not job.kept or job.kept == per_prompt:
+        return choices
+    kept = []
+    for begin in range(0, len(choices), per_prompt):
+        group = sorted(choices[begin:begin + per_prompt], key=_per_token, reverse=True)
+        kept += [dataclasses.replace(c, index=len(kept) + i)
+                 for i, c in enumerate(group[:job.kept])]
+    return kept
+
+
+def _per_token(choice: Choice) -> float:
+    return (sum(t.logprob for t in choice.logprobs) / len(choice.logprobs)
+            if choice.logprobs else float("-inf"))
 
 
 def serve_openai(servicer: GenerationServicer, model_dir: Path, host: str = "127.0.0.1",

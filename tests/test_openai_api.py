@@ -244,6 +244,24 @@ def test_streamed_text_offsets_are_those_of_the_whole_completion(api):
     assert [t for lp in streamed for t in lp.tokens] == whole.tokens
 
 
+def test_best_of_answers_the_likeliest_per_token(api):
+    """The same seeds as n=3 with log-probabilities: best_of=3 answers the one of those
+    three with the highest mean log-probability, and usage counts all three."""
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=11,
+                  extra_body={"ignore_eos": True})
+    three = api.completions.create(n=3, logprobs=0, **kwargs)
+    means = [np.mean(c.logprobs.token_logprobs) for c in three.choices]
+    best = api.completions.create(best_of=3, **kwargs)
+    assert len(best.choices) == 1 and best.choices[0].index == 0
+    assert best.choices[0].text == three.choices[int(np.argmax(means))].text
+    assert best.choices[0].logprobs is None  # ranked by them, not asked for them
+    assert best.usage.completion_tokens == 18
+    for bad in (dict(best_of=1, n=2), dict(best_of=3, stream=True)):
+        with pytest.raises(openai.BadRequestError) as err:
+            api.completions.create(**{**kwargs, **bad})
+        assert err.value.body["param"] == "best_of"
+
+
 def post_json(cluster, path: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(f"{cluster.http_url}{path}", method="POST",
                                      data=json.dumps(body).encode(),
