@@ -163,6 +163,7 @@ class Choice:
     logprobs: list[generation_pb2.TokenLogprobs] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, found in a prefix cache
     completion_tokens: int = 0
     logprob_chars: int = 0  # of the tokens whose logprobs have been streamed
 
@@ -636,6 +637,7 @@ class OpenAIServer:
         if response.finish_reason:
             choice.finish_reason = FinishReason(response.finish_reason)
             choice.prompt_tokens = response.usage.prompt_tokens
+            choice.cached_tokens = response.usage.cached_tokens
             choice.completion_tokens = response.usage.completion_tokens
         elif response.token_ids:
             choice.completion_tokens += len(response.token_ids)
@@ -696,9 +698,11 @@ class OpenAIServer:
     def _usage(self, job: Job, choices: list[Choice]) -> dict:
         per_prompt = len(choices) // job.prompts
         prompt = sum(c.prompt_tokens for c in choices[::per_prompt])
+        cached = sum(c.cached_tokens for c in choices[::per_prompt])
         completion = sum(c.completion_tokens for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _best(job: Job, choices: list[Choice]) -> list[Choice]:

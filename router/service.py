@@ -115,6 +115,14 @@ class Attempt:
     decode: Worker
     stream: grpc.Call
     leg: PrefillLeg | None
+    cached_tokens: int = 0  # of its prompt, in the decode worker's cache (when it prefills)
+
+    @property
+    def prompt_cached(self) -> int:
+        """Of its prompt, the tokens not computed for it: whoever prefilled had them."""
+        if self.leg is None:
+            return self.cached_tokens
+        return self.leg.response.cached_tokens if self.leg.response is not None else 0
 
     def cancel(self, reason: str) -> None:
         self.stream.cancel()
@@ -319,7 +327,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         leg = None if reserved.prefill_locally else PrefillLeg(
             self.scheduler, attempt_id, tokens, progress.cache_salt, reserved, decode, deadline,
             self.options.lease_ms / 1000, blame.prefill, on_done=self.metrics.prefilled)
-        return Attempt(attempt_id, decode, stream, leg)
+        return Attempt(attempt_id, decode, stream, leg, reserved.cached_tokens)
 
     def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str]
                      ) -> tuple[Worker, worker_pb2.ReserveResponse] | None:
@@ -436,7 +444,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if reason:
             response.usage.CopyFrom(generation_pb2.Usage(
                 prompt_tokens=len(progress.prompt_ids), completion_tokens=len(progress.generated),
-                time_to_first_token_ms=progress.ttft_ms))
+                time_to_first_token_ms=progress.ttft_ms,
+                cached_tokens=min(attempt.prompt_cached, len(progress.prompt_ids))))
         return response
 
     def _observe_token(self, progress: Progress) -> None:

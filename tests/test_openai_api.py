@@ -262,6 +262,14 @@ def test_best_of_answers_the_likeliest_per_token(api):
         assert err.value.body["param"] == "best_of"
 
 
+def test_usage_counts_the_prompt_tokens_a_prefix_cache_held(api):
+    prompt = list(range(300, 364))  # four pages no other test sends
+    first = api.completions.create(model=MODEL, prompt=prompt, max_tokens=2).usage
+    again = api.completions.create(model=MODEL, prompt=prompt, max_tokens=2).usage
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert 0 < again.prompt_tokens_details.cached_tokens < 64 == again.prompt_tokens
+
+
 def post_json(cluster, path: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(f"{cluster.http_url}{path}", method="POST",
                                      data=json.dumps(body).encode(),
