@@ -63,8 +63,6 @@ class SamplingConfig:
         problem = controls_problem(self.presence_penalty, self.frequency_penalty,
                                    self.repetition_penalty, dict(self.logit_bias),
                                    self.min_tokens, self.max_tokens, vocab_size)
-        if problem is None and self.repetition_penalty <= 0:
-            problem = "repetition_penalty", "repetition_penalty must be > 0"
         return problem[1] if problem else None
 
 
