@@ -45,8 +45,20 @@ class ClientLimits:
                                   "retry")
     max_connections: int = setting(64, "open HTTP connections one client may hold; more "
                                        "are answered 429 and closed")
+    trusted_proxies: str = setting("", "addresses or networks (CIDR), comma-separated, of "
+                                       "proxies in front of the router: from them, "
+                                       "X-Forwarded-For names the client (from anyone "
+                                       "else it is not believed)")
+
+    def proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in self.trusted_proxies.split(",") if part.strip())
 
     def __post_init__(self) -> None:
+        try:
+            self.proxies()
+        except ValueError as exc:
+            raise ValueError(f"router.clients.trusted_proxies: {exc}") from None
         if self.share < 0:
             raise ValueError("router.clients.share must be >= 0")
         if self.burst_s <= 0:
@@ -79,6 +91,38 @@ def client_of(address: str | None) -> str:
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
+class ClientNames:
+    """Who sent a request: its peer, or, when the peer is a trusted proxy, the address its
+    X-Forwarded-For names last that is not a trusted proxy itself (a proxy appends the
+    address it heard from; what comes before that, the client may have written)."""
+
+    def __init__(self, limits: ClientLimits):
+        self.proxies = limits.proxies()
+
+    def trusted(self, address: str | None) -> bool:
+        try:
+            ip = ipaddress.ip_address(address or "")
+        except ValueError:
+            return False
+        return any(ip in network for network in self.proxies)
+
+    def of(self, peer: str | None, forwarded_for: str | None) -> str:
+        if forwarded_for and self.trusted(peer):
+            for hop in reversed(forwarded_for.split(",")):
+                hop = hop.strip()
+                if not self.trusted(hop):
+                    return client_of(hop) if _is_address(hop) else client_of(peer)
+        return client_of(peer)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclasses.dataclass
 class _Client:
     due: float  # when its budget is full again (the theoretical arrival time)
@@ -91,6 +135,7 @@ class ClientBudget:
     def __init__(self, limits: ClientLimits, clock: Callable[[], float] = time.monotonic):
         self.limits = limits
         self.clock = clock
+        self.names = ClientNames(limits)
         self._clients: dict[str, _Client] = {}
         self._lock = threading.Lock()
         self._tidy_at = 1024

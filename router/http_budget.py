@@ -12,6 +12,7 @@ from .client_budget import (
     BYTE_COST_S,
     REQUEST_COST_S,
     ClientBudget,
+    ClientNames,
     OverBudget,
     client_of,
     retry_after_header,
@@ -36,13 +37,17 @@ class ConnectionsByClient:
     REFUSAL_DELAY_S (an immediate answer would invite an immediate reconnect); past
     twice the cap it is reset at once, which costs the least."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, names: ClientNames):
         self.cap = cap
+        self.names = names
         self.open: collections.Counter[str] = collections.Counter()
 
     def opened(self, peer) -> tuple[str | None, Callable | None]:
         """(the client to tell ``closed``, or None; None, or what to do with the
-        connection ``turned_away(loop, transport)`` instead of serving it)."""
+        connection ``turned_away(loop, transport)`` instead of serving it). A trusted
+        proxy's connections are its clients': not counted."""
+        if peer and self.names.trusted(peer[0]):
+            return None, None
         client = client_of(peer[0] if peer else None)
         if self.open[client] >= 2 * self.cap:
             return None, _reset
@@ -68,9 +73,11 @@ def _refuse_later(loop, transport) -> None:
     loop.call_later(REFUSAL_DELAY_S, refuse)
 
 
-def client_of_scope(scope) -> str:
+def client_of_scope(scope, names: ClientNames) -> str:
     peer = scope.get("client")
-    return client_of(peer[0] if peer else None)
+    forwarded = b",".join(value for name, value in scope["headers"]
+                          if name == b"x-forwarded-for")
+    return names.of(peer[0] if peer else None, forwarded.decode("latin-1") or None)
 
 
 class BudgetMiddleware:
@@ -88,7 +95,7 @@ class BudgetMiddleware:
         if scope["type"] != "http" or not self.budget.enabled:
             await self.app(scope, receive, send)
             return
-        client = client_of_scope(scope)
+        client = client_of_scope(scope, self.budget.names)
         declared = _content_length(scope)
         expected = declared if declared <= self.read_at_most else 0
         try:

@@ -77,8 +77,9 @@ class HttpServer:
                  per_client: ConnectionsByClient | None = None):
         """Serve ``app`` on host:port; ``tls`` is (private key, certificate chain) in PEM;
         past ``max_connections`` open connections uvicorn answers 503, past
-        ``per_client``'s cap for one client 429. A client is the connection's peer:
-        forwarding headers (X-Forwarded-For) are not believed, as anyone can send them."""
+        ``per_client``'s cap for one client 429. uvicorn's own reading of forwarding
+        headers is off: it believes them from 127.0.0.1, where anyone may write them
+        (router/client_budget.py's ClientNames believes them from named proxies only)."""
         # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets
         # that say they are TCP, and with Nagle on each streamed token waits for the
         # client's delayed ACK (40 ms here).

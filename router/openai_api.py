@@ -291,8 +291,8 @@ class OpenAIServer:
             return Response(status_code=CLIENT_CLOSED)
         try:
             # Off the event loop: tokenizing a long prompt must not stall other streams.
-            return await asyncio.to_thread(self._job_of, client_of_scope(request.scope),
-                                           parse, data)
+            client = client_of_scope(request.scope, self.servicer.budget.names)
+            return await asyncio.to_thread(self._job_of, client, parse, data)
         except ServingError as exc:
             return error_response(exc)
         except (ValueError, OverflowError) as exc:  # a value the wire cannot carry
@@ -734,7 +734,8 @@ def serve_openai(servicer: GenerationServicer, model_dir: Path, host: str = "127
                        ChatTemplate.of_model(model_dir), api_key)
     options = servicer.options
     return HttpServer(api.app, host, port, tls, options.max_http_connections,
-                      ConnectionsByClient(options.clients.max_connections))
+                      ConnectionsByClient(options.clients.max_connections,
+                                          servicer.budget.names))
 
 
 # --- small parsers, each refusing with the parameter's name ---------------------------------

@@ -29,7 +29,7 @@ from protos.grpc_server import time_remaining
 from protos.vocabulary import FinishReason
 
 from .admission import AdmissionQueue
-from .client_budget import BYTE_COST_S, REQUEST_COST_S, ClientBudget, OverBudget, client_of
+from .client_budget import BYTE_COST_S, REQUEST_COST_S, ClientBudget, OverBudget
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
 from .liveness import StallMonitor
 from .metrics import RouterMetrics
@@ -172,7 +172,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def Generate(self, request, context):
         """The gRPC face of ``prepare`` and ``run``; the client pays for the preparing."""
-        client = client_of(peer_address(context.peer()))
+        forwarded = ",".join(value for key, value in context.invocation_metadata() or ()
+                             if key == "x-forwarded-for" and isinstance(value, str))
+        client = self.budget.names.of(peer_address(context.peer()), forwarded or None)
         self._wait_for_budget(client, request, context)
         if request is UNPARSABLE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,

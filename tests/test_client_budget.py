@@ -2,7 +2,14 @@
 
 import pytest
 
-from router.client_budget import MAX_WAITING, ClientBudget, ClientLimits, OverBudget, client_of
+from router.client_budget import (
+    MAX_WAITING,
+    ClientBudget,
+    ClientLimits,
+    ClientNames,
+    OverBudget,
+    client_of,
+)
 from router.http_budget import ConnectionsByClient
 
 
@@ -109,6 +116,19 @@ def test_a_client_is_an_address_or_an_ipv6_host_s_64(address, client):
     assert client_of(address) == client
 
 
+@pytest.mark.parametrize("peer, forwarded, client", [
+    ("10.9.0.5", "198.51.100.1", "198.51.100.1"),  # a trusted proxy's client
+    ("10.9.0.5", "1.1.1.1, 198.51.100.1", "198.51.100.1"),  # what came before, the client wrote
+    ("10.9.0.5", "198.51.100.1, 10.9.0.7", "198.51.100.1"),  # through two trusted proxies
+    ("10.9.0.5", "not-an-address", "10.9.0.5"),
+    ("10.9.0.5", None, "10.9.0.5"),
+    ("192.0.2.9", "198.51.100.1", "192.0.2.9"),  # anyone else's header is not believed
+])
+def test_a_trusted_proxy_names_its_client(peer, forwarded, client):
+    names = ClientNames(ClientLimits(trusted_proxies="10.9.0.0/16, 2001:db8::1"))
+    assert names.of(peer, forwarded) == client
+
+
 def test_limits_are_checked():
     with pytest.raises(ValueError):
         ClientLimits(share=-1)
@@ -116,10 +136,12 @@ def test_limits_are_checked():
         ClientLimits(burst_s=0)
     with pytest.raises(ValueError):
         ClientLimits(max_connections=0)
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        ClientLimits(trusted_proxies="10.0.0.0/8, proxy.example")
 
 
 def test_connections_past_a_client_s_cap_are_refused_later_then_reset():
-    connections = ConnectionsByClient(cap=2)
+    connections = ConnectionsByClient(2, ClientNames(ClientLimits(trusted_proxies="10.9.0.0/16")))
     peer = ("10.0.0.1", 5000)
     verdicts = [connections.opened(peer) for _ in range(5)]
     assert [v[1] is None for v in verdicts] == [True, True, False, False, False]
@@ -129,3 +151,5 @@ def test_connections_past_a_client_s_cap_are_refused_later_then_reset():
     for client, _ in verdicts[:4]:
         connections.closed(client)
     assert connections.opened(peer)[1] is None
+    proxy = ("10.9.1.1", 1)  # its connections are its clients': never capped
+    assert all(connections.opened(proxy) == (None, None) for _ in range(10))

@@ -60,6 +60,22 @@ def request(cluster, source: str, path: str = "/v1/models", body: bytes | None =
         connection.close()
 
 
+def client_counters(cluster) -> dict[str, float]:
+    """The router's per-client counters, read from /metrics as another client."""
+    url = urlparse(cluster.http_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30,
+                                            source_address=("127.0.0.250", 0))
+    connection.request("GET", "/metrics")
+    metrics = connection.getresponse().read().decode()
+    connection.close()
+    return {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+            if line.startswith("olmo_client_requests_")}
+
+
+def refused_count(cluster) -> float:
+    return client_counters(cluster)["olmo_client_requests_refused_total"]
+
+
 def flood(cluster, source: str, count: int, threads: int = 12, **kwargs) -> list:
     """``count`` requests from ``source`` on ``threads`` threads at once; their answers."""
     answers, lock = [], threading.Lock()
@@ -94,16 +110,8 @@ def test_a_client_over_its_share_waits_then_is_refused_and_others_are_served(clu
     assert max(seconds for status, _, seconds in answers if status == 200) > 0.15
     assert [status for status, _, _ in others] == [200] * 3
     assert max(seconds for _, _, seconds in others) < 1.0, others
-    url = urlparse(cluster.http_url)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30,
-                                            source_address=("127.0.0.8", 0))
-    connection.request("GET", "/metrics")
-    metrics = connection.getresponse().read().decode()
-    connection.close()
-    counted = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-               if line.startswith("olmo_client_requests_")}
-    assert counted["olmo_client_requests_refused_total"] >= statuses.count(429)
-    assert counted["olmo_client_requests_waited_total"] > 0
+    assert refused_count(cluster) >= statuses.count(429)
+    assert client_counters(cluster)["olmo_client_requests_waited_total"] > 0
 
 
 def test_a_forwarding_header_does_not_make_a_new_client(cluster):
@@ -162,3 +170,29 @@ def test_one_client_holds_at_most_its_connections(cluster):
     assert request(cluster, "127.0.0.6")[0] == 200  # a freed slot is the client's again
     for sock in held:
         sock.close()
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget():
+    """The proxy (127.0.0.x here) holds as many connections as its clients need; the
+    budgets go by the X-Forwarded-For it writes."""
+    limits = ClientLimits(share=0.005, burst_s=1.0, max_connections=2,
+                          trusted_proxies="127.0.0.0/8")
+    proxied = local_cluster(DEMO_MODEL_DIR, cache=CacheLimits(8, 4096, 512), http=True,
+                            router=RouterOptions(clients=limits))
+    try:
+        answers = []
+        flooding = threading.Thread(target=lambda: answers.extend(flood(
+            proxied, "127.0.0.2", 48, headers={"X-Forwarded-For": "198.51.100.1"})))
+        flooding.start()
+        time.sleep(0.5)
+        other = [request(proxied, "127.0.0.2", headers={"X-Forwarded-For": "198.51.100.2"})
+                 for _ in range(3)]
+        flooding.join(timeout=120)
+        refused = refused_count(proxied)
+    finally:
+        proxied.stop()
+    statuses = [status for status, _, _ in answers]
+    assert statuses.count(429) >= 5 and statuses.count(200) >= 5, statuses
+    assert refused == statuses.count(429)  # all by the budget: none by a connection cap
+    assert [status for status, _, _ in other] == [200] * 3
+    assert max(seconds for _, _, seconds in other) < 1.0
