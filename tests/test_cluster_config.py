@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [ROOT / "configs" / "cluster.yaml", *sorted((ROOT / "k8s").rglob("cluster.yaml"))]
 
 
+STRING_EXAMPLES = {"router.clients.trusted_proxies": "10.0.0.0/8"}  # not a path
+
+
 def _example_value(setting):
     """A valid value for a setting other than its default, and how a flag spells it."""
     if setting.choices:
@@ -31,7 +34,8 @@ def _example_value(setting):
     if setting.kind is dict:
         return {"gpu_a": 1.0}, ['{"gpu_a": 1.0}']
     if setting.kind is str:
-        return "/tmp/x", ["/tmp/x"]
+        value = STRING_EXAMPLES.get(setting.key, "/tmp/x")
+        return value, [value]
     number = {"int": 3, "float": 0.25}[setting.kind.__name__]
     if setting.key.endswith(("max_instances", "min_instances", "instances")):
         number = 1
