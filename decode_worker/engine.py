@@ -106,8 +106,15 @@ class DecodeEngine:
         chain = self._leading()
         self.scheduler.check(request_id, prompt_tokens, prompt_ids, sampling, lease_seconds,
                              prefill_locally)
+        if sampling.prompt_logprobs and len(chain.stages) > 1:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "prompt log-probabilities "
+                               "need a decode instance of one stage")
+        # Prompt log-probabilities score every position: this worker prefills them all.
+        scores = sampling.prompt_logprobs
+        prefill_locally = prefill_locally or scores
         with self._cache_lock:
-            cached = self.cache.lookup(prompt_ids, cache_salt) if prompt_ids else MISS
+            cached = (self.cache.lookup(prompt_ids, cache_salt) if prompt_ids and not scores
+                      else MISS)
             local = prefill_locally or (bool(prompt_ids)
                                         and prompt_tokens - cached.tokens <= local_below)
             self._make_room(self.scheduler.pages_needed(prompt_tokens, sampling, cached),
@@ -199,7 +206,7 @@ class DecodeEngine:
             ended = [i for i, (r, p) in enumerate(zip(local, prompts))
                      if r.prefilled == len(p.token_ids) or r.seq_id in outcome.failed]
             self._emit([local[i] for i in ended], [outcome.first_tokens[i] for i in ended],
-                       outcome.failed, outcome.logprobs)
+                       outcome.failed, outcome.logprobs, outcome.prompt_logprobs)
 
     def _step(self) -> None:
         running = self.scheduler.running()
@@ -213,7 +220,8 @@ class DecodeEngine:
         self._emit(running, result.tokens, result.failed, result.logprobs)
 
     def _emit(self, requests: Sequence[Request], tokens: Sequence[int],
-              failed: dict[int, str], logprobs: dict[int, TokenLogprobs]) -> None:
+              failed: dict[int, str], logprobs: dict[int, TokenLogprobs],
+              prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None) -> None:
         """Each request's new token; one that could not be sampled ends alone, with INTERNAL."""
         sampled = []
         for request, token in zip(requests, tokens):
@@ -224,7 +232,9 @@ class DecodeEngine:
             else:
                 sampled.append((request, token))
         for (request, token), reason in zip(sampled, self.scheduler.append(sampled)):
-            event = TokenOut(token, reason, logprobs=logprobs.get(request.seq_id))
+            event = TokenOut(token, reason, logprobs=logprobs.get(request.seq_id),
+                             prompt_logprobs=tuple((prompt_logprobs or {}).get(
+                                 request.seq_id, ())))
             if reason:
                 self._finish(request.request_id, event)
             else:

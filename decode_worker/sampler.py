@@ -33,8 +33,9 @@ class Sampler:
         self._stops = np.array(sorted({*c.stop_token_ids,
                                        *(() if c.ignore_eos else eos_ids)}), np.int64)
         self.counts = collections.Counter(c.prior_output_ids)  # output tokens, each's count
-        self.seen = set(c.penalty_prompt_ids) | set(c.prior_output_ids)  # prompt or output
+        self.seen = set(c.prompt_ids) | set(c.prior_output_ids)  # prompt or output
         self.sampled = 0  # tokens this worker sampled (min_tokens counts from here)
+        self.prompt_scores: list[TokenLogprobs] = []  # with prompt_logprobs, till taken
 
     @property
     def greedy(self) -> bool:
@@ -97,12 +98,35 @@ class Sampler:
         c = self.config
         if not (c.logprobs or c.top_logprobs):
             return None
-        scores = logits.astype(np.float64)
-        peak = scores.max()
-        logp = scores - (peak + np.log(np.exp(scores - peak).sum()))
-        top: tuple[tuple[int, float], ...] = ()
-        if c.top_logprobs:
-            best = np.argpartition(-logp, c.top_logprobs - 1)[:c.top_logprobs]
-            best = best[np.argsort(-logp[best], kind="stable")]
-            top = tuple((int(t), float(logp[t])) for t in best)
-        return TokenLogprobs(int(token), float(logp[token]), top)
+        return token_logprobs(logits[None], [token], c.top_logprobs)[0]
+
+    def score_prompt(self, position: int, logits: np.ndarray) -> None:
+        """Logits ``[n, vocab]`` of prompt positions ``position``.. give each next prompt
+        token's log-probability (the last position's next token is no prompt's)."""
+        prompt = self.config.prompt_ids
+        rows = max(0, min(len(logits), len(prompt) - 1 - position))
+        if rows:
+            self.prompt_scores += token_logprobs(
+                logits[:rows], prompt[position + 1:position + 1 + rows],
+                self.config.top_logprobs)
+
+    def take_prompt_scores(self) -> list[TokenLogprobs]:
+        scores, self.prompt_scores = self.prompt_scores, []
+        return scores
+
+
+def token_logprobs(logits: np.ndarray, tokens, top: int) -> list[TokenLogprobs]:
+    """Each row's log-probability of its token under the model, and its ``top`` likeliest
+    alternatives: rows of ``[n, vocab]`` logits, in float64."""
+    scores = logits.astype(np.float64)
+    peak = scores.max(axis=1, keepdims=True)
+    logp = scores - (peak + np.log(np.exp(scores - peak).sum(axis=1, keepdims=True)))
+    out = []
+    for row, token in zip(logp, tokens):
+        alternatives: tuple[tuple[int, float], ...] = ()
+        if top:
+            best = np.argpartition(-row, top - 1)[:top]
+            best = best[np.argsort(-row[best], kind="stable")]
+            alternatives = tuple((int(t), float(row[t])) for t in best)
+        out.append(TokenLogprobs(int(token), float(row[token]), alternatives))
+    return out

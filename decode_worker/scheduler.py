@@ -117,6 +117,7 @@ class TokenOut:
     error: str = ""
     code: grpc.StatusCode | None = None  # ABORT/ERROR: the status that fits
     logprobs: TokenLogprobs | None = None  # when the request asked for them
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # with the first token, when asked for
 
 
 @dataclasses.dataclass(eq=False)

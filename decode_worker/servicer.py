@@ -93,6 +93,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPus
                 code=status_number(event.code) if event.code else 0)
             if event.logprobs is not None:
                 message.logprobs.CopyFrom(logprobs_to_proto(event.logprobs))
+            message.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in event.prompt_logprobs)
             yield message
             if event.finish_reason:
                 return

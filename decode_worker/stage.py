@@ -18,13 +18,23 @@ import numpy as np
 
 from kv_transfer.codec import model_layout
 from olmo_model.runtime import ModelRunner
-from pipeline.ops import Admission, Expectation, ForwardBatch, ForwardResult, Release
+from pipeline.ops import (
+    Admission,
+    Expectation,
+    ForwardBatch,
+    ForwardResult,
+    Release,
+    SequenceSlice,
+)
 from pipeline.stage import embed_checked, start_sequence
 from protos import worker_pb2
 from protos.errors import ServingError
 
 from .receiver import KVReceiver, PendingKV
 from .sampler import NON_FINITE, Sampler, finite_rows
+
+# Prompt positions scored at once: a block's logits are its rows times the vocabulary.
+SCORE_ROWS = 64
 
 if TYPE_CHECKING:
     import tvm
@@ -141,6 +151,7 @@ class DecodeStage:
                 # hidden states, and stays on the device for the logits.
                 return self._sample(seq_ids, out)
             last = self.runner.select_last(out, lengths).numpy()
+            self._score_prompts(batch.slices, out)
             rows = [i for i, s in enumerate(batch.slices) if s.ends_prompt]
             return self._sample([seq_ids[i] for i in rows], last[rows])
 
@@ -171,8 +182,30 @@ class DecodeStage:
                     out[begin:begin + s.length] = outs[s.seq_id]
                 begin += s.length
             return ForwardResult(hidden=out, failed=failed)
+        if not batch.decode:
+            for s in batch.slices:
+                if s.seq_id in outs:
+                    self._score_prompts([s], outs[s.seq_id])
         ending = [s.seq_id for s in batch.slices if s.ends_prompt]
         return self._sample_survivors(ending, {q: out[-1] for q, out in outs.items()}, failed)
+
+    def _score_prompts(self, slices: Sequence[SequenceSlice], out) -> None:
+        """The prompt log-probabilities of the slices whose requests asked for them, from
+        the pass's output rows (``[total, hidden]``, the slices' rows in order), a block
+        of positions at a time: a block's logits are its rows times the vocabulary."""
+        scoring = {s.seq_id for s in slices if s.seq_id in self.samplers
+                   and self.samplers[s.seq_id].config.prompt_logprobs}
+        if not scoring:
+            return
+        rows = out if isinstance(out, np.ndarray) else out.numpy()
+        begin = 0
+        for s in slices:
+            if s.seq_id in scoring:
+                sampler, position = self.samplers[s.seq_id], s.total_tokens - s.length
+                for at in range(0, s.length, SCORE_ROWS):
+                    block = rows[begin + at:begin + min(s.length, at + SCORE_ROWS)]
+                    sampler.score_prompt(position + at, self.runner.logits(block))
+            begin += s.length
 
     def _sample_survivors(self, seq_ids: Sequence[int], hidden: dict[int, np.ndarray],
                           failed: dict[int, str]) -> ForwardResult:
@@ -208,6 +241,8 @@ class DecodeStage:
                 result.failed[seq_id] = NON_FINITE
                 continue
             token = greedy[i] if sampler.plain_greedy else sampler.sample(row)
+            if sampler.config.prompt_logprobs and not sampler.sampled:  # its first token
+                result.prompt_logprobs[seq_id] = sampler.take_prompt_scores()
             sampler.record(token)
             result.tokens.append(token)
             logprobs = sampler.logprobs(row, token)

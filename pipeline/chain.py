@@ -64,6 +64,7 @@ class PrefillOutcome:
     failed: dict[int, str]
     logprobs: dict[int, TokenLogprobs]
     push_failures: dict[str, ServingError]
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = dataclasses.field(default_factory=dict)
 
 
 class StageChain:
@@ -119,6 +120,7 @@ class StageChain:
         failed: dict[int, str] = {}
         logprobs: dict[int, TokenLogprobs] = {}
         failures: dict[str, ServingError] = {}
+        scored: dict[int, list[TokenLogprobs]] = {}
         chunks = plan_chunks([p.remaining for p in prompts], chunk_size)
         for chunk in itertools.islice(chunks, max_passes):
             slices = tuple(self._slice(prompts[c.index], c) for c in chunk.pieces)
@@ -126,11 +128,12 @@ class StageChain:
             failures.update(result.push_failures)
             failed.update(result.failed)
             logprobs.update(result.logprobs)
+            scored.update(result.prompt_logprobs)
             first.update(zip([c.index for c in chunk.pieces if c.ends], result.tokens))
             for piece in chunk.pieces:
                 computed[piece.index] += piece.length
         return PrefillOutcome([first.get(i) for i in range(len(prompts))], computed, failed,
-                              logprobs, failures)
+                              logprobs, failures, scored)
 
     @staticmethod
     def _slice(prompt: PromptToPrefill, piece: Piece) -> SequenceSlice:

@@ -44,8 +44,9 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
-    penalty_prompt_ids: tuple[int, ...] = ()  # the prompt, for the repetition penalty
+    prompt_ids: tuple[int, ...] = ()  # the prompt, for a control that needs it
     prior_output_ids: tuple[int, ...] = ()    # output before a resume, for the penalties
+    prompt_logprobs: bool = False  # score the prompt (each next token), with the first token
 
     def problem(self, vocab_size: int) -> str | None:
         """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""
@@ -139,6 +140,8 @@ class ForwardResult:
     tokens: list[int] = dataclasses.field(default_factory=list)
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
     logprobs: dict[int, TokenLogprobs] = dataclasses.field(default_factory=dict)  # who asked
+    # With a first token: its prompt's log-probabilities, for a sequence that asked.
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = dataclasses.field(default_factory=dict)
     # Prefill: sequences whose K/V push failed, by request id.
     push_failures: dict[str, ServingError] = dataclasses.field(default_factory=dict)
 

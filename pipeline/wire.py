@@ -32,8 +32,8 @@ def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingConfig:
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
         repetition_penalty=s.repetition_penalty or 1.0,
         logit_bias=tuple(sorted(s.logit_bias.items())), min_tokens=s.min_tokens,
-        penalty_prompt_ids=tuple(s.penalty_prompt_ids),
-        prior_output_ids=tuple(s.prior_output_ids))
+        prompt_ids=tuple(s.prompt_ids),
+        prior_output_ids=tuple(s.prior_output_ids), prompt_logprobs=s.prompt_logprobs)
 
 
 def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
@@ -43,8 +43,8 @@ def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
         ignore_eos=c.ignore_eos, logprobs=c.logprobs, top_logprobs=c.top_logprobs,
         presence_penalty=c.presence_penalty, frequency_penalty=c.frequency_penalty,
         repetition_penalty=c.repetition_penalty, logit_bias=dict(c.logit_bias),
-        min_tokens=c.min_tokens, penalty_prompt_ids=list(c.penalty_prompt_ids),
-        prior_output_ids=list(c.prior_output_ids))
+        min_tokens=c.min_tokens, prompt_ids=list(c.prompt_ids),
+        prior_output_ids=list(c.prior_output_ids), prompt_logprobs=c.prompt_logprobs)
 
 
 def logprobs_to_proto(lp: TokenLogprobs) -> generation_pb2.TokenLogprobs:

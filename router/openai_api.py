@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import itertools
 import json
 import re
 import threading
@@ -71,8 +72,7 @@ HTTP_STATUS = {
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
               404: "not_found_error", 409: "invalid_request_error", 429: "rate_limit_error"}
 # Parameters we do not implement: refused unless left at their neutral value.
-UNSUPPORTED = {"echo": False, "suffix": None, "tools": None, "functions": None,
-               "response_format": None}
+UNSUPPORTED = {"suffix": None, "tools": None, "functions": None, "response_format": None}
 
 
 class BadRequest(ServingError):
@@ -159,6 +159,7 @@ class Choice:
     """What one choice has produced so far."""
 
     index: int
+    prompt_ids: list[int]  # what echo answers first
     text: list[str] = dataclasses.field(default_factory=list)
     logprobs: list[generation_pb2.TokenLogprobs] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
@@ -166,6 +167,8 @@ class Choice:
     cached_tokens: int = 0  # of the prompt's, found in a prefix cache
     completion_tokens: int = 0
     logprob_chars: int = 0  # of the tokens whose logprobs have been streamed
+    prompt_logprobs: list[generation_pb2.TokenLogprobs] = dataclasses.field(
+        default_factory=list)  # each prompt token's after the first, with echo
 
 
 @dataclasses.dataclass
@@ -179,6 +182,7 @@ class Job:
     logprobs: bool
     prompts: int                # distinct prompts (usage counts each once)
     kept: int = 0               # choices answered per prompt: the best of them (0: all)
+    echo: bool = False          # the prompt first, in text and log-probabilities
 
 
 class OpenAIServer:
@@ -401,7 +405,7 @@ class OpenAIServer:
                 call.cancel()
 
     async def _collect(self, job: Job, first: tuple, events: AsyncIterator) -> Response:
-        choices = [Choice(i) for i in range(len(job.prepared))]
+        choices = [Choice(i, p.prompt_ids) for i, p in enumerate(job.prepared)]
         item = first
         while True:
             index, response, error = item
@@ -422,7 +426,7 @@ class OpenAIServer:
 
     async def _sse(self, job: Job, first: tuple, events: AsyncIterator):
         """Server-sent events: a chunk per token (or text delta), then ``[DONE]``."""
-        choices = [Choice(i) for i in range(len(job.prepared))]
+        choices = [Choice(i, p.prompt_ids) for i, p in enumerate(job.prepared)]
         stream_id, created = _new_id(job.kind), int(time.time())
         item = first
         try:
@@ -504,19 +508,23 @@ class OpenAIServer:
         if best_of > n and _bool(body, "stream"):
             raise BadRequest("best_of cannot be streamed (the best are known at the end)",
                              "best_of")
+        echo = _bool(body, "echo")
+        if echo and _bool(body, "stream"):
+            raise BadRequest("echo is answered whole, not streamed", "echo")
         requests = []
         for prompt in prompts:
             for i in range(best_of):
                 # Ranking best_of choices takes their log-probabilities, asked for or not.
                 request = generation_pb2.GenerateRequest(sampling=self._sampling(
                     body, i, max_tokens, top is not None or best_of > n, top or 0))
+                request.sampling.prompt_logprobs = echo and top is not None
                 if isinstance(prompt, str):
                     request.text = prompt
                 else:
                     request.token_ids.ids.extend(prompt)
                 requests.append(request)
         job = self._job("completion", body, requests, top is not None, len(prompts))
-        job.kept = n
+        job.kept, job.echo = n, echo
         return job
 
     def _chat_job(self, body: dict) -> Job:
@@ -527,8 +535,9 @@ class OpenAIServer:
         if self.tokenizer is None:
             raise BadRequest("this model has no tokenizer.json; use /v1/completions with "
                              "token ids", "messages")
-        if body.get("best_of") not in (None, 1):
-            raise BadRequest("best_of is for /v1/completions", "best_of")
+        for name, neutral in (("best_of", 1), ("echo", False)):
+            if body.get(name) not in (None, neutral):
+                raise BadRequest(f"{name} is for /v1/completions", name)
         messages = _messages(body.get("messages"), self.max_chat_bytes, self.markers)
         prompt = encode(self.tokenizer, self.chat.render(messages))
         logprobs = _bool(body, "logprobs")
@@ -634,6 +643,7 @@ class OpenAIServer:
     def _absorb(self, choice: Choice, response: generation_pb2.GenerateResponse) -> None:
         choice.text.append(response.text)
         choice.logprobs.extend(response.logprobs)
+        choice.prompt_logprobs.extend(response.prompt_logprobs)
         if response.finish_reason:
             choice.finish_reason = FinishReason(response.finish_reason)
             choice.prompt_tokens = response.usage.prompt_tokens
@@ -645,6 +655,10 @@ class OpenAIServer:
     def _choice_body(self, job: Job, choice: Choice) -> dict:
         text = "".join(choice.text)
         logprobs = self._logprobs(job, choice.logprobs) if job.logprobs else None
+        if job.echo:
+            text = self._prompt_text(choice.prompt_ids) + text
+            if logprobs is not None:
+                logprobs = self._echoed(choice, logprobs)
         if job.kind == "chat":
             return {"index": choice.index, "message": {"role": "assistant", "content": text},
                     "logprobs": logprobs, "finish_reason": _label(choice.finish_reason)}
@@ -691,6 +705,25 @@ class OpenAIServer:
                 "top_logprobs": [{text(a.token_id): a.logprob for a in t.top} or None
                                  for t in tokens],
                 "text_offset": offsets}
+
+    def _prompt_text(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return "".join(map(self._token_text, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _echoed(self, choice: Choice, generated: dict) -> dict:
+        """A completion's logprobs with its prompt's before them: the first prompt token
+        has none (nothing came before it), as OpenAI's echo answers."""
+        texts = [self._token_text(t) for t in choice.prompt_ids]
+        offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
+        start = sum(map(len, texts))
+        scored = choice.prompt_logprobs
+        return {
+            "tokens": texts + generated["tokens"],
+            "token_logprobs": [None] + [t.logprob for t in scored] + generated["token_logprobs"],
+            "top_logprobs": [None] + [{self._token_text(a.token_id): a.logprob for a in t.top}
+                                      or None for t in scored] + generated["top_logprobs"],
+            "text_offset": offsets + [start + o for o in generated["text_offset"]]}
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer else f"<{token_id}>"

@@ -308,8 +308,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         todo.CopyFrom(sampling)
         todo.max_tokens = sampling.max_tokens - len(progress.generated)
         todo.min_tokens = max(0, sampling.min_tokens - len(progress.generated))
-        if sampling.presence_penalty or sampling.frequency_penalty or sampling.repetition_penalty:
-            todo.prior_output_ids[:] = progress.generated  # a resume: its output so far
+        if progress.generated:  # a resume: its output so far counts for the penalties,
+            todo.prior_output_ids[:] = progress.generated
+            todo.prompt_logprobs = False  # and its prompt's scores came with the first token
         reserve = worker_pb2.ReserveRequest(
             request_id=attempt_id, prompt_tokens=len(tokens), sampling=todo,
             lease_ms=self.options.lease_ms, prompt_token_ids=tokens,
@@ -443,6 +444,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request_id=client_id, token_ids=ids, text=text, finish_reason=reason)
         if event.HasField("logprobs"):
             response.logprobs.append(event.logprobs)
+        response.prompt_logprobs.extend(event.prompt_logprobs)
         if reason:
             response.usage.CopyFrom(generation_pb2.Usage(
                 prompt_tokens=len(progress.prompt_ids), completion_tokens=len(progress.generated),

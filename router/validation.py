@@ -167,4 +167,5 @@ def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
         frequency_penalty=s.frequency_penalty,
         repetition_penalty=s.repetition_penalty if repeats else 0.0,
         logit_bias=dict(s.logit_bias), min_tokens=s.min_tokens,
-        penalty_prompt_ids=prompt_ids if repeats else [])
+        prompt_ids=prompt_ids if repeats or s.prompt_logprobs else [],
+        prompt_logprobs=s.prompt_logprobs)

@@ -244,6 +244,45 @@ def test_streamed_text_offsets_are_those_of_the_whole_completion(api):
     assert [t for lp in streamed for t in lp.tokens] == whole.tokens
 
 
+@pytest.mark.parametrize("prompt_kind", ["text", "token ids"])
+def test_echo_scores_every_prompt_token_as_transformers_does(api, demo_reference,
+                                                             prompt_kind):
+    """lm-evaluation-harness's log-likelihood request (echo, logprobs=1, max_tokens=1):
+    the prompt's tokens come back first, each after the first with its log-probability
+    under the model given what came before, within 1e-4 of transformers' log-softmax."""
+    tokenizer = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+    ids = tokenizer.encode(PROMPT + " is a program that reads").ids
+    reply = api.completions.create(
+        model=MODEL, prompt=tokenizer.decode(ids) if prompt_kind == "text" else ids,
+        max_tokens=1, temperature=0, logprobs=1, echo=True)
+    choice = reply.choices[0]
+    assert choice.text.startswith(tokenizer.decode(ids))
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert lp.tokens[:len(ids)] == [tokenizer.decode([t]) for t in ids]
+    with torch.no_grad():
+        ref = torch.log_softmax(demo_reference(torch.tensor([ids])).logits[0].double(), -1)
+    expected = [float(ref[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], expected, atol=1e-4)
+    best = [tokenizer.decode([int(ref[i].argmax())]) for i in range(len(ids) - 1)]
+    assert [list(top)[0] for top in lp.top_logprobs[1:len(ids)]] == best
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    again = api.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
+                                   logprobs=1, echo=True)  # cached now: scored all the same
+    assert again.choices[0].logprobs.token_logprobs == lp.token_logprobs
+
+
+def test_echo_without_logprobs_prefixes_the_prompt(api):
+    plain = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    echoed = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
+                                    echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, echo=True,
+                               stream=True)
+    assert err.value.body["param"] == "echo"
+
+
 def test_best_of_answers_the_likeliest_per_token(api):
     """The same seeds as n=3 with log-probabilities: best_of=3 answers the one of those
     three with the highest mean log-probability, and usage counts all three."""

@@ -57,7 +57,7 @@ def test_the_sampler_adjusts_logits_as_defined(case):
         repetition_penalty=case.get("repetition", 1.0),
         logit_bias=tuple(sorted(case.get("bias", {}).items())),
         min_tokens=case.get("min_tokens", 0), stop_token_ids=case.get("stops", ()),
-        ignore_eos=case.get("ignore_eos", False), penalty_prompt_ids=tuple(prompt),
+        ignore_eos=case.get("ignore_eos", False), prompt_ids=tuple(prompt),
         prior_output_ids=tuple(prior))
     sampler = Sampler(config, EOS)
     assert config.problem(VOCAB) is None
