@@ -104,14 +104,16 @@ class DecodeEngine:
         it is prefilled here if ``prefill_locally``, or if at most ``local_below`` of its
         tokens are not cached."""
         chain = self._leading()
-        self.scheduler.check(request_id, prompt_tokens, prompt_ids, sampling, lease_seconds,
-                             prefill_locally)
-        if sampling.prompt_logprobs and len(chain.stages) > 1:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "prompt log-probabilities "
-                               "need a decode instance of one stage")
         # Prompt log-probabilities score every position: this worker prefills them all.
         scores = sampling.prompt_logprobs
         prefill_locally = prefill_locally or scores
+        self.scheduler.check(request_id, prompt_tokens, prompt_ids, sampling, lease_seconds,
+                             prefill_locally)
+        if scores and len(chain.stages) > 1:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "prompt log-probabilities "
+                               "need a decode instance of one stage")
+        if scores or sampling.repetition_penalty != 1.0:  # the sampler reads the prompt
+            sampling = dataclasses.replace(sampling, prompt_ids=tuple(prompt_ids))
         with self._cache_lock:
             cached = (self.cache.lookup(prompt_ids, cache_salt) if prompt_ids and not scores
                       else MISS)

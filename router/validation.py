@@ -158,14 +158,12 @@ def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
                                s.logit_bias, s.min_tokens, max_tokens, facts.vocab_size)
     if problem is not None:
         raise invalid(problem[1], problem[0])
-    repeats = s.repetition_penalty not in (0.0, 1.0)
     return worker_pb2.Sampling(
         max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         has_seed=s.HasField("seed"), seed=s.seed, stop_token_ids=list(s.stop_token_ids),
         ignore_eos=s.ignore_eos, logprobs=s.logprobs or s.top_logprobs > 0,
         top_logprobs=s.top_logprobs, presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
-        repetition_penalty=s.repetition_penalty if repeats else 0.0,
+        repetition_penalty=0.0 if s.repetition_penalty == 1.0 else s.repetition_penalty,
         logit_bias=dict(s.logit_bias), min_tokens=s.min_tokens,
-        prompt_ids=prompt_ids if repeats or s.prompt_logprobs else [],
         prompt_logprobs=s.prompt_logprobs)
