@@ -310,14 +310,7 @@ def test_usage_counts_the_prompt_tokens_a_prefix_cache_held(api):
 
 
 def post_json(cluster, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{cluster.http_url}{path}", method="POST",
-                                     data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return post_raw(cluster, path, json.dumps(body).encode())
 
 
 def test_tokenize_and_detokenize_as_vllm_has_them(cluster, api):
