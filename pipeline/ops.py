@@ -9,11 +9,10 @@ import grpc
 import numpy as np
 
 from protos.errors import ServingError
-from protos.sampling import controls_problem
+from protos.sampling import MAX_TOP_LOGPROBS, controls_problem
 
 # Request ids on workers are the router's (32 hex digits); anything longer is refused.
 MAX_REQUEST_ID_CHARS = 128
-MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 MAX_CACHE_SALT_BYTES = 64  # the router sends a 16-byte digest of the client's salt
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 PENALTY_BOUND = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI bounds them
 BIAS_BOUND = 100.0   # a logit_bias value lies in [-100, 100], as OpenAI bounds it
 # A repetition penalty (vLLM's, CTRL's) lies in (0, this]; 1 is none. Past a few, every

@@ -24,8 +24,14 @@ from .client_budget import (
 REFUSAL_DELAY_S = 1.0
 
 
-_CAPPED = (b'{"error": {"message": "this client holds as many connections as it may", '
-           b'"type": "rate_limit_error", "param": null, "code": "too_many_connections"}}')
+def rate_limit_error(message: str, code: str) -> bytes:
+    """An OpenAI-shaped 429 body."""
+    return json.dumps({"error": {"message": message, "type": "rate_limit_error",
+                                 "param": None, "code": code}}).encode()
+
+
+_CAPPED = rate_limit_error("this client holds as many connections as it may",
+                           "too_many_connections")
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
                         b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                         % (len(_CAPPED), _CAPPED))
@@ -74,6 +80,15 @@ def _refuse_later(loop, transport) -> None:
 
 
 def client_of_scope(scope, names: ClientNames) -> str:
+    """Who sent the request: named once, by the first to ask (the middleware), and kept
+    in the scope's state for the handler that charges the client later."""
+    state = scope.setdefault("state", {})
+    if "client" not in state:
+        state["client"] = _client_of(scope, names)
+    return state["client"]
+
+
+def _client_of(scope, names: ClientNames) -> str:
     peer = scope.get("client")
     forwarded = b",".join(value for name, value in scope["headers"]
                           if name == b"x-forwarded-for")
@@ -131,8 +146,7 @@ def _content_length(scope) -> int:
 
 
 async def _refuse(send, message: str, retry_after_s: float) -> None:
-    body = json.dumps({"error": {"message": message, "type": "rate_limit_error",
-                                 "param": None, "code": "rate_limit_exceeded"}}).encode()
+    body = rate_limit_error(message, "rate_limit_exceeded")
     await send({"type": "http.response.start", "status": 429, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", retry_after_header(retry_after_s).encode())]})

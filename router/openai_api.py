@@ -37,7 +37,7 @@ from protos.vocabulary import FinishReason, Role
 from .chat_template import ChatTemplate
 from .http_budget import BudgetMiddleware, ConnectionsByClient, client_of_scope
 from .service import GenerationServicer, Prepared, encode
-from .validation import MAX_CACHE_SALT_CHARS
+from .validation import MAX_CACHE_SALT_CHARS, check_prompt_text
 
 T = TypeVar("T")
 MAX_CHOICES = 8  # n times the number of prompts
@@ -476,9 +476,8 @@ class OpenAIServer:
             text = body.get("prompt")
             if not isinstance(text, str):
                 raise BadRequest("prompt must be a string (or give messages)", "prompt")
-            limit = self.servicer.limits.max_prompt_bytes
-            if len(text) > limit or len(_text(text, "prompt").encode()) > limit:
-                raise BadRequest(f"the prompt has more than {limit} bytes", "prompt")
+            check_prompt_text(text, self.servicer.limits)
+            _text(text, "prompt")
         tokens = encode(tokenizer, text)
         return {"count": len(tokens), "max_model_len": self.servicer.facts.context_window,
                 "tokens": tokens}

@@ -11,11 +11,10 @@ import grpc
 
 from protos import generation_pb2, worker_pb2
 from protos.errors import ServingError
-from protos.sampling import controls_problem
+from protos.sampling import MAX_TOP_LOGPROBS, controls_problem
 from protos.setting import setting
 
 DEFAULT_MAX_TOKENS = 16
-MAX_TOP_LOGPROBS = 20
 MAX_CACHE_SALT_CHARS = 256
 
 
@@ -92,11 +91,8 @@ def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
                  facts: ModelFacts) -> None:
     """Refuse what is too large to look at further, before tokenizing anything."""
     kind = request.WhichOneof("prompt")
-    # Characters first (never more than bytes): a huge prompt is refused without encoding.
-    if kind == "text" and (len(request.text) > limits.max_prompt_bytes
-                           or len(request.text.encode()) > limits.max_prompt_bytes):
-        raise invalid(f"the prompt has more than {limits.max_prompt_bytes} bytes, more "
-                      "than the context window can hold", "prompt", CONTEXT_LENGTH_EXCEEDED)
+    if kind == "text":
+        check_prompt_text(request.text, limits)
     if kind == "token_ids" and len(request.token_ids.ids) > facts.context_window:
         raise too_long(facts.context_window, len(request.token_ids.ids))
     if len(request.request_id) > limits.max_request_id_chars:
@@ -118,6 +114,15 @@ def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
     if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
         raise invalid(f"cache_salt has more than {MAX_CACHE_SALT_CHARS} characters",
                       "cache_salt")
+
+
+def check_prompt_text(text: str, limits: RequestLimits) -> None:
+    """A text prompt no larger than ``limits.max_prompt_bytes``: characters first (never
+    more than bytes), so that a huge one is refused without encoding it."""
+    limit = limits.max_prompt_bytes
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise invalid(f"the prompt has more than {limit} bytes, more than the context "
+                      "window can hold", "prompt", CONTEXT_LENGTH_EXCEEDED)
 
 
 def cache_salt_digest(salt: str) -> bytes:
