@@ -109,6 +109,8 @@ class DecodeEngine:
         prefill_locally = prefill_locally or scores
         self.scheduler.check(request_id, prompt_tokens, prompt_ids, sampling, lease_seconds,
                              prefill_locally)
+        if sampling.grammar is not None:  # refused here, before anything is held, if bad
+            self.stage.grammars.compile(sampling.grammar)
         if scores and len(chain.stages) > 1:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "prompt log-probabilities "
                                "need a decode instance of one stage")
@@ -134,6 +136,8 @@ class DecodeEngine:
                 self.scheduler.withdraw(request)
                 self.cache.forget(request.seq_id)
                 chain.release(Release((request.seq_id,), (request_id,)))
+                if exc.code is grpc.StatusCode.INVALID_ARGUMENT:  # the request's own fault
+                    raise
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "a pipeline stage refused "
                                    f"the request: {exc.message}") from exc
             self.cache.count(len(prompt_ids), cached.tokens)
@@ -152,6 +156,7 @@ class DecodeEngine:
         self.scheduler.stop()
         self._thread.join(timeout=10)
         self.stage.receiver.buffers.close()  # its idle assembly buffers
+        self.stage.grammars.stop()
 
     # --- the engine thread ------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""Per-request token sampling: logit bias, penalties and min_tokens on the model's logits,
-then greedy or temperature, top-k, top-p, seeded."""
+"""Per-request token sampling: logit bias, penalties, min_tokens and the grammar of a
+structured output on the model's logits, then greedy or temperature, top-k, top-p, seeded."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from pipeline.ops import SamplingConfig, TokenLogprobs
+
+from .grammar import GrammarState
 
 NON_FINITE = "the model produced non-finite logits for this sequence"
 
@@ -22,11 +24,13 @@ class Sampler:
     """Owns one request's randomness, so a seeded request replays exactly, and what its
     penalties count: the tokens it has generated (``record``)."""
 
-    def __init__(self, config: SamplingConfig, eos_ids: Iterable[int] = ()):
+    def __init__(self, config: SamplingConfig, eos_ids: Iterable[int] = (),
+                 grammar: GrammarState | None = None):
         c = self.config = config
         self.rng = np.random.default_rng(config.seed)
+        self.grammar = grammar  # a structured output's: at its place after the output so far
         self.adjusts = bool(c.logit_bias or c.presence_penalty or c.frequency_penalty
-                            or c.repetition_penalty != 1.0 or c.min_tokens)
+                            or c.repetition_penalty != 1.0 or c.min_tokens or grammar)
         self._bias_ids = np.array([t for t, _ in c.logit_bias], np.int64)
         self._bias = np.array([b for _, b in c.logit_bias], np.float64)
         # What min_tokens holds back: the stop token ids, and EOS unless it is ignored.
@@ -48,7 +52,8 @@ class Sampler:
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """The logits after logit_bias, min_tokens and the penalties, in float64: vLLM's
-        order (processors, then the repetition, frequency and presence penalties)."""
+        order (processors, then the repetition, frequency and presence penalties); then
+        every token the grammar does not allow next is masked away."""
         c = self.config
         out = logits.astype(np.float64)
         if self._bias_ids.size:
@@ -64,14 +69,23 @@ class Sampler:
             ids = np.fromiter(self.counts.keys(), np.int64, len(self.counts))
             times = np.fromiter(self.counts.values(), np.float64, len(self.counts))
             out[ids] -= c.frequency_penalty * times + c.presence_penalty
+        allowed = self.grammar.allowed() if self.grammar else None
+        if allowed is not None:
+            masked = np.where(allowed, out, -np.inf)
+            # A complete grammar allows only its end, which min_tokens may hold back: the
+            # grammar has the last word.
+            out = (masked if np.isfinite(masked).any()
+                   else np.where(allowed, logits.astype(np.float64), -np.inf))
         return out
 
-    def record(self, token: int) -> None:
-        """``token`` was sampled: the penalties count it from now on."""
+    def record(self, token: int) -> bool:
+        """``token`` was sampled: the penalties count it from now on, the grammar moves past
+        it. False if the grammar does not allow it (the sequence cannot go on)."""
         self.sampled += 1
         if self.adjusts:
             self.counts[token] += 1
             self.seen.add(token)
+        return self.grammar is None or self.grammar.accept(token)
 
     def sample(self, logits: np.ndarray) -> int:
         """One token from a row of finite logits (the caller checks: see ``finite_rows``)."""

@@ -30,11 +30,13 @@ from pipeline.stage import embed_checked, start_sequence
 from protos import worker_pb2
 from protos.errors import ServingError
 
+from .grammar import GrammarCompiler, GrammarState
 from .receiver import KVReceiver, PendingKV
 from .sampler import NON_FINITE, Sampler, finite_rows
 
 # Prompt positions scored at once: a block's logits are its rows times the vocabulary.
 SCORE_ROWS = 64
+OFF_GRAMMAR = "the sampled token does not follow the request's grammar"
 
 if TYPE_CHECKING:
     import tvm
@@ -48,6 +50,10 @@ class DecodeStage:
         self.receiver = KVReceiver(self._layout, self.spec, accepts_shared=accepts_shared,
                                    kept_from=runner.config.kv_kept_from)
         self.samplers: dict[int, Sampler] = {}  # by sequence id (the last stage only)
+        # Structured output: the last stage's samplers follow grammars; the instance's
+        # leader compiles each first, to refuse a bad one before anything is reserved.
+        self.grammars = GrammarCompiler(runner.model_dir, runner.config.vocab_size,
+                                        runner.config.eos_token_id)
         self.sequences: set[int] = set()  # running, reserved or cached
         self._seq_of_request: dict[str, int] = {}
         self.install_seconds = 0.0  # writing received K/V into the pages
@@ -61,17 +67,28 @@ class DecodeStage:
     def expect(self, expectations: Sequence[Expectation]) -> None:
         """Start each request's sequence now (a fork of its cached prefix, or empty), so
         that the prefix cannot be evicted before the rest arrives or is prefilled."""
+        # Grammars compile before the lock is taken: a decode step never waits for one.
+        grammars = {e.seq_id: self._grammar_state(e) for e in expectations
+                    if self.spec.is_last and e.sampling.grammar is not None}
         with self._lock:
             for e in expectations:
                 self._check_new(e.seq_id)
                 start_sequence(self.runner, self.sequences, e.seq_id, e.fork_from, e.fork_pos)
                 self._seq_of_request[e.request_id] = e.seq_id
                 if self.spec.is_last:
-                    self.samplers[e.seq_id] = Sampler(e.sampling,
-                                                      self.runner.config.eos_token_id)
+                    self.samplers[e.seq_id] = Sampler(
+                        e.sampling, self.runner.config.eos_token_id, grammars.get(e.seq_id))
                 if not e.local:
                     self.receiver.expect(e.request_id, e.prompt_tokens, e.fork_pos,
                                          e.push_token)
+
+    def _grammar_state(self, e: Expectation) -> GrammarState:
+        """The request's sequence at the start of its grammar, past any output it had
+        before a resume; the grammar ends on EOS or one of the request's stop tokens."""
+        s = e.sampling
+        return self.grammars.start(self.grammars.compile(s.grammar),
+                                   {*s.stop_token_ids, *self.runner.config.eos_token_id},
+                                   s.prior_output_ids)
 
     def ready(self, request_ids: Sequence[str]) -> list[str]:
         return self.receiver.ready(request_ids)
@@ -243,7 +260,8 @@ class DecodeStage:
             token = greedy[i] if sampler.plain_greedy else sampler.sample(row)
             if sampler.config.prompt_logprobs and not sampler.sampled:  # its first token
                 result.prompt_logprobs[seq_id] = sampler.take_prompt_scores()
-            sampler.record(token)
+            if not sampler.record(token):
+                result.failed[seq_id] = OFF_GRAMMAR
             result.tokens.append(token)
             logprobs = sampler.logprobs(row, token)
             if logprobs is not None:

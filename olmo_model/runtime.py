@@ -94,6 +94,7 @@ class ModelRunner:
         self.device = tvm.device(device)
         self.limits = (limits or CacheLimits.for_model(self.config)).within_window(
             self.config.sliding_window)
+        self.model_dir: Path | None = None  # the checkpoint's folder (its tokenizer), if any
         use_every_cpu()  # before the first kernel runs: TVM sizes its thread pool then
         library = tvm.runtime.load_module(str(artifact.library_path))
         # TVM's default pooled allocator keeps a buffer of every size it ever allocated: a
@@ -121,7 +122,9 @@ class ModelRunner:
         params = load_stage_params(model_dir, artifact.param_names, artifact.param_shapes,
                                    artifact.stage, config.tie_word_embeddings, dtype)
         device = "cuda" if artifact.target_kind == "cuda" else "cpu"
-        return cls(artifact, params, limits, device)
+        runner = cls(artifact, params, limits, device)
+        runner.model_dir = Path(model_dir)
+        return runner
 
     # --- sequences and pages ----------------------------------------------------------
 

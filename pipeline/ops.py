@@ -9,7 +9,8 @@ import grpc
 import numpy as np
 
 from protos.errors import ServingError
-from protos.sampling import MAX_TOP_LOGPROBS, controls_problem
+from protos.sampling import MAX_TOP_LOGPROBS, controls_problem, grammar_problem
+from protos.vocabulary import GrammarKind
 
 # Request ids on workers are the router's (32 hex digits); anything longer is refused.
 MAX_REQUEST_ID_CHARS = 128
@@ -22,6 +23,18 @@ def checked_cache_salt(salt: bytes) -> bytes:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"a cache salt has at most {MAX_CACHE_SALT_BYTES} bytes")
     return salt
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputGrammar:
+    """What a request's output must follow (generation.proto's StructuredOutput)."""
+
+    kind: GrammarKind
+    source: str = ""                # the JSON schema, regex or EBNF text
+    choices: tuple[str, ...] = ()   # a choice's options
+
+    def problem(self) -> str | None:
+        return grammar_problem(self.kind, self.source, self.choices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +59,7 @@ class SamplingConfig:
     prompt_ids: tuple[int, ...] = ()  # the prompt, for a control that needs it
     prior_output_ids: tuple[int, ...] = ()    # output before a resume, for the penalties
     prompt_logprobs: bool = False  # score the prompt (each next token), with the first token
+    grammar: OutputGrammar | None = None  # structured output: every token follows it
 
     def problem(self, vocab_size: int) -> str | None:
         """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""
@@ -63,7 +77,13 @@ class SamplingConfig:
         problem = controls_problem(self.presence_penalty, self.frequency_penalty,
                                    self.repetition_penalty, dict(self.logit_bias),
                                    self.min_tokens, self.max_tokens, vocab_size)
-        return problem[1] if problem else None
+        if problem:
+            return problem[1]
+        if self.grammar is not None:
+            if self.ignore_eos:
+                return "ignore_eos cannot be used with a structured output (its end is EOS)"
+            return self.grammar.problem()
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

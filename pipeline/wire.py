@@ -8,6 +8,8 @@ import numpy as np
 
 from protos import generation_pb2, stage_pb2, worker_pb2
 from protos.errors import ServingError, status_code, status_number
+from protos.sampling import grammar_parts
+from protos.vocabulary import GrammarKind
 
 from .chain import StageChain
 from .ops import (
@@ -15,6 +17,7 @@ from .ops import (
     Expectation,
     ForwardBatch,
     ForwardResult,
+    OutputGrammar,
     Release,
     SamplingConfig,
     SequenceSlice,
@@ -33,7 +36,24 @@ def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingConfig:
         repetition_penalty=s.repetition_penalty or 1.0,
         logit_bias=tuple(sorted(s.logit_bias.items())), min_tokens=s.min_tokens,
         prompt_ids=tuple(s.prompt_ids),
-        prior_output_ids=tuple(s.prior_output_ids), prompt_logprobs=s.prompt_logprobs)
+        prior_output_ids=tuple(s.prior_output_ids), prompt_logprobs=s.prompt_logprobs,
+        grammar=grammar_from_proto(s.structured_output))
+
+
+def grammar_from_proto(g: generation_pb2.StructuredOutput) -> OutputGrammar | None:
+    parts = grammar_parts(g)
+    return OutputGrammar(*parts) if parts else None
+
+
+def grammar_to_proto(g: OutputGrammar | None) -> generation_pb2.StructuredOutput | None:
+    if g is None:
+        return None
+    if g.kind is GrammarKind.CHOICE:
+        return generation_pb2.StructuredOutput(
+            choice=generation_pb2.Choices(options=list(g.choices)))
+    message = generation_pb2.StructuredOutput()
+    setattr(message, g.kind.value, True if g.kind is GrammarKind.JSON_OBJECT else g.source)
+    return message
 
 
 def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
@@ -44,7 +64,8 @@ def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
         presence_penalty=c.presence_penalty, frequency_penalty=c.frequency_penalty,
         repetition_penalty=c.repetition_penalty, logit_bias=dict(c.logit_bias),
         min_tokens=c.min_tokens, prompt_ids=list(c.prompt_ids),
-        prior_output_ids=list(c.prior_output_ids), prompt_logprobs=c.prompt_logprobs)
+        prior_output_ids=list(c.prior_output_ids), prompt_logprobs=c.prompt_logprobs,
+        structured_output=grammar_to_proto(c.grammar))
 
 
 def logprobs_to_proto(lp: TokenLogprobs) -> generation_pb2.TokenLogprobs:

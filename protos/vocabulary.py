@@ -45,3 +45,14 @@ class FinishReason(enum.IntEnum):
     @property
     def failed(self) -> bool:
         return self in (FinishReason.ABORT, FinishReason.ERROR)
+
+
+class GrammarKind(enum.StrEnum):
+    """What a structured output's grammar is written as. Values name the fields of
+    generation.proto's StructuredOutput oneof."""
+
+    JSON_SCHEMA = "json_schema"
+    JSON_OBJECT = "json_object"   # any JSON object
+    REGEX = "regex"
+    CHOICE = "choice"             # exactly one of a list of strings
+    EBNF = "ebnf"

@@ -37,6 +37,7 @@ from protos.vocabulary import FinishReason, Role
 from .chat_template import ChatTemplate
 from .http_budget import BudgetMiddleware, ConnectionsByClient, client_of_scope
 from .service import GenerationServicer, Prepared, encode
+from .structured_output import AskedGrammar, structured_output
 from .validation import MAX_CACHE_SALT_CHARS, check_prompt_text
 
 T = TypeVar("T")
@@ -72,7 +73,7 @@ HTTP_STATUS = {
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
               404: "not_found_error", 409: "invalid_request_error", 429: "rate_limit_error"}
 # Parameters we do not implement: refused unless left at their neutral value.
-UNSUPPORTED = {"suffix": None, "tools": None, "functions": None, "response_format": None}
+UNSUPPORTED = {"suffix": None, "tools": None, "functions": None}
 
 
 class BadRequest(ServingError):
@@ -183,6 +184,7 @@ class Job:
     prompts: int                # distinct prompts (usage counts each once)
     kept: int = 0               # choices answered per prompt: the best of them (0: all)
     echo: bool = False          # the prompt first, in text and log-probabilities
+    grammar: AskedGrammar | None = None  # a structured output
 
 
 class OpenAIServer:
@@ -374,6 +376,11 @@ class OpenAIServer:
                     put((index, response, None))
                 put((index, None, None))
             except ServingError as exc:
+                if (exc.code is grpc.StatusCode.INVALID_ARGUMENT and exc.param is None
+                        and job.grammar is not None):
+                    # The router checked the rest before any worker saw it: what a worker
+                    # refuses is the grammar (one that does not compile).
+                    exc.param = job.grammar.field
                 put((index, None, exc))
             except Exception as exc:  # never leave the client waiting
                 put((index, None, ServingError(grpc.StatusCode.INTERNAL, str(exc))))
@@ -495,7 +502,7 @@ class OpenAIServer:
         return {"prompt": tokenizer.decode(tokens, skip_special_tokens=False)}
 
     def _completion_job(self, body: dict) -> Job:
-        self._check_common(body)
+        grammar = self._check_common(body)
         prompts = _prompts(body.get("prompt"))
         top = _int(body, "logprobs", None, minimum=0)
         max_tokens = _int(body, "max_tokens", 16, minimum=1)
@@ -522,12 +529,12 @@ class OpenAIServer:
                 else:
                     request.token_ids.ids.extend(prompt)
                 requests.append(request)
-        job = self._job("completion", body, requests, top is not None, len(prompts))
+        job = self._job("completion", body, requests, top is not None, len(prompts), grammar)
         job.kept, job.echo = n, echo
         return job
 
     def _chat_job(self, body: dict) -> Job:
-        self._check_common(body)
+        grammar = self._check_common(body)
         if self.chat is None:
             raise BadRequest("this model has no chat template (tokenizer_config.json); use "
                              "/v1/completions", "messages")
@@ -551,9 +558,10 @@ class OpenAIServer:
             token_ids=generation_pb2.TokenIds(ids=prompt),
             sampling=self._sampling(body, i, max_tokens, logprobs, top))
             for i in range(_n(body))]
-        return self._job("chat", body, requests, logprobs, 1)
+        return self._job("chat", body, requests, logprobs, 1, grammar)
 
-    def _job(self, kind: str, body: dict, requests: list, logprobs: bool, prompts: int) -> Job:
+    def _job(self, kind: str, body: dict, requests: list, logprobs: bool, prompts: int,
+             grammar: AskedGrammar | None) -> Job:
         """``requests``: at most MAX_CHOICES, counted before they were built."""
         stream = _bool(body, "stream")
         options = body.get("stream_options") or {}
@@ -564,6 +572,8 @@ class OpenAIServer:
         try:
             for request in requests:
                 request.cache_salt = salt
+                if grammar is not None:
+                    request.sampling.structured_output.CopyFrom(grammar.message)
                 prepared.append(self.servicer.prepare(request))
         except ServingError as exc:
             for done in prepared:
@@ -572,9 +582,11 @@ class OpenAIServer:
                 exc.param = "messages"
             raise
         return Job(kind, prepared, stream, bool(options.get("include_usage")), logprobs,
-                   prompts)
+                   prompts, grammar=grammar)
 
-    def _check_common(self, body: dict) -> None:
+    def _check_common(self, body: dict) -> AskedGrammar | None:
+        """What completions and chats check alike, before building anything; returns the
+        structured output asked for."""
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise self._unknown_model(model)
@@ -582,6 +594,7 @@ class OpenAIServer:
             value = body.get(name)
             if value not in (None, neutral) and value != {} and value != []:
                 raise BadRequest(f"{name} is not supported by this server", name)
+        return structured_output(body)
 
     def _sampling(self, body: dict, choice: int, max_tokens: int, logprobs: bool,
                   top_logprobs: int) -> generation_pb2.SamplingParams:

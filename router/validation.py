@@ -11,7 +11,7 @@ import grpc
 
 from protos import generation_pb2, worker_pb2
 from protos.errors import ServingError
-from protos.sampling import MAX_TOP_LOGPROBS, controls_problem
+from protos.sampling import MAX_TOP_LOGPROBS, controls_problem, grammar_parts, grammar_problem
 from protos.setting import setting
 
 DEFAULT_MAX_TOKENS = 16
@@ -114,6 +114,16 @@ def check_limits(request: generation_pb2.GenerateRequest, limits: RequestLimits,
     if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
         raise invalid(f"cache_salt has more than {MAX_CACHE_SALT_CHARS} characters",
                       "cache_salt")
+    check_grammar(request.sampling.structured_output)
+
+
+def check_grammar(grammar: generation_pb2.StructuredOutput,
+                  param: str = "structured_output") -> None:
+    """A structured output's grammar within the bounds every decode worker holds it to."""
+    parts = grammar_parts(grammar)
+    problem = parts and grammar_problem(*parts)
+    if problem:
+        raise invalid(problem, param)
 
 
 def check_prompt_text(text: str, limits: RequestLimits) -> None:
@@ -163,6 +173,9 @@ def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
                                s.logit_bias, s.min_tokens, max_tokens, facts.vocab_size)
     if problem is not None:
         raise invalid(problem[1], problem[0])
+    if s.ignore_eos and s.HasField("structured_output"):
+        raise invalid("ignore_eos cannot be used with a structured output (its end is EOS)",
+                      "ignore_eos")
     return worker_pb2.Sampling(
         max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         has_seed=s.HasField("seed"), seed=s.seed, stop_token_ids=list(s.stop_token_ids),
@@ -171,4 +184,4 @@ def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
         frequency_penalty=s.frequency_penalty,
         repetition_penalty=0.0 if s.repetition_penalty == 1.0 else s.repetition_penalty,
         logit_bias=dict(s.logit_bias), min_tokens=s.min_tokens,
-        prompt_logprobs=s.prompt_logprobs)
+        prompt_logprobs=s.prompt_logprobs, structured_output=s.structured_output)

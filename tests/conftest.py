@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +258,15 @@ def local_cluster(model: str | Path | None = None, http: bool = False,
     if tls is not None:
         fields["tls_cert"], fields["tls_key"] = map(str, tls)
     return start_local_cluster(on_loopback(ClusterConfig(model=model, **fields), http))
+
+
+def post_raw(cluster, path: str, data: bytes) -> tuple[int, dict]:
+    """POST ``data`` as it is (JSON no client library would send) to the cluster's HTTP API:
+    the status and the JSON answer."""
+    request = urllib.request.Request(f"{cluster.http_url}{path}", method="POST", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())

@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from conftest import local_cluster, wait_until_cluster_idle
+from conftest import local_cluster, post_raw, wait_until_cluster_idle
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 from transformers import OlmoForCausalLM
@@ -170,7 +170,9 @@ def test_closing_a_stream_cancels_the_request_everywhere(cluster, api):
     (dict(extra_body={"repetition_penalty": 0}), 400, "repetition_penalty"),
     (dict(extra_body={"min_tokens": 10}), 400, "min_tokens"),
     (dict(extra_body={"stop_token_ids": [5] * 65}), 400, "stop_token_ids"),
-    (dict(extra_body={"response_format": {"type": "json_object"}}), 400, "response_format"),
+    (dict(extra_body={"response_format": {"type": "xml"}}), 400, "response_format"),
+    (dict(extra_body={"guided_regex": "(("}), 400, "guided_regex"),  # refused by the worker
+    (dict(extra_body={"tools": [{"type": "function"}]}), 400, "tools"),
     (dict(max_tokens=10_000), 400, "prompt"),
     (dict(stop=[""]), 400, "stop"),
     (dict(model="gpt-4"), 404, "model"),
@@ -461,16 +463,6 @@ def test_grpc_errors_keep_their_codes_beside_http(grpc_client):
     with pytest.raises(grpc.RpcError) as err:
         grpc_client.complete(generate_request(PROMPT, temperature=-1), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def post_raw(cluster, path: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{cluster.http_url}{path}", method="POST", data=data,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 BIG = 2**32

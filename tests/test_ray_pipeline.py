@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -58,4 +59,17 @@ def test_two_stage_instances_serve_and_recover_from_a_dead_stage(cluster):
     else:
         raise AssertionError("the decode instance did not come back after its stage died")
     assert client.complete(request, timeout=60)[0] == expected
+    client.close()
+
+
+def test_a_structured_output_is_followed_through_the_stage_chain(cluster):
+    """The grammar travels with the reservation to the last decode stage, another Ray
+    actor, which compiles it (xgrammar loaded there on first use) and masks every token."""
+    client = GenerationClient(cluster.address)
+    pattern = r"[a-z]{2,6}-[0-9]{3}"
+    for seed in range(2):
+        request = generate_request("Your code:", max_tokens=32, temperature=1.0, seed=seed)
+        request.sampling.structured_output.regex = pattern
+        _, text, _ = client.complete(request, timeout=60)
+        assert re.fullmatch(pattern, text), text
     client.close()

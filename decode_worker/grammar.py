@@ -1,0 +1,149 @@
+"""Structured output on the decode worker: grammars compiled with xgrammar for the model's
+vocabulary, and each sequence's place in its grammar (which tokens it may take next).
+
+xgrammar, and the torch and transformers it imports (a quarter of a gigabyte, two
+seconds), is optional (``pip install 'olmo-disagg[structured]'``) and loaded on the first
+request with a grammar; without it such requests are refused, the others are served.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from pipeline.ops import OutputGrammar
+from protos.errors import ServingError
+from protos.vocabulary import GrammarKind
+
+# A grammar compiles within this, or its request is refused (the router's Reserve call,
+# which waits for it, allows 10 s). The first one also loads xgrammar and the vocabulary.
+COMPILE_WAIT_S = 4.0
+LOAD_WAIT_S = 4.0
+# Compiled grammars xgrammar keeps for reuse (least recently used ones go first).
+CACHE_BYTES = 128 * 2**20
+# Any JSON object, as OpenAI's json_object asks.
+ANY_OBJECT = '{"type": "object"}'
+# xgrammar's errors begin with where in its C++ they were raised.
+_ERROR_ORIGIN = re.compile(r"^\[[^\]]*\] \S+:\d+: ")
+
+
+def refused(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class GrammarState:
+    """One sequence's place in its grammar."""
+
+    def __init__(self, matcher, vocab_size: int):
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self._bits = np.zeros((1, (vocab_size + 31) // 32), np.int32)
+
+    def allowed(self) -> np.ndarray | None:
+        """Which tokens may come next (a bool per token), or None when any may."""
+        if not self.matcher.fill_next_token_bitmask(self._bits):
+            return None
+        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
+        return bits[:self.vocab_size].astype(bool)
+
+    def accept(self, token: int) -> bool:
+        """Move past ``token``; False (and no move) if the grammar does not allow it."""
+        return self.matcher.accept_token(token)
+
+
+class GrammarCompiler:
+    """Compiles one model's grammars on a thread of its own, one at a time, and starts
+    sequences in them. A compile cannot be interrupted: one that takes too long is
+    refused and finishes in the background (and is cached, like every compiled grammar)."""
+
+    def __init__(self, model_dir: Path | None, vocab_size: int, eos_ids: Iterable[int]):
+        self.model_dir = model_dir
+        self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self._xgr = None  # the xgrammar module and its compiler, once loaded
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def compile(self, grammar: OutputGrammar):
+        """The compiled grammar (xgrammar's), or ServingError(INVALID_ARGUMENT): no
+        xgrammar, no tokenizer, a grammar that does not compile, or not in time."""
+        problem = grammar.problem()
+        if problem:
+            raise refused(problem)
+        wait = COMPILE_WAIT_S + (0.0 if self._compiler is not None else LOAD_WAIT_S)
+        future = self._executor.submit(self._compile, grammar)
+        try:
+            return future.result(timeout=wait)
+        except FutureTimeout:
+            future.cancel()  # if it has not started: it is no one's any more
+            raise refused(f"the {grammar.kind} did not compile within {wait:g} s; "
+                          "simplify it") from None
+
+    def start(self, compiled, stop_ids: Iterable[int], accepted: Iterable[int] = ()
+              ) -> GrammarState:
+        """A sequence at the start of ``compiled``, past the ``accepted`` tokens (its output
+        before a resume); it ends on one of ``stop_ids``."""
+        state = GrammarState(self._xgr.GrammarMatcher(
+            compiled, override_stop_tokens=sorted(set(stop_ids))), self.vocab_size)
+        for token in accepted:
+            if not state.accept(token):
+                raise refused(f"the output so far (token {token}) does not follow the "
+                              "grammar")
+        return state
+
+    def stop(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- on the compile thread --------------------------------------------------------
+
+    def _compile(self, grammar: OutputGrammar):
+        compiler = self._loaded()
+        try:
+            match grammar.kind:
+                case GrammarKind.JSON_SCHEMA | GrammarKind.JSON_OBJECT:
+                    # Compact JSON: free whitespace would let a model pad it without end.
+                    return compiler.compile_json_schema(
+                        grammar.source or ANY_OBJECT, any_whitespace=False, strict_mode=True)
+                case GrammarKind.REGEX:
+                    return compiler.compile_regex(grammar.source)
+                case GrammarKind.CHOICE:
+                    return compiler.compile_grammar("root ::= " + " | ".join(
+                        json.dumps(option, ensure_ascii=False) for option in grammar.choices))
+                case GrammarKind.EBNF:
+                    return compiler.compile_grammar(grammar.source)
+        except RuntimeError as exc:  # how xgrammar says a grammar is wrong
+            why = _ERROR_ORIGIN.sub("", str(exc).strip().splitlines()[0])
+            raise refused(f"the {grammar.kind} does not compile: {why}") from None
+        raise AssertionError(grammar.kind)
+
+    def _loaded(self):
+        """xgrammar's compiler for this model's vocabulary, made on first use."""
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = self._load()
+            return self._compiler
+
+    def _load(self):
+        try:
+            import xgrammar
+            from transformers import PreTrainedTokenizerFast
+        except ImportError:
+            raise refused("structured output needs xgrammar on the decode workers: "
+                          "pip install 'olmo-disagg[structured]'") from None
+        tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else None
+        if tokenizer is None or not tokenizer.is_file():
+            raise refused("structured output needs the model's tokenizer.json")
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            PreTrainedTokenizerFast(tokenizer_file=str(tokenizer)), vocab_size=self.vocab_size,
+            stop_token_ids=self.eos_ids)
+        self._xgr = xgrammar
+        return xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
