@@ -146,3 +146,49 @@ TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_lay
 SERVE = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
              tie_word_embeddings=True)
+
+
+def with_tokenizer(name: str, weights: Path, tokenizer_files: list[Path],
+                   root: Path = BENCH_CHECKPOINTS) -> Path:
+    """A checkpoint folder ``name`` under ``root``: ``weights``'s files and the tokenizer's,
+    as links (no copy of the weights)."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in [*weights.iterdir(), *tokenizer_files]:
+        link = folder / source.name
+        if not link.exists():
+            link.symlink_to(source.resolve())
+    return folder
+
+
+def bpe_tokenizer(vocab_size: int = 50280, root: Path = BENCH_CHECKPOINTS) -> Path:
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens (GPT-NeoX's, OLMo-1's size),
+    trained here on the Python standard library's sources: a real vocabulary's mix of
+    words, code and punctuation, for what depends on one (a grammar's token masks). Made
+    once, in seconds; its EOS, <|endoftext|>, is token 0."""
+    folder = root / f"bpe-{vocab_size}"
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        return path
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def texts():
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        for source in sorted(stdlib.rglob("*.py")):
+            if "site-packages" not in source.parts:
+                try:
+                    yield source.read_text("utf-8")
+                except (UnicodeDecodeError, OSError):
+                    pass
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path

@@ -35,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import netns
-from checkpoints import BENCH_CHECKPOINTS, SERVE, bench_checkpoint
+from checkpoints import SERVE, bench_checkpoint, with_tokenizer
 from recording import rss_mib, write_results
 
 PROMPT = list(range(100, 132))
@@ -194,19 +194,12 @@ def serve_main(args) -> None:
 
 
 def served_model() -> Path:
-    """The serving checkpoint with the demo model's tokenizer and chat template (links:
-    no copy of the weights)."""
+    """The serving checkpoint with the demo model's tokenizer and chat template."""
     from olmo_model.demo import DEMO_MODEL_DIR
 
-    weights = bench_checkpoint("serve", SERVE)
-    folder = BENCH_CHECKPOINTS / "serve-with-tokenizer"
-    folder.mkdir(parents=True, exist_ok=True)
-    for source in [*weights.iterdir(), DEMO_MODEL_DIR / "tokenizer.json",
-                   DEMO_MODEL_DIR / "tokenizer_config.json"]:
-        link = folder / source.name
-        if not link.exists():
-            link.symlink_to(source.resolve())
-    return folder
+    return with_tokenizer("serve-with-tokenizer", bench_checkpoint("serve", SERVE),
+                          [DEMO_MODEL_DIR / "tokenizer.json",
+                           DEMO_MODEL_DIR / "tokenizer_config.json"])
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -42,21 +42,35 @@ def refused(message: str) -> ServingError:
 class GrammarState:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher, vocab_size: int):
+    def __init__(self, matcher):
         self.matcher = matcher
-        self.vocab_size = vocab_size
-        self._bits = np.zeros((1, (vocab_size + 31) // 32), np.int32)
-
-    def allowed(self) -> np.ndarray | None:
-        """Which tokens may come next (a bool per token), or None when any may."""
-        if not self.matcher.fill_next_token_bitmask(self._bits):
-            return None
-        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
-        return bits[:self.vocab_size].astype(bool)
 
     def accept(self, token: int) -> bool:
         """Move past ``token``; False (and no move) if the grammar does not allow it."""
         return self.matcher.accept_token(token)
+
+
+def mask_disallowed(logits: np.ndarray, states: Mapping[int, GrammarState],
+                    picks: Mapping[int, int]) -> set[int]:
+    """Set to -inf, in place, the tokens each row's grammar (``states``, by row of
+    ``[batch, vocab]`` logits) does not allow next; returns the rows masked. A row whose
+    greedy pick (``picks``) its grammar allows is left as it is: the pick stands."""
+    vocab = logits.shape[1]
+    bits = np.empty((len(states), (vocab + 31) // 32), np.int32)
+    masked = {}
+    for k, (row, state) in enumerate(states.items()):
+        if not state.matcher.fill_next_token_bitmask(bits, k):
+            continue  # every token allowed
+        pick = picks.get(row)
+        if pick is None or not (bits[k, pick >> 5] >> (pick & 31)) & 1:
+            masked[row] = k
+    if masked:
+        # One bit per token, set where allowed: one byte per token, set where denied.
+        denied = np.unpackbits(~bits[list(masked.values())].view(np.uint8), axis=1,
+                               bitorder="little", count=vocab).view(bool)
+        for row, deny in zip(masked, denied):
+            np.putmask(logits[row], deny, -np.inf)
+    return set(masked)
 
 
 class GrammarCompiler:
@@ -93,7 +107,7 @@ class GrammarCompiler:
         """A sequence at the start of ``compiled``, past the ``accepted`` tokens (its output
         before a resume); it ends on one of ``stop_ids``."""
         state = GrammarState(self._xgr.GrammarMatcher(
-            compiled, override_stop_tokens=sorted(set(stop_ids))), self.vocab_size)
+            compiled, override_stop_tokens=sorted(set(stop_ids))))
         for token in accepted:
             if not state.accept(token):
                 raise refused(f"the output so far (token {token}) does not follow the "

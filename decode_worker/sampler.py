@@ -1,5 +1,6 @@
-"""Per-request token sampling: logit bias, penalties, min_tokens and the grammar of a
-structured output on the model's logits, then greedy or temperature, top-k, top-p, seeded."""
+"""Per-request token sampling: logit bias, penalties and min_tokens on the model's logits
+(masked by a structured output's grammar first: see DecodeStage._sample), then greedy or
+temperature, top-k, top-p, seeded."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class Sampler:
         self.rng = np.random.default_rng(config.seed)
         self.grammar = grammar  # a structured output's: at its place after the output so far
         self.adjusts = bool(c.logit_bias or c.presence_penalty or c.frequency_penalty
-                            or c.repetition_penalty != 1.0 or c.min_tokens or grammar)
+                            or c.repetition_penalty != 1.0 or c.min_tokens)
         self._bias_ids = np.array([t for t, _ in c.logit_bias], np.int64)
         self._bias = np.array([b for _, b in c.logit_bias], np.float64)
         # What min_tokens holds back: the stop token ids, and EOS unless it is ignored.
@@ -50,10 +51,13 @@ class Sampler:
         """Greedy on the logits as they are (the batch's one argmax serves it)."""
         return self.greedy and not self.adjusts
 
+    @property
+    def reports_logprobs(self) -> bool:
+        return self.config.logprobs or self.config.top_logprobs > 0
+
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """The logits after logit_bias, min_tokens and the penalties, in float64: vLLM's
-        order (processors, then the repetition, frequency and presence penalties); then
-        every token the grammar does not allow next is masked away."""
+        order (processors, then the repetition, frequency and presence penalties)."""
         c = self.config
         out = logits.astype(np.float64)
         if self._bias_ids.size:
@@ -69,13 +73,6 @@ class Sampler:
             ids = np.fromiter(self.counts.keys(), np.int64, len(self.counts))
             times = np.fromiter(self.counts.values(), np.float64, len(self.counts))
             out[ids] -= c.frequency_penalty * times + c.presence_penalty
-        allowed = self.grammar.allowed() if self.grammar else None
-        if allowed is not None:
-            masked = np.where(allowed, out, -np.inf)
-            # A complete grammar allows only its end, which min_tokens may hold back: the
-            # grammar has the last word.
-            out = (masked if np.isfinite(masked).any()
-                   else np.where(allowed, logits.astype(np.float64), -np.inf))
         return out
 
     def record(self, token: int) -> bool:
@@ -88,10 +85,15 @@ class Sampler:
         return self.grammar is None or self.grammar.accept(token)
 
     def sample(self, logits: np.ndarray) -> int:
-        """One token from a row of finite logits (the caller checks: see ``finite_rows``)."""
+        """One token from a row of finite logits (the caller checks: see ``finite_rows``),
+        but for the tokens a grammar masked (-inf)."""
         c = self.config
         if self.adjusts:
-            logits = self.adjusted(logits)
+            adjusted = self.adjusted(logits)
+            # A complete grammar allows only its end, which min_tokens may hold back: the
+            # grammar has the last word.
+            if self.grammar is None or adjusted.max() > -np.inf:
+                logits = adjusted
         if self.greedy:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / c.temperature
@@ -109,10 +111,9 @@ class Sampler:
     def logprobs(self, logits: np.ndarray, token: int) -> TokenLogprobs | None:
         """The sampled token's log-probability under the model (the raw logits: before
         temperature, top-k and top-p) and the likeliest alternatives, if asked for."""
-        c = self.config
-        if not (c.logprobs or c.top_logprobs):
+        if not self.reports_logprobs:
             return None
-        return token_logprobs(logits[None], [token], c.top_logprobs)[0]
+        return token_logprobs(logits[None], [token], self.config.top_logprobs)[0]
 
     def score_prompt(self, position: int, logits: np.ndarray) -> None:
         """Logits ``[n, vocab]`` of prompt positions ``position``.. give each next prompt

@@ -30,7 +30,7 @@ from pipeline.stage import embed_checked, start_sequence
 from protos import worker_pb2
 from protos.errors import ServingError
 
-from .grammar import GrammarCompiler, GrammarState
+from .grammar import GrammarCompiler, GrammarState, mask_disallowed
 from .receiver import KVReceiver, PendingKV
 from .sampler import NON_FINITE, Sampler, finite_rows
 
@@ -248,11 +248,20 @@ class DecodeStage:
             return ForwardResult()
         result = ForwardResult()
         logits = self.runner.logits(hidden)
+        samplers = [self.samplers[seq_id] for seq_id in seq_ids]
         # The checks and the greedy choices of the whole batch, each in one numpy pass.
         finite = finite_rows(logits).tolist()
         greedy = np.argmax(logits, axis=1).tolist()
-        for i, (seq_id, row) in enumerate(zip(seq_ids, logits)):
-            sampler = self.samplers[seq_id]
+        grammars = {i: s.grammar for i, s in enumerate(samplers)
+                    if s.grammar is not None and finite[i]}
+        raw = {}  # rows as the model gave them, for log-probabilities under the model
+        if grammars:
+            raw = {i: logits[i].copy() for i in grammars if samplers[i].reports_logprobs}
+            masked = mask_disallowed(logits, grammars, {
+                i: greedy[i] for i in grammars if samplers[i].plain_greedy})
+            for i in masked:
+                greedy[i] = int(np.argmax(logits[i]))
+        for i, (seq_id, sampler, row) in enumerate(zip(seq_ids, samplers, logits)):
             if not finite[i]:
                 result.tokens.append(0)
                 result.failed[seq_id] = NON_FINITE
@@ -263,7 +272,7 @@ class DecodeStage:
             if not sampler.record(token):
                 result.failed[seq_id] = OFF_GRAMMAR
             result.tokens.append(token)
-            logprobs = sampler.logprobs(row, token)
+            logprobs = sampler.logprobs(raw.get(i, row), token)
             if logprobs is not None:
                 result.logprobs[seq_id] = logprobs
         return result

@@ -20,7 +20,7 @@ from conftest import local_cluster, post_raw
 
 from cluster.cluster_config import RoleConfig
 from decode_worker import grammar as grammar_module
-from decode_worker.grammar import GrammarCompiler
+from decode_worker.grammar import GrammarCompiler, mask_disallowed
 from decode_worker.sampler import Sampler
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
@@ -306,18 +306,29 @@ def test_a_lone_surrogate_in_a_grammar_is_refused(clusters):
 # --- the pieces, without a cluster --------------------------------------------------------
 
 @pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
 def compiler():
     c = GrammarCompiler(DEMO_MODEL_DIR, VOCAB, EOS)
     yield c
     c.stop()
 
 
-def test_the_mask_keeps_sampled_tokens_in_the_grammar(compiler):
-    """Random logits, temperature sampling: every token is one the grammar allows, and the
-    output ends (EOS) where the grammar does; logit bias and penalties apply before it."""
-    from tokenizers import Tokenizer
+def sample_masked(sampler: Sampler, logits: np.ndarray) -> int:
+    """What the last stage does for one sequence: mask, then sample."""
+    logits = logits[None].copy()
+    mask_disallowed(logits, {0: sampler.grammar}, {})
+    return sampler.sample(logits[0])
 
-    tokenizer = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+
+def test_the_mask_keeps_sampled_tokens_in_the_grammar(compiler, tokenizer):
+    """Random logits, temperature sampling: every token is one the grammar allows, and the
+    output ends (EOS) where the grammar does; logit bias and penalties apply after it."""
     grammar = OutputGrammar(GrammarKind.REGEX, r"(cat|dog) [0-9]{2}!")
     config = SamplingConfig(max_tokens=64, temperature=1.0, seed=3, grammar=grammar,
                             logit_bias=((5, 50.0),), presence_penalty=1.0)
@@ -327,32 +338,38 @@ def test_the_mask_keeps_sampled_tokens_in_the_grammar(compiler):
                           compiler.start(compiler.compile(grammar), EOS))
         output = []
         while not output or output[-1] not in EOS:
-            token = sampler.sample(rng.normal(0, 4, VOCAB).astype(np.float32))
+            token = sample_masked(sampler, rng.normal(0, 4, VOCAB).astype(np.float32))
             assert sampler.record(token)
             output.append(token)
             assert len(output) < 64
         assert re.fullmatch(r"(cat|dog) [0-9]{2}!", tokenizer.decode(output[:-1]))
 
 
-def test_min_tokens_does_not_outrank_a_complete_grammar(compiler):
+def test_a_greedy_pick_the_grammar_allows_is_not_masked(compiler, tokenizer):
+    state = compiler.start(compiler.compile(OutputGrammar(GrammarKind.CHOICE,
+                                                          choices=("ab", "cd"))), EOS)
+    logits = np.zeros((2, VOCAB), np.float32)
+    allowed, denied = tokenizer.encode("ab").ids[0], tokenizer.encode("x").ids[0]
+    assert mask_disallowed(logits, {0: state, 1: state}, {0: allowed, 1: denied}) == {1}
+    assert np.isfinite(logits[0]).all()
+    assert logits[1, allowed] == 0 and logits[1, denied] == -np.inf
+
+
+def test_min_tokens_does_not_outrank_a_complete_grammar(compiler, tokenizer):
     grammar = OutputGrammar(GrammarKind.CHOICE, choices=("ok",))
     sampler = Sampler(SamplingConfig(min_tokens=10, grammar=grammar), EOS,
                       compiler.start(compiler.compile(grammar), EOS))
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json")).encode("ok").ids
-    for token in ids:
+    for token in tokenizer.encode("ok").ids:
         assert sampler.record(token)
-    assert sampler.sample(np.zeros(VOCAB, np.float32)) == EOS[0]
+    assert sample_masked(sampler, np.zeros(VOCAB, np.float32)) == EOS[0]
 
 
-def test_a_resumed_sequence_starts_past_its_output(compiler):
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+def test_a_resumed_sequence_starts_past_its_output(compiler, tokenizer):
     compiled = compiler.compile(OutputGrammar(GrammarKind.REGEX, "abc[0-9]"))
     state = compiler.start(compiled, EOS, tokenizer.encode("abc").ids)
-    allowed = {tokenizer.decode([t]) for t in np.flatnonzero(state.allowed())}
+    logits = np.zeros((1, VOCAB), np.float32)
+    mask_disallowed(logits, {0: state}, {})
+    allowed = {tokenizer.decode([t]) for t in np.flatnonzero(np.isfinite(logits[0]))}
     assert allowed and allowed <= set("0123456789")
     with pytest.raises(ServingError, match="does not follow"):
         compiler.start(compiled, EOS, tokenizer.encode("abd").ids)
