@@ -29,6 +29,14 @@ COMPILE_WAIT_S = 4.0
 LOAD_WAIT_S = 4.0
 # Compiled grammars xgrammar keeps for reuse (least recently used ones go first).
 CACHE_BYTES = 128 * 2**20
+# A row whose mask allows tokens in at most this many of its 64-token words is held to
+# them by id; one that allows more is masked in a pass over the vocabulary. Most rows
+# under a JSON grammar allow a handful of tokens.
+SPARSE_WORDS = 32
+# A greedy row under a grammar that allows many tokens tries the model's next likeliest
+# this many times (a pass over the vocabulary each) before it masks the whole row.
+GREEDY_TRIES = 3
+_BIT = np.arange(64)
 # Any JSON object, as OpenAI's json_object asks.
 ANY_OBJECT = '{"type": "object"}'
 # xgrammar's errors begin with where in its C++ they were raised.
@@ -44,33 +52,70 @@ class GrammarState:
 
     def __init__(self, matcher):
         self.matcher = matcher
+        self._taken: int | None = None  # a token moved past ahead of its acceptance
+
+    def take_if_allowed(self, token: int) -> bool:
+        """Move past ``token`` now if the grammar allows it: a greedy pick that the grammar
+        allows costs no mask. Its ``accept`` follows."""
+        if self.matcher.accept_token(token):
+            self._taken = token
+            return True
+        return False
 
     def accept(self, token: int) -> bool:
         """Move past ``token``; False (and no move) if the grammar does not allow it."""
+        if self._taken is not None:
+            taken, self._taken = self._taken, None
+            return token == taken
         return self.matcher.accept_token(token)
 
 
-def mask_disallowed(logits: np.ndarray, states: Mapping[int, GrammarState],
-                    picks: Mapping[int, int]) -> set[int]:
-    """Set to -inf, in place, the tokens each row's grammar (``states``, by row of
-    ``[batch, vocab]`` logits) does not allow next; returns the rows masked. A row whose
-    greedy pick (``picks``) its grammar allows is left as it is: the pick stands."""
+def constrain(logits: np.ndarray, states: Mapping[int, GrammarState],
+              greedy: Mapping[int, int]) -> dict[int, int]:
+    """Hold each row of ``[batch, vocab]`` logits to its grammar (``states``, by row).
+    A plain greedy row (``greedy``: its pick from the raw logits) is answered with the
+    likeliest token its grammar allows, in the returned dict (its logits are of no more
+    use, and may have been changed); every other row has the tokens its grammar does not
+    allow set to -inf, in place."""
     vocab = logits.shape[1]
-    bits = np.empty((len(states), (vocab + 31) // 32), np.int32)
-    masked = {}
+    # A bit per token, set where allowed, in words of 64 (xgrammar fills int32s).
+    bits = np.zeros((len(states), -(-vocab // 64) * 2), np.int32)
+    words = bits.view(np.uint64)
+    picks = {}
     for k, (row, state) in enumerate(states.items()):
+        pick = greedy.get(row)
+        if pick is not None and state.take_if_allowed(pick):
+            continue  # the model's own pick is allowed: it stands
         if not state.matcher.fill_next_token_bitmask(bits, k):
             continue  # every token allowed
-        pick = picks.get(row)
-        if pick is None or not (bits[k, pick >> 5] >> (pick & 31)) & 1:
-            masked[row] = k
-    if masked:
-        # One bit per token, set where allowed: one byte per token, set where denied.
-        denied = np.unpackbits(~bits[list(masked.values())].view(np.uint8), axis=1,
-                               bitorder="little", count=vocab).view(bool)
-        for row, deny in zip(masked, denied):
-            np.putmask(logits[row], deny, -np.inf)
-    return set(masked)
+        some = np.flatnonzero(words[k])
+        if len(some) <= SPARSE_WORDS:  # few allowed (most of JSON's structure): by id
+            allowed = np.unpackbits(words[k, some].view(np.uint8), bitorder="little")
+            ids = (some[:, None] * 64 + _BIT).ravel()[allowed.view(bool)]
+            ids = ids[ids < vocab]
+            if pick is not None:
+                picks[row] = int(ids[np.argmax(logits[row, ids])])
+            else:
+                kept = logits[row, ids]
+                logits[row] = -np.inf
+                logits[row, ids] = kept
+            continue
+        if pick is not None:  # many allowed (inside a string): the next likeliest may be
+            for _ in range(GREEDY_TRIES):
+                logits[row, pick] = -np.inf
+                pick = int(np.argmax(logits[row]))
+                if (bits[k, pick >> 5] >> (pick & 31)) & 1:
+                    picks[row] = pick
+                    break
+            if row in picks:
+                continue
+        # Many allowed: deny the rest, in a pass over the vocabulary.
+        denied = np.unpackbits(~bits[k].view(np.uint8), bitorder="little",
+                               count=vocab).view(bool)
+        np.putmask(logits[row], denied, -np.inf)
+        if pick is not None:
+            picks[row] = int(np.argmax(logits[row]))
+    return picks
 
 
 class GrammarCompiler:

@@ -131,8 +131,8 @@ class Sampler:
 
 
 def token_logprobs(logits: np.ndarray, tokens, top: int) -> list[TokenLogprobs]:
-    """Each row's log-probability of its token under the model, and its ``top`` likeliest
-    alternatives: rows of ``[n, vocab]`` logits, in float64."""
+    """Each row's log-probability of its token under the model, its rank, and its ``top``
+    likeliest alternatives: rows of ``[n, vocab]`` logits, in float64."""
     scores = logits.astype(np.float64)
     peak = scores.max(axis=1, keepdims=True)
     logp = scores - (peak + np.log(np.exp(scores - peak).sum(axis=1, keepdims=True)))
@@ -143,5 +143,6 @@ def token_logprobs(logits: np.ndarray, tokens, top: int) -> list[TokenLogprobs]:
             best = np.argpartition(-row, top - 1)[:top]
             best = best[np.argsort(-row[best], kind="stable")]
             alternatives = tuple((int(t), float(row[t])) for t in best)
-        out.append(TokenLogprobs(int(token), float(row[token]), alternatives))
+        rank = 1 + int(np.count_nonzero(row > row[token]))
+        out.append(TokenLogprobs(int(token), float(row[token]), alternatives, rank))
     return out

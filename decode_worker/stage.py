@@ -30,7 +30,7 @@ from pipeline.stage import embed_checked, start_sequence
 from protos import worker_pb2
 from protos.errors import ServingError
 
-from .grammar import GrammarCompiler, GrammarState, mask_disallowed
+from .grammar import GrammarCompiler, GrammarState, constrain
 from .receiver import KVReceiver, PendingKV
 from .sampler import NON_FINITE, Sampler, finite_rows
 
@@ -257,10 +257,10 @@ class DecodeStage:
         raw = {}  # rows as the model gave them, for log-probabilities under the model
         if grammars:
             raw = {i: logits[i].copy() for i in grammars if samplers[i].reports_logprobs}
-            masked = mask_disallowed(logits, grammars, {
+            picks = constrain(logits, grammars, {
                 i: greedy[i] for i in grammars if samplers[i].plain_greedy})
-            for i in masked:
-                greedy[i] = int(np.argmax(logits[i]))
+            for i, token in picks.items():
+                greedy[i] = token
         for i, (seq_id, sampler, row) in enumerate(zip(seq_ids, samplers, logits)):
             if not finite[i]:
                 result.tokens.append(0)

@@ -93,6 +93,7 @@ class TokenLogprobs:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token, logprob), likeliest first
+    rank: int = 1  # 1 + how many tokens the model found likelier
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,12 +70,13 @@ def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
 
 def logprobs_to_proto(lp: TokenLogprobs) -> generation_pb2.TokenLogprobs:
     return generation_pb2.TokenLogprobs(
-        token_id=lp.token, logprob=lp.logprob,
+        token_id=lp.token, logprob=lp.logprob, rank=lp.rank,
         top=[generation_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
 
 
 def logprobs_from_proto(lp: generation_pb2.TokenLogprobs) -> TokenLogprobs:
-    return TokenLogprobs(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+    return TokenLogprobs(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top),
+                         lp.rank)
 
 
 def sampled_to_proto(result: ForwardResult, message):

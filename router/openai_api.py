@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from protos import generation_pb2
 from protos.errors import ServingError
+from protos.sampling import MAX_TOP_LOGPROBS
 from protos.vocabulary import FinishReason, Role
 
 from .chat_template import ChatTemplate
@@ -185,6 +186,8 @@ class Job:
     kept: int = 0               # choices answered per prompt: the best of them (0: all)
     echo: bool = False          # the prompt first, in text and log-probabilities
     grammar: AskedGrammar | None = None  # a structured output
+    top: int = 0                # alternatives asked for per generated (or echoed) token
+    prompt_top: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token
 
 
 class OpenAIServer:
@@ -425,11 +428,14 @@ class OpenAIServer:
                 item = await anext(events)
             except StopAsyncIteration:
                 break
-        return JSONResponse({
+        answer = {
             "id": _new_id(job.kind), "object": _object(job.kind, stream=False),
             "created": int(time.time()), "model": self.model_name,
             "choices": [self._choice_body(job, c) for c in _best(job, choices)],
-            "usage": self._usage(job, choices)})
+            "usage": self._usage(job, choices)}
+        if job.kind == "chat" and job.prompt_top is not None:  # one prompt: vLLM's place
+            answer["prompt_logprobs"] = self._prompt_logprobs(choices[0], job.prompt_top)
+        return JSONResponse(answer)
 
     async def _sse(self, job: Job, first: tuple, events: AsyncIterator):
         """Server-sent events: a chunk per token (or text delta), then ``[DONE]``."""
@@ -517,20 +523,23 @@ class OpenAIServer:
         echo = _bool(body, "echo")
         if echo and _bool(body, "stream"):
             raise BadRequest("echo is answered whole, not streamed", "echo")
+        prompt_top = _prompt_logprobs(body)
         requests = []
         for prompt in prompts:
             for i in range(best_of):
                 # Ranking best_of choices takes their log-probabilities, asked for or not.
                 request = generation_pb2.GenerateRequest(sampling=self._sampling(
-                    body, i, max_tokens, top is not None or best_of > n, top or 0))
-                request.sampling.prompt_logprobs = echo and top is not None
+                    body, i, max_tokens, top is not None or best_of > n,
+                    max(top or 0, prompt_top or 0)))
+                request.sampling.prompt_logprobs = (echo and top is not None
+                                                    or prompt_top is not None)
                 if isinstance(prompt, str):
                     request.text = prompt
                 else:
                     request.token_ids.ids.extend(prompt)
                 requests.append(request)
         job = self._job("completion", body, requests, top is not None, len(prompts), grammar)
-        job.kept, job.echo = n, echo
+        job.kept, job.echo, job.top, job.prompt_top = n, echo, top or 0, prompt_top
         return job
 
     def _chat_job(self, body: dict) -> Job:
@@ -550,15 +559,20 @@ class OpenAIServer:
         top = _int(body, "top_logprobs", 0, minimum=0)
         if top and not logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        prompt_top = _prompt_logprobs(body)
         room = self.servicer.facts.context_window - len(prompt)
         max_tokens = _int(body, "max_completion_tokens", None, minimum=1)
         if max_tokens is None:
             max_tokens = _int(body, "max_tokens", max(1, room), minimum=1)
         requests = [generation_pb2.GenerateRequest(
             token_ids=generation_pb2.TokenIds(ids=prompt),
-            sampling=self._sampling(body, i, max_tokens, logprobs, top))
+            sampling=self._sampling(body, i, max_tokens, logprobs, max(top, prompt_top or 0)))
             for i in range(_n(body))]
-        return self._job("chat", body, requests, logprobs, 1, grammar)
+        for request in requests:
+            request.sampling.prompt_logprobs = prompt_top is not None
+        job = self._job("chat", body, requests, logprobs, 1, grammar)
+        job.top, job.prompt_top = top, prompt_top
+        return job
 
     def _job(self, kind: str, body: dict, requests: list, logprobs: bool, prompts: int,
              grammar: AskedGrammar | None) -> Job:
@@ -670,12 +684,15 @@ class OpenAIServer:
         if job.echo:
             text = self._prompt_text(choice.prompt_ids) + text
             if logprobs is not None:
-                logprobs = self._echoed(choice, logprobs)
+                logprobs = self._echoed(job, choice, logprobs)
         if job.kind == "chat":
             return {"index": choice.index, "message": {"role": "assistant", "content": text},
                     "logprobs": logprobs, "finish_reason": _label(choice.finish_reason)}
-        return {"index": choice.index, "text": text, "logprobs": logprobs,
+        body = {"index": choice.index, "text": text, "logprobs": logprobs,
                 "finish_reason": _label(choice.finish_reason)}
+        if job.prompt_top is not None:
+            body["prompt_logprobs"] = self._prompt_logprobs(choice, job.prompt_top)
+        return body
 
     def _chunk(self, job: Job, choice: Choice, response: generation_pb2.GenerateResponse,
                first_of_choice: bool) -> dict | None:
@@ -700,13 +717,14 @@ class OpenAIServer:
                   offset: int = 0) -> dict:
         """OpenAI's logprobs of ``tokens``; a completion's ``text_offset`` counts from
         ``offset``, the characters of the tokens before them."""
-        text = self._token_text
+        text, top = self._token_text, job.top
         if job.kind == "chat":
             return {"content": [{
                 "token": text(t.token_id), "logprob": t.logprob,
                 "bytes": list(text(t.token_id).encode()),
                 "top_logprobs": [{"token": text(a.token_id), "logprob": a.logprob,
-                                  "bytes": list(text(a.token_id).encode())} for a in t.top]}
+                                  "bytes": list(text(a.token_id).encode())}
+                                 for a in t.top[:top]]}
                 for t in tokens]}
         offsets = []
         for t in tokens:
@@ -714,7 +732,7 @@ class OpenAIServer:
             offset += len(text(t.token_id))
         return {"tokens": [text(t.token_id) for t in tokens],
                 "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{text(a.token_id): a.logprob for a in t.top} or None
+                "top_logprobs": [{text(a.token_id): a.logprob for a in t.top[:top]} or None
                                  for t in tokens],
                 "text_offset": offsets}
 
@@ -723,7 +741,21 @@ class OpenAIServer:
             return "".join(map(self._token_text, ids))
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _echoed(self, choice: Choice, generated: dict) -> dict:
+    def _prompt_logprobs(self, choice: Choice, top: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token (none for the first), its own and its
+        ``top`` likeliest alternatives', by token id, each with its rank."""
+        out: list[dict | None] = [None]
+        for t in choice.prompt_logprobs:
+            entry = {str(t.token_id): {"logprob": t.logprob, "rank": t.rank,
+                                       "decoded_token": self._token_text(t.token_id)}}
+            for rank, a in enumerate(t.top[:top], start=1):
+                entry.setdefault(str(a.token_id), {
+                    "logprob": a.logprob, "rank": rank,
+                    "decoded_token": self._token_text(a.token_id)})
+            out.append(entry)
+        return out
+
+    def _echoed(self, job: Job, choice: Choice, generated: dict) -> dict:
         """A completion's logprobs with its prompt's before them: the first prompt token
         has none (nothing came before it), as OpenAI's echo answers."""
         texts = [self._token_text(t) for t in choice.prompt_ids]
@@ -733,8 +765,9 @@ class OpenAIServer:
         return {
             "tokens": texts + generated["tokens"],
             "token_logprobs": [None] + [t.logprob for t in scored] + generated["token_logprobs"],
-            "top_logprobs": [None] + [{self._token_text(a.token_id): a.logprob for a in t.top}
-                                      or None for t in scored] + generated["top_logprobs"],
+            "top_logprobs": [None] + [{self._token_text(a.token_id): a.logprob
+                                       for a in t.top[:job.top]} or None for t in scored]
+            + generated["top_logprobs"],
             "text_offset": offsets + [start + o for o in generated["text_offset"]]}
 
     def _token_text(self, token_id: int) -> str:
@@ -926,6 +959,14 @@ def _stops(stop) -> list[str]:
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         return [_text(s, "stop") for s in stop]
     raise BadRequest("stop must be a string or a list of strings", "stop")
+
+
+def _prompt_logprobs(body: dict) -> int | None:
+    """vLLM's prompt_logprobs: how many alternatives per prompt token, or None."""
+    top = _int(body, "prompt_logprobs", None, minimum=0, maximum=MAX_TOP_LOGPROBS)
+    if top is not None and _bool(body, "stream"):
+        raise BadRequest("prompt_logprobs are answered whole, not streamed", "prompt_logprobs")
+    return top
 
 
 def _n(body: dict) -> int:

@@ -274,6 +274,37 @@ def test_echo_scores_every_prompt_token_as_transformers_does(api, demo_reference
     assert again.choices[0].logprobs.token_logprobs == lp.token_logprobs
 
 
+def test_vllm_prompt_logprobs_give_each_prompt_token_its_rank(api, cluster, demo_reference):
+    """vLLM's extension: per prompt token after the first, its own log-probability and
+    rank and its likeliest alternatives', by token id; on completions per choice, on chats
+    beside the choices. Generated tokens keep the alternatives their own field asked for."""
+    tokenizer = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+    ids = tokenizer.encode(PROMPT + " runs code").ids
+    reply = post_json(cluster, "/v1/completions", {
+        "prompt": ids, "max_tokens": 2, "temperature": 0, "logprobs": 1,
+        "prompt_logprobs": 3})[1]
+    scored = reply["choices"][0]["prompt_logprobs"]
+    with torch.no_grad():
+        ref = torch.log_softmax(demo_reference(torch.tensor([ids])).logits[0].double(), -1)
+    assert len(scored) == len(ids) and scored[0] is None
+    for i, entry in enumerate(scored[1:]):
+        row, token = ref[i], ids[i + 1]
+        own = entry[str(token)]
+        assert abs(own["logprob"] - float(row[token])) < 1e-4
+        assert own["rank"] == 1 + int((row > row[token]).sum())
+        assert own["decoded_token"] == tokenizer.decode([token])
+        best = [int(t) for t in torch.argsort(row, descending=True)[:3]]
+        assert all(str(t) in entry for t in best) and len(entry) in (3, 4)
+    assert all(len(top) == 1 for top in reply["choices"][0]["logprobs"]["top_logprobs"])
+    chat = post_json(cluster, "/v1/chat/completions", {
+        "messages": MESSAGES, "max_tokens": 2, "prompt_logprobs": 0})[1]
+    assert chat["prompt_logprobs"][0] is None and all(
+        len(entry) == 1 for entry in chat["prompt_logprobs"][1:])
+    status, body = post_json(cluster, "/v1/completions", {
+        "prompt": ids, "max_tokens": 2, "prompt_logprobs": 21})
+    assert status == 400 and body["error"]["param"] == "prompt_logprobs"
+
+
 def test_echo_without_logprobs_prefixes_the_prompt(api):
     plain = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
     echoed = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,

@@ -20,7 +20,7 @@ from conftest import local_cluster, post_raw
 
 from cluster.cluster_config import RoleConfig
 from decode_worker import grammar as grammar_module
-from decode_worker.grammar import GrammarCompiler, mask_disallowed
+from decode_worker.grammar import GrammarCompiler, GrammarState, constrain
 from decode_worker.sampler import Sampler
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
@@ -322,7 +322,7 @@ def compiler():
 def sample_masked(sampler: Sampler, logits: np.ndarray) -> int:
     """What the last stage does for one sequence: mask, then sample."""
     logits = logits[None].copy()
-    mask_disallowed(logits, {0: sampler.grammar}, {})
+    constrain(logits, {0: sampler.grammar}, {})
     return sampler.sample(logits[0])
 
 
@@ -345,14 +345,50 @@ def test_the_mask_keeps_sampled_tokens_in_the_grammar(compiler, tokenizer):
         assert re.fullmatch(r"(cat|dog) [0-9]{2}!", tokenizer.decode(output[:-1]))
 
 
-def test_a_greedy_pick_the_grammar_allows_is_not_masked(compiler, tokenizer):
-    state = compiler.start(compiler.compile(OutputGrammar(GrammarKind.CHOICE,
-                                                          choices=("ab", "cd"))), EOS)
-    logits = np.zeros((2, VOCAB), np.float32)
+def test_greedy_rows_get_the_likeliest_allowed_token(compiler, tokenizer):
+    """A greedy pick the grammar allows stands (and the grammar moves past it at once);
+    one it does not is replaced by the likeliest allowed; a sampled row is masked."""
+    compiled = compiler.compile(OutputGrammar(GrammarKind.CHOICE, choices=("ab", "cd")))
+    states = [compiler.start(compiled, EOS) for _ in range(3)]
+    logits = np.zeros((3, VOCAB), np.float32)
     allowed, denied = tokenizer.encode("ab").ids[0], tokenizer.encode("x").ids[0]
-    assert mask_disallowed(logits, {0: state, 1: state}, {0: allowed, 1: denied}) == {1}
-    assert np.isfinite(logits[0]).all()
-    assert logits[1, allowed] == 0 and logits[1, denied] == -np.inf
+    likeliest = tokenizer.encode("cd").ids[0]
+    logits[1, likeliest] = 1.0
+    picks = constrain(logits, dict(enumerate(states)), {0: allowed, 1: denied})
+    assert picks == {1: likeliest}
+    assert states[0].accept(allowed) and states[1].accept(likeliest)
+    assert logits[2, allowed] == 0 and logits[2, denied] == -np.inf
+
+
+def test_the_mask_is_exact_for_few_and_for_many_allowed_tokens(compiler, monkeypatch):
+    """Inside a JSON string most tokens are allowed (masked over the vocabulary), between
+    values a few (kept by themselves): both leave exactly the grammar's tokens. (The
+    demo vocabulary is small: the bound between the two is lowered to reach both.)"""
+    monkeypatch.setattr(grammar_module, "SPARSE_WORDS", 2)
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 30},
+                                               "n": {"type": "integer"}},
+              "required": ["note", "n"]}
+    compiled = compiler.compile(OutputGrammar(GrammarKind.JSON_SCHEMA, json.dumps(schema)))
+    state, check = (compiler.start(compiled, EOS) for _ in range(2))
+    rng = np.random.default_rng(1)
+    bits = np.zeros((1, VOCAB // 32), np.int32)
+    sizes = set()
+    while not state.matcher.is_terminated():
+        logits = rng.normal(0, 1, (1, VOCAB)).astype(np.float32)
+        expected = logits.copy()
+        check.matcher.fill_next_token_bitmask(bits, 0)
+        allowed = np.unpackbits(bits.view(np.uint8), bitorder="little", count=VOCAB) == 1
+        expected[0, ~allowed] = -np.inf
+        raw_pick = int(np.argmax(logits[0]))
+        probe = GrammarState(state.matcher.fork())  # the greedy path, on a copy
+        greedy = constrain(logits.copy(), {0: probe}, {0: raw_pick})
+        assert greedy.get(0, raw_pick) == int(np.argmax(expected[0]))
+        constrain(logits, {0: state}, {})
+        np.testing.assert_array_equal(logits, expected)
+        sizes.add(np.count_nonzero(bits.view(np.uint64)) > grammar_module.SPARSE_WORDS)
+        token = int(np.argmax(logits[0]))
+        assert state.accept(token) and check.accept(token)
+    assert sizes == {True, False}
 
 
 def test_min_tokens_does_not_outrank_a_complete_grammar(compiler, tokenizer):
@@ -368,7 +404,7 @@ def test_a_resumed_sequence_starts_past_its_output(compiler, tokenizer):
     compiled = compiler.compile(OutputGrammar(GrammarKind.REGEX, "abc[0-9]"))
     state = compiler.start(compiled, EOS, tokenizer.encode("abc").ids)
     logits = np.zeros((1, VOCAB), np.float32)
-    mask_disallowed(logits, {0: state}, {})
+    constrain(logits, {0: state}, {})
     allowed = {tokenizer.decode([t]) for t in np.flatnonzero(np.isfinite(logits[0]))}
     assert allowed and allowed <= set("0123456789")
     with pytest.raises(ServingError, match="does not follow"):
