@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from protos.errors import ServingError
@@ -25,6 +26,8 @@ class ChatTemplate:
         self.source = source
         self.template = env.from_string(source)
         self.special_tokens = special_tokens
+        # A template that reads ``tools`` renders them (a tool-calling model's).
+        self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
 
     @classmethod
     def of_model(cls, model_dir: Path) -> ChatTemplate | None:
@@ -41,13 +44,14 @@ class ChatTemplate:
         tokens = {name: _token_text(config.get(name)) for name in SPECIAL_TOKENS}
         return cls(source, tokens)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt for ``messages``; ServingError(INVALID_ARGUMENT) if the template
-        refuses them."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        """The prompt for ``messages`` (and ``tools``, for a template that takes them);
+        ServingError(INVALID_ARGUMENT) if the template refuses them."""
         try:
             return self.template.render(messages=messages,
                                         add_generation_prompt=add_generation_prompt,
-                                        **self.special_tokens)
+                                        tools=tools, **self.special_tokens)
         except jinja2.TemplateError as exc:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"the chat template refused the messages: {exc}") from exc

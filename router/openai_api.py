@@ -39,6 +39,7 @@ from .chat_template import ChatTemplate
 from .http_budget import BudgetMiddleware, ConnectionsByClient, client_of_scope
 from .service import GenerationServicer, Prepared, encode
 from .structured_output import AskedGrammar, structured_output
+from .tool_calls import AskedTools, ToolCallStream, asked_tools, parse_tool_calls
 from .validation import MAX_CACHE_SALT_CHARS, check_prompt_text
 
 T = TypeVar("T")
@@ -56,6 +57,7 @@ DRAIN_BYTES = 64 * 2**20
 # time would hold its connection (and one of the router's connection slots) for ever.
 BODY_TIMEOUT_S = 60.0
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
+TOOL_ROLE = "tool"  # a tool's answer, in a chat whose template takes tools
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -74,7 +76,7 @@ HTTP_STATUS = {
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
               404: "not_found_error", 409: "invalid_request_error", 429: "rate_limit_error"}
 # Parameters we do not implement: refused unless left at their neutral value.
-UNSUPPORTED = {"suffix": None, "tools": None, "functions": None}
+UNSUPPORTED = {"suffix": None, "functions": None}
 
 
 class BadRequest(ServingError):
@@ -171,6 +173,7 @@ class Choice:
     logprob_chars: int = 0  # of the tokens whose logprobs have been streamed
     prompt_logprobs: list[generation_pb2.TokenLogprobs] = dataclasses.field(
         default_factory=list)  # each prompt token's after the first, with echo
+    tool_stream: ToolCallStream | None = None  # streamed with tools: holds back their calls
 
 
 @dataclasses.dataclass
@@ -188,6 +191,7 @@ class Job:
     grammar: AskedGrammar | None = None  # a structured output
     top: int = 0                # alternatives asked for per generated (or echoed) token
     prompt_top: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token
+    tools: AskedTools | None = None  # a chat's tools: its answers are parsed for calls
 
 
 class OpenAIServer:
@@ -440,6 +444,9 @@ class OpenAIServer:
     async def _sse(self, job: Job, first: tuple, events: AsyncIterator):
         """Server-sent events: a chunk per token (or text delta), then ``[DONE]``."""
         choices = [Choice(i, p.prompt_ids) for i, p in enumerate(job.prepared)]
+        if job.tools is not None and job.tools.parse:
+            for choice in choices:
+                choice.tool_stream = ToolCallStream()
         stream_id, created = _new_id(job.kind), int(time.time())
         item = first
         try:
@@ -509,6 +516,9 @@ class OpenAIServer:
 
     def _completion_job(self, body: dict) -> Job:
         grammar = self._check_common(body)
+        for name in ("tools", "tool_choice"):
+            if body.get(name) not in (None, []):
+                raise BadRequest(f"{name} is for /v1/chat/completions", name)
         prompts = _prompts(body.get("prompt"))
         top = _int(body, "logprobs", None, minimum=0)
         max_tokens = _int(body, "max_tokens", 16, minimum=1)
@@ -553,8 +563,14 @@ class OpenAIServer:
         for name, neutral in (("best_of", 1), ("echo", False)):
             if body.get(name) not in (None, neutral):
                 raise BadRequest(f"{name} is for /v1/completions", name)
-        messages = _messages(body.get("messages"), self.max_chat_bytes, self.markers)
-        prompt = encode(self.tokenizer, self.chat.render(messages))
+        tools = asked_tools(body, self.chat.takes_tools)
+        budget = self.max_chat_bytes
+        if tools is not None:  # rendered into the prompt: they count, and carry no markers
+            budget -= len(_checked_text(json.dumps(tools.tools), budget, self.markers, "tools",
+                                        budget))
+        messages = _messages(body.get("messages"), budget, self.markers, tools is not None)
+        prompt = encode(self.tokenizer, self.chat.render(
+            messages, tools=tools.tools if tools is not None else None))
         logprobs = _bool(body, "logprobs")
         top = _int(body, "top_logprobs", 0, minimum=0)
         if top and not logprobs:
@@ -571,7 +587,7 @@ class OpenAIServer:
         for request in requests:
             request.sampling.prompt_logprobs = prompt_top is not None
         job = self._job("chat", body, requests, logprobs, 1, grammar)
-        job.top, job.prompt_top = top, prompt_top
+        job.top, job.prompt_top, job.tools = top, prompt_top, tools
         return job
 
     def _job(self, kind: str, body: dict, requests: list, logprobs: bool, prompts: int,
@@ -686,8 +702,14 @@ class OpenAIServer:
             if logprobs is not None:
                 logprobs = self._echoed(job, choice, logprobs)
         if job.kind == "chat":
-            return {"index": choice.index, "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs, "finish_reason": _label(choice.finish_reason)}
+            message, finish = {"role": "assistant", "content": text}, _label(choice.finish_reason)
+            parsed = parse_tool_calls(text) if job.tools and job.tools.parse else None
+            if parsed is not None:
+                message["content"] = parsed[0]
+                message["tool_calls"] = [call.to_openai() for call in parsed[1]]
+                finish = _tool_finish(finish)
+            return {"index": choice.index, "message": message, "logprobs": logprobs,
+                    "finish_reason": finish}
         body = {"index": choice.index, "text": text, "logprobs": logprobs,
                 "finish_reason": _label(choice.finish_reason)}
         if job.prompt_top is not None:
@@ -706,6 +728,15 @@ class OpenAIServer:
             return None
         if job.kind == "chat":
             delta = {"content": response.text}
+            if choice.tool_stream is not None:
+                delta["content"] = choice.tool_stream.feed(response.text)
+                if finish:
+                    rest, calls = choice.tool_stream.finish()
+                    delta["content"] += rest
+                    if calls:
+                        delta["tool_calls"] = [{"index": i, **call.to_openai()}
+                                               for i, call in enumerate(calls)]
+                        finish = _tool_finish(finish)
             if first_of_choice:
                 delta["role"] = "assistant"
             return {"index": choice.index, "delta": delta, "logprobs": logprobs,
@@ -903,20 +934,24 @@ def _cache_salt(body: dict) -> str:
     return _text(salt, "cache_salt")
 
 
-def _messages(messages, max_bytes: int, markers: frozenset[str]) -> list[dict]:
+def _messages(messages, max_bytes: int, markers: frozenset[str], tools: bool = False
+              ) -> list[dict]:
     """The messages as the template takes them, each checked before any is rendered: a
-    known role (``developer`` is ``system``), text content, at most ``max_bytes`` in all,
-    and none of the ``markers`` that give a rendered prompt its structure."""
+    known role (``developer`` is ``system``; ``tool`` in a chat with ``tools``), text
+    content, at most ``max_bytes`` in all, and none of the ``markers`` that give a
+    rendered prompt its structure. With tools, an assistant turn's ``tool_calls`` and a
+    tool turn's ``tool_call_id`` go to the template too, checked alike."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
-    out, chars, size = [], 0, 0
+    roles = CHAT_ROLES | {TOOL_ROLE} if tools else CHAT_ROLES
+    out, left = [], max_bytes
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("each message needs a role and content", "messages")
         role = ROLE_ALIASES.get(message["role"], message["role"])
-        if role not in CHAT_ROLES:
+        if role not in roles:
             raise BadRequest(f"unknown role {message['role'][:32]!r}; roles are "
-                             f"{', '.join(sorted({*CHAT_ROLES, *ROLE_ALIASES}))}", "messages")
+                             f"{', '.join(sorted({*roles, *ROLE_ALIASES}))}", "messages")
         content = message.get("content")
         if content is None and role == "assistant":  # a turn of tool calls has none
             content = ""
@@ -927,18 +962,56 @@ def _messages(messages, max_bytes: int, markers: frozenset[str]) -> list[dict]:
             content = "".join(p.get("text", "") for p in content)
         if not isinstance(content, str):
             raise BadRequest("message content must be a string or text parts", "messages")
-        chars += len(content)  # characters first: never more than bytes
-        if chars <= max_bytes:
-            size += len(_text(content, "messages").encode())
-        if max(chars, size) > max_bytes:
-            raise BadRequest(f"the messages have more than {max_bytes} bytes", "messages")
-        found = next((m for m in markers if m in content), None)
-        if found is not None:
-            raise BadRequest(f"message content may not contain {found!r}: the chat "
-                             "template's own markers and special tokens give the prompt "
-                             "its structure", "messages")
-        out.append({"role": role, "content": content})
+        left -= len(_checked_text(content, left, markers, "messages", max_bytes))
+        turn = {"role": role, "content": content}
+        if tools and role == "assistant" and message.get("tool_calls"):
+            turn["tool_calls"] = _tool_calls(message["tool_calls"])
+            left -= len(_checked_text(json.dumps(turn["tool_calls"]), left, markers,
+                                      "messages", max_bytes))
+        if tools and role == TOOL_ROLE and isinstance(message.get("tool_call_id"), str):
+            turn["tool_call_id"] = message["tool_call_id"]
+            left -= len(_checked_text(turn["tool_call_id"], left, markers, "messages",
+                                      max_bytes))
+        out.append(turn)
     return out
+
+
+def _checked_text(text: str, left: int, markers: frozenset[str], param: str,
+                  limit: int) -> bytes:
+    """``text`` as UTF-8, refused if it has more than the ``left`` bytes of the chat's
+    ``limit`` (characters counted first: never more than bytes) or holds one of the
+    template's ``markers``."""
+    if len(text) > left or len(data := _text(text, param).encode()) > left:
+        raise BadRequest(f"the {param} have more than {limit} bytes", param)
+    found = next((m for m in markers if m in text), None)
+    if found is not None:
+        raise BadRequest(f"{param} may not contain {found!r}: the chat template's own "
+                         "markers and special tokens give the prompt its structure", param)
+    return data
+
+
+def _tool_calls(calls) -> list[dict]:
+    """An assistant turn's tool calls, as the template takes them (arguments parsed)."""
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments", "{}"), str) for c in calls):
+        raise BadRequest("tool_calls must be a list of {function: {name, arguments}}",
+                         "messages")
+    out = []
+    for call in calls:
+        try:
+            arguments = json.loads(call["function"].get("arguments", "{}"))
+        except ValueError:
+            raise BadRequest("tool call arguments must be JSON", "messages") from None
+        out.append({"id": str(call.get("id", "")), "type": "function", "function": {
+            "name": call["function"]["name"], "arguments": arguments}})
+    return out
+
+
+def _tool_finish(finish: str | None) -> str | None:
+    """OpenAI's finish reason for an answer that called tools."""
+    return "tool_calls" if finish == FinishReason.STOP.label else finish
 
 
 def chat_markers(tokenizer: Tokenizer | None, chat: ChatTemplate | None) -> frozenset[str]:
