@@ -8,11 +8,13 @@ request with a grammar; without it such requests are refused, the others are ser
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from protos.vocabulary import GrammarKind
 # which waits for it, allows 10 s). The first one also loads xgrammar and the vocabulary.
 COMPILE_WAIT_S = 4.0
 LOAD_WAIT_S = 4.0
-# Compiled grammars xgrammar keeps for reuse (least recently used ones go first).
+# Compiled grammars kept for reuse, in xgrammar's measure of their size.
 CACHE_BYTES = 128 * 2**20
 # A row whose mask allows tokens in at most this many of its 64-token words is held to
 # them by id; one that allows more is masked in a pass over the vocabulary. Most rows
@@ -119,33 +121,65 @@ def constrain(logits: np.ndarray, states: Mapping[int, GrammarState],
 
 
 class GrammarCompiler:
-    """Compiles one model's grammars on a thread of its own, one at a time, and starts
-    sequences in them. A compile cannot be interrupted: one that takes too long is
-    refused and finishes in the background (and is cached, like every compiled grammar)."""
+    """Compiles one model's grammars on a thread of its own, one at a time, at the lowest
+    CPU priority (a decode step never waits for a compile), keeps the compiled ones (least
+    recently used go first), and starts sequences in them.
+
+    A compile cannot be interrupted. One that takes longer than its wait is refused and
+    runs on to its end (a grammar's bounds bound it too); until then the compiler refuses
+    new grammars at once (UNAVAILABLE: another worker may take them) rather than queue
+    them behind it. Grammars it holds are served all the same."""
 
     def __init__(self, model_dir: Path | None, vocab_size: int, eos_ids: Iterable[int]):
         self.model_dir = model_dir
         self.vocab_size = vocab_size
         self.eos_ids = sorted(eos_ids)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile",
+                                            initializer=_lowest_priority)
         self._xgr = None  # the xgrammar module and its compiler, once loaded
         self._compiler = None
+        self._compiled: collections.OrderedDict[OutputGrammar, object] = (
+            collections.OrderedDict())
+        self._compiled_bytes = 0
+        self._overdue: Future | None = None  # a compile still running past its wait
         self._lock = threading.Lock()
 
     def compile(self, grammar: OutputGrammar):
-        """The compiled grammar (xgrammar's), or ServingError(INVALID_ARGUMENT): no
-        xgrammar, no tokenizer, a grammar that does not compile, or not in time."""
+        """The compiled grammar (xgrammar's), or ServingError: INVALID_ARGUMENT (no
+        xgrammar, no tokenizer, a grammar that does not compile or not in time),
+        UNAVAILABLE (an earlier grammar's compile is running past its time)."""
         problem = grammar.problem()
         if problem:
             raise refused(problem)
-        wait = COMPILE_WAIT_S + (0.0 if self._compiler is not None else LOAD_WAIT_S)
-        future = self._executor.submit(self._compile, grammar)
+        with self._lock:
+            if grammar in self._compiled:
+                self._compiled.move_to_end(grammar)
+                return self._compiled[grammar]
+            if self._overdue is not None and not self._overdue.done():
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, "this worker is still "
+                                   "compiling an earlier grammar that ran past its time")
+            wait = COMPILE_WAIT_S + (0.0 if self._compiler is not None else LOAD_WAIT_S)
+            future = self._executor.submit(self._compile, grammar)
         try:
-            return future.result(timeout=wait)
+            compiled = future.result(timeout=wait)
         except FutureTimeout:
-            future.cancel()  # if it has not started: it is no one's any more
+            with self._lock:
+                if not future.cancel():  # running: it holds the compile thread till done
+                    self._overdue = future
             raise refused(f"the {grammar.kind} did not compile within {wait:g} s; "
                           "simplify it") from None
+        self._keep(grammar, compiled)
+        return compiled
+
+    def _keep(self, grammar: OutputGrammar, compiled) -> None:
+        with self._lock:
+            if grammar in self._compiled:
+                return
+            self._compiled[grammar] = compiled
+            self._compiled_bytes += compiled.memory_size_bytes
+            while self._compiled_bytes > CACHE_BYTES and len(self._compiled) > 1:
+                _, dropped = self._compiled.popitem(last=False)
+                self._compiled_bytes -= dropped.memory_size_bytes
 
     def start(self, compiled, stop_ids: Iterable[int], accepted: Iterable[int] = ()
               ) -> GrammarState:
@@ -185,11 +219,11 @@ class GrammarCompiler:
         raise AssertionError(grammar.kind)
 
     def _loaded(self):
-        """xgrammar's compiler for this model's vocabulary, made on first use."""
-        with self._lock:
-            if self._compiler is None:
-                self._compiler = self._load()
-            return self._compiler
+        """xgrammar's compiler for this model's vocabulary, made on first use (on the
+        compile thread, the only one that calls this)."""
+        if self._compiler is None:
+            self._compiler = self._load()
+        return self._compiler
 
     def _load(self):
         try:
@@ -205,4 +239,14 @@ class GrammarCompiler:
             PreTrainedTokenizerFast(tokenizer_file=str(tokenizer)), vocab_size=self.vocab_size,
             stop_token_ids=self.eos_ids)
         self._xgr = xgrammar
-        return xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
+        # Compiled grammars are kept here (``compile``): xgrammar's cache would hold each
+        # twice.
+        return xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+
+def _lowest_priority() -> None:
+    """Run this thread (the compile thread) at nice 19, where the OS allows it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: compile all the same
+        pass

@@ -12,6 +12,7 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import jsonschema
 import numpy as np
 import openai
@@ -411,14 +412,32 @@ def test_a_resumed_sequence_starts_past_its_output(compiler, tokenizer):
         compiler.start(compiled, EOS, tokenizer.encode("abd").ids)
 
 
-def test_a_grammar_that_compiles_too_slowly_is_refused(compiler, monkeypatch):
-    monkeypatch.setattr(grammar_module, "COMPILE_WAIT_S", 0.0)
-    deep = {"type": "integer"}
-    for _ in range(8):
-        deep = {"type": "object", "properties": {"a": deep, "b": {"type": "string"}},
-                "required": ["a"]}
-    with pytest.raises(ServingError, match="did not compile within"):
-        compiler.compile(OutputGrammar(GrammarKind.JSON_SCHEMA, json.dumps(deep)))
+def slow_schema(options: int) -> str:
+    """A schema that takes long to compile for its size: patterns of growing counts."""
+    return json.dumps({"anyOf": [
+        {"type": "object", "properties": {f"k{j}": {"type": "string",
+                                                    "pattern": f"^[a-z]{{{j}}}$"}}}
+        for j in range(options)]})
+
+
+def test_a_grammar_that_compiles_too_slowly_is_refused_and_holds_no_line(monkeypatch):
+    """Refused at its wait; while its compile runs on, new grammars are refused at once
+    (UNAVAILABLE) instead of waiting behind it, and grammars already compiled are served."""
+    compiler = GrammarCompiler(DEMO_MODEL_DIR, VOCAB, EOS)
+    try:
+        held = OutputGrammar(GrammarKind.REGEX, "[a-z]+")
+        compiler.compile(held)  # loads xgrammar, compiles one
+        monkeypatch.setattr(grammar_module, "COMPILE_WAIT_S", 0.01)
+        slow = OutputGrammar(GrammarKind.JSON_SCHEMA, slow_schema(120))
+        with pytest.raises(ServingError, match="did not compile within") as err:
+            compiler.compile(slow)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(ServingError, match="still compiling") as err:
+            compiler.compile(OutputGrammar(GrammarKind.REGEX, "[0-9]+"))
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert compiler.compile(held) is not None
+    finally:
+        compiler.stop()
 
 
 def test_the_bounds_are_checked_before_parsing():
