@@ -1,0 +1,87 @@
+"""Draft tokens for speculative decoding by prompt lookup (n-gram matching): the tokens
+that followed the last time the sequence's latest n tokens appeared, in its prompt or its
+output. Summaries, edits, code and answers from a retrieved passage copy spans of their
+prompts, and those spans cost one verification pass instead of a step each.
+
+Each sequence keeps an index of where every n-gram (of the sizes looked up) last ended,
+grown a token at a time, so a proposal costs a few dict lookups however long the
+sequence is. How many tokens it proposes adapts to how many it has had accepted: a
+sequence whose drafts keep failing stops drafting, and tries again later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+# A sequence whose drafting has stopped tries again, with one token, after this many steps.
+RETRY_AFTER_STEPS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftPolicy:
+    """How many tokens to draft (at most), from n-grams of which sizes."""
+
+    max_tokens: int = 4
+    max_ngram: int = 4
+    min_ngram: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError("n-gram sizes must satisfy 1 <= min_ngram <= max_ngram")
+
+
+class Drafter:
+    """One sequence's prompt-lookup drafts, and how far they are trusted."""
+
+    def __init__(self, policy: DraftPolicy, tokens: Sequence[int]):
+        self.policy = policy
+        self.tokens: list[int] = []
+        # n -> {n-gram: the position just after its latest occurrence, the current one
+        # excepted (it is indexed when the next token comes)}
+        self._ends: dict[int, dict[tuple[int, ...], int]] = {
+            n: {} for n in range(policy.min_ngram, policy.max_ngram + 1)}
+        self.budget = policy.max_tokens  # tokens it drafts now (0: stopped)
+        self._idle_steps = 0
+        self.drafted = 0
+        self.accepted = 0
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """The sequence grew by ``tokens`` (its prompt, then what it generates)."""
+        for token in tokens:
+            # The n-grams ending at the previous last token are now earlier occurrences.
+            end = len(self.tokens)
+            for n, ends in self._ends.items():
+                if end >= n:
+                    ends[tuple(self.tokens[end - n:end])] = end
+            self.tokens.append(token)
+
+    def propose(self, limit: int) -> list[int]:
+        """At most ``min(limit, budget)`` tokens that followed the longest n-gram the
+        sequence ends with, where it last appeared before; none if it never did."""
+        count = min(limit, self.budget)
+        if count <= 0:
+            if self.budget == 0:
+                self._idle_steps += 1
+                if self._idle_steps >= RETRY_AFTER_STEPS:
+                    self.budget, self._idle_steps = 1, 0
+            return []
+        for n in range(self.policy.max_ngram, self.policy.min_ngram - 1, -1):
+            if len(self.tokens) < n:
+                continue
+            start = self._ends[n].get(tuple(self.tokens[-n:]))
+            if start is not None:
+                return self.tokens[start:start + count]
+        return []
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """Of ``drafted`` tokens, ``accepted`` were the model's own: all of them lets it
+        draft one more next time (up to the policy's), none halves its budget, and a
+        budget run down to nothing stops it (for RETRY_AFTER_STEPS steps)."""
+        self.drafted += drafted
+        self.accepted += accepted
+        if accepted == drafted:
+            self.budget = min(self.policy.max_tokens, self.budget + 1)
+        elif accepted == 0:
+            self.budget //= 2
