@@ -38,7 +38,8 @@ from pipeline.stats import EngineCounters, EngineStats
 from protos.errors import ServingError
 from protos.vocabulary import FinishReason
 
-from .scheduler import DecodeScheduler, Request, TokenOut
+from .drafter import Drafter, DraftPolicy
+from .scheduler import DecodeScheduler, Request, RequestState, TokenOut
 from .stage import DecodeStage
 from .stats import DecodeStats, kv_received
 
@@ -54,7 +55,8 @@ class Reservation:
 
 
 class DecodeEngine:
-    def __init__(self, stage: DecodeStage, idle_wait: float = 0.02, prefix_cache: bool = True):
+    def __init__(self, stage: DecodeStage, idle_wait: float = 0.02, prefix_cache: bool = True,
+                 drafts: DraftPolicy | None = None):
         runner = stage.runner
         self.stage = stage
         self.config = runner.config
@@ -74,6 +76,11 @@ class DecodeEngine:
         # learning of it and its announcement.
         self._cache_lock = threading.Lock()
         self.counters = EngineCounters()
+        # Speculative decoding (None: off): each speculable request's drafter, and the
+        # length of its K/V after the last pass that verified drafts for it.
+        self.drafts = drafts
+        self._drafters: dict[str, Drafter] = {}
+        self._held: dict[str, int] = {}
         self._went_round = time.monotonic()  # the loop's last turn (loop_age)
         stage.receiver.on_arrival = self.scheduler.kv_arrived
         self.chain: StageChain | None = None  # set when this worker leads an instance
@@ -219,17 +226,61 @@ class DecodeEngine:
         running = self.scheduler.running()
         if not running:
             return
-        batch = ForwardBatch(tuple(
-            SequenceSlice(r.seq_id, 1, r.prompt_tokens + len(r.generated), True, r.request_id)
-            for r in running), decode=True)
-        inputs = np.asarray([r.generated[-1] for r in running], dtype=np.int32)
+        drafts = {r.request_id: self._draft(r) for r in running} if self.drafts else {}
+        slices = []
+        for r in running:
+            draft = drafts.get(r.request_id, ())
+            slices.append(SequenceSlice(
+                r.seq_id, 1 + len(draft), r.prompt_tokens + len(r.generated) + len(draft),
+                True, r.request_id, draft=tuple(draft), trim=self._holds_more(r)))
+        batch = ForwardBatch(tuple(slices), decode=not any(drafts.values()))
+        inputs = np.asarray([t for r in running for t in (r.generated[-1],
+                                                          *drafts.get(r.request_id, ()))],
+                            dtype=np.int32)
         result = self.chain.forward(batch, inputs)
-        self._emit(running, result.tokens, result.failed, result.logprobs)
+        for r, s in zip(running, slices):
+            if s.draft:  # its K/V holds every drafted token now, kept or not
+                self._held[r.request_id] = s.total_tokens
+                accepted = len(result.more.get(r.seq_id, ()))
+                self.counters.drafted_tokens += len(s.draft)
+                self.counters.accepted_tokens += accepted
+                self._drafters[r.request_id].verified(len(s.draft), accepted)
+            else:
+                self._held.pop(r.request_id, None)
+        self._emit(running, result.tokens, result.failed, result.logprobs, more=result.more)
+        for r in running:
+            if r.request_id in self._drafters and r.state is RequestState.RUNNING:
+                self._drafters[r.request_id].extend(r.generated[-1 - len(
+                    result.more.get(r.seq_id, ())):])
+
+    def _draft(self, request: Request) -> list[int]:
+        """Tokens to verify after the request's next one (none if it cannot take any)."""
+        if not request.sampling.speculable:
+            return []
+        drafter = self._drafters.get(request.request_id)
+        if drafter is None:
+            drafter = self._drafters[request.request_id] = Drafter(
+                self.drafts, request.prompt_ids + request.generated)
+        # A step makes the next token besides the drafts: all within max_tokens and the
+        # context window.
+        room = min(request.sampling.max_tokens - len(request.generated),
+                   self.config.context_window_size - request.prompt_tokens
+                   - len(request.generated)) - 1
+        return drafter.propose(room)
+
+    def _holds_more(self, request: Request) -> bool:
+        """Whether the request's K/V holds tokens past what it has kept (drafts rejected,
+        or tokens past where it finished): the last token generated is not in it yet."""
+        kept = request.prompt_tokens + len(request.generated) - 1
+        return self._held.get(request.request_id, kept) > kept
 
     def _emit(self, requests: Sequence[Request], tokens: Sequence[int],
               failed: dict[int, str], logprobs: dict[int, TokenLogprobs],
-              prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None) -> None:
-        """Each request's new token; one that could not be sampled ends alone, with INTERNAL."""
+              prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None,
+              more: dict[int, list[int]] | None = None) -> None:
+        """Each request's new token (and, after a verified draft, the ``more`` that
+        follow it, until one finishes it); one that could not be sampled ends alone,
+        with INTERNAL."""
         sampled = []
         for request, token in zip(requests, tokens):
             if request.seq_id in failed:
@@ -242,6 +293,12 @@ class DecodeEngine:
             event = TokenOut(token, reason, logprobs=logprobs.get(request.seq_id),
                              prompt_logprobs=tuple((prompt_logprobs or {}).get(
                                  request.seq_id, ())))
+            for token in (more or {}).get(request.seq_id, ()) if not reason else ():
+                request.events.put(event)
+                reason = self.scheduler.append([(request, token)])[0]
+                event = TokenOut(token, reason)
+                if reason:
+                    break
             if reason:
                 self._finish(request.request_id, event)
             else:
@@ -256,8 +313,11 @@ class DecodeEngine:
                 return
             try:
                 # A failed request's K/V may be incomplete: it is never cached.
+                # Nor is one whose K/V holds tokens it did not keep (verified drafts).
                 tokens = (None if event.finish_reason is FinishReason.ERROR
-                          else request.kv_tokens())
+                          or self._holds_more(request) else request.kv_tokens())
+                self._held.pop(request_id, None)
+                self._drafters.pop(request_id, None)
                 freed = self.cache.finish(request.seq_id, tokens, request.cache_salt)
                 self.chain.release(Release(tuple(freed), (request.request_id,)))
             finally:

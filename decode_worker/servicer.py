@@ -21,6 +21,7 @@ from protos.errors import ServingError, aborts_on_error, status_number
 from protos.grpc_server import Server, time_remaining
 from protos.vocabulary import Role
 
+from .drafter import DraftPolicy
 from .engine import DecodeEngine
 from .stage import DecodeStage
 
@@ -37,7 +38,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPus
         # Told to every sender: one on this host may then push through shared memory.
         self.shared_memory_host = host_identity() if options.kv_shared_memory else ""
         self.stage = DecodeStage(runner, accepts_shared=bool(self.shared_memory_host))
-        self.engine = DecodeEngine(self.stage, prefix_cache=options.prefix_cache)
+        drafts = (DraftPolicy(options.speculative_tokens, options.prompt_lookup_max,
+                              options.prompt_lookup_min) if options.speculative_tokens else None)
+        self.engine = DecodeEngine(self.stage, prefix_cache=options.prefix_cache, drafts=drafts)
         self.transports, self.transport_note = worker_transports(
             runner.artifact.target_kind, bool(self.shared_memory_host))
 

@@ -156,6 +156,9 @@ class DecodeStage:
             if batch.decode and any(n != 1 for n in lengths):
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "a decode step is one token per sequence")
+            for s in batch.slices:
+                if s.trim:  # drafts rejected last step: their K/V goes
+                    self.runner.truncate_sequence(s.seq_id, s.total_tokens - s.length)
             hidden = embed_checked(self.runner, inputs) if self.spec.is_first else inputs
             try:
                 out = self.runner.forward(seq_ids, lengths, hidden, decode=batch.decode)
@@ -167,6 +170,8 @@ class DecodeStage:
                 # Each sequence's one token is its last: the output is already the last
                 # hidden states, and stays on the device for the logits.
                 return self._sample(seq_ids, out)
+            if batch.verifies:
+                return self._verify(batch.slices, out.numpy())
             last = self.runner.select_last(out, lengths).numpy()
             self._score_prompts(batch.slices, out)
             rows = [i for i, s in enumerate(batch.slices) if s.ends_prompt]
@@ -199,6 +204,15 @@ class DecodeStage:
                     out[begin:begin + s.length] = outs[s.seq_id]
                 begin += s.length
             return ForwardResult(hidden=out, failed=failed)
+        if batch.verifies:
+            ok = [s for s in batch.slices if s.seq_id in outs]
+            verified = (self._verify(ok, np.concatenate([outs[s.seq_id] for s in ok]))
+                        if ok else ForwardResult())
+            tokens = iter(verified.tokens)
+            return ForwardResult(
+                tokens=[0 if s.seq_id in failed else next(tokens) for s in batch.slices],
+                failed={**failed, **verified.failed}, logprobs=verified.logprobs,
+                more=verified.more)
         if not batch.decode:
             for s in batch.slices:
                 if s.seq_id in outs:
@@ -241,13 +255,59 @@ class DecodeStage:
         for s in slices:
             self.runner.truncate_sequence(s.seq_id, s.total_tokens - s.length)
 
+    def _verify(self, slices: Sequence[SequenceSlice], rows: np.ndarray) -> ForwardResult:
+        """A decode step whose sequences may carry drafts (``rows``: the pass's output,
+        ``[tokens, hidden]``, the slices' rows in order). A sequence without one is
+        sampled as in any step. One with a draft gets the drafted tokens the model's
+        greedy picks agree with, then the model's own next token: in ``tokens`` the first,
+        in ``more`` the rest. What it computed past those stays in its K/V until the next
+        step trims it."""
+        take, begin = [], 0
+        for s in slices:
+            take += range(begin, begin + s.length) if s.draft else [begin + s.length - 1]
+            begin += s.length
+        logits = self.runner.logits(rows[take])
+        plain = [k for k, s in enumerate(slices) if not s.draft]
+        at, first_row = 0, []
+        for s in slices:
+            first_row.append(at)
+            at += s.length if s.draft else 1
+        sampled = self._sample_logits([slices[k].seq_id for k in plain],
+                                      logits[[first_row[k] for k in plain]])
+        result = ForwardResult(failed=sampled.failed, logprobs=sampled.logprobs)
+        plain_tokens = iter(sampled.tokens)
+        for s, row in zip(slices, first_row):
+            if not s.draft:
+                result.tokens.append(next(plain_tokens))
+                continue
+            block = logits[row:row + s.length]
+            if not np.isfinite(block).all():
+                result.tokens.append(0)
+                result.failed[s.seq_id] = NON_FINITE
+                continue
+            picks = np.argmax(block, axis=1).tolist()
+            agreed = next((i for i, t in enumerate(s.draft) if picks[i] != t), len(s.draft))
+            tokens = [*s.draft[:agreed], picks[agreed]]
+            sampler = self.samplers[s.seq_id]
+            for token in tokens:
+                sampler.record(token)
+            result.tokens.append(tokens[0])
+            if len(tokens) > 1:
+                result.more[s.seq_id] = tokens[1:]
+        return result
+
     def _sample(self, seq_ids: Sequence[int], hidden: np.ndarray | tvm.runtime.Tensor
                 ) -> ForwardResult:
         """One token per sequence; a sequence that cannot be sampled fails alone."""
         if not seq_ids:
             return ForwardResult()
+        return self._sample_logits(seq_ids, self.runner.logits(hidden))
+
+    def _sample_logits(self, seq_ids: Sequence[int], logits: np.ndarray) -> ForwardResult:
+        """One token per sequence from its row of ``logits``."""
         result = ForwardResult()
-        logits = self.runner.logits(hidden)
+        if not seq_ids:
+            return result
         samplers = [self.samplers[seq_id] for seq_id in seq_ids]
         # The checks and the greedy choices of the whole batch, each in one numpy pass.
         finite = finite_rows(logits).tolist()

@@ -61,6 +61,15 @@ class SamplingConfig:
     prompt_logprobs: bool = False  # score the prompt (each next token), with the first token
     grammar: OutputGrammar | None = None  # structured output: every token follows it
 
+    @property
+    def speculable(self) -> bool:
+        """Whether drafts can be verified for it by comparing them with the model's greedy
+        picks: greedy, on the logits as they are, reporting nothing per token."""
+        return (self.temperature <= 0 and not self.logit_bias and not self.presence_penalty
+                and not self.frequency_penalty and self.repetition_penalty == 1.0
+                and not self.min_tokens and self.grammar is None and not self.logprobs
+                and not self.top_logprobs)
+
     def problem(self, vocab_size: int) -> str | None:
         """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""
         if self.max_tokens < 1:
@@ -128,6 +137,11 @@ class SequenceSlice:
     push_from: int = 0          # prefill: push the K/V of positions from here on
     push_attempt: int = 0       # prefill: the leg's try, which its pushes carry
     push_token: bytes = b""     # prefill: the decode reservation's, which its pushes carry
+    # Decode: tokens drafted after the slice's first, verified by the pass (its length is
+    # 1 + len(draft)); ``trim``: drop K/V the sequence holds past the slice's start (drafts
+    # rejected last step) before the pass.
+    draft: tuple[int, ...] = ()
+    trim: bool = False
     prompt_tokens: int = 0      # prefill: the whole prompt's length (0: not known)
 
     @property
@@ -148,6 +162,11 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return sum(s.length for s in self.slices)
 
+    @property
+    def verifies(self) -> bool:
+        """A decode step that verifies drafts (run as a pass over several tokens each)."""
+        return not self.decode and any(s.draft for s in self.slices)
+
 
 @dataclasses.dataclass
 class ForwardResult:
@@ -162,6 +181,8 @@ class ForwardResult:
     logprobs: dict[int, TokenLogprobs] = dataclasses.field(default_factory=dict)  # who asked
     # With a first token: its prompt's log-probabilities, for a sequence that asked.
     prompt_logprobs: dict[int, list[TokenLogprobs]] = dataclasses.field(default_factory=dict)
+    # A verified draft: the tokens after a sequence's entry in ``tokens``.
+    more: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     # Prefill: sequences whose K/V push failed, by request id.
     push_failures: dict[str, ServingError] = dataclasses.field(default_factory=dict)
 

@@ -28,9 +28,22 @@ class WorkerOptions:
     host: str = setting(NODE_HOST, "where workers bind: node (the address Ray knows their "
                                    "node by), 0.0.0.0, or an address")
 
+    # Speculative decoding by prompt lookup (decode_worker/drafter.py): greedy requests
+    # draft up to this many tokens a step from n-grams of their prompt and output, and the
+    # step verifies them.
+    speculative_tokens: int = setting(0, "decode: tokens drafted per step by prompt lookup "
+                                         "and verified in the step (0: off)")
+    prompt_lookup_max: int = setting(4, "decode: the longest n-gram a draft is looked up by")
+    prompt_lookup_min: int = setting(2, "decode: the shortest n-gram a draft is looked up by")
+
     def __post_init__(self) -> None:
         if self.kv_layer_groups < 1:
             raise ValueError("worker.kv_layer_groups must be >= 1")
+        if self.speculative_tokens < 0:
+            raise ValueError("worker.speculative_tokens must be >= 0")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("worker.prompt_lookup_min and prompt_lookup_max must satisfy "
+                             "1 <= min <= max")
 
     @property
     def host_outside_ray(self) -> str:

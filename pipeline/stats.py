@@ -30,6 +30,8 @@ class EngineCounters:
     """Running totals an engine keeps (its thread adds, the Stats call reads)."""
 
     prefilled_tokens: int = 0  # prompt tokens computed here (not found cached)
+    drafted_tokens: int = 0    # speculative decoding: tokens drafted and verified
+    accepted_tokens: int = 0   # ... and of those, the ones the model agreed with
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,7 +119,7 @@ def forward_to_proto(batch: ForwardBatch, inputs: np.ndarray) -> stage_pb2.Forwa
             kv_targets=[address_to_proto(t) for t in s.kv_targets],
             fork_from=s.fork_from or 0, fork_pos=s.fork_pos, push_from=s.push_from,
             push_attempt=s.push_attempt, push_token=s.push_token,
-            prompt_tokens=s.prompt_tokens)
+            prompt_tokens=s.prompt_tokens, draft=list(s.draft), trim=s.trim)
             for s in batch.slices])
 
 
@@ -132,18 +132,21 @@ def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
             kv_targets=tuple(address_from_proto(t) for t in s.kv_targets),
             fork_from=s.fork_from or None, fork_pos=s.fork_pos, push_from=s.push_from,
             push_attempt=s.push_attempt, push_token=s.push_token,
-            prompt_tokens=s.prompt_tokens)
+            prompt_tokens=s.prompt_tokens, draft=tuple(s.draft), trim=s.trim)
             for s in request.slices))
 
 
 def result_to_proto(result: ForwardResult) -> stage_pb2.ForwardResponse:
     hidden = b"" if result.hidden is None else np.ascontiguousarray(result.hidden).tobytes()
-    return sampled_to_proto(result, stage_pb2.ForwardResponse(
+    response = sampled_to_proto(result, stage_pb2.ForwardResponse(
         hidden=hidden,
         push_failures=[stage_pb2.PushFailure(request_id=request_id,
                                              code=status_number(error.code),
                                              message=error.message)
                        for request_id, error in result.push_failures.items()]))
+    for seq_id, tokens in result.more.items():
+        response.more_tokens[seq_id].ids.extend(tokens)
+    return response
 
 
 def result_from_proto(response: stage_pb2.ForwardResponse, dtype: str, hidden_size: int
@@ -154,7 +157,8 @@ def result_from_proto(response: stage_pb2.ForwardResponse, dtype: str, hidden_si
     return sampled_from_proto(response, ForwardResult(
         hidden=hidden,
         push_failures={f.request_id: ServingError(status_code(f.code), f.message)
-                       for f in response.push_failures}))
+                       for f in response.push_failures},
+        more={seq_id: list(t.ids) for seq_id, t in response.more_tokens.items()}))
 
 
 def expectations_to_proto(expectations: Sequence[Expectation]) -> stage_pb2.ExpectRequest:

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceSlice(_message.Message):
-    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from", "push_attempt", "prompt_tokens", "push_token")
+    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from", "push_attempt", "prompt_tokens", "push_token", "draft", "trim")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,8 @@ class SequenceSlice(_message.Message):
     PUSH_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    TRIM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seq_id: int
     length: int
@@ -34,7 +36,9 @@ class SequenceSlice(_message.Message):
     push_attempt: int
     prompt_tokens: int
     push_token: bytes
-    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ..., push_attempt: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
+    draft: _containers.RepeatedScalarFieldContainer[int]
+    trim: bool
+    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ..., push_attempt: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ..., draft: _Optional[_Iterable[int]] = ..., trim: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("slices", "decode", "hidden")
@@ -57,7 +61,7 @@ class PushFailure(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden", "tokens", "push_failures", "failed", "logprobs")
+    __slots__ = ("hidden", "tokens", "push_failures", "failed", "logprobs", "more_tokens")
     class FailedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,17 +76,26 @@ class ForwardResponse(_message.Message):
         key: int
         value: _generation_pb2.TokenLogprobs
         def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_generation_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
+    class MoreTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: _generation_pb2.TokenIds
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_generation_pb2.TokenIds, _Mapping]] = ...) -> None: ...
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PUSH_FAILURES_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MORE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     hidden: bytes
     tokens: _containers.RepeatedScalarFieldContainer[int]
     push_failures: _containers.RepeatedCompositeFieldContainer[PushFailure]
     failed: _containers.ScalarMap[int, str]
     logprobs: _containers.MessageMap[int, _generation_pb2.TokenLogprobs]
-    def __init__(self, hidden: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., push_failures: _Optional[_Iterable[_Union[PushFailure, _Mapping]]] = ..., failed: _Optional[_Mapping[int, str]] = ..., logprobs: _Optional[_Mapping[int, _generation_pb2.TokenLogprobs]] = ...) -> None: ...
+    more_tokens: _containers.MessageMap[int, _generation_pb2.TokenIds]
+    def __init__(self, hidden: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., push_failures: _Optional[_Iterable[_Union[PushFailure, _Mapping]]] = ..., failed: _Optional[_Mapping[int, str]] = ..., logprobs: _Optional[_Mapping[int, _generation_pb2.TokenLogprobs]] = ..., more_tokens: _Optional[_Mapping[int, _generation_pb2.TokenIds]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids", "request_ids", "reset")
