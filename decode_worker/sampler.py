@@ -5,7 +5,7 @@ temperature, top-k, top-p, seeded."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -87,7 +87,6 @@ class Sampler:
     def sample(self, logits: np.ndarray) -> int:
         """One token from a row of finite logits (the caller checks: see ``finite_rows``),
         but for the tokens a grammar masked (-inf)."""
-        c = self.config
         if self.adjusts:
             adjusted = self.adjusted(logits)
             # A complete grammar allows only its end, which min_tokens may hold back: the
@@ -96,6 +95,13 @@ class Sampler:
                 logits = adjusted
         if self.greedy:
             return int(np.argmax(logits))
+        order, probs = self.distribution(logits)
+        return int(order[self.rng.choice(len(order), p=probs)])
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What a sampled token is drawn from: the tokens left by top-k and top-p, likeliest
+        first, and their probabilities at the request's temperature."""
+        c = self.config
         scaled = logits.astype(np.float64) / c.temperature
         order = np.argsort(-scaled, kind="stable")
         if 0 < c.top_k < len(order):
@@ -106,7 +112,30 @@ class Sampler:
             # Keep the smallest prefix whose mass reaches top_p (always at least one token).
             keep = int(np.searchsorted(np.cumsum(probs), c.top_p)) + 1
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-        return int(order[self.rng.choice(len(order), p=probs)])
+        return order, probs
+
+    def verify(self, logits: np.ndarray, draft: Sequence[int]) -> list[int]:
+        """The tokens a step that verified ``draft`` gives (``logits``: ``[1 + len(draft),
+        vocab]``, row i scoring the token after draft[:i]): the drafted tokens the request
+        keeps, then one of its own. Greedy keeps those its picks agree with. Sampled keeps
+        each with its probability under the request's distribution and, at the first it
+        rejects, draws from that distribution without it: speculative sampling with
+        certain drafts, so the output is distributed as without drafts."""
+        if self.greedy:
+            picks = np.argmax(logits, axis=1).tolist()
+            kept = next((i for i, t in enumerate(draft) if picks[i] != t), len(draft))
+            return [*draft[:kept], picks[kept]]
+        out = []
+        for row, token in zip(logits, draft):
+            order, probs = self.distribution(row)
+            if self.rng.random() < probs[order == token].sum():
+                out.append(token)
+                continue
+            rest = order != token
+            others = probs[rest] / probs[rest].sum()
+            return [*out, int(order[rest][self.rng.choice(len(others), p=others)])]
+        order, probs = self.distribution(logits[len(draft)])
+        return [*out, int(order[self.rng.choice(len(order), p=probs)])]
 
     def logprobs(self, logits: np.ndarray, token: int) -> TokenLogprobs | None:
         """The sampled token's log-probability under the model (the raw logits: before

@@ -258,10 +258,9 @@ class DecodeStage:
     def _verify(self, slices: Sequence[SequenceSlice], rows: np.ndarray) -> ForwardResult:
         """A decode step whose sequences may carry drafts (``rows``: the pass's output,
         ``[tokens, hidden]``, the slices' rows in order). A sequence without one is
-        sampled as in any step. One with a draft gets the drafted tokens the model's
-        greedy picks agree with, then the model's own next token: in ``tokens`` the first,
-        in ``more`` the rest. What it computed past those stays in its K/V until the next
-        step trims it."""
+        sampled as in any step. One with a draft gets the drafted tokens its sampler keeps,
+        then one of its own (``Sampler.verify``): in ``tokens`` the first, in ``more`` the
+        rest. What it computed past those stays in its K/V until the next step trims it."""
         take, begin = [], 0
         for s in slices:
             take += range(begin, begin + s.length) if s.draft else [begin + s.length - 1]
@@ -285,10 +284,8 @@ class DecodeStage:
                 result.tokens.append(0)
                 result.failed[s.seq_id] = NON_FINITE
                 continue
-            picks = np.argmax(block, axis=1).tolist()
-            agreed = next((i for i, t in enumerate(s.draft) if picks[i] != t), len(s.draft))
-            tokens = [*s.draft[:agreed], picks[agreed]]
             sampler = self.samplers[s.seq_id]
+            tokens = sampler.verify(block, s.draft)
             for token in tokens:
                 sampler.record(token)
             result.tokens.append(tokens[0])

@@ -60,15 +60,17 @@ class SamplingConfig:
     prior_output_ids: tuple[int, ...] = ()    # output before a resume, for the penalties
     prompt_logprobs: bool = False  # score the prompt (each next token), with the first token
     grammar: OutputGrammar | None = None  # structured output: every token follows it
+    no_speculation: bool = False  # never verify drafts for it (a per-request opt-out)
 
     @property
     def speculable(self) -> bool:
-        """Whether drafts can be verified for it by comparing them with the model's greedy
-        picks: greedy, on the logits as they are, reporting nothing per token."""
-        return (self.temperature <= 0 and not self.logit_bias and not self.presence_penalty
+        """Whether drafts can be verified for it in one pass: it samples from the logits as
+        they are (no bias, penalty, min_tokens or grammar, which each drafted token would
+        change for the next), reports nothing per token, and has not opted out."""
+        return (not self.logit_bias and not self.presence_penalty
                 and not self.frequency_penalty and self.repetition_penalty == 1.0
                 and not self.min_tokens and self.grammar is None and not self.logprobs
-                and not self.top_logprobs)
+                and not self.top_logprobs and not self.no_speculation)
 
     def problem(self, vocab_size: int) -> str | None:
         """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""

@@ -38,16 +38,21 @@ class EngineCounters:
 class EngineStats:
     used_pages: int         # the cache's pages held for live sequences (not merely cached)
     prefilled_tokens: int   # prompt tokens computed here (not found cached)
+    drafted_tokens: int = 0   # speculative decoding: drafted and verified
+    accepted_tokens: int = 0  # ... and kept
 
     def to_proto(self) -> worker_pb2.WorkerStats:
         return worker_pb2.WorkerStats(used_pages=self.used_pages,
-                                      prefilled_tokens=self.prefilled_tokens)
+                                      prefilled_tokens=self.prefilled_tokens,
+                                      spec_draft_tokens=self.drafted_tokens,
+                                      spec_accepted_tokens=self.accepted_tokens)
 
     @classmethod
     def of(cls, runner: ModelRunner, cache: PrefixCacheStats,
            counters: EngineCounters) -> EngineStats:
         held = runner.kv.total_pages - runner.available_pages()
-        return cls(max(0, held - cache.cached_pages), counters.prefilled_tokens)
+        return cls(max(0, held - cache.cached_pages), counters.prefilled_tokens,
+                   counters.drafted_tokens, counters.accepted_tokens)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingConfig:
         logit_bias=tuple(sorted(s.logit_bias.items())), min_tokens=s.min_tokens,
         prompt_ids=tuple(s.prompt_ids),
         prior_output_ids=tuple(s.prior_output_ids), prompt_logprobs=s.prompt_logprobs,
-        grammar=grammar_from_proto(s.structured_output))
+        grammar=grammar_from_proto(s.structured_output), no_speculation=s.no_speculation)
 
 
 def grammar_from_proto(g: generation_pb2.StructuredOutput) -> OutputGrammar | None:
@@ -65,7 +65,7 @@ def sampling_to_proto(c: SamplingConfig) -> worker_pb2.Sampling:
         repetition_penalty=c.repetition_penalty, logit_bias=dict(c.logit_bias),
         min_tokens=c.min_tokens, prompt_ids=list(c.prompt_ids),
         prior_output_ids=list(c.prior_output_ids), prompt_logprobs=c.prompt_logprobs,
-        structured_output=grammar_to_proto(c.grammar))
+        structured_output=grammar_to_proto(c.grammar), no_speculation=c.no_speculation)
 
 
 def logprobs_to_proto(lp: TokenLogprobs) -> generation_pb2.TokenLogprobs:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\x12olmo.generation.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8d\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12\x45\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x31.olmo.generation.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x12?\n\x11structured_output\x18\x11 \x01(\x0b\x32$.olmo.generation.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\x98\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12-\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1b.olmo.generation.v1.ChoicesH\x00\x12\x0e\n\x04\x65\x62nf\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x31\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1c.olmo.generation.v1.TokenIdsH\x00\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".olmo.generation.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x05 \x01(\tB\x08\n\x06prompt\"p\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x02\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12+\n\x03top\x18\x03 \x03(\x0b\x32\x1e.olmo.generation.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9b\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .olmo.generation.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.olmo.generation.v1.Usage\x12\x33\n\x08logprobs\x18\x06 \x03(\x0b\x32!.olmo.generation.v1.TokenLogprobs\x12:\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32!.olmo.generation.v1.TokenLogprobs*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x65\n\nGeneration\x12W\n\x08Generate\x12#.olmo.generation.v1.GenerateRequest\x1a$.olmo.generation.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\x12olmo.generation.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa5\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12\x45\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x31.olmo.generation.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x12?\n\x11structured_output\x18\x11 \x01(\x0b\x32$.olmo.generation.v1.StructuredOutput\x12\x16\n\x0eno_speculation\x18\x12 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\x98\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12-\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1b.olmo.generation.v1.ChoicesH\x00\x12\x0e\n\x04\x65\x62nf\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x31\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1c.olmo.generation.v1.TokenIdsH\x00\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".olmo.generation.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x05 \x01(\tB\x08\n\x06prompt\"p\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x02\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12+\n\x03top\x18\x03 \x03(\x0b\x32\x1e.olmo.generation.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9b\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .olmo.generation.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.olmo.generation.v1.Usage\x12\x33\n\x08logprobs\x18\x06 \x03(\x0b\x32!.olmo.generation.v1.TokenLogprobs\x12:\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32!.olmo.generation.v1.TokenLogprobs*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x65\n\nGeneration\x12W\n\x08Generate\x12#.olmo.generation.v1.GenerateRequest\x1a$.olmo.generation.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1535
-  _globals['_FINISHREASON']._serialized_end=1680
+  _globals['_FINISHREASON']._serialized_start=1559
+  _globals['_FINISHREASON']._serialized_end=1704
   _globals['_TOKENIDS']._serialized_start=47
   _globals['_TOKENIDS']._serialized_end=70
   _globals['_SAMPLINGPARAMS']._serialized_start=73
-  _globals['_SAMPLINGPARAMS']._serialized_end=598
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=541
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=589
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=601
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=753
-  _globals['_CHOICES']._serialized_start=755
-  _globals['_CHOICES']._serialized_end=781
-  _globals['_GENERATEREQUEST']._serialized_start=784
-  _globals['_GENERATEREQUEST']._serialized_end=972
-  _globals['_USAGE']._serialized_start=974
-  _globals['_USAGE']._serialized_end=1086
-  _globals['_TOKENLOGPROBS']._serialized_start=1088
-  _globals['_TOKENLOGPROBS']._serialized_end=1197
-  _globals['_TOPLOGPROB']._serialized_start=1199
-  _globals['_TOPLOGPROB']._serialized_end=1246
-  _globals['_GENERATERESPONSE']._serialized_start=1249
-  _globals['_GENERATERESPONSE']._serialized_end=1532
-  _globals['_GENERATION']._serialized_start=1682
-  _globals['_GENERATION']._serialized_end=1783
+  _globals['_SAMPLINGPARAMS']._serialized_end=622
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=565
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=613
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=625
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=777
+  _globals['_CHOICES']._serialized_start=779
+  _globals['_CHOICES']._serialized_end=805
+  _globals['_GENERATEREQUEST']._serialized_start=808
+  _globals['_GENERATEREQUEST']._serialized_end=996
+  _globals['_USAGE']._serialized_start=998
+  _globals['_USAGE']._serialized_end=1110
+  _globals['_TOKENLOGPROBS']._serialized_start=1112
+  _globals['_TOKENLOGPROBS']._serialized_end=1221
+  _globals['_TOPLOGPROB']._serialized_start=1223
+  _globals['_TOPLOGPROB']._serialized_end=1270
+  _globals['_GENERATERESPONSE']._serialized_start=1273
+  _globals['_GENERATERESPONSE']._serialized_end=1556
+  _globals['_GENERATION']._serialized_start=1706
+  _globals['_GENERATION']._serialized_end=1807
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens", "kv_export_ms", "kv_encode_ms", "kv_assemble_ms", "kv_install_ms", "shared_memory_pushes", "shared_memory_bytes", "shared_memory_ms", "step_loop_age_ms")
+    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens", "kv_export_ms", "kv_encode_ms", "kv_assemble_ms", "kv_install_ms", "shared_memory_pushes", "shared_memory_bytes", "shared_memory_ms", "step_loop_age_ms", "spec_draft_tokens", "spec_accepted_tokens")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class WorkerStats(_message.Message):
     SHARED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_LOOP_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     role: str
     layout: ModelLayout
     queued_requests: int
@@ -103,7 +105,9 @@ class WorkerStats(_message.Message):
     shared_memory_bytes: int
     shared_memory_ms: float
     step_loop_age_ms: float
-    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., kv_export_ms: _Optional[float] = ..., kv_encode_ms: _Optional[float] = ..., kv_assemble_ms: _Optional[float] = ..., kv_install_ms: _Optional[float] = ..., shared_memory_pushes: _Optional[int] = ..., shared_memory_bytes: _Optional[int] = ..., shared_memory_ms: _Optional[float] = ..., step_loop_age_ms: _Optional[float] = ...) -> None: ...
+    spec_draft_tokens: int
+    spec_accepted_tokens: int
+    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., kv_export_ms: _Optional[float] = ..., kv_encode_ms: _Optional[float] = ..., kv_assemble_ms: _Optional[float] = ..., kv_install_ms: _Optional[float] = ..., shared_memory_pushes: _Optional[int] = ..., shared_memory_bytes: _Optional[int] = ..., shared_memory_ms: _Optional[float] = ..., step_loop_age_ms: _Optional[float] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("address", "layer_begin", "layer_end")
@@ -116,7 +120,7 @@ class StageInfo(_message.Message):
     def __init__(self, address: _Optional[str] = ..., layer_begin: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "has_seed", "seed", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "prompt_ids", "prior_output_ids", "prompt_logprobs", "structured_output")
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "has_seed", "seed", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "prompt_ids", "prior_output_ids", "prompt_logprobs", "structured_output", "no_speculation")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +147,7 @@ class Sampling(_message.Message):
     PRIOR_OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    NO_SPECULATION_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_p: float
@@ -162,7 +167,8 @@ class Sampling(_message.Message):
     prior_output_ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_logprobs: bool
     structured_output: _generation_pb2.StructuredOutput
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., prior_output_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[bool] = ..., structured_output: _Optional[_Union[_generation_pb2.StructuredOutput, _Mapping]] = ...) -> None: ...
+    no_speculation: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., prior_output_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[bool] = ..., structured_output: _Optional[_Union[_generation_pb2.StructuredOutput, _Mapping]] = ..., no_speculation: _Optional[bool] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_tokens", "sampling", "lease_ms", "prompt_token_ids", "prefill_locally", "local_prefill_below", "cache_salt")

@@ -162,6 +162,12 @@ class _WorkerCollector:
         shared = CounterMetricFamily("olmo_kv_shared_memory_pushes", "Of the KV pushes, those "
                                      "whose K/V went through same-host shared memory",
                                      labels=["role", "instance"])
+        drafted = CounterMetricFamily("olmo_spec_decode_draft_tokens", "Tokens drafted by "
+                                      "prompt lookup and verified (speculative decoding)",
+                                      labels=["role", "instance"])
+        accepted = CounterMetricFamily("olmo_spec_decode_accepted_tokens", "Of the drafted "
+                                       "tokens, those the model kept", labels=["role",
+                                                                               "instance"])
         for worker in workers:
             labels = [worker.role, worker.address]
             up.add_metric(labels, float(self.scheduler.alive(worker.address)))
@@ -171,6 +177,8 @@ class _WorkerCollector:
                 families[name].add_metric(labels, float(getattr(worker.stats, field)))
             pushes.add_metric(labels, float(worker.stats.pushes))
             shared.add_metric(labels, float(worker.stats.shared_memory_pushes))
+            drafted.add_metric(labels, float(worker.stats.spec_draft_tokens))
+            accepted.add_metric(labels, float(worker.stats.spec_accepted_tokens))
             for step, field in self.HANDOFF_STEPS.items():
                 ms = getattr(worker.stats, field)
                 if ms:
@@ -179,6 +187,8 @@ class _WorkerCollector:
         yield from families.values()
         yield pushes
         yield shared
+        yield drafted
+        yield accepted
         yield handoff
 
     def describe(self):

@@ -640,7 +640,8 @@ class OpenAIServer:
             presence_penalty=_number(body, "presence_penalty", 0.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0),
             repetition_penalty=repetition, min_tokens=_int(body, "min_tokens", 0, minimum=0),
-            logit_bias=self._logit_bias(body.get("logit_bias")))
+            logit_bias=self._logit_bias(body.get("logit_bias")),
+            no_speculation=not _bool_or(body, "speculative", True))
         seed = body.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool):

@@ -184,4 +184,5 @@ def validate(request: generation_pb2.GenerateRequest, prompt_ids: list[int],
         frequency_penalty=s.frequency_penalty,
         repetition_penalty=0.0 if s.repetition_penalty == 1.0 else s.repetition_penalty,
         logit_bias=dict(s.logit_bias), min_tokens=s.min_tokens,
-        prompt_logprobs=s.prompt_logprobs, structured_output=s.structured_output)
+        prompt_logprobs=s.prompt_logprobs, structured_output=s.structured_output,
+        no_speculation=s.no_speculation)

@@ -5,18 +5,22 @@ K/V exact; the drafter's index and budget on their own."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from conftest import hf_greedy, local_cluster, wait_until_cluster_idle
 from tokenizers import Tokenizer
 
 from cluster.cluster_config import RoleConfig
 from decode_worker.drafter import RETRY_AFTER_STEPS, Drafter, DraftPolicy
+from decode_worker.sampler import Sampler
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.demo import DEMO_MODEL_DIR
+from pipeline.ops import SamplingConfig
 from pipeline.options import WorkerOptions
-from protos.vocabulary import Mode
+from protos.vocabulary import Mode, Role
 from router.client import GenerationClient, generate_request
 from router.options import RouterOptions
 
@@ -69,6 +73,13 @@ def expected(demo_reference):
     return {p: hf_greedy(demo_reference, tokenizer.encode(p).ids, NEW_TOKENS) for p in PROMPTS}
 
 
+def wait_for(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the bound"
+        time.sleep(0.05)
+
+
 def greedy_together(cluster, prompts, max_tokens: int = NEW_TOKENS) -> list[list[int]]:
     client = GenerationClient(cluster.router_address)
     try:
@@ -99,6 +110,10 @@ def test_verified_drafts_change_no_greedy_token(layout, expected):
         assert greedy_together(cluster, PROMPTS) == [expected[p] for p in PROMPTS]
         drafted, accepted = drafted_and_accepted(cluster)
         assert accepted > 0 and drafted > accepted  # both kinds of step were taken
+        # The router's polls carry them to its metrics (olmo_spec_decode_*_tokens).
+        wait_for(lambda: [(w.stats.spec_draft_tokens, w.stats.spec_accepted_tokens)
+                          for w in cluster.router.scheduler.workers(Role.DECODE)
+                          if w.stats is not None] == [(drafted, accepted)], 5)
         # Again, now from the prefix cache, whose sequences must hold no rejected draft.
         assert greedy_together(cluster, PROMPTS) == [expected[p] for p in PROMPTS]
         wait_until_cluster_idle(cluster)
@@ -106,25 +121,62 @@ def test_verified_drafts_change_no_greedy_token(layout, expected):
         cluster.stop()
 
 
-def test_max_tokens_and_sampled_neighbours_are_kept(expected):
-    """A verified step may carry several tokens: a request still ends at its max_tokens;
-    and seeded sampled requests in the same steps give what they give without drafts."""
-    seeded = [generate_request(p, max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
-              for p in PROMPTS]
-    outputs = {}
-    for options in (WorkerOptions(), SPECULATE):
+def test_max_tokens_are_kept_and_sampled_requests_reproduce(expected):
+    """A verified step may carry several tokens: a request still ends at its max_tokens.
+    Sampled requests speculate too: a seed reproduces its output, and one that opts out
+    gives what it gives without speculation."""
+    def run(options: WorkerOptions, opt_out: bool = False):
         cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, mode=Mode.AGGREGATED,
                                 worker=options)
         client = GenerationClient(cluster.router_address)
+        seeded = []
+        for p in PROMPTS:
+            request = generate_request(p, max_tokens=40, temperature=0.3, seed=7,
+                                       ignore_eos=True)
+            request.sampling.no_speculation = opt_out
+            seeded.append(request)
         try:
             with ThreadPoolExecutor(8) as pool:
-                short = pool.map(lambda n, c=client: c.complete(generate_request(
-                    PROMPTS[0], max_tokens=n, ignore_eos=True), timeout=120)[0], range(1, 9))
-                sampled = pool.map(lambda r, c=client: c.complete(r, timeout=120)[0], seeded)
-                outputs[options.speculative_tokens] = (list(short), list(sampled))
+                short = list(pool.map(lambda n: client.complete(generate_request(
+                    PROMPTS[0], max_tokens=n, ignore_eos=True), timeout=120)[0], range(1, 9)))
+                sampled = list(pool.map(lambda r: client.complete(r, timeout=120)[0], seeded))
+            return short, sampled, drafted_and_accepted(cluster)
         finally:
             client.close()
             cluster.stop()
-    short, sampled = outputs[SPECULATE.speculative_tokens]
+
+    short, sampled, (drafted, _) = run(SPECULATE)
     assert short == [expected[PROMPTS[0]][:n] for n in range(1, 9)]
-    assert (short, sampled) == outputs[0]
+    assert run(SPECULATE)[1] == sampled
+    plain = run(WorkerOptions())[1]
+    opted_out = run(SPECULATE, opt_out=True)
+    assert opted_out[1] == plain and drafted > 0
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    """Certain drafts, verified by speculative sampling: over many draws, the first token
+    is distributed as the request's distribution at the first position, the second (after
+    the first draft was kept) as at the second (chi-square, 8 tokens, p > 0.001)."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 1.5, (3, 8)).astype(np.float32)
+    draft = [int(np.argsort(logits[0])[-2]), int(np.argmax(logits[1]))]
+    sampler = Sampler(SamplingConfig(temperature=0.9, top_k=6, seed=11))
+    firsts, seconds = [], []
+    for _ in range(20000):
+        tokens = sampler.verify(logits, draft)
+        firsts.append(tokens[0])
+        if tokens[0] == draft[0]:
+            seconds.append(tokens[1])
+    for row, draws in ((0, firsts), (1, seconds)):
+        order, probs = sampler.distribution(logits[row])
+        expected_counts = np.zeros(8)
+        expected_counts[order] = probs * len(draws)
+        observed = np.bincount(draws, minlength=8)
+        assert set(np.flatnonzero(observed)) <= set(order.tolist())  # top-k held
+        support = expected_counts > 0
+        chi2 = (((observed - expected_counts)[support]) ** 2 / expected_counts[support]).sum()
+        assert chi2 < CHI2_999[support.sum() - 1], (row, chi2)
+
+
+# The chi-square distribution's 99.9% points, by degrees of freedom.
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
