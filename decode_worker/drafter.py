@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-# A sequence whose drafting has stopped tries again, with one token, after this many steps.
+# A sequence whose drafting has stopped tries again, with one token, after this many steps;
+# each time that try fails too, it waits twice as long (up to MAX_RETRY_AFTER_STEPS).
 RETRY_AFTER_STEPS = 16
+MAX_RETRY_AFTER_STEPS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Drafter:
             n: {} for n in range(policy.min_ngram, policy.max_ngram + 1)}
         self.budget = policy.max_tokens  # tokens it drafts now (0: stopped)
         self._idle_steps = 0
+        self._retry_after = RETRY_AFTER_STEPS
+        self._retrying = False  # its budget came back after a pause: this is a try
         self.drafted = 0
         self.accepted = 0
         self.extend(tokens)
@@ -64,8 +68,8 @@ class Drafter:
         if count <= 0:
             if self.budget == 0:
                 self._idle_steps += 1
-                if self._idle_steps >= RETRY_AFTER_STEPS:
-                    self.budget, self._idle_steps = 1, 0
+                if self._idle_steps >= self._retry_after:
+                    self.budget, self._idle_steps, self._retrying = 1, 0, True
             return []
         for n in range(self.policy.max_ngram, self.policy.min_ngram - 1, -1):
             if len(self.tokens) < n:
@@ -77,11 +81,19 @@ class Drafter:
 
     def verified(self, drafted: int, accepted: int) -> None:
         """Of ``drafted`` tokens, ``accepted`` were the model's own: all of them lets it
-        draft one more next time (up to the policy's), none halves its budget, and a
-        budget run down to nothing stops it (for RETRY_AFTER_STEPS steps)."""
+        draft one more next time (up to the policy's), some of them as many as it kept and
+        one more, none halves its budget; a budget run down to nothing stops it for a
+        while (longer each time in a row)."""
         self.drafted += drafted
         self.accepted += accepted
+        if accepted:
+            self._retry_after = RETRY_AFTER_STEPS
+        elif self._retrying:  # a try after a pause failed: the next pause is longer
+            self._retry_after = min(2 * self._retry_after, MAX_RETRY_AFTER_STEPS)
+        self._retrying = False
         if accepted == drafted:
             self.budget = min(self.policy.max_tokens, self.budget + 1)
         elif accepted == 0:
             self.budget //= 2
+        else:  # it kept some: draft what it kept, and one more
+            self.budget = min(self.budget, accepted + 1)

@@ -53,9 +53,16 @@ def test_the_budget_follows_acceptance_and_retries_after_a_pause():
     for _ in range(RETRY_AFTER_STEPS - 1):
         assert drafter.propose(4) == []
     assert drafter.budget == 1 and drafter.propose(4) == [2]
+    drafter.verified(1, 0)  # the try failed: the next pause is twice as long
+    for _ in range(2 * RETRY_AFTER_STEPS):
+        assert drafter.propose(4) == []
+    assert drafter.propose(4) == [2]
     drafter.verified(1, 1)
     assert drafter.budget == 2
-    assert (drafter.drafted, drafter.accepted) == (8, 1)
+    drafter.verified(2, 2)
+    drafter.verified(3, 1)  # kept one of three: two next
+    assert drafter.budget == 2
+    assert (drafter.drafted, drafter.accepted) == (14, 4)
 
 
 def test_policy_and_options_refuse_nonsense():
