@@ -18,6 +18,11 @@ from collections.abc import Sequence
 # each time that try fails too, it waits twice as long (up to MAX_RETRY_AFTER_STEPS).
 RETRY_AFTER_STEPS = 16
 MAX_RETRY_AFTER_STEPS = 256
+# Before anything is measured: a sequence's drafts are taken half the time, and a pass
+# that verifies drafts costs half again a decode step of the same batch.
+PRIOR_ACCEPTANCE = 0.5
+PRIOR_COST_RATIO = 1.5
+EMA = 0.2  # the weight of each new measure in the running averages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Drafter:
         self._retrying = False  # its budget came back after a pause: this is a try
         self.drafted = 0
         self.accepted = 0
+        self.acceptance = PRIOR_ACCEPTANCE  # of its drafted tokens, the share kept lately
         self.extend(tokens)
 
     def extend(self, tokens: Sequence[int]) -> None:
@@ -86,6 +92,7 @@ class Drafter:
         while (longer each time in a row)."""
         self.drafted += drafted
         self.accepted += accepted
+        self.acceptance += EMA * (accepted / drafted - self.acceptance)
         if accepted:
             self._retry_after = RETRY_AFTER_STEPS
         elif self._retrying:  # a try after a pause failed: the next pause is longer
@@ -97,3 +104,27 @@ class Drafter:
             self.budget //= 2
         else:  # it kept some: draft what it kept, and one more
             self.budget = min(self.budget, accepted + 1)
+
+
+class StepCosts:
+    """What a pass that verifies drafts costs against a decode step of the same batch, as
+    the engine measures them: drafts are verified in a step only when the tokens they are
+    expected to add pay for it, so that speculating makes no batch slower."""
+
+    def __init__(self):
+        self.ratio = PRIOR_COST_RATIO  # a verifying pass over a decode step, lately
+        self._decode: dict[int, float] = {}  # a decode step's seconds, by batch size
+
+    def decoded(self, batch: int, seconds: float) -> None:
+        last = self._decode.get(batch)
+        self._decode[batch] = seconds if last is None else last + EMA * (seconds - last)
+
+    def verified(self, batch: int, seconds: float) -> None:
+        decode = self._decode.get(batch)
+        if decode:
+            self.ratio += EMA * (seconds / decode - self.ratio)
+
+    def worth(self, batch: int, expected_tokens: float) -> bool:
+        """Whether a verifying pass, expected to add ``expected_tokens`` to the ``batch``
+        a decode step would make, makes more tokens per second."""
+        return batch + expected_tokens >= self.ratio * batch

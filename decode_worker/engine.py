@@ -38,7 +38,7 @@ from pipeline.stats import EngineCounters, EngineStats
 from protos.errors import ServingError
 from protos.vocabulary import FinishReason
 
-from .drafter import Drafter, DraftPolicy
+from .drafter import Drafter, DraftPolicy, StepCosts
 from .scheduler import DecodeScheduler, Request, RequestState, TokenOut
 from .stage import DecodeStage
 from .stats import DecodeStats, kv_received
@@ -79,6 +79,7 @@ class DecodeEngine:
         # Speculative decoding (None: off): each speculable request's drafter, and the
         # length of its K/V after the last pass that verified drafts for it.
         self.drafts = drafts
+        self.step_costs = StepCosts()
         self._drafters: dict[str, Drafter] = {}
         self._held: dict[str, int] = {}
         self._went_round = time.monotonic()  # the loop's last turn (loop_age)
@@ -227,6 +228,10 @@ class DecodeEngine:
         if not running:
             return
         drafts = {r.request_id: self._draft(r) for r in running} if self.drafts else {}
+        expected = sum(self._drafters[rid].acceptance * len(d) for rid, d in drafts.items()
+                       if d)
+        if expected and not self.step_costs.worth(len(running), expected):
+            drafts = {}  # not worth a verifying pass this step
         slices = []
         for r in running:
             draft = drafts.get(r.request_id, ())
@@ -237,7 +242,14 @@ class DecodeEngine:
         inputs = np.asarray([t for r in running for t in (r.generated[-1],
                                                           *drafts.get(r.request_id, ()))],
                             dtype=np.int32)
+        started = time.perf_counter()
         result = self.chain.forward(batch, inputs)
+        if self.drafts:
+            seconds = time.perf_counter() - started
+            if batch.decode:
+                self.step_costs.decoded(len(running), seconds)
+            else:
+                self.step_costs.verified(len(running), seconds)
         for r, s in zip(running, slices):
             if s.draft:  # its K/V holds every drafted token now, kept or not
                 self._held[r.request_id] = s.total_tokens

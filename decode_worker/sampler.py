@@ -5,6 +5,7 @@ temperature, top-k, top-p, seeded."""
 from __future__ import annotations
 
 import collections
+import secrets
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -22,13 +23,18 @@ def finite_rows(logits: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    """Owns one request's randomness, so a seeded request replays exactly, and what its
-    penalties count: the tokens it has generated (``record``)."""
+    """Owns one request's randomness and what its penalties count: the tokens it has
+    generated (``record``).
+
+    The n-th output token of a sampled request is drawn with a number fixed by its seed
+    and n alone (``uniform``), by inverse transform over its distribution: so a seeded
+    request replays exactly, after a resume on another worker too, and a verified draft
+    (``verify``) gives the very tokens drawing one at a time would."""
 
     def __init__(self, config: SamplingConfig, eos_ids: Iterable[int] = (),
                  grammar: GrammarState | None = None):
         c = self.config = config
-        self.rng = np.random.default_rng(config.seed)
+        self.seed = config.seed if config.seed is not None else secrets.randbits(64)
         self.grammar = grammar  # a structured output's: at its place after the output so far
         self.adjusts = bool(c.logit_bias or c.presence_penalty or c.frequency_penalty
                             or c.repetition_penalty != 1.0 or c.min_tokens)
@@ -95,8 +101,20 @@ class Sampler:
                 logits = adjusted
         if self.greedy:
             return int(np.argmax(logits))
+        return self.draw(logits, self.position)
+
+    @property
+    def position(self) -> int:
+        """The index in its output of the request's next token."""
+        return len(self.config.prior_output_ids) + self.sampled
+
+    def draw(self, logits: np.ndarray, position: int) -> int:
+        """The token at output ``position``: its distribution inverted at its uniform."""
         order, probs = self.distribution(logits)
-        return int(order[self.rng.choice(len(order), p=probs)])
+        cumulative = np.cumsum(probs)
+        at = int(np.searchsorted(cumulative, uniform(self.seed, position) * cumulative[-1],
+                                 side="right"))
+        return int(order[min(at, len(order) - 1)])
 
     def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What a sampled token is drawn from: the tokens left by top-k and top-p, likeliest
@@ -117,25 +135,15 @@ class Sampler:
     def verify(self, logits: np.ndarray, draft: Sequence[int]) -> list[int]:
         """The tokens a step that verified ``draft`` gives (``logits``: ``[1 + len(draft),
         vocab]``, row i scoring the token after draft[:i]): the drafted tokens the request
-        keeps, then one of its own. Greedy keeps those its picks agree with. Sampled keeps
-        each with its probability under the request's distribution and, at the first it
-        rejects, draws from that distribution without it: speculative sampling with
-        certain drafts, so the output is distributed as without drafts."""
-        if self.greedy:
-            picks = np.argmax(logits, axis=1).tolist()
-            kept = next((i for i, t in enumerate(draft) if picks[i] != t), len(draft))
-            return [*draft[:kept], picks[kept]]
+        would have made itself, then the first it makes instead (or the one after them
+        all): greedy by its picks, sampled by drawing each position as ``sample`` would.
+        A draft so changes no token, only how many a step makes."""
         out = []
-        for row, token in zip(logits, draft):
-            order, probs = self.distribution(row)
-            if self.rng.random() < probs[order == token].sum():
-                out.append(token)
-                continue
-            rest = order != token
-            others = probs[rest] / probs[rest].sum()
-            return [*out, int(order[rest][self.rng.choice(len(others), p=others)])]
-        order, probs = self.distribution(logits[len(draft)])
-        return [*out, int(order[self.rng.choice(len(order), p=probs)])]
+        for i, row in enumerate(logits[:len(draft) + 1]):
+            out.append(int(np.argmax(row)) if self.greedy else self.draw(row, self.position + i))
+            if i == len(draft) or out[-1] != draft[i]:
+                return out
+        raise AssertionError("a verified draft needs a row per drafted token and one more")
 
     def logprobs(self, logits: np.ndarray, token: int) -> TokenLogprobs | None:
         """The sampled token's log-probability under the model (the raw logits: before
@@ -175,3 +183,15 @@ def token_logprobs(logits: np.ndarray, tokens, top: int) -> list[TokenLogprobs]:
         rank = 1 + int(np.count_nonzero(row > row[token]))
         out.append(TokenLogprobs(int(token), float(row[token]), alternatives, rank))
     return out
+
+
+_MASK = 2**64 - 1
+
+
+def uniform(seed: int, position: int) -> float:
+    """A number in [0, 1) fixed by ``seed`` and ``position`` alone (SplitMix64's mix of
+    the two): the draw of a request's token at that position."""
+    x = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xD1B54A32D192ED03) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return ((x ^ (x >> 31)) >> 11) * 2.0**-53
