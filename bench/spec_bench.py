@@ -80,7 +80,9 @@ def counters(cluster) -> tuple[int, int]:
 def run_format(model: Path, dtype: str, args) -> list[dict]:
     clusters = {spec: start_local_cluster(on_loopback(ClusterConfig(
         model=str(model), dtype=dtype, mode=Mode.AGGREGATED,
-        cache=CacheLimits(16, 16384, 1024),
+        # Small prefill chunks: on a 1B model a 1024-token chunk holds the worker for
+        # seconds, past the router's wait for a reservation's answer.
+        cache=CacheLimits(16, 16384, 256),
         worker=WorkerOptions(speculative_tokens=spec))))
         for spec in (0, args.speculative_tokens)}
     clients = {spec: GenerationClient(c.router_address) for spec, c in clusters.items()}
