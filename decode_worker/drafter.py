@@ -18,11 +18,11 @@ from collections.abc import Sequence
 # each time that try fails too, it waits twice as long (up to MAX_RETRY_AFTER_STEPS).
 RETRY_AFTER_STEPS = 16
 MAX_RETRY_AFTER_STEPS = 256
-# Before anything is measured: a sequence's drafts are taken half the time, and a pass
-# that verifies drafts costs half again a decode step of the same batch.
-PRIOR_ACCEPTANCE = 0.5
+# Before anything is measured: a pass that verifies drafts costs half again a decode step
+# of the same batch, and a sequence's first draft counts as kept whole (it is tried once).
 PRIOR_COST_RATIO = 1.5
-EMA = 0.2  # the weight of each new measure in the running averages
+EMA = 0.2  # the weight of each new cost measure in the running average
+ACCEPTANCE_EMA = 0.5  # ... and of each verified draft's kept share in a sequence's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Drafter:
         self._retrying = False  # its budget came back after a pause: this is a try
         self.drafted = 0
         self.accepted = 0
-        self.acceptance = PRIOR_ACCEPTANCE  # of its drafted tokens, the share kept lately
+        self.acceptance = 1.0  # of its drafted tokens, the share kept lately
         self.extend(tokens)
 
     def extend(self, tokens: Sequence[int]) -> None:
@@ -92,7 +92,7 @@ class Drafter:
         while (longer each time in a row)."""
         self.drafted += drafted
         self.accepted += accepted
-        self.acceptance += EMA * (accepted / drafted - self.acceptance)
+        self.acceptance += ACCEPTANCE_EMA * (accepted / drafted - self.acceptance)
         if accepted:
             self._retry_after = RETRY_AFTER_STEPS
         elif self._retrying:  # a try after a pause failed: the next pause is longer

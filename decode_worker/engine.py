@@ -305,10 +305,10 @@ class DecodeEngine:
             event = TokenOut(token, reason, logprobs=logprobs.get(request.seq_id),
                              prompt_logprobs=tuple((prompt_logprobs or {}).get(
                                  request.seq_id, ())))
-            for token in (more or {}).get(request.seq_id, ()) if not reason else ():
+            for extra in (more or {}).get(request.seq_id, ()) if not reason else ():
                 request.events.put(event)
-                reason = self.scheduler.append([(request, token)])[0]
-                event = TokenOut(token, reason)
+                reason = self.scheduler.append([(request, extra)])[0]
+                event = TokenOut(extra, reason)
                 if reason:
                     break
             if reason:
