@@ -61,12 +61,17 @@ def _linear_module(k: int, n: int, dtype: str, residual: bool,
     return bb.get()
 
 
-def _run(mod: tvm.IRModule, *arrays: np.ndarray, target: tvm.target.Target = TARGET
-         ) -> np.ndarray:
+def _compiled(mod: tvm.IRModule, target: tvm.target.Target = TARGET):
+    """The module's ``main``, built once (its symbolic shapes then run any size)."""
     with target:
         executable = tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+    main = relax.VirtualMachine(executable, tvm.cpu())["main"]
+    return lambda *arrays: main(*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+
+
+def _run(mod: tvm.IRModule, *arrays: np.ndarray, target: tvm.target.Target = TARGET
+         ) -> np.ndarray:
+    return _compiled(mod, target)(*arrays)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
@@ -80,7 +85,7 @@ def test_matmul_matches_numpy_for_any_row_count(k, n, residual, decode, target):
     # one past it pads); k = 4096 is a long reduction with N smaller than one block,
     # k = 6144 one that is not a power of two; N = 8 and 40 are not whole panels of 16.
     rng = np.random.default_rng(0)
-    mod = _linear_module(k, n, "float32", residual, decode=decode)
+    linear = _compiled(_linear_module(k, n, "float32", residual, decode=decode), target)
     w = rng.standard_normal((n, k), dtype=np.float32)
     pack_min_rows = matmul_tiles(target).pack_min_rows[4]
     for m in (*range(1, 10), pack_min_rows - 1, pack_min_rows, pack_min_rows + 1):
@@ -88,7 +93,7 @@ def test_matmul_matches_numpy_for_any_row_count(k, n, residual, decode, target):
         x = rng.standard_normal((*shape, k), dtype=np.float32)
         r = rng.standard_normal((*shape, n), dtype=np.float32)
         expected = x @ w.T + (r if residual else 0)
-        ours = _run(mod, x, w, r, target=target)
+        ours = linear(x, w, r)
         np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
