@@ -261,16 +261,13 @@ class DecodeStage:
         sampled as in any step. One with a draft gets the drafted tokens its sampler keeps,
         then one of its own (``Sampler.verify``): in ``tokens`` the first, in ``more`` the
         rest. What it computed past those stays in its K/V until the next step trims it."""
-        take, begin = [], 0
+        take, first_row, begin = [], [], 0  # the rows whose logits count; each slice's first
         for s in slices:
+            first_row.append(len(take))
             take += range(begin, begin + s.length) if s.draft else [begin + s.length - 1]
             begin += s.length
         logits = self.runner.logits(rows[take])
         plain = [k for k, s in enumerate(slices) if not s.draft]
-        at, first_row = 0, []
-        for s in slices:
-            first_row.append(at)
-            at += s.length if s.draft else 1
         sampled = self._sample_logits([slices[k].seq_id for k in plain],
                                       logits[[first_row[k] for k in plain]])
         result = ForwardResult(failed=sampled.failed, logprobs=sampled.logprobs)
