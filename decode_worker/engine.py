@@ -259,7 +259,8 @@ class DecodeEngine:
                 self._drafters[r.request_id].verified(len(s.draft), accepted)
             else:
                 self._held.pop(r.request_id, None)
-        self._emit(running, result.tokens, result.failed, result.logprobs, more=result.more)
+        self._emit(running, result.tokens, result.failed, result.logprobs, more=result.more,
+                   more_logprobs=result.more_logprobs)
         for r in running:
             if r.request_id in self._drafters and r.state is RequestState.RUNNING:
                 self._drafters[r.request_id].extend(r.generated[-1 - len(
@@ -289,10 +290,11 @@ class DecodeEngine:
     def _emit(self, requests: Sequence[Request], tokens: Sequence[int],
               failed: dict[int, str], logprobs: dict[int, TokenLogprobs],
               prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None,
-              more: dict[int, list[int]] | None = None) -> None:
+              more: dict[int, list[int]] | None = None,
+              more_logprobs: dict[int, list[TokenLogprobs]] | None = None) -> None:
         """Each request's new token (and, after a verified draft, the ``more`` that
-        follow it, until one finishes it); one that could not be sampled ends alone,
-        with INTERNAL."""
+        follow it, with their ``more_logprobs``, until one finishes it); one that could
+        not be sampled ends alone, with INTERNAL."""
         sampled = []
         for request, token in zip(requests, tokens):
             if request.seq_id in failed:
@@ -305,10 +307,12 @@ class DecodeEngine:
             event = TokenOut(token, reason, logprobs=logprobs.get(request.seq_id),
                              prompt_logprobs=tuple((prompt_logprobs or {}).get(
                                  request.seq_id, ())))
-            for extra in (more or {}).get(request.seq_id, ()) if not reason else ():
+            extras = (more or {}).get(request.seq_id, ()) if not reason else ()
+            scores = (more_logprobs or {}).get(request.seq_id) or [None] * len(extras)
+            for extra, score in zip(extras, scores):
                 request.events.put(event)
                 reason = self.scheduler.append([(request, extra)])[0]
-                event = TokenOut(extra, reason)
+                event = TokenOut(extra, reason, logprobs=score)
                 if reason:
                     break
             if reason:

@@ -212,7 +212,7 @@ class DecodeStage:
             return ForwardResult(
                 tokens=[0 if s.seq_id in failed else next(tokens) for s in batch.slices],
                 failed={**failed, **verified.failed}, logprobs=verified.logprobs,
-                more=verified.more)
+                more=verified.more, more_logprobs=verified.more_logprobs)
         if not batch.decode:
             for s in batch.slices:
                 if s.seq_id in outs:
@@ -286,8 +286,14 @@ class DecodeStage:
             for token in tokens:
                 sampler.record(token)
             result.tokens.append(tokens[0])
+            scores = ([sampler.logprobs(row, token) for row, token in zip(block, tokens)]
+                      if sampler.reports_logprobs else [])
+            if scores:
+                result.logprobs[s.seq_id] = scores[0]
             if len(tokens) > 1:
                 result.more[s.seq_id] = tokens[1:]
+                if scores:
+                    result.more_logprobs[s.seq_id] = scores[1:]
         return result
 
     def _sample(self, seq_ids: Sequence[int], hidden: np.ndarray | tvm.runtime.Tensor

@@ -66,11 +66,10 @@ class SamplingConfig:
     def speculable(self) -> bool:
         """Whether drafts can be verified for it in one pass: it samples from the logits as
         they are (no bias, penalty, min_tokens or grammar, which each drafted token would
-        change for the next), reports nothing per token, and has not opted out."""
+        change for the next), and has not opted out."""
         return (not self.logit_bias and not self.presence_penalty
                 and not self.frequency_penalty and self.repetition_penalty == 1.0
-                and not self.min_tokens and self.grammar is None and not self.logprobs
-                and not self.top_logprobs and not self.no_speculation)
+                and not self.min_tokens and self.grammar is None and not self.no_speculation)
 
     def problem(self, vocab_size: int) -> str | None:
         """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""
@@ -183,8 +182,10 @@ class ForwardResult:
     logprobs: dict[int, TokenLogprobs] = dataclasses.field(default_factory=dict)  # who asked
     # With a first token: its prompt's log-probabilities, for a sequence that asked.
     prompt_logprobs: dict[int, list[TokenLogprobs]] = dataclasses.field(default_factory=dict)
-    # A verified draft: the tokens after a sequence's entry in ``tokens``.
+    # A verified draft: the tokens after a sequence's entry in ``tokens``, and their
+    # log-probabilities (who asked).
     more: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    more_logprobs: dict[int, list[TokenLogprobs]] = dataclasses.field(default_factory=dict)
     # Prefill: sequences whose K/V push failed, by request id.
     push_failures: dict[str, ServingError] = dataclasses.field(default_factory=dict)
 

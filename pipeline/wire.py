@@ -146,6 +146,8 @@ def result_to_proto(result: ForwardResult) -> stage_pb2.ForwardResponse:
                        for request_id, error in result.push_failures.items()]))
     for seq_id, tokens in result.more.items():
         response.more_tokens[seq_id].ids.extend(tokens)
+    for seq_id, scores in result.more_logprobs.items():
+        response.more_logprobs[seq_id].items.extend(map(logprobs_to_proto, scores))
     return response
 
 
@@ -158,7 +160,9 @@ def result_from_proto(response: stage_pb2.ForwardResponse, dtype: str, hidden_si
         hidden=hidden,
         push_failures={f.request_id: ServingError(status_code(f.code), f.message)
                        for f in response.push_failures},
-        more={seq_id: list(t.ids) for seq_id, t in response.more_tokens.items()}))
+        more={seq_id: list(t.ids) for seq_id, t in response.more_tokens.items()},
+        more_logprobs={seq_id: [logprobs_from_proto(lp) for lp in scores.items]
+                       for seq_id, scores in response.more_logprobs.items()}))
 
 
 def expectations_to_proto(expectations: Sequence[Expectation]) -> stage_pb2.ExpectRequest:

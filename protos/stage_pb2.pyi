@@ -61,7 +61,7 @@ class PushFailure(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden", "tokens", "push_failures", "failed", "logprobs", "more_tokens")
+    __slots__ = ("hidden", "tokens", "push_failures", "failed", "logprobs", "more_tokens", "more_logprobs")
     class FailedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,19 +83,34 @@ class ForwardResponse(_message.Message):
         key: int
         value: _generation_pb2.TokenIds
         def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_generation_pb2.TokenIds, _Mapping]] = ...) -> None: ...
+    class MoreLogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: TokenLogprobsList
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[TokenLogprobsList, _Mapping]] = ...) -> None: ...
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PUSH_FAILURES_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MORE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MORE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     hidden: bytes
     tokens: _containers.RepeatedScalarFieldContainer[int]
     push_failures: _containers.RepeatedCompositeFieldContainer[PushFailure]
     failed: _containers.ScalarMap[int, str]
     logprobs: _containers.MessageMap[int, _generation_pb2.TokenLogprobs]
     more_tokens: _containers.MessageMap[int, _generation_pb2.TokenIds]
-    def __init__(self, hidden: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., push_failures: _Optional[_Iterable[_Union[PushFailure, _Mapping]]] = ..., failed: _Optional[_Mapping[int, str]] = ..., logprobs: _Optional[_Mapping[int, _generation_pb2.TokenLogprobs]] = ..., more_tokens: _Optional[_Mapping[int, _generation_pb2.TokenIds]] = ...) -> None: ...
+    more_logprobs: _containers.MessageMap[int, TokenLogprobsList]
+    def __init__(self, hidden: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., push_failures: _Optional[_Iterable[_Union[PushFailure, _Mapping]]] = ..., failed: _Optional[_Mapping[int, str]] = ..., logprobs: _Optional[_Mapping[int, _generation_pb2.TokenLogprobs]] = ..., more_tokens: _Optional[_Mapping[int, _generation_pb2.TokenIds]] = ..., more_logprobs: _Optional[_Mapping[int, TokenLogprobsList]] = ...) -> None: ...
+
+class TokenLogprobsList(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[_generation_pb2.TokenLogprobs]
+    def __init__(self, items: _Optional[_Iterable[_Union[_generation_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids", "request_ids", "reset")

@@ -128,10 +128,10 @@ def test_verified_drafts_change_no_greedy_token(layout, expected):
         cluster.stop()
 
 
-def test_max_tokens_are_kept_and_sampled_tokens_unchanged(expected):
+def test_max_tokens_sampled_tokens_and_logprobs_are_kept(expected):
     """A verified step may carry several tokens: a request still ends at its max_tokens.
     Sampled requests speculate too, and give with a seed what they give without drafts
-    (or opted out of them)."""
+    (or opted out of them); log-probabilities come per token as without drafts."""
     def run(options: WorkerOptions, opt_out: bool = False):
         cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, mode=Mode.AGGREGATED,
                                 worker=options)
@@ -142,21 +142,43 @@ def test_max_tokens_are_kept_and_sampled_tokens_unchanged(expected):
                                        ignore_eos=True)
             request.sampling.no_speculation = opt_out
             seeded.append(request)
+        scored = []
+        for p in PROMPTS:
+            request = generate_request(p, max_tokens=NEW_TOKENS, ignore_eos=True)
+            request.sampling.logprobs, request.sampling.top_logprobs = True, 2
+            scored.append(request)
         try:
             with ThreadPoolExecutor(8) as pool:
                 short = list(pool.map(lambda n: client.complete(generate_request(
                     PROMPTS[0], max_tokens=n, ignore_eos=True), timeout=120)[0], range(1, 9)))
                 sampled = list(pool.map(lambda r: client.complete(r, timeout=120)[0], seeded))
-            return short, sampled, drafted_and_accepted(cluster)
+                logprobs = list(pool.map(lambda r: token_logprobs(client, r), scored))
+            return short, sampled, drafted_and_accepted(cluster), logprobs
         finally:
             client.close()
             cluster.stop()
 
-    short, sampled, (drafted, accepted) = run(SPECULATE)
+    short, sampled, (drafted, accepted), logprobs = run(SPECULATE)
     assert short == [expected[PROMPTS[0]][:n] for n in range(1, 9)]
     assert accepted > 0
-    assert run(WorkerOptions())[1] == sampled  # a draft changes no token
+    _, plain_sampled, _, plain_logprobs = run(WorkerOptions())
+    assert plain_sampled == sampled  # a draft changes no token
     assert run(SPECULATE, opt_out=True)[1] == sampled
+    # Log-probabilities of tokens that came several to a step are each token's own.
+    for ours, theirs in zip(logprobs, plain_logprobs):
+        assert [t for t, _, _ in ours] == [t for t, _, _ in theirs]
+        np.testing.assert_allclose([lp for _, lp, _ in ours], [lp for _, lp, _ in theirs],
+                                   atol=1e-4)
+        assert [top for _, _, top in ours] == [top for _, _, top in theirs]
+
+
+def token_logprobs(client, request) -> list[tuple[int, float, list[int]]]:
+    """(token, its log-probability, its top alternatives' ids) per generated token."""
+    out = []
+    for response in client.stream(request, timeout=120):
+        out += [(lp.token_id, lp.logprob, [a.token_id for a in lp.top])
+                for lp in response.logprobs]
+    return out
 
 
 def test_verified_sampling_draws_what_one_at_a_time_would():
