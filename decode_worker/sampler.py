@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.ops import SamplingConfig, TokenLogprobs
 
-from .grammar import GrammarState
+from .grammar import GrammarState, constrain
 
 NON_FINITE = "the model produced non-finite logits for this sequence"
 
@@ -132,18 +132,33 @@ class Sampler:
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
         return order, probs
 
-    def verify(self, logits: np.ndarray, draft: Sequence[int]) -> list[int]:
+    def verify(self, logits: np.ndarray, draft: Sequence[int]) -> tuple[list[int], bool]:
         """The tokens a step that verified ``draft`` gives (``logits``: ``[1 + len(draft),
-        vocab]``, row i scoring the token after draft[:i]): the drafted tokens the request
-        would have made itself, then the first it makes instead (or the one after them
-        all): greedy by its picks, sampled by drawing each position as ``sample`` would.
-        A draft so changes no token, only how many a step makes."""
+        vocab]``, row i scoring the token after draft[:i]), each recorded: the drafted
+        tokens the request would have made itself, then the first it makes instead (or the
+        one after them all). Each position is picked as ``sample`` would (greedy, or drawn
+        at its position; under the grammar as it stands after the tokens before it), so a
+        draft changes no token, only how many a step makes. False with them if the grammar
+        refused one (the sequence cannot go on)."""
         out = []
         for i, row in enumerate(logits[:len(draft) + 1]):
-            out.append(int(np.argmax(row)) if self.greedy else self.draw(row, self.position + i))
-            if i == len(draft) or out[-1] != draft[i]:
-                return out
+            token = self._pick(row)
+            out.append(token)
+            if not self.record(token):
+                return out, False
+            if i == len(draft) or token != draft[i]:
+                return out, True
         raise AssertionError("a verified draft needs a row per drafted token and one more")
+
+    def _pick(self, row: np.ndarray) -> int:
+        """The token for one row of logits, a request without adjustments: greedy or drawn,
+        under the grammar (if any) at its current place."""
+        pick = int(np.argmax(row)) if self.greedy else None
+        if self.grammar is not None:
+            masked = row[None].copy()
+            picks = constrain(masked, {0: self.grammar}, {} if pick is None else {0: pick})
+            pick, row = picks.get(0, pick), masked[0]
+        return pick if pick is not None else self.draw(row, self.position)
 
     def logprobs(self, logits: np.ndarray, token: int) -> TokenLogprobs | None:
         """The sampled token's log-probability under the model (the raw logits: before

@@ -282,9 +282,9 @@ class DecodeStage:
                 result.failed[s.seq_id] = NON_FINITE
                 continue
             sampler = self.samplers[s.seq_id]
-            tokens = sampler.verify(block, s.draft)
-            for token in tokens:
-                sampler.record(token)
+            tokens, ok = sampler.verify(block, s.draft)
+            if not ok:
+                result.failed[s.seq_id] = OFF_GRAMMAR
             result.tokens.append(tokens[0])
             scores = ([sampler.logprobs(row, token) for row, token in zip(block, tokens)]
                       if sampler.reports_logprobs else [])

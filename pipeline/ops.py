@@ -65,11 +65,11 @@ class SamplingConfig:
     @property
     def speculable(self) -> bool:
         """Whether drafts can be verified for it in one pass: it samples from the logits as
-        they are (no bias, penalty, min_tokens or grammar, which each drafted token would
-        change for the next), and has not opted out."""
+        they are or masked by a grammar (no bias, penalty or min_tokens, which each drafted
+        token would change for the next), and has not opted out."""
         return (not self.logit_bias and not self.presence_penalty
                 and not self.frequency_penalty and self.repetition_penalty == 1.0
-                and not self.min_tokens and self.grammar is None and not self.no_speculation)
+                and not self.min_tokens and not self.no_speculation)
 
     def problem(self, vocab_size: int) -> str | None:
         """What makes this config unusable for a model of ``vocab_size`` tokens, or None."""

@@ -5,9 +5,11 @@ K/V exact; the drafter's index and budget on their own."""
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jsonschema
 import numpy as np
 import pytest
 from conftest import hf_greedy, local_cluster, wait_until_cluster_idle
@@ -29,6 +31,11 @@ SPECULATE = WorkerOptions(speculative_tokens=4)
 # The demo model falls into loops on these ("class, class, class"): its drafts get taken.
 PROMPTS = ["A function is", "The class", "The Python interpreter", "Return the value of"]
 NEW_TOKENS = 40
+# Records alike: their keys and punctuation recur, so drafts come from the output itself.
+RECORDS = {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+    "type": "object", "required": ["name", "id"], "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "id": {"type": "integer", "minimum": 0, "maximum": 99}}}}
 
 
 # --- the drafter ---------------------------------------------------------------------------
@@ -131,7 +138,8 @@ def test_verified_drafts_change_no_greedy_token(layout, expected):
 def test_max_tokens_sampled_tokens_and_logprobs_are_kept(expected):
     """A verified step may carry several tokens: a request still ends at its max_tokens.
     Sampled requests speculate too, and give with a seed what they give without drafts
-    (or opted out of them); log-probabilities come per token as without drafts."""
+    (or opted out of them); log-probabilities come per token as without drafts; and
+    requests under a grammar keep drafts the grammar and the model agree on."""
     def run(options: WorkerOptions, opt_out: bool = False):
         cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, mode=Mode.AGGREGATED,
                                 worker=options)
@@ -142,6 +150,11 @@ def test_max_tokens_sampled_tokens_and_logprobs_are_kept(expected):
                                        ignore_eos=True)
             request.sampling.no_speculation = opt_out
             seeded.append(request)
+        structured = []
+        for p in PROMPTS:
+            request = generate_request(p, max_tokens=120)
+            request.sampling.structured_output.json_schema = json.dumps(RECORDS)
+            structured.append(request)
         scored = []
         for p in PROMPTS:
             request = generate_request(p, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -153,16 +166,25 @@ def test_max_tokens_sampled_tokens_and_logprobs_are_kept(expected):
                     PROMPTS[0], max_tokens=n, ignore_eos=True), timeout=120)[0], range(1, 9)))
                 sampled = list(pool.map(lambda r: client.complete(r, timeout=120)[0], seeded))
                 logprobs = list(pool.map(lambda r: token_logprobs(client, r), scored))
-            return short, sampled, drafted_and_accepted(cluster), logprobs
+                before = drafted_and_accepted(cluster)[1]
+                records = list(pool.map(lambda r: client.complete(r, timeout=120)[1],
+                                        structured))
+                kept_under_grammar = drafted_and_accepted(cluster)[1] - before
+            return (short, sampled, drafted_and_accepted(cluster), logprobs, records,
+                    kept_under_grammar)
         finally:
             client.close()
             cluster.stop()
 
-    short, sampled, (drafted, accepted), logprobs = run(SPECULATE)
+    short, sampled, (drafted, accepted), logprobs, records, kept_under_grammar = run(SPECULATE)
     assert short == [expected[PROMPTS[0]][:n] for n in range(1, 9)]
     assert accepted > 0
-    _, plain_sampled, _, plain_logprobs = run(WorkerOptions())
+    _, plain_sampled, _, plain_logprobs, plain_records, _ = run(WorkerOptions())
     assert plain_sampled == sampled  # a draft changes no token
+    # Drafts under a grammar: checked against it, each kept one the grammar's choice too.
+    assert records == plain_records and kept_under_grammar > 0
+    for text in records:
+        jsonschema.validate(json.loads(text), RECORDS)
     assert run(SPECULATE, opt_out=True)[1] == sampled
     # Log-probabilities of tokens that came several to a step are each token's own.
     for ours, theirs in zip(logprobs, plain_logprobs):
@@ -197,7 +219,7 @@ def test_verified_sampling_draws_what_one_at_a_time_would():
             one_at_a_time.append(sampler.draw(logits[1], 1))
             if one_at_a_time[1] == draft[1]:
                 one_at_a_time.append(sampler.draw(logits[2], 2))
-        assert sampler.verify(logits, draft) == one_at_a_time
+        assert sampler.verify(logits, draft) == (one_at_a_time, True)
         firsts.append(one_at_a_time[0])
         if len(one_at_a_time) > 1:
             seconds.append(one_at_a_time[1])
