@@ -6,6 +6,7 @@ K/V exact; the drafter's index and budget on their own."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,7 +114,7 @@ LAYOUTS = {
     "aggregated": dict(mode=Mode.AGGREGATED),
     "disaggregated": dict(router=RouterOptions(local_prefill_below_tokens=0)),
     "staged": dict(router=RouterOptions(local_prefill_below_tokens=0),
-                   decode=RoleConfig(stages=2)),
+                   prefill=RoleConfig(stages=2), decode=RoleConfig(stages=2)),
 }
 
 
@@ -132,6 +133,38 @@ def test_verified_drafts_change_no_greedy_token(layout, expected):
         assert greedy_together(cluster, PROMPTS) == [expected[p] for p in PROMPTS]
         wait_until_cluster_idle(cluster)
     finally:
+        cluster.stop()
+
+
+def test_a_resumed_stream_is_unchanged(expected):
+    """The decode worker holding the streams hangs mid-way; past router.worker_gone_s each
+    resumes on the other, which drafts from the prompt and output so far: unchanged."""
+    options = RouterOptions(local_prefill_below_tokens=0, worker_gone_s=2.5,
+                            token_timeout_s=30)
+    cluster = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, worker=SPECULATE, router=options,
+                            decode=RoleConfig(instances=2))
+    client = GenerationClient(cluster.router_address)
+    busy = cluster.decode[0]
+    forward, hang = busy.stage.runner.forward, threading.Event()
+
+    def hung(*args, **kwargs):
+        hang.wait(timeout=10)  # bounded: the step comes back, too late
+        return forward(*args, **kwargs)
+
+    try:
+        calls = [client.stream(generate_request(p, max_tokens=NEW_TOKENS, ignore_eos=True),
+                               timeout=120) for p in PROMPTS]
+        tokens = [list(next(call).token_ids) for call in calls]  # every stream has begun
+        assert busy.engine.scheduler.running(), "no stream is on the worker to hang"
+        busy.stage.runner.forward = hung
+        for call, out in zip(calls, tokens):
+            for response in call:
+                out += response.token_ids
+        assert tokens == [expected[p] for p in PROMPTS]
+    finally:
+        hang.set()
+        busy.stage.runner.forward = forward
+        client.close()
         cluster.stop()
 
 
