@@ -14,6 +14,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+# Drafts are looked up in the sequence's last this many tokens of its prompt (and all its
+# output): its index holds three n-grams a token, so a long prompt's costs no more memory
+# than this window's.
+LOOKUP_WINDOW = 4096
 # A sequence whose drafting has stopped tries again, with one token, after this many steps;
 # each time that try fails too, it waits twice as long (up to MAX_RETRY_AFTER_STEPS).
 RETRY_AFTER_STEPS = 16
@@ -43,7 +47,8 @@ class Drafter:
 
     def __init__(self, policy: DraftPolicy, tokens: Sequence[int]):
         self.policy = policy
-        self.tokens: list[int] = []
+        # What comes before the lookup window is kept, not indexed.
+        self.tokens: list[int] = list(tokens[:max(0, len(tokens) - LOOKUP_WINDOW)])
         # n -> {n-gram: the position just after its latest occurrence, the current one
         # excepted (it is indexed when the next token comes)}
         self._ends: dict[int, dict[tuple[int, ...], int]] = {
@@ -55,7 +60,7 @@ class Drafter:
         self.drafted = 0
         self.accepted = 0
         self.acceptance = 1.0  # of its drafted tokens, the share kept lately
-        self.extend(tokens)
+        self.extend(tokens[len(self.tokens):])
 
     def extend(self, tokens: Sequence[int]) -> None:
         """The sequence grew by ``tokens`` (its prompt, then what it generates)."""

@@ -17,6 +17,7 @@ from conftest import hf_greedy, local_cluster, wait_until_cluster_idle
 from tokenizers import Tokenizer
 
 from cluster.cluster_config import RoleConfig
+from decode_worker import drafter as drafter_module
 from decode_worker.drafter import RETRY_AFTER_STEPS, Drafter, DraftPolicy
 from decode_worker.sampler import Sampler
 from olmo_model.cache_limits import CacheLimits
@@ -50,6 +51,15 @@ def test_a_draft_is_what_followed_the_latest_earlier_occurrence():
     drafter.extend([5, 6])
     assert drafter.propose(2) == [7, 2]       # limited by the caller's room
     assert Drafter(DraftPolicy(), [1, 2, 3]).propose(4) == []
+
+
+def test_only_the_prompts_last_window_is_looked_up(monkeypatch):
+    monkeypatch.setattr(drafter_module, "LOOKUP_WINDOW", 6)
+    policy = DraftPolicy(max_tokens=2, max_ngram=2, min_ngram=2)
+    far = Drafter(policy, [1, 2, 3, 9, 9, 8, 7, 6, 5, 1, 2])   # "1 2" last seen 9 back
+    near = Drafter(policy, [9, 9, 9, 1, 2, 3, 7, 6, 5, 1, 2])  # ... 6 back
+    assert far.propose(2) == [] and near.propose(2) == [3, 7]
+    assert sum(map(len, far._ends.values())) <= 6
 
 
 def test_the_budget_follows_acceptance_and_retries_after_a_pause():
