@@ -17,6 +17,8 @@ from .validation import check_grammar, invalid
 VLLM_KEYS = {"json": GrammarKind.JSON_SCHEMA, "regex": GrammarKind.REGEX,
              "choice": GrammarKind.CHOICE, "grammar": GrammarKind.EBNF,
              "json_object": GrammarKind.JSON_OBJECT}
+# OpenAI's response_format for plain text: no grammar (beside which another may be asked).
+TEXT_FORMAT = {"type": "text"}
 # Top-level fields that each ask for one kind.
 FIELDS = {**{f"guided_{key}": kind for key, kind in VLLM_KEYS.items()},
           "regex": GrammarKind.REGEX, "ebnf": GrammarKind.EBNF}
@@ -35,7 +37,7 @@ def structured_output(body: dict) -> AskedGrammar | None:
     """The request's structured output, or None; INVALID_ARGUMENT naming the field for
     one that is malformed, too large, or given in more than one way."""
     asked = [(name, body[name]) for name in ("response_format", "structured_outputs", *FIELDS)
-             if body.get(name) not in (None, False)]
+             if body.get(name) not in (None, False, TEXT_FORMAT)]
     if len(asked) > 1:
         raise invalid(f"ask for one structured output, not {len(asked)}: "
                       + ", ".join(name for name, _ in asked), asked[1][0])

@@ -442,6 +442,8 @@ def test_a_grammar_that_compiles_too_slowly_is_refused_and_holds_no_line(monkeyp
 
 def test_the_bounds_are_checked_before_parsing():
     assert structured_output({"response_format": {"type": "text"}}) is None
+    assert structured_output({"response_format": {"type": "text"},
+                              "guided_regex": "a+"}).field == "guided_regex"
     assert structured_output({}) is None
     asked = structured_output({"guided_json": {"type": "object"}})
     assert asked.field == "guided_json" and asked.message.json_schema == '{"type":"object"}'
