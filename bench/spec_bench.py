@@ -2,11 +2,13 @@
 same cluster without, per workload, batch size and weight format, with the acceptance
 rate the difference comes from.
 
-Two workloads, greedy, `ignore_eos`:
+Three workloads, greedy:
 - ``grounded``: a passage of Python's own documentation (what the demo model was trained
   on), then a line asking it again and the passage's first words: a continuation that may
   copy the passage, as summaries, edits and retrieval answers copy their prompts;
-- ``random``: random token ids, nothing to copy.
+- ``random``: random token ids, nothing to copy;
+- ``json``: random token ids and a JSON-schema grammar of many alike records
+  (grammar_bench.py's), whose keys and punctuation recur in the output.
 
 Two aggregated one-process clusters on the same model, one with
 ``worker.speculative_tokens`` and one without, up side by side; each round runs a batch
@@ -21,6 +23,7 @@ rounds. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
@@ -28,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from checkpoints import SHAPES, bench_checkpoint, with_tokenizer
+from grammar_bench import RECORDS
 from recording import write_results
 
 from cluster.cluster_config import ClusterConfig
@@ -38,7 +42,7 @@ from pipeline.options import WorkerOptions
 from protos.vocabulary import Mode
 from router.client import GenerationClient, generate_request
 
-WORKLOADS = ("grounded", "random")
+WORKLOADS = ("grounded", "random", "json")
 
 
 def grounded_prompts(count: int, seed: int) -> list[str]:
@@ -59,12 +63,16 @@ def random_prompts(count: int, seed: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(1, vocab) for _ in range(256)] for _ in range(count)]
 
 
-def decode_rates(client: GenerationClient, prompts: list, tokens: int) -> list[float]:
-    """Each request's decode tokens/s (after its first token), run together."""
+def decode_rates(client: GenerationClient, prompts: list, tokens: int,
+                 schema: str = "") -> list[float]:
+    """Each request's decode tokens/s (after its first token), run together; under the
+    JSON ``schema`` if one is given (which must not end within ``tokens``)."""
     def one(prompt) -> float:
+        request = generate_request(prompt, max_tokens=tokens, ignore_eos=not schema)
+        if schema:
+            request.sampling.structured_output.json_schema = schema
         times = []
-        for response in client.stream(generate_request(prompt, max_tokens=tokens,
-                                                       ignore_eos=True), timeout=900):
+        for response in client.stream(request, timeout=900):
             times += [time.perf_counter()] * len(response.token_ids)
         return (len(times) - 1) / (times[-1] - times[0])
 
@@ -91,17 +99,19 @@ def run_format(model: Path, dtype: str, args) -> list[dict]:
     try:
         for client in clients.values():
             decode_rates(client, random_prompts(1, 99, vocab), 8)  # warm up
-        for workload in WORKLOADS:
+        for workload in args.workload:
             for batch in args.batch:
                 rates = {spec: [] for spec in clients}
                 drafted = accepted = 0
                 for round_ in range(args.rounds):
                     prompts = (grounded_prompts(batch, round_) if workload == "grounded"
                                else random_prompts(batch, round_, vocab))
+                    schema = json.dumps(RECORDS) if workload == "json" else ""
                     order = list(clients) if round_ % 2 == 0 else list(clients)[::-1]
                     for spec in order:
                         before = counters(clusters[spec])
-                        rates[spec] += decode_rates(clients[spec], prompts, args.tokens)
+                        rates[spec] += decode_rates(clients[spec], prompts, args.tokens,
+                                                    schema)
                         if spec:
                             after = counters(clusters[spec])
                             drafted += after[0] - before[0]
@@ -131,6 +141,7 @@ def main() -> None:
                         help="a benchmark checkpoint of this shape instead (random weights)")
     parser.add_argument("--dtype", nargs="+", default=["float32"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--workload", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--speculative-tokens", type=int, default=4)
