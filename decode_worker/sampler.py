@@ -151,14 +151,16 @@ class Sampler:
         raise AssertionError("a verified draft needs a row per drafted token and one more")
 
     def _pick(self, row: np.ndarray) -> int:
-        """The token for one row of logits, a request without adjustments: greedy or drawn,
-        under the grammar (if any) at its current place."""
-        pick = int(np.argmax(row)) if self.greedy else None
+        """The token for one row of logits, as ``sample`` picks it, under the grammar (if
+        any) at its current place, as the last stage holds a step's rows to it."""
         if self.grammar is not None:
             masked = row[None].copy()
-            picks = constrain(masked, {0: self.grammar}, {} if pick is None else {0: pick})
-            pick, row = picks.get(0, pick), masked[0]
-        return pick if pick is not None else self.draw(row, self.position)
+            picks = constrain(masked, {0: self.grammar},
+                              {0: int(np.argmax(row))} if self.plain_greedy else {})
+            if picks:
+                return picks[0]
+            row = masked[0]
+        return self.sample(row)
 
     def logprobs(self, logits: np.ndarray, token: int) -> TokenLogprobs | None:
         """The sampled token's log-probability under the model (the raw logits: before

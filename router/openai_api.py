@@ -533,7 +533,7 @@ class OpenAIServer:
         echo = _bool(body, "echo")
         if echo and _bool(body, "stream"):
             raise BadRequest("echo is answered whole, not streamed", "echo")
-        prompt_top = _prompt_logprobs(body)
+        prompt_top = _asked_prompt_logprobs(body)
         requests = []
         for prompt in prompts:
             for i in range(best_of):
@@ -575,7 +575,7 @@ class OpenAIServer:
         top = _int(body, "top_logprobs", 0, minimum=0)
         if top and not logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-        prompt_top = _prompt_logprobs(body)
+        prompt_top = _asked_prompt_logprobs(body)
         room = self.servicer.facts.context_window - len(prompt)
         max_tokens = _int(body, "max_completion_tokens", None, minimum=1)
         if max_tokens is None:
@@ -1035,7 +1035,7 @@ def _stops(stop) -> list[str]:
     raise BadRequest("stop must be a string or a list of strings", "stop")
 
 
-def _prompt_logprobs(body: dict) -> int | None:
+def _asked_prompt_logprobs(body: dict) -> int | None:
     """vLLM's prompt_logprobs: how many alternatives per prompt token, or None."""
     top = _int(body, "prompt_logprobs", None, minimum=0, maximum=MAX_TOP_LOGPROBS)
     if top is not None and _bool(body, "stream"):
