@@ -63,6 +63,7 @@ def start_local_cluster(config: ClusterConfig, secret: str | None = None) -> Loc
     plan = [(Role.DECODE, serve_decode)]
     if not config.aggregated:
         plan.insert(0, (Role.PREFILL, serve_prefill))
+    spec.compile(getattr(config, role).stages for role, _ in plan)
     for role, serve in plan:
         stages = getattr(config, role).stages
         for _ in range(getattr(config, role).instances):

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 
+from olmo_model.artifact import compile_stages
 from olmo_model.cache_limits import CacheLimits
 from olmo_model.config import OLMoConfig
 from olmo_model.demo import resolve_model_dir
@@ -34,6 +36,15 @@ class WorkerSpec:
 
     def config(self) -> OLMoConfig:
         return OLMoConfig.from_file(self.model_dir)
+
+    def compile(self, stage_counts: Iterable[int]) -> None:
+        """Compile (side by side, see ``compile_stages``) every library that instances of
+        these numbers of stages load, unless cached."""
+        config = self.config()
+        layers = config.num_hidden_layers
+        compile_stages(config, [StageSpec.of(layers, count, stage)
+                                for count in sorted(set(stage_counts))
+                                for stage in range(count)], self.dtype, self.target)
 
     def runner(self, stage: int = 0, num_stages: int = 1) -> ModelRunner:
         """Compile (or load from the cache) and load one stage of the model."""

@@ -8,6 +8,7 @@ holds each sequence's sampler and turns hidden states into tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +43,13 @@ if TYPE_CHECKING:
     import tvm
 
 
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """A request's sequence to start, and (last stage) the sampler it will have."""
+    expectation: Expectation
+    sampler: Sampler | None
+
+
 class DecodeStage:
     def __init__(self, runner: ModelRunner, accepts_shared: bool = True):
         self.runner = runner
@@ -57,7 +65,15 @@ class DecodeStage:
         self.sequences: set[int] = set()  # running, reserved or cached
         self._seq_of_request: dict[str, int] = {}
         self.install_seconds = 0.0  # writing received K/V into the pages
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # held through every pass and change of the cache
+        # Expectations and releases arrive on gRPC threads while a pass may hold the lock
+        # for seconds (a long prefill chunk of a big model): they queue here, in order,
+        # and take effect when the lock is next taken, so a reservation is answered at
+        # once. The receiver's part of each happens at once, in the same order.
+        self._queue_lock = threading.Lock()
+        self._queued: list[_Start | Release] = []
+        self._starting: set[int] = set()  # sequences queued to start
+        self._failed_starts: dict[int, str] = {}  # sequences that could not start, why
 
     def layout(self) -> worker_pb2.ModelLayout:
         return self._layout
@@ -65,22 +81,32 @@ class DecodeStage:
     # --- requests and their KV --------------------------------------------------------
 
     def expect(self, expectations: Sequence[Expectation]) -> None:
-        """Start each request's sequence now (a fork of its cached prefix, or empty), so
-        that the prefix cannot be evicted before the rest arrives or is prefilled."""
-        # Grammars compile before the lock is taken: a decode step never waits for one.
+        """Start each request's sequence (a fork of its cached prefix, or empty) before
+        anything that follows it, so that the prefix cannot be evicted before the rest
+        arrives or is prefilled; pushes for it are accepted from now."""
+        # Grammars compile before anything is queued: a decode step never waits for one.
         grammars = {e.seq_id: self._grammar_state(e) for e in expectations
                     if self.spec.is_last and e.sampling.grammar is not None}
-        with self._lock:
+        starts = [_Start(e, Sampler(e.sampling, self.runner.config.eos_token_id,
+                                    grammars.get(e.seq_id)) if self.spec.is_last else None)
+                  for e in expectations]
+        with self._queue_lock:
             for e in expectations:
                 self._check_new(e.seq_id)
-                start_sequence(self.runner, self.sequences, e.seq_id, e.fork_from, e.fork_pos)
-                self._seq_of_request[e.request_id] = e.seq_id
-                if self.spec.is_last:
-                    self.samplers[e.seq_id] = Sampler(
-                        e.sampling, self.runner.config.eos_token_id, grammars.get(e.seq_id))
+            for start in starts:
+                e = start.expectation
+                self._starting.add(e.seq_id)
                 if not e.local:
                     self.receiver.expect(e.request_id, e.prompt_tokens, e.fork_pos,
                                          e.push_token)
+            self._queued.extend(starts)
+        self._apply_if_idle()
+        refused = [e for e in expectations if e.seq_id in self._failed_starts]
+        if refused:  # started at once (no pass was running), and refused
+            reasons = [self._failed_starts[e.seq_id] for e in refused]
+            self.release(Release(tuple(e.seq_id for e in refused),
+                                 tuple(e.request_id for e in refused)))
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "; ".join(reasons))
 
     def _grammar_state(self, e: Expectation) -> GrammarState:
         """The request's sequence at the start of its grammar, past any output it had
@@ -100,6 +126,7 @@ class DecodeStage:
         failed: dict[int, str] = {}
         hidden: dict[int, np.ndarray] = {}
         with self._lock:
+            self._apply_queued()
             for a in admissions:
                 try:
                     hidden[a.seq_id] = self._install(a).hidden
@@ -113,8 +140,8 @@ class DecodeStage:
         """One request's received K/V into its sequence (with the lock held); what was
         received, its buffer back in the pool."""
         if admission.seq_id not in self.sequences:
-            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"sequence {admission.seq_id} was never expected here")
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, self._failed_starts.get(
+                admission.seq_id, f"sequence {admission.seq_id} was never expected here"))
         pending = self.receiver.take(admission.request_id)
         start = time.perf_counter()
         try:
@@ -125,20 +152,61 @@ class DecodeStage:
         return pending
 
     def release(self, release: Release) -> None:
-        with self._lock:
-            seq_ids = sorted(self.sequences) if release.reset else release.seq_ids
-            for seq_id in seq_ids:
-                if seq_id in self.sequences:
-                    self.sequences.discard(seq_id)
-                    self.runner.remove_sequence(seq_id)
-                self.samplers.pop(seq_id, None)
+        with self._queue_lock:
             if release.reset:
                 self.receiver.clear()
-                self._seq_of_request.clear()
-                return
-            self.receiver.drop(release.request_ids)
-            for request_id in release.request_ids:
-                self.samplers.pop(self._seq_of_request.pop(request_id, None), None)
+            else:
+                self.receiver.drop(release.request_ids)
+            self._queued.append(release)
+        self._apply_if_idle()
+
+    # --- the queue of starts and releases -------------------------------------------------
+
+    def _apply_if_idle(self) -> None:
+        """Apply what is queued now unless a pass holds the lock (it applies it next)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_queued()
+            finally:
+                self._lock.release()
+
+    def _apply_queued(self) -> None:
+        """Start and release sequences in the order asked (with the lock held)."""
+        with self._queue_lock:
+            queued, self._queued = self._queued, []
+        for op in queued:
+            if isinstance(op, Release):
+                self._release(op)
+            else:
+                self._start(op)
+
+    def _start(self, start: _Start) -> None:
+        e = start.expectation
+        try:
+            start_sequence(self.runner, self.sequences, e.seq_id, e.fork_from, e.fork_pos)
+        except Exception as exc:  # the request fails when its sequence is next used
+            self._failed_starts[e.seq_id] = f"sequence {e.seq_id} could not start: {exc}"
+            return
+        finally:
+            self._starting.discard(e.seq_id)
+        self._seq_of_request[e.request_id] = e.seq_id
+        if start.sampler is not None:
+            self.samplers[e.seq_id] = start.sampler
+
+    def _release(self, release: Release) -> None:
+        seq_ids = sorted(self.sequences) if release.reset else release.seq_ids
+        for seq_id in seq_ids:
+            if seq_id in self.sequences:
+                self.sequences.discard(seq_id)
+                self.runner.remove_sequence(seq_id)
+            self.samplers.pop(seq_id, None)
+            self._failed_starts.pop(seq_id, None)
+        if release.reset:
+            self._seq_of_request.clear()
+            self._failed_starts.clear()
+            return
+        for request_id in release.request_ids:
+            self.samplers.pop(self._seq_of_request.pop(request_id, None), None)
 
     # --- forward passes ---------------------------------------------------------------
 
@@ -149,10 +217,12 @@ class DecodeStage:
         seq_ids = [s.seq_id for s in batch.slices]
         lengths = [s.length for s in batch.slices]
         with self._lock:
+            self._apply_queued()
             unknown = set(seq_ids) - self.sequences
             if unknown:
-                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"sequences {sorted(unknown)} are not on this stage")
+                reasons = [self._failed_starts.get(i, f"sequence {i} is not on this stage")
+                           for i in sorted(unknown)]
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "; ".join(reasons))
             if batch.decode and any(n != 1 for n in lengths):
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "a decode step is one token per sequence")
@@ -338,6 +408,6 @@ class DecodeStage:
         return result
 
     def _check_new(self, seq_id: int) -> None:
-        if seq_id in self.sequences:
+        if seq_id in self.sequences or seq_id in self._starting:
             raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"sequence {seq_id} is already on this stage")

@@ -8,10 +8,16 @@ layer range, the target, the dtype, the TVM version and this package's model sou
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +125,59 @@ def load_or_compile(config: OLMoConfig, stage: StageSpec | None = None, dtype: s
     from .compiler import compile_model
 
     return compile_model(config, stage, dtype, target, cache_dir, **compile_kwargs)
+
+
+def compile_stages(config: OLMoConfig, stages: Sequence[StageSpec], dtype: str = "float32",
+                   target: str | dict[str, Any] = "llvm", cache_dir: Path | None = None
+                   ) -> None:
+    """Put every library of ``stages`` in the cache, compiling the missing ones side by side,
+    one per CPU: here and in processes of their own. A compile runs on one core; an
+    instance of several stages (and instances of several stage counts) would otherwise
+    compile one library after another at start."""
+    description = target_description(target)
+    missing = collections.deque(dict.fromkeys(
+        stage for stage in stages
+        if load_cached(artifact_folder(config, stage, dtype, description, cache_dir),
+                       config, stage, dtype) is None))
+    if not missing:
+        return
+    from .compiler import compile_model
+
+    def next_stage() -> StageSpec | None:
+        try:
+            return missing.popleft()
+        except IndexError:
+            return None
+
+    def compile_apart() -> None:
+        # Processes of their own rather than multiprocessing's, which would import the
+        # caller's main module again: a script that starts a cluster need not guard it.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+            str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+        while (stage := next_stage()) is not None:
+            job = pickle.dumps((config, stage, dtype, target, cache_dir))
+            done = subprocess.run([sys.executable, "-c", _COMPILE_JOB], input=job, env=env,
+                                  timeout=COMPILE_TIMEOUT_S, check=False)
+            if done.returncode:
+                raise RuntimeError(f"compiling layers [{stage.layer_begin}, "
+                                   f"{stage.layer_end}) failed (exit status "
+                                   f"{done.returncode}; its error is above)")
+
+    helpers = min(len(missing), os.cpu_count() or 1) - 1
+    with ThreadPoolExecutor(max(helpers, 1)) as pool:
+        apart = [pool.submit(compile_apart) for _ in range(helpers)]
+        # This process compiles too, where the kernels it has scheduled are remembered.
+        while (stage := next_stage()) is not None:
+            compile_model(config, stage, dtype, target, cache_dir)
+        for result in apart:
+            result.result()
+
+
+# What each process of compile_stages runs: compile_model on the arguments it is sent.
+_COMPILE_JOB = ("import pickle, sys; from olmo_model.compiler import compile_model; "
+                "compile_model(*pickle.load(sys.stdin.buffer))")
+# A compile that runs longer than this has hung (a big model's CUDA build takes minutes).
+COMPILE_TIMEOUT_S = 3600.0
 
 
 def artifact(lib: Path, config: OLMoConfig, stage: StageSpec, dtype: str, meta: dict[str, Any],

@@ -6,10 +6,13 @@ of recompiling.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +91,22 @@ def compile_model(
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {MODEL_DTYPES}")
     stage = stage or StageSpec.full(config.num_hidden_layers)
     description = target_description(target)
-    tvm_target = tvm.target.Target(description)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     use_every_cpu()  # compiling may run kernels (constant folding): size the pool first
     folder = artifact_folder(config, stage, dtype, description, cache_dir)
-    lib_path, meta_path = folder / "model.so", folder / "meta.json"
     cached = load_cached(folder, config, stage, dtype)
     if cached is not None:
         return cached
+    with _compiling(folder):
+        # Another process may have compiled it while this one waited for the lock.
+        return (load_cached(folder, config, stage, dtype)
+                or _compile(config, stage, dtype, description, folder, log))
 
+
+def _compile(config: OLMoConfig, stage: StageSpec, dtype: str, description: dict[str, Any],
+             folder: Path, log: Any) -> CompiledModel:
+    tvm_target = tvm.target.Target(description)
+    lib_path, meta_path = folder / "model.so", folder / "meta.json"
     log(f"compiling OLMo layers [{stage.layer_begin}, {stage.layer_end}) for "
         f"{tvm_target.kind.name} ({dtype}) ...")
     start = time.perf_counter()
@@ -131,6 +141,30 @@ def compile_model(
     tmp_meta.replace(meta_path)
     log(f"  compiled in {seconds:.1f}s -> {lib_path}")
     return artifact(lib_path, config, stage, dtype, meta, from_cache=False)
+
+
+# How long a process waits for another that is compiling the same library (a big model's
+# CUDA build takes minutes) before it compiles the library itself.
+COMPILE_LOCK_WAIT_S = 1800.0
+
+
+@contextlib.contextmanager
+def _compiling(folder: Path) -> Iterator[None]:
+    """Held while ``folder``'s library compiles: workers started together on one machine
+    (Ray actors, ``artifact.compile_stages``' processes) compile each library once. The kernel
+    frees the lock of a process that dies."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "a") as lock:
+        deadline = time.monotonic() + COMPILE_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        yield
 
 
 def _relax_pipeline(target: tvm.target.Target, config: OLMoConfig) -> tvm.transform.Pass:

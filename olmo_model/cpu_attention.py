@@ -22,6 +22,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .kernel_memo import built_once
 from .vector_math import exp2
 
 # AVX2 registers hold 8 float32 lanes; AVX-512 is deliberately not assumed.
@@ -136,6 +137,7 @@ def _paged_decode_replacement(func: tirx.PrimFunc, window: int) -> tirx.PrimFunc
                                   sliding=window > 0)
 
 
+@built_once
 def prefill_ragged_attention(h_kv: int, h_q: int, d: int, dtype: str,
                              rows_per_block: int = 6) -> tirx.PrimFunc:
     """Causal (or full) attention of each new token over its sequence's new tokens.
@@ -298,6 +300,7 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d: int, dtype: str,
     return batch_prefill_ragged_kv
 
 
+@built_once
 def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: str,
                             rows_per_task: int = 8, window: int = 0) -> tirx.PrimFunc:
     """New tokens attending over their sequences' pages: TVM's ``batch_prefill_paged_kv_cpu``,
@@ -456,6 +459,7 @@ def paged_prefill_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: 
     return batch_prefill_paged_kv_cpu
 
 
+@built_once
 def paged_decode_attention(h_kv: int, h_q: int, d: int, page_size: int, dtype: str,
                            sliding: bool = False) -> tirx.PrimFunc:
     """One new token per sequence attending over its pages: TVM's ``batch_decode_paged_kv_cpu``.

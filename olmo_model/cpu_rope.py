@@ -16,6 +16,7 @@ model.py builds: dimension i and i + d/2 share an angle there.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import tvm
@@ -25,6 +26,7 @@ from tvm.script import tirx as T
 
 from .config import OLMoConfig
 from .cpu_attention import VECTOR_LANES, static_extent
+from .kernel_memo import built_once
 
 # The name and parameters of TVM's kernel in the KV cache's module.
 _FUSED_ROPE = "fused_rope"
@@ -36,6 +38,14 @@ _ANGLE_SHARING_SCALINGS = (None, "llama3")
 def rope_kernel(h_q: int, h_kv: int, d: int, dtype: str, theta: float, scale: float,
                 rope_scaling: dict[str, Any]) -> tirx.PrimFunc:
     """TVM's ``fused_rope`` for these shapes and RoPE settings (see module doc)."""
+    return _rope_kernel(h_q, h_kv, d, dtype, theta, scale,
+                        json.dumps(rope_scaling, sort_keys=True))
+
+
+@built_once
+def _rope_kernel(h_q: int, h_kv: int, d: int, dtype: str, theta: float, scale: float,
+                 scaling: str) -> tirx.PrimFunc:
+    rope_scaling = json.loads(scaling)
     if rope_scaling.get("rope_type") not in _ANGLE_SHARING_SCALINGS:
         raise ValueError(f"rope_kernel does not do rope_type {rope_scaling['rope_type']!r}")
     fused_heads, half = h_q + 2 * h_kv, d // 2

@@ -34,6 +34,7 @@ import typing
 
 import tvm
 import tvm.script
+import tvm_ffi
 from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
@@ -129,7 +130,41 @@ def cpu_pipeline(target: Target, config: OLMoConfig | None = None) -> tvm.transf
 
 def schedule_rules() -> list[dl.ScheduleRule]:
     """First match wins, per PrimFunc; a PrimFunc no rule matches keeps TVM's default."""
-    return [matmul_rule, row_reduction_rule, dl.cpu.Reduction(), elementwise_rule, rope_rule]
+    return [_Remembered(rule) for rule in (matmul_rule, row_reduction_rule,
+                                           dl.cpu.Reduction(), elementwise_rule, rope_rule)]
+
+
+class _Remembered(dl.ScheduleRule):
+    """A rule that schedules each distinct PrimFunc once per process.
+
+    Scheduling is a pure function of the PrimFunc and the target, and its slowest step is
+    Python (schedule primitives, and parsing TVMScript in ``_branch_on``). A process that
+    compiles several libraries of one model (a local cluster's workers, one per stage; a
+    test session) meets the same kernels again under other buffer names: a function
+    structurally equal to one seen before gets that one's schedule.
+    """
+
+    _seen: dict[tuple[str, int, str], list[tuple[tirx.PrimFunc, tirx.PrimFunc | None]]] = {}
+    _MAX_KEYS = 1024  # a model has a few dozen kernels
+
+    def __init__(self, rule: dl.ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
+              ) -> s_tir.Schedule | None:
+        key = (type(self.rule).__name__,  # the rule's name (from_callable sets it)
+               tvm_ffi.structural_hash(func, map_free_vars=True), str(target))
+        seen = self._seen.setdefault(key, [])
+        for before, scheduled in seen:
+            if tvm_ffi.structural_equal(func, before, map_free_vars=True):
+                return None if scheduled is None else s_tir.Schedule(scheduled)
+        sch = self.rule.apply(func, target, tunable)
+        if isinstance(sch, list):  # tunable rules give several; ours give one
+            return sch
+        if len(self._seen) > self._MAX_KEYS:
+            self._seen.clear()
+        seen.append((func, None if sch is None else sch.mod["main"]))
+        return sch
 
 
 # --- float16: accumulate in float32 ------------------------------------------------------

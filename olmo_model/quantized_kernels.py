@@ -31,12 +31,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
+from .kernel_memo import built_once
 from .quantization import TILE_ROWS, WeightFormat
 
 # Parallel tasks get this many tiles each at most (64 rows of W: 64 KB of OLMo-1B's q4 W).
@@ -138,7 +137,7 @@ def zero_point(fmt: WeightFormat, isa: str) -> int:
     return 128 if isa == AVX512_VNNI else 0
 
 
-@functools.cache  # TVMScript parses slowly (~0.5 s): once per layer shape
+@built_once
 def quantized_matmul(fmt: WeightFormat, n: int, k: int, in_dtype: str, out_dtype: str,
                      isa: str = AVX2) -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * W[n, k]`` for any number of rows m (see module doc).

@@ -5,9 +5,15 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from olmo_model.artifact import artifact_folder, target_description
+from olmo_model.artifact import (
+    artifact_folder,
+    compile_stages,
+    load_cached,
+    target_description,
+)
 from olmo_model.compiler import compile_model
 from olmo_model.config import OLMoConfig
+from olmo_model.demo import DEMO_MODEL_DIR
 from olmo_model.stages import StageSpec
 
 
@@ -34,3 +40,22 @@ def test_second_compile_loads_the_cached_library(tmp_path, tiny_checkpoint):
     others = [folder(stage=StageSpec.of(2, 2, 1)), folder(dtype="float16"),
               folder(cfg=dataclasses.replace(config, clip_qkv=8.0)), folder(target="cuda")]
     assert len({folder(), *others}) == 5
+
+
+def test_an_instances_stages_compile_side_by_side_each_once(capfd):
+    """Two stages of the demo model (the Ray tests' split: in the shared cache, so they
+    are compiled once per session whoever comes first): one compiles in this process,
+    the other in a process of its own, at the same time; a stage asked for twice is
+    compiled once."""
+    config = OLMoConfig.from_file(DEMO_MODEL_DIR)
+    stages = [StageSpec.of(config.num_hidden_layers, 2, s) for s in range(2)]
+    description = target_description("llvm")
+
+    def cached() -> list[bool]:
+        return [load_cached(artifact_folder(config, stage, "float32", description),
+                            config, stage, "float32") is not None for stage in stages]
+
+    missing = cached().count(False)
+    compile_stages(config, [*stages, *stages])
+    assert all(cached())
+    assert capfd.readouterr().err.count("compiled in") == missing  # children's too

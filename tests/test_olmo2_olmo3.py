@@ -17,6 +17,7 @@ from conftest import (
     relative_error,
 )
 
+from olmo_model.artifact import compile_stages
 from olmo_model.config import LayerType, ModelFamily, OLMoConfig
 from olmo_model.generate import greedy_generate
 from olmo_model.rope import rope_frequencies
@@ -116,8 +117,9 @@ def test_stages_split_inside_the_sliding_pattern(checkpoint_factory):
     and import round-trip and its hidden states are the whole model's."""
     folder, reference = checkpoint_factory(**OLMO3_TINY)
     config = OLMoConfig.from_file(folder)
-    runners = [ModelRunner.from_checkpoint(folder, StageSpec.of(4, 3, s), config=config)
-               for s in range(3)]
+    stages = [StageSpec.of(4, 3, s) for s in range(3)]
+    compile_stages(config, stages)  # side by side
+    runners = [ModelRunner.from_checkpoint(folder, stage, config=config) for stage in stages]
     prompt = PARITY_PROMPTS[1]
     hidden = None
     for stage, runner in enumerate(runners):

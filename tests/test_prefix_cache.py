@@ -327,6 +327,10 @@ def test_eviction_under_pressure_never_corrupts_a_running_sequence(model):
         base = list(range(100, 148))  # three whole pages
         long_prompt = base + [5, 6, 7, 8, 9]
         others = [[200 + i] + list(range(40 + i, 79 + i)) for i in range(4)]
+        # The references come first: computed between the serves, they would give the long
+        # request time to finish on a slow machine.
+        expected_others = [hf_greedy(reference, p, 4) for p in others]
+        expected_long = hf_greedy(reference, long_prompt, 150)
         assert serve(cluster, [base], 4) == [hf_greedy(reference, base, 4)]
         leader = cluster.decode[0].engine
         parent = leader.cache.cached_ids()
@@ -334,11 +338,13 @@ def test_eviction_under_pressure_never_corrupts_a_running_sequence(model):
         call = client.stream(generate_request(long_prompt, max_tokens=150, ignore_eos=True),
                              timeout=120)
         first = next(call)
-        assert serve(cluster, others, 4) == [hf_greedy(reference, p, 4) for p in others]
+        served = serve(cluster, others, 4)
+        long_still_running = bool(leader.scheduler.running())
         assert not parent & leader.cache.cached_ids()  # the forked-from prefix was evicted
-        assert leader.scheduler.running()  # ... while the long request ran
+        assert long_still_running  # ... while the long request ran
+        assert served == expected_others
         rest = [t for response in call for t in response.token_ids]
-        assert list(first.token_ids) + rest == hf_greedy(reference, long_prompt, 150)
+        assert list(first.token_ids) + rest == expected_long
         client.close()
         wait_until_cluster_idle(cluster)
         stats = leader.stats()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -218,6 +219,39 @@ def test_push_from_an_incompatible_model_or_incomplete_is_refused(cluster, decod
     assert "incomplete" in error.details()
     decode_stub.Abort(worker_pb2.AbortRequest(request_id="partial"), timeout=5)
     assert decode_stats(decode_stub).running_sequences == 0
+
+
+def test_a_reservation_is_answered_while_a_long_pass_runs(client, cluster, decode_stub):
+    """A big model's prefill chunk holds its stage for seconds: reservations must not wait
+    for it (the router gives up on a worker that does not answer), and a request reserved
+    meanwhile starts right after it."""
+    stage = cluster.decode[0].engine.stage
+    expected, _, _ = client.complete(generate_request(PROMPT, max_tokens=6))
+    holding, done = threading.Event(), threading.Event()
+
+    def long_pass():
+        with stage._lock:  # what a pass holds
+            holding.set()
+            done.wait(10)
+
+    passing = threading.Thread(target=long_pass)
+    passing.start()
+    try:
+        assert holding.wait(5)
+        decode_stub.Reserve(worker_pb2.ReserveRequest(
+            request_id="during-a-pass", prompt_tokens=5, lease_ms=60_000,
+            sampling=worker_pb2.Sampling(max_tokens=4)), timeout=1)
+        decode_stub.Abort(worker_pb2.AbortRequest(request_id="during-a-pass"), timeout=1)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.complete, generate_request(PROMPT, max_tokens=6),
+                                 timeout=30)
+            time.sleep(0.5)
+            done.set()
+            assert answer.result()[0] == expected
+    finally:
+        done.set()
+        passing.join()
+    assert wait_until_idle(decode_stub).used_pages == 0
 
 
 def test_reservation_without_push_expires(decode_stub):
