@@ -4,6 +4,7 @@ one greedy completion and returns its TTFT, end-to-end time, tokens and time per
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import threading
@@ -23,10 +24,10 @@ def timing(start: float, arrivals: list[float], tokens: int) -> dict:
 
 
 class GrpcTarget:
-    def __init__(self, address: str):
+    def __init__(self, address: str, api_key: str | None = None):
         from router.client import GenerationClient
 
-        self.client = GenerationClient(address)
+        self.client = GenerationClient(address, api_key)
 
     def request(self, prompt: list[int], max_tokens: int, timeout: float | None = None
                 ) -> dict:
@@ -91,3 +92,11 @@ class HttpTarget:
 
     def close(self) -> None:
         pass
+
+
+def add_client_process_args(parser: argparse.ArgumentParser) -> None:
+    """The hidden arguments of a bench's client process (run apart from the cluster, so
+    that client parsing does not share the server's interpreter)."""
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--grpc", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)

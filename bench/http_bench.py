@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from checkpoints import SERVE, bench_checkpoint
+from clients import add_client_process_args
 from recording import write_results
 
 PROMPT_TOKENS = 32
@@ -68,10 +69,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/results/http_bench.json"))
-    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--grpc", help=argparse.SUPPRESS)
+    add_client_process_args(parser)
     parser.add_argument("--http", help=argparse.SUPPRESS)
-    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args)

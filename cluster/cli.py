@@ -165,7 +165,7 @@ def _router(args: argparse.Namespace) -> int:
         from router.openai_api import serve_openai
 
         servers.append(serve_openai(router, model_dir, options.host, options.http_port,
-                                    config.api_key(), config.tls()))
+                                    config.tls()))
         print(f"router serving the OpenAI-compatible API on {servers[-1].url}/v1", flush=True)
     print(f"router serving olmo.generation.v1.Generation on {options.host}:{server.port}",
           flush=True)

@@ -88,8 +88,7 @@ def start_local_cluster(config: ClusterConfig, secret: str | None = None) -> Loc
     if options.http_port >= 0:  # imported here: FastAPI is not needed without HTTP
         from router.openai_api import serve_openai
 
-        http = serve_openai(router, spec.model_dir, options.host, options.http_port, api_key,
-                            tls)
+        http = serve_openai(router, spec.model_dir, options.host, options.http_port, tls)
     return LocalCluster(f"{options.host}:{router_server.port}", servers,
                         servicers[Role.PREFILL], servicers[Role.DECODE], router, secret, http)
 

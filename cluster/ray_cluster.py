@@ -70,8 +70,7 @@ def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
 
         try:
             cluster.http = serve_openai(router, model_dir, config.router.host,
-                                        config.router.http_port, config.api_key(),
-                                        config.tls())
+                                        config.router.http_port, config.tls())
         except Exception:
             cluster.stop()
             raise

@@ -92,7 +92,8 @@ def artifact_folder(config: OLMoConfig, stage: StageSpec, dtype: str,
                     description: dict[str, Any], cache_dir: Path | None = None) -> Path:
     key = digest({
         "config": config.fingerprint_fields(),
-        "stage": dataclasses.asdict(stage),
+        # A library is its layer range: the same range in other layouts loads it too.
+        "layers": [stage.layer_begin, stage.layer_end, stage.num_layers],
         "dtype": dtype,
         "target": description,
         "tvm": tvm.__version__,
@@ -127,23 +128,40 @@ def load_or_compile(config: OLMoConfig, stage: StageSpec | None = None, dtype: s
     return compile_model(config, stage, dtype, target, cache_dir, **compile_kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """One library to compile: a model's layer range, in a weight format."""
+
+    config: OLMoConfig
+    stage: StageSpec
+    dtype: str = "float32"
+
+
 def compile_stages(config: OLMoConfig, stages: Sequence[StageSpec], dtype: str = "float32",
                    target: str | dict[str, Any] = "llvm", cache_dir: Path | None = None
                    ) -> None:
-    """Put every library of ``stages`` in the cache, compiling the missing ones side by side,
-    one per CPU: here and in processes of their own. A compile runs on one core; an
-    instance of several stages (and instances of several stage counts) would otherwise
-    compile one library after another at start."""
+    """The libraries of ``stages`` in the cache (``compile_side_by_side``): an instance of
+    several stages (and instances of several stage counts) would otherwise compile one
+    library after another at start."""
+    compile_side_by_side([Library(config, stage, dtype) for stage in stages], target,
+                         cache_dir)
+
+
+def compile_side_by_side(libraries: Sequence[Library], target: str | dict[str, Any] = "llvm",
+                         cache_dir: Path | None = None) -> None:
+    """Put every one of ``libraries`` in the cache, compiling the missing ones side by side,
+    one per CPU (a compile runs on one core): here, and in processes of their own."""
     description = target_description(target)
-    missing = collections.deque(dict.fromkeys(
-        stage for stage in stages
-        if load_cached(artifact_folder(config, stage, dtype, description, cache_dir),
-                       config, stage, dtype) is None))
+    by_folder = {artifact_folder(lib.config, lib.stage, lib.dtype, description, cache_dir): lib
+                 for lib in libraries}
+    missing = collections.deque(
+        lib for folder, lib in by_folder.items()
+        if load_cached(folder, lib.config, lib.stage, lib.dtype) is None)
     if not missing:
         return
     from .compiler import compile_model
 
-    def next_stage() -> StageSpec | None:
+    def next_library() -> Library | None:
         try:
             return missing.popleft()
         except IndexError:
@@ -154,26 +172,26 @@ def compile_stages(config: OLMoConfig, stages: Sequence[StageSpec], dtype: str =
         # caller's main module again: a script that starts a cluster need not guard it.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
             str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
-        while (stage := next_stage()) is not None:
-            job = pickle.dumps((config, stage, dtype, target, cache_dir))
+        while (lib := next_library()) is not None:
+            job = pickle.dumps((lib.config, lib.stage, lib.dtype, target, cache_dir))
             done = subprocess.run([sys.executable, "-c", _COMPILE_JOB], input=job, env=env,
                                   timeout=COMPILE_TIMEOUT_S, check=False)
             if done.returncode:
-                raise RuntimeError(f"compiling layers [{stage.layer_begin}, "
-                                   f"{stage.layer_end}) failed (exit status "
-                                   f"{done.returncode}; its error is above)")
+                raise RuntimeError(f"compiling layers [{lib.stage.layer_begin}, "
+                                   f"{lib.stage.layer_end}) ({lib.dtype}) failed (exit "
+                                   f"status {done.returncode}; its error is above)")
 
     helpers = min(len(missing), os.cpu_count() or 1) - 1
     with ThreadPoolExecutor(max(helpers, 1)) as pool:
         apart = [pool.submit(compile_apart) for _ in range(helpers)]
         # This process compiles too, where the kernels it has scheduled are remembered.
-        while (stage := next_stage()) is not None:
-            compile_model(config, stage, dtype, target, cache_dir)
+        while (lib := next_library()) is not None:
+            compile_model(lib.config, lib.stage, lib.dtype, target, cache_dir)
         for result in apart:
             result.result()
 
 
-# What each process of compile_stages runs: compile_model on the arguments it is sent.
+# What each process of compile_side_by_side runs: compile_model on the arguments it is sent.
 _COMPILE_JOB = ("import pickle, sys; from olmo_model.compiler import compile_model; "
                 "compile_model(*pickle.load(sys.stdin.buffer))")
 # A compile that runs longer than this has hung (a big model's CUDA build takes minutes).

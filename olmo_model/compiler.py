@@ -151,7 +151,7 @@ COMPILE_LOCK_WAIT_S = 1800.0
 @contextlib.contextmanager
 def _compiling(folder: Path) -> Iterator[None]:
     """Held while ``folder``'s library compiles: workers started together on one machine
-    (Ray actors, ``artifact.compile_stages``' processes) compile each library once. The kernel
+    (Ray actors, ``artifact.compile_side_by_side``' processes) compile each library once. The kernel
     frees the lock of a process that dies."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "a") as lock:

@@ -12,7 +12,7 @@ import collections
 import hmac
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -91,26 +91,33 @@ def api_key(key_file: str | Path | None = None) -> str | None:
 
 class RequireSecret(grpc.ServerInterceptor):
     """Refuses calls to the guarded services (full names, e.g. ``olmo.worker.v1.DecodeWorker``)
-    that do not carry the service's secret, with UNAUTHENTICATED."""
+    that do not carry the service's secret, with UNAUTHENTICATED. A service's secret is a
+    string, or a function that tells whether an ``authorization`` value (bytes) is one
+    of its keys (a public API's keys per tenant)."""
 
-    def __init__(self, secrets_by_service: Mapping[str, str]):
-        self._expected = {service: f"Bearer {secret}".encode()
-                          for service, secret in secrets_by_service.items()}
+    def __init__(self, secrets_by_service: Mapping[str, str | Callable[[bytes], bool]]):
+        self._accepts = {service: secret if callable(secret) else _equal_to(secret)
+                         for service, secret in secrets_by_service.items()}
 
     def intercept_service(self, continuation, handler_call_details):
         service = handler_call_details.method.split("/")[1]
-        expected = self._expected.get(service)
+        accepts = self._accepts.get(service)
         handler = continuation(handler_call_details)
-        if expected is None or handler is None:
+        if accepts is None or handler is None:
             return handler
         given = next((value for key, value in handler_call_details.invocation_metadata or ()
                       if key == _HEADER), "")
         if isinstance(given, str):
             given = given.encode()
-        if hmac.compare_digest(given, expected):
+        if accepts(given):
             return handler
         return _refusal(handler, f"{service} needs the right credentials (authorization: "
                                  "Bearer <secret>)")
+
+
+def _equal_to(secret: str) -> Callable[[bytes], bool]:
+    expected = f"Bearer {secret}".encode()
+    return lambda given: hmac.compare_digest(given, expected)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

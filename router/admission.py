@@ -1,15 +1,19 @@
-"""The router's waiting line: requests that no decode worker can take yet wait here, in
-order of arrival, for capacity to free up.
+"""The router's waiting line: requests that no decode worker can take yet wait here for
+capacity to free up, in order of priority class, then of arrival.
 
 Only the request at the head asks the decode workers, so a burst drains in order and a
-large request is not starved by small ones behind it. The line is bounded in length
-(a request that finds it full is refused at once) and in time (a request gives up after
+large request is not starved by small ones behind it. A request ranks by its arrival
+time plus ``aging_s`` per class below the first: an interactive request goes ahead of
+batch requests that came less than two ``aging_s`` before it, and behind those that have
+waited longer, so no class is starved. The line is bounded in length (a request that
+finds it full is refused at once) and in time (a request gives up after
 ``max_queue_wait_s`` seconds, its deadline, or its client leaving).
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
+import itertools
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,21 +23,26 @@ import grpc
 from protos.clock import MONOTONIC, Clock
 from protos.errors import ServingError
 
+from .tenants import Priority
+
 T = TypeVar("T")
 POLL_SECONDS = 0.05  # capacity can also free up where this router cannot see it
 
 
 class AdmissionQueue:
     def __init__(self, max_waiting_requests: int, max_queue_wait_s: float,
-                 clock: Clock = MONOTONIC):
+                 clock: Clock = MONOTONIC, aging_s: float = 10.0):
         self.max_waiting_requests = max_waiting_requests
         self.max_queue_wait_s = max_queue_wait_s
+        self.aging_s = aging_s
         self.clock = clock  # ``deadline``s given to ``admit`` are on its scale
-        self._line: collections.deque[object] = collections.deque()
+        self._line: list[tuple[float, int, object]] = []  # (rank, arrival number, ticket)
+        self._arrivals = itertools.count()
+        self._asking: object | None = None  # the place of the one asking the workers
         self._changed = threading.Condition()
 
     def admit(self, try_once: Callable[[], T | None], deadline: float | None,
-              still_wanted: Callable[[], bool]) -> T:
+              still_wanted: Callable[[], bool], priority: Priority = Priority.STANDARD) -> T:
         """``try_once()`` when this request's turn comes, again each time capacity may have
         freed, until it returns something other than None.
 
@@ -41,27 +50,35 @@ class AdmissionQueue:
         long, DEADLINE_EXCEEDED at the deadline, CANCELLED when no longer wanted;
         whatever ``try_once`` raises ends the wait too.
         """
-        ticket = object()
+        now = self.clock.now()
+        place = (now + priority.rank * self.aging_s, next(self._arrivals), object())
         with self._changed:
             if len(self._line) >= self.max_waiting_requests + 1:  # the head is not waiting yet
                 raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    "the router's waiting line is full "
                                    f"({self.max_waiting_requests} requests); retry later")
-            self._line.append(ticket)
-        give_up = self.clock.now() + self.max_queue_wait_s
+            bisect.insort(self._line, place)
+        give_up = now + self.max_queue_wait_s
         try:
             while True:
                 with self._changed:
-                    while self._line[0] is not ticket:
+                    # One asks at a time: one that comes in ahead waits for its answer.
+                    while self._line[0] is not place or self._asking not in (None, place):
                         self._wait(give_up, deadline, still_wanted)
-                result = try_once()
+                    self._asking = place
+                try:
+                    result = try_once()
+                finally:
+                    with self._changed:
+                        self._asking = None
+                        self._changed.notify_all()
                 if result is not None:
                     return result
                 with self._changed:
                     self._wait(give_up, deadline, still_wanted)
         finally:
             with self._changed:
-                self._line.remove(ticket)
+                self._line.remove(place)
                 self._changed.notify_all()
 
     def capacity_freed(self) -> None:

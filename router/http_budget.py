@@ -8,6 +8,8 @@ import collections
 import json
 from collections.abc import Callable
 
+from fastapi.responses import JSONResponse
+
 from .client_budget import (
     BYTE_COST_S,
     REQUEST_COST_S,
@@ -151,3 +153,10 @@ async def _refuse(send, message: str, retry_after_s: float) -> None:
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", retry_after_header(retry_after_s).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def over_quota_response(exc: OverBudget) -> JSONResponse:
+    """The 429 of a request over its tenant's quota, with when a retry would pass."""
+    return JSONResponse(status_code=429, content=json.loads(
+        rate_limit_error(str(exc), "rate_limit_exceeded")),
+        headers={"retry-after": retry_after_header(exc.retry_after_s)})

@@ -88,6 +88,17 @@ class RouterMetrics:
         self.decode_full = Counter(
             "olmo_decode_full", "Times a request found every decode worker full and waited "
             "in line for capacity", registry=r)
+        # Per tenant (router/tenants.py): as many label values as the tenants file names.
+        self.tenant_requests = Counter("olmo_tenant_requests", "Requests that came, by tenant",
+                                       ["tenant"], registry=r)
+        self.tenant_refusals = Counter(
+            "olmo_tenant_requests_refused", "Requests refused (HTTP 429, RESOURCE_EXHAUSTED) "
+            "as their tenant was over a quota, by tenant", ["tenant"], registry=r)
+        self.tenant_tokens = Counter("olmo_tenant_tokens", "Prompt and generated tokens of "
+                                     "finished requests, by tenant", ["tenant"], registry=r)
+        self.tenant_queue_time = Histogram(
+            "olmo_tenant_queue_time_seconds", "Time a request waited in line for decode "
+            "capacity, by tenant", ["tenant"], buckets=REQUEST_BUCKETS, registry=r)
         self.running = Gauge("olmo_num_requests_running",
                              "Requests being served (prefilling or decoding)", registry=r)
         Gauge("olmo_num_requests_waiting", "Requests waiting in line for decode capacity",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import itertools
 import json
 import re
@@ -36,9 +35,16 @@ from protos.sampling import MAX_TOP_LOGPROBS
 from protos.vocabulary import FinishReason, Role
 
 from .chat_template import ChatTemplate
-from .http_budget import BudgetMiddleware, ConnectionsByClient, client_of_scope
+from .client_budget import OverBudget
+from .http_budget import (
+    BudgetMiddleware,
+    ConnectionsByClient,
+    client_of_scope,
+    over_quota_response,
+)
 from .service import GenerationServicer, Prepared, encode
 from .structured_output import AskedGrammar, structured_output
+from .tenants import Tenant
 from .tool_calls import AskedTools, ToolCallStream, asked_tools, parse_tool_calls
 from .validation import MAX_CACHE_SALT_CHARS, check_prompt_text
 
@@ -196,12 +202,11 @@ class Job:
 
 class OpenAIServer:
     def __init__(self, servicer: GenerationServicer, tokenizer: Tokenizer | None,
-                 model_name: str, chat: ChatTemplate | None, api_key: str | None = None):
+                 model_name: str, chat: ChatTemplate | None):
         self.servicer = servicer
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.chat = chat
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
         self.created = int(time.time())
         limits = servicer.limits
         # Enough for the largest request: every choice's prompt at the byte limit, each
@@ -249,12 +254,12 @@ class OpenAIServer:
         return answer if isinstance(answer, Response) else JSONResponse(answer)
 
     async def models(self, request: Request) -> Response:
-        if (refused := self._refuse_unauthenticated(request)) is not None:
+        if isinstance(refused := self._tenant(request), Response):
             return refused
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: Request, model_id: str) -> Response:
-        if (refused := self._refuse_unauthenticated(request)) is not None:
+        if isinstance(refused := self._tenant(request), Response):
             return refused
         if model_id != self.model_name:
             return error_response(self._unknown_model(model_id))
@@ -285,12 +290,18 @@ class OpenAIServer:
 
     # --- serving a request ------------------------------------------------------------
 
-    async def _parsed(self, request: Request, parse: Callable[[dict], T]) -> T | Response:
-        """What ``parse`` makes of the request's body, or the answer that refuses it: the
-        API key, the body's size and time, then the parsing, on a thread of its own and
-        charged to the client."""
-        if (refused := self._refuse_unauthenticated(request)) is not None:
-            return refused
+    async def _parsed(self, request: Request, parse: Callable[[dict, Tenant], T]
+                      ) -> T | Response:
+        """What ``parse`` makes of the request's body for its tenant, or the answer that
+        refuses it: the API key and its tenant's request rate, the body's size and time,
+        then the parsing, on a thread of its own and charged to the client."""
+        tenant = self._tenant(request)
+        if isinstance(tenant, Response):
+            return tenant
+        try:
+            self.servicer.arrive(tenant)
+        except OverBudget as exc:
+            return over_quota_response(exc)
         try:
             async with asyncio.timeout(BODY_TIMEOUT_S):
                 data = await self._read_body(request)
@@ -305,9 +316,11 @@ class OpenAIServer:
         try:
             # Off the event loop: tokenizing a long prompt must not stall other streams.
             client = client_of_scope(request.scope, self.servicer.budget.names)
-            return await asyncio.to_thread(self._job_of, client, parse, data)
+            return await asyncio.to_thread(self._job_of, client, tenant, parse, data)
         except ServingError as exc:
             return error_response(exc)
+        except OverBudget as exc:
+            return over_quota_response(exc)
         except (ValueError, OverflowError) as exc:  # a value the wire cannot carry
             return error_response(BadRequest(f"the request cannot be sent on: {exc}"))
 
@@ -328,12 +341,13 @@ class OpenAIServer:
                                      media_type="text/event-stream")
         return await self._collect(job, first, events)
 
-    def _job_of(self, client: str, parse: Callable[[dict], T], data: bytes) -> T:
+    def _job_of(self, client: str, tenant: Tenant, parse: Callable[[dict, Tenant], T],
+                data: bytes) -> T:
         """What a body asks for; its parsing, rendering and tokenizing are charged to the
         client's budget."""
         started = time.thread_time()
         try:
-            return parse(json_object(data, self.max_json_items))
+            return parse(json_object(data, self.max_json_items), tenant)
         finally:
             self.servicer.budget.charge(client, time.thread_time() - started)
 
@@ -355,14 +369,14 @@ class OpenAIServer:
             parts.append(part)
         return b"".join(parts)
 
-    def _refuse_unauthenticated(self, request: Request) -> Response | None:
-        if self._expected is None:
-            return None
-        given = request.headers.get("authorization", "").encode()
-        if hmac.compare_digest(given, self._expected):
-            return None
+    def _tenant(self, request: Request) -> Tenant | Response:
+        """Whose API key the request carries, or the 401 that refuses it."""
+        tenant = self.servicer.tenants.identify(request.headers.get("authorization"))
+        if tenant is not None:
+            return tenant
         return error_response(ServingError(grpc.StatusCode.UNAUTHENTICATED,
-                                           "this API needs an API key (Authorization: Bearer)"))
+                                           "this API needs a valid API key "
+                                           "(Authorization: Bearer <key>)"))
 
     async def _run(self, job: Job, request: Request) -> AsyncIterator[tuple]:
         """(choice index, response or None at its end, error or None), as they come; every
@@ -483,7 +497,7 @@ class OpenAIServer:
             raise BadRequest("this model has no tokenizer.json", "model")
         return self.tokenizer
 
-    def _tokenized(self, body: dict) -> dict:
+    def _tokenized(self, body: dict, _tenant: Tenant) -> dict:
         self._check_common(body)
         tokenizer = self._tokenizer()
         if "messages" in body:
@@ -502,7 +516,7 @@ class OpenAIServer:
         return {"count": len(tokens), "max_model_len": self.servicer.facts.context_window,
                 "tokens": tokens}
 
-    def _detokenized(self, body: dict) -> dict:
+    def _detokenized(self, body: dict, _tenant: Tenant) -> dict:
         self._check_common(body)
         tokenizer = self._tokenizer()
         tokens = body.get("tokens")
@@ -514,7 +528,7 @@ class OpenAIServer:
             raise BadRequest(f"tokens must be token ids in [0, {vocab})", "tokens")
         return {"prompt": tokenizer.decode(tokens, skip_special_tokens=False)}
 
-    def _completion_job(self, body: dict) -> Job:
+    def _completion_job(self, body: dict, tenant: Tenant) -> Job:
         grammar = self._check_common(body)
         for name in ("tools", "tool_choice"):
             if body.get(name) not in (None, []):
@@ -548,11 +562,12 @@ class OpenAIServer:
                 else:
                     request.token_ids.ids.extend(prompt)
                 requests.append(request)
-        job = self._job("completion", body, requests, top is not None, len(prompts), grammar)
+        job = self._job("completion", body, requests, top is not None, len(prompts), grammar,
+                        tenant)
         job.kept, job.echo, job.top, job.prompt_top = n, echo, top or 0, prompt_top
         return job
 
-    def _chat_job(self, body: dict) -> Job:
+    def _chat_job(self, body: dict, tenant: Tenant) -> Job:
         grammar = self._check_common(body)
         if self.chat is None:
             raise BadRequest("this model has no chat template (tokenizer_config.json); use "
@@ -586,12 +601,12 @@ class OpenAIServer:
             for i in range(_n(body))]
         for request in requests:
             request.sampling.prompt_logprobs = prompt_top is not None
-        job = self._job("chat", body, requests, logprobs, 1, grammar)
+        job = self._job("chat", body, requests, logprobs, 1, grammar, tenant)
         job.top, job.prompt_top, job.tools = top, prompt_top, tools
         return job
 
     def _job(self, kind: str, body: dict, requests: list, logprobs: bool, prompts: int,
-             grammar: AskedGrammar | None) -> Job:
+             grammar: AskedGrammar | None, tenant: Tenant) -> Job:
         """``requests``: at most MAX_CHOICES, counted before they were built."""
         stream = _bool(body, "stream")
         options = body.get("stream_options") or {}
@@ -604,10 +619,12 @@ class OpenAIServer:
                 request.cache_salt = salt
                 if grammar is not None:
                     request.sampling.structured_output.CopyFrom(grammar.message)
-                prepared.append(self.servicer.prepare(request))
-        except ServingError as exc:
+                prepared.append(self.servicer.prepare(request, tenant))
+        except (ServingError, OverBudget) as exc:
             for done in prepared:
                 self.servicer.discard(done)
+            if isinstance(exc, OverBudget):
+                raise
             if kind == "chat" and exc.param == "prompt":  # a chat's prompt is its messages
                 exc.param = "messages"
             raise
@@ -835,13 +852,14 @@ def _per_token(choice: Choice) -> float:
 
 
 def serve_openai(servicer: GenerationServicer, model_dir: Path, host: str = "127.0.0.1",
-                 port: int = 0, api_key: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None, model_name: str | None = None):
-    """Start the HTTP API beside the router's gRPC API; returns the HttpServer."""
+                 port: int = 0, tls: tuple[bytes, bytes] | None = None,
+                 model_name: str | None = None):
+    """Start the HTTP API beside the router's gRPC API (with its keys and tenants);
+    returns the HttpServer."""
     from .http_server import HttpServer
 
     api = OpenAIServer(servicer, servicer.tokenizer, model_name or Path(model_dir).name,
-                       ChatTemplate.of_model(model_dir), api_key)
+                       ChatTemplate.of_model(model_dir))
     options = servicer.options
     return HttpServer(api.app, host, port, tls, options.max_http_connections,
                       ConnectionsByClient(options.clients.max_connections,

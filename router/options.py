@@ -9,6 +9,7 @@ import enum
 from protos.setting import setting
 
 from .client_budget import ClientLimits
+from .tenants import TenantOptions
 from .validation import RequestLimits
 
 
@@ -34,6 +35,7 @@ class RouterOptions:
                                     "it elsewhere, or fail it")
     limits: RequestLimits = RequestLimits()
     clients: ClientLimits = ClientLimits()
+    tenants: TenantOptions = TenantOptions()
     max_waiting_requests: int = setting(128, "requests waiting for decode capacity; more are "
                                              "refused RESOURCE_EXHAUSTED")
     max_queue_wait_s: float = setting(30.0, "how long one waits in that line, at most")

@@ -50,16 +50,17 @@ def serve_router(model_dir: Path, scheduler: Scheduler, options: RouterOptions |
 
     The model's facts (vocabulary, context window, EOS ids) come from the workers, which
     the scheduler has already met; only the tokenizer is read from ``model_dir``. With an
-    ``api_key``, Generate requires it; ``tls`` is (private key, certificate chain) in PEM.
+    ``api_key`` or ``options.tenants``' file, Generate requires a key (router/tenants.py);
+    ``tls`` is (private key, certificate chain) in PEM.
     """
     if scheduler.layout is None:
         raise ValueError("the router needs at least one worker to learn the model from")
     options = options or RouterOptions()
     facts = ModelFacts.of(scheduler.layout)
-    servicer = GenerationServicer(scheduler, load_tokenizer(model_dir), facts, options)
+    servicer = GenerationServicer(scheduler, load_tokenizer(model_dir), facts, options, api_key)
     guarded = {name: scheduler.secret for _, name in extra if scheduler.secret}
-    if api_key:
-        guarded[SERVICE_NAME] = api_key
+    if not servicer.tenants.open:  # refused before the request is parsed
+        guarded[SERVICE_NAME] = lambda given: servicer.tenants.identify(given) is not None
     server = start_server(
         [lambda s: _add_generation(servicer, s), *[register for register, _ in extra]],
         [SERVICE_NAME, *[name for _, name in extra]], host, port,

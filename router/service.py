@@ -36,6 +36,7 @@ from .metrics import RouterMetrics
 from .options import RouterOptions
 from .prefill_leg import PrefillLeg
 from .scheduler import NoWorker, Scheduler, Worker, abort_quietly, answer_while
+from .tenants import DEFAULT_TENANT, Tenant, Tenants
 from .validation import (
     ModelFacts,
     cache_salt_digest,
@@ -86,6 +87,7 @@ class Prepared:
     prompt_ids: list[int]
     sampling: worker_pb2.Sampling
     arrived: float  # perf_counter time it came in: TTFT and latency count from here
+    tenant: Tenant = DEFAULT_TENANT  # who asked: its priority, and its quotas it holds
 
 
 class DecodeLost(Exception):
@@ -102,6 +104,7 @@ class Progress:
     stops: StopStringFilter
     stop_ids: frozenset[int]
     cache_salt: bytes = b""  # its prefix cache namespace on every worker (a digest)
+    tenant: Tenant = DEFAULT_TENANT  # its place in the waiting line comes from here
     generated: list[int] = dataclasses.field(default_factory=list)
     ttft_ms: float = 0.0
     last_token_at: float = 0.0
@@ -149,7 +152,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer | None, facts: ModelFacts,
-                 options: RouterOptions | None = None):
+                 options: RouterOptions | None = None, api_key: str | None = None):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.facts = facts
@@ -158,7 +161,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         # more than the context window can hold.
         self.limits = within_model(options.limits, tokenizer, facts.context_window)
         self.max_attempts = 2 if options.resume_on_decode_failure else 1
-        self.admission = AdmissionQueue(options.max_waiting_requests, options.max_queue_wait_s)
+        self.admission = AdmissionQueue(options.max_waiting_requests, options.max_queue_wait_s,
+                                        aging_s=options.tenants.aging_s)
+        self.tenants = Tenants(options.tenants, api_key)  # both APIs' keys and quotas
         self.stalls = StallMonitor(options.first_token_timeout_s, options.token_timeout_s,
                                    scheduler.alive, scheduler.gone_seconds)
         self._client_ids: set[str] = set()  # ids clients chose, of requests in flight
@@ -172,16 +177,26 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def Generate(self, request, context):
         """The gRPC face of ``prepare`` and ``run``; the client pays for the preparing."""
-        forwarded = ",".join(value for key, value in context.invocation_metadata() or ()
+        metadata = context.invocation_metadata() or ()
+        forwarded = ",".join(value for key, value in metadata
                              if key == "x-forwarded-for" and isinstance(value, str))
         client = self.budget.names.of(peer_address(context.peer()), forwarded or None)
+        # The interceptor let in only known keys; a key revoked since is refused here.
+        tenant = self.tenants.identify(next((v for k, v in metadata if k == "authorization"),
+                                            None))
+        if tenant is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this API needs a valid API key "
+                          "(authorization: Bearer <key>)")
         self._wait_for_budget(client, request, context)
         if request is UNPARSABLE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "the request is not a GenerateRequest (strings must be UTF-8)")
         started = time.thread_time()
         try:
-            prepared = self.prepare(request)
+            self.arrive(tenant)
+            prepared = self.prepare(request, tenant)
+        except OverBudget as exc:
+            _refuse_over_budget(context, exc)
         except ServingError as exc:
             exc.abort(context)
         finally:
@@ -198,28 +213,48 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             wait = self.budget.admit(client, REQUEST_COST_S + size * BYTE_COST_S)
         except OverBudget as exc:
-            context.set_trailing_metadata(
-                [("grpc-retry-pushback-ms", str(int(1e3 * exc.retry_after_s)))])
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            _refuse_over_budget(context, exc)
         if wait:
             try:
                 time.sleep(wait)
             finally:
                 self.budget.waited(client)
 
-    def prepare(self, request: generation_pb2.GenerateRequest) -> Prepared:
-        """Check a request (sizes before tokenizing) and claim its client id; raises
-        ServingError. Every prepared request must then be ``run`` or ``discard``-ed."""
+    def arrive(self, tenant: Tenant) -> None:
+        """A request of ``tenant`` came (one per API call, however many choices):
+        OverBudget past its requests per second."""
+        self.metrics.tenant_requests.labels(tenant.name).inc()
+        try:
+            self.tenants.arrive(tenant)
+        except OverBudget:
+            self.metrics.tenant_refusals.labels(tenant.name).inc()
+            raise
+
+    def prepare(self, request: generation_pb2.GenerateRequest,
+                tenant: Tenant = DEFAULT_TENANT) -> Prepared:
+        """Check a request (sizes before tokenizing), hold its place in its ``tenant``'s
+        quotas (OverBudget past them) and claim its client id; raises ServingError.
+        Every prepared request must then be ``run`` or ``discard``-ed."""
         arrived = time.perf_counter()
         check_limits(request, self.limits, self.facts)
         prompt_ids = self._prompt_ids(request)
         sampling = validate(request, prompt_ids, self.facts)
-        self._claim(request.request_id)
-        return Prepared(request, prompt_ids, sampling, arrived)
+        try:
+            self.tenants.start(tenant, len(prompt_ids) + sampling.max_tokens)
+        except OverBudget:
+            self.metrics.tenant_refusals.labels(tenant.name).inc()
+            raise
+        try:
+            self._claim(request.request_id)
+        except ServingError:
+            self.tenants.end(tenant, len(prompt_ids) + sampling.max_tokens)
+            raise
+        return Prepared(request, prompt_ids, sampling, arrived, tenant)
 
     def discard(self, prepared: Prepared) -> None:
         """Let go of a prepared request that will not be run."""
         self._unclaim(prepared.request.request_id)
+        self.tenants.end(prepared.tenant, len(prepared.prompt_ids) + prepared.sampling.max_tokens)
 
     def run(self, prepared: Prepared, call: CallContext
             ) -> Iterator[generation_pb2.GenerateResponse]:
@@ -227,8 +262,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         the iterator early (the client left) cancels the request on every worker."""
         self.metrics.running.inc()
         reason = FinishReason.ABORT  # unless it ends otherwise: the client left
+        generated = 0
         try:
             for response in self._generate(prepared, call):
+                generated += len(response.token_ids)
                 if response.finish_reason:
                     reason = FinishReason(response.finish_reason)
                 yield response
@@ -241,6 +278,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             self.metrics.finished(reason, len(prepared.prompt_ids),
                                   time.perf_counter() - prepared.arrived)
             self._unclaim(prepared.request.request_id)
+            self.tenants.end(prepared.tenant, prepared.sampling.max_tokens - generated)
+            self.metrics.tenant_tokens.labels(prepared.tenant.name).inc(
+                len(prepared.prompt_ids) + generated)
             self.admission.capacity_freed()
 
     def _generate(self, prepared: Prepared, call: CallContext):
@@ -252,7 +292,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                    skip_ids=() if sampling.ignore_eos else self.facts.eos_token_ids)
             if self.tokenizer else None,
             StopStringFilter(request.sampling.stop), frozenset(sampling.stop_token_ids),
-            cache_salt_digest(request.cache_salt))
+            cache_salt_digest(request.cache_salt), prepared.tenant)
         remaining = call.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         blame = Blame()
@@ -319,8 +359,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             cache_salt=progress.cache_salt)
         waited = time.perf_counter()
         decode, reserved = self.admission.admit(
-            lambda: self._try_reserve(reserve, blame.decode), deadline, call.is_active)
+            lambda: self._try_reserve(reserve, blame.decode), deadline, call.is_active,
+            progress.tenant.priority)
         self.metrics.queue_time.observe(time.perf_counter() - waited)
+        self.metrics.tenant_queue_time.labels(progress.tenant.name).observe(
+            time.perf_counter() - waited)
         self.metrics.reserved(reserved, len(tokens), decode.layout, self.options.aggregated)
         self.scheduler.remember(decode.address, attempt_id, tokens, progress.cache_salt)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -487,3 +530,9 @@ def peer_address(peer: str) -> str:
     if kind == "ipv6":
         return rest.rpartition(":")[0].strip("[]")
     return peer
+
+
+def _refuse_over_budget(context: grpc.ServicerContext, exc: OverBudget) -> None:
+    """RESOURCE_EXHAUSTED with gRPC's retry pushback: when a retry would pass."""
+    context.set_trailing_metadata([("grpc-retry-pushback-ms", str(int(1e3 * exc.retry_after_s)))])
+    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

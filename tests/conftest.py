@@ -7,6 +7,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,17 @@ def checkpoint_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def compile_variants(checkpoint_factory, variants: Iterable[dict[str, Any]]) -> None:
+    """The whole models of these checkpoint variants, compiled side by side (one per CPU)
+    before a module's tests load them one after another."""
+    from olmo_model.artifact import Library, compile_side_by_side
+    from olmo_model.config import OLMoConfig
+    from olmo_model.stages import StageSpec
+
+    configs = [OLMoConfig.from_file(checkpoint_factory(**v)[0]) for v in variants]
+    compile_side_by_side([Library(c, StageSpec.full(c.num_hidden_layers)) for c in configs])
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from fake_clock import FakeClock
 
 from protos.errors import ServingError
 from router.admission import POLL_SECONDS, AdmissionQueue
+from router.tenants import Priority
 
 
 class YieldingClock(FakeClock):
@@ -136,3 +137,41 @@ def test_whatever_try_once_raises_ends_the_wait_and_frees_the_line():
     assert refusal(queue, broken).code == grpc.StatusCode.INVALID_ARGUMENT
     assert queue.waiting() == 0
     assert queue.admit(answers("worker"), None, wanted) == "worker"  # the line is free
+
+
+class FrozenClock(FakeClock):
+    """Time moves only when the test moves it; a wait yields to the other threads."""
+
+    def wait(self, condition: threading.Condition, timeout: float | None) -> bool:
+        condition.wait(0.001)
+        return False
+
+
+def test_the_line_goes_by_priority_class_and_a_long_wait_outranks_it():
+    clock = FrozenClock(start=0.0)
+    queue = AdmissionQueue(max_waiting_requests=8, max_queue_wait_s=1e9, clock=clock,
+                           aging_s=10.0)
+    order: list[str] = []
+    threads: list[threading.Thread] = []
+
+    def arrive(name: str, priority: Priority, at: float) -> None:
+        clock.advance(at - clock.now())
+        thread = threading.Thread(target=lambda: queue.admit(
+            lambda: order.append(name) or name, None, wanted, priority))
+        thread.start()
+        threads.append(thread)
+        while queue.waiting() < len(threads):  # in line behind the head
+            threading.Event().wait(0.001)
+
+    def head_try():  # the others arrive while the head holds the line
+        arrive("batch", Priority.BATCH, 0.0)
+        arrive("standard", Priority.STANDARD, 1.0)
+        arrive("interactive", Priority.INTERACTIVE, 2.0)
+        arrive("late interactive", Priority.INTERACTIVE, 25.0)  # batch has waited 25 s
+        return "head"
+
+    assert queue.admit(head_try, None, wanted) == "head"
+    for thread in threads:
+        thread.join(timeout=5)
+    assert order == ["interactive", "standard", "batch", "late interactive"]
+    assert queue.waiting() == 0

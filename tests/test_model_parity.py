@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_PROMPTS, reference_logits, relative_error
+from conftest import PARITY_PROMPTS, compile_variants, reference_logits, relative_error
 
 from olmo_model.generate import greedy_generate
 from olmo_model.runtime import ModelRunner
@@ -26,6 +26,11 @@ VARIANTS = {
     "swish-bias": dict(hidden_act="swish", attention_bias=True),
     "gelu_pytorch_tanh": dict(hidden_act="gelu_pytorch_tanh", clip_qkv=8.0),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def variants_compiled(checkpoint_factory):
+    compile_variants(checkpoint_factory, VARIANTS.values())
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))

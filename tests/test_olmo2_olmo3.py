@@ -12,6 +12,7 @@ from conftest import (
     OLMO2_TINY,
     OLMO3_TINY,
     PARITY_PROMPTS,
+    compile_variants,
     hf_greedy,
     reference_logits,
     relative_error,
@@ -40,6 +41,11 @@ VARIANTS = {
         family="olmo3", num_hidden_layers=3, sliding_window=WINDOW, tie_word_embeddings=True,
         layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
 }
+@pytest.fixture(scope="module", autouse=True)
+def variants_compiled(checkpoint_factory):
+    compile_variants(checkpoint_factory, VARIANTS.values())
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
 def variant(request, checkpoint_factory):
     folder, reference = checkpoint_factory(**VARIANTS[request.param])

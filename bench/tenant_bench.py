@@ -1,0 +1,166 @@
+"""An interactive tenant's TTFT while a batch tenant bursts at ten times its quota.
+
+Starts a one-process local cluster (serving checkpoint, 4 layers, hidden 256; one
+prefill and one decode worker) with two tenants: ``app`` (interactive, no limits) and
+``bulk`` (batch, ``--bulk-rate`` requests a second). From a separate client process, each
+round runs the app's requests (``--app-rate`` a second for ``--seconds``) alone, then
+again while bulk sends at ten times its quota; the phases alternate, round after round,
+so that both see the same machine. Reports the app's TTFT p50 and p90 per phase (and
+their ratio), and what became of bulk's requests: served, refused with a retry time
+(429 / RESOURCE_EXHAUSTED with a pushback), or failed otherwise (timeouts included).
+Prints a table and writes JSON.
+
+    python3 bench/tenant_bench.py [--rounds 3] [--seconds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from checkpoints import SERVE, bench_checkpoint
+from clients import add_client_process_args
+from recording import write_results
+
+APP_KEY, BULK_KEY = "sk-bench-app-0123456789abcdef", "sk-bench-bulk-0123456789abcdef"
+PROMPT_TOKENS = 32
+APP_TOKENS, BULK_TOKENS = 16, 64
+
+
+def send_at(rate: float, seconds: float, request) -> list:
+    """``request(i)`` at ``rate`` a second for ``seconds``, each on a thread of its own so
+    that a slow one does not hold back the next; their results in order."""
+    count = int(rate * seconds)
+    results: list = [None] * count
+    threads = []
+    start = time.perf_counter()
+    for i in range(count):
+        time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        thread = threading.Thread(target=lambda i=i: results.__setitem__(i, request(i)))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join(timeout=300)
+    return results
+
+
+def client_main(args) -> None:
+    import grpc
+    from clients import GrpcTarget
+
+    app, bulk = GrpcTarget(args.grpc, APP_KEY), GrpcTarget(args.grpc, BULK_KEY)
+    rng = np.random.default_rng(0)
+
+    def prompt() -> list[int]:
+        return rng.integers(1, args.vocab, PROMPT_TOKENS).tolist()
+
+    def app_request(_i: int) -> float:
+        return app.request(prompt(), APP_TOKENS, timeout=60)["ttft"]
+
+    def bulk_request(_i: int) -> str:
+        try:
+            bulk.request(prompt(), BULK_TOKENS, timeout=60)
+            return "served"
+        except grpc.RpcError as exc:
+            pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback:
+                return "refused with a retry time"
+            return f"failed: {exc.code().name}"
+
+    for _ in range(3):  # warm-up
+        app_request(0)
+    rounds = []
+    for _ in range(args.rounds):
+        alone = send_at(args.app_rate, args.seconds, app_request)
+        outcomes: list = []
+        burst = threading.Thread(target=lambda found=outcomes: found.extend(
+            send_at(10 * args.bulk_rate, args.seconds, bulk_request)))
+        burst.start()
+        loaded = send_at(args.app_rate, args.seconds, app_request)
+        burst.join()
+        rounds.append({"alone_ttft_s": alone, "loaded_ttft_s": loaded,
+                       "bulk": {o: outcomes.count(o) for o in sorted(set(outcomes))}})
+        time.sleep(1.0)  # bulk's quota refills between rounds
+    print(json.dumps(rounds))
+
+
+def p90(values: list[float]) -> float:
+    return float(np.percentile(values, 90))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--app-rate", type=float, default=4.0)
+    parser.add_argument("--bulk-rate", type=float, default=1.0,
+                        help="bulk's quota, requests a second; it sends ten times that")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/tenant_bench.json"))
+    add_client_process_args(parser)
+    args = parser.parse_args()
+    if args.client:
+        client_main(args)
+        return
+
+    from cluster.cluster_config import ClusterConfig
+    from cluster.local_cluster import on_loopback, start_local_cluster
+    from olmo_model.cache_limits import CacheLimits
+    from router.options import RouterOptions
+    from router.tenants import TenantOptions
+
+    model = bench_checkpoint("serve", SERVE)
+    tenants = [{"name": "app", "keys": [APP_KEY], "priority": "interactive"},
+               {"name": "bulk", "keys": [BULK_KEY], "priority": "batch",
+                "requests_per_s": args.bulk_rate}]
+    tenants_file = Path(tempfile.mkdtemp()) / "tenants.yaml"
+    tenants_file.write_text(yaml.safe_dump({"tenants": tenants}))
+    config = ClusterConfig(model=model, cache=CacheLimits(32, 8192, 1024),
+                           router=RouterOptions(local_prefill_below_tokens=0,
+                                                tenants=TenantOptions(file=str(tenants_file))))
+    cluster = start_local_cluster(on_loopback(config))
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--client", "--grpc", cluster.router_address,
+             "--vocab", str(SERVE["vocab_size"]), "--rounds", str(args.rounds),
+             "--seconds", str(args.seconds), "--app-rate", str(args.app_rate),
+             "--bulk-rate", str(args.bulk_rate)],
+            capture_output=True, text=True, timeout=1800)
+        assert done.returncode == 0, done.stderr
+        rounds = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        cluster.stop()
+    print(f"\napp: interactive, {args.app_rate:g} requests/s of {PROMPT_TOKENS}+{APP_TOKENS} "
+          f"tokens; bulk: batch, quota {args.bulk_rate:g}/s, sending {10 * args.bulk_rate:g}/s "
+          f"of {PROMPT_TOKENS}+{BULK_TOKENS}; {args.seconds:g} s per phase ({model})")
+    print(f"{'round':<7}{'alone p50':>10}{'p90':>8}{'loaded p50':>12}{'p90':>8}"
+          f"{'p90 ratio':>11}  bulk")
+    for i, r in enumerate(rounds):
+        alone, loaded = r["alone_ttft_s"], r["loaded_ttft_s"]
+        r["alone_p90_ms"], r["loaded_p90_ms"] = 1e3 * p90(alone), 1e3 * p90(loaded)
+        r["p90_ratio"] = r["loaded_p90_ms"] / r["alone_p90_ms"]
+        print(f"{i:<7}{1e3 * statistics.median(alone):>10.1f}{r['alone_p90_ms']:>8.1f}"
+              f"{1e3 * statistics.median(loaded):>12.1f}{r['loaded_p90_ms']:>8.1f}"
+              f"{r['p90_ratio']:>11.2f}  {r['bulk']}")
+    ratios = [r["p90_ratio"] for r in rounds]
+    summary = {"median_p90_ratio": statistics.median(ratios), "p90_ratios": ratios}
+    print(f"app TTFT p90 loaded / alone: median {summary['median_p90_ratio']:.2f} "
+          f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}); target <= 1.5, and bulk "
+          "refused with a retry time, never failed")
+    write_results(args.out, {"model": str(model), "app_rate": args.app_rate,
+                             "bulk_rate": args.bulk_rate, "seconds": args.seconds,
+                             "prompt_tokens": PROMPT_TOKENS, "app_tokens": APP_TOKENS,
+                             "bulk_tokens": BULK_TOKENS, "rounds": rounds,
+                             "summary": summary})
+
+
+if __name__ == "__main__":
+    main()
