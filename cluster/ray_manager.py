@@ -127,7 +127,8 @@ class RayClusterManager:
         # Whether workers outlive this process (see the module docstring).
         self.detached = detached
         self.scheduler = Scheduler(secret, config.router.kv_weight,
-                                   config.router.worker_gone_s)
+                                   config.router.worker_gone_s,
+                                   kv_events=config.router.kv_events)
         self.instances: dict[str, Instance] = {}
         self._next_index = dict.fromkeys(Role, 0)
         self._lock = threading.RLock()

@@ -110,7 +110,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPus
         message.MergeFrom(worker_pb2.WorkerStats(
             role=Role.DECODE, layout=self.layout, transport=GRPC, transports=self.transports,
             transport_note=self.transport_note, stages=stage_infos(self.engine.chain),
-            step_loop_age_ms=1000 * self.engine.loop_age()))
+            step_loop_age_ms=1000 * self.engine.loop_age(),
+            kv_events=(self.engine.cache.kv_events(request.kv_epoch, request.kv_after)
+                       if request.kv_events else None)))
         return message
 
 

@@ -20,6 +20,7 @@ from collections.abc import Collection, Sequence
 from protos import worker_pb2
 from protos.prefix_index import PrefixIndex
 
+from .kv_events import KVEventLog
 from .pages import pages_for, whole_pages
 
 # Beyond this many cached sequences the least recently used one goes, pages or not:
@@ -87,6 +88,7 @@ class PrefixCache:
         self._page_ids = itertools.count()
         self._lock = threading.RLock()
         self._lookups = _Lookups()
+        self._journal = KVEventLog()  # for the router (pipeline/kv_events.py)
 
     # --- a request's life -------------------------------------------------------------
 
@@ -143,6 +145,7 @@ class PrefixCache:
             self._hold(seq_id, tuple(itertools.islice(self._page_ids, own)))
             self._tokens[seq_id] = tuple(tokens)
             self._index.add(seq_id, tokens, salt)
+            self._journal.stored(seq_id, self._index.names(seq_id))
             freed = [other for other in self._index.redundant(seq_id)
                      if self._tokens[other] == tuple(tokens[:len(self._tokens[other])])]
             for freed_id in freed:
@@ -156,7 +159,8 @@ class PrefixCache:
         """A sequence freed without ``finish`` (its prefill failed, say)."""
         with self._lock:
             self._drop(seq_id)
-            self._tokens.pop(seq_id, None)
+            if self._tokens.pop(seq_id, None) is not None:
+                self._journal.removed(seq_id)
             self._index.remove(seq_id)
 
     # --- pages ------------------------------------------------------------------------
@@ -204,6 +208,7 @@ class PrefixCache:
             cached = self._index.keys()
             for seq_id in cached:
                 self._index.remove(seq_id)
+                self._journal.removed(seq_id)
             self._pages.clear()
             self._holders.clear()
             self._tokens.clear()
@@ -213,6 +218,13 @@ class PrefixCache:
     def cached_ids(self) -> set[int]:
         with self._lock:
             return set(self._index.keys())
+
+    def kv_events(self, epoch: bytes, after: int) -> worker_pb2.KVEvents:
+        """What entered and left the cache since a poller's event ``after`` of journal
+        ``epoch`` (or all of it: see ``KVEventLog.answer``)."""
+        with self._lock:
+            return self._journal.answer(epoch, after, ((key, self._index.names(key))
+                                                       for key in reversed(self._index.keys())))
 
     def stats(self) -> PrefixCacheStats:
         with self._lock:

@@ -119,7 +119,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
         message = self.stats().to_proto()
         message.MergeFrom(worker_pb2.WorkerStats(
             role=Role.PREFILL, layout=self.layout, transport=GRPC, transports=self.transports,
-            transport_note=self.transport_note, stages=stage_infos(self.engine.chain)))
+            transport_note=self.transport_note, stages=stage_infos(self.engine.chain),
+            kv_events=(self.engine.cache.kv_events(request.kv_epoch, request.kv_after)
+                       if request.kv_events else None)))
         return message
 
     def stats(self) -> PrefillStats:

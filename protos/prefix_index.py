@@ -78,8 +78,12 @@ class PrefixIndex:
     def add(self, key: object, tokens: Sequence[int], salt: bytes = b"") -> list[object]:
         """Index ``key`` as holding ``tokens`` under ``salt`` (whole pages only); returns
         the entries it pushed out (``max_entries``), for the caller to free."""
+        return self.add_pages(key, self.pages(tokens, salt))
+
+    def add_pages(self, key: object, names: Sequence[bytes]) -> list[object]:
+        """``add``, of pages already named (as a worker's KV events name them)."""
         self.remove(key)
-        names = self.pages(tokens, salt)
+        names = tuple(names)
         self._entries[key] = names
         for name in names:
             self._holders.setdefault(name, {})[key] = None
@@ -112,3 +116,7 @@ class PrefixIndex:
     def keys(self) -> list[object]:
         """Every entry, least recently used first."""
         return list(self._entries)
+
+    def names(self, key: object) -> tuple[bytes, ...]:
+        """The page names ``key`` holds (none if it is not indexed)."""
+        return self._entries.get(key, ())

@@ -36,11 +36,39 @@ class ModelLayout(_message.Message):
     def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_begin: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., context_window: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("kv_events", "kv_epoch", "kv_after")
+    KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    KV_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KV_AFTER_FIELD_NUMBER: _ClassVar[int]
+    kv_events: bool
+    kv_epoch: bytes
+    kv_after: int
+    def __init__(self, kv_events: _Optional[bool] = ..., kv_epoch: _Optional[bytes] = ..., kv_after: _Optional[int] = ...) -> None: ...
+
+class KVEvents(_message.Message):
+    __slots__ = ("epoch", "last", "snapshot", "stored", "removed")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    epoch: bytes
+    last: int
+    snapshot: bool
+    stored: _containers.RepeatedCompositeFieldContainer[CachedPrefix]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[bytes] = ..., last: _Optional[int] = ..., snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[_Union[CachedPrefix, _Mapping]]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CachedPrefix(_message.Message):
+    __slots__ = ("key", "pages")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    pages: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key: _Optional[int] = ..., pages: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens", "kv_export_ms", "kv_encode_ms", "kv_assemble_ms", "kv_install_ms", "shared_memory_pushes", "shared_memory_bytes", "shared_memory_ms", "step_loop_age_ms", "spec_draft_tokens", "spec_accepted_tokens")
+    __slots__ = ("role", "layout", "queued_requests", "queued_tokens", "running_sequences", "total_pages", "free_pages", "reservations", "kv_bytes_received", "kv_bytes_sent", "pushes_refused", "transport", "used_pages", "pushes", "kv_transfer_ms", "stages", "transports", "transport_note", "cached_sequences", "cached_pages", "prefix_query_tokens", "prefix_hit_tokens", "prefilled_tokens", "kv_export_ms", "kv_encode_ms", "kv_assemble_ms", "kv_install_ms", "shared_memory_pushes", "shared_memory_bytes", "shared_memory_ms", "step_loop_age_ms", "spec_draft_tokens", "spec_accepted_tokens", "kv_events")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +102,7 @@ class WorkerStats(_message.Message):
     STEP_LOOP_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     layout: ModelLayout
     queued_requests: int
@@ -107,7 +136,8 @@ class WorkerStats(_message.Message):
     step_loop_age_ms: float
     spec_draft_tokens: int
     spec_accepted_tokens: int
-    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., kv_export_ms: _Optional[float] = ..., kv_encode_ms: _Optional[float] = ..., kv_assemble_ms: _Optional[float] = ..., kv_install_ms: _Optional[float] = ..., shared_memory_pushes: _Optional[int] = ..., shared_memory_bytes: _Optional[int] = ..., shared_memory_ms: _Optional[float] = ..., step_loop_age_ms: _Optional[float] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ...) -> None: ...
+    kv_events: KVEvents
+    def __init__(self, role: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., reservations: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., pushes_refused: _Optional[int] = ..., transport: _Optional[str] = ..., used_pages: _Optional[int] = ..., pushes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., transport_note: _Optional[str] = ..., cached_sequences: _Optional[int] = ..., cached_pages: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., kv_export_ms: _Optional[float] = ..., kv_encode_ms: _Optional[float] = ..., kv_assemble_ms: _Optional[float] = ..., kv_install_ms: _Optional[float] = ..., shared_memory_pushes: _Optional[int] = ..., shared_memory_bytes: _Optional[int] = ..., shared_memory_ms: _Optional[float] = ..., step_loop_age_ms: _Optional[float] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("address", "layer_begin", "layer_end")

@@ -54,6 +54,9 @@ class RouterOptions:
                                          "long is gone: its streams resume elsewhere")
     kv_weight: float = setting(4.0, "KV-aware routing: tokens of load one cached prompt "
                                     "token is worth (0: route by load alone)")
+    kv_events: bool = setting(True, "KV-aware routing: workers tell the router what their "
+                                    "prefix caches hold and evict (off: it estimates from "
+                                    "what it sent where, and starts cold)")
     local_prefill_below_tokens: int = setting(
         64, "a decode worker prefills a prompt itself when at most this many of its tokens "
             "are not cached there (0: never)")

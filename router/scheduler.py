@@ -33,6 +33,9 @@ class Worker:
     # there; requests held there, times SEQUENCE_LOAD_TOKENS): exact at every pick,
     # where polled stats lag by up to a poll.
     in_flight: float = 0.0
+    # Its prefix cache's journal (KV events): which, and the last event applied.
+    kv_epoch: bytes = b""
+    kv_after: int = 0
 
 
 class NoWorker(ServingError):
@@ -76,12 +79,15 @@ class Scheduler:
     SEQUENCE_LOAD_TOKENS = 256
 
     def __init__(self, secret: str | None, kv_weight: float, gone_seconds: float = 10.0,
-                 stats_timeout: float = 2.0, clock: Clock = MONOTONIC, poll: bool = True):
+                 stats_timeout: float = 2.0, clock: Clock = MONOTONIC, poll: bool = True,
+                 kv_events: bool = True):
         """``poll``: start the background poll (unit tests, on a fake ``clock``, report
-        answers with ``heard_from`` instead)."""
+        answers with ``heard_from`` instead). ``kv_events``: ask workers what their
+        prefix caches hold (when ``kv_weight`` routes by it)."""
         self.secret = secret  # the cluster's: every call to a worker carries it
         self.stats_timeout = stats_timeout
         self.kv_weight = kv_weight
+        self.kv_events = kv_events and kv_weight > 0
         self.gone_seconds = max(gone_seconds, self.SLOW_SECONDS)
         self.clock = clock
         self.cache_map = CacheMap()
@@ -123,13 +129,15 @@ class Scheduler:
     def add(self, address: str, role: Role) -> Worker:
         """Handshake with a worker and keep it; refuses a worker of another model layout."""
         worker = Worker(address, role, self.stub_for(address, role))
-        stats = worker.stub.Stats(worker_pb2.StatsRequest(), timeout=30)
+        asked_at = self.clock.now()
+        stats = worker.stub.Stats(self._stats_request(worker), timeout=30)
         if stats.role != role:
             raise ValueError(f"{address} is a {stats.role} worker, not a {role} worker")
         if not stats.stages or stats.stages[0].layer_begin != 0:
             raise ValueError(f"{address} does not lead an instance (it serves layers "
                              f"{stats.layout.layer_begin}-{stats.layout.layer_end - 1} only)")
         self.adopt(worker, stats)
+        self._told(worker, stats, asked_at)
         return worker
 
     def adopt(self, worker: Worker, stats: worker_pb2.WorkerStats) -> None:
@@ -149,8 +157,10 @@ class Scheduler:
             self._start_afresh(worker.address)
         self.cache_map.forget(worker.address)
 
-    def heard_from(self, worker: Worker, stats: worker_pb2.WorkerStats) -> None:
-        """A poll's answer. A worker that was gone starts afresh (it may have restarted)."""
+    def heard_from(self, worker: Worker, stats: worker_pb2.WorkerStats,
+                   asked_at: float | None = None) -> None:
+        """A poll's answer (to a poll sent at ``asked_at``). A worker that was gone starts
+        afresh (it may have restarted)."""
         with self._lock:
             now = self.clock.now()
             was_gone = now - worker.seen > self.gone_seconds
@@ -159,6 +169,19 @@ class Scheduler:
                 self._start_afresh(worker.address)
         if was_gone:
             self.cache_map.forget(worker.address)
+            worker.kv_epoch, worker.kv_after = b"", 0
+        self._told(worker, stats, now if asked_at is None else asked_at)
+
+    def _stats_request(self, worker: Worker) -> worker_pb2.StatsRequest:
+        """A poll, asking for the worker's KV events when routing weighs caches."""
+        return worker_pb2.StatsRequest(kv_events=self.kv_events,
+                                       kv_epoch=worker.kv_epoch, kv_after=worker.kv_after)
+
+    def _told(self, worker: Worker, stats: worker_pb2.WorkerStats, asked_at: float) -> None:
+        if stats.HasField("kv_events"):
+            events = stats.kv_events
+            self.cache_map.told(worker.address, events, asked_at)
+            worker.kv_epoch, worker.kv_after = events.epoch, events.last
 
     def _start_afresh(self, address: str) -> None:
         """No tie-break debt (with the lock held): as many picks as the least picked
@@ -185,7 +208,7 @@ class Scheduler:
         """The worker at ``address`` now caches ``tokens`` under ``salt`` (for KV-aware
         routing)."""
         if self.kv_weight:
-            self.cache_map.record(address, key, tokens, salt)
+            self.cache_map.record(address, key, tokens, salt, self.clock.now())
 
     def workers(self, role: Role) -> list[Worker]:
         """The role's workers that may be picked (not draining)."""
@@ -253,14 +276,15 @@ class Scheduler:
                 due = [w for w in self._workers.values() if w.address not in in_flight]
                 in_flight.update(w.address for w in due)
             for worker in due:
-                call = worker.stub.Stats.future(worker_pb2.StatsRequest(),
+                asked_at = self.clock.now()
+                call = worker.stub.Stats.future(self._stats_request(worker),
                                                 timeout=self.stats_timeout)
                 call.add_done_callback(
-                    lambda done, w=worker: self._polled(w, done, in_flight))
+                    lambda done, w=worker, t=asked_at: self._polled(w, done, in_flight, t))
 
-    def _polled(self, worker: Worker, call, in_flight: set[str]) -> None:
+    def _polled(self, worker: Worker, call, in_flight: set[str], asked_at: float) -> None:
         try:
-            self.heard_from(worker, call.result())
+            self.heard_from(worker, call.result(), asked_at)
         except (grpc.RpcError, grpc.FutureCancelledError):
             pass
         with self._lock:

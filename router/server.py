@@ -84,7 +84,8 @@ def static_scheduler(prefill: Sequence[str], decode: Sequence[str], secret: str 
                      options: RouterOptions) -> Scheduler:
     """A scheduler over fixed worker addresses (handshakes with each), weighing and
     judging them as the router's ``options`` say."""
-    scheduler = Scheduler(secret, options.kv_weight, options.worker_gone_s)
+    scheduler = Scheduler(secret, options.kv_weight, options.worker_gone_s,
+                          kv_events=options.kv_events)
     for address in decode:
         scheduler.add(address, Role.DECODE)
     for address in prefill:

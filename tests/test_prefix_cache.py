@@ -4,6 +4,7 @@ exactly what a cold prefill gives, in every layout, under eviction, and to trans
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -29,9 +30,10 @@ from protos import worker_pb2, worker_pb2_grpc
 from protos.grpc_server import channel
 from protos.layout import kv_bytes_per_token
 from protos.prefix_index import PrefixIndex
-from protos.vocabulary import Mode
+from protos.vocabulary import Mode, Role
 from router.client import GenerationClient, generate_request
 from router.options import RouterOptions
+from router.server import static_scheduler
 
 LIMITS = CacheLimits(max_sequences=8, max_total_tokens=2048, prefill_chunk_tokens=64)
 NEW_TOKENS = 8
@@ -370,3 +372,41 @@ def test_kv_aware_routing_keeps_a_chat_on_the_worker_that_holds_it(model, expect
     # turn after the first forks from the whole turn before.
     previous_turns = sum(len(p) + NEW_TOKENS - 1 for p, _ in chat[:-1])
     assert hits[1.0] >= previous_turns > hits[0.0]
+
+
+def test_workers_tell_the_router_what_they_cache_so_a_new_router_starts_warm(model):
+    """KV events: the router learns a worker's cache from the worker (a router started
+    again knows it at once) and learns its evictions."""
+    folder, reference = model
+    small = CacheLimits(max_sequences=4, max_total_tokens=256, prefill_chunk_tokens=64)
+    cluster = local_cluster(folder, cache=small, mode=Mode.AGGREGATED)
+    try:
+        prompt = list(range(100, 148))  # three whole pages
+        scheduler = cluster.router.scheduler
+        address = scheduler.workers(Role.DECODE)[0].address
+
+        def held(by) -> int:
+            return by.cache_map.hits([address], prompt)[address]
+
+        def told_within(by, seconds: float = 5.0) -> int:
+            """What ``by`` holds for the prompt once a poll sent from now has answered."""
+            deadline = time.monotonic() + seconds
+            seen = by.workers(Role.DECODE)[0].seen
+            while by.workers(Role.DECODE)[0].seen <= seen + by.POLL_SECONDS:
+                assert time.monotonic() < deadline, "no poll answered"
+                time.sleep(0.05)
+            return held(by)
+
+        assert serve(cluster, [prompt], 4) == [hf_greedy(reference, prompt, 4)]
+        assert told_within(scheduler) >= len(prompt)
+        again = static_scheduler([], [address], cluster.secret, RouterOptions())
+        try:
+            assert held(again) >= len(prompt)  # from its first handshake: warm
+        finally:
+            again.close()
+        others = [[200 + i] + list(range(40 + i, 79 + i)) for i in range(6)]
+        serve(cluster, others, 4)
+        assert not cluster.decode[0].engine.cache.lookup(prompt).tokens  # evicted
+        assert told_within(scheduler) == 0
+    finally:
+        cluster.stop()

@@ -12,6 +12,9 @@ from __future__ import annotations
 import pytest
 from fake_clock import FakeClock
 
+from pipeline import kv_events
+from pipeline.kv_events import KVEventLog
+from pipeline.prefix_cache import PrefixCache
 from protos import worker_pb2
 from protos.vocabulary import Role
 from router.scheduler import NoWorker, Scheduler, Worker
@@ -139,3 +142,77 @@ def test_prefill_load_is_the_prompt_tokens_sent(clock):
     assert scheduler.pick_prefill(tokens=list(range(10))) is not first  # 500 tokens there
     scheduler.discharge(first, 500)
     assert first.in_flight == 0
+
+
+# --- KV events: what workers tell of their caches ---------------------------------------
+
+PROMPT = list(range(64))  # four whole pages
+
+
+def told(worker_cache: PrefixCache, scheduler: Scheduler, address: str) -> None:
+    """A poll's answer from a worker whose prefix cache is ``worker_cache``."""
+    w = worker(scheduler, address)
+    asked = scheduler._stats_request(w)
+    assert asked.kv_events
+    answer = stats()
+    answer.kv_events.CopyFrom(worker_cache.kv_events(asked.kv_epoch, asked.kv_after))
+    scheduler.heard_from(w, answer)
+
+
+def test_a_workers_events_make_its_cache_exact_evictions_included(scheduler, clock):
+    cache = PrefixCache(page_size=16)
+    cache.start(7)
+    cache.finish(7, PROMPT)  # cached on worker "a", which the router never sent it
+    told(cache, scheduler, "a")
+    assert scheduler.cache_map.hits(["a", "b"], PROMPT) == {"a": 64, "b": 0}
+    assert scheduler.pick_decode(tokens=PROMPT)[0].address == "a"
+    scheduler.remember("a", "req", PROMPT + [1] * 16)  # the router sent it more
+    assert scheduler.cache_map.hits(["a"], PROMPT + [1] * 16) == {"a": 80}
+    clock.advance(1.0)
+    assert cache.evict_oldest() == 7  # the worker evicts it; the next poll says so
+    told(cache, scheduler, "a")
+    assert scheduler.cache_map.hits(["a"], PROMPT + [1] * 16) == {"a": 0}
+
+
+def test_a_new_router_learns_a_whole_cache_and_a_restarted_worker_is_learnt_anew(clock):
+    cache = PrefixCache(page_size=16)
+    for seq_id in range(3):
+        cache.start(seq_id)
+        cache.finish(seq_id, [seq_id] + PROMPT)
+    scheduler = Scheduler(None, kv_weight=4.0, gone_seconds=GONE, clock=clock, poll=False)
+    scheduler.adopt(Worker("a", Role.DECODE, Unreachable()), stats())
+    told(cache, scheduler, "a")  # a snapshot: the journal is new to this router
+    assert all(scheduler.cache_map.hits(["a"], [s] + PROMPT)["a"] == 64 for s in range(3))
+    restarted = PrefixCache(page_size=16)  # another journal, empty
+    told(restarted, scheduler, "a")
+    assert scheduler.cache_map.hits(["a"], [0] + PROMPT) == {"a": 0}
+
+
+def test_a_journal_answers_what_a_poller_missed_or_the_whole_cache():
+    log = KVEventLog(max_events=4)
+    snapshot = [(1, (b"p1",))]
+    assert log.answer(b"", 0, snapshot).snapshot
+    log.stored(1, [b"p1"])
+    log.stored(2, [b"p2"])
+    log.removed(1)
+    answer = log.answer(log.epoch, 1, snapshot)
+    assert not answer.snapshot and answer.last == 3
+    assert [p.key for p in answer.stored] == [2] and list(answer.removed) == [1]
+    assert log.answer(log.epoch, 3, snapshot).last == 3  # nothing new
+    for key in range(3, 8):
+        log.stored(key, [b"x"])
+    assert log.answer(log.epoch, 3, snapshot).snapshot  # events it needs are gone
+    assert log.answer(b"another", 8, snapshot).snapshot
+
+
+def test_a_journal_answer_is_bounded_and_the_rest_comes_next(monkeypatch):
+    monkeypatch.setattr(kv_events, "PAGES_PER_ANSWER", 2)
+    log = KVEventLog()
+    for key in range(3):
+        log.stored(key, [bytes([key])])
+    newest_first = [(2, (b"\x02",)), (1, (b"\x01",)), (0, (b"\x00",))]
+    assert [p.key for p in log.answer(b"", 0, newest_first).stored] == [2, 1]
+    first = log.answer(log.epoch, 0, newest_first)
+    assert [p.key for p in first.stored] == [0, 1] and first.last == 2
+    rest = log.answer(log.epoch, first.last, newest_first)
+    assert [p.key for p in rest.stored] == [2] and rest.last == 3
