@@ -1,18 +1,23 @@
 """The router's waiting line: requests that no decode worker can take yet wait here for
-capacity to free up, in order of priority class, then of arrival.
+capacity to free up, in order of priority class, then of arrival, tenants taking turns.
 
 Only the request at the head asks the decode workers, so a burst drains in order and a
 large request is not starved by small ones behind it. A request ranks by its arrival
 time plus ``aging_s`` per class below the first: an interactive request goes ahead of
 batch requests that came less than two ``aging_s`` before it, and behind those that have
-waited longer, so no class is starved. The line is bounded in length (a request that
-finds it full is refused at once) and in time (a request gives up after
-``max_queue_wait_s`` seconds, its deadline, or its client leaving).
+waited longer, so no class is starved. Within a class, each request a tenant sends while
+its earlier ones still wait ranks ``TENANT_STEP_S`` behind the one before (virtual time,
+as fair queueing keeps it): a tenant's burst takes turns with the others' requests
+instead of going ahead of them all, and its own requests keep their order. The line is
+bounded in length (a request that finds it full is refused at once) and in time (a
+request gives up after ``max_queue_wait_s`` seconds, its deadline, or its client
+leaving).
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import threading
 from collections.abc import Callable
@@ -27,6 +32,7 @@ from .tenants import Priority
 
 T = TypeVar("T")
 POLL_SECONDS = 0.05  # capacity can also free up where this router cannot see it
+TENANT_STEP_S = 1.0
 
 
 class AdmissionQueue:
@@ -39,24 +45,35 @@ class AdmissionQueue:
         self._line: list[tuple[float, int, object]] = []  # (rank, arrival number, ticket)
         self._arrivals = itertools.count()
         self._asking: object | None = None  # the place of the one asking the workers
+        # Tenants with requests in line: how many, and the rank of the latest.
+        self._in_line: collections.Counter[str] = collections.Counter()
+        self._last_rank: dict[str, float] = {}
         self._changed = threading.Condition()
 
     def admit(self, try_once: Callable[[], T | None], deadline: float | None,
-              still_wanted: Callable[[], bool], priority: Priority = Priority.STANDARD) -> T:
-        """``try_once()`` when this request's turn comes, again each time capacity may have
-        freed, until it returns something other than None.
+              still_wanted: Callable[[], bool], priority: Priority = Priority.STANDARD,
+              tenant: str = "") -> T:
+        """``try_once()`` when this request (of ``tenant``, in ``priority``'s class) comes
+        to the head of the line, again each time capacity may have freed, until it
+        returns something other than None.
 
         Raises ServingError: RESOURCE_EXHAUSTED when the line is full or the wait too
         long, DEADLINE_EXCEEDED at the deadline, CANCELLED when no longer wanted;
         whatever ``try_once`` raises ends the wait too.
         """
         now = self.clock.now()
-        place = (now + priority.rank * self.aging_s, next(self._arrivals), object())
         with self._changed:
             if len(self._line) >= self.max_waiting_requests + 1:  # the head is not waiting yet
                 raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    "the router's waiting line is full "
                                    f"({self.max_waiting_requests} requests); retry later")
+            if self._in_line[tenant]:  # behind its own that still wait
+                rank = max(now, self._last_rank[tenant] + TENANT_STEP_S)
+            else:
+                rank = now
+            self._last_rank[tenant] = rank
+            self._in_line[tenant] += 1
+            place = (rank + priority.rank * self.aging_s, next(self._arrivals), object())
             bisect.insort(self._line, place)
         give_up = now + self.max_queue_wait_s
         try:
@@ -79,6 +96,9 @@ class AdmissionQueue:
         finally:
             with self._changed:
                 self._line.remove(place)
+                self._in_line[tenant] -= 1
+                if not self._in_line[tenant]:
+                    del self._in_line[tenant], self._last_rank[tenant]
                 self._changed.notify_all()
 
     def capacity_freed(self) -> None:

@@ -360,7 +360,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         waited = time.perf_counter()
         decode, reserved = self.admission.admit(
             lambda: self._try_reserve(reserve, blame.decode), deadline, call.is_active,
-            progress.tenant.priority)
+            progress.tenant.priority, progress.tenant.name)
         self.metrics.queue_time.observe(time.perf_counter() - waited)
         self.metrics.tenant_queue_time.labels(progress.tenant.name).observe(
             time.perf_counter() - waited)

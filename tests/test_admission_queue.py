@@ -157,7 +157,7 @@ def test_the_line_goes_by_priority_class_and_a_long_wait_outranks_it():
     def arrive(name: str, priority: Priority, at: float) -> None:
         clock.advance(at - clock.now())
         thread = threading.Thread(target=lambda: queue.admit(
-            lambda: order.append(name) or name, None, wanted, priority))
+            lambda: order.append(name) or name, None, wanted, priority, tenant=name))
         thread.start()
         threads.append(thread)
         while queue.waiting() < len(threads):  # in line behind the head
@@ -175,3 +175,31 @@ def test_the_line_goes_by_priority_class_and_a_long_wait_outranks_it():
         thread.join(timeout=5)
     assert order == ["interactive", "standard", "batch", "late interactive"]
     assert queue.waiting() == 0
+
+
+def test_within_a_class_tenants_take_turns_and_each_keeps_its_order():
+    clock = FrozenClock(start=0.0)
+    queue = AdmissionQueue(max_waiting_requests=8, max_queue_wait_s=1e9, clock=clock)
+    order: list[str] = []
+    threads: list[threading.Thread] = []
+
+    def arrive(tenant: str, name: str, at: float) -> None:
+        clock.advance(at - clock.now())
+        thread = threading.Thread(target=lambda: queue.admit(
+            lambda: order.append(name) or name, None, wanted, tenant=tenant))
+        thread.start()
+        threads.append(thread)
+        while queue.waiting() < len(threads):
+            threading.Event().wait(0.001)
+
+    def head_try():  # a burst of a's, then one of b's, while the head holds the line
+        for i in range(4):
+            arrive("a", f"a{i}", 0.0)
+        arrive("b", "b0", 0.5)
+        return "head"
+
+    assert queue.admit(head_try, None, wanted, tenant="head") == "head"
+    for thread in threads:
+        thread.join(timeout=5)
+    assert order == ["a0", "b0", "a1", "a2", "a3"]
+    assert queue._in_line == {} and queue._last_rank == {}  # nothing kept past the line
