@@ -198,6 +198,7 @@ class Job:
     top: int = 0                # alternatives asked for per generated (or echoed) token
     prompt_top: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token
     tools: AskedTools | None = None  # a chat's tools: its answers are parsed for calls
+    started: bool = False       # its choices are running (each ends its own hold)
 
 
 class OpenAIServer:
@@ -333,6 +334,10 @@ class OpenAIServer:
             first = await anext(events)
         except StopAsyncIteration:  # the client left before anything came
             return Response(status_code=CLIENT_CLOSED)
+        finally:
+            if not job.started:  # cancelled before it ran: what it holds is let go
+                for prepared in job.prepared:
+                    self.servicer.discard(prepared)
         if first[2] is not None:  # refused before any token: a plain error response
             await events.aclose()
             return error_response(first[2])
@@ -406,6 +411,7 @@ class OpenAIServer:
             except Exception as exc:  # never leave the client waiting
                 put((index, None, ServingError(grpc.StatusCode.INTERNAL, str(exc))))
 
+        job.started = True  # each choice is run now, and lets go of what it holds
         for index, (prepared, call) in enumerate(zip(job.prepared, calls)):
             threading.Thread(target=produce, args=(index, prepared, call), daemon=True,
                              name="http-choice").start()

@@ -169,7 +169,6 @@ class Tenants:
 
     def __init__(self, options: TenantOptions, api_key: str | None = None,
                  clock: Clock = MONOTONIC):
-        self.options = options
         self.clock = clock
         self.path = Path(options.file).expanduser() if options.file else None
         self._fallback = {key_digest(api_key): DEFAULT_TENANT} if api_key else {}
@@ -200,9 +199,6 @@ class Tenants:
         if scheme.lower() != "bearer" or not 0 < len(key) <= MAX_KEY_CHARS:
             return None
         return self._by_key.get(key_digest(key.strip()))
-
-    def tenants(self) -> list[Tenant]:
-        return list({t.name: t for t in self._by_key.values()}.values())
 
     # --- quotas ------------------------------------------------------------------------
 
