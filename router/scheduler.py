@@ -167,9 +167,10 @@ class Scheduler:
             worker.stats, worker.seen = stats, now
             if was_gone:
                 self._start_afresh(worker.address)
-        if was_gone:
+        if was_gone:  # what it told is forgotten: the next poll asks for all of it
             self.cache_map.forget(worker.address)
             worker.kv_epoch, worker.kv_after = b"", 0
+            return
         self._told(worker, stats, now if asked_at is None else asked_at)
 
     def _stats_request(self, worker: Worker) -> worker_pb2.StatsRequest:

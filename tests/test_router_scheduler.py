@@ -186,6 +186,13 @@ def test_a_new_router_learns_a_whole_cache_and_a_restarted_worker_is_learnt_anew
     restarted = PrefixCache(page_size=16)  # another journal, empty
     told(restarted, scheduler, "a")
     assert scheduler.cache_map.hits(["a"], [0] + PROMPT) == {"a": 0}
+    clock.advance(GONE + 1)  # silent past gone: its events are asked for afresh
+    restarted.start(9)
+    restarted.finish(9, [9] + PROMPT)
+    told(restarted, scheduler, "a")  # answers what it was asked: since the last poll
+    assert worker(scheduler, "a").kv_epoch == b""
+    told(restarted, scheduler, "a")  # ... and now all of it
+    assert scheduler.cache_map.hits(["a"], [9] + PROMPT) == {"a": 64}
 
 
 def test_a_journal_answers_what_a_poller_missed_or_the_whole_cache():
