@@ -54,6 +54,10 @@ def until(condition, seconds: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def running(cluster) -> float:
+    return cluster.router.metrics.registry.get_sample_value("olmo_num_requests_running")
+
+
 def http_status(cluster, key: str | None) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"}
     if key:
@@ -119,13 +123,12 @@ def test_an_interactive_request_goes_ahead_of_batch_requests_waiting_longer(clus
 
     busy = threading.Thread(target=ask, args=(CHAT_KEY, "busy", 400))
     busy.start()
-    until(lambda: cluster.router.metrics.running._value.get() == 1)
+    until(lambda: running(cluster) == 1)
     batch = [threading.Thread(target=ask, args=(BULK_KEY, f"batch {i}", 4)) for i in range(2)]
     for thread in batch:
         thread.start()
     # Both in line: one at its head (asking, not counted as waiting), one behind it.
-    until(lambda: cluster.router.metrics.running._value.get() == 3
-          and cluster.router.admission.waiting() == 1)
+    until(lambda: running(cluster) == 3 and cluster.router.admission.waiting() == 1)
     interactive = threading.Thread(target=ask, args=(CHAT_KEY, "interactive", 4))
     interactive.start()
     for thread in (busy, *batch, interactive):
