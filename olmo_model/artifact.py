@@ -150,7 +150,7 @@ def compile_stages(config: OLMoConfig, stages: Sequence[StageSpec], dtype: str =
 def compile_side_by_side(libraries: Sequence[Library], target: str | dict[str, Any] = "llvm",
                          cache_dir: Path | None = None) -> None:
     """Put every one of ``libraries`` in the cache, compiling the missing ones side by side,
-    one per CPU (a compile runs on one core): here, and in processes of their own."""
+    as many at once as there are CPUs: here, and in processes of their own."""
     description = target_description(target)
     by_folder = {artifact_folder(lib.config, lib.stage, lib.dtype, description, cache_dir): lib
                  for lib in libraries}
