@@ -42,9 +42,9 @@ class AdmissionQueue:
         self.max_queue_wait_s = max_queue_wait_s
         self.aging_s = aging_s
         self.clock = clock  # ``deadline``s given to ``admit`` are on its scale
-        self._line: list[tuple[float, int, object]] = []  # (rank, arrival number, ticket)
+        self._line: list[tuple[float, int]] = []  # (rank, arrival number): one per request
         self._arrivals = itertools.count()
-        self._asking: object | None = None  # the place of the one asking the workers
+        self._asking: tuple[float, int] | None = None  # the place of the one asking
         # Tenants with requests in line: how many, and the rank of the latest.
         self._in_line: collections.Counter[str] = collections.Counter()
         self._last_rank: dict[str, float] = {}
@@ -73,7 +73,7 @@ class AdmissionQueue:
                 rank = now
             self._last_rank[tenant] = rank
             self._in_line[tenant] += 1
-            place = (rank + priority.rank * self.aging_s, next(self._arrivals), object())
+            place = (rank + priority.rank * self.aging_s, next(self._arrivals))
             bisect.insort(self._line, place)
         give_up = now + self.max_queue_wait_s
         try:

@@ -38,7 +38,8 @@ class CacheMap:
         with self._lock:
             indexes = {a: [i for i in (self._indexes.get(a), self._told.get(a)) if i]
                        for a in addresses}
-            names = PrefixIndex(self.page_size).pages(tokens, salt)
+            known = next((found[0] for found in indexes.values() if found), None)
+            names = known.pages(tokens, salt) if known is not None else ()
             return {address: max((index.match(tokens, touch=False, names=names).tokens
                                   for index in found), default=0)
                     for address, found in indexes.items()}

@@ -8,7 +8,7 @@ import collections
 import json
 from collections.abc import Callable
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from .client_budget import (
     BYTE_COST_S,
@@ -155,8 +155,8 @@ async def _refuse(send, message: str, retry_after_s: float) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def over_quota_response(exc: OverBudget) -> JSONResponse:
+def over_quota_response(exc: OverBudget) -> Response:
     """The 429 of a request over its tenant's quota, with when a retry would pass."""
-    return JSONResponse(status_code=429, content=json.loads(
-        rate_limit_error(str(exc), "rate_limit_exceeded")),
-        headers={"retry-after": retry_after_header(exc.retry_after_s)})
+    return Response(rate_limit_error(str(exc), "rate_limit_exceeded"), status_code=429,
+                    media_type="application/json",
+                    headers={"retry-after": retry_after_header(exc.retry_after_s)})

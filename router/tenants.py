@@ -292,7 +292,7 @@ class Tenants:
         with self._lock:
             self._by_key, self._stamp = by_key, stamp
             # A tenant keeps its usage through a reload; one removed leaves it.
-            names = {t.name: t for t in by_key.values()}
+            names = {t.name for t in by_key.values()}
             self._usage = {n: u for n, u in self._usage.items() if n in names}
         log.info("tenants read again from %s: %d", self.path, len(names))
 
