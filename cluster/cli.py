@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from protos import tracing
 from protos.auth import API_KEY_ENV, SECRET_ENV
 from protos.vocabulary import Mode, Role
 
@@ -144,6 +145,7 @@ def _one_role_worker(args: argparse.Namespace) -> int:
     config = _load_config(args)
     secret = _required_secret(config)
     spec, host = config.worker_spec(), config.worker.host_outside_ray
+    tracing.configure(config.tracing, f"olmo-{role}")
     server, _ = serve(spec.runner(), host, getattr(config, role).port, secret, spec.options)
     print(f"{role} worker serving on {host}:{server.port}", flush=True)
     return _wait_for_signal([server])
@@ -154,6 +156,7 @@ def _router(args: argparse.Namespace) -> int:
     from router.server import serve_router, static_scheduler
 
     config = _load_config(args)
+    tracing.configure(config.tracing, "olmo-router")
     options = config.router
     scheduler = static_scheduler([] if config.aggregated else args.prefill, args.decode,
                                  _required_secret(config), options)

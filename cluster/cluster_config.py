@@ -24,6 +24,7 @@ from olmo_model.quantization import MODEL_DTYPES
 from pipeline.options import WorkerOptions
 from protos.auth import api_key, cluster_secret, new_secret
 from protos.setting import setting
+from protos.tracing import TracingOptions
 from protos.vocabulary import Mode, Role
 from router.options import RouterOptions
 
@@ -91,6 +92,7 @@ class ClusterConfig:
     prefill: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     decode: RoleConfig = dataclasses.field(default_factory=RoleConfig)
     planner: PlannerConfig = dataclasses.field(default_factory=PlannerConfig)
+    tracing: TracingOptions = dataclasses.field(default_factory=TracingOptions)
     health_interval_s: float = setting(1.0, "how often the Ray manager checks each worker's "
                                             "health")
     # Internal calls and the admin API carry the cluster secret: from $OLMO_CLUSTER_TOKEN,

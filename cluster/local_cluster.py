@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from decode_worker.servicer import DecodeServicer, serve_decode
 from prefill_worker.servicer import PrefillServicer, serve_prefill
+from protos import tracing
 from protos.auth import new_secret
 from protos.grpc_server import Server
 from protos.vocabulary import Role
@@ -56,6 +57,7 @@ def start_local_cluster(config: ClusterConfig, secret: str | None = None) -> Loc
     ``http_port`` is -1, serves the OpenAI-compatible API too."""
     spec = config.worker_spec()
     secret = secret or new_secret()
+    tracing.configure(config.tracing, "olmo-cluster")
     worker_host = config.worker.host_outside_ray
     servers: list[Server] = []
     servicers: dict[Role, list] = {Role.PREFILL: [], Role.DECODE: []}

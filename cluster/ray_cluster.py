@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from protos import tracing
 from protos.grpc_server import Server
 from protos.vocabulary import Role
 from router.server import serve_router
@@ -46,6 +47,7 @@ class RayCluster:
 def start_ray_cluster(config: ClusterConfig, ray_address: str | None = None,
                       num_cpus: float | None = None) -> RayCluster:
     connect_ray(ray_address, num_cpus)
+    tracing.configure(config.tracing, "olmo-router")
     # On a Ray cluster that outlives this process, so do the workers (ray_manager says how
     # a router started again adopts them).
     manager = RayClusterManager(config, config.cluster_secret(), detached=bool(ray_address))

@@ -228,7 +228,7 @@ class RayClusterManager:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         group, placement_group_bundle_index=stage),
                 ).remote(role, self.worker_spec, self.secret, self.config.worker.host,
-                         spec.port, stage, spec.stages)
+                         spec.port, stage, spec.stages, self.config.tracing)
                 for stage in range(spec.stages)]
             instance = Instance(name, role, actors, group)
             with self._lock:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 
 from pipeline.options import NODE_HOST
+from protos import tracing
 from protos.vocabulary import Role
 
 from .worker_spec import WorkerSpec
@@ -27,8 +28,10 @@ def fingerprint(spec: WorkerSpec, secret: str) -> str:
 
 class WorkerActor:
     def __init__(self, role: Role, spec: WorkerSpec, secret: str, host: str, port: int = 0,
-                 stage: int = 0, num_stages: int = 1):
+                 stage: int = 0, num_stages: int = 1,
+                 tracing_options: tracing.TracingOptions | None = None):
         role = Role(role)  # ValueError on a role no worker plays
+        tracing.configure(tracing_options or tracing.TracingOptions(), f"olmo-{role}")
         if role is Role.PREFILL:
             from prefill_worker.servicer import serve_prefill as serve
         else:

@@ -35,6 +35,7 @@ from pipeline.ops import (
 )
 from pipeline.prefix_cache import MISS, PrefixCache
 from pipeline.stats import EngineCounters, EngineStats
+from protos import tracing
 from protos.errors import ServingError
 from protos.vocabulary import FinishReason
 
@@ -44,6 +45,19 @@ from .stage import DecodeStage
 from .stats import DecodeStats, kv_received
 
 PUSH_TOKEN_BYTES = 16  # 128 bits: not guessed within a reservation's lease
+# A traced request's decode steps are one span per this many (and one for the rest).
+STEPS_PER_SPAN = 32
+
+
+@dataclasses.dataclass
+class StepWindow:
+    """A traced request's decode steps since its last steps span."""
+
+    started: float      # perf_counter time the first of them began
+    ended: float = 0.0  # ... and the last ended
+    steps: int = 0
+    tokens: int = 0
+    largest_batch: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +96,7 @@ class DecodeEngine:
         self.step_costs = StepCosts()
         self._drafters: dict[str, Drafter] = {}
         self._held: dict[str, int] = {}
+        self._windows: dict[str, StepWindow] = {}  # traced requests' steps, by request id
         self._went_round = time.monotonic()  # the loop's last turn (loop_age)
         stage.receiver.on_arrival = self.scheduler.kv_arrived
         self.chain: StageChain | None = None  # set when this worker leads an instance
@@ -106,11 +121,12 @@ class DecodeEngine:
 
     def reserve(self, request_id: str, prompt_tokens: int, prompt_ids: list[int],
                 sampling: SamplingConfig, lease_seconds: float, prefill_locally: bool = False,
-                local_below: int = 0, cache_salt: bytes = b"") -> Reservation:
+                local_below: int = 0, cache_salt: bytes = b"", traceparent: str = ""
+                ) -> Reservation:
         """Hold pages for a request and tell every stage of it. Its sequence forks from
         the longest prefix of ``prompt_ids`` (when given) cached under its ``cache_salt``;
         it is prefilled here if ``prefill_locally``, or if at most ``local_below`` of its
-        tokens are not cached."""
+        tokens are not cached. Its work here is traced under ``traceparent``."""
         chain = self._leading()
         # Prompt log-probabilities score every position: this worker prefills them all.
         scores = sampling.prompt_logprobs
@@ -133,6 +149,7 @@ class DecodeEngine:
                             keep=cached.seq_id)
             request = self.scheduler.reserve(request_id, prompt_tokens, prompt_ids, sampling,
                                              lease_seconds, local, cached, cache_salt)
+            request.traceparent = traceparent
             self.cache.start(request.seq_id, cached,
                              0 if local else self._pushed_kept_from(prompt_tokens))
             token = b"" if local else secrets.token_bytes(PUSH_TOKEN_BYTES)
@@ -202,16 +219,20 @@ class DecodeEngine:
             ready = set(self.chain.ready([r.request_id for r in pushed]))
             admitted = [r for r in pushed if r.request_id in ready]
             if admitted:
+                arrived = {r.request_id: self.stage.receiver.arrived_at(r.request_id)
+                           for r in admitted if r.traceparent}
+                started = time.perf_counter()
                 result = self.chain.install([Admission(r.request_id, r.seq_id)
                                              for r in admitted])
                 self._emit(admitted, result.tokens, result.failed, result.logprobs)
+                self._trace_first_tokens(admitted, arrived, started, result.failed)
         local = [r for r in waiting if r.local]
         if local:
             # One chunk per loop (chunked prefill): running sequences take a decode step
             # between a long prompt's chunks instead of waiting for all of it.
             prompts = [PromptToPrefill(r.seq_id, r.prompt_ids[r.cached_tokens:], r.request_id,
                                        fork_from=r.cached.seq_id, fork_pos=r.cached_tokens,
-                                       done=r.prefilled)
+                                       done=r.prefilled, traceparent=r.traceparent)
                        for r in local]
             outcome = self.chain.prefill(prompts, self.chunk_size, max_passes=1)
             for request, computed in zip(local, outcome.computed):
@@ -244,8 +265,9 @@ class DecodeEngine:
                             dtype=np.int32)
         started = time.perf_counter()
         result = self.chain.forward(batch, inputs)
+        ended = time.perf_counter()
         if self.drafts:
-            seconds = time.perf_counter() - started
+            seconds = ended - started
             if batch.decode:
                 self.step_costs.decoded(len(running), seconds)
             else:
@@ -259,12 +281,51 @@ class DecodeEngine:
                 self._drafters[r.request_id].verified(len(s.draft), accepted)
             else:
                 self._held.pop(r.request_id, None)
+        if tracing.enabled():  # before _emit, which ends the windows of those finishing
+            self._trace_step(running, result.more, started, ended)
         self._emit(running, result.tokens, result.failed, result.logprobs, more=result.more,
                    more_logprobs=result.more_logprobs)
         for r in running:
             if r.request_id in self._drafters and r.state is RequestState.RUNNING:
                 self._drafters[r.request_id].extend(r.generated[-1 - len(
                     result.more.get(r.seq_id, ())):])
+
+    def _trace_first_tokens(self, admitted: Sequence[Request], arrived: dict[str, float | None],
+                            started: float, failed: dict[int, str]) -> None:
+        """A span per traced request admitted with pushed K/V: from its last piece (the
+        wait for the loop's turn included) through installing it and sampling its first
+        token from the pushed hidden state."""
+        now = time.perf_counter()
+        for r in admitted:
+            if r.traceparent:
+                since = min(arrived.get(r.request_id) or started, started)
+                tracing.span_between("decode.first_token", r.traceparent, since, now, {
+                    "olmo.waited_ms": 1000 * (started - since),
+                    "olmo.batch_size": len(admitted)}, error=failed.get(r.seq_id))
+
+    def _trace_step(self, running: Sequence[Request], more: dict[int, list[int]],
+                    started: float, ended: float) -> None:
+        """Count a decode step into each traced request's window; a full window is a
+        span (see STEPS_PER_SPAN)."""
+        for r in running:
+            if not r.traceparent:
+                continue
+            window = self._windows.setdefault(r.request_id, StepWindow(started))
+            window.ended = ended
+            window.steps += 1
+            window.tokens += 1 + len(more.get(r.seq_id, ()))
+            window.largest_batch = max(window.largest_batch, len(running))
+            if window.steps >= STEPS_PER_SPAN:
+                self._end_window(r)
+
+    def _end_window(self, request: Request, error: str = "") -> None:
+        window = self._windows.pop(request.request_id, None)
+        if window is not None:
+            tracing.span_between("decode.steps", request.traceparent, window.started,
+                                 window.ended, {"olmo.steps": window.steps,
+                                                "olmo.tokens": window.tokens,
+                                                "olmo.largest_batch": window.largest_batch},
+                                 error=error)
 
     def _draft(self, request: Request) -> list[int]:
         """Tokens to verify after the request's next one (none if it cannot take any)."""
@@ -334,6 +395,7 @@ class DecodeEngine:
                           or self._holds_more(request) else request.kv_tokens())
                 self._held.pop(request_id, None)
                 self._drafters.pop(request_id, None)
+                self._end_window(request, event.error if event.finish_reason.failed else "")
                 freed = self.cache.finish(request.seq_id, tokens, request.cache_salt)
                 self.chain.release(Release(tuple(freed), (request.request_id,)))
             finally:

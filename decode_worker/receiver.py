@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import grpc
@@ -74,6 +75,7 @@ class PendingKV:
     attempt: int = 0        # the prefill leg's try that the assembly holds
     assembly: Assembly | None = None
     hidden: np.ndarray | None = None
+    arrived_at: float = 0.0  # perf_counter time its latest piece counted
 
 
 @dataclasses.dataclass
@@ -163,6 +165,12 @@ class KVReceiver:
     def ready(self, request_ids: Sequence[str]) -> list[str]:
         with self._lock:
             return [r for r in request_ids if r in self._pending and self._complete(r)]
+
+    def arrived_at(self, request_id: str) -> float | None:
+        """When the request's latest piece counted (None: none has, or it left)."""
+        with self._lock:
+            pending = self._pending.get(request_id)
+            return pending.arrived_at or None if pending is not None else None
 
     def take(self, request_id: str) -> PendingKV:
         with self._lock:
@@ -274,6 +282,7 @@ class KVReceiver:
             piece.assembly.writers -= 1
             if hidden is not None:
                 pending.hidden = hidden
+            pending.arrived_at = time.perf_counter()
             piece.assembly = None  # done with it: nothing for release to undo
 
     def release(self, piece: Piece) -> None:

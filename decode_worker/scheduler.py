@@ -138,6 +138,7 @@ class Request:
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     stream_attached: bool = False
     prefilled: int = 0        # local: prompt tokens (after the cached ones) computed so far
+    traceparent: str = ""     # the router's span it is traced under (protos/tracing.py)
 
     @property
     def cached_tokens(self) -> int:

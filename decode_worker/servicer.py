@@ -16,7 +16,7 @@ from pipeline.ops import checked_cache_salt
 from pipeline.options import DEFAULT_OPTIONS, WorkerOptions
 from pipeline.remote import InstanceLeader, start_worker_server
 from pipeline.wire import logprobs_to_proto, sampling_from_proto, stage_infos
-from protos import worker_pb2, worker_pb2_grpc
+from protos import tracing, worker_pb2, worker_pb2_grpc
 from protos.errors import ServingError, aborts_on_error, status_number
 from protos.grpc_server import Server, time_remaining
 from protos.vocabulary import Role
@@ -51,7 +51,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPus
                                    list(request.prompt_token_ids),
                                    sampling_from_proto(request.sampling), lease,
                                    request.prefill_locally, request.local_prefill_below,
-                                   checked_cache_salt(request.cache_salt))
+                                   checked_cache_salt(request.cache_salt),
+                                   tracing.header(tracing.from_metadata(
+                                       context.invocation_metadata())))
         return worker_pb2.ReserveResponse(reserved_pages=held.pages, layout=self.layout,
                                           cached_tokens=held.cached_tokens,
                                           prefill_locally=held.local,
@@ -66,11 +68,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPus
         if remaining is None or remaining > MAX_PUSH_SECONDS:
             timer = threading.Timer(MAX_PUSH_SECONDS, context.cancel)
             timer.start()
+        span = tracing.start("kv.receive", tracing.from_metadata(context.invocation_metadata()),
+                             tracing.SpanKind.SERVER)
+        error = None
         try:
             received = self.stage.receiver.receive(request_iterator)
+            span.set_attribute("olmo.bytes", received)
             # It says what it accepts: the senders' negotiation of the next pushes.
             return push_response(received, self.stage.receiver.accepts())
+        except Exception as exc:
+            error = exc
+            raise
         finally:
+            tracing.end(span, error=error)
             if timer is not None:
                 timer.cancel()
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 import numpy as np
 
 from olmo_model.kv_pages import KVSnapshot
-from protos import worker_pb2
+from protos import tracing, worker_pb2
 from protos.errors import ServingError
 from protos.grpc_server import shared_channel
 
@@ -61,7 +61,8 @@ class InlineChannel:
 
     def send(self, address: str, grant: PushGrant, layout: worker_pb2.ModelLayout,
              snapshot: KVSnapshot, hidden: np.ndarray | None, buffer: Buffer | None,
-             encoding: list[float]) -> worker_pb2.PushResponse:
+             encoding: list[float], metadata: Sequence[tuple[str, str]] = ()
+             ) -> worker_pb2.PushResponse:
         """One push; the time spent making its chunks is added to ``encoding[0]``.
         Raises grpc.RpcError."""
         chunks = _timed(encode_push(grant, layout, snapshot, hidden, self._shared(buffer),
@@ -70,7 +71,7 @@ class InlineChannel:
         push = shared_channel(address).stream_unary(
             PUSH_METHOD, request_serializer=serialize_chunk,
             response_deserializer=worker_pb2.PushResponse.FromString)
-        return push(chunks, timeout=self.timeout)
+        return push(chunks, timeout=self.timeout, metadata=metadata)
 
     def _shared(self, buffer: Buffer | None) -> SharedBuffer | None:
         return None
@@ -158,11 +159,34 @@ class KVSender:
         be reached in time, FAILED_PRECONDITION when it refused the push (its reason kept).
         """
         start = time.perf_counter()
+        span = tracing.start("kv.push", grant.traceparent or None, tracing.SpanKind.CLIENT, {
+            "olmo.target": address, "olmo.layers": f"[{snapshot.layer_begin}, "
+                                                   f"{snapshot.layer_end})",
+            "olmo.tokens": snapshot.num_tokens, "olmo.hidden": hidden is not None})
+        try:
+            reply, transport, encoding = self._send(address, grant, snapshot, hidden, buffer,
+                                                    tracing.metadata(span))
+        except ServingError as exc:
+            tracing.end(span, error=exc)
+            raise
+        seconds = time.perf_counter() - start
+        tracing.end(span, attributes={"olmo.bytes": reply.bytes,
+                                      "olmo.transport": transport.value,
+                                      "olmo.encode_ms": 1000 * encoding})
+        self._count(grant.request_id, transport, reply.bytes, seconds, encoding)
+        return reply.bytes
+
+    def _send(self, address: str, grant: PushGrant, snapshot: KVSnapshot,
+              hidden: np.ndarray | None, buffer: Buffer | None,
+              metadata: Sequence[tuple[str, str]]
+              ) -> tuple[worker_pb2.PushResponse, Transport, float]:
+        """One push by the best transport both ends take (inline if the receiver cannot
+        read what it advertised): its answer, transport and seconds spent encoding."""
         encoding = [0.0]
         offers = ((Transport.SHARED_MEMORY, Transport.INLINE)
                   if isinstance(buffer, SharedBuffer) else (Transport.INLINE,))
         transport = choose_transport(offers, self.peers.accepts(address))
-        args = (address, grant, self.layout, snapshot, hidden, buffer, encoding)
+        args = (address, grant, self.layout, snapshot, hidden, buffer, encoding, metadata)
         try:
             reply = self.channels[transport].send(*args)
         except grpc.RpcError as exc:
@@ -175,9 +199,7 @@ class KVSender:
             except grpc.RpcError as exc2:
                 raise self._push_error(exc2, grant.request_id, address) from exc2
         self.peers.learn(address, Accepts(reply.shared_memory_host))
-        self._count(grant.request_id, transport, reply.bytes, time.perf_counter() - start,
-                    encoding[0])
-        return reply.bytes
+        return reply, transport, encoding[0]
 
     def take_totals(self, request_id: str) -> tuple[int, float]:
         """(bytes, seconds) of this request's pushes so far, forgotten once taken."""

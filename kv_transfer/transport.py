@@ -97,6 +97,7 @@ class PushGrant:
     request_id: str
     attempt: int = 0
     token: bytes = b""
+    traceparent: str = ""  # the request's trace context: each push is a span under it
 
 
 @dataclasses.dataclass(frozen=True)

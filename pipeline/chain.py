@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Sequence
 
 import grpc
 import numpy as np
 
 from olmo_model.runtime import Piece, plan_chunks
+from protos import tracing
 from protos.errors import ServingError
 from protos.layout import layout_mismatch
 
@@ -47,6 +49,7 @@ class PromptToPrefill:
     push_attempt: int = 0  # prefill role: the leg's try, which its pushes carry
     push_token: bytes = b""  # prefill role: the decode reservation's, which its pushes carry
     done: int = 0       # of ``token_ids``, those earlier passes computed already
+    traceparent: str = ""  # the request's trace context: its passes are spans under it
 
     @property
     def remaining(self) -> Sequence[int]:
@@ -97,13 +100,17 @@ class StageChain:
 
     # --- every stage ------------------------------------------------------------------
 
-    def forward(self, batch: ForwardBatch, inputs: np.ndarray) -> ForwardResult:
+    def forward(self, batch: ForwardBatch, inputs: np.ndarray,
+                stage_ends: list[float] | None = None) -> ForwardResult:
         """Token ids in; the last stage's result out, with every stage's push failures and
-        the sequences any stage could not step (each fails alone)."""
+        the sequences any stage could not step (each fails alone). ``stage_ends``: gets
+        the perf_counter time each stage finished."""
         failures: dict[str, ServingError] = {}
         failed: dict[int, str] = {}
         for stage in self.stages:
             result = stage.forward(batch, inputs)
+            if stage_ends is not None:
+                stage_ends.append(time.perf_counter())
             failures.update(result.push_failures)
             failed.update(result.failed)
             inputs = result.hidden
@@ -124,7 +131,11 @@ class StageChain:
         chunks = plan_chunks([p.remaining for p in prompts], chunk_size)
         for chunk in itertools.islice(chunks, max_passes):
             slices = tuple(self._slice(prompts[c.index], c) for c in chunk.pieces)
-            result = self.forward(ForwardBatch(slices), chunk.token_ids)
+            started = time.perf_counter()
+            stage_ends = [] if tracing.enabled() else None
+            result = self.forward(ForwardBatch(slices), chunk.token_ids, stage_ends)
+            if stage_ends:
+                self._trace_pass(slices, started, stage_ends, result.failed)
             failures.update(result.push_failures)
             failed.update(result.failed)
             logprobs.update(result.logprobs)
@@ -135,6 +146,25 @@ class StageChain:
         return PrefillOutcome([first.get(i) for i in range(len(prompts))], computed, failed,
                               logprobs, failures, scored)
 
+    def _trace_pass(self, slices: Sequence[SequenceSlice], started: float,
+                    stage_ends: Sequence[float], failed: dict[int, str]) -> None:
+        """Each traced request's share of a prefill pass: a span under its request (with
+        one per stage, when there are several), timed as the pass was."""
+        tokens = sum(s.length for s in slices)
+        for s in slices:
+            if not s.traceparent:
+                continue
+            span = tracing.span_between("prefill.pass", s.traceparent, started, stage_ends[-1], {
+                "olmo.tokens": s.length, "olmo.prefilled_to": s.total_tokens,
+                "olmo.batch_tokens": tokens, "olmo.batch_size": len(slices)},
+                error=failed.get(s.seq_id))
+            if self.staged:
+                for address, begin, end in zip(self.addresses, [started, *stage_ends],
+                                               stage_ends):
+                    tracing.span_between("stage.forward", span, begin, end, {
+                        "olmo.stage": address.address,
+                        "olmo.layers": f"[{address.layer_begin}, {address.layer_end})"})
+
     @staticmethod
     def _slice(prompt: PromptToPrefill, piece: Piece) -> SequenceSlice:
         return SequenceSlice(seq_id=prompt.seq_id, length=piece.length,
@@ -144,7 +174,8 @@ class StageChain:
                              fork_from=prompt.fork_from, fork_pos=prompt.fork_pos,
                              push_from=prompt.push_from, push_attempt=prompt.push_attempt,
                              push_token=prompt.push_token,
-                             prompt_tokens=prompt.fork_pos + len(prompt.token_ids))
+                             prompt_tokens=prompt.fork_pos + len(prompt.token_ids),
+                             traceparent=prompt.traceparent)
 
     def release(self, release: Release) -> None:
         """Every stage frees what it can: a stage that is gone must not keep the others

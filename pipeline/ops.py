@@ -144,6 +144,7 @@ class SequenceSlice:
     draft: tuple[int, ...] = ()
     trim: bool = False
     prompt_tokens: int = 0      # prefill: the whole prompt's length (0: not known)
+    traceparent: str = ""       # the request's trace context (protos/tracing.py), if traced
 
     @property
     def starts_sequence(self) -> bool:

@@ -119,7 +119,8 @@ def forward_to_proto(batch: ForwardBatch, inputs: np.ndarray) -> stage_pb2.Forwa
             kv_targets=[address_to_proto(t) for t in s.kv_targets],
             fork_from=s.fork_from or 0, fork_pos=s.fork_pos, push_from=s.push_from,
             push_attempt=s.push_attempt, push_token=s.push_token,
-            prompt_tokens=s.prompt_tokens, draft=list(s.draft), trim=s.trim)
+            prompt_tokens=s.prompt_tokens, draft=list(s.draft), trim=s.trim,
+            traceparent=s.traceparent)
             for s in batch.slices])
 
 
@@ -132,7 +133,8 @@ def forward_from_proto(request: stage_pb2.ForwardRequest) -> ForwardBatch:
             kv_targets=tuple(address_from_proto(t) for t in s.kv_targets),
             fork_from=s.fork_from or None, fork_pos=s.fork_pos, push_from=s.push_from,
             push_attempt=s.push_attempt, push_token=s.push_token,
-            prompt_tokens=s.prompt_tokens, draft=tuple(s.draft), trim=s.trim)
+            prompt_tokens=s.prompt_tokens, draft=tuple(s.draft), trim=s.trim,
+            traceparent=s.traceparent)
             for s in request.slices))
 
 

@@ -29,6 +29,8 @@ class PrefillJob:
     attempt: int = 0        # the router's try of this prefill leg; its pushes carry it
     push_token: bytes = b""  # the decode reservation's; its pushes carry it
     cache_salt: bytes = b""  # its prefix cache namespace: looked up and cached under it
+    traceparent: str = ""   # its Prefill call's span (protos/tracing.py), if traced
+    queued_at: float = 0.0  # perf_counter time it was submitted
     result: Future = dataclasses.field(default_factory=Future)
     cancelled: bool = False
     cached_tokens: int = 0  # found in this instance's prefix cache

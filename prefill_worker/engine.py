@@ -20,6 +20,7 @@ from pipeline.ops import Release
 from pipeline.pages import PageBudget
 from pipeline.prefix_cache import PrefixCache
 from pipeline.stats import EngineCounters
+from protos import tracing
 from protos.errors import ServingError
 
 from .batcher import PrefillJob, PromptBatcher
@@ -73,6 +74,10 @@ class PrefillEngine:
 
     def _run(self, batch: list[PrefillJob]) -> None:
         start = time.perf_counter()
+        for job in batch:
+            if job.traceparent:
+                tracing.span_between("prefill.queue", job.traceparent, job.queued_at, start,
+                                     {"olmo.batch_size": len(batch)})
         prompts, pages = zip(*(self._plan(job) for job in batch))
         try:
             self._make_room(prompts, sum(pages))
@@ -112,7 +117,7 @@ class PrefillEngine:
         prompt = PromptToPrefill(self._next_seq_id, job.token_ids[cached.tokens:],
                                  job.request_id, job.kv_targets, cached.seq_id, cached.tokens,
                                  job.skip_tokens, push_attempt=job.attempt,
-                                 push_token=job.push_token)
+                                 push_token=job.push_token, traceparent=job.traceparent)
         return prompt, self.pages.new_pages(len(job.token_ids), cached.shared_pages)
 
     def _make_room(self, prompts: Sequence[PromptToPrefill], pages: int) -> None:

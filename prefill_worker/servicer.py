@@ -16,7 +16,7 @@ from pipeline.options import DEFAULT_OPTIONS, WorkerOptions
 from pipeline.remote import InstanceLeader, start_worker_server
 from pipeline.stats import EngineStats
 from pipeline.wire import address_from_proto, stage_infos
-from protos import worker_pb2, worker_pb2_grpc
+from protos import tracing, worker_pb2, worker_pb2_grpc
 from protos.errors import ServingError, aborts_on_error
 from protos.grpc_server import Server, time_remaining
 from protos.vocabulary import Role
@@ -46,10 +46,28 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
 
     @aborts_on_error
     def Prefill(self, request, context):
+        span = tracing.start("prefill_worker.prefill",
+                             tracing.from_metadata(context.invocation_metadata()),
+                             tracing.SpanKind.SERVER,
+                             {"olmo.request_id": request.request_id,
+                              "olmo.prompt_tokens": len(request.token_ids)})
+        error = None
+        try:
+            response = self._prefill(request, context, span)
+            span.set_attributes({"olmo.cached_tokens": response.cached_tokens,
+                                 "olmo.kv_bytes": response.kv_bytes})
+            return response
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            tracing.end(span, error=error)
+
+    def _prefill(self, request, context, span: tracing.Span) -> worker_pb2.PrefillResponse:
         job = PrefillJob(request.request_id, self._checked_tokens(request),
                          self._checked_targets(request), request.skip_tokens,
                          request.attempt, request.push_token,
-                         checked_cache_salt(request.cache_salt))
+                         checked_cache_salt(request.cache_salt), tracing.header(span))
         with self._lock:
             if job.request_id in self._jobs:
                 raise ServingError(grpc.StatusCode.ALREADY_EXISTS,
@@ -57,7 +75,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer, InstanceLeader):
             self._jobs[job.request_id] = job
         if not context.add_callback(lambda: self._cancel(job, "cancelled by the caller")):
             self._cancel(job, "cancelled by the caller")  # gone before the callback was set
-        start = time.perf_counter()
+        start = job.queued_at = time.perf_counter()
         try:
             self.engine.submit(job)
             job.result.result(timeout=min(time_remaining(context) or MAX_WAIT_SECONDS,

@@ -35,7 +35,7 @@ from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
 from pipeline.ops import ForwardBatch, ForwardResult, Release, SequenceSlice, StageAddress
 from pipeline.stage import embed_checked, start_sequence
-from protos import worker_pb2
+from protos import tracing, worker_pb2
 from protos.errors import ServingError
 
 
@@ -165,7 +165,7 @@ class PrefillStage:
             else:
                 start_sequence(self.runner, self.sequences, s.seq_id, s.fork_from, s.fork_pos)
             if s.starts_sequence and s.kv_targets:
-                grant = PushGrant(s.request_id, s.push_attempt, s.push_token)
+                grant = PushGrant(s.request_id, s.push_attempt, s.push_token, s.traceparent)
                 transfers = tuple(self.sender.open(t.address, grant) for t in s.kv_targets)
                 self._streams[s.seq_id] = KVStream(s.request_id, s.kv_targets, transfers,
                                                    s.push_from, s.prompt_tokens)
@@ -208,10 +208,15 @@ class PrefillStage:
         for piece in outgoing:
             layers = range(piece.layers_sent, layer_end)
             s = piece.slice
+            exporting = time.perf_counter()
             snapshot = self.runner.kv.export_sequence(
                 s.seq_id, s.total_tokens, piece.token_begin, (piece.keys, piece.values),
                 # all at once reads any device's pages; a group, host pages only
                 layers=None if len(layers) == self.spec.num_local_layers else layers)
+            if s.traceparent:
+                tracing.span_between("kv.export", s.traceparent, exporting, time.perf_counter(), {
+                    "olmo.layers": f"[{snapshot.layer_begin}, {snapshot.layer_end})",
+                    "olmo.tokens": snapshot.num_tokens})
             done = layer_end == self.spec.num_local_layers
             hidden = last[rows[s.seq_id]] if done and last is not None and s.ends_prompt else None
             self._send_piece(piece.stream, snapshot, piece.buffer, hidden)

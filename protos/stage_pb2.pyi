@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceSlice(_message.Message):
-    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from", "push_attempt", "prompt_tokens", "push_token", "draft", "trim")
+    __slots__ = ("request_id", "seq_id", "length", "total_tokens", "ends_prompt", "kv_targets", "fork_from", "fork_pos", "push_from", "push_attempt", "prompt_tokens", "push_token", "draft", "trim", "traceparent")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class SequenceSlice(_message.Message):
     PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     TRIM_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seq_id: int
     length: int
@@ -38,7 +39,8 @@ class SequenceSlice(_message.Message):
     push_token: bytes
     draft: _containers.RepeatedScalarFieldContainer[int]
     trim: bool
-    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ..., push_attempt: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ..., draft: _Optional[_Iterable[int]] = ..., trim: _Optional[bool] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, request_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., length: _Optional[int] = ..., total_tokens: _Optional[int] = ..., ends_prompt: _Optional[bool] = ..., kv_targets: _Optional[_Iterable[_Union[_worker_pb2.StageInfo, _Mapping]]] = ..., fork_from: _Optional[int] = ..., fork_pos: _Optional[int] = ..., push_from: _Optional[int] = ..., push_attempt: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ..., draft: _Optional[_Iterable[int]] = ..., trim: _Optional[bool] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("slices", "decode", "hidden")

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from tokenizers import Tokenizer
 
-from protos import generation_pb2
+from protos import generation_pb2, tracing
 from protos.errors import ServingError
 from protos.sampling import MAX_TOP_LOGPROBS
 from protos.vocabulary import FinishReason, Role
@@ -389,6 +389,7 @@ class OpenAIServer:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         calls = [HttpCall() for _ in job.prepared]
+        trace_parent = tracing.from_headers(request.headers)  # the client's, if it sent one
 
         def put(item) -> None:
             try:
@@ -398,7 +399,7 @@ class OpenAIServer:
 
         def produce(index: int, prepared: Prepared, call: HttpCall) -> None:
             try:
-                for response in self.servicer.run(prepared, call):
+                for response in self.servicer.run(prepared, call, trace_parent):
                     put((index, response, None))
                 put((index, None, None))
             except ServingError as exc:

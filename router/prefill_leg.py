@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
-from protos import worker_pb2
+from protos import tracing, worker_pb2
 
 from .scheduler import NoWorker, Scheduler, Worker, abort_quietly, answer_while
 
@@ -26,8 +26,10 @@ class PrefillLeg:
                  deadline: float | None, lease_seconds: float, exclude: set[str],
                  attempts: int = 2,
                  on_done: Callable[[worker_pb2.PrefillRequest, worker_pb2.PrefillResponse],
-                                   None] = lambda request, response: None):
+                                   None] = lambda request, response: None,
+                 trace_parent: tracing.Parent = None):
         self.scheduler = scheduler
+        self.trace_parent = trace_parent  # each try is a span under it
         self.on_done = on_done  # told of a prefill that finished
         # skip_tokens: the decode instance holds the prompt's first tokens already; the
         # push token lets the pushes into its reservation.
@@ -72,25 +74,36 @@ class PrefillLeg:
             tried.add(self.worker.address)
             load = len(self.request.token_ids)
             self.scheduler.charge(self.worker, load)
+            span = tracing.start("prefill", self.trace_parent, tracing.SpanKind.CLIENT, {
+                "olmo.worker": self.worker.address, "olmo.try": attempt,
+                "olmo.skip_tokens": self.request.skip_tokens})
+            error = None
             try:
                 self._call = self.worker.stub.Prefill.future(
-                    self.request, timeout=max(0.0, self.give_up - time.monotonic()))
+                    self.request, timeout=max(0.0, self.give_up - time.monotonic()),
+                    metadata=tracing.metadata(span))
                 self.response = self._await(self._call, self.worker)
                 if self.response is not None:
                     self.scheduler.remember(self.worker.address, self.request.request_id,
                                             self.request.token_ids, self.request.cache_salt)
                     self.on_done(self.request, self.response)
+                    span.set_attributes({"olmo.kv_bytes": self.response.kv_bytes,
+                                         "olmo.cached_tokens": self.response.cached_tokens})
                     return
-                reasons.append(f"prefill worker {self.worker.address} stopped answering")
+                error = f"prefill worker {self.worker.address} stopped answering"
+                reasons.append(error)
             except grpc.FutureCancelledError:
+                error = "cancelled"
                 return  # cancel() did it: the request is gone
             except grpc.RpcError as exc:
+                error = exc
                 reasons.append(f"prefill worker {self.worker.address}: {exc.code().name}: "
                                f"{exc.details()}")
                 if self._cancelled.is_set() or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     break
             finally:
                 self.scheduler.discharge(self.worker, load)
+                tracing.end(span, error=error)
         self.error = "prefill failed: " + "; ".join(reasons)
         # The decode worker would otherwise wait for a push until its lease ends.
         abort_quietly(self.decode, self.request.request_id, self.error)

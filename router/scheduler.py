@@ -225,9 +225,14 @@ class Scheduler:
 
     def pick_decode(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = (),
                     salt: bytes = b"") -> list[Worker]:
-        """Pickable decode workers best first: least load (requests this router has them
-        serve) less the weighted prefix of ``tokens`` cached there; then most room (free
-        or merely cached pages, as last polled)."""
+        """Pickable decode workers best first (see ``rank_decode``)."""
+        return [worker for worker, _ in self.rank_decode(exclude, tokens, salt)]
+
+    def rank_decode(self, exclude: set[str] = frozenset(), tokens: Sequence[int] = (),
+                    salt: bytes = b"") -> list[tuple[Worker, tuple]]:
+        """Pickable decode workers best first, each with its cost: least load (requests
+        this router has them serve) less the weighted prefix of ``tokens`` cached there;
+        then most room (free or merely cached pages, as last polled)."""
         def cost(worker: Worker, stats: worker_pb2.WorkerStats, hit: int) -> tuple:
             return (worker.in_flight - self.kv_weight * hit,
                     -(stats.free_pages + stats.cached_pages))
@@ -238,7 +243,7 @@ class Scheduler:
         """The pickable prefill worker with the fewest prompt tokens this router has it
         prefill, less the weighted prefix of ``tokens`` cached there."""
         return self._rank(Role.PREFILL, exclude, tokens, salt, lambda worker, stats, hit: (
-            worker.in_flight - self.kv_weight * hit,))[0]
+            worker.in_flight - self.kv_weight * hit,))[0][0]
 
     def charge(self, worker: Worker, load: float) -> None:
         """This router sent ``worker`` a request of ``load`` (see ``Worker.in_flight``)."""
@@ -251,9 +256,11 @@ class Scheduler:
             worker.in_flight = max(0.0, worker.in_flight - load)
 
     def _rank(self, role: Role, exclude: set[str], tokens: Sequence[int], salt: bytes,
-              cost: Callable[[Worker, worker_pb2.WorkerStats, int], tuple]) -> list[Worker]:
-        """Pickable candidates best first, by ``cost`` (of a worker, its last polled
-        stats and the prefix of ``tokens`` it is thought to cache). Raises NoWorker."""
+              cost: Callable[[Worker, worker_pb2.WorkerStats, int], tuple]
+              ) -> list[tuple[Worker, tuple]]:
+        """Pickable candidates best first, with their ``cost`` (of a worker, its last
+        polled stats and the prefix of ``tokens`` it is thought to cache). Raises
+        NoWorker."""
         known = [w for w in self.workers(role) if w.address not in exclude]
         candidates = [w for w in known if self.pickable(w.address) and w.stats is not None]
         if not candidates:  # worth waiting for only while one is slow, not gone
@@ -262,11 +269,11 @@ class Scheduler:
         hits = (self.cache_map.hits([w.address for w in candidates], tokens, salt)
                 if self.kv_weight and tokens else {})
         with self._lock:
-            ranked = sorted(((*cost(w, w.stats, hits.get(w.address, 0)),
+            ranked = sorted(((cost(w, w.stats, hits.get(w.address, 0)),
                               self._picks.get(w.address, 0), w.address), w) for w in candidates)
             first = ranked[0][1]
             self._picks[first.address] = self._picks.get(first.address, 0) + 1
-        return [worker for _, worker in ranked]
+        return [(worker, costs) for (costs, _, _), worker in ranked]
 
     def _poll(self) -> None:
         """One stats call in flight per worker, answered whenever it answers: a worker

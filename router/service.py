@@ -23,7 +23,7 @@ from typing import Protocol
 import grpc
 from tokenizers import Tokenizer
 
-from protos import generation_pb2, generation_pb2_grpc, worker_pb2
+from protos import generation_pb2, generation_pb2_grpc, tracing, worker_pb2
 from protos.errors import ServingError, status_code
 from protos.grpc_server import time_remaining
 from protos.vocabulary import FinishReason
@@ -88,6 +88,7 @@ class Prepared:
     sampling: worker_pb2.Sampling
     arrived: float  # perf_counter time it came in: TTFT and latency count from here
     tenant: Tenant = DEFAULT_TENANT  # who asked: its priority, and its quotas it holds
+    ready: float = 0.0  # perf_counter time its checks and tokenizing were done
 
 
 class DecodeLost(Exception):
@@ -108,6 +109,7 @@ class Progress:
     generated: list[int] = dataclasses.field(default_factory=list)
     ttft_ms: float = 0.0
     last_token_at: float = 0.0
+    span: tracing.Span = tracing.trace.INVALID_SPAN  # the request's (its trace's root here)
 
 
 @dataclasses.dataclass
@@ -119,6 +121,7 @@ class Attempt:
     stream: grpc.Call
     leg: PrefillLeg | None
     cached_tokens: int = 0  # of its prompt, in the decode worker's cache (when it prefills)
+    span: tracing.Span = tracing.trace.INVALID_SPAN  # what this attempt's workers trace under
 
     @property
     def prompt_cached(self) -> int:
@@ -202,7 +205,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         finally:
             self.budget.charge(client, time.thread_time() - started)
         try:
-            yield from self.run(prepared, GrpcCall(context))
+            yield from self.run(prepared, GrpcCall(context), tracing.from_metadata(metadata))
         except ServingError as exc:
             exc.abort(context)
 
@@ -249,31 +252,37 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except ServingError:
             self.tenants.end(tenant, len(prompt_ids) + sampling.max_tokens)
             raise
-        return Prepared(request, prompt_ids, sampling, arrived, tenant)
+        return Prepared(request, prompt_ids, sampling, arrived, tenant, time.perf_counter())
 
     def discard(self, prepared: Prepared) -> None:
         """Let go of a prepared request that will not be run."""
         self._unclaim(prepared.request.request_id)
         self.tenants.end(prepared.tenant, len(prepared.prompt_ids) + prepared.sampling.max_tokens)
 
-    def run(self, prepared: Prepared, call: CallContext
+    def run(self, prepared: Prepared, call: CallContext, trace_parent: tracing.Parent = None
             ) -> Iterator[generation_pb2.GenerateResponse]:
         """Serve a prepared request, one response per token; raises ServingError. Closing
-        the iterator early (the client left) cancels the request on every worker."""
+        the iterator early (the client left) cancels the request on every worker.
+        ``trace_parent``: the client's trace context, if it sent one."""
         self.metrics.running.inc()
         reason = FinishReason.ABORT  # unless it ends otherwise: the client left
         generated = 0
+        span = self._request_span(prepared, trace_parent)
+        error = None
         try:
-            for response in self._generate(prepared, call):
+            for response in self._generate(prepared, call, span):
                 generated += len(response.token_ids)
                 if response.finish_reason:
                     reason = FinishReason(response.finish_reason)
                 yield response
-        except ServingError:
+        except ServingError as exc:
             # A request whose client left ends as aborted, not as an error of ours.
             reason = FinishReason.ERROR if call.is_active() else FinishReason.ABORT
+            error = exc
             raise
         finally:
+            tracing.end(span, error=error, attributes={
+                "olmo.finish_reason": reason.label, "olmo.completion_tokens": generated})
             self.metrics.running.dec()
             self.metrics.finished(reason, len(prepared.prompt_ids),
                                   time.perf_counter() - prepared.arrived)
@@ -283,7 +292,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 len(prepared.prompt_ids) + generated)
             self.admission.capacity_freed()
 
-    def _generate(self, prepared: Prepared, call: CallContext):
+    @staticmethod
+    def _request_span(prepared: Prepared, parent: tracing.Parent) -> tracing.Span:
+        """The request's span, from its arrival, with its checks and tokenizing as the
+        first child."""
+        span = tracing.start("olmo.generate", parent, tracing.SpanKind.SERVER,
+                             start_s=prepared.arrived,
+                             attributes={"olmo.tenant": prepared.tenant.name,
+                                         "olmo.prompt_tokens": len(prepared.prompt_ids),
+                                         "olmo.max_tokens": prepared.sampling.max_tokens})
+        tracing.span_between("prepare", span, prepared.arrived, prepared.ready or prepared.arrived)
+        return span
+
+    def _generate(self, prepared: Prepared, call: CallContext, span: tracing.Span):
         request, prompt_ids, sampling = prepared.request, prepared.prompt_ids, prepared.sampling
         client_id = request.request_id or uuid.uuid4().hex
         progress = Progress(
@@ -292,19 +313,26 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                    skip_ids=() if sampling.ignore_eos else self.facts.eos_token_ids)
             if self.tokenizer else None,
             StopStringFilter(request.sampling.stop), frozenset(sampling.stop_token_ids),
-            cache_salt_digest(request.cache_salt), prepared.tenant)
+            cache_salt_digest(request.cache_salt), prepared.tenant, span=span)
         remaining = call.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         blame = Blame()
         last_error = ""
+        previous: list[tracing.Span] = []  # the attempt a resume follows
         for _ in range(self.max_attempts):
+            attempt_span = tracing.start(
+                "resume" if previous else "attempt", span, links=previous,
+                attributes={"olmo.resumed_after_tokens": len(progress.generated)}
+                if previous else None)
             try:
-                attempt = self._start(progress, sampling, deadline, blame, call)
+                attempt = self._start(progress, sampling, deadline, blame, call, attempt_span)
             except ServingError as exc:
+                tracing.end(attempt_span, error=exc)
                 if last_error:  # a retry found no one: the client learns why it retried
                     raise ServingError(exc.code, f"{exc.message} (after: {last_error})"
                                        ) from exc
                 raise
+            error = None
             finished = threading.Event()
             try:
                 if not call.add_callback(
@@ -321,10 +349,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 return
             except DecodeLost as lost:
                 last_error = str(lost)
+                error = lost
+            except ServingError as exc:
+                error = exc
+                raise
             finally:
                 finished.set()
                 attempt.stream.cancel()
                 self.scheduler.discharge(attempt.decode, self.scheduler.SEQUENCE_LOAD_TOKENS)
+                tracing.end(attempt_span, error=error)
+                previous = [attempt_span]
         raise ServingError(grpc.StatusCode.UNAVAILABLE, last_error)
 
     def _claim(self, client_id: str) -> None:
@@ -341,8 +375,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             self._client_ids.discard(client_id)
 
     def _start(self, progress: Progress, sampling: worker_pb2.Sampling,
-               deadline: float | None, blame: Blame, call: CallContext) -> Attempt:
+               deadline: float | None, blame: Blame, call: CallContext,
+               span: tracing.Span = tracing.trace.INVALID_SPAN) -> Attempt:
         attempt_id = uuid.uuid4().hex
+        # Building the reservation, waiting in line for a decode worker and its answer.
+        admission = tracing.start("admission", span, attributes={
+            "olmo.priority": progress.tenant.priority.name.lower()})
         tokens = progress.prompt_ids + progress.generated
         todo = worker_pb2.Sampling()
         todo.CopyFrom(sampling)
@@ -358,9 +396,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             local_prefill_below=self.options.local_prefill_below_tokens,
             cache_salt=progress.cache_salt)
         waited = time.perf_counter()
-        decode, reserved = self.admission.admit(
-            lambda: self._try_reserve(reserve, blame.decode), deadline, call.is_active,
-            progress.tenant.priority, progress.tenant.name)
+        try:
+            decode, reserved = self.admission.admit(
+                lambda: self._try_reserve(reserve, blame.decode, span, admission), deadline,
+                call.is_active, progress.tenant.priority, progress.tenant.name)
+        except ServingError as exc:
+            tracing.end(admission, error=exc)
+            raise
+        tracing.end(admission, attributes={
+            "olmo.decode_worker": decode.address, "olmo.cached_tokens": reserved.cached_tokens,
+            "olmo.prefill_locally": reserved.prefill_locally})
+        # Telling the cache map, opening the token stream, starting the prefill leg.
+        dispatch = tracing.start("dispatch", span)
         self.metrics.queue_time.observe(time.perf_counter() - waited)
         self.metrics.tenant_queue_time.labels(progress.tenant.name).observe(
             time.perf_counter() - waited)
@@ -372,20 +419,30 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.scheduler.charge(decode, self.scheduler.SEQUENCE_LOAD_TOKENS)
         leg = None if reserved.prefill_locally else PrefillLeg(
             self.scheduler, attempt_id, tokens, progress.cache_salt, reserved, decode, deadline,
-            self.options.lease_ms / 1000, blame.prefill, on_done=self.metrics.prefilled)
-        return Attempt(attempt_id, decode, stream, leg, reserved.cached_tokens)
+            self.options.lease_ms / 1000, blame.prefill, on_done=self.metrics.prefilled,
+            trace_parent=span)
+        tracing.end(dispatch)
+        return Attempt(attempt_id, decode, stream, leg, reserved.cached_tokens, span)
 
-    def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str]
+    def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str],
+                     attempt_span: tracing.Span = tracing.trace.INVALID_SPAN,
+                     admission_span: tracing.Span = tracing.trace.INVALID_SPAN
                      ) -> tuple[Worker, worker_pb2.ReserveResponse] | None:
         """The decode worker that took the reservation, and its answer; None when all are
-        full, or too slow to answer, for now."""
+        full, or too slow to answer, for now. Each try is a ``reserve`` span under
+        ``admission_span``; the worker traces the request under ``attempt_span``."""
         try:
-            candidates = self.scheduler.pick_decode(exclude, reserve.prompt_token_ids,
-                                                    reserve.cache_salt)
+            ranked = self.scheduler.rank_decode(exclude, reserve.prompt_token_ids,
+                                                reserve.cache_salt)
         except NoWorker as exc:
             if exc.for_now:  # slow, not gone: wait in line for one to answer again
                 return None
             raise
+        candidates = [worker for worker, _ in ranked]
+        if admission_span.is_recording():
+            admission_span.add_event("route", {
+                "olmo.candidates": [w.address for w in candidates],
+                "olmo.scores": [repr(cost) for _, cost in ranked]})
         needed = reserve.prompt_tokens + reserve.sampling.max_tokens
         if not self.scheduler.could_ever_fit(needed):
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -393,16 +450,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                "empty decode worker's KV cache; lower max_tokens")
         refusals, full, slow = [], False, False
         for worker in candidates:
+            span = tracing.start("reserve", admission_span, tracing.SpanKind.CLIENT,
+                                 {"olmo.worker": worker.address})
             try:
                 # Given up on once the worker goes slow: the next one may answer at once.
-                reserved = answer_while(worker.stub.Reserve.future(reserve, timeout=10),
-                                        lambda w=worker: self.scheduler.pickable(w.address))
+                reserved = answer_while(
+                    worker.stub.Reserve.future(reserve, timeout=10,
+                                               metadata=tracing.metadata(attempt_span)),
+                    lambda w=worker: self.scheduler.pickable(w.address))
                 if reserved is not None:
+                    tracing.end(span)
                     return worker, reserved
                 slow = True  # it may answer again: wait in line, as for a full one
+                tracing.end(span, error="stopped answering")
                 abort_quietly(worker, reserve.request_id, "no answer to the reservation")
                 refusals.append(f"{worker.address}: stopped answering")
             except grpc.RpcError as exc:
+                tracing.end(span, error=exc)
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ServingError(exc.code(), exc.details()) from None
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -500,6 +564,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if not progress.ttft_ms:
             progress.ttft_ms = 1000 * (now - progress.started)
             self.metrics.ttft.observe(now - progress.started)
+            progress.span.add_event("first_token", {"olmo.ttft_ms": progress.ttft_ms},
+                                    tracing.epoch_ns(now))
         else:
             self.metrics.itl.observe(now - progress.last_token_at)
         progress.last_token_at = now

@@ -1,0 +1,254 @@
+"""Request traces (OpenTelemetry): a disaggregated request is one trace, from the client's
+traceparent through router, prefill worker, K/V pushes and decode worker, whose spans
+cover its time to first token; an HTTP client's traceparent is followed; a resume after a
+decode worker hangs is a span linked to the attempt it follows; a stalled push ends its
+attempt in an error span within the liveness bound. Spans are collected with the SDK's
+in-memory exporter from a real cluster in this process."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+from conftest import local_cluster
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from cluster.cluster_config import RoleConfig
+from decode_worker import engine as decode_engine
+from olmo_model.cache_limits import CacheLimits
+from olmo_model.demo import DEMO_MODEL_DIR
+from protos import tracing
+from router.client import GenerationClient, generate_request
+from router.options import RouterOptions
+
+LIMITS = CacheLimits(max_sequences=8, max_total_tokens=4096, prefill_chunk_tokens=64)
+PROMPT = " ".join(f"word{i}" for i in range(60))  # several 64-token prefill chunks
+FIRST_TOKEN_TIMEOUT_S = 4.0
+# Spans that only group others: coverage counts the work under them.
+GROUPS = {"olmo.generate", "attempt", "resume"}
+
+
+@pytest.fixture(scope="module")
+def exporter():
+    provider = TracerProvider()
+    spans = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    previous = tracing.install(provider)
+    yield spans
+    tracing.install(previous)
+
+
+@pytest.fixture(scope="module")
+def cluster(exporter):
+    """Disaggregated, two prefill and two decode instances (a resume has somewhere to
+    go), the demo model, the HTTP API."""
+    options = RouterOptions(local_prefill_below_tokens=0, worker_gone_s=2.5,
+                            first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S, token_timeout_s=30)
+    made = local_cluster(DEMO_MODEL_DIR, cache=LIMITS, http=True, router=options,
+                         prefill=RoleConfig(instances=2), decode=RoleConfig(instances=2))
+    yield made
+    made.stop()
+
+
+def trace_of(exporter: InMemorySpanExporter, trace_id: int, timeout: float = 10
+             ) -> list[ReadableSpan]:
+    """The trace's spans, once its request's span has ended (after the last response)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+        if any(s.name == "olmo.generate" for s in spans):
+            return spans
+        time.sleep(0.05)
+    raise AssertionError("the request's span did not end")
+
+
+def one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, (name, [s.name for s in spans])
+    return found[0]
+
+
+def descendants(spans: list[ReadableSpan], root: ReadableSpan) -> list[ReadableSpan]:
+    by_id = {s.context.span_id: s for s in spans}
+
+    def under_root(span: ReadableSpan) -> bool:
+        while span.parent is not None and span.parent.span_id in by_id:
+            span = by_id[span.parent.span_id]
+            if span is root:
+                return True
+        return False
+    return [s for s in spans if under_root(s)]
+
+
+def ttft_coverage(spans: list[ReadableSpan]) -> float:
+    """The share of the request's time to first token that its work spans cover: the
+    spans under its own, less those that only group others (GROUPS)."""
+    root = one(spans, "olmo.generate")
+    begin = root.start_time
+    end = next(e.timestamp for e in root.events if e.name == "first_token")
+    intervals = sorted((max(s.start_time, begin), min(s.end_time, end))
+                       for s in descendants(spans, root)
+                       if s.name not in GROUPS and s.end_time > begin and s.start_time < end)
+    total, reach = 0, begin
+    for start, stop in intervals:
+        if stop > reach:
+            total += stop - max(start, reach)
+            reach = stop
+    return total / (end - begin)
+
+
+def test_off_by_default_no_span_is_made_and_nothing_is_sent():
+    previous = tracing.install(None)
+    try:
+        span = tracing.start("anything")
+        assert not span.is_recording()
+        assert tracing.metadata(span) == () and tracing.header(span) == ""
+        assert tracing.from_metadata([("traceparent", "00-" + "1" * 32 + "-" + "2" * 16
+                                       + "-01")]) is None
+    finally:
+        tracing.install(previous)
+
+
+def test_a_disaggregated_request_is_one_trace_that_covers_its_ttft(cluster, exporter):
+    client_span = tracing.start("client")
+    client = GenerationClient(cluster.router_address)
+    request = generate_request(PROMPT, max_tokens=40, ignore_eos=True)
+    tokens = [t for r in client.stub.Generate(request, timeout=60,
+                                              metadata=tracing.metadata(client_span))
+              for t in r.token_ids]
+    tracing.end(client_span)
+    client.close()
+    assert len(tokens) == 40
+    spans = trace_of(exporter, client_span.get_span_context().trace_id)
+    by_id = {s.context.span_id: s for s in spans}
+
+    def parent(span: ReadableSpan) -> ReadableSpan:
+        return by_id[span.parent.span_id]
+
+    root = one(spans, "olmo.generate")
+    assert root.parent.span_id == client_span.get_span_context().span_id
+    attempt = one(spans, "attempt")
+    assert parent(attempt) is root and parent(one(spans, "prepare")) is root
+    assert parent(one(spans, "reserve")) is one(spans, "admission")
+    server = one(spans, "prefill_worker.prefill")
+    assert parent(server) is one(spans, "prefill") and parent(one(spans, "prefill")) is attempt
+    assert parent(one(spans, "prefill.queue")) is server
+    passes = [s for s in spans if s.name == "prefill.pass"]
+    assert len(passes) >= 2 and all(parent(s) is server for s in passes)
+    pushes = [s for s in spans if s.name == "kv.push"]
+    receives = [s for s in spans if s.name == "kv.receive"]
+    assert pushes and all(parent(s) is server for s in pushes)
+    assert sorted(parent(s).context.span_id for s in receives) == sorted(
+        s.context.span_id for s in pushes)
+    assert [s for s in spans if s.name == "kv.export"]
+    assert parent(one(spans, "decode.first_token")) is attempt
+    steps = [s for s in spans if s.name == "decode.steps"]
+    assert all(parent(s) is attempt for s in steps)
+    assert sum(s.attributes["olmo.steps"] for s in steps) == 39  # the first came from prefill
+    assert len(steps) == -(-39 // decode_engine.STEPS_PER_SPAN)
+    assert all(s.status.status_code is not StatusCode.ERROR for s in spans)
+    # What the trace says the first token took: at least 95% of it is in a span.
+    share = ttft_coverage(spans)
+    assert share >= 0.95, f"spans cover {share:.1%} of the TTFT"
+
+
+def test_an_http_clients_traceparent_is_followed(cluster, exporter):
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    request = urllib.request.Request(
+        f"{cluster.http_url}/v1/completions", method="POST",
+        data=json.dumps({"model": DEMO_MODEL_DIR.name, "prompt": "Hello",
+                         "max_tokens": 4}).encode(),
+        headers={"Content-Type": "application/json",
+                 "traceparent": f"00-{trace_id}-{parent_id}-01"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert reply.status == 200
+    root = one(trace_of(exporter, int(trace_id, 16)), "olmo.generate")
+    assert root.parent.span_id == int(parent_id, 16)
+
+
+def stream_with_hang(cluster, exporter, hang_in):
+    """Stream one traced request; ``hang_in(cluster, hang)`` makes something stall until
+    ``hang`` is set (bounded). Returns the trace's spans and the tokens."""
+    client_span = tracing.start("client")
+    client = GenerationClient(cluster.router_address)
+    request = generate_request(PROMPT, max_tokens=60, ignore_eos=True)
+    hang = threading.Event()
+    undo = hang_in(cluster, hang)
+    try:
+        tokens = [t for r in client.stub.Generate(request, timeout=90,
+                                                  metadata=tracing.metadata(client_span))
+                  for t in r.token_ids]
+    finally:
+        hang.set()
+        undo()
+        client.close()
+    tracing.end(client_span)
+    return trace_of(exporter, client_span.get_span_context().trace_id), tokens
+
+
+def test_a_resume_after_a_decode_worker_hangs_is_linked_to_the_attempt_it_follows(
+        cluster, exporter):
+    def hang_the_worker_holding_it(cluster, hang):
+        holder: list = []  # the first decode worker to step the stream 6 times hangs
+        patched = []
+        for worker in cluster.decode:
+            forward, steps = worker.stage.runner.forward, [0]
+
+            def hung(*args, _forward=forward, _steps=steps, _worker=worker, **kwargs):
+                _steps[0] += 1
+                if _steps[0] > 5 and holder in ([], [_worker]):  # mid-stream
+                    holder[:] = [_worker]
+                    hang.wait(timeout=15)
+                return _forward(*args, **kwargs)
+
+            worker.stage.runner.forward = hung
+            patched.append((worker, forward))
+
+        def undo():
+            for worker, forward in patched:
+                worker.stage.runner.forward = forward
+        return undo
+
+    spans, tokens = stream_with_hang(cluster, exporter, hang_the_worker_holding_it)
+    assert len(tokens) == 60
+    attempt, resume = one(spans, "attempt"), one(spans, "resume")
+    assert attempt.status.status_code is StatusCode.ERROR
+    assert [link.context.span_id for link in resume.links] == [attempt.context.span_id]
+    assert resume.attributes["olmo.resumed_after_tokens"] > 0
+
+
+def test_a_stalled_push_ends_its_attempt_in_an_error_span_within_the_liveness_bound(
+        cluster, exporter):
+    def hang_first_push(cluster, hang):
+        patched, pushes = [], [0]
+        for worker in cluster.decode:
+            receive = worker.stage.receiver.receive
+
+            def stalled(chunks, _receive=receive):
+                pushes[0] += 1
+                if pushes[0] == 1:
+                    hang.wait(timeout=20)
+                return _receive(chunks)
+
+            worker.stage.receiver.receive = stalled
+            patched.append((worker, receive))
+
+        def undo():
+            for worker, receive in patched:
+                worker.stage.receiver.receive = receive
+        return undo
+
+    spans, tokens = stream_with_hang(cluster, exporter, hang_first_push)
+    assert len(tokens) == 60
+    attempt = one(spans, "attempt")
+    assert attempt.status.status_code is StatusCode.ERROR
+    assert "did not finish in time" in attempt.status.description
+    took = (attempt.end_time - attempt.start_time) / 1e9
+    assert took < FIRST_TOKEN_TIMEOUT_S + 3, f"the stalled attempt ended after {took:.1f} s"
+    assert one(spans, "resume").status.status_code is not StatusCode.ERROR
