@@ -7,7 +7,14 @@ rounds of N concurrent streaming requests, alternating gRPC and HTTP (/v1/comple
 SSE, kept-alive connections). Reports the median TTFT and time per output token of each
 API and their differences. Prints a table and writes JSON.
 
+With ``--tracing``, what request traces cost instead: pairs of client runs (each as
+above, ``--rounds`` rounds), one with tracing off and one with every request traced
+(OpenTelemetry SDK, batched OTLP/gRPC export to bench/trace_sink.py in a process of its
+own), in alternating order; reports each API's TTFT and TPOT medians on vs off per pair,
+and the share of each traced request's TTFT that its spans cover.
+
     python3 bench/http_bench.py [--streams 16] [--rounds 6] [--tokens 64]
+    python3 bench/http_bench.py --tracing [--pairs 5] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ def client_main(args) -> None:
     targets = {"grpc": GrpcTarget(args.grpc), "http": HttpTarget(args.http)}
     # Lone requests first, alternating: the layer's own cost, without queueing noise.
     lone = {"grpc": [], "http": []}
-    for i in range(LONE_REQUESTS + 2):
+    for i in range(args.lone + 2):
         for api, target in targets.items():
             result = target.request(prompts(1, args.vocab, 1000 + i)[0], 16)
             if i >= 2:  # two warm-ups
@@ -68,13 +75,20 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/http_bench.json"))
+    parser.add_argument("--lone", type=int, default=LONE_REQUESTS,
+                        help="lone requests per API before the rounds")
+    parser.add_argument("--tracing", action="store_true",
+                        help="compare tracing off and on instead of gRPC and HTTP")
+    parser.add_argument("--pairs", type=int, default=5, help="--tracing: off/on pairs")
+    parser.add_argument("--out", type=Path)
     add_client_process_args(parser)
     parser.add_argument("--http", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args)
         return
+    args.out = args.out or Path("bench/results/" + ("trace_bench.json" if args.tracing
+                                                    else "http_bench.json"))
 
     from cluster.cluster_config import ClusterConfig
     from cluster.local_cluster import on_loopback, start_local_cluster
@@ -87,13 +101,10 @@ def main() -> None:
                            router=RouterOptions(local_prefill_below_tokens=0))
     cluster = start_local_cluster(on_loopback(config, http=True))
     try:
-        done = subprocess.run(
-            [sys.executable, __file__, "--client", "--grpc", cluster.router_address,
-             "--http", cluster.http_url, "--vocab", str(vocab), "--streams", str(args.streams),
-             "--rounds", str(args.rounds), "--tokens", str(args.tokens)],
-            capture_output=True, text=True, timeout=1800)
-        assert done.returncode == 0, done.stderr
-        rounds = json.loads(done.stdout.strip().splitlines()[-1])
+        if args.tracing:
+            compare_tracing(cluster, vocab, args, model)
+            return
+        rounds = client_run(cluster, vocab, args)
     finally:
         cluster.stop()
     lone = rounds.pop("lone")
@@ -105,13 +116,85 @@ def main() -> None:
     print(f"\n{PROMPT_TOKENS}-token prompts ({model}); medians, ms:")
     print(f"{'':<26}{'gRPC TTFT':>10}{'HTTP TTFT':>10}{'diff':>8}{'gRPC TPOT':>11}"
           f"{'HTTP TPOT':>10}{'diff':>8}")
-    for label, figures in ((f"lone requests (x{LONE_REQUESTS})", lone),
+    for label, figures in ((f"lone requests (x{args.lone})", lone),
                            (f"{args.streams} streams (x{args.rounds} rounds)", summary)):
         g, h = figures["grpc"], figures["http"]
         print(f"{label:<26}{g['ttft_ms']:>10.2f}{h['ttft_ms']:>10.2f}"
               f"{h['ttft_ms'] - g['ttft_ms']:>8.2f}{g['tpot_ms']:>11.3f}{h['tpot_ms']:>10.3f}"
               f"{h['tpot_ms'] - g['tpot_ms']:>8.3f}")
     print("targets for HTTP over gRPC: < 2 ms TTFT, < 0.2 ms per token")
+    write_results(args.out, results)
+
+
+def client_run(cluster, vocab: int, args) -> dict:
+    """One run of the client process against ``cluster``: its rounds, by API."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--client", "--grpc", cluster.router_address,
+         "--http", cluster.http_url, "--vocab", str(vocab), "--streams", str(args.streams),
+         "--rounds", str(args.rounds), "--tokens", str(args.tokens), "--lone", str(args.lone)],
+        capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def medians(run: dict) -> dict:
+    """A client run's TTFT and TPOT medians: lone requests, and over its rounds."""
+    return {"lone": run["lone"],
+            "streams": {api: {k: statistics.median(r[k] for r in run[api])
+                              for k in ("ttft_ms", "tpot_ms")} for api in ("grpc", "http")}}
+
+
+def compare_tracing(cluster, vocab: int, args, model: Path) -> None:
+    """Client runs with tracing off and on, in alternating order (see the docstring)."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from protos import tracing
+
+    sink = subprocess.Popen([sys.executable, str(Path(__file__).parent / "trace_sink.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(sink.stdout.readline())
+        # As tracing.configure sets it up, to the sink's address.
+        processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{port}",
+                                                        insecure=True))
+        resource = Resource.create({SERVICE_NAME: "olmo-bench"})
+        pairs = []
+        for pair in range(args.pairs):
+            runs = {}
+            for state in ("off", "on") if pair % 2 == 0 else ("on", "off"):
+                tracing.install(processor if state == "on" else None, resource)
+                runs[state] = medians(client_run(cluster, vocab, args))
+                print(f"pair {pair} tracing {state}: {json.dumps(runs[state])}", flush=True)
+            pairs.append(runs)
+        tracing.install(None)
+        processor.shutdown()  # what is batched goes out first
+        sink.stdin.close()
+        collected = json.loads(sink.stdout.readline())
+    finally:
+        sink.kill()
+    ratios = {f"{part} {api} {k}": [p["on"][part][api][k] / p["off"][part][api][k]
+                                    for p in pairs]
+              for part in ("lone", "streams") for api in ("grpc", "http")
+              for k in ("ttft_ms", "tpot_ms")}
+    coverage = sorted(collected["ttft_coverage"])
+    results = {"model": str(model), "streams": args.streams, "tokens": args.tokens,
+               "prompt_tokens": PROMPT_TOKENS, "lone": args.lone, "rounds": args.rounds,
+               "pairs": pairs, "on_over_off": ratios,
+               "collected": {"spans": collected["spans"], "traces": collected["traces"],
+                             "ttft_coverage": coverage}}
+    print(f"\ntracing on / off, {args.pairs} pairs ({model}; lone: {args.lone} requests per "
+          f"API, streams: {args.streams} x {args.rounds} rounds); median (min-max):")
+    for label, values in ratios.items():
+        print(f"  {label:<22}{statistics.median(values):>7.3f} "
+              f"({min(values):.3f}-{max(values):.3f})")
+    if coverage:
+        print(f"{collected['spans']} spans in {collected['traces']} traces; TTFT covered by "
+              f"spans: median {statistics.median(coverage):.1%}, 5th percentile "
+              f"{coverage[len(coverage) // 20]:.1%}, lowest {coverage[0]:.1%} "
+              f"({len(coverage)} requests)")
+    print("targets: TTFT p50 at most 1.02x with tracing on; spans cover >= 95% of TTFT")
     write_results(args.out, results)
 
 

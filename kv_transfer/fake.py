@@ -41,7 +41,8 @@ class FakeKVSender:
         return KVTransfer(self, address, grant)
 
     def push(self, address: str, grant: PushGrant, snapshot: KVSnapshot,
-             hidden: np.ndarray | None, buffer: Buffer | None = None) -> int:
+             hidden: np.ndarray | None, buffer: Buffer | None = None,
+             exported: tuple[float, float] | None = None) -> int:
         receiver = self.receivers.get(address)
         if receiver is None:  # as the gRPC sender reports an unreachable receiver
             raise ServingError(grpc.StatusCode.UNAVAILABLE, f"KV push for "

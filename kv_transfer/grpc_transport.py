@@ -148,21 +148,27 @@ class KVSender:
         return Transport.SHARED_MEMORY in self.peers.accepts(address)
 
     def push(self, address: str, grant: PushGrant, snapshot: KVSnapshot,
-             hidden: np.ndarray | None, buffer: Buffer | None = None) -> int:
+             hidden: np.ndarray | None, buffer: Buffer | None = None,
+             exported: tuple[float, float] | None = None) -> int:
         """Send one push into ``grant``'s reservation and wait for the receiver's verdict;
         returns the bytes it took.
 
         ``buffer``: the one of ``self.buffers`` that ``snapshot`` lives in, if any; a
-        receiver on this host then reads it from there.
+        receiver on this host then reads it from there. ``exported``: when reading the
+        piece out of the pages began and ended; its trace span starts there.
 
         Raises ServingError: UNAVAILABLE or DEADLINE_EXCEEDED when the receiver could not
         be reached in time, FAILED_PRECONDITION when it refused the push (its reason kept).
         """
         start = time.perf_counter()
-        span = tracing.start("kv.push", grant.traceparent or None, tracing.SpanKind.CLIENT, {
-            "olmo.target": address, "olmo.layers": f"[{snapshot.layer_begin}, "
-                                                   f"{snapshot.layer_end})",
-            "olmo.tokens": snapshot.num_tokens, "olmo.hidden": hidden is not None})
+        span = tracing.NOT_TRACED if not grant.traceparent else tracing.start(
+            "kv.push", grant.traceparent, tracing.SpanKind.CLIENT, {
+                "olmo.target": address,
+                "olmo.layers": f"[{snapshot.layer_begin}, {snapshot.layer_end})",
+                "olmo.tokens": snapshot.num_tokens, "olmo.hidden": hidden is not None,
+                **({"olmo.export_ms": 1000 * (exported[1] - exported[0]),
+                    "olmo.queued_ms": 1000 * (start - exported[1])} if exported else {})},
+            start_s=exported[0] if exported else None)
         try:
             reply, transport, encoding = self._send(address, grant, snapshot, hidden, buffer,
                                                     tracing.metadata(span))

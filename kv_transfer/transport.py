@@ -219,8 +219,11 @@ class PushSender(Protocol):
     buffers: BufferPool  # where snapshots are exported to (a transport may send from them)
 
     def push(self, address: str, grant: PushGrant, snapshot: KVSnapshot,
-             hidden: np.ndarray | None, buffer: Buffer | None = None) -> int:
-        """Send one piece and wait for the verdict; its bytes. Raises ServingError."""
+             hidden: np.ndarray | None, buffer: Buffer | None = None,
+             exported: tuple[float, float] | None = None) -> int:
+        """Send one piece and wait for the verdict; its bytes. Raises ServingError.
+        ``exported``: when reading the piece out of the pages began and ended
+        (perf_counter), for its trace."""
 
     def open(self, address: str, grant: PushGrant) -> KVTransfer:
         """A transfer of one request's pieces to the receiver at ``address``."""
@@ -244,14 +247,14 @@ class KVTransfer:
         self.pushes = 0
 
     def push(self, snapshot: KVSnapshot, hidden: np.ndarray | None = None,
-             buffer: Buffer | None = None) -> int:
+             buffer: Buffer | None = None, exported: tuple[float, float] | None = None) -> int:
         """Send one piece (from ``buffer``, when the snapshot lives in one of the sender's
         buffers) and wait for its verdict; its bytes. Raises ServingError, and the
         transfer fails with it."""
         if self.state is not TransferState.OPEN:
             raise self.failure_exception()
         try:
-            sent = self.sender.push(self.address, self.grant, snapshot, hidden, buffer)
+            sent = self.sender.push(self.address, self.grant, snapshot, hidden, buffer, exported)
         except ServingError as exc:
             self.state, self.error = TransferState.FAILED, exc
             raise

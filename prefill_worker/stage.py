@@ -35,7 +35,7 @@ from olmo_model.kv_pages import KVSnapshot
 from olmo_model.runtime import ModelRunner
 from pipeline.ops import ForwardBatch, ForwardResult, Release, SequenceSlice, StageAddress
 from pipeline.stage import embed_checked, start_sequence
-from protos import tracing, worker_pb2
+from protos import worker_pb2
 from protos.errors import ServingError
 
 
@@ -213,13 +213,10 @@ class PrefillStage:
                 s.seq_id, s.total_tokens, piece.token_begin, (piece.keys, piece.values),
                 # all at once reads any device's pages; a group, host pages only
                 layers=None if len(layers) == self.spec.num_local_layers else layers)
-            if s.traceparent:
-                tracing.span_between("kv.export", s.traceparent, exporting, time.perf_counter(), {
-                    "olmo.layers": f"[{snapshot.layer_begin}, {snapshot.layer_end})",
-                    "olmo.tokens": snapshot.num_tokens})
             done = layer_end == self.spec.num_local_layers
             hidden = last[rows[s.seq_id]] if done and last is not None and s.ends_prompt else None
-            self._send_piece(piece.stream, snapshot, piece.buffer, hidden)
+            self._send_piece(piece.stream, snapshot, piece.buffer, hidden,
+                             (exporting, time.perf_counter()))
             piece.layers_sent = layer_end  # queued: the buffer now waits for this push
             if done:
                 self._give_back_after(piece)
@@ -240,13 +237,15 @@ class PrefillStage:
             piece.stream.last.add_done_callback(lambda _: self.sender.buffers.give(piece.buffer))
 
     def _send_piece(self, stream: KVStream, snapshot: KVSnapshot, buffer: Buffer,
-                    hidden: np.ndarray | None) -> None:
-        """Queue a piece behind the stream's previous one."""
+                    hidden: np.ndarray | None, exported: tuple[float, float]) -> None:
+        """Queue a piece behind the stream's previous one (``exported``: when reading it
+        from the pages began and ended)."""
         stream.last = self._pushers.submit(self._ship, stream, stream.last, snapshot, buffer,
-                                           hidden)
+                                           hidden, exported)
 
     def _ship(self, stream: KVStream, previous: Future | None, snapshot: KVSnapshot,
-              buffer: Buffer, hidden: np.ndarray | None) -> None:
+              buffer: Buffer, hidden: np.ndarray | None,
+              exported: tuple[float, float] | None = None) -> None:
         """Push the overlap of our layers with each decode stage's; the one that owns the
         LM head (the last) also gets the hidden state. Nothing goes once an earlier piece
         failed: this piece fails as it did."""
@@ -257,7 +256,8 @@ class PrefillStage:
         for index, part in parts:
             carries_hidden = (hidden is not None and index == len(stream.targets) - 1
                               and part is parts[-1][1])
-            stream.transfers[index].push(part, hidden if carries_hidden else None, buffer)
+            stream.transfers[index].push(part, hidden if carries_hidden else None, buffer,
+                                         exported)
 
     def _parts(self, stream: KVStream, snapshot: KVSnapshot, target: StageAddress
                ) -> list[KVSnapshot]:

@@ -109,7 +109,7 @@ class Progress:
     generated: list[int] = dataclasses.field(default_factory=list)
     ttft_ms: float = 0.0
     last_token_at: float = 0.0
-    span: tracing.Span = tracing.trace.INVALID_SPAN  # the request's (its trace's root here)
+    span: tracing.Span = tracing.NOT_TRACED  # the request's (its trace's root here)
 
 
 @dataclasses.dataclass
@@ -121,7 +121,7 @@ class Attempt:
     stream: grpc.Call
     leg: PrefillLeg | None
     cached_tokens: int = 0  # of its prompt, in the decode worker's cache (when it prefills)
-    span: tracing.Span = tracing.trace.INVALID_SPAN  # what this attempt's workers trace under
+    span: tracing.Span = tracing.NOT_TRACED  # what this attempt's workers trace under
 
     @property
     def prompt_cached(self) -> int:
@@ -376,7 +376,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def _start(self, progress: Progress, sampling: worker_pb2.Sampling,
                deadline: float | None, blame: Blame, call: CallContext,
-               span: tracing.Span = tracing.trace.INVALID_SPAN) -> Attempt:
+               span: tracing.Span = tracing.NOT_TRACED) -> Attempt:
         attempt_id = uuid.uuid4().hex
         # Building the reservation, waiting in line for a decode worker and its answer.
         admission = tracing.start("admission", span, attributes={
@@ -425,8 +425,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return Attempt(attempt_id, decode, stream, leg, reserved.cached_tokens, span)
 
     def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str],
-                     attempt_span: tracing.Span = tracing.trace.INVALID_SPAN,
-                     admission_span: tracing.Span = tracing.trace.INVALID_SPAN
+                     attempt_span: tracing.Span = tracing.NOT_TRACED,
+                     admission_span: tracing.Span = tracing.NOT_TRACED
                      ) -> tuple[Worker, worker_pb2.ReserveResponse] | None:
         """The decode worker that took the reservation, and its answer; None when all are
         full, or too slow to answer, for now. Each try is a ``reserve`` span under
