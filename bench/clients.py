@@ -29,15 +29,18 @@ class GrpcTarget:
 
         self.client = GenerationClient(address, api_key)
 
-    def request(self, prompt: list[int], max_tokens: int, timeout: float | None = None
-                ) -> dict:
+    def request(self, prompt: list[int], max_tokens: int, timeout: float | None = None,
+                traceparent: str = "") -> dict:
+        """``traceparent``: a W3C trace context to send (the request joins that trace)."""
         from router.client import generate_request
 
         start = time.perf_counter()
         arrivals: list[float] = []
         tokens = 0
-        for response in self.client.stream(generate_request(prompt, max_tokens,
-                                                            ignore_eos=True), timeout=timeout):
+        request = generate_request(prompt, max_tokens, ignore_eos=True)
+        metadata = (("traceparent", traceparent),) if traceparent else None
+        for response in self.client.stub.Generate(request, timeout=timeout,
+                                                  metadata=metadata):
             if response.token_ids:
                 arrivals.append(time.perf_counter())
                 tokens += len(response.token_ids)
@@ -54,10 +57,10 @@ class HttpTarget:
         self.url = urlparse(url)
         self._local = threading.local()
 
-    def request(self, prompt: list[int], max_tokens: int, timeout: float | None = None
-                ) -> dict:
+    def request(self, prompt: list[int], max_tokens: int, timeout: float | None = None,
+                traceparent: str = "") -> dict:
         """``timeout`` is not a bound on the whole request here: every read has the
-        connection's own (600 s)."""
+        connection's own (600 s). ``traceparent``: as GrpcTarget's."""
         connection = self._connection()
         body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                            "ignore_eos": True, "stream": True,
@@ -65,8 +68,10 @@ class HttpTarget:
         start = time.perf_counter()
         arrivals: list[float] = []
         tokens = 0
-        connection.request("POST", "/v1/completions", body,
-                           {"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if traceparent:
+            headers["traceparent"] = traceparent
+        connection.request("POST", "/v1/completions", body, headers)
         reply = connection.getresponse()
         if reply.status != 200:
             raise RuntimeError(f"HTTP {reply.status}: {reply.read()[:500]!r}")

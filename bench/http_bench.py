@@ -7,11 +7,14 @@ rounds of N concurrent streaming requests, alternating gRPC and HTTP (/v1/comple
 SSE, kept-alive connections). Reports the median TTFT and time per output token of each
 API and their differences. Prints a table and writes JSON.
 
-With ``--tracing``, what request traces cost instead: pairs of client runs (each as
-above, ``--rounds`` rounds), one with tracing off and one with every request traced
-(OpenTelemetry SDK, batched OTLP/gRPC export to bench/trace_sink.py in a process of its
-own), in alternating order; reports each API's TTFT and TPOT medians on vs off per pair,
-and the share of each traced request's TTFT that its spans cover.
+With ``--tracing``, what request traces cost instead, two ways (spans go as
+tracing.configure sends them: batched OTLP/gRPC, here to bench/trace_sink.py in a process
+of its own). Within runs: each lone request and each round is sent twice, traced (a
+sampled traceparent) and untraced (an unsampled one), in alternating order, so that the
+machine's drift cancels; the background work of exporting falls on both. Across runs:
+pairs of client runs, one with tracing off and one with every request traced, in
+alternating order. Reports each API's TTFT and TPOT medians traced over untraced and on
+over off, and the share of each traced request's TTFT that its spans cover.
 
     python3 bench/http_bench.py [--streams 16] [--rounds 6] [--tokens 64]
     python3 bench/http_bench.py --tracing [--pairs 5] [--rounds 2]
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -42,28 +46,44 @@ def prompts(streams: int, vocab: int, round_no: int) -> list[list[int]]:
 
 
 def client_main(args) -> None:
-    """The client process: alternate gRPC and HTTP rounds; print JSON results."""
+    """The client process: alternate gRPC and HTTP rounds (with ``--alternate-traces``,
+    each traced and untraced too); print JSON results."""
     from clients import GrpcTarget, HttpTarget
 
     targets = {"grpc": GrpcTarget(args.grpc), "http": HttpTarget(args.http)}
+    # A traced request sends a sampled traceparent, an untraced one an unsampled one.
+    states = (("traced", "01"), ("untraced", "00")) if args.alternate_traces else (("", ""),)
+
+    def variants(turn: int) -> list[tuple[str, object, str]]:
+        """(label, target, traceparent flags) of each way to send, in this turn's order."""
+        order = states if turn % 2 == 0 else states[::-1]
+        return [(f"{api} {state}".strip(), target, flags)
+                for api, target in targets.items() for state, flags in order]
+
+    def traceparent(flags: str) -> str:
+        return f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-{flags}"
+
     # Lone requests first, alternating: the layer's own cost, without queueing noise.
-    lone = {"grpc": [], "http": []}
+    # Every request has a prompt of its own: none finds another's prefix cached.
+    lone: dict[str, list] = {label: [] for label, _, _ in variants(0)}
     for i in range(args.lone + 2):
-        for api, target in targets.items():
-            result = target.request(prompts(1, args.vocab, 1000 + i)[0], 16)
+        for k, (label, target, flags) in enumerate(variants(i)):
+            result = target.request(prompts(1, args.vocab, 10_000 + 8 * i + k)[0], 16,
+                                    traceparent=traceparent(flags) if flags else "")
             if i >= 2:  # two warm-ups
-                lone[api].append(result)
-    rounds = {"grpc": [], "http": [],
-              "lone": {api: {"ttft_ms": 1e3 * statistics.median(r["ttft"] for r in results),
-                             "tpot_ms": 1e3 * statistics.median(r["tpot"] for r in results)}
-                       for api, results in lone.items()}}
+                lone[label].append(result)
+    rounds = {**{label: [] for label in lone},
+              "lone": {label: {"ttft_ms": 1e3 * statistics.median(r["ttft"] for r in results),
+                               "tpot_ms": 1e3 * statistics.median(r["tpot"] for r in results)}
+                       for label, results in lone.items()}}
     for round_no in range(args.rounds + 1):  # round 0 warms up
-        for api, target in targets.items():
-            work = prompts(args.streams, args.vocab, round_no)
+        for k, (label, target, flags) in enumerate(variants(round_no)):
+            work = prompts(args.streams, args.vocab, 8 * round_no + k)
             with ThreadPoolExecutor(args.streams) as pool:
-                results = list(pool.map(lambda p, t=target: t.request(p, args.tokens), work))
+                results = list(pool.map(lambda p, t=target, f=flags: t.request(
+                    p, args.tokens, traceparent=traceparent(f) if f else ""), work))
             if round_no:
-                rounds[api].append({
+                rounds[label].append({
                     "ttft_ms": 1e3 * statistics.median(r["ttft"] for r in results),
                     "tpot_ms": 1e3 * statistics.median(r["tpot"] for r in results),
                     "tokens": sum(r["tokens"] for r in results)})
@@ -79,7 +99,9 @@ def main() -> None:
                         help="lone requests per API before the rounds")
     parser.add_argument("--tracing", action="store_true",
                         help="compare tracing off and on instead of gRPC and HTTP")
-    parser.add_argument("--pairs", type=int, default=5, help="--tracing: off/on pairs")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="--tracing: interleaved runs, and off/on pairs of runs")
+    parser.add_argument("--alternate-traces", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     add_client_process_args(parser)
     parser.add_argument("--http", help=argparse.SUPPRESS)
@@ -126,12 +148,14 @@ def main() -> None:
     write_results(args.out, results)
 
 
-def client_run(cluster, vocab: int, args) -> dict:
-    """One run of the client process against ``cluster``: its rounds, by API."""
+def client_run(cluster, vocab: int, args, alternate_traces: bool = False) -> dict:
+    """One run of the client process against ``cluster``: its rounds, by API (and, with
+    ``alternate_traces``, traced or not)."""
     done = subprocess.run(
         [sys.executable, __file__, "--client", "--grpc", cluster.router_address,
          "--http", cluster.http_url, "--vocab", str(vocab), "--streams", str(args.streams),
-         "--rounds", str(args.rounds), "--tokens", str(args.tokens), "--lone", str(args.lone)],
+         "--rounds", str(args.rounds), "--tokens", str(args.tokens), "--lone", str(args.lone),
+         *(["--alternate-traces"] if alternate_traces else [])],
         capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -140,12 +164,14 @@ def client_run(cluster, vocab: int, args) -> dict:
 def medians(run: dict) -> dict:
     """A client run's TTFT and TPOT medians: lone requests, and over its rounds."""
     return {"lone": run["lone"],
-            "streams": {api: {k: statistics.median(r[k] for r in run[api])
-                              for k in ("ttft_ms", "tpot_ms")} for api in ("grpc", "http")}}
+            "streams": {label: {k: statistics.median(r[k] for r in rounds)
+                                for k in ("ttft_ms", "tpot_ms")}
+                        for label, rounds in run.items() if label != "lone"}}
 
 
 def compare_tracing(cluster, vocab: int, args, model: Path) -> None:
-    """Client runs with tracing off and on, in alternating order (see the docstring)."""
+    """What tracing costs, measured two ways (see the docstring): requests traced or not
+    in turn within one run, and runs with tracing off and on in turn."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -160,6 +186,12 @@ def compare_tracing(cluster, vocab: int, args, model: Path) -> None:
         processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{port}",
                                                         insecure=True))
         resource = Resource.create({SERVICE_NAME: "olmo-bench"})
+        # Within a run: only requests whose client sends a sampled traceparent are traced.
+        interleaved = []
+        for run in range(args.pairs):
+            tracing.install(processor, resource, sample_ratio=0.0)
+            interleaved.append(medians(client_run(cluster, vocab, args, True)))
+            print(f"interleaved run {run}: {json.dumps(interleaved[-1])}", flush=True)
         pairs = []
         for pair in range(args.pairs):
             runs = {}
@@ -174,21 +206,26 @@ def compare_tracing(cluster, vocab: int, args, model: Path) -> None:
         collected = json.loads(sink.stdout.readline())
     finally:
         sink.kill()
-    ratios = {f"{part} {api} {k}": [p["on"][part][api][k] / p["off"][part][api][k]
-                                    for p in pairs]
-              for part in ("lone", "streams") for api in ("grpc", "http")
-              for k in ("ttft_ms", "tpot_ms")}
+    parts = [(part, api, k) for part in ("lone", "streams") for api in ("grpc", "http")
+             for k in ("ttft_ms", "tpot_ms")]
+    within = {f"{part} {api} {k}": [r[part][f"{api} traced"][k] / r[part][f"{api} untraced"][k]
+                                    for r in interleaved] for part, api, k in parts}
+    across = {f"{part} {api} {k}": [p["on"][part][api][k] / p["off"][part][api][k]
+                                    for p in pairs] for part, api, k in parts}
     coverage = sorted(collected["ttft_coverage"])
     results = {"model": str(model), "streams": args.streams, "tokens": args.tokens,
                "prompt_tokens": PROMPT_TOKENS, "lone": args.lone, "rounds": args.rounds,
-               "pairs": pairs, "on_over_off": ratios,
+               "interleaved_runs": interleaved, "pairs": pairs,
+               "traced_over_untraced": within, "on_over_off": across,
                "collected": {"spans": collected["spans"], "traces": collected["traces"],
                              "ttft_coverage": coverage}}
-    print(f"\ntracing on / off, {args.pairs} pairs ({model}; lone: {args.lone} requests per "
-          f"API, streams: {args.streams} x {args.rounds} rounds); median (min-max):")
-    for label, values in ratios.items():
-        print(f"  {label:<22}{statistics.median(values):>7.3f} "
-              f"({min(values):.3f}-{max(values):.3f})")
+    print(f"\n{model}: lone = {args.lone} requests per API and state, streams = "
+          f"{args.streams} x {args.rounds} rounds; median (min-max) of {args.pairs} runs")
+    print(f"{'':<24}{'traced / untraced':>26}{'tracing on / off':>26}")
+    for label in within:
+        cells = [f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})"
+                 for v in (within[label], across[label])]
+        print(f"  {label:<22}{cells[0]:>26}{cells[1]:>26}")
     if coverage:
         print(f"{collected['spans']} spans in {collected['traces']} traces; TTFT covered by "
               f"spans: median {statistics.median(coverage):.1%}, 5th percentile "

@@ -163,8 +163,8 @@ class KVSender:
         start = time.perf_counter()
         span = tracing.NOT_TRACED if not grant.traceparent else tracing.start(
             "kv.push", grant.traceparent, tracing.SpanKind.CLIENT, {
-                "olmo.target": address,
-                "olmo.layers": f"[{snapshot.layer_begin}, {snapshot.layer_end})",
+                "olmo.target": address, "olmo.layer_begin": snapshot.layer_begin,
+                "olmo.layer_end": snapshot.layer_end, "olmo.token_begin": snapshot.token_begin,
                 "olmo.tokens": snapshot.num_tokens, "olmo.hidden": hidden is not None,
                 **({"olmo.export_ms": 1000 * (exported[1] - exported[0]),
                     "olmo.queued_ms": 1000 * (start - exported[1])} if exported else {})},

@@ -154,7 +154,7 @@ def _hand_off() -> None:
 
 def flush() -> None:
     """Hand every ended span to the processor now (a test, a process that ends)."""
-    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace import Event, ReadableSpan
 
     sink = _sink
     while True:
@@ -165,7 +165,8 @@ def flush() -> None:
         if sink is None:
             continue
         sink.processor.on_end(ReadableSpan(
-            span.name, span.context, span.parent, sink.resource, span.attributes, span.events,
+            span.name, span.context, span.parent, sink.resource, span.attributes,
+            [Event(*event) for event in span.events],
             span.links, span.kind, status=span.status or Status(StatusCode.UNSET),
             start_time=span.start_ns, end_time=end_ns, instrumentation_scope=sink.scope))
 
@@ -215,9 +216,8 @@ class Span:
 
     def add_event(self, name: str, attributes: Mapping | None = None,
                   timestamp_ns: int | None = None) -> None:
-        from opentelemetry.sdk.trace import Event
-
-        self.events.append(Event(name, attributes, timestamp_ns or time.time_ns()))
+        # Made the SDK's Event when handed off: its attributes are checked and locked.
+        self.events.append((name, attributes, timestamp_ns or time.time_ns()))
 
 
 class _NotTraced(Span):

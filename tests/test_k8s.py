@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from cluster.cli import _cluster_config, build_parser
+from cluster.cluster_config import ClusterConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -673,3 +674,27 @@ def test_monitoring_scrapes_the_router_and_charts_only_what_it_exports():
                    "olmo_inter_token_latency_seconds_bucket", "olmo_kv_pages_used",
                    "olmo_num_requests_waiting", "olmo_kv_transfer_bytes_sum"):
         assert needed in charted, needed
+
+
+# --- tracing --------------------------------------------------------------------------
+
+
+@needs_kubectl
+def test_the_trace_collector_validates_and_is_where_the_configs_send_spans():
+    kv = kubernetes_validate()
+    objs = render("tracing")
+    for obj in objs:
+        kv.validate(obj, K8S_VERSION, strict=True)
+    deployment, service = the(objs, "Deployment", "olmo-traces"), the(objs, "Service",
+                                                                      "olmo-traces")
+    template = deployment["spec"]["template"]
+    assert selects({"matchLabels": service["spec"]["selector"]},
+                   template["metadata"]["labels"])
+    (container,) = template["spec"]["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    for target in TARGETS:
+        (text,) = the(render(target), "ConfigMap")["data"].values()
+        tracing = ClusterConfig.from_mapping(yaml.safe_load(text)).tracing
+        assert tracing.endpoint == f"http://olmo-traces:{ports['otlp-grpc']}", target
