@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import random
 import re
@@ -274,7 +275,7 @@ def start(name: str, parent: Parent = None, kind: SpanKind = SpanKind.INTERNAL,
     own = SpanContext(trace_id, random.getrandbits(64) or 1, False, _SAMPLED, state)
     return Span(name, own, context, kind, time.time_ns() if start_s is None
                 else epoch_ns(start_s), attributes,
-                [Link(s.context) for s in links if s.is_recording()])
+                [Link(s.context) for s in links if s.is_recording()] if links else ())
 
 
 def end(span: Span, end_s: float | None = None, error: BaseException | str | None = None,
@@ -337,12 +338,15 @@ def header(parent: Parent) -> str:
 
 def metadata(parent: Parent) -> tuple[tuple[str, str], ...]:
     """gRPC metadata that carries ``parent`` to the callee (empty when there is none)."""
-    traceparent = header(parent)
-    if not traceparent:
+    if isinstance(parent, str):
+        return (("traceparent", parent),) if parent else ()
+    context = _parent_context(parent) if _sink is not None else None
+    if context is None or not context.is_valid:
         return ()
-    context = _parent_context(parent)
-    state = context.trace_state.to_header() if context and context.trace_state else ""
-    return (("traceparent", traceparent),) + ((("tracestate", state),) if state else ())
+    carried = (("traceparent", header(context)),)
+    if context.trace_state:
+        carried += (("tracestate", context.trace_state.to_header()),)
+    return carried
 
 
 def from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> SpanContext | None:
@@ -365,6 +369,7 @@ def from_headers(headers: Mapping[str, str]) -> SpanContext | None:
     return _parse(headers["traceparent"], headers.get("tracestate", ""))
 
 
+@functools.lru_cache(maxsize=4096)  # a request's spans name its parent's header again
 def _parse(traceparent: str, state: str) -> SpanContext | None:
     """A W3C traceparent (and tracestate) as the remote parent it names; None if it is
     not one (its trace then starts here)."""
