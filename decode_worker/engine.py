@@ -45,7 +45,8 @@ from .stage import DecodeStage
 from .stats import DecodeStats, kv_received
 
 PUSH_TOKEN_BYTES = 16  # 128 bits: not guessed within a reservation's lease
-# A traced request's decode steps are one span per this many (and one for the rest).
+# A traced request's decode steps are a span per this many of the engine's steps (and
+# one for the rest): windows close together, so that a step costs no work per request.
 STEPS_PER_SPAN = 32
 
 
@@ -53,11 +54,10 @@ STEPS_PER_SPAN = 32
 class StepWindow:
     """A traced request's decode steps since its last steps span."""
 
-    started: float      # perf_counter time the first of them began
-    ended: float = 0.0  # ... and the last ended
-    steps: int = 0
-    tokens: int = 0
-    largest_batch: int = 0
+    request: Request
+    started: float      # perf_counter time the window opened
+    first_step: int     # the engine's step count then
+    first_token: int    # the tokens the request had then
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,9 @@ class DecodeEngine:
         self._drafters: dict[str, Drafter] = {}
         self._held: dict[str, int] = {}
         self._windows: dict[str, StepWindow] = {}  # traced requests' steps, by request id
+        self._steps = 0  # decode steps run
+        self._last_step_end = 0.0
+        self._largest_batch = 0  # since the windows last closed
         self._went_round = time.monotonic()  # the loop's last turn (loop_age)
         stage.receiver.on_arrival = self.scheduler.kv_arrived
         self.chain: StageChain | None = None  # set when this worker leads an instance
@@ -243,6 +246,7 @@ class DecodeEngine:
                      if r.prefilled == len(p.token_ids) or r.seq_id in outcome.failed]
             self._emit([local[i] for i in ended], [outcome.first_tokens[i] for i in ended],
                        outcome.failed, outcome.logprobs, outcome.prompt_logprobs)
+            self._open_windows([local[i] for i in ended])
 
     def _step(self) -> None:
         running = self.scheduler.running()
@@ -281,14 +285,20 @@ class DecodeEngine:
                 self._drafters[r.request_id].verified(len(s.draft), accepted)
             else:
                 self._held.pop(r.request_id, None)
-        if tracing.enabled():  # before _emit, which ends the windows of those finishing
-            self._trace_step(running, result.more, started, ended)
+        self._steps += 1
+        self._last_step_end = ended
+        self._largest_batch = max(self._largest_batch, len(running))
         self._emit(running, result.tokens, result.failed, result.logprobs, more=result.more,
                    more_logprobs=result.more_logprobs)
         for r in running:
             if r.request_id in self._drafters and r.state is RequestState.RUNNING:
                 self._drafters[r.request_id].extend(r.generated[-1 - len(
                     result.more.get(r.seq_id, ())):])
+        if self._windows and self._steps % STEPS_PER_SPAN == 0:
+            for window in list(self._windows.values()):
+                self._end_window(window.request)
+                self._open_windows([window.request], ended)
+            self._largest_batch = 0
 
     def _trace_first_tokens(self, admitted: Sequence[Request], arrived: dict[str, float | None],
                             started: float, failed: dict[int, str]) -> None:
@@ -302,29 +312,25 @@ class DecodeEngine:
                 tracing.span_between("decode.first_token", r.traceparent, since, now, {
                     "olmo.waited_ms": 1000 * (started - since),
                     "olmo.batch_size": len(admitted)}, error=failed.get(r.seq_id))
+        self._open_windows(admitted, now)
 
-    def _trace_step(self, running: Sequence[Request], more: dict[int, list[int]],
-                    started: float, ended: float) -> None:
-        """Count a decode step into each traced request's window; a full window is a
-        span (see STEPS_PER_SPAN)."""
-        for r in running:
-            if not r.traceparent:
-                continue
-            window = self._windows.setdefault(r.request_id, StepWindow(started))
-            window.ended = ended
-            window.steps += 1
-            window.tokens += 1 + len(more.get(r.seq_id, ()))
-            window.largest_batch = max(window.largest_batch, len(running))
-            if window.steps >= STEPS_PER_SPAN:
-                self._end_window(r)
+    def _open_windows(self, requests: Sequence[Request], at: float | None = None) -> None:
+        """Start counting the decode steps of those traced requests that now run."""
+        for r in requests:
+            if r.traceparent and r.state is RequestState.RUNNING:
+                self._windows[r.request_id] = StepWindow(
+                    r, at or time.perf_counter(), self._steps, len(r.generated))
 
     def _end_window(self, request: Request, error: str = "") -> None:
+        """A span of the request's steps since its window opened (none if it took none)."""
         window = self._windows.pop(request.request_id, None)
-        if window is not None:
+        steps = self._steps - window.first_step if window is not None else 0
+        if steps:
             tracing.span_between("decode.steps", request.traceparent, window.started,
-                                 window.ended, {"olmo.steps": window.steps,
-                                                "olmo.tokens": window.tokens,
-                                                "olmo.largest_batch": window.largest_batch},
+                                 self._last_step_end, {
+                                     "olmo.steps": steps,
+                                     "olmo.tokens": len(request.generated) - window.first_token,
+                                     "olmo.largest_batch": self._largest_batch},
                                  error=error)
 
     def _draft(self, request: Request) -> list[int]:

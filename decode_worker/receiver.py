@@ -130,9 +130,9 @@ class KVReceiver:
         """What this receiver takes, as its every answer says (the senders' negotiation)."""
         return Accepts(self._host if self.accepts_shared else "")
 
-    def receive(self, chunks: Iterable[worker_pb2.KVChunk]) -> int:
+    def receive(self, chunks: Iterable[worker_pb2.KVChunk]) -> Received:
         """Take one push off a gRPC stream: assemble and verify it into its request;
-        returns its bytes.
+        returns its bytes and the time taking it.
 
         Raises ServingError (and counts nothing of it) when any check fails; the
         reservation stays open until its lease ends, so that the prefill leg can be
@@ -142,10 +142,11 @@ class KVReceiver:
                                                self.clock))
 
     def receive_piece(self, piece: KVPiece) -> int:
-        """Take one push of plain arrays (the loopback transport), as ``receive`` does."""
-        return self._take(lambda: deliver(piece, self, self.clock))
+        """Take one push of plain arrays (the loopback transport), as ``receive`` does;
+        its bytes."""
+        return self._take(lambda: deliver(piece, self, self.clock)).bytes
 
-    def _take(self, receive: Callable[[], Received]) -> int:
+    def _take(self, receive: Callable[[], Received]) -> Received:
         try:
             received = receive()
         except ServingError:
@@ -160,7 +161,7 @@ class KVReceiver:
                 self.shared_pushes += 1
                 self.shared_bytes += received.bytes
         self.on_arrival()
-        return received.bytes
+        return received
 
     def ready(self, request_ids: Sequence[str]) -> list[str]:
         with self._lock:

@@ -68,19 +68,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer, worker_pb2_grpc.KVPus
         if remaining is None or remaining > MAX_PUSH_SECONDS:
             timer = threading.Timer(MAX_PUSH_SECONDS, context.cancel)
             timer.start()
-        span = tracing.start("kv.receive", tracing.from_metadata(context.invocation_metadata()),
-                             tracing.SpanKind.SERVER)
-        error = None
         try:
-            received = self.stage.receiver.receive(request_iterator)
-            span.set_attribute("olmo.bytes", received)
-            # It says what it accepts: the senders' negotiation of the next pushes.
-            return push_response(received, self.stage.receiver.accepts())
-        except Exception as exc:
-            error = exc
-            raise
+            # Its answer says what it accepts (the senders' negotiation of the next
+            # pushes) and its time taking the push (the sender's trace shows it).
+            return push_response(self.stage.receiver.receive(request_iterator),
+                                 self.stage.receiver.accepts())
         finally:
-            tracing.end(span, error=error)
             if timer is not None:
                 timer.cancel()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -33,7 +33,7 @@ from protos.grpc_server import shared_channel
 from .buffers import Buffer, BufferPool, HostBuffer
 from .codec import encode_push
 from .shared_memory import SharedBuffer, host_identity
-from .transport import Accepts, KVTransfer, PushGrant, Transport, choose_transport
+from .transport import Accepts, KVTransfer, PushGrant, Received, Transport, choose_transport
 from .wire_blocks import serialize_chunk
 
 PUSH_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["KVPush"].full_name
@@ -45,10 +45,12 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 TOTALS_KEPT = 4096
 
 
-def push_response(received: int, accepts: Accepts) -> worker_pb2.PushResponse:
-    """A receiver's answer: the push's bytes, and what it takes from now on."""
-    return worker_pb2.PushResponse(bytes=received,
-                                   shared_memory_host=accepts.shared_memory_host)
+def push_response(received: Received, accepts: Accepts) -> worker_pb2.PushResponse:
+    """A receiver's answer: the push's bytes, its time taking them, and what it takes
+    from now on."""
+    return worker_pb2.PushResponse(bytes=received.bytes,
+                                   shared_memory_host=accepts.shared_memory_host,
+                                   handled_us=int(1e6 * received.seconds))
 
 
 class InlineChannel:
@@ -61,8 +63,7 @@ class InlineChannel:
 
     def send(self, address: str, grant: PushGrant, layout: worker_pb2.ModelLayout,
              snapshot: KVSnapshot, hidden: np.ndarray | None, buffer: Buffer | None,
-             encoding: list[float], metadata: Sequence[tuple[str, str]] = ()
-             ) -> worker_pb2.PushResponse:
+             encoding: list[float]) -> worker_pb2.PushResponse:
         """One push; the time spent making its chunks is added to ``encoding[0]``.
         Raises grpc.RpcError."""
         chunks = _timed(encode_push(grant, layout, snapshot, hidden, self._shared(buffer),
@@ -71,7 +72,7 @@ class InlineChannel:
         push = shared_channel(address).stream_unary(
             PUSH_METHOD, request_serializer=serialize_chunk,
             response_deserializer=worker_pb2.PushResponse.FromString)
-        return push(chunks, timeout=self.timeout, metadata=metadata)
+        return push(chunks, timeout=self.timeout)
 
     def _shared(self, buffer: Buffer | None) -> SharedBuffer | None:
         return None
@@ -170,21 +171,20 @@ class KVSender:
                     "olmo.queued_ms": 1000 * (start - exported[1])} if exported else {})},
             start_s=exported[0] if exported else None)
         try:
-            reply, transport, encoding = self._send(address, grant, snapshot, hidden, buffer,
-                                                    tracing.metadata(span))
+            reply, transport, encoding = self._send(address, grant, snapshot, hidden, buffer)
         except ServingError as exc:
             tracing.end(span, error=exc)
             raise
         seconds = time.perf_counter() - start
         tracing.end(span, attributes={"olmo.bytes": reply.bytes,
                                       "olmo.transport": transport.value,
-                                      "olmo.encode_ms": 1000 * encoding})
+                                      "olmo.encode_ms": 1000 * encoding,
+                                      "olmo.receive_ms": reply.handled_us / 1000})
         self._count(grant.request_id, transport, reply.bytes, seconds, encoding)
         return reply.bytes
 
     def _send(self, address: str, grant: PushGrant, snapshot: KVSnapshot,
-              hidden: np.ndarray | None, buffer: Buffer | None,
-              metadata: Sequence[tuple[str, str]]
+              hidden: np.ndarray | None, buffer: Buffer | None
               ) -> tuple[worker_pb2.PushResponse, Transport, float]:
         """One push by the best transport both ends take (inline if the receiver cannot
         read what it advertised): its answer, transport and seconds spent encoding."""
@@ -192,7 +192,7 @@ class KVSender:
         offers = ((Transport.SHARED_MEMORY, Transport.INLINE)
                   if isinstance(buffer, SharedBuffer) else (Transport.INLINE,))
         transport = choose_transport(offers, self.peers.accepts(address))
-        args = (address, grant, self.layout, snapshot, hidden, buffer, encoding, metadata)
+        args = (address, grant, self.layout, snapshot, hidden, buffer, encoding)
         try:
             reply = self.channels[transport].send(*args)
         except grpc.RpcError as exc:

@@ -337,12 +337,14 @@ class KVChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., block: _Optional[_Union[KVBlock, _Mapping]] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., trailer: _Optional[_Union[KVTrailer, _Mapping]] = ..., shared: _Optional[_Union[SharedKV, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("bytes", "shared_memory_host")
+    __slots__ = ("bytes", "shared_memory_host", "handled_us")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_HOST_FIELD_NUMBER: _ClassVar[int]
+    HANDLED_US_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     shared_memory_host: str
-    def __init__(self, bytes: _Optional[int] = ..., shared_memory_host: _Optional[str] = ...) -> None: ...
+    handled_us: int
+    def __init__(self, bytes: _Optional[int] = ..., shared_memory_host: _Optional[str] = ..., handled_us: _Optional[int] = ...) -> None: ...
 
 class StreamTokensRequest(_message.Message):
     __slots__ = ("request_id",)
