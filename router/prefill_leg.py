@@ -74,7 +74,7 @@ class PrefillLeg:
             tried.add(self.worker.address)
             load = len(self.request.token_ids)
             self.scheduler.charge(self.worker, load)
-            span = tracing.start("prefill", self.trace_parent, tracing.SpanKind.CLIENT, {
+            span = tracing.start("prefill_leg", self.trace_parent, tracing.SpanKind.CLIENT, {
                 "olmo.worker": self.worker.address, "olmo.try": attempt,
                 "olmo.skip_tokens": self.request.skip_tokens})
             error = None

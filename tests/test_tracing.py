@@ -98,6 +98,48 @@ def test_off_by_default_no_span_is_made_and_nothing_is_sent():
         tracing.install(previous)
 
 
+def test_the_options_and_the_standard_variables_turn_it_on(monkeypatch):
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                 "OTEL_TRACES_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    assert not tracing.TracingOptions().wanted and tracing.TracingOptions(enabled=True).wanted
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    assert tracing.TracingOptions().wanted
+    with pytest.raises(ValueError):
+        tracing.TracingOptions(sample_ratio=1.5)
+
+
+SAMPLED = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+
+
+@pytest.mark.parametrize("traceparent", [
+    "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01-extra",  # version 00 has four fields
+    "ff-" + "ab" * 16 + "-" + "cd" * 8 + "-01",         # version ff is invalid
+    "00-" + "0" * 32 + "-" + "cd" * 8 + "-01",          # all-zero trace id
+    "00-" + "ab" * 16 + "-" + "0" * 16 + "-01",         # all-zero parent id
+    "00-abc-def-01", "garbage", ""])
+def test_a_traceparent_that_is_not_one_starts_a_trace_of_its_own(exporter, traceparent):
+    assert tracing.from_headers({"traceparent": traceparent}) is None
+    span = tracing.start("request", tracing.from_metadata([("traceparent", traceparent)]))
+    assert span.is_recording() and span.parent is None
+    tracing.end(span)
+
+
+def test_sampling_new_traces_by_ratio_and_following_a_clients_flag(exporter):
+    previous = tracing.install(SimpleSpanProcessor(InMemorySpanExporter()), sample_ratio=0.0)
+    try:
+        assert not tracing.start("new").is_recording()  # ratio 0: no new trace
+        sampled = tracing.start("child", tracing.from_headers({"traceparent": SAMPLED}))
+        assert sampled.is_recording()
+        assert sampled.get_span_context().trace_id == int("ab" * 16, 16)
+        assert tracing.header(sampled).endswith("-01")
+        unsampled = tracing.from_headers({"traceparent": SAMPLED[:-2] + "00"})
+        assert not tracing.start("child", unsampled).is_recording()
+        assert tracing.metadata(tracing.start("child", unsampled)) == ()
+    finally:
+        tracing.install(previous)
+
+
 def test_a_disaggregated_request_is_one_trace_that_covers_its_ttft(cluster, exporter):
     client_span = tracing.start("client")
     client = GenerationClient(cluster.router_address)
@@ -120,7 +162,8 @@ def test_a_disaggregated_request_is_one_trace_that_covers_its_ttft(cluster, expo
     assert parent(attempt) is root and parent(one(spans, "prepare")) is root
     assert parent(one(spans, "reserve")) is one(spans, "admission")
     server = one(spans, "prefill_worker.prefill")
-    assert parent(server) is one(spans, "prefill") and parent(one(spans, "prefill")) is attempt
+    leg = one(spans, "prefill_leg")
+    assert parent(server) is leg and parent(leg) is attempt
     assert parent(one(spans, "prefill.queue")) is server
     passes = [s for s in spans if s.name == "prefill.pass"]
     assert len(passes) >= 2 and all(parent(s) is server for s in passes)
