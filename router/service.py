@@ -121,7 +121,6 @@ class Attempt:
     stream: grpc.Call
     leg: PrefillLeg | None
     cached_tokens: int = 0  # of its prompt, in the decode worker's cache (when it prefills)
-    span: tracing.Span = tracing.NOT_TRACED  # what this attempt's workers trace under
 
     @property
     def prompt_cached(self) -> int:
@@ -422,7 +421,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             self.options.lease_ms / 1000, blame.prefill, on_done=self.metrics.prefilled,
             trace_parent=span)
         tracing.end(dispatch)
-        return Attempt(attempt_id, decode, stream, leg, reserved.cached_tokens, span)
+        return Attempt(attempt_id, decode, stream, leg, reserved.cached_tokens)
 
     def _try_reserve(self, reserve: worker_pb2.ReserveRequest, exclude: set[str],
                      attempt_span: tracing.Span = tracing.NOT_TRACED,

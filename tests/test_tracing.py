@@ -201,50 +201,40 @@ def test_an_http_clients_traceparent_is_followed(cluster, exporter):
     assert root.parent.span_id == int(parent_id, 16)
 
 
-def stream_with_hang(cluster, exporter, hang_in):
-    """Stream one traced request; ``hang_in(cluster, hang)`` makes something stall until
-    ``hang`` is set (bounded). Returns the trace's spans and the tokens."""
+def traced_stream(cluster, exporter, hang: threading.Event):
+    """Stream one traced request while whatever waits on ``hang`` (bounded) stalls; set it
+    after. Returns the trace's spans and the tokens."""
     client_span = tracing.start("client")
     client = GenerationClient(cluster.router_address)
     request = generate_request(PROMPT, max_tokens=60, ignore_eos=True)
-    hang = threading.Event()
-    undo = hang_in(cluster, hang)
     try:
         tokens = [t for r in client.stub.Generate(request, timeout=90,
                                                   metadata=tracing.metadata(client_span))
                   for t in r.token_ids]
     finally:
         hang.set()
-        undo()
         client.close()
     tracing.end(client_span)
     return trace_of(exporter, client_span.get_span_context().trace_id), tokens
 
 
 def test_a_resume_after_a_decode_worker_hangs_is_linked_to_the_attempt_it_follows(
-        cluster, exporter):
-    def hang_the_worker_holding_it(cluster, hang):
-        holder: list = []  # the first decode worker to step the stream 6 times hangs
-        patched = []
-        for worker in cluster.decode:
-            forward, steps = worker.stage.runner.forward, [0]
+        cluster, exporter, monkeypatch):
+    hang = threading.Event()
+    holder: list = []  # the first decode worker to step the stream 6 times hangs
+    for worker in cluster.decode:
+        steps = [0]
 
-            def hung(*args, _forward=forward, _steps=steps, _worker=worker, **kwargs):
-                _steps[0] += 1
-                if _steps[0] > 5 and holder in ([], [_worker]):  # mid-stream
-                    holder[:] = [_worker]
-                    hang.wait(timeout=15)
-                return _forward(*args, **kwargs)
+        def hung(*args, _forward=worker.stage.runner.forward, _steps=steps, _worker=worker,
+                 **kwargs):
+            _steps[0] += 1
+            if _steps[0] > 5 and holder in ([], [_worker]):  # mid-stream
+                holder[:] = [_worker]
+                hang.wait(timeout=15)
+            return _forward(*args, **kwargs)
 
-            worker.stage.runner.forward = hung
-            patched.append((worker, forward))
-
-        def undo():
-            for worker, forward in patched:
-                worker.stage.runner.forward = forward
-        return undo
-
-    spans, tokens = stream_with_hang(cluster, exporter, hang_the_worker_holding_it)
+        monkeypatch.setattr(worker.stage.runner, "forward", hung)
+    spans, tokens = traced_stream(cluster, exporter, hang)
     assert len(tokens) == 60
     attempt, resume = one(spans, "attempt"), one(spans, "resume")
     assert attempt.status.status_code is StatusCode.ERROR
@@ -253,27 +243,17 @@ def test_a_resume_after_a_decode_worker_hangs_is_linked_to_the_attempt_it_follow
 
 
 def test_a_stalled_push_ends_its_attempt_in_an_error_span_within_the_liveness_bound(
-        cluster, exporter):
-    def hang_first_push(cluster, hang):
-        patched, pushes = [], [0]
-        for worker in cluster.decode:
-            receive = worker.stage.receiver.receive
+        cluster, exporter, monkeypatch):
+    hang, pushes = threading.Event(), [0]
+    for worker in cluster.decode:
+        def stalled(chunks, _receive=worker.stage.receiver.receive):
+            pushes[0] += 1
+            if pushes[0] == 1:  # the first push of all
+                hang.wait(timeout=20)
+            return _receive(chunks)
 
-            def stalled(chunks, _receive=receive):
-                pushes[0] += 1
-                if pushes[0] == 1:
-                    hang.wait(timeout=20)
-                return _receive(chunks)
-
-            worker.stage.receiver.receive = stalled
-            patched.append((worker, receive))
-
-        def undo():
-            for worker, receive in patched:
-                worker.stage.receiver.receive = receive
-        return undo
-
-    spans, tokens = stream_with_hang(cluster, exporter, hang_first_push)
+        monkeypatch.setattr(worker.stage.receiver, "receive", stalled)
+    spans, tokens = traced_stream(cluster, exporter, hang)
     assert len(tokens) == 60
     attempt = one(spans, "attempt")
     assert attempt.status.status_code is StatusCode.ERROR
