@@ -27,6 +27,7 @@ parent, as the router's request code runs as generators that resume on other thr
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import functools
@@ -53,6 +54,8 @@ _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP
 # W3C Trace Context, version 00 (and later versions' first four fields).
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+MAX_TRACEPARENT_CHARS = 256
+MAX_TRACESTATE_CHARS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +116,7 @@ def configure(options: TracingOptions, service: str) -> bool:
     # The exporter reads the variables itself, and sends plain text to an http:// endpoint.
     install(BatchSpanProcessor(OTLPSpanExporter(endpoint=options.endpoint)),
             Resource.create({SERVICE_NAME: service}), options.sample_ratio)
+    atexit.register(shutdown)  # what is batched when the process ends still goes
     return True
 
 
@@ -369,10 +373,18 @@ def from_headers(headers: Mapping[str, str]) -> SpanContext | None:
     return _parse(headers["traceparent"], headers.get("tracestate", ""))
 
 
-@functools.lru_cache(maxsize=4096)  # a request's spans name its parent's header again
 def _parse(traceparent: str, state: str) -> SpanContext | None:
     """A W3C traceparent (and tracestate) as the remote parent it names; None if it is
-    not one (its trace then starts here)."""
+    not one (its trace then starts here). What a client sends is bounded before anything
+    is parsed or kept: a traceparent is 55 characters (a later version's a little more),
+    and a tracestate beyond W3C's 512 is dropped."""
+    if len(traceparent) > MAX_TRACEPARENT_CHARS:
+        return None
+    return _parsed(traceparent, state if len(state) <= MAX_TRACESTATE_CHARS else "")
+
+
+@functools.lru_cache(maxsize=4096)  # a request's spans name its parent's header again
+def _parsed(traceparent: str, state: str) -> SpanContext | None:
     found = _TRACEPARENT.fullmatch(traceparent.strip().lower())
     if found is None:
         return None

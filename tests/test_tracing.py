@@ -117,7 +117,7 @@ SAMPLED = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
     "ff-" + "ab" * 16 + "-" + "cd" * 8 + "-01",         # version ff is invalid
     "00-" + "0" * 32 + "-" + "cd" * 8 + "-01",          # all-zero trace id
     "00-" + "ab" * 16 + "-" + "0" * 16 + "-01",         # all-zero parent id
-    "00-abc-def-01", "garbage", ""])
+    "00-abc-def-01", "garbage", "", SAMPLED + "-" + "x" * 10_000])
 def test_a_traceparent_that_is_not_one_starts_a_trace_of_its_own(exporter, traceparent):
     assert tracing.from_headers({"traceparent": traceparent}) is None
     span = tracing.start("request", tracing.from_metadata([("traceparent", traceparent)]))
