@@ -14,6 +14,7 @@ client's, so no client can name, abort or read another's request on a worker.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import uuid
@@ -598,6 +599,8 @@ def peer_address(peer: str) -> str:
 
 
 def _refuse_over_budget(context: grpc.ServicerContext, exc: OverBudget) -> None:
-    """RESOURCE_EXHAUSTED with gRPC's retry pushback: when a retry would pass."""
-    context.set_trailing_metadata([("grpc-retry-pushback-ms", str(int(1e3 * exc.retry_after_s)))])
+    """RESOURCE_EXHAUSTED with gRPC's retry pushback: when a retry would pass (rounded up:
+    a wait of a fraction of a millisecond is not "retry now")."""
+    context.set_trailing_metadata([("grpc-retry-pushback-ms",
+                                    str(max(1, math.ceil(1e3 * exc.retry_after_s))))])
     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

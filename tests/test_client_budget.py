@@ -153,3 +153,20 @@ def test_connections_past_a_client_s_cap_are_refused_later_then_reset():
     assert connections.opened(peer)[1] is None
     proxy = ("10.9.1.1", 1)  # its connections are its clients': never capped
     assert all(connections.opened(proxy) == (None, None) for _ in range(10))
+
+
+def test_a_grpc_refusal_never_says_retry_now():
+    """A wait of a fraction of a millisecond is pushed back 1 ms, not 0 ("retry now")."""
+    from router.service import _refuse_over_budget
+
+    class Context:
+        def set_trailing_metadata(self, metadata):
+            self.metadata = metadata
+
+        def abort(self, code, details):
+            raise RuntimeError(code)
+
+    context = Context()
+    with pytest.raises(RuntimeError):
+        _refuse_over_budget(context, OverBudget("over its share", 0.0004))
+    assert context.metadata == [("grpc-retry-pushback-ms", "1")]
