@@ -129,9 +129,8 @@ def main() -> None:
         rounds = client_run(cluster, vocab, args)
     finally:
         cluster.stop()
+    summary = medians(rounds)["streams"]
     lone = rounds.pop("lone")
-    summary = {api: {k: statistics.median(r[k] for r in rounds[api])
-                     for k in ("ttft_ms", "tpot_ms")} for api in rounds}
     results = {"model": str(model), "streams": args.streams, "tokens": args.tokens,
                "prompt_tokens": PROMPT_TOKENS, "rounds": rounds, "median": summary,
                "lone": lone}

@@ -56,8 +56,8 @@ class StepWindow:
 
     request: Request
     started: float      # perf_counter time the window opened
-    first_step: int     # the engine's step count then
-    first_token: int    # the tokens the request had then
+    steps_before: int   # the engine's step count then
+    tokens_before: int  # the tokens the request had then
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,12 +324,12 @@ class DecodeEngine:
     def _end_window(self, request: Request, error: str = "") -> None:
         """A span of the request's steps since its window opened (none if it took none)."""
         window = self._windows.pop(request.request_id, None)
-        steps = self._steps - window.first_step if window is not None else 0
+        steps = self._steps - window.steps_before if window is not None else 0
         if steps:
             tracing.span_between("decode.steps", request.traceparent, window.started,
                                  self._last_step_end, {
                                      "olmo.steps": steps,
-                                     "olmo.tokens": len(request.generated) - window.first_token,
+                                     "olmo.tokens": len(request.generated) - window.tokens_before,
                                      "olmo.largest_batch": self._largest_batch},
                                  error=error)
 

@@ -96,8 +96,7 @@ _sink: _Sink | None = None
 _ended: collections.deque = collections.deque()
 _wake = threading.Event()
 HANDOFF_S = 0.5
-MAX_WAITING = 65536  # past this many waiting spans, new ones are dropped (and counted)
-dropped = 0
+MAX_WAITING = 65536  # past this many waiting spans (an exporter far behind), new ones are dropped
 
 
 def configure(options: TracingOptions, service: str) -> bool:
@@ -286,7 +285,6 @@ def end(span: Span, end_s: float | None = None, error: BaseException | str | Non
         attributes: Mapping | None = None) -> None:
     """Send ``span``, ended at ``end_s`` (a perf_counter time) or now; ``error`` marks it
     failed."""
-    global dropped
     if _sink is None or not span.is_recording():
         return
     if attributes:
@@ -294,7 +292,6 @@ def end(span: Span, end_s: float | None = None, error: BaseException | str | Non
     if error is not None:
         _fail(span, error)
     if len(_ended) >= MAX_WAITING:
-        dropped += 1
         return
     _ended.append((span, time.time_ns() if end_s is None else epoch_ns(end_s)))
     if len(_ended) > 4096:
