@@ -34,6 +34,9 @@ from trace_sink import SpanRecord, ttft_coverage  # noqa: E402
 
 LIMITS = CacheLimits(max_sequences=8, max_total_tokens=4096, prefill_chunk_tokens=64)
 PROMPT = " ".join(f"word{i}" for i in range(60))  # several 64-token prefill chunks
+# 465 tokens: most of the context window, so that the TTFT is mostly work (a few
+# tenths of a millisecond between threads are uncovered whatever its length).
+LONG_PROMPT = " ".join(f"word{i}" for i in range(155))
 FIRST_TOKEN_TIMEOUT_S = 4.0
 
 
@@ -143,7 +146,7 @@ def test_sampling_new_traces_by_ratio_and_following_a_clients_flag(exporter):
 def test_a_disaggregated_request_is_one_trace_that_covers_its_ttft(cluster, exporter):
     client_span = tracing.start("client")
     client = GenerationClient(cluster.router_address)
-    request = generate_request(PROMPT, max_tokens=40, ignore_eos=True)
+    request = generate_request(LONG_PROMPT, max_tokens=40, ignore_eos=True)
     tokens = [t for r in client.stub.Generate(request, timeout=60,
                                               metadata=tracing.metadata(client_span))
               for t in r.token_ids]
