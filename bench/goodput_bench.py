@@ -8,22 +8,30 @@ thread pool to them), the router and this load generator unpinned. On N cores:
   agg-per-core   N aggregated decode workers, one core each
   agg-all-cores  one aggregated decode worker on all N cores
 
-Aggregated workers prefill in chunks of --prefill-chunk-tokens between decode steps
-(chunked prefill, as vLLM and SGLang run colocated serving).
+Aggregated workers prefill in chunks between decode steps (chunked prefill, as vLLM and
+SGLang run colocated serving); --chunk-sizes sweeps that chunk, each size a layout of its
+own (``agg-all-cores-c64``), so that the colocated baseline is tuned, not defaulted. The
+prefill worker of disagg prefills in chunks of --prefill-chunk-tokens.
 
 Requests (token ids, greedy, ignore_eos) come from a seeded workload: `chat` draws prompt
 and output lengths from long-tailed log-normals (sigma 0.8: prompts of tens to a couple
 of thousand tokens around a median of 384, outputs of 8 to 320 around 64; `chat:P:O` sets
 the medians); `P:O` fixes them. They
 arrive as a Poisson process at each --rates value (`inf`: all at once, a burst), or from
---concurrency closed-loop clients. Each request's TTFT, TPOT, inter-token gaps and E2E
-are recorded, so bench/goodput_report.py can judge them against any SLO afterwards.
-Goodput is the highest rate up to which every swept rate had at least 90% of its requests
-meet both the TTFT and the TPOT SLO; the TPOT SLO defaults to --tpot-slo-factor times the
-fastest unloaded decode step (a lone request's TPOT) of any layout.
+--concurrency closed-loop clients. Every rate runs once per --seeds value, the seeds
+interleaved (rate 1 seed 0, rate 1 seed 1, ..., rate 2 seed 0, ...), each seed its own
+lengths, tokens and arrival times. --refine N then bisects N times between the highest
+rate that met the SLO (all seeds pooled) and the lowest that did not. Each request's send
+time, TTFT, TPOT, inter-token gaps and E2E are recorded, so bench/goodput_report.py can
+judge them against any SLO afterwards and bench/simulate.py can replay them. Goodput is
+the highest rate up to which every swept rate had at least 90% of its requests meet the
+SLO (TTFT, TPOT and, with --itl-slo, the p99 of a request's inter-token gaps); the TPOT
+SLO defaults to --tpot-slo-factor times the fastest unloaded decode step (a lone
+request's TPOT) of any layout.
 
     python3 bench/goodput_bench.py [--model M] [--dtype float16] [--rates 0.5 1 1.5 2 2.5]
-        [--requests 40] [--workload chat|P:O] [--ttft-slo 3] [--api grpc|http] [--out F]
+        [--seeds 0 1 2] [--refine 1] [--chunk-sizes 64 256 1024] [--requests 40]
+        [--workload chat|P:O] [--ttft-slo 3] [--itl-slo S] [--api grpc|http] [--out F]
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from clients import GrpcTarget, HttpTarget
-from slo import Slo, goodput, summarize
+from recording import machine
+from slo import ATTAINMENT, Slo, goodput, goodput_per_seed, pooled_attainment, summarize
 
 from olmo_model.quantization import MODEL_DTYPES
 from protos.vocabulary import Mode, Role
@@ -67,21 +76,32 @@ class Layout:
     name: str
     aggregated: bool
     workers: tuple[WorkerPlan, ...]
+    chunk_tokens: int  # the workers' prefill chunk
 
     def describe(self) -> str:
         return ", ".join(f"{w.role} on cpu {','.join(map(str, w.cpus))}" for w in self.workers)
 
 
-def layouts(cpus: list[int]) -> dict[str, Layout]:
+def layouts(cpus: list[int], names: list[str], chunk_sizes: list[int],
+            disagg_chunk: int) -> dict[str, Layout]:
+    """The layouts to run, by name; a colocated one once per chunk size (named with its
+    size when several are swept)."""
     half = len(cpus) // 2
-    return {
-        "disagg": Layout("disagg", False, (WorkerPlan(Role.PREFILL, tuple(cpus[:half])),
-                                           WorkerPlan(Role.DECODE, tuple(cpus[half:])))),
-        "agg-per-core": Layout("agg-per-core", True,
-                               tuple(WorkerPlan(Role.DECODE, (c,)) for c in cpus)),
-        "agg-all-cores": Layout("agg-all-cores", True,
-                                (WorkerPlan(Role.DECODE, tuple(cpus)),)),
+    workers = {
+        "disagg": (WorkerPlan(Role.PREFILL, tuple(cpus[:half])),
+                   WorkerPlan(Role.DECODE, tuple(cpus[half:]))),
+        "agg-per-core": tuple(WorkerPlan(Role.DECODE, (c,)) for c in cpus),
+        "agg-all-cores": (WorkerPlan(Role.DECODE, tuple(cpus)),),
     }
+    plans = {}
+    for name in names:
+        if name == "disagg":
+            plans[name] = Layout(name, False, workers[name], disagg_chunk)
+            continue
+        for chunk in chunk_sizes:
+            full = f"{name}-c{chunk}" if len(chunk_sizes) > 1 else name
+            plans[full] = Layout(full, True, workers[name], chunk)
+    return plans
 
 
 def make_workload(kind: str, count: int, vocab: int, context: int, seed: int, run: int = 0
@@ -168,7 +188,7 @@ class Deployment:
         a = self.args
         return ["--model", str(a.model), "--dtype", a.dtype, "--cache-max-sequences",
                 str(a.max_sequences), "--cache-max-total-tokens", str(a.max_total_tokens),
-                "--cache-prefill-chunk-tokens", str(a.prefill_chunk_tokens)]
+                "--cache-prefill-chunk-tokens", str(self.layout.chunk_tokens)]
 
     def _spawn(self, name: str, command: list[str]) -> None:
         with open(self.log_dir / f"{self.layout.name}-{name}.log", "w") as log:
@@ -202,22 +222,25 @@ class Deployment:
                                    + log.read_text()[-3000:])
 
 
-def send(target, prompt: list[int], max_tokens: int, timeout: float) -> dict:
-    """One request's record: its timings, or the error it ended with."""
+def send(target, prompt: list[int], max_tokens: int, timeout: float, sent: float = 0.0
+         ) -> dict:
+    """One request's record: its timings, or the error it ended with. ``sent``: when it
+    was sent, in seconds from the start of its run."""
     try:
         record = target.request(prompt, max_tokens, timeout=timeout)
+        record["itl"] = [round(gap, 5) for gap in record["itl"]]
     except grpc.RpcError as exc:
-        return {"error": exc.code().name, "prompt_tokens": len(prompt)}
+        record = {"error": exc.code().name}
     except Exception as exc:  # HTTP statuses, streams that ended without a token
-        return {"error": str(exc)[:120], "prompt_tokens": len(prompt)}
-    record["itl"] = [round(gap, 5) for gap in record["itl"]]
-    record.update(prompt_tokens=len(prompt), max_tokens=max_tokens)
+        record = {"error": str(exc)[:120]}
+    record.update(prompt_tokens=len(prompt), max_tokens=max_tokens, sent=sent)
     return record
 
 
-def open_loop(target, work, rate: float, timeout: float) -> tuple[list[dict], float]:
-    """Poisson arrivals at ``rate`` per second (inf: all at once)."""
-    rng = np.random.default_rng(1)
+def open_loop(target, work, rate: float, timeout: float, seed: int = 0
+              ) -> tuple[list[dict], float]:
+    """Poisson arrivals at ``rate`` per second (inf: all at once), drawn from ``seed``."""
+    rng = np.random.default_rng([seed, 1])
     gaps = np.zeros(len(work)) if rate == float("inf") else rng.exponential(1 / rate, len(work))
     arrivals = np.cumsum(gaps)
     records: list[dict | None] = [None] * len(work)
@@ -227,7 +250,7 @@ def open_loop(target, work, rate: float, timeout: float) -> tuple[list[dict], fl
         delay = arrivals[i] - (time.perf_counter() - start)
         if delay > 0:
             time.sleep(delay)
-        records[i] = send(target, *work[i], timeout)
+        records[i] = send(target, *work[i], timeout, round(time.perf_counter() - start, 4))
 
     with ThreadPoolExecutor(len(work)) as pool:
         list(pool.map(fire, range(len(work))))
@@ -267,41 +290,67 @@ def unloaded(target, vocab: int, repeats: int) -> dict:
 
 
 def bench_layout(layout: Layout, args, workload, vocab: int, log_dir: Path) -> dict:
-    """``workload(run)``: the requests of warm-up (0) and of each run after it."""
-    print(f"\n{layout.name}: {layout.describe()}", flush=True)
+    """``workload(seed, run)``: the requests of warm-up (run 0) and of each run after it."""
+    print(f"\n{layout.name}: {layout.describe()}, prefill chunk {layout.chunk_tokens}",
+          flush=True)
     with Deployment(layout, args, log_dir) as deployment:
         target = deployment.target()
         try:
-            for prompt, max_tokens in workload(0)[:args.warmup]:
+            for prompt, max_tokens in workload(args.seeds[0], 0)[:args.warmup]:
                 send(target, prompt, max_tokens, args.request_timeout)
             out = {"description": layout.describe(), "aggregated": layout.aggregated,
+                   "chunk_tokens": layout.chunk_tokens,
                    "workers": [dataclasses.asdict(w) for w in layout.workers],
                    "unloaded": unloaded(target, vocab, args.calibration_requests), "runs": []}
             print(f"  unloaded: TTFT {1e3 * out['unloaded']['ttft_s']:.0f} ms, "
                   f"TPOT {1e3 * out['unloaded']['tpot_s']:.1f} ms", flush=True)
             plan = ([("poisson", r) for r in args.rates]
                     + [("concurrency", c) for c in args.concurrency])
-            for run, (arrival, value) in enumerate(plan, start=1):
-                work = workload(run)
-                if arrival == "poisson":
-                    records, wall = open_loop(target, work, value, args.request_timeout)
-                else:
-                    records, wall = closed_loop(target, work, int(value), args.request_timeout)
-                failed = sum("error" in r for r in records)
-                print(f"  {arrival} {value:g}: {wall:.1f} s, {failed} failed", flush=True)
-                out["runs"].append({"arrival": arrival, "rate" if arrival == "poisson"
-                                    else "clients": value, "wall_s": wall, "records": records})
+            slo = args.refine and Slo(args.ttft_slo, args.tpot_slo, args.itl_slo)
+            run = 0
+            while plan:
+                arrival, value = plan.pop(0)
+                run += 1
+                for seed in args.seeds:  # interleaved: the machine's drift falls on all
+                    out["runs"].append(measure(target, arrival, value, seed,
+                                               workload(seed, run), args))
+                if not plan and slo and run < len(args.rates) + args.refine:
+                    between = knee(out["runs"], slo)
+                    if between:
+                        plan.append(("poisson", round(sum(between) / 2, 4)))
             return out
         finally:
             target.close()
 
 
+def measure(target, arrival: str, value: float, seed: int, work, args) -> dict:
+    """One run: ``work`` sent at a Poisson ``arrival`` rate, or by closed-loop clients."""
+    if arrival == "poisson":
+        records, wall = open_loop(target, work, value, args.request_timeout, seed)
+    else:
+        records, wall = closed_loop(target, work, int(value), args.request_timeout)
+    failed = sum("error" in r for r in records)
+    print(f"  {arrival} {value:g} seed {seed}: {wall:.1f} s, {failed} failed", flush=True)
+    return {"arrival": arrival, "rate" if arrival == "poisson" else "clients": value,
+            "seed": seed, "wall_s": wall, "records": records}
+
+
+def knee(runs: list[dict], slo: Slo) -> tuple[float, float] | None:
+    """The highest swept rate that met ``slo`` (all seeds pooled; 0 if none did) and the
+    lowest above it that did not, or None if every rate met it."""
+    attained = pooled_attainment(runs, slo)
+    rates = sorted(attained)
+    for i, rate in enumerate(rates):
+        if attained[rate] < ATTAINMENT:
+            return (rates[i - 1] if i else 0.0), rate
+    return None
+
+
 def print_table(results: dict) -> None:
     slo = Slo(**results["slo"])
     print(f"\n{results['model']} ({results['dtype']}), {results['cpus']} cores, workload "
-          f"{results['workload']}; SLO TTFT <= {slo.ttft_s:g} s, TPOT <= "
-          f"{1e3 * slo.tpot_s:.1f} ms")
-    print(f"{'layout':<15}{'load':>12}{'SLO met':>9}{'TTFT p50/p90 (s)':>18}"
+          f"{results['workload']}; SLO {slo.describe()}")
+    print(f"{'layout':<20}{'load':>12}{'seed':>5}{'SLO met':>9}{'TTFT p50/p90 (s)':>18}"
           f"{'TPOT p50/p90 (ms)':>19}{'ITL p99 (ms)':>13}{'tok/s':>8}{'failed':>8}")
     for name, layout in results["layouts"].items():
         for run in layout["runs"]:
@@ -309,13 +358,16 @@ def print_table(results: dict) -> None:
             load = (f"{run['rate']:g}/s" if run["arrival"] == "poisson"
                     else f"{run['clients']:g} clients")
             t, p = s["ttft_s"], s["tpot_s"]
-            print(f"{name:<15}{load:>12}{s['attainment']:>9.0%}"
+            print(f"{name:<20}{load:>12}{run.get('seed', 0):>5}{s['attainment']:>9.0%}"
                   f"{t['p50']:>10.2f}/{t['p90']:.2f}{1e3 * p['p50']:>12.1f}/{1e3 * p['p90']:.1f}"
                   f"{1e3 * s['itl_s']['p99']:>13.1f}{s['throughput_tok_s']:>8.0f}"
                   f"{s['requests'] - s['completed']:>8}")
-    print("\ngoodput (req/s, highest rate with >= 90% of requests within the SLO):")
-    for name, value in results["goodput"].items():
-        print(f"  {name:<15}{value:g}")
+    print("\ngoodput (req/s, highest rate with >= 90% of requests within the SLO; all seeds "
+          "pooled, then each seed alone):")
+    for name, layout in results["layouts"].items():
+        alone = goodput_per_seed(layout["runs"], slo)
+        print(f"  {name:<20}{goodput(layout['runs'], slo):g}   "
+              + "  ".join(f"seed {seed}: {value:g}" for seed, value in alone.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,12 +383,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=40, help="per rate")
     parser.add_argument("--workload", default="chat",
                         help="chat, chat:PROMPT:OUTPUT (medians), or PROMPT:OUTPUT tokens")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="each rate runs once per seed (lengths, tokens, arrivals)")
+    parser.add_argument("--refine", type=int, default=0,
+                        help="bisection steps around each layout's knee (needs --tpot-slo)")
     parser.add_argument("--ttft-slo", type=float, default=3.0, help="seconds")
     parser.add_argument("--tpot-slo", type=float, default=None,
                         help="seconds (default: --tpot-slo-factor x the fastest unloaded TPOT)")
     parser.add_argument("--tpot-slo-factor", type=float, default=2.0)
-    parser.add_argument("--prefill-chunk-tokens", type=int, default=256)
+    parser.add_argument("--itl-slo", type=float, default=None,
+                        help="seconds, on the p99 of each request's inter-token gaps")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=256,
+                        help="disagg's prefill worker's chunk")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[256],
+                        help="the colocated layouts' prefill chunks (each its own layout)")
     parser.add_argument("--max-sequences", type=int, default=32)
     parser.add_argument("--max-total-tokens", type=int, default=16384)
     parser.add_argument("--warmup", type=int, default=2, help="requests before measuring")
@@ -345,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--out", type=Path, default=Path("bench/results/goodput_bench.json"))
     args = parser.parse_args(argv)
+    if args.refine and args.tpot_slo is None:
+        parser.error("--refine judges the knee by the SLO: give --tpot-slo")
     from checkpoints import SMALL, bench_checkpoint
 
     from olmo_model.compiler import compile_model
@@ -356,20 +418,22 @@ def main(argv: list[str] | None = None) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("the layouts split the cores between workers: at least 2 needed")
-    plans = layouts(cpus)
-    def workload(run: int) -> list[tuple[list[int], int]]:
+    plans = layouts(cpus, args.layouts, args.chunk_sizes, args.prefill_chunk_tokens)
+
+    def workload(seed: int, run: int) -> list[tuple[list[int], int]]:
         return make_workload(args.workload, args.requests, config.vocab_size,
-                             config.context_window_size, args.seed, run)
+                             config.context_window_size, seed, run)
 
     results = {"model": str(args.model), "dtype": args.dtype, "cpus": len(cpus),
-               "api": args.api, "workload": args.workload, "seed": args.seed,
-               "prefill_chunk_tokens": args.prefill_chunk_tokens, "layouts": {}}
+               "machine": machine(), "api": args.api, "workload": args.workload,
+               "seeds": args.seeds, "prefill_chunk_tokens": args.prefill_chunk_tokens,
+               "layouts": {}}
     with tempfile.TemporaryDirectory(prefix="goodput-") as logs:
-        for name in args.layouts:
-            results["layouts"][name] = bench_layout(plans[name], args, workload,
-                                                    config.vocab_size, Path(logs))
+        for name, plan in plans.items():
+            results["layouts"][name] = bench_layout(plan, args, workload, config.vocab_size,
+                                                    Path(logs))
     fastest = min(layout["unloaded"]["tpot_s"] for layout in results["layouts"].values())
-    slo = Slo(args.ttft_slo, args.tpot_slo or args.tpot_slo_factor * fastest)
+    slo = Slo(args.ttft_slo, args.tpot_slo or args.tpot_slo_factor * fastest, args.itl_slo)
     results["slo"] = dataclasses.asdict(slo)
     results["goodput"] = {name: goodput(layout["runs"], slo)
                           for name, layout in results["layouts"].items()}

@@ -22,20 +22,23 @@ def test_the_goodput_bench_runs_every_layout_and_reports_it(tmp_path):
     out = tmp_path / "goodput.json"
     subprocess.run([sys.executable, "bench/goodput_bench.py", "--model", str(DEMO_MODEL_DIR),
                     "--rates", "8", "--concurrency", "2", "--requests", "3", "--workload",
-                    "24:4", "--calibration-requests", "1", "--warmup", "1", "--out", str(out)],
+                    "24:4", "--seeds", "0", "--calibration-requests", "1", "--warmup", "1",
+                    "--out", str(out)],
                    cwd=REPO, check=True, timeout=300)
     results = json.loads(out.read_text())
     assert list(results["layouts"]) == LAYOUTS
-    assert set(results["slo"]) == {"ttft_s", "tpot_s"} and set(results["goodput"]) == set(LAYOUTS)
+    assert set(results["slo"]) == {"ttft_s", "tpot_s", "itl_p99_s"}
+    assert set(results["goodput"]) == set(LAYOUTS) and results["seeds"] == [0]
     for layout in results["layouts"].values():
         assert layout["unloaded"]["ttft_s"] > 0 and layout["unloaded"]["tpot_s"] > 0
         assert [run["arrival"] for run in layout["runs"]] == ["poisson", "concurrency"]
         for run in layout["runs"]:
-            assert len(run["records"]) == 3 and run["wall_s"] > 0
+            assert len(run["records"]) == 3 and run["wall_s"] > 0 and run["seed"] == 0
             for record in run["records"]:
                 assert "error" not in record, record
                 assert record["tokens"] == record["max_tokens"] == 4
                 assert len(record["itl"]) == 3 and record["ttft"] > 0 and record["tpot"] > 0
+                assert record["sent"] >= 0
 
     document = tmp_path / "benchmarks.md"
     document.write_text("before\n<!-- goodput:goodput -->\nold\n<!-- /goodput:goodput -->\nafter\n")
