@@ -104,13 +104,10 @@ def layouts(cpus: list[int], names: list[str], chunk_sizes: list[int],
     return plans
 
 
-def make_workload(kind: str, count: int, vocab: int, context: int, seed: int, run: int = 0
-                  ) -> list[tuple[list[int], int]]:
-    """(prompt token ids, max_tokens) per request. Every layout gets the same requests;
-    each run (rate) the same lengths but other tokens, so that no run finds the last
-    one's prompts in the prefix caches."""
+def workload_lengths(kind: str, count: int, context: int, seed: int
+                     ) -> list[tuple[int, int]]:
+    """(prompt tokens, max_tokens) per request, as ``make_workload`` draws them."""
     rng = np.random.default_rng(seed)
-    tokens = np.random.default_rng([seed, run])
     if kind.startswith("chat"):
         prompt, output = (int(n) for n in kind.split(":")[1:]) if ":" in kind else (384, 64)
         prompts = np.clip(rng.lognormal(np.log(prompt), 0.8, count), 16, 0.8 * context)
@@ -118,10 +115,18 @@ def make_workload(kind: str, count: int, vocab: int, context: int, seed: int, ru
     else:
         prompt, output = (int(n) for n in kind.split(":"))
         prompts, outputs = np.full(count, prompt), np.full(count, output)
-    work = []
-    for p, o in zip(prompts.astype(int), outputs.astype(int)):
-        work.append((tokens.integers(1, vocab, int(p)).tolist(), int(min(o, context - p - 1))))
-    return work
+    return [(int(p), int(min(o, context - int(p) - 1)))
+            for p, o in zip(prompts.astype(int), outputs.astype(int))]
+
+
+def make_workload(kind: str, count: int, vocab: int, context: int, seed: int, run: int = 0
+                  ) -> list[tuple[list[int], int]]:
+    """(prompt token ids, max_tokens) per request. Every layout gets the same requests;
+    each run (rate) the same lengths but other tokens, so that no run finds the last
+    one's prompts in the prefix caches."""
+    tokens = np.random.default_rng([seed, run])
+    return [(tokens.integers(1, vocab, p).tolist(), n)
+            for p, n in workload_lengths(kind, count, context, seed)]
 
 
 def free_port() -> int:
@@ -178,6 +183,19 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each process has used so far, and this one's (the
+        load generator's), so that a run can say what the router took from the cores."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {"load_generator": time.process_time()}
+        for name, process in self.processes:
+            try:
+                fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[name] = (int(fields[11]) + int(fields[12])) / ticks
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
 
     def target(self):
         if self.args.api == "http":
@@ -312,8 +330,12 @@ def bench_layout(layout: Layout, args, workload, vocab: int, log_dir: Path) -> d
                 arrival, value = plan.pop(0)
                 run += 1
                 for seed in args.seeds:  # interleaved: the machine's drift falls on all
+                    before = deployment.cpu_seconds()
                     out["runs"].append(measure(target, arrival, value, seed,
                                                workload(seed, run), args))
+                    after = deployment.cpu_seconds()
+                    out["runs"][-1]["cpu_s"] = {name: round(after[name] - before[name], 3)
+                                                for name in after if name in before}
                 if not plan and slo and run < len(args.rates) + args.refine:
                     between = knee(out["runs"], slo)
                     if between:

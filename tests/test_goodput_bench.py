@@ -14,7 +14,7 @@ import pytest
 from olmo_model.demo import DEMO_MODEL_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-LAYOUTS = ["disagg", "agg-per-core", "agg-all-cores"]
+LAYOUTS = ["disagg", "agg-all-cores-c32", "agg-all-cores-c64"]  # a chunk sweep
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the layouts need 2 cores")
@@ -22,18 +22,21 @@ def test_the_goodput_bench_runs_every_layout_and_reports_it(tmp_path):
     out = tmp_path / "goodput.json"
     subprocess.run([sys.executable, "bench/goodput_bench.py", "--model", str(DEMO_MODEL_DIR),
                     "--rates", "8", "--concurrency", "2", "--requests", "3", "--workload",
-                    "24:4", "--seeds", "0", "--calibration-requests", "1", "--warmup", "1",
+                    "24:4", "--seeds", "0", "--layouts", "disagg", "agg-all-cores", "--chunk-sizes",
+                    "32", "64", "--calibration-requests", "1", "--warmup", "1",
                     "--out", str(out)],
                    cwd=REPO, check=True, timeout=300)
     results = json.loads(out.read_text())
     assert list(results["layouts"]) == LAYOUTS
     assert set(results["slo"]) == {"ttft_s", "tpot_s", "itl_p99_s"}
     assert set(results["goodput"]) == set(LAYOUTS) and results["seeds"] == [0]
+    assert [layout["chunk_tokens"] for layout in results["layouts"].values()] == [256, 32, 64]
     for layout in results["layouts"].values():
         assert layout["unloaded"]["ttft_s"] > 0 and layout["unloaded"]["tpot_s"] > 0
         assert [run["arrival"] for run in layout["runs"]] == ["poisson", "concurrency"]
         for run in layout["runs"]:
             assert len(run["records"]) == 3 and run["wall_s"] > 0 and run["seed"] == 0
+            assert run["cpu_s"]["router"] > 0 and run["cpu_s"]["load_generator"] > 0
             for record in run["records"]:
                 assert "error" not in record, record
                 assert record["tokens"] == record["max_tokens"] == 4
