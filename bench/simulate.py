@@ -59,6 +59,7 @@ from step_costs import StepCosts, published_costs
 BENCH = Path(__file__).resolve().parent
 PUSH_BENCH = BENCH / "recorded" / "push_bench_small_after.json"
 UNLOADED = (128, 32)  # the goodput bench's lone request: prompt tokens, output tokens
+PUSH_LATENCY_S = 0.002  # assumed: a push's fixed cost besides its bytes (the bench records none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Handoff:
         sizes = json.loads(path.read_text())["transports"][transport]
         entry = sizes[max(sizes, key=int)]
         size = entry["mib"] * 2**20
-        return cls(entry["mib_s"] * 2**20, 0.002, entry["encode_ms"] / 1e3 / size,
+        return cls(entry["mib_s"] * 2**20, PUSH_LATENCY_S, entry["encode_ms"] / 1e3 / size,
                    entry["assemble_ms"] / 1e3 / size)
 
 
@@ -93,7 +94,8 @@ class Overheads:
 
 @dataclasses.dataclass(frozen=True)
 class InstanceLimits:
-    """A decode instance's room (the bench's cache settings) and every instance's chunk."""
+    """A decode instance's room (the bench's cache settings) and, colocated, its prefill
+    chunk (a prefill instance's is ``ClusterPlan.prefill_chunk_tokens``)."""
 
     max_sequences: int = 32
     max_total_tokens: int = 16384
@@ -134,6 +136,8 @@ class Request:
 
 
 class EventLoop:
+    """Simulated time: actions run in the order of their times (ties: in the order set)."""
+
     def __init__(self):
         self.now = 0.0
         self._events: list = []
@@ -149,6 +153,8 @@ class EventLoop:
 
 
 class DecodeInstance:
+    """A decode instance's step loop: install, one local chunk, one step (see above)."""
+
     def __init__(self, loop: EventLoop, costs: StepCosts, plan: ClusterPlan,
                  kv_bytes_per_token: int, handoff: Handoff, freed: Callable[[], None]):
         self.loop, self.costs, self.plan = loop, costs, plan
@@ -231,6 +237,8 @@ class DecodeInstance:
 
 
 class PrefillInstance:
+    """A prefill instance: FIFO batches under its token budget, run chunk by chunk."""
+
     def __init__(self, loop: EventLoop, costs: StepCosts, plan: ClusterPlan,
                  kv_bytes_per_token: int, handoff: Handoff):
         self.loop, self.costs, self.plan = loop, costs, plan
@@ -296,6 +304,8 @@ def plan_chunks(lengths: list[int], chunk: int):
 
 
 class Router:
+    """Admission for room, first come first served, and the picks (see above)."""
+
     def __init__(self, loop: EventLoop, plan: ClusterPlan, kv_bytes_per_token: int,
                  handoff: Handoff):
         self.plan = plan
