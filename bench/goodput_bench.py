@@ -324,7 +324,8 @@ def bench_layout(layout: Layout, args, workload, vocab: int, log_dir: Path) -> d
                   f"TPOT {1e3 * out['unloaded']['tpot_s']:.1f} ms", flush=True)
             plan = ([("poisson", r) for r in args.rates]
                     + [("concurrency", c) for c in args.concurrency])
-            slo = args.refine and Slo(args.ttft_slo, args.tpot_slo, args.itl_slo)
+            slo = Slo(args.ttft_slo, args.tpot_slo, args.itl_slo) if args.refine else None
+            planned = len(plan)
             run = 0
             while plan:
                 arrival, value = plan.pop(0)
@@ -336,7 +337,7 @@ def bench_layout(layout: Layout, args, workload, vocab: int, log_dir: Path) -> d
                     after = deployment.cpu_seconds()
                     out["runs"][-1]["cpu_s"] = {name: round(after[name] - before[name], 3)
                                                 for name in after if name in before}
-                if not plan and slo and run < len(args.rates) + args.refine:
+                if not plan and slo and run < planned + args.refine:
                     between = knee(out["runs"], slo)
                     if between:
                         plan.append(("poisson", round(sum(between) / 2, 4)))
