@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 from recording import machine
 
-BENCH = Path(__file__).resolve().parent
 PREFILL_SHAPES = [  # (pieces as (length, context)), the chunks the engines run
     ((16, 0),), ((64, 0),), ((256, 0),), ((1024, 0),), ((64, 512),), ((256, 512),),
     ((64, 1024),), ((256, 1024),), ((64, 0),) * 4, ((256, 0),) * 4, ((16, 0),) * 16,
