@@ -56,6 +56,8 @@ from recording import machine
 from slo import ATTAINMENT, Slo, goodput, summarize
 from step_costs import StepCosts, published_costs
 
+from olmo_model.runtime import plan_pieces
+
 BENCH = Path(__file__).resolve().parent
 PUSH_BENCH = BENCH / "recorded" / "push_bench_small_after.json"
 UNLOADED = (128, 32)  # the goodput bench's lone request: prompt tokens, output tokens
@@ -269,14 +271,14 @@ class PrefillInstance:
         self.busy = True
         t = self.loop.now
         per_byte = self.handoff.encode_s_per_byte * self.kv_bytes
-        for pieces in plan_chunks([r.prompt for r, _ in batch], budget):
-            t += self.costs.prefill_s([(n, begin) for _, begin, n, _ in pieces])
-            t += sum(self.costs.export(n) + per_byte * n for _, _, n, _ in pieces)
-            for index, _, n, ends in pieces:
-                if ends:
-                    request, decode = batch[index]
+        for pieces in plan_pieces([r.prompt for r, _ in batch], budget):
+            t += self.costs.prefill_s([(p.length, p.begin) for p in pieces])
+            t += sum(self.costs.export(p.length) + per_byte * p.length for p in pieces)
+            for piece in pieces:
+                if piece.ends:
+                    request, decode = batch[piece.index]
                     arrives = (t + self.handoff.latency_s
-                               + n * self.kv_bytes / self.handoff.bytes_per_s)
+                               + piece.length * self.kv_bytes / self.handoff.bytes_per_s)
                     self.loop.at(arrives, lambda r=request, d=decode: d.arrived(r))
         done = tokens
 
@@ -284,23 +286,6 @@ class PrefillInstance:
             self.outstanding -= done
             self._iterate()
         self.loop.at(t, finished)
-
-
-def plan_chunks(lengths: list[int], chunk: int):
-    """olmo_model.runtime.plan_chunks over lengths: per pass, (index, begin, length, ends)."""
-    pieces, room = [], chunk
-    for index, length in enumerate(lengths):
-        begin = 0
-        while begin < length:
-            take = min(room, length - begin)
-            pieces.append((index, begin, take, begin + take == length))
-            begin += take
-            room -= take
-            if room == 0:
-                yield pieces
-                pieces, room = [], chunk
-    if pieces:
-        yield pieces
 
 
 class Router:

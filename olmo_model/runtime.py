@@ -60,20 +60,27 @@ def plan_chunks(prompts: Sequence[Sequence[int]], chunk_size: int) -> Iterator[C
     Sequences keep their order, and a long one spans several passes, so a prompt longer
     than the prefill chunk still prefills.
     """
+    for pieces in plan_pieces([len(p) for p in prompts], chunk_size):
+        yield _chunk(prompts, pieces)
+
+
+def plan_pieces(lengths: Sequence[int], chunk_size: int) -> Iterator[list[Piece]]:
+    """``plan_chunks`` by lengths alone: each pass's pieces (bench/simulate.py plans
+    passes of prompts it has no tokens for)."""
     pieces: list[Piece] = []
     room = chunk_size
-    for index, prompt in enumerate(prompts):
+    for index, length in enumerate(lengths):
         begin = 0
-        while begin < len(prompt):
-            take = min(room, len(prompt) - begin)
-            pieces.append(Piece(index, begin, take, begin + take == len(prompt)))
+        while begin < length:
+            take = min(room, length - begin)
+            pieces.append(Piece(index, begin, take, begin + take == length))
             begin += take
             room -= take
             if room == 0:
-                yield _chunk(prompts, pieces)
+                yield pieces
                 pieces, room = [], chunk_size
     if pieces:
-        yield _chunk(prompts, pieces)
+        yield pieces
 
 
 def _chunk(prompts: Sequence[Sequence[int]], pieces: list[Piece]) -> Chunk:

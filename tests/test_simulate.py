@@ -21,7 +21,6 @@ from simulate import (  # noqa: E402
     Overheads,
     candidate_plans,
     fit_overheads,
-    plan_chunks,
     sim_goodput,
     simulate,
 )
@@ -55,8 +54,8 @@ def test_chunks_are_planned_as_the_runner_plans_them():
     for _ in range(50):
         lengths = rng.integers(1, 700, rng.integers(1, 6)).tolist()
         chunk = int(rng.choice([16, 64, 256]))
-        ours = [[(i, b, n, e) for i, b, n, e in pieces] for pieces in plan_chunks(lengths,
-                                                                                  chunk)]
+        ours = [[(p.index, p.begin, p.length, p.ends) for p in pieces]
+                for pieces in runtime.plan_pieces(lengths, chunk)]
         theirs = [[(p.index, p.begin, p.length, p.ends) for p in c.pieces]
                   for c in runtime.plan_chunks([[0] * n for n in lengths], chunk)]
         assert ours == theirs
