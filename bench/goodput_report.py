@@ -35,6 +35,7 @@ from slo import (
     goodput,
     goodput_per_seed,
     itl_p99,
+    pooled_attainment,
     summarize,
 )
 
@@ -119,11 +120,10 @@ def markdown(results: dict, slos: list[Slo], name: str, plots: list[Path],
 def cdf_rate(results: dict, slo: Slo) -> float:
     """The rate the CDFs show: the highest at which some layout met the SLO (else the
     lowest swept)."""
-    pooled = [by_rate(layout["runs"]) for layout in results["layouts"].values()]
-    rates = sorted({rate for runs in pooled for rate in runs})
-    met = [rate for rate in rates if any(
-        rate in runs and sum(slo.met(r) for r in runs[rate]) >= ATTAINMENT * len(runs[rate])
-        for runs in pooled)]
+    attained = [pooled_attainment(layout["runs"], slo) for layout in results["layouts"].values()]
+    rates = sorted({rate for shares in attained for rate in shares})
+    met = [rate for rate in rates if any(shares.get(rate, 0) >= ATTAINMENT
+                                         for shares in attained)]
     return (met or rates)[-1]
 
 
@@ -163,7 +163,7 @@ def plot(results: dict, slos: list[Slo], prefix: Path) -> list[Path]:
     for ax, judged, label in zip(axes[0], slos, "AB"):
         for n, layout in layouts.items():
             pooled = by_rate(layout["runs"])
-            shares = [sum(judged.met(r) for r in rs) / len(rs) for rs in pooled.values()]
+            shares = list(pooled_attainment(layout["runs"], judged).values())
             bounds = np.asarray([attainment_interval(rs, judged) for rs in pooled.values()])
             ax.errorbar(list(pooled), shares, yerr=[np.subtract(shares, bounds[:, 0]),
                                                     np.subtract(bounds[:, 1], shares)],
