@@ -36,7 +36,9 @@ def test_the_goodput_bench_runs_every_layout_and_reports_it(tmp_path):
         assert [run["arrival"] for run in layout["runs"]] == ["poisson", "concurrency"]
         for run in layout["runs"]:
             assert len(run["records"]) == 3 and run["wall_s"] > 0 and run["seed"] == 0
-            assert run["cpu_s"]["router"] > 0 and run["cpu_s"]["load_generator"] > 0
+            # /proc counts in clock ticks (10 ms): a 3-request run's router may show none
+            assert {"router", "load_generator"} <= set(run["cpu_s"])
+            assert min(run["cpu_s"].values()) >= 0 and run["cpu_s"]["load_generator"] > 0
             for record in run["records"]:
                 assert "error" not in record, record
                 assert record["tokens"] == record["max_tokens"] == 4
